@@ -1,0 +1,180 @@
+"""Model configuration: one validated dataclass, named presets, and the mapping from HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint describes a model this engine cannot run."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency-dependent RoPE scaling (HF rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    sliding_window: int | None = None  # Mistral; sequences longer than this are refused
+    architecture: str = "llama"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unknown architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        body = self.num_layers * (attn + mlp + 2 * self.hidden_size) + self.hidden_size
+        if not include_embeddings:
+            return body
+        emb = self.vocab_size * self.hidden_size
+        return body + emb * (1 if self.tie_word_embeddings else 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a HF ``config.json`` dictionary (transformers 4.x or 5.x layout)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            archs = hf.get("architectures")
+            raise UnsupportedModelError(
+                f"unknown architecture: model_type={model_type!r} (architectures={archs}); "
+                f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy = hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = None
+        if rope_type == "llama3":
+            src = {**legacy, **rope}
+            scaling = RopeScaling(
+                factor=float(src["factor"]),
+                low_freq_factor=float(src["low_freq_factor"]),
+                high_freq_factor=float(src["high_freq_factor"]),
+                original_max_position_embeddings=int(src["original_max_position_embeddings"]),
+            )
+        elif rope_type != "default":
+            raise UnsupportedModelError(
+                f"unsupported RoPE type {rope_type!r}; supported: 'default', 'llama3'")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            sliding_window=window,
+            architecture=model_type,
+        )
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise KeyError(f"unknown model config {name!r}; valid: {', '.join(sorted(PRESETS))}") from None
+
+
+_LLAMA31_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=8192)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Every unit test's fixture: a few layers, GQA, Llama 3 RoPE scaling, tied embeddings.
+    "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=10000.0,
+                        rope_scaling=RopeScaling(4.0, 1.0, 4.0, 64), tie_word_embeddings=True),
+    "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                                num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192,
+                                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-3.1-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+                                rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
+    "llama-3.1-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                 num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+                                 rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
+    "llama-3.1-405b": ModelConfig(vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_layers=126,
+                                  num_heads=128, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+                                  rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
+}
+
+
+def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":
+    """Inverse RoPE frequencies in float32, with Llama 3 scaling when configured.
+
+    The arithmetic follows transformers' float32 order of operations exactly: positions times
+    these frequencies reach ~1e4 radians at long contexts, so a float64 computation would drift
+    from the reference by more than the parity tolerance.
+    """
+    import torch
+
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** exponents)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    old_len = s.original_max_position_embeddings
+    low_wavelen = old_len / s.low_freq_factor
+    high_wavelen = old_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)

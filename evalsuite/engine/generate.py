@@ -1,0 +1,193 @@
+"""Batched generation around a decode step that sequences can join and leave.
+
+``DecodeBatch`` owns a KV cache with one slot per running sequence. ``add`` prefills new
+sequences (right-padded, one forward) into free slots and samples their first token; ``step``
+advances every running sequence by one token; ``remove`` frees a slot by moving the last running
+sequence into it, so the running batch always occupies slots 0..n-1 and attention reads one
+contiguous block of the cache. ``generate`` drives it for a closed list of prompts; a server can
+drive the same object with requests arriving over time.
+
+Sampling is per sequence: greedy when temperature is 0, otherwise temperature and top-p with a
+generator seeded per sequence, so a seeded request samples the same tokens alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .model import CausalLM, Step
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class Generation:
+    prompt: list[int]
+    params: SamplingParams
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (a stop token or string), "length"
+    rng: torch.Generator | None = None
+
+    @property
+    def next_position(self) -> int:
+        """Position of the token the next decode step feeds: the last sampled one."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+
+def sample(logits: Tensor, gens: Sequence[Generation]) -> list[int]:
+    """One token per row of float32 logits [B, vocab]."""
+    if all(g.params.temperature == 0 for g in gens):
+        return logits.argmax(dim=-1).tolist()
+    out = []
+    for row, g in zip(logits, gens):
+        p = g.params
+        if p.temperature == 0:
+            out.append(int(row.argmax()))
+            continue
+        probs = torch.softmax(row / p.temperature, dim=-1)
+        if p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        out.append(int(torch.multinomial(probs, 1, generator=g.rng)))
+    return out
+
+
+class DecodeBatch:
+    def __init__(self, model: CausalLM, max_batch_size: int, max_len: int):
+        self.model = model
+        self.max_len = min(max_len, model.config.max_position_embeddings)
+        self.cache = KVCache(model.config, max_batch_size, self.max_len, model.dtype)
+        self.running: list[Generation] = []
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.num_slots - len(self.running)
+
+    @torch.inference_mode()
+    def add(self, gens: Sequence[Generation]) -> None:
+        """Prefill ``gens`` into free slots and sample each one's first token."""
+        if len(gens) > self.free_slots:
+            raise ValueError(f"{len(gens)} sequences do not fit in {self.free_slots} free slots")
+        if not gens:
+            return
+        for g in gens:
+            if not g.prompt:
+                raise ValueError("empty prompt: generation needs at least one token")
+            if len(g.prompt) >= self.max_len:
+                raise ValueError(f"prompt of {len(g.prompt)} tokens leaves no room to generate within "
+                                 f"the context of {self.max_len} tokens")
+            if g.params.seed is not None:
+                g.rng = torch.Generator().manual_seed(g.params.seed)
+        length = max(len(g.prompt) for g in gens)
+        tokens = torch.zeros(len(gens), length, dtype=torch.long)
+        for b, g in enumerate(gens):
+            tokens[b, :len(g.prompt)] = torch.tensor(g.prompt)
+        start = len(self.running)
+        hidden = self.model.hidden(tokens, Step.for_prefill(length, self.cache, slot_start=start))
+        last = torch.tensor([len(g.prompt) - 1 for g in gens])
+        logits = self.model.logits(hidden[torch.arange(len(gens)), last]).float()
+        self.running.extend(gens)
+        for g, t in zip(gens, sample(logits, gens)):
+            self._append(g, t)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Advance every running, unfinished sequence by one token."""
+        if not self.running:
+            return
+        tokens = torch.tensor([[g.tokens[-1]] for g in self.running])
+        positions = torch.tensor([g.next_position for g in self.running])
+        hidden = self.model.hidden(tokens, Step.for_decode(positions, self.cache))
+        logits = self.model.logits(hidden[:, 0]).float()
+        for g, t in zip(self.running, sample(logits, self.running)):
+            if g.finish_reason is None:
+                self._append(g, t)
+
+    def _append(self, g: Generation, token: int) -> None:
+        if token in g.params.stop_token_ids:
+            g.finish_reason = "stop"
+            return
+        g.tokens.append(token)
+        if len(g.tokens) >= g.params.max_new_tokens or g.next_position >= self.max_len:
+            g.finish_reason = "length"
+
+    def remove(self, g: Generation) -> None:
+        i = next(i for i, r in enumerate(self.running) if r is g)
+        last = len(self.running) - 1
+        if i != last:
+            self.cache.move_slot(last, i, self.running[last].next_position)
+            self.running[i] = self.running[last]
+        self.running.pop()
+
+
+def generate(model: CausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+             *, max_batch_size: int = 64, max_prefill_tokens: int = 4096,
+             stop_fn: Callable[[int, list[int]], bool] | None = None,
+             progress: Callable[[int], None] | None = None) -> list[Generation]:
+    """Generate for every prompt (token ids); results in prompt order.
+
+    ``stop_fn(index, tokens)`` may end a sequence early (stop strings live above the engine, where
+    the tokenizer is); ``progress`` is called with the number of sequences finished.
+    """
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+    gens = [Generation(list(p), sp) for p, sp in zip(prompts, params)]
+    if not gens:
+        return []
+    for g in gens:
+        model.check_length(len(g.prompt))
+    max_len = max(len(g.prompt) + g.params.max_new_tokens for g in gens)
+    batch = DecodeBatch(model, min(max_batch_size, len(gens)), max_len)
+    index = {id(g): i for i, g in enumerate(gens)}
+    waiting = list(reversed(gens))
+    while waiting or batch.running:
+        if waiting and batch.free_slots:
+            batch.add(_take_joining(waiting, batch.free_slots, max_prefill_tokens))
+        else:
+            batch.step()
+        for g in list(batch.running):
+            if g.finish_reason is None and stop_fn is not None and stop_fn(index[id(g)], g.tokens):
+                g.finish_reason = "stop"
+            if g.finish_reason is not None:
+                batch.remove(g)
+                if progress is not None:
+                    progress(1)
+    return gens
+
+
+def _take_joining(waiting: list[Generation], slots: int, max_tokens: int) -> list[Generation]:
+    """Pop the next sequences to prefill together: at most ``slots``, padded size within ``max_tokens``."""
+    joining = [waiting.pop()]
+    longest = len(joining[0].prompt)
+    while waiting and len(joining) < slots:
+        longest_if = max(longest, len(waiting[-1].prompt))
+        if longest_if * (len(joining) + 1) > max_tokens:
+            break
+        joining.append(waiting.pop())
+        longest = longest_if
+    return joining

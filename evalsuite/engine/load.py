@@ -1,0 +1,215 @@
+"""Load a model from a registered name, an HF folder, a GGUF file or a hub id.
+
+GGUF files are dequantized once by transformers and cached as a float32 safetensors folder
+(config.json, model.safetensors, tokenizer files), because dequantizing on every load costs
+seconds. All sources then load through the same HF-folder path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..assets import SMOLLM2_GGUF, Asset, cache_dir, file_sha256
+from .config import ModelConfig
+from .model import CausalLM
+
+log = logging.getLogger(__name__)
+
+# Registered model names. The embedded default is a GGUF shipped in a pinned PyPI package.
+MODELS: dict[str, Asset] = {"smollm2-135m": SMOLLM2_GGUF}
+DEFAULT_MODEL = "smollm2-135m"
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model source is missing, corrupt or unusable."""
+
+
+@dataclass
+class ModelInfo:
+    """What a record needs to say about the model."""
+
+    name: str
+    source: str
+    weights_sha256: dict[str, str]
+    dtype: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    tokenizer: Any  # a transformers tokenizer, or None for a folder without one
+    info: ModelInfo
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+
+
+def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16") -> LoadedModel:
+    """Resolve ``source`` (name, folder, .gguf file, hub id) and load model and tokenizer."""
+    dtype = parse_dtype(dtype)
+    if source in MODELS:
+        gguf = MODELS[source].verified_path()
+        folder, hashes = gguf_to_folder(gguf, sha256=MODELS[source].sha256)
+        name = source
+    elif source.endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {source!r} does not exist")
+        folder, hashes = gguf_to_folder(path)
+        name = path.name
+    elif Path(source).is_dir():
+        folder, hashes, name = Path(source), None, Path(source).name
+    elif Path(source).exists():
+        raise ModelLoadError(f"{source!r} is a file but not a .gguf; pass an HF model folder, a .gguf file, "
+                             f"or a registered name: {', '.join(MODELS)}")
+    elif source.count("/") == 1 and not source.startswith((".", "/")):
+        folder, hashes, name = _download_hub(source), None, source
+    else:
+        raise ModelLoadError(f"unknown model {source!r}: not a registered name ({', '.join(MODELS)}), "
+                             f"not an existing folder or .gguf file, not a hub id (org/name)")
+    model = load_folder(folder, dtype)
+    if hashes is None:
+        hashes = {p.name: file_sha256(p) for p in _weight_files(folder)}
+    tokenizer = load_tokenizer(folder)
+    info = ModelInfo(name=name, source=str(source), weights_sha256=hashes, dtype=str(dtype).split(".")[-1],
+                     config=model.config.to_dict())
+    return LoadedModel(model, tokenizer, info)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    return files or sorted(folder.glob("pytorch_model*.bin"))
+
+
+def read_config(folder: Path) -> ModelConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} has no config.json: expected an HF model folder "
+                             "(config.json + *.safetensors), a .gguf file or a registered model name")
+    try:
+        hf = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    return ModelConfig.from_hf(hf)
+
+
+def _read_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = _weight_files(folder)
+    if not files:
+        raise ModelLoadError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
+        except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+            raise ModelLoadError(f"cannot read weights file {f}: {e} (the file is corrupt or truncated)") from None
+        state.update({k: v.to(dtype) for k, v in part.items()})
+    return state
+
+
+def load_folder(folder: Path, dtype: torch.dtype = torch.bfloat16) -> CausalLM:
+    """Build a CausalLM from an HF folder (config.json + safetensors), weights cast to ``dtype``."""
+    cfg = read_config(folder)
+    state = _read_state_dict(folder, dtype)
+    with torch.device("meta"):
+        model = CausalLM(cfg, dtype)
+    expected = set(model.state_dict())
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ModelLoadError(f"weights in {folder} lack {len(missing)} tensors, e.g. {missing[:3]}")
+    unexpected = sorted(k for k in set(state) - expected if "rotary_emb" not in k)
+    if unexpected:
+        log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(unexpected), folder, unexpected[:3])
+    for name, tensor in state.items():
+        if name in expected and tuple(tensor.shape) != tuple(model.get_parameter(name).shape):
+            raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {tuple(model.get_parameter(name).shape)}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)
+    model.fuse_projections()
+    return model.eval()
+
+
+def gguf_to_folder(gguf: Path, sha256: str | None = None) -> tuple[Path, dict[str, str]]:
+    """Dequantize a GGUF file once into a cached HF folder; return the folder and source hash."""
+    sha256 = sha256 or file_sha256(gguf)
+    folder = cache_dir() / "models" / f"gguf-{sha256[:16]}"
+    hashes = {gguf.name: sha256}
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder, hashes
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                      dtype=torch.float32)
+        except Exception as e:  # transformers raises many types for a bad GGUF
+            raise ModelLoadError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {e}") from None
+        # transformers refuses to save a model it loaded from GGUF, so write the folder directly.
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(str(tmp))
+        (tmp / "evalsuite_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha256}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, hashes
+
+
+def _download_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:
+        raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                             "offline, pass a local folder or .gguf file instead") from None

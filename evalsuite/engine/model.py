@@ -1,0 +1,297 @@
+"""A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2) in plain PyTorch.
+
+Parameter names match transformers' LlamaForCausalLM, so an HF state dict loads as is.
+
+Hook points for quantization recipes, none of which needs a change here:
+  * every projection is an ``nn.Linear`` submodule (q/k/v/o, gate/up/down, lm_head) and may be
+    replaced by any module with the same call signature;
+  * ``Attention.k_cache_quant`` / ``v_cache_quant``: applied to K (after RoPE) and V where they are
+    written to the KV cache. The attention of the same forward reads these values, so prefill and
+    decode see the same K and V a deployed quantized cache holds;
+  * ``Attention.q_bmm_quant`` / ``k_bmm_quant`` / ``v_bmm_quant`` / ``softmax_quant``: inputs of the
+    two attention products (q·kᵀ and softmax·v). When any is set, attention runs the explicit
+    matmul-softmax-matmul path instead of the fused SDPA kernel.
+
+Speed: q/k/v and gate/up run as one fused matmul each while their modules are the original plain
+``nn.Linear`` objects whose weights are views into the fused tensor (see ``fuse_projections``). Once
+a recipe swaps one of them, the layer falls back to calling the modules one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import KVCache
+from .config import ModelConfig, rope_inv_freq
+
+
+@dataclass
+class Step:
+    """How one forward call relates to positions and the KV cache.
+
+    prefill: tokens [B, L], right-padded, every row starting at position 0. Causal attention makes
+        right padding exact: a real token never attends to a later (pad) position.
+    decode: tokens [B, 1] at per-row ``positions`` [B]; cache rows ``slot_start + b``; attention
+        reads the first ``kv_len`` cache positions, masked per row by ``positions``.
+    """
+
+    prefill: bool
+    positions: Tensor  # prefill: [L] (shared by all rows); decode: [B]
+    cache: KVCache | None = None
+    slot_start: int = 0
+    kv_len: int = 0
+    mask: Tensor | None = None  # decode: bool [B, 1, 1, kv_len], True where attention is allowed;
+    # None in decode means every row may attend to all kv_len positions
+
+    @classmethod
+    def for_prefill(cls, length: int, cache: KVCache | None = None, slot_start: int = 0) -> "Step":
+        return cls(True, torch.arange(length), cache, slot_start)
+
+    @classmethod
+    def for_decode(cls, positions: Tensor, cache: KVCache, slot_start: int = 0) -> "Step":
+        kv_len = int(positions.max()) + 1
+        mask = None  # rows at the same position attend to the whole prefix: no mask needed
+        if int(positions.min()) + 1 != kv_len:
+            mask = (torch.arange(kv_len) <= positions[:, None])[:, None, None, :]
+        return cls(False, positions, cache, slot_start, kv_len, mask)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (HF layout). x [B, L, heads, D]; cos/sin broadcast to [B or 1, L, 1, D]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Fused:
+    """A fused weight (and bias) whose row blocks are the weights of plain ``nn.Linear`` modules."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        weight = torch.cat([m.weight.detach() for m in linears])
+        has_bias = linears[0].bias is not None
+        bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+        offset = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(weight[offset:offset + n], requires_grad=False)
+            if has_bias:
+                m.bias = nn.Parameter(bias[offset:offset + n], requires_grad=False)
+            offset += n
+        self.weight, self.bias = weight, bias
+        self.ptrs = tuple(m.weight.data_ptr() for m in linears)
+
+    def valid_for(self, linears: list[nn.Module]) -> bool:
+        return all(type(m) is nn.Linear for m in linears) and tuple(
+            m.weight.data_ptr() for m in linears) == self.ptrs
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        kw = dict(dtype=dtype)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias, **kw)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False, **kw)
+        self.k_cache_quant: nn.Module | None = None
+        self.v_cache_quant: nn.Module | None = None
+        self.q_bmm_quant: nn.Module | None = None
+        self.k_bmm_quant: nn.Module | None = None
+        self.v_bmm_quant: nn.Module | None = None
+        self.softmax_quant: nn.Module | None = None
+        self._fused: _Fused | None = None
+
+    def fuse(self) -> None:
+        self._fused = _Fused([self.q_proj, self.k_proj, self.v_proj])
+
+    def _qkv(self, x: Tensor) -> Tensor:
+        mods = [self.q_proj, self.k_proj, self.v_proj]
+        if self._fused is not None and self._fused.valid_for(mods):
+            return F.linear(x, self._fused.weight, self._fused.bias)
+        return torch.cat([m(x) for m in mods], dim=-1)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
+        B, L, _ = x.shape
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._qkv(x).view(B, L, H + 2 * KV, D)
+        qk = apply_rope(qkv[:, :, :H + KV], cos, sin)
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
+        if self.k_cache_quant is not None:
+            k = self.k_cache_quant(k)
+        if self.v_cache_quant is not None:
+            v = self.v_cache_quant(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
+        if step.cache is not None:
+            kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+            rows = slice(step.slot_start, step.slot_start + B)
+            if step.prefill:
+                kc[rows, :, :L] = k
+                vc[rows, :, :L] = v
+            else:
+                idx = torch.arange(step.slot_start, step.slot_start + B)
+                kc[idx, :, step.positions] = k[:, :, 0]
+                vc[idx, :, step.positions] = v[:, :, 0]
+                k, v = kc[rows, :, :step.kv_len], vc[rows, :, :step.kv_len]
+        out = self._attend(q, k, v, step.prefill, step.mask)  # [B, H, L, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
+        quantized = any(m is not None for m in (
+            self.q_bmm_quant, self.k_bmm_quant, self.v_bmm_quant, self.softmax_quant))
+        if quantized:
+            return self._attend_explicit(q, k, v, causal, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+
+    def _attend_explicit(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
+        """softmax(q·kᵀ/√d)·v with quantizers on both products' inputs (HF eager numerics)."""
+        if self.q_bmm_quant is not None:
+            q = self.q_bmm_quant(q)
+        if self.k_bmm_quant is not None:
+            k = self.k_bmm_quant(k)
+        if self.v_bmm_quant is not None:
+            v = self.v_bmm_quant(v)
+        B, H, Lq, D = q.shape
+        KV, Lk = k.shape[1], k.shape[2]
+        G = H // KV
+        qg = q.reshape(B, KV, G * Lq, D)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).view(B, KV, G, Lq, Lk) * D ** -0.5
+        if causal:  # a prefill that starts at position 0
+            mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+        elif mask is not None:
+            mask = mask.view(B, 1, 1, mask.shape[-2], Lk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if self.softmax_quant is not None:
+            probs = self.softmax_quant(probs)
+        out = torch.matmul(probs.to(v.dtype).view(B, KV, G * Lq, Lk), v)
+        return out.view(B, H, Lq, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
+        self._fused: _Fused | None = None
+
+    def fuse(self) -> None:
+        self._fused = _Fused([self.gate_proj, self.up_proj])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fused is not None and self._fused.valid_for([self.gate_proj, self.up_proj]):
+            gate, up = F.linear(x, self._fused.weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, layer_idx, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class CausalLM(nn.Module):
+    """The whole model. ``hidden`` runs the decoder; ``logits`` applies lm_head to chosen rows."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.model = Decoder(cfg, dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.requires_grad_(False)
+        self._rope_len = 0
+        self._cos = self._sin = torch.empty(0)
+
+    def fuse_projections(self) -> None:
+        """Re-fuse q/k/v and gate/up (call after loading or replacing weights in bulk)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def _rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
+        if length > self._rope_len:
+            n = max(length, min(2 * self._rope_len, self.config.max_position_embeddings), 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), rope_inv_freq(self.config))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            # transformers computes cos/sin in float32, then casts to the activation dtype.
+            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            self._rope_len = n
+        return self._cos, self._sin
+
+    def check_length(self, length: int) -> None:
+        limit = self.config.max_position_embeddings
+        if self.config.sliding_window:
+            limit = min(limit, self.config.sliding_window)
+        if length > limit:
+            raise ValueError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens")
+
+    def hidden(self, tokens: Tensor, step: Step) -> Tensor:
+        """Final-normalised hidden states [B, L, hidden] for tokens [B, L]."""
+        B, L = tokens.shape
+        if step.prefill:
+            self.check_length(L)
+            cos, sin = self._rope_tables(L)
+            cos, sin = cos[:L, None, :], sin[:L, None, :]
+        else:
+            self.check_length(step.kv_len)
+            cos, sin = self._rope_tables(step.kv_len)
+            cos, sin = cos[step.positions][:, None, None, :], sin[step.positions][:, None, None, :]
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, step)
+        return self.model.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Full logits [B, L, vocab] for a batch of equal-length token rows, no cache."""
+        return self.logits(self.hidden(tokens, Step.for_prefill(tokens.shape[1])))
+
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,338 @@
+"""MMLU in three formulations: letter (lm-eval `mmlu`), cloze (lm-eval `mmlu_continuation`) and
+generative (Model Optimizer's llm_eval). Prompts and choices come from tasks/mmlu.yaml.
+
+Tokenization follows lm-eval's ``_encode_pair``: context and context+continuation are encoded
+whole and the continuation is what the longer encoding adds, so " A" is scored as the token the
+model would really produce after "Answer:" (a space-prefixed letter), not as a bare "A".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.generate import SamplingParams
+from ..engine.load import LoadedModel
+from ..engine.score import ScoreRequest, score
+from ..records import RunStore, package_versions
+from ..stats import accuracy_table
+from ..taskdef import Formulation, MultipleChoiceTask, load_task
+from ..textgen import generate_text
+
+LETTERS = ("A", "B", "C", "D")
+NEAR_TIE = 0.01  # log-probability margin under which batch-size noise may flip a prediction
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    subject: str  # lm-eval's key, e.g. "high_school_us_history"
+    question: str
+    choices: tuple[str, str, str, str]
+    target: int
+
+
+@dataclass
+class MMLUData:
+    questions: list[Question]  # every valid row, in file order
+    rejected: list[dict[str, Any]]
+    source: str
+    sha256: str
+
+    def subject_sizes(self) -> dict[str, int]:
+        return dict(Counter(q.subject for q in self.questions))
+
+
+@dataclass(frozen=True)
+class MMLUConfig:
+    formulations: tuple[str, ...] = ("letter", "cloze")
+    num_fewshot: int = 0
+    per_subject: int | None = None  # stratified subset: this many questions per subject
+    seed: int = 1234
+    subjects: tuple[str, ...] | None = None
+    data: str = "embedded"  # "embedded", a JSONL file in the same schema, or a hub id (cais/mmlu)
+    batch_size: int = 32  # sequences per forward
+    max_batch_tokens: int = 4096  # padded tokens per forward
+
+    def validate(self, task: MultipleChoiceTask) -> None:
+        for f in self.formulations:
+            task.formulation(f)
+        if not 0 <= self.num_fewshot <= task.fewshot_pool:
+            raise ValueError(f"num_fewshot={self.num_fewshot}; valid: 0..{task.fewshot_pool} "
+                             "(exemplars come from each subject's first rows)")
+        if self.per_subject is not None and self.per_subject < 1:
+            raise ValueError(f"per_subject={self.per_subject}; give a positive count or omit it for all")
+        if self.batch_size < 1 or self.max_batch_tokens < 1:
+            raise ValueError(f"batch_size={self.batch_size} and max_batch_tokens={self.max_batch_tokens} must be >= 1")
+        if self.subjects:
+            unknown = sorted(set(self.subjects) - set(task.categories))
+            if unknown:
+                raise ValueError(f"unknown subjects {unknown}; valid: {', '.join(sorted(task.categories))}")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+def _subject_key(topic: str) -> str:
+    return topic.strip().replace(" ", "_")
+
+
+def parse_rows(rows: Sequence[dict[str, Any]], task: MultipleChoiceTask) -> tuple[list[Question], list[dict]]:
+    """Rows in the embedded schema (question, answer_a..d, correct_answer, topic) to questions.
+
+    Malformed rows are rejected with their row number and reason, never scored.
+    """
+    questions, rejected = [], []
+    for row, r in enumerate(rows):
+        subject = _subject_key(str(r.get("topic", "")))
+        answer = str(r.get("correct_answer", "")).strip()
+        if answer not in LETTERS:
+            rejected.append({"row": row, "reason": f"correct_answer={answer!r} is not one of A-D"})
+        elif subject not in task.categories:
+            rejected.append({"row": row, "reason": f"unknown subject {r.get('topic')!r}"})
+        elif not str(r.get("question", "")).strip():
+            rejected.append({"row": row, "reason": "empty question"})
+        else:
+            choices = tuple(str(r[f"answer_{c}"]) for c in "abcd")
+            questions.append(Question(f"mmlu/{row}", subject, str(r["question"]), choices,  # type: ignore[arg-type]
+                                      LETTERS.index(answer)))
+    return questions, rejected
+
+
+def load_mmlu(task: MultipleChoiceTask, source: str = "embedded") -> MMLUData:
+    if source == "embedded":
+        path = task.data.verified_path()
+        return _from_jsonl(path, task, f"{task.data.package}=={task.data.version}:{task.data.path}",
+                           task.data.sha256)
+    if Path(source).is_file():
+        path = Path(source)
+        return _from_jsonl(path, task, str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+    return _from_hub(source, task)
+
+
+def _from_jsonl(path: Path, task: MultipleChoiceTask, name: str, sha256: str) -> MMLUData:
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
+    questions, rejected = parse_rows(rows, task)
+    return MMLUData(questions, rejected, name, sha256)
+
+
+def _from_hub(repo: str, task: MultipleChoiceTask) -> MMLUData:
+    """cais/mmlu through `datasets` (online only): the "all" config's test split."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, "all", split="test")
+    except Exception as e:
+        raise ValueError(f"cannot load MMLU from {repo!r} ({type(e).__name__}: {e}); valid sources: "
+                         "'embedded', a JSONL file with the embedded schema, or a hub id such as cais/mmlu") from None
+    rows = [{"question": r["question"], **{f"answer_{c}": r["choices"][i] for i, c in enumerate("abcd")},
+             "correct_answer": LETTERS[r["answer"]], "topic": r["subject"]} for r in ds]
+    questions, rejected = parse_rows(rows, task)
+    return MMLUData(questions, rejected, f"hf:{repo}@{ds._fingerprint}", ds._fingerprint)
+
+
+def select(data: MMLUData, task: MultipleChoiceTask, cfg: MMLUConfig) -> tuple[dict[str, list[Question]], list[Question]]:
+    """Few-shot exemplars per subject, and the questions to score (file order)."""
+    by_subject: dict[str, list[Question]] = {}
+    for q in data.questions:
+        if cfg.subjects is None or q.subject in cfg.subjects:
+            by_subject.setdefault(q.subject, []).append(q)
+    exemplars, scored = {}, []
+    for subject, qs in by_subject.items():
+        pool, rest = qs[:task.fewshot_pool], qs[task.fewshot_pool:]
+        exemplars[subject] = pool[:cfg.num_fewshot]
+        if cfg.per_subject is not None:
+            rng = random.Random(f"{cfg.seed}:{subject}")
+            picked = set(q.id for q in rng.sample(rest, min(cfg.per_subject, len(rest))))
+            scored.extend(q for q in rest if q.id in picked)
+        elif cfg.num_fewshot:
+            scored.extend(rest)
+        else:
+            scored.extend(qs)
+    order = {q.id: i for i, q in enumerate(data.questions)}
+    return exemplars, sorted(scored, key=lambda q: order[q.id])
+
+
+# ------------------------------------------------------------------------------------- prompts
+
+def render_question(form: Formulation, q: Question) -> str:
+    text = q.question.strip() if form.strip_question else q.question
+    a, b, c, d = q.choices
+    return form.question.format(question=text, a=a, b=b, c=c, d=d)
+
+
+def choice_texts(form: Formulation, q: Question) -> list[str]:
+    return list(LETTERS) if form.choices == "letters" else list(q.choices)
+
+
+def render_context(form: Formulation, q: Question, shots: Sequence[Question]) -> str:
+    subject = q.subject.replace("_", " ")
+    spaced = "".join(" " + w for w in q.subject.split("_"))
+    parts = [form.description.format(subject=subject, subject_spaced=spaced)]
+    for s in shots:
+        answer = choice_texts(form, s)[s.target]
+        parts.append(render_question(form, s) + form.target_delimiter + answer + form.fewshot_delimiter)
+    return "".join(parts) + render_question(form, q)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing context spaces move to the continuation; encode whole and context."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+# ------------------------------------------------------------------------------------- running
+
+@dataclass
+class MMLUResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    run: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _score_records(lm: LoadedModel, form: Formulation, qs: list[Question],
+                   exemplars: dict[str, list[Question]], cfg: MMLUConfig, num_fewshot: int) -> list[dict]:
+    requests, spans, meta = [], [], []
+    for q in qs:
+        context = render_context(form, q, exemplars[q.subject])
+        start = len(requests)
+        texts = choice_texts(form, q)
+        for text in texts:
+            ctx, cont = encode_pair(lm.tokenizer, context, form.target_delimiter + text)
+            requests.append(ScoreRequest(tuple(ctx), tuple(cont)))
+        spans.append((start, len(requests)))
+        meta.append((context, texts))
+    results = score(lm.model, requests, max_batch_tokens=cfg.max_batch_tokens, max_batch_size=cfg.batch_size)
+    records = []
+    for q, (a, b), (context, texts) in zip(qs, spans, meta):
+        res = results[a:b]
+        lps = [r.logprob for r in res]
+        chars = [len(t) for t in texts]  # lm-eval's acc_norm divides by len(choice) in characters
+        pred = max(range(4), key=lambda i: lps[i])
+        pred_norm = max(range(4), key=lambda i: lps[i] / chars[i])
+        top2 = sorted(lps, reverse=True)[:2]
+        records.append({
+            "id": q.id, "subject": q.subject, "formulation": form.name, "num_fewshot": num_fewshot,
+            "prompt_sha256": _sha(context), "context_tokens": len(requests[a].context),
+            "choices": texts, "logprobs": lps, "token_counts": [len(r.token_logprobs) for r in res],
+            "char_counts": chars, "is_greedy": [r.is_greedy for r in res],
+            "target": q.target, "prediction": pred, "correct": pred == q.target,
+            "prediction_norm": pred_norm, "correct_norm": pred_norm == q.target,
+            "margin": top2[0] - top2[1],
+        })
+    return records
+
+
+def _generate_records(lm: LoadedModel, form: Formulation, qs: list[Question],
+                      exemplars: dict[str, list[Question]], cfg: MMLUConfig, num_fewshot: int) -> list[dict]:
+    contexts = [render_context(form, q, exemplars[q.subject]) for q in qs]
+    outs = generate_text(lm.model, lm.tokenizer, contexts, SamplingParams(max_new_tokens=form.max_new_tokens),
+                         max_batch_size=cfg.batch_size, max_prefill_tokens=cfg.max_batch_tokens)
+    records = []
+    for q, context, out in zip(qs, contexts, outs):
+        answer = out.text.strip()
+        letter = answer[:1] if answer[:1] in LETTERS else None
+        records.append({
+            "id": q.id, "subject": q.subject, "formulation": form.name, "num_fewshot": num_fewshot,
+            "prompt_sha256": _sha(context), "generated": out.text, "generated_tokens": out.tokens,
+            "target": q.target, "prediction": LETTERS.index(letter) if letter else None,
+            # Model Optimizer's rule: correct when the stripped text starts with the key's letter.
+            "correct": answer.startswith(LETTERS[q.target]),
+        })
+    return records
+
+
+def _formulation_metrics(records: list[dict], task: MultipleChoiceTask, sizes: dict[str, int]) -> dict:
+    def table(key: str) -> dict:
+        outcomes: dict[str, list[bool]] = {}
+        for r in records:
+            outcomes.setdefault(r["subject"], []).append(bool(r[key]))
+        return accuracy_table(outcomes, task.categories, sizes)
+
+    out: dict[str, Any] = {"n": len(records), "acc": table("correct")}
+    preds = Counter(r["prediction"] for r in records)
+    out["prediction_share"] = {(LETTERS[k] if k is not None else "none"): v / len(records)
+                               for k, v in sorted(preds.items(), key=lambda kv: (kv[0] is None, kv[0]))}
+    if records and "margin" in records[0]:
+        if records[0]["choices"] != list(LETTERS):  # single letters all have length 1: acc_norm == acc
+            out["acc_norm"] = table("correct_norm")
+        out["near_ties"] = sum(1 for r in records if r["margin"] <= NEAR_TIE)
+        out["near_tie_margin"] = NEAR_TIE
+    return out
+
+
+def run_mmlu(lm: LoadedModel, cfg: MMLUConfig, out_dir: str | Path, *, recipe: dict[str, Any] | None = None,
+             chunk_size: int = 512, progress: bool = True) -> MMLUResult:
+    """Run (or resume) MMLU on a loaded model and write samples.jsonl + run.json to ``out_dir``."""
+    if lm.tokenizer is None:
+        raise ValueError(f"model {lm.info.name!r} has no tokenizer; MMLU needs one")
+    task = load_task("mmlu")
+    cfg.validate(task)
+    data = load_mmlu(task, cfg.data)
+    exemplars, questions = select(data, task, cfg)
+    recipe = recipe or {"name": "bf16"}
+    identity = {
+        "task": "mmlu", "config": asdict(cfg), "task_config_sha256": task.config_hash(),
+        "data": {"source": data.source, "sha256": data.sha256, "valid_rows": len(data.questions),
+                 "rejected_rows": len(data.rejected), "rejected": data.rejected},
+        "model": asdict(lm.info), "recipe": recipe, "seed": cfg.seed,
+        "questions": len(questions),
+    }
+    config_hash = _sha(json.dumps({k: identity[k] for k in ("config", "task_config_sha256", "data", "model", "recipe")},
+                                  sort_keys=True, default=str))
+    store = RunStore(out_dir, identity, config_hash)
+    store.run["versions"] = package_versions()
+    done = store.done_keys()
+    timings = store.run.setdefault("timings", {})
+    bar = _progress_bar(progress)
+    for name in cfg.formulations:
+        form = task.formulation(name)
+        pending = [q for q in questions if (name, q.id) not in done]
+        if not pending:
+            continue
+        bar.reset(total=len(pending))
+        bar.set_description(f"mmlu {name}")
+        t0 = time.perf_counter()
+        # Longest prompts first: batches of similar length waste little padding.
+        pending.sort(key=lambda q: len(q.question) + sum(map(len, q.choices)), reverse=True)
+        runner = _generate_records if form.method == "generate" else _score_records
+        for i in range(0, len(pending), chunk_size):
+            chunk = pending[i:i + chunk_size]
+            store.append(runner(lm, form, chunk, exemplars, cfg, cfg.num_fewshot))
+            bar.update(len(chunk))
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        store.write_run()
+    bar.close()
+    records = store.records()
+    sizes = data.subject_sizes()
+    metrics = {name: _formulation_metrics([r for r in records if r["formulation"] == name], task, sizes)
+               for name in cfg.formulations}
+    store.finish(metrics=metrics, timings=timings)
+    return MMLUResult(Path(out_dir), metrics, store.run)
+
+
+def _progress_bar(enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=0, disable=not enabled, unit="q", dynamic_ncols=True)

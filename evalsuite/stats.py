@@ -1,0 +1,62 @@
+"""Accuracy estimates with standard errors.
+
+A subject's accuracy is the mean of its 0/1 outcomes with the sample standard error
+sqrt(p(1-p)/(n-1)) (lm-eval's ``mean_stderr``). A group (a category, or all of MMLU) is the
+stratified estimate: subject accuracies weighted by each subject's size in the full test set,
+SE = sqrt(sum w_s^2 SE_s^2). On the full test set this is exactly the question-weighted (micro)
+accuracy that lm-eval reports; on a stratified subset it estimates that same number instead of
+the equal-subject average the subset's raw mean would give.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Estimate:
+    acc: float
+    se: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"acc": self.acc, "se": self.se, "n": self.n}
+
+
+def mean_estimate(outcomes: Iterable[bool | int | float]) -> Estimate:
+    xs = [float(x) for x in outcomes]
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no outcomes to average")
+    p = sum(xs) / n
+    if n == 1:
+        return Estimate(p, float("nan"), 1)
+    var = sum((x - p) ** 2 for x in xs) / (n - 1)
+    return Estimate(p, math.sqrt(var / n), n)
+
+
+def stratified_estimate(strata: Mapping[str, Estimate], weights: Mapping[str, float]) -> Estimate:
+    """Weighted combination of per-stratum estimates; weights are normalised over the strata given."""
+    total = sum(weights[s] for s in strata)
+    if total <= 0:
+        raise ValueError("stratum weights sum to zero")
+    acc = sum(weights[s] * e.acc for s, e in strata.items()) / total
+    # A stratum with a single outcome has no variance estimate, and neither has the total.
+    var = sum((weights[s] / total) ** 2 * e.se ** 2 for s, e in strata.items())
+    return Estimate(acc, math.sqrt(var), sum(e.n for e in strata.values()))
+
+
+def accuracy_table(outcomes: Mapping[str, list[bool]], categories: Mapping[str, str],
+                   subject_sizes: Mapping[str, int]) -> dict:
+    """Overall, per-category and per-subject estimates from 0/1 outcomes grouped by subject."""
+    subjects = {s: mean_estimate(v) for s, v in sorted(outcomes.items()) if v}
+    by_cat: dict[str, dict[str, Estimate]] = {}
+    for s, e in subjects.items():
+        by_cat.setdefault(categories[s], {})[s] = e
+    return {
+        "overall": stratified_estimate(subjects, subject_sizes).to_dict(),
+        "categories": {c: stratified_estimate(v, subject_sizes).to_dict() for c, v in sorted(by_cat.items())},
+        "subjects": {s: e.to_dict() for s, e in subjects.items()},
+    }

@@ -1,0 +1,55 @@
+"""Text on top of the token engine: chat templates, stop strings, decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .engine.generate import SamplingParams, generate
+from .engine.model import CausalLM
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class TextResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[Message]) -> list[int]:
+    """A plain string is encoded as is (with the tokenizer's own BOS rule); a list of chat
+    messages goes through the tokenizer's chat template with the generation prompt appended.
+    The rendered template already holds its special tokens, so it is encoded without adding more."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if tokenizer.chat_template is None:
+        raise ValueError("this tokenizer has no chat template; pass a plain string prompt")
+    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def generate_text(model: CausalLM, tokenizer, prompts: Sequence[str | Sequence[Message]],
+                  params: SamplingParams, stop: Sequence[str] = (), *, max_batch_size: int = 64,
+                  max_prefill_tokens: int = 4096, progress=None) -> list[TextResult]:
+    """Generate text; the tokenizer's EOS ends a sequence, and so does any string in ``stop``
+    (the returned text is cut before it)."""
+    eos = tuple(t for t in {tokenizer.eos_token_id, *params.stop_token_ids} if t is not None)
+    params = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.seed, eos)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    stops = [s for s in stop if s]
+
+    def hit_stop(_index: int, tokens: list[int]) -> bool:
+        # Decode only the tail: a stop string is found once it is complete.
+        tail = tokenizer.decode(tokens[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    gens = generate(model, encoded, params, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
+                    stop_fn=hit_stop if stops else None, progress=progress)
+    results = []
+    for g in gens:
+        text = tokenizer.decode(g.tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        results.append(TextResult(text[:cut] if cut >= 0 else text, g.tokens, g.finish_reason or "length"))
+    return results
