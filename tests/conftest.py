@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random-initialised Llama saved as an HF folder (with a real byte-level
+BPE tokenizer trained here), the same model in transformers as the reference, and the real
+SmolLM2 for the few integration tests (marked slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_VOCAB = 400
+CORPUS = [
+    "The following are multiple choice questions (with answers) about anatomy.",
+    "Question: What is the largest bone in the human body? Answer: A. Femur B. Tibia C. Skull D. Rib",
+    "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) . , ; : ! ?",
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_hf_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              tie_word_embeddings=False, rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=0, pad_token_id=0,
+              rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 64})
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """HF folder: random Llama (float32 safetensors) + tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_hf_config()).eval()
+    # Larger-than-default weights make the tiny model's distributions far from uniform, so
+    # predictions and greedy tokens are decided by real margins.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_dir):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """The engine's float32 copy of the tiny model (model, tokenizer, info)."""
+    from evalsuite.engine.load import load
+
+    return load(str(tiny_dir), "float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from evalsuite.engine.load import load
+
+    return load("smollm2-135m", "bfloat16")

@@ -1,0 +1,88 @@
+"""generate() against transformers' generate, batch invariance and sampling rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams, generate
+from evalsuite.textgen import generate_text
+
+PROMPTS = [[5, 17, 33, 2, 90, 11], [7, 8], [100, 200, 300, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
+
+
+def _hf_greedy(hf, prompt, n):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_transformers(tiny, hf_tiny):
+    gens = generate(tiny.model, PROMPTS, SamplingParams(max_new_tokens=20))
+    for p, g in zip(PROMPTS, gens):
+        assert g.tokens == _hf_greedy(hf_tiny, p, 20)
+        assert g.finish_reason == "length"
+
+
+def test_batch_equals_single_and_in_flight_joining(tiny):
+    params = SamplingParams(max_new_tokens=15)
+    alone = [generate(tiny.model, [p], params)[0].tokens for p in PROMPTS]
+    together = [g.tokens for g in generate(tiny.model, PROMPTS, params)]
+    # max_batch_size=2: the third prompt joins the running batch when a slot frees up
+    staggered = [g.tokens for g in generate(tiny.model, PROMPTS, [SamplingParams(max_new_tokens=n) for n in (4, 15, 15)],
+                                            max_batch_size=2)]
+    assert together == alone
+    assert staggered[1:] == alone[1:] and staggered[0] == alone[0][:4]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_invariant(tiny):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a = generate(tiny.model, PROMPTS, params)
+    b = [generate(tiny.model, [p], params)[0] for p in PROMPTS]
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    other = generate(tiny.model, PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=8))
+    assert [g.tokens for g in other] != [g.tokens for g in a]
+
+
+def test_tiny_top_p_is_greedy(tiny):
+    greedy = generate(tiny.model, PROMPTS, SamplingParams(max_new_tokens=10))
+    nucleus = generate(tiny.model, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.8, top_p=1e-6, seed=1))
+    assert [g.tokens for g in nucleus] == [g.tokens for g in greedy]
+
+
+def test_stop_token_ends_sequence(tiny):
+    free = generate(tiny.model, [PROMPTS[0]], SamplingParams(max_new_tokens=10))[0].tokens
+    stop = free[3]
+    cut = free.index(stop)
+    g = generate(tiny.model, [PROMPTS[0]], SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))[0]
+    assert g.tokens == free[:cut] and g.finish_reason == "stop"
+
+
+def test_stop_string_cuts_text(tiny):
+    tok = tiny.tokenizer
+    free = generate_text(tiny.model, tok, ["The quick brown"], SamplingParams(max_new_tokens=12))[0]
+    assert len(free.text) > 4
+    stop = free.text[2:4]
+    out = generate_text(tiny.model, tok, ["The quick brown"], SamplingParams(max_new_tokens=12), stop=[stop])[0]
+    assert out.text == free.text[:free.text.find(stop)] and out.finish_reason == "stop"
+
+
+def test_generation_stops_at_context_end(tiny):
+    prompt = [i % 399 + 1 for i in range(508)]
+    g = generate(tiny.model, [prompt], SamplingParams(max_new_tokens=50))[0]
+    assert g.finish_reason == "length" and len(prompt) + len(g.tokens) == 513  # last token needs no cache slot
+
+
+@pytest.mark.parametrize("kw,msg", [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1.0}, "temperature"),
+                                    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")])
+def test_bad_sampling_params(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw)
+
+
+def test_prompt_too_long(tiny):
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(tiny.model, [[1] * 600], SamplingParams(max_new_tokens=2))
+    batch = DecodeBatch(tiny.model, 1, 64)
+    with pytest.raises(ValueError, match="leaves no room"):
+        batch.add([Generation([1] * 64, SamplingParams())])

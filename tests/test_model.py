@@ -1,0 +1,155 @@
+"""The engine's forward pass against transformers' own LlamaForCausalLM on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from evalsuite.engine.cache import KVCache
+from evalsuite.engine.config import ModelConfig
+from evalsuite.engine.load import load_folder
+from evalsuite.engine.model import Step
+
+from .conftest import tiny_hf_config
+
+
+def _hf_logits(hf, tokens):
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+def test_logits_match_transformers_float32(tiny, hf_tiny):
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 400, (2, 300))  # past the 64-token original context of the rope scaling
+    ours = tiny.model(tokens)
+    ref = _hf_logits(hf_tiny, tokens)
+    assert ref.abs().max() > 1.0  # a real signal, not near-zero logits
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "tied"])
+def test_other_architectures_match_transformers(arch, tmp_path):
+    import transformers
+
+    torch.manual_seed(2)
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        hf = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # biases start at zero: make them matter
+            for layer in hf.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                                         sliding_window=None)
+        hf = transformers.MistralForCausalLM(cfg)
+    else:
+        hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True, rope_parameters=None,
+                                                          rope_theta=500.0))
+    hf.eval().save_pretrained(tmp_path)
+    model = load_folder(tmp_path, torch.float32)
+    tokens = torch.randint(0, 300, (2, 40))
+    assert (model(tokens) - _hf_logits(hf, tokens)).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_decode_equals_full_forward(tiny):
+    model = tiny.model
+    torch.manual_seed(3)
+    seq = torch.randint(0, 400, (2, 40))
+    full = model(seq)
+    cache = KVCache(model.config, 2, 64, torch.float32)
+    prompt = 25
+    h = model.hidden(seq[:, :prompt], Step.for_prefill(prompt, cache))
+    assert (model.logits(h) - full[:, :prompt]).abs().max() <= 1e-4
+    for pos in range(prompt, 40):
+        positions = torch.full((2,), pos)
+        h = model.hidden(seq[:, pos:pos + 1], Step.for_decode(positions, cache))
+        assert (model.logits(h)[:, 0] - full[:, pos]).abs().max() <= 1e-4
+
+
+def test_decode_rows_at_different_positions(tiny):
+    """Two sequences of different lengths decode in one batch as they do alone."""
+    model = tiny.model
+    torch.manual_seed(4)
+    a, b = torch.randint(0, 400, (1, 30)), torch.randint(0, 400, (1, 12))
+    cache = KVCache(model.config, 2, 64, torch.float32)
+    padded = torch.zeros(2, 29, dtype=torch.long)
+    padded[0], padded[1, :11] = a[0, :29], b[0, :11]
+    model.hidden(padded, Step.for_prefill(29, cache))
+    step = Step.for_decode(torch.tensor([29, 11]), cache)
+    assert step.mask is not None
+    h = model.hidden(torch.stack([a[:, 29], b[:, 11]]), step)
+    out = model.logits(h)[:, 0]
+    assert (out[0] - model(a)[0, 29]).abs().max() <= 1e-4
+    assert (out[1] - model(b)[0, 11]).abs().max() <= 1e-4
+
+
+class _Wrapped(nn.Module):
+    """A stand-in for a recipe's replacement module: same math, different type."""
+
+    def __init__(self, inner: nn.Linear, scale: float = 1.0):
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_swapped_linear_is_used(tiny_dir):
+    model = load_folder(tiny_dir, torch.float32)
+    tokens = torch.randint(0, 400, (1, 20))
+    before = model(tokens)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    attn.k_proj = _Wrapped(attn.k_proj)
+    mlp.up_proj = _Wrapped(mlp.up_proj)
+    assert (model(tokens) - before).abs().max() <= 1e-5  # same math through the unfused path
+    mlp.up_proj.scale = 0.5
+    assert (model(tokens) - before).abs().max() > 1e-2  # and the swapped module really runs
+
+
+def test_in_place_weight_edit_reaches_fused_path(tiny_dir):
+    model = load_folder(tiny_dir, torch.float32)
+    tokens = torch.randint(0, 400, (1, 20))
+    before = model(tokens)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.mul_(0.0)
+    assert (model(tokens) - before).abs().max() > 1e-2
+
+
+def test_attention_hooks(tiny_dir):
+    model = load_folder(tiny_dir, torch.float32)
+    tokens = torch.randint(0, 400, (2, 30))
+    ref = model(tokens)
+    for layer in model.model.layers:  # identity quantizers force the explicit attention path
+        a = layer.self_attn
+        a.q_bmm_quant = a.k_bmm_quant = a.v_bmm_quant = a.softmax_quant = nn.Identity()
+    assert (model(tokens) - ref).abs().max() <= 1e-4
+    model.model.layers[0].self_attn.softmax_quant = _Wrapped(nn.Identity(), 0.5)
+    assert (model(tokens) - ref).abs().max() > 1e-2
+    model.model.layers[0].self_attn.softmax_quant = None
+    model.model.layers[2].self_attn.k_cache_quant = _Wrapped(nn.Identity(), 0.0)
+    assert (model(tokens) - ref).abs().max() > 1e-2
+
+
+def test_prompt_longer_than_context(tiny):
+    too_long = torch.zeros(1, 513, dtype=torch.long)
+    with pytest.raises(ValueError, match="513 tokens exceeds the model's context of 512"):
+        tiny.model(too_long)
+
+
+def test_llama31_rope_frequencies_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from evalsuite.engine.config import rope_inv_freq
+
+    hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192})
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    ours = rope_inv_freq(ModelConfig.from_name("llama-3.1-8b"))
+    assert torch.equal(ours, ref)

@@ -1,0 +1,77 @@
+"""score() against log-probabilities computed from transformers' logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalsuite.engine.score import ScoreRequest, score
+
+
+def _reference(hf, ctx, cont):
+    tokens = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(tokens).logits[0].float(), dim=-1)
+    rows = range(len(ctx) - 1, len(ctx) + len(cont) - 1)
+    token_lp = [lp[r, t].item() for r, t in zip(rows, cont)]
+    greedy = all(lp[r].argmax().item() == t for r, t in zip(rows, cont))
+    return sum(token_lp), greedy
+
+
+def _requests(seed=0, n=12):
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i in range(n):
+        ctx = torch.randint(1, 400, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
+        cont = torch.randint(1, 400, (1 + i % 4,), generator=g).tolist()
+        reqs.append(ScoreRequest(tuple(ctx), tuple(cont)))
+    # shared contexts with single-token continuations, as in MMLU's letter formulation
+    for t in (5, 6, 7, 8):
+        reqs.append(ScoreRequest(reqs[0].context, (t,)))
+    return reqs
+
+
+def test_scores_match_transformers(tiny, hf_tiny):
+    reqs = _requests()
+    results = score(tiny.model, reqs, max_batch_tokens=128, max_batch_size=4)
+    for r, res in zip(reqs, results):
+        ref_lp, ref_greedy = _reference(hf_tiny, list(r.context), list(r.continuation))
+        assert res.logprob == pytest.approx(ref_lp, abs=1e-4)
+        assert res.is_greedy == ref_greedy
+        assert len(res.token_logprobs) == len(r.continuation)
+
+
+def test_greedy_continuation_is_reported_greedy(tiny, hf_tiny):
+    ctx = [5, 17, 33, 2, 90]
+    with torch.no_grad():
+        nxt = hf_tiny(torch.tensor([ctx])).logits[0, -1].argmax().item()
+    (res,) = score(tiny.model, [ScoreRequest(tuple(ctx), (nxt,))])
+    assert res.is_greedy
+
+
+def test_batch_composition_does_not_change_scores(tiny):
+    """Padded batches of any size give the single-request results."""
+    reqs = _requests(seed=1)
+    alone = [score(tiny.model, [r])[0].logprob for r in reqs]
+    batched = [r.logprob for r in score(tiny.model, reqs, max_batch_size=64, max_batch_tokens=10_000)]
+    assert batched == pytest.approx(alone, abs=1e-5)
+
+
+def test_shared_context_runs_once(tiny, monkeypatch):
+    calls = []
+    real = tiny.model.hidden
+    monkeypatch.setattr(tiny.model, "hidden", lambda tokens, step: calls.append(tokens.shape) or real(tokens, step))
+    ctx = (3, 4, 5, 6)
+    score(tiny.model, [ScoreRequest(ctx, (t,)) for t in (10, 11, 12, 13)])
+    assert calls == [torch.Size([1, 4])]
+
+
+@pytest.mark.parametrize("ctx,cont,msg", [((), (1,), "context is empty"), ((1,), (), "continuation is empty")])
+def test_empty_request_rejected(ctx, cont, msg):
+    with pytest.raises(ValueError, match=msg):
+        ScoreRequest(ctx, cont)
+
+
+def test_too_long_request_rejected_before_work(tiny):
+    with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+        score(tiny.model, [ScoreRequest(tuple([1] * 600), (2,))])

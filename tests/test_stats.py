@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats as sps
+
+from evalsuite.stats import Estimate, accuracy_table, mean_estimate, stratified_estimate
+
+
+def test_mean_estimate_matches_scipy_sem():
+    xs = [1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1]
+    e = mean_estimate(xs)
+    assert e.acc == pytest.approx(6 / 11)
+    assert e.se == pytest.approx(sps.sem(xs))
+
+
+def test_stratified_equals_micro_mean_on_full_strata():
+    a, b = [1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]
+    table = accuracy_table({"s1": [bool(x) for x in a], "s2": [bool(x) for x in b]},
+                           {"s1": "stem", "s2": "other"}, {"s1": 4, "s2": 8})
+    assert table["overall"]["acc"] == pytest.approx(3 / 12)
+    # hand-computed: w = (1/3, 2/3); se^2 = (1/9) sem(a)^2 + (4/9) sem(b)^2
+    want = math.sqrt(sps.sem(a) ** 2 / 9 + 4 * sps.sem(b) ** 2 / 9)
+    assert table["overall"]["se"] == pytest.approx(want)
+    assert table["categories"]["stem"]["acc"] == pytest.approx(0.5)
+
+
+def test_subset_is_reweighted_by_full_subject_size():
+    # two questions per subject, but s2 is 9x larger in the full test set
+    est = stratified_estimate({"s1": Estimate(1.0, 0.0, 2), "s2": Estimate(0.0, 0.0, 2)}, {"s1": 10, "s2": 90})
+    assert est.acc == pytest.approx(0.1)
+
+
+def test_single_question_strata_have_no_se():
+    est = stratified_estimate({"s1": mean_estimate([1]), "s2": mean_estimate([0, 1])}, {"s1": 1, "s2": 1})
+    assert math.isnan(est.se)
