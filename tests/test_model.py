@@ -62,8 +62,8 @@ def test_kv_cache_decode_equals_full_forward(tiny):
     full = model(seq)
     cache = KVCache(model.config, 2, 64, torch.float32)
     prompt = 25
-    h = model.hidden(seq[:, :prompt], Step.for_prefill(prompt, cache))
-    assert (model.logits(h) - full[:, :prompt]).abs().max() <= 1e-4
+    h = model.hidden(seq[:, :prompt].reshape(1, -1), Step.for_prefill([prompt, prompt], cache))
+    assert (model.logits(h).view(2, prompt, -1) - full[:, :prompt]).abs().max() <= 1e-4
     for pos in range(prompt, 40):
         positions = torch.full((2,), pos)
         h = model.hidden(seq[:, pos:pos + 1], Step.for_decode(positions, cache))
@@ -76,9 +76,8 @@ def test_decode_rows_at_different_positions(tiny):
     torch.manual_seed(4)
     a, b = torch.randint(0, 400, (1, 30)), torch.randint(0, 400, (1, 12))
     cache = KVCache(model.config, 2, 64, torch.float32)
-    padded = torch.zeros(2, 29, dtype=torch.long)
-    padded[0], padded[1, :11] = a[0, :29], b[0, :11]
-    model.hidden(padded, Step.for_prefill(29, cache))
+    packed = torch.cat([a[:, :29], b[:, :11]], dim=1)
+    model.hidden(packed, Step.for_prefill([29, 11], cache))
     step = Step.for_decode(torch.tensor([29, 11]), cache)
     assert step.mask is not None
     h = model.hidden(torch.stack([a[:, 29], b[:, 11]]), step)

@@ -75,3 +75,17 @@ def test_empty_request_rejected(ctx, cont, msg):
 def test_too_long_request_rejected_before_work(tiny):
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
         score(tiny.model, [ScoreRequest(tuple([1] * 600), (2,))])
+
+
+def test_bf16_scores_are_bitwise_batch_invariant(tiny_dir):
+    """In BF16 a sequence's hidden states are bitwise identical alone and in any batch; only the
+    float32 lm_head/log-softmax may differ in the last float32 ulp. One BF16 ulp anywhere upstream
+    would move these log-probabilities by ~1e-2, so 1e-5 separates the two cleanly."""
+    from evalsuite.engine.load import load_folder
+
+    model = load_folder(tiny_dir, torch.bfloat16)
+    reqs = _requests(seed=2, n=20)
+    alone = [score(model, [r])[0] for r in reqs]
+    for size in (3, 32):
+        batched = score(model, reqs, max_batch_size=size, max_batch_tokens=100_000)
+        assert [r.logprob for r in batched] == pytest.approx([r.logprob for r in alone], abs=1e-5, rel=0)

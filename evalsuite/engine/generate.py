@@ -1,7 +1,7 @@
 """Batched generation around a decode step that sequences can join and leave.
 
 ``DecodeBatch`` owns a KV cache with one slot per running sequence. ``add`` prefills new
-sequences (right-padded, one forward) into free slots and samples their first token; ``step``
+sequences (packed, one forward) into free slots and samples their first token; ``step``
 advances every running sequence by one token; ``remove`` frees a slot by moving the last running
 sequence into it, so the running batch always occupies slots 0..n-1 and attention reads one
 contiguous block of the cache. ``generate`` drives it for a closed list of prompts; a server can
@@ -101,14 +101,12 @@ class DecodeBatch:
                                  f"the context of {self.max_len} tokens")
             if g.params.seed is not None:
                 g.rng = torch.Generator().manual_seed(g.params.seed)
-        length = max(len(g.prompt) for g in gens)
-        tokens = torch.zeros(len(gens), length, dtype=torch.long)
-        for b, g in enumerate(gens):
-            tokens[b, :len(g.prompt)] = torch.tensor(g.prompt)
-        start = len(self.running)
-        hidden = self.model.hidden(tokens, Step.for_prefill(length, self.cache, slot_start=start))
-        last = torch.tensor([len(g.prompt) - 1 for g in gens])
-        logits = self.model.logits(hidden[torch.arange(len(gens)), last]).float()
+        lens = [len(g.prompt) for g in gens]
+        tokens = torch.tensor([t for g in gens for t in g.prompt]).view(1, -1)
+        step = Step.for_prefill(lens, self.cache, slot_start=len(self.running))
+        hidden = self.model.hidden(tokens, step)[0]
+        last = torch.tensor(lens).cumsum(0) - 1
+        logits = self.model.logits(hidden[last]).float()
         self.running.extend(gens)
         for g, t in zip(gens, sample(logits, gens)):
             self._append(g, t)
@@ -181,13 +179,10 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], params: Sampling
 
 
 def _take_joining(waiting: list[Generation], slots: int, max_tokens: int) -> list[Generation]:
-    """Pop the next sequences to prefill together: at most ``slots``, padded size within ``max_tokens``."""
+    """Pop the next sequences to prefill together: at most ``slots``, packed tokens within ``max_tokens``."""
     joining = [waiting.pop()]
-    longest = len(joining[0].prompt)
-    while waiting and len(joining) < slots:
-        longest_if = max(longest, len(waiting[-1].prompt))
-        if longest_if * (len(joining) + 1) > max_tokens:
-            break
+    tokens = len(joining[0].prompt)
+    while waiting and len(joining) < slots and tokens + len(waiting[-1].prompt) <= max_tokens:
+        tokens += len(waiting[-1].prompt)
         joining.append(waiting.pop())
-        longest = longest_if
     return joining

@@ -33,14 +33,18 @@ from .config import ModelConfig, rope_inv_freq
 class Step:
     """How one forward call relates to positions and the KV cache.
 
-    prefill: tokens [B, L], right-padded, every row starting at position 0. Causal attention makes
-        right padding exact: a real token never attends to a later (pad) position.
+    prefill: tokens [1, T], the sequences of ``seq_lens`` packed end to end (no padding), each
+        starting at position 0; sequence i writes cache slot ``slot_start + i``. Matmuls see all
+        T rows at once, and attention runs per sequence, so a sequence's numbers do not depend on
+        what it is batched with (in BF16 one ulp of difference in one attention call grows into
+        log-probability changes of 0.1 or more through 30 layers, enough to flip MMLU answers).
     decode: tokens [B, 1] at per-row ``positions`` [B]; cache rows ``slot_start + b``; attention
         reads the first ``kv_len`` cache positions, masked per row by ``positions``.
     """
 
     prefill: bool
-    positions: Tensor  # prefill: [L] (shared by all rows); decode: [B]
+    positions: Tensor  # prefill: [T]; decode: [B]
+    seq_lens: tuple[int, ...] = ()
     cache: KVCache | None = None
     slot_start: int = 0
     kv_len: int = 0
@@ -48,8 +52,10 @@ class Step:
     # None in decode means every row may attend to all kv_len positions
 
     @classmethod
-    def for_prefill(cls, length: int, cache: KVCache | None = None, slot_start: int = 0) -> "Step":
-        return cls(True, torch.arange(length), cache, slot_start)
+    def for_prefill(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache | None = None,
+                    slot_start: int = 0) -> "Step":
+        positions = torch.cat([torch.arange(n) for n in seq_lens])
+        return cls(True, positions, tuple(seq_lens), cache, slot_start)
 
     @classmethod
     def for_decode(cls, positions: Tensor, cache: KVCache, slot_start: int = 0) -> "Step":
@@ -57,7 +63,7 @@ class Step:
         mask = None  # rows at the same position attend to the whole prefix: no mask needed
         if int(positions.min()) + 1 != kv_len:
             mask = (torch.arange(kv_len) <= positions[:, None])[:, None, None, :]
-        return cls(False, positions, cache, slot_start, kv_len, mask)
+        return cls(False, positions, (), cache, slot_start, kv_len, mask)
 
 
 class RMSNorm(nn.Module):
@@ -139,19 +145,29 @@ class Attention(nn.Module):
         if self.v_cache_quant is not None:
             v = self.v_cache_quant(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
-        if step.cache is not None:
+        if step.prefill:
+            out = self._prefill_attention(q, k, v, step)
+        else:
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+            idx = torch.arange(step.slot_start, step.slot_start + B)
+            kc[idx, :, step.positions] = k[:, :, 0]
+            vc[idx, :, step.positions] = v[:, :, 0]
             rows = slice(step.slot_start, step.slot_start + B)
-            if step.prefill:
-                kc[rows, :, :L] = k
-                vc[rows, :, :L] = v
-            else:
-                idx = torch.arange(step.slot_start, step.slot_start + B)
-                kc[idx, :, step.positions] = k[:, :, 0]
-                vc[idx, :, step.positions] = v[:, :, 0]
-                k, v = kc[rows, :, :step.kv_len], vc[rows, :, :step.kv_len]
-        out = self._attend(q, k, v, step.prefill, step.mask)  # [B, H, L, D]
+            k, v = kc[rows, :, :step.kv_len], vc[rows, :, :step.kv_len]
+            out = self._attend(q, k, v, False, step.mask)  # [B, H, 1, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """Causal attention of each packed sequence on its own; K/V written to its cache slot."""
+        outs, start = [], 0
+        for i, n in enumerate(step.seq_lens):
+            qs, ks, vs = q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n]
+            if step.cache is not None:
+                step.cache.k[self.layer_idx, step.slot_start + i, :, :n] = ks[0]
+                step.cache.v[self.layer_idx, step.slot_start + i, :, :n] = vs[0]
+            outs.append(self._attend(qs, ks, vs, True, None))
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
         quantized = any(m is not None for m in (
@@ -266,12 +282,15 @@ class CausalLM(nn.Module):
             raise ValueError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens")
 
     def hidden(self, tokens: Tensor, step: Step) -> Tensor:
-        """Final-normalised hidden states [B, L, hidden] for tokens [B, L]."""
-        B, L = tokens.shape
+        """Final-normalised hidden states: [1, T, hidden] for a packed prefill, [B, 1, hidden] in decode."""
         if step.prefill:
-            self.check_length(L)
-            cos, sin = self._rope_tables(L)
-            cos, sin = cos[:L, None, :], sin[:L, None, :]
+            if tokens.shape != (1, sum(step.seq_lens)):
+                raise ValueError(f"prefill takes tokens [1, {sum(step.seq_lens)}] packed from seq_lens, "
+                                 f"got {tuple(tokens.shape)}")
+            longest = max(step.seq_lens)
+            self.check_length(longest)
+            cos, sin = self._rope_tables(longest)
+            cos, sin = cos[step.positions][:, None, :], sin[step.positions][:, None, :]
         else:
             self.check_length(step.kv_len)
             cos, sin = self._rope_tables(step.kv_len)
@@ -281,12 +300,21 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, step)
         return self.model.norm(x)
 
-    def logits(self, hidden: Tensor) -> Tensor:
+    def logits(self, hidden: Tensor, float32: bool = False) -> Tensor:
+        """lm_head on ``hidden``. With ``float32`` the product is computed and returned in float32:
+        BF16 logits of magnitude 16-32 are rounded to multiples of 0.125, coarse enough to flip
+        close MMLU answers between batch sizes, so scoring asks for float32 on the few rows it needs."""
+        if float32 and self.dtype != torch.float32:
+            if type(self.lm_head) is nn.Linear:
+                return F.linear(hidden.float(), self.lm_head.weight.float())
+            return self.lm_head(hidden).float()
         return self.lm_head(hidden)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Full logits [B, L, vocab] for a batch of equal-length token rows, no cache."""
-        return self.logits(self.hidden(tokens, Step.for_prefill(tokens.shape[1])))
+        B, L = tokens.shape
+        hidden = self.hidden(tokens.reshape(1, B * L), Step.for_prefill([L] * B))
+        return self.logits(hidden).view(B, L, -1)
 
     def weight_bytes(self) -> int:
         seen, total = set(), 0

@@ -7,7 +7,8 @@ goes, is the caller's business (lm-eval moves trailing context spaces into the c
 
 Requests whose model inputs, context + continuation[:-1], are identical share one forward pass:
 MMLU's four single-letter answers cost one forward per question. Inputs are sorted by length and
-right-padded, and only the rows whose next-token distributions are needed reach lm_head.
+packed without padding (see ``Step``), and only the rows whose next-token distributions are
+needed reach lm_head, in float32.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
           max_batch_size: int = 64, progress: Callable[[int], None] | None = None) -> list[ScoreResult]:
     """Score every request; results come back in request order.
 
-    ``max_batch_tokens`` bounds rows x padded length of one forward; ``progress`` is called with
+    ``max_batch_tokens`` bounds the packed tokens of one forward (a longer single input runs alone); ``progress`` is called with
     the number of requests finished after each forward.
     """
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -55,8 +56,11 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
     results: list[ScoreResult | None] = [None] * len(requests)
     start = 0
     while start < len(inputs):
-        length = len(inputs[start])
-        n = max(1, min(max_batch_size, max_batch_tokens // length, len(inputs) - start))
+        n, tokens = 0, 0
+        while start + n < len(inputs) and n < max_batch_size and (
+                n == 0 or tokens + len(inputs[start + n]) <= max_batch_tokens):
+            tokens += len(inputs[start + n])
+            n += 1
         batch = inputs[start:start + n]
         _score_batch(model, batch, groups, requests, results)
         if progress is not None:
@@ -68,27 +72,27 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
 @torch.inference_mode()
 def _score_batch(model: CausalLM, batch: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[int]],
                  requests: Sequence[ScoreRequest], results: list) -> None:
-    length = len(batch[0])
-    tokens = torch.zeros(len(batch), length, dtype=torch.long)
-    for b, inp in enumerate(batch):
-        tokens[b, :len(inp)] = torch.tensor(inp)
-    hidden = model.hidden(tokens, Step.for_prefill(length))
-    # The rows each request needs: the positions predicting its continuation tokens.
-    rows: list[tuple[int, int]] = []
-    row_index: dict[tuple[int, int], int] = {}
+    lens = [len(inp) for inp in batch]
+    tokens = torch.tensor([t for inp in batch for t in inp]).view(1, -1)
+    hidden = model.hidden(tokens, Step.for_prefill(lens))[0]
+    # The rows each request needs: the packed positions predicting its continuation tokens.
+    offsets = [0]
+    for n in lens[:-1]:
+        offsets.append(offsets[-1] + n)
+    rows: list[int] = []
+    row_index: dict[int, int] = {}
     needed = []
     for b, inp in enumerate(batch):
         for i in groups[inp]:
             r = requests[i]
-            first = len(r.context) - 1
-            for pos in range(first, first + len(r.continuation)):
-                if (b, pos) not in row_index:
-                    row_index[(b, pos)] = len(rows)
-                    rows.append((b, pos))
-            needed.append((i, [row_index[(b, p)] for p in range(first, first + len(r.continuation))]))
-    idx_b = torch.tensor([b for b, _ in rows])
-    idx_p = torch.tensor([p for _, p in rows])
-    logprobs = torch.log_softmax(model.logits(hidden[idx_b, idx_p]).float(), dim=-1)
+            first = offsets[b] + len(r.context) - 1
+            span = range(first, first + len(r.continuation))
+            for row in span:
+                if row not in row_index:
+                    row_index[row] = len(rows)
+                    rows.append(row)
+            needed.append((i, [row_index[row] for row in span]))
+    logprobs = torch.log_softmax(model.logits(hidden[torch.tensor(rows)], float32=True), dim=-1)
     greedy = logprobs.argmax(dim=-1)
     for i, row_ids in needed:
         cont = torch.tensor(requests[i].continuation)
