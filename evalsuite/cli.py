@@ -27,7 +27,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="MMLU formulations: letter, cloze, generative (default: letter cloze)")
     run.add_argument("--num-fewshot", type=int, default=0, help="exemplars per prompt, 0..5 (default 0)")
     run.add_argument("--per-subject", type=int, default=None,
-                     help="stratified subset: questions per subject (default: all 14,042)")
+                     help="stratified subset: questions per subject (default or 0: all 14,042)")
     run.add_argument("--subjects", nargs="+", default=None, help="restrict to these subjects")
     run.add_argument("--seed", type=int, default=1234)
     run.add_argument("--data", default="embedded", help="'embedded', a JSONL file, or a hub id (cais/mmlu)")
@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         raise KeyError(f"unknown task {args.task!r}; valid: {', '.join(available_tasks())}")
     get_recipe(args.recipe)  # fail on a bad name before loading anything
     cfg = MMLUConfig(formulations=tuple(args.formulation), num_fewshot=args.num_fewshot,
-                     per_subject=args.per_subject, seed=args.seed,
+                     per_subject=args.per_subject or None, seed=args.seed,
                      subjects=tuple(args.subjects) if args.subjects else None, data=args.data,
                      batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
     lm = load(args.model, args.dtype)

