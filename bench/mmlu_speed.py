@@ -86,7 +86,7 @@ def main() -> None:
 
     folder, _ = gguf_to_folder(MODELS["smollm2-135m"].locate(), MODELS["smollm2-135m"].sha256)
     t = time.perf_counter()
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=bfloat16",
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=bfloat16,device=cpu",
                                   tasks=["evalsuite_mmlu_bench"], batch_size=args.lm_eval_batch,
                                   task_manager=TaskManager(include_path=str(work / "tasks")), log_samples=True)
     t_lm = time.perf_counter() - t
