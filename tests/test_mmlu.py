@@ -183,3 +183,17 @@ def test_generative_formulation_runs(tiny, tmp_path):
     for r in records:
         assert r["correct"] == r["generated"].strip().startswith("ABCD"[r["target"]])
     assert res.metrics["generative"]["n"] == 12
+
+
+@pytest.mark.parametrize("context", ["Question: Which?\nAnswer:", "Question: Which?\nAnswer: "])
+def test_encode_choices_is_lm_eval_encode_pair(tiny, context):
+    """The split of context and continuation tokens is lm-eval's own TemplateLM._encode_pair."""
+    from types import SimpleNamespace
+
+    from lm_eval.api.model import TemplateLM
+
+    tok = tiny.tokenizer
+    lm = SimpleNamespace(backend="causal", tok_encode=lambda s, **kw: tok.encode(s))
+    conts = [" A", " B", " Femur", "x"]
+    ours = mmlu.encode_choices(tok, context, conts)
+    assert ours == [TemplateLM._encode_pair(lm, context, c) for c in conts]

@@ -190,12 +190,19 @@ def render_context(form: Formulation, q: Question, shots: Sequence[Question]) ->
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: trailing context spaces move to the continuation; encode whole and context."""
+    (ctx, cont), = encode_choices(tokenizer, context, [continuation])
+    return ctx, cont
+
+
+def encode_choices(tokenizer, context: str, continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """``encode_pair`` for several continuations of one context, encoding the context once."""
     n_spaces = len(context) - len(context.rstrip())
+    prefix = ""
     if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
+        context, prefix = context[:-n_spaces], context[-n_spaces:]
     ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx):]
+    wholes = tokenizer([context + prefix + c for c in continuations])["input_ids"]
+    return [(ctx, whole[len(ctx):]) for whole in wholes]
 
 
 # ------------------------------------------------------------------------------------- running
@@ -218,8 +225,7 @@ def _score_records(lm: LoadedModel, form: Formulation, qs: list[Question],
         context = render_context(form, q, exemplars[q.subject])
         start = len(requests)
         texts = choice_texts(form, q)
-        for text in texts:
-            ctx, cont = encode_pair(lm.tokenizer, context, form.target_delimiter + text)
+        for ctx, cont in encode_choices(lm.tokenizer, context, [form.target_delimiter + t for t in texts]):
             requests.append(ScoreRequest(tuple(ctx), tuple(cont)))
         spans.append((start, len(requests)))
         meta.append((context, texts))
