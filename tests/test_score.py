@@ -28,6 +28,9 @@ def _requests(seed=0, n=12):
     # shared contexts with single-token continuations, as in MMLU's letter formulation
     for t in (5, 6, 7, 8):
         reqs.append(ScoreRequest(reqs[0].context, (t,)))
+    # and multi-token continuations of one context, as in the cloze formulation
+    for cont in ((5, 6), (7, 8, 9), (7, 8, 10, 11)):
+        reqs.append(ScoreRequest(reqs[1].context, cont))
     return reqs
 
 
@@ -64,6 +67,15 @@ def test_shared_context_runs_once(tiny, monkeypatch):
     ctx = (3, 4, 5, 6)
     score(tiny.model, [ScoreRequest(ctx, (t,)) for t in (10, 11, 12, 13)])
     assert calls == [torch.Size([1, 4])]
+
+
+def test_shared_context_with_long_continuations_runs_once(tiny, monkeypatch):
+    calls = []
+    real = tiny.model.hidden
+    monkeypatch.setattr(tiny.model, "hidden", lambda tokens, step: calls.append(tokens.shape) or real(tokens, step))
+    ctx = (3, 4, 5, 6, 7)
+    score(tiny.model, [ScoreRequest(ctx, c) for c in ((10,), (11, 12), (13, 14, 15))])
+    assert calls == [torch.Size([1, 5]), torch.Size([1, 3])]  # the context once, then 1 + 2 extension tokens
 
 
 @pytest.mark.parametrize("ctx,cont,msg", [((), (1,), "context is empty"), ((1,), (), "continuation is empty")])

@@ -38,6 +38,9 @@ class Step:
         T rows at once, and attention runs per sequence, so a sequence's numbers do not depend on
         what it is batched with (in BF16 one ulp of difference in one attention call grows into
         log-probability changes of 0.1 or more through 30 layers, enough to flip MMLU answers).
+    extend (a prefill with ``prefix_slots``): sequence i continues the first ``prefix_lens[i]``
+        positions held in cache slot ``prefix_slots[i]``, which it reads and never writes, so several
+        sequences can continue one cached context (the four cloze answers of one question).
     decode: tokens [B, 1] at per-row ``positions`` [B]; cache rows ``slot_start + b``; attention
         reads the first ``kv_len`` cache positions, masked per row by ``positions``.
     """
@@ -50,12 +53,28 @@ class Step:
     kv_len: int = 0
     mask: Tensor | None = None  # decode: bool [B, 1, 1, kv_len], True where attention is allowed;
     # None in decode means every row may attend to all kv_len positions
+    prefix_slots: tuple[int, ...] = ()
+    prefix_lens: tuple[int, ...] = ()
 
     @classmethod
     def for_prefill(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache | None = None,
                     slot_start: int = 0) -> "Step":
         positions = torch.cat([torch.arange(n) for n in seq_lens])
         return cls(True, positions, tuple(seq_lens), cache, slot_start)
+
+    @classmethod
+    def for_extend(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache, prefix_slots: list[int],
+                   prefix_lens: list[int]) -> "Step":
+        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, seq_lens)])
+        return cls(True, positions, tuple(seq_lens), cache, prefix_slots=tuple(prefix_slots),
+                   prefix_lens=tuple(prefix_lens))
+
+    @property
+    def longest(self) -> int:
+        """The largest position + 1 of a prefill or extend."""
+        if self.prefix_lens:
+            return max(p + n for p, n in zip(self.prefix_lens, self.seq_lens))
+        return max(self.seq_lens)
 
     @classmethod
     def for_decode(cls, positions: Tensor, cache: KVCache, slot_start: int = 0) -> "Step":
@@ -158,14 +177,22 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, H * D))
 
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
-        """Causal attention of each packed sequence on its own; K/V written to its cache slot."""
+        """Causal attention of each packed sequence on its own; K/V written to its cache slot, or,
+        when extending, the cached prefix read in front of the sequence's own K/V."""
         outs, start = [], 0
         for i, n in enumerate(step.seq_lens):
             qs, ks, vs = q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n]
-            if step.cache is not None:
-                step.cache.k[self.layer_idx, step.slot_start + i, :, :n] = ks[0]
-                step.cache.v[self.layer_idx, step.slot_start + i, :, :n] = vs[0]
-            outs.append(self._attend(qs, ks, vs, True, None))
+            if step.prefix_slots:
+                slot, p = step.prefix_slots[i], step.prefix_lens[i]
+                ks = torch.cat([step.cache.k[self.layer_idx, slot, :, :p][None], ks], dim=2)
+                vs = torch.cat([step.cache.v[self.layer_idx, slot, :, :p][None], vs], dim=2)
+                allowed = torch.ones(n, p + n, dtype=torch.bool).tril(p)  # query i sees keys 0..p+i
+                outs.append(self._attend(qs, ks, vs, False, allowed))
+            else:
+                if step.cache is not None:
+                    step.cache.k[self.layer_idx, step.slot_start + i, :, :n] = ks[0]
+                    step.cache.v[self.layer_idx, step.slot_start + i, :, :n] = vs[0]
+                outs.append(self._attend(qs, ks, vs, True, None))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -304,7 +331,7 @@ class CausalLM(nn.Module):
             if tokens.shape != (1, sum(step.seq_lens)):
                 raise ValueError(f"prefill takes tokens [1, {sum(step.seq_lens)}] packed from seq_lens, "
                                  f"got {tuple(tokens.shape)}")
-            longest = max(step.seq_lens)
+            longest = step.longest
             self.check_length(longest)
             cos, sin = self._rope_tables(longest)
             cos, sin = cos[step.positions][:, None, :], sin[step.positions][:, None, :]

@@ -5,8 +5,10 @@ sum_i log p(continuation[i] | context + continuation[:i]); it is greedy when eve
 token is the argmax of its distribution. Tokenization, and with it where the space between words
 goes, is the caller's business (lm-eval moves trailing context spaces into the continuation).
 
-Requests whose model inputs, context + continuation[:-1], are identical share one forward pass:
-MMLU's four single-letter answers cost one forward per question. Inputs are sorted by length and
+Each distinct context runs once: a packed prefill writes its K/V to a cache and yields the
+distribution of every continuation's first token; continuations longer than one token then run
+as short extensions reading that cached context. MMLU's four letters cost one context forward,
+and the four cloze answers one context forward plus four few-token extensions. Sequences are
 packed without padding (see ``Step``), and only the rows whose next-token distributions are
 needed reach lm_head, in float32.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import KVCache
 from .model import CausalLM, Step
 
 
@@ -44,60 +47,59 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
           max_batch_size: int = 64, progress: Callable[[int], None] | None = None) -> list[ScoreResult]:
     """Score every request; results come back in request order.
 
-    ``max_batch_tokens`` bounds the packed tokens of one forward (a longer single input runs alone); ``progress`` is called with
-    the number of requests finished after each forward.
+    ``max_batch_tokens`` bounds the packed context tokens of one forward (a longer context runs
+    alone); ``progress`` is called with the number of requests finished after each batch.
     """
-    groups: dict[tuple[int, ...], list[int]] = {}
+    by_context: dict[tuple[int, ...], list[int]] = {}
     for i, r in enumerate(requests):
-        groups.setdefault(r.context + r.continuation[:-1], []).append(i)
-    for inp in groups:
-        model.check_length(len(inp))
-    inputs = sorted(groups, key=len, reverse=True)
+        by_context.setdefault(r.context, []).append(i)
+    for ctx, ids in by_context.items():
+        model.check_length(len(ctx) + max(len(requests[i].continuation) for i in ids) - 1)
+    contexts = sorted(by_context, key=len, reverse=True)
     results: list[ScoreResult | None] = [None] * len(requests)
     start = 0
-    while start < len(inputs):
+    while start < len(contexts):
         n, tokens = 0, 0
-        while start + n < len(inputs) and n < max_batch_size and (
-                n == 0 or tokens + len(inputs[start + n]) <= max_batch_tokens):
-            tokens += len(inputs[start + n])
+        while start + n < len(contexts) and n < max_batch_size and (
+                n == 0 or tokens + len(contexts[start + n]) <= max_batch_tokens):
+            tokens += len(contexts[start + n])
             n += 1
-        batch = inputs[start:start + n]
-        _score_batch(model, batch, groups, requests, results)
+        batch = contexts[start:start + n]
+        _score_batch(model, batch, by_context, requests, results)
         if progress is not None:
-            progress(sum(len(groups[b]) for b in batch))
+            progress(sum(len(by_context[c]) for c in batch))
         start += n
     return results  # type: ignore[return-value]
 
 
 @torch.inference_mode()
-def _score_batch(model: CausalLM, batch: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[int]],
+def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
                  requests: Sequence[ScoreRequest], results: list) -> None:
-    lens = [len(inp) for inp in batch]
-    tokens = torch.tensor([t for inp in batch for t in inp]).view(1, -1)
-    hidden = model.hidden(tokens, Step.for_prefill(lens))[0]
-    # The rows each request needs: the packed positions predicting its continuation tokens.
-    offsets = [0]
-    for n in lens[:-1]:
-        offsets.append(offsets[-1] + n)
-    rows: list[int] = []
-    row_index: dict[int, int] = {}
-    needed = []
-    for b, inp in enumerate(batch):
-        for i in groups[inp]:
-            r = requests[i]
-            first = offsets[b] + len(r.context) - 1
-            span = range(first, first + len(r.continuation))
-            for row in span:
-                if row not in row_index:
-                    row_index[row] = len(rows)
-                    rows.append(row)
-            needed.append((i, [row_index[row] for row in span]))
-    logprobs = torch.log_softmax(model.logits(hidden[torch.tensor(rows)], float32=True), dim=-1)
+    lens = [len(c) for c in contexts]
+    # (request index, context slot) for continuations that need more than the context's last row
+    extend = [(i, b) for b, c in enumerate(contexts) for i in by_context[c] if len(requests[i].continuation) > 1]
+    cache = KVCache(model.config, len(contexts), max(lens), model.dtype) if extend else None
+    tokens = torch.tensor([t for c in contexts for t in c]).view(1, -1)
+    hidden = model.hidden(tokens, Step.for_prefill(lens, cache))[0]
+    rows = [hidden[torch.tensor(lens).cumsum(0) - 1]]  # row b: after context b
+    first_ext_row = {}
+    if extend:
+        ext_lens = [len(requests[i].continuation) - 1 for i, _ in extend]
+        ext_tokens = torch.tensor([t for i, _ in extend for t in requests[i].continuation[:-1]]).view(1, -1)
+        step = Step.for_extend(ext_lens, cache, [b for _, b in extend], [lens[b] for _, b in extend])
+        rows.append(model.hidden(ext_tokens, step)[0])
+        offset = len(contexts)
+        for (i, _), m in zip(extend, ext_lens):
+            first_ext_row[i] = offset
+            offset += m
+    logprobs = torch.log_softmax(model.logits(torch.cat(rows), float32=True), dim=-1)
     greedy = logprobs.argmax(dim=-1)
-    for i, row_ids in needed:
-        cont = torch.tensor(requests[i].continuation)
-        rid = torch.tensor(row_ids)
-        token_lp = logprobs[rid, cont]
-        results[i] = ScoreResult(logprob=float(token_lp.sum()),
-                                 is_greedy=bool((greedy[rid] == cont).all()),
-                                 token_logprobs=tuple(token_lp.tolist()))
+    for b, c in enumerate(contexts):
+        for i in by_context[c]:
+            cont = requests[i].continuation
+            rid = torch.tensor([b] + [first_ext_row[i] + j for j in range(len(cont) - 1)])
+            target = torch.tensor(cont)
+            token_lp = logprobs[rid, target]
+            results[i] = ScoreResult(logprob=float(token_lp.sum()),
+                                     is_greedy=bool((greedy[rid] == target).all()),
+                                     token_logprobs=tuple(token_lp.tolist()))
