@@ -115,9 +115,9 @@ def _list_tasks() -> int:
 
 
 def _list_recipes() -> int:
-    from .quant.api import RECIPES
+    from .quant.api import all_recipes
 
-    for name, r in sorted(RECIPES.items()):
+    for name, r in all_recipes().items():
         print(f"{name}: {r.description}")
     return 0
 

@@ -1,10 +1,12 @@
-"""Recipe registry: a recipe name maps to a validated config and a function that applies it.
+"""Recipe registry: a name maps to a validated config dataclass and the function that applies it.
 
-Only the unquantized reference, ``bf16``, exists so far; quantization recipes register here.
+``apply_recipe(model, name)`` changes the model in place (module swaps through the engine's hook
+points) and returns the record every run stores: name, description and the full config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +18,11 @@ from ..engine.model import CausalLM
 class Recipe:
     name: str
     description: str
-    apply: Callable[[CausalLM], None]
+    config: Any  # a frozen dataclass, validated in its __post_init__
+    apply: Callable[[CausalLM, Any], None]
 
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description}
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "config": dataclasses.asdict(self.config)}
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -33,23 +36,38 @@ def register(recipe: Recipe) -> Recipe:
 
 
 def get_recipe(name: str) -> Recipe:
+    _load_builtin()
     try:
         return RECIPES[name]
     except KeyError:
         raise KeyError(f"unknown recipe {name!r}; valid: {', '.join(sorted(RECIPES))}") from None
 
 
+def all_recipes() -> dict[str, Recipe]:
+    _load_builtin()
+    return dict(sorted(RECIPES.items()))
+
+
 def apply_recipe(model: CausalLM, name: str) -> dict[str, Any]:
-    """Apply a recipe in place; return the config that goes into every record."""
+    """Apply a recipe in place; return the record that goes into every run."""
     recipe = get_recipe(name)
-    recipe.apply(model)
-    return recipe.config()
+    recipe.apply(model, recipe.config)
+    return recipe.record()
 
 
-def _unquantized(model: CausalLM) -> None:
-    """The reference: weights and activations in the model dtype (BF16 by default)."""
+@dataclass(frozen=True)
+class Unquantized:
+    """The reference: weights and activations stay in the engine dtype (BF16 by default)."""
 
 
-register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", _unquantized))
+def _unquantized(model: CausalLM, config: Unquantized) -> None:
+    pass
 
-__all__ = ["Recipe", "RECIPES", "register", "get_recipe", "apply_recipe"]
+
+def _load_builtin() -> None:
+    """Register the built-in recipes once (their modules import this one)."""
+    if "bf16" in RECIPES:
+        return
+    register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized(),
+                    _unquantized))
+    from . import fp8  # noqa: F401  (registers fp8-official)
