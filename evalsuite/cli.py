@@ -22,6 +22,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("task", help="task name (see `evalsuite tasks`)")
     run.add_argument("--model", default="smollm2-135m", help="registered name, HF folder, .gguf file or hub id")
     run.add_argument("--recipe", default="bf16", help="quantization recipe (see `evalsuite recipes`)")
+    run.add_argument("--recipe-config", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="override recipe settings, values as JSON (e.g. kv_scale_mode=deploy)")
     run.add_argument("--dtype", default="bfloat16", help="engine dtype: bfloat16 (default) or float32")
     run.add_argument("--formulation", nargs="+", default=["letter", "cloze"],
                      help="MMLU formulations: letter, cloze, generative (default: letter cloze)")
@@ -55,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
                      subjects=tuple(args.subjects) if args.subjects else None, data=args.data,
                      batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
     lm = load(args.model, args.dtype)
-    recipe = apply_recipe(lm.model, args.recipe)
+    recipe = apply_recipe(lm, args.recipe, _parse_overrides(args.recipe_config))
     out = Path(args.output) if args.output else DEFAULT_REPORTS / _run_name(args, lm.info.name)
     print(f"model {lm.info.name} ({lm.info.dtype}), recipe {args.recipe}, writing {out}", file=sys.stderr)
     result = run_mmlu(lm, cfg, out, recipe=recipe, progress=not args.no_progress)
@@ -64,9 +66,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--recipe-config takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value  # a bare string such as deploy
+    return out
+
+
 def _run_name(args: argparse.Namespace, model_name: str) -> str:
     key = json.dumps([args.formulation, args.num_fewshot, args.per_subject, args.subjects, args.seed,
-                      args.data, args.dtype], sort_keys=True)
+                      args.data, args.dtype, args.recipe_config], sort_keys=True)
     subset = f"n{args.per_subject}" if args.per_subject else "full"
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
     return f"{safe}-{args.recipe}-{args.task}-{args.num_fewshot}shot-{subset}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"

@@ -20,7 +20,7 @@ def test_run_mmlu_on_folder_model(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["run", "mmlu", "--recipe", "fp9"], "unknown recipe 'fp9'; valid: bf16, fp8-official"),
+    (["run", "mmlu", "--recipe", "fp9"], "unknown recipe 'fp9'; valid: bf16, fp8-modelopt, fp8-official"),
     (["run", "nope"], "unknown task 'nope'; valid: mmlu"),
     (["run", "mmlu", "--model", "nope"], "unknown model 'nope'"),
     (["run", "mmlu", "--dtype", "int3"], "unknown dtype 'int3'; valid: bfloat16"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from evalsuite.engine.load import load_folder
+from evalsuite.engine.load import load
 from evalsuite.quant.api import apply_recipe, get_recipe
 from evalsuite.quant.fp8 import (MIN_SCALE, FP8OfficialConfig, FP8RowwiseLinear, per_channel_scale,
                                  per_token_scale, round_e4m3)
@@ -73,11 +73,12 @@ def test_scale_upper_bound_is_configurable():
 
 
 def test_fp8_official_layer_selection(tiny_dir):
-    model = load_folder(tiny_dir, torch.float32)
+    lm = load(str(tiny_dir), "float32")
+    model = lm.model
     before = {n: m for n, m in model.named_modules()}
     tokens = torch.randint(0, 400, (1, 30))
     ref = model(tokens)
-    record = apply_recipe(model, "fp8-official")
+    record = apply_recipe(lm, "fp8-official")
     assert record["config"] == {"activation_scale_ub": 1200.0, "skip_first_and_last_layers": True}
     layers = model.model.layers
     assert len(layers) == 3
@@ -98,5 +99,109 @@ def test_fp8_official_layer_selection(tiny_dir):
 
 
 def test_unknown_recipe_lists_valid():
-    with pytest.raises(KeyError, match="valid: bf16, fp8-official"):
+    with pytest.raises(KeyError, match="valid: bf16, fp8-modelopt, fp8-official"):
         get_recipe("fp8")
+
+
+# ------------------------------------------------------------------------------ fp8-modelopt
+
+from evalsuite.quant import calibrate as calib  # noqa: E402
+from evalsuite.quant.calibrate import CalibrationSpec  # noqa: E402
+from evalsuite.quant.fp8 import FP8StaticLinear, FP8StaticQuantizer, kv_scale  # noqa: E402
+
+
+def test_static_quantizer_hand_computed():
+    q = FP8StaticQuantizer(0.5)
+    # 1.3 / 0.5 = 2.6 -> E4M3 step 0.25 in [2, 4) -> 2.5 -> 1.25; 300 / 0.5 = 600 -> 448 -> 224
+    assert q(torch.tensor([1.3, 300.0, -0.1])).tolist() == [1.25, 224.0, -0.1015625]
+
+
+def test_static_input_scale_is_not_recomputed_for_outliers():
+    lin = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    q = FP8StaticLinear.from_linear(lin, input_amax=2.0)
+    assert q(torch.tensor([[1000.0]])).item() == pytest.approx(2.0)  # saturates at the calibrated amax
+    assert q.input_scale == pytest.approx(2.0 / 448)
+
+
+def test_kv_scale_modes():
+    assert kv_scale(44.8, "simulate") == pytest.approx(0.1)
+    assert kv_scale(44.8, "deploy") == 1.0
+    assert kv_scale(896.0, "deploy") == kv_scale(896.0, "simulate") == pytest.approx(2.0)
+
+
+@pytest.fixture()
+def calib_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return path
+
+
+def _hf_linear_input_amax(hf, sequences):
+    """Reference: forward pre-hooks on transformers' own modules (same names as the engine's)."""
+    amax = {}
+
+    def hook(name):
+        def fn(_module, args):
+            amax[name] = max(amax.get(name, 0.0), float(args[0].abs().max()))
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in hf.named_modules()
+               if isinstance(m, nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for s in sequences:
+            hf(torch.tensor([s]))
+    for h in handles:
+        h.remove()
+    return amax
+
+
+def test_calibration_amax_matches_transformers_hooks(tiny_dir, hf_tiny, calib_file):
+    lm = load(str(tiny_dir), "float32")
+    spec = CalibrationSpec(source=str(calib_file), num_samples=4, seq_len=32)
+    seqs = calib.corpus(lm, spec)
+    stats = calib.collect_amax(lm.model, seqs)
+    ref = _hf_linear_input_amax(hf_tiny, seqs)
+    assert len(ref) == 3 * 7
+    for name, value in ref.items():
+        assert stats[f"{name}.input"] == pytest.approx(value, rel=1e-5)
+    assert all(stats[f"model.layers.{i}.k_cache_quant"] > 0 for i in range(3))
+    # the model comes back unchanged
+    assert all(type(m) is nn.Linear for n, m in lm.model.named_modules() if n.endswith("_proj"))
+    assert lm.model.model.layers[0].self_attn.softmax_quant is None
+
+
+def test_fp8_modelopt_recipe(tiny_dir, calib_file, monkeypatch):
+    lm = load(str(tiny_dir), "float32")
+    # text like the calibration corpus: activations stay inside the calibrated ranges
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
+    ref = lm.model(tokens)
+    over = {"calibration": {"source": str(calib_file), "num_samples": 4, "seq_len": 32}}
+    record = apply_recipe(lm, "fp8-modelopt", over)
+    assert record["config"]["kv_scale_mode"] == "simulate" and record["config"]["calibration"]["num_samples"] == 4
+    linears = [m for n, m in lm.model.named_modules() if n.endswith("_proj")]
+    assert len(linears) == 21 and all(isinstance(m, FP8StaticLinear) for m in linears)
+    assert type(lm.model.lm_head) is nn.Linear
+    a = lm.model.model.layers[1].self_attn
+    assert a.softmax_quant.scale == pytest.approx(1 / 448)
+    assert isinstance(a.k_cache_quant, FP8StaticQuantizer) and isinstance(a.q_bmm_quant, FP8StaticQuantizer)
+    out = lm.model(tokens)
+    assert not torch.equal(out, ref)
+    # every product of this small random model runs in E4M3 (3 mantissa bits): close, not equal;
+    # the exact rules are pinned by the hand-computed tests above
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.95
+    # deploy mode floors K/V scales at 1.0; the calibration is reused from the cache
+    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("recalibrated")))
+    lm2 = load(str(tiny_dir), "float32")
+    apply_recipe(lm2, "fp8-modelopt", {**over, "kv_scale_mode": "deploy"})
+    assert all(layer.self_attn.k_cache_quant.scale >= 1.0 for layer in lm2.model.model.layers)
+
+
+def test_recipe_overrides_are_validated(tiny_dir):
+    lm = load(str(tiny_dir), "float32")
+    with pytest.raises(ValueError, match="has no settings \\['scale_ub'\\]; valid: activation_scale_ub"):
+        apply_recipe(lm, "fp8-official", {"scale_ub": 3})
+    with pytest.raises(ValueError, match="kv_scale_mode='exact'; valid: simulate, deploy"):
+        apply_recipe(lm, "fp8-modelopt", {"kv_scale_mode": "exact"})

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.model import CausalLM
+from ..engine.load import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class Recipe:
     name: str
     description: str
     config: Any  # a frozen dataclass, validated in its __post_init__
-    apply: Callable[[CausalLM, Any], None]
+    apply: Callable[[LoadedModel, Any], None]
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "config": dataclasses.asdict(self.config)}
@@ -48,10 +48,18 @@ def all_recipes() -> dict[str, Recipe]:
     return dict(sorted(RECIPES.items()))
 
 
-def apply_recipe(model: CausalLM, name: str) -> dict[str, Any]:
-    """Apply a recipe in place; return the record that goes into every run."""
+def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply a recipe to ``lm.model`` in place; return the record that goes into every run.
+
+    ``overrides`` replace fields of the recipe's config (validated like the defaults)."""
     recipe = get_recipe(name)
-    recipe.apply(model, recipe.config)
+    if overrides:
+        fields = {f.name: f for f in dataclasses.fields(recipe.config)}
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"recipe {name!r} has no settings {unknown}; valid: {', '.join(fields) or 'none'}")
+        recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **overrides))
+    recipe.apply(lm, recipe.config)
     return recipe.record()
 
 
@@ -60,7 +68,7 @@ class Unquantized:
     """The reference: weights and activations stay in the engine dtype (BF16 by default)."""
 
 
-def _unquantized(model: CausalLM, config: Unquantized) -> None:
+def _unquantized(lm: LoadedModel, config: Unquantized) -> None:
     pass
 
 

@@ -1,4 +1,6 @@
-"""FP8 E4M3 numerics and Meta's official Llama 3.1 FP8 recipe (fbgemm_fp8), simulated in BF16.
+"""FP8 E4M3 numerics and two FP8 recipes, simulated in BF16: Meta's official Llama 3.1 recipe
+(fbgemm_fp8) and NVIDIA Model Optimizer's (static per-tensor scales, FP8 KV cache, static FP8
+attention).
 
 E4M3: largest finite value 448, round to nearest even, subnormals down to 2^-9. Values are always
 clamped to ±448 before the cast: torch's cast of out-of-range values differs between versions and
@@ -17,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.model import CausalLM
+from ..engine.load import LoadedModel
 from .api import Recipe, register
+from .calibrate import CalibrationSpec, calibrate
 
 E4M3_MAX = 448.0
 # fbgemm's floor on a per-token scale, so an all-zero (or tiny) token never divides by zero.
@@ -94,7 +97,8 @@ def quantized_layers(num_layers: int, config: FP8OfficialConfig) -> list[int]:
     return list(range(num_layers))
 
 
-def apply_fp8_official(model: CausalLM, config: FP8OfficialConfig) -> None:
+def apply_fp8_official(lm: LoadedModel, config: FP8OfficialConfig) -> None:
+    model = lm.model
     for i in quantized_layers(len(model.model.layers), config):
         mlp = model.model.layers[i].mlp
         for name in FFN_PROJECTIONS:
@@ -106,3 +110,102 @@ register(Recipe(
     "Meta Llama 3.1 FP8 (fbgemm_fp8): FFN weights row-wise E4M3, activations per token dynamic "
     "(scale bound 1200), not in the first and last layers; attention, embeddings, lm_head, KV cache BF16",
     FP8OfficialConfig(), apply_fp8_official))
+
+
+class FP8StaticQuantizer(nn.Module):
+    """Fake-quantize to E4M3 with one fixed per-tensor scale (never recomputed at run time)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (round_e4m3(x.float() / self.scale) * self.scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}"
+
+
+class FP8StaticLinear(nn.Module):
+    """Model Optimizer FP8 linear: E4M3 weights and inputs, each with one static per-tensor scale
+    (amax / 448; the input amax from calibration)."""
+
+    def __init__(self, qweight: Tensor, weight_scale: float, input_scale: float, bias: Tensor | None):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.weight_scale, self.input_scale = float(weight_scale), float(input_scale)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, input_amax: float) -> "FP8StaticLinear":
+        w = linear.weight.detach()
+        w_scale = static_scale(float(w.abs().max()))
+        qweight = round_e4m3(w.float() / w_scale).to(w.dtype)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(qweight, w_scale, static_scale(input_amax), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq = round_e4m3(x.float() / self.input_scale).to(x.dtype)
+        y = (F.linear(xq, self.qweight).float() * (self.input_scale * self.weight_scale)).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        out, inp = self.qweight.shape
+        return f"in_features={inp}, out_features={out}, input_scale={self.input_scale:.6g}, " \
+               f"weight_scale={self.weight_scale:.6g}"
+
+
+def static_scale(amax: float) -> float:
+    """Per-tensor scale from a calibrated absmax: amax / 448 (floored so a zero amax stays usable)."""
+    return max(amax / E4M3_MAX, MIN_SCALE)
+
+
+KV_SCALE_MODES = ("simulate", "deploy")
+
+
+@dataclass(frozen=True)
+class FP8ModelOptConfig:
+    """Model Optimizer FP8: every linear but lm_head; FP8 KV cache; static FP8 attention inputs.
+
+    kv_scale_mode: ``simulate`` uses amax / 448 for K and V; ``deploy`` floors those scales at 1.0
+    as Model Optimizer's checkpoint export does (its issue #20: all-1.0 KV scales)."""
+
+    kv_scale_mode: str = "simulate"
+    quantize_attention: bool = True
+    calibration: CalibrationSpec = CalibrationSpec()
+
+    def __post_init__(self) -> None:
+        if self.kv_scale_mode not in KV_SCALE_MODES:
+            raise ValueError(f"kv_scale_mode={self.kv_scale_mode!r}; valid: {', '.join(KV_SCALE_MODES)}")
+        if isinstance(self.calibration, dict):  # from a record or an override
+            object.__setattr__(self, "calibration", CalibrationSpec(**self.calibration))
+
+
+def kv_scale(amax: float, mode: str) -> float:
+    scale = static_scale(amax)
+    return max(scale, 1.0) if mode == "deploy" else scale
+
+
+def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
+    stats = calibrate(lm, config.calibration)
+    model = lm.model
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child is not model.lm_head:
+                full = f"{name}.{child_name}".lstrip(".")
+                setattr(module, child_name, FP8StaticLinear.from_linear(child, stats[f"{full}.input"]))
+    for i, layer in enumerate(model.model.layers):
+        a, key = layer.self_attn, f"model.layers.{i}"
+        a.k_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.k_cache_quant"], config.kv_scale_mode))
+        a.v_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.v_cache_quant"], config.kv_scale_mode))
+        if config.quantize_attention:
+            a.q_bmm_quant = FP8StaticQuantizer(static_scale(stats[f"{key}.q_bmm_quant"]))
+            # softmax output lies in [0, 1]: its amax is 1 without calibration
+            a.softmax_quant = FP8StaticQuantizer(1.0 / E4M3_MAX)
+
+
+register(Recipe(
+    "fp8-modelopt",
+    "NVIDIA Model Optimizer FP8: all linears but lm_head with static per-tensor E4M3 weight and input "
+    "scales (max calibration), FP8 KV cache (static per-tensor K and V scales), static FP8 attention inputs",
+    FP8ModelOptConfig(), apply_fp8_modelopt))

@@ -1,0 +1,160 @@
+"""Calibration: a text corpus disjoint from the evaluation data, and max (absmax) statistics.
+
+Corpus sources:
+  * ``sampled`` (the offline default): text the unquantized model writes itself, from seeded
+    sampling on generic instructions that share nothing with MMLU or MT-Bench. It needs no
+    download and follows the model's own activation distribution.
+  * a path to a UTF-8 text file: split into chunks of ``seq_len`` tokens.
+
+Statistics are collected by swapping every projection for an observing wrapper (a wrapper is
+not a plain ``nn.Linear``, so the engine runs q/k/v and gate/up unfused and each projection sees
+its input) and by observers on the attention hook points. They are cached on disk per model
+weights, corpus and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..assets import cache_dir
+from ..engine.generate import SamplingParams
+from ..engine.load import LoadedModel
+from ..engine.model import CausalLM, Step
+from ..textgen import generate_text
+
+TOPICS = ("cooking pasta", "the water cycle", "a trip to the mountains", "how bicycles work", "gardening in spring",
+          "the history of printing", "training a puppy", "ocean tides", "writing a good email", "saving money",
+          "volcanoes", "learning a new language", "the night sky", "building a birdhouse", "coffee", "rainforests",
+          "chess openings", "the human heart", "recycling", "jazz music", "planning a party", "electric cars",
+          "baking bread", "honeybees", "a rainy afternoon", "public libraries", "marathon training", "glaciers",
+          "origami", "tea ceremonies", "the moon landing", "city parks")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    source: str = "sampled"
+    num_samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.seq_len < 8:
+            raise ValueError(f"calibration needs num_samples >= 1 and seq_len >= 8, got {self.num_samples}, "
+                             f"{self.seq_len}")
+        if self.source != "sampled" and not Path(self.source).is_file():
+            raise ValueError(f"calibration source {self.source!r} is neither 'sampled' nor an existing text file")
+
+
+def corpus(lm: LoadedModel, spec: CalibrationSpec) -> list[list[int]]:
+    """Token sequences to calibrate on."""
+    if spec.source == "sampled":
+        asks = [f"Write a few paragraphs about {TOPICS[i % len(TOPICS)]}." for i in range(spec.num_samples)]
+        chat = getattr(lm.tokenizer, "chat_template", None) is not None
+        prompts = [[{"role": "user", "content": a}] for a in asks] if chat else asks
+        # Seeded per sequence (see generate): the corpus does not depend on batching.
+        results = generate_text(lm.model, lm.tokenizer, prompts, SamplingParams(
+            max_new_tokens=spec.seq_len, temperature=0.8, top_p=0.95, seed=spec.seed), max_batch_size=32)
+        return [lm.tokenizer.encode(r.text)[:spec.seq_len] or [0] for r in results]
+    ids = lm.tokenizer.encode(Path(spec.source).read_text(encoding="utf-8"))
+    chunks = [ids[i:i + spec.seq_len] for i in range(0, len(ids), spec.seq_len)]
+    return [c for c in chunks if len(c) >= 8][:spec.num_samples]
+
+
+class _Observer(nn.Module):
+    """Identity that records the running absmax of what passes through."""
+
+    def __init__(self):
+        super().__init__()
+        self.amax = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.amax = max(self.amax, float(x.detach().abs().max()))
+        return x
+
+
+class _ObservedLinear(nn.Module):
+    def __init__(self, inner: nn.Linear):
+        super().__init__()
+        self.inner, self.observer = inner, _Observer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(self.observer(x))
+
+
+ATTENTION_POINTS = ("k_cache_quant", "v_cache_quant", "q_bmm_quant")
+
+
+@torch.inference_mode()
+def collect_amax(model: CausalLM, sequences: list[list[int]], max_batch_tokens: int = 4096) -> dict[str, float]:
+    """Absmax of every projection's input (``<name>.input``) and of q, K and V at the attention
+    hook points (``layers.<i>.<point>``), over the calibration sequences. The model is restored."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child is not model.lm_head:
+                wrapper = _ObservedLinear(child)
+                setattr(module, child_name, wrapper)
+                swapped.append((module, child_name, child, f"{name}.{child_name}".lstrip(".")))
+    # q_bmm_quant is only consulted on the explicit attention path: an identity softmax
+    # observer forces that path without changing the numbers.
+    attn_obs = []
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        obs = {p: _Observer() for p in ATTENTION_POINTS}
+        for p, o in obs.items():
+            setattr(a, p, o)
+        a.softmax_quant = nn.Identity()
+        attn_obs.append((i, a, obs))
+    try:
+        batch: list[list[int]] = []
+        for seq in sorted(sequences, key=len, reverse=True):
+            if batch and sum(map(len, batch)) + len(seq) > max_batch_tokens:
+                _forward(model, batch)
+                batch = []
+            batch.append(seq)
+        if batch:
+            _forward(model, batch)
+        stats = {f"{full}.input": getattr(m, n).observer.amax for m, n, _, full in swapped}
+        for i, _, obs in attn_obs:
+            stats.update({f"model.layers.{i}.{p}": o.amax for p, o in obs.items()})
+    finally:
+        for module, child_name, child, _ in swapped:
+            setattr(module, child_name, child)
+        for _, a, _ in attn_obs:
+            for p in ATTENTION_POINTS:
+                setattr(a, p, None)
+            a.softmax_quant = None
+    return stats
+
+
+def _forward(model: CausalLM, batch: list[list[int]]) -> None:
+    tokens = torch.tensor([t for s in batch for t in s]).view(1, -1)
+    model.hidden(tokens, Step.for_prefill([len(s) for s in batch]))
+
+
+def calibrate(lm: LoadedModel, spec: CalibrationSpec) -> dict[str, float]:
+    """Absmax statistics for ``lm`` on ``spec``'s corpus, cached per weights, corpus and settings."""
+    key_src = json.dumps({"weights": lm.info.weights_sha256, "dtype": lm.info.dtype, "spec": spec.__dict__,
+                          "file": _file_hash(spec.source)}, sort_keys=True)
+    path = cache_dir() / "calibration" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:24]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["amax"]
+    seqs = corpus(lm, spec)
+    stats = collect_amax(lm.model, seqs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    corpus_hash = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()
+    path.write_text(json.dumps({"spec": spec.__dict__, "corpus_sha256": corpus_hash,
+                                "tokens": sum(map(len, seqs)), "amax": stats}))
+    return stats
+
+
+def _file_hash(source: str) -> str | None:
+    if source == "sampled":
+        return None
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
