@@ -90,27 +90,25 @@ class _ObservedLinear(nn.Module):
 ATTENTION_POINTS = ("k_cache_quant", "v_cache_quant", "q_bmm_quant")
 
 
-@torch.inference_mode()
-def collect_amax(model: CausalLM, sequences: list[list[int]], max_batch_tokens: int = 4096) -> dict[str, float]:
-    """Absmax of every projection's input (``<name>.input``) and of q, K and V at the attention
-    hook points (``layers.<i>.<point>``), over the calibration sequences. The model is restored."""
-    swapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+def projections(model: CausalLM) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, full name) of every plain linear projection except lm_head."""
+    out = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
             if type(child) is nn.Linear and child is not model.lm_head:
-                wrapper = _ObservedLinear(child)
-                setattr(module, child_name, wrapper)
-                swapped.append((module, child_name, child, f"{name}.{child_name}".lstrip(".")))
-    # q_bmm_quant is only consulted on the explicit attention path: an identity softmax
-    # observer forces that path without changing the numbers.
-    attn_obs = []
-    for i, layer in enumerate(model.model.layers):
-        a = layer.self_attn
-        obs = {p: _Observer() for p in ATTENTION_POINTS}
-        for p, o in obs.items():
-            setattr(a, p, o)
-        a.softmax_quant = nn.Identity()
-        attn_obs.append((i, a, obs))
+                out.append((module, child_name, f"{name}.{child_name}".lstrip(".")))
+    return out
+
+
+@torch.inference_mode()
+def run_wrapped(model: CausalLM, sequences: list[list[int]], wrap, max_batch_tokens: int = 4096) -> dict[str, nn.Module]:
+    """Run the calibration sequences with every projection replaced by ``wrap(linear, name)``;
+    return the wrappers by projection name. The original modules are put back."""
+    swapped = [(parent, attr, name, getattr(parent, attr)) for parent, attr, name in projections(model)]
+    wrappers = {}
+    for parent, attr, name, linear in swapped:
+        wrappers[name] = wrap(linear, name)
+        setattr(parent, attr, wrappers[name])
     try:
         batch: list[list[int]] = []
         for seq in sorted(sequences, key=len, reverse=True):
@@ -120,16 +118,35 @@ def collect_amax(model: CausalLM, sequences: list[list[int]], max_batch_tokens: 
             batch.append(seq)
         if batch:
             _forward(model, batch)
-        stats = {f"{full}.input": getattr(m, n).observer.amax for m, n, _, full in swapped}
-        for i, _, obs in attn_obs:
-            stats.update({f"model.layers.{i}.{p}": o.amax for p, o in obs.items()})
     finally:
-        for module, child_name, child, _ in swapped:
-            setattr(module, child_name, child)
+        for parent, attr, _, linear in swapped:
+            setattr(parent, attr, linear)
+    return wrappers
+
+
+def collect_amax(model: CausalLM, sequences: list[list[int]], max_batch_tokens: int = 4096) -> dict[str, float]:
+    """Absmax of every projection's input (``<name>.input``) and of q, K and V at the attention
+    hook points (``model.layers.<i>.<point>``), over the calibration sequences. The model is restored."""
+    # q_bmm_quant is only consulted on the explicit attention path: an identity softmax
+    # "quantizer" forces that path without changing the numbers.
+    attn_obs = []
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        obs = {p: _Observer() for p in ATTENTION_POINTS}
+        for p, o in obs.items():
+            setattr(a, p, o)
+        a.softmax_quant = nn.Identity()
+        attn_obs.append((i, a, obs))
+    try:
+        wrappers = run_wrapped(model, sequences, lambda linear, _name: _ObservedLinear(linear), max_batch_tokens)
+    finally:
         for _, a, _ in attn_obs:
             for p in ATTENTION_POINTS:
                 setattr(a, p, None)
             a.softmax_quant = None
+    stats = {f"{name}.input": w.observer.amax for name, w in wrappers.items()}
+    for i, _, obs in attn_obs:
+        stats.update({f"model.layers.{i}.{p}": o.amax for p, o in obs.items()})
     return stats
 
 
@@ -138,20 +155,26 @@ def _forward(model: CausalLM, batch: list[list[int]]) -> None:
     model.hidden(tokens, Step.for_prefill([len(s) for s in batch]))
 
 
+def cached(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, compute):
+    """``compute(sequences)`` once per model weights, corpus spec, kind and settings; JSON on disk."""
+    key_src = json.dumps({"weights": lm.info.weights_sha256, "dtype": lm.info.dtype, "spec": spec.__dict__,
+                          "file": _file_hash(spec.source), "kind": kind, "settings": settings}, sort_keys=True)
+    path = cache_dir() / "calibration" / f"{kind}-{hashlib.sha256(key_src.encode()).hexdigest()[:24]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["result"]
+    seqs = corpus(lm, spec)
+    result = compute(seqs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"spec": spec.__dict__, "corpus_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
+                               "tokens": sum(map(len, seqs)), "settings": settings, "result": result}))
+    tmp.replace(path)
+    return result
+
+
 def calibrate(lm: LoadedModel, spec: CalibrationSpec) -> dict[str, float]:
     """Absmax statistics for ``lm`` on ``spec``'s corpus, cached per weights, corpus and settings."""
-    key_src = json.dumps({"weights": lm.info.weights_sha256, "dtype": lm.info.dtype, "spec": spec.__dict__,
-                          "file": _file_hash(spec.source)}, sort_keys=True)
-    path = cache_dir() / "calibration" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:24]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["amax"]
-    seqs = corpus(lm, spec)
-    stats = collect_amax(lm.model, seqs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    corpus_hash = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()
-    path.write_text(json.dumps({"spec": spec.__dict__, "corpus_sha256": corpus_hash,
-                                "tokens": sum(map(len, seqs)), "amax": stats}))
-    return stats
+    return cached(lm, spec, "amax", {}, lambda seqs: collect_amax(lm.model, seqs))
 
 
 def _file_hash(source: str) -> str | None:

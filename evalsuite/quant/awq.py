@@ -1,0 +1,131 @@
+"""INT4 AWQ as Model Optimizer's awq_lite, wrapping the block INT4 weight quantizer.
+
+Per projection, from calibration inputs x and weight W [out, in]:
+  x̄ = per-input-channel mean |x| over calibration tokens;
+  w̄ = per-input-channel mean over output rows of |W| / (its block's absmax);
+  s(α) = x̄^α / w̄^(1-α), clamped to [1e-4, 1e4], divided by sqrt(max(s)·min(s));
+  for α = 0, 0.1, ..., 1 the layer is evaluated as (x / s) · Q(W·s)ᵀ, Q = block INT4 fake
+  quantization, and the α with the least mean squared error against x·Wᵀ is kept.
+Two passes over the corpus: the first collects x̄, the second scores every α on the same inputs
+(the model runs unquantized in both, as awq_lite does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.load import LoadedModel
+from .api import Recipe, register
+from .calibrate import CalibrationSpec, cached, projections, run_wrapped
+from .int4 import Int4WeightOnlyLinear, int4_fake_quantize, pad_to_blocks
+
+SCALE_MIN, SCALE_MAX = 1e-4, 1e4
+
+
+def weight_channel_mean(w: Tensor, block_size: int) -> Tensor:
+    """w̄: per input channel, mean over rows of |W| normalised by its block's absmax."""
+    wp = pad_to_blocks(w.float().abs(), block_size)
+    blocks = wp.view(wp.shape[0], -1, block_size)
+    amax = blocks.amax(dim=-1, keepdim=True)
+    normed = blocks / torch.where(amax > 0, amax, torch.ones_like(amax))
+    return normed.view_as(wp)[:, :w.shape[1]].mean(dim=0)
+
+
+def awq_scale(x_mean: Tensor, w_mean: Tensor, alpha: float) -> Tensor:
+    s = (x_mean.float().pow(alpha) / w_mean.float().pow(1 - alpha)).clamp(SCALE_MIN, SCALE_MAX)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def alphas(steps: int) -> list[float]:
+    return [round(i / steps, 6) for i in range(steps + 1)]
+
+
+class _MeanAbs(nn.Module):
+    def __init__(self, inner: nn.Linear):
+        super().__init__()
+        self.inner, self.total, self.count = inner, None, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        part = flat.abs().sum(dim=0)
+        self.total = part if self.total is None else self.total + part
+        self.count += flat.shape[0]
+        return self.inner(x)
+
+
+class _AlphaSearch(nn.Module):
+    """Runs the exact layer and accumulates each candidate α's squared error on the side."""
+
+    def __init__(self, inner: nn.Linear, x_mean: Tensor, block_size: int, grid: list[float]):
+        super().__init__()
+        self.inner, self.grid = inner, grid
+        w = inner.weight.detach()
+        w_mean = weight_channel_mean(w, block_size)
+        self.scales = [awq_scale(x_mean, w_mean, a) for a in grid]
+        self.qweights = [int4_fake_quantize(w.float() * s[None, :], block_size).to(w.dtype) for s in self.scales]
+        self.errors = [0.0] * len(grid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ref = self.inner(x)
+        for i, (s, qw) in enumerate(zip(self.scales, self.qweights)):
+            out = nn.functional.linear(x / s.to(x.dtype), qw, self.inner.bias)
+            self.errors[i] += float((out.float() - ref.float()).pow(2).sum())
+        return ref
+
+
+def search(lm: LoadedModel, sequences: list[list[int]], block_size: int, steps: int) -> dict[str, dict]:
+    """Best α per projection, with its x̄ and the per-α errors (JSON-ready)."""
+    model = lm.model
+    means = run_wrapped(model, sequences, lambda linear, _name: _MeanAbs(linear))
+    x_mean = {name: (m.total / max(m.count, 1)) for name, m in means.items()}
+    grid = alphas(steps)
+    searched = run_wrapped(model, sequences, lambda linear, name: _AlphaSearch(linear, x_mean[name], block_size, grid))
+    out = {}
+    for name, s in searched.items():
+        best = min(range(len(grid)), key=lambda i: s.errors[i])
+        out[name] = {"alpha": grid[best], "errors": s.errors, "x_mean": x_mean[name].tolist()}
+    return out
+
+
+@dataclass(frozen=True)
+class Int4AWQConfig:
+    """Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4 [-8, 7], blocks of 128 along
+    the input dimension, every linear but lm_head; ``awq=False`` gives plain INT4 rounding."""
+
+    block_size: int = 128
+    awq: bool = True
+    alpha_steps: int = 10
+    calibration: CalibrationSpec = CalibrationSpec()
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.alpha_steps < 1:
+            raise ValueError(f"block_size and alpha_steps must be >= 1, got {self.block_size}, {self.alpha_steps}")
+        if isinstance(self.calibration, dict):
+            object.__setattr__(self, "calibration", CalibrationSpec(**self.calibration))
+
+
+def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
+    model = lm.model
+    found = {}
+    if config.awq:
+        settings = {"block_size": config.block_size, "alpha_steps": config.alpha_steps}
+        found = cached(lm, config.calibration, "awq-lite", settings,
+                       lambda seqs: search(lm, seqs, config.block_size, config.alpha_steps))
+    for parent, attr, name in projections(model):
+        linear = getattr(parent, attr)
+        scale = None
+        if config.awq:
+            f = found[name]
+            w_mean = weight_channel_mean(linear.weight.detach(), config.block_size)
+            scale = awq_scale(torch.tensor(f["x_mean"]), w_mean, f["alpha"])
+        setattr(parent, attr, Int4WeightOnlyLinear.from_linear(linear, config.block_size, scale))
+
+
+register(Recipe("int4-awq", "NVIDIA Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4, blocks of "
+                "128 along the input, activation-aware per-channel scales searched over α; lm_head BF16",
+                Int4AWQConfig(), apply_int4))
+register(Recipe("int4-rtn", "plain INT4 rounding (the int4-awq quantizer without AWQ scales), for comparison",
+                Int4AWQConfig(awq=False), apply_int4))

@@ -1,0 +1,75 @@
+"""INT4 weight-only quantization, symmetric, in blocks along the input dimension (simulated).
+
+A block of ``block_size`` input channels of one output row shares a scale = block absmax / 7;
+values round to nearest (ties to even, ``torch.round``) and clamp to [-8, 7]. When in_features
+is not a multiple of the block size (SmolLM2's 576 = 4.5 x 128), the row is padded with zeros:
+zeros change no block absmax and quantize to zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def pad_to_blocks(w: Tensor, block_size: int) -> Tensor:
+    pad = (-w.shape[-1]) % block_size
+    return F.pad(w, (0, pad)) if pad else w
+
+
+def int4_block_quantize(w: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Integer codes [out, in_padded] (int8 holding -8..7) and scales [out, blocks] (float32)."""
+    wp = pad_to_blocks(w.float(), block_size)
+    blocks = wp.view(wp.shape[0], -1, block_size)
+    scale = blocks.abs().amax(dim=-1) / INT4_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block stays zero
+    codes = torch.round(blocks / safe[..., None]).clamp(INT4_MIN, INT4_MAX)
+    return codes.view_as(wp).to(torch.int8), scale
+
+
+def int4_block_dequantize(codes: Tensor, scale: Tensor, in_features: int, block_size: int) -> Tensor:
+    out = codes.float().view(codes.shape[0], -1, block_size) * scale[..., None]
+    return out.view(codes.shape[0], -1)[:, :in_features]
+
+
+def int4_fake_quantize(w: Tensor, block_size: int) -> Tensor:
+    codes, scale = int4_block_quantize(w, block_size)
+    return int4_block_dequantize(codes, scale, w.shape[-1], block_size).to(w.dtype)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """INT4 weights (block scales), BF16 inputs; optional AWQ input pre-scale (x / s)."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, in_features: int, block_size: int, bias: Tensor | None,
+                 input_scale: Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.in_features, self.block_size = in_features, block_size
+        self.bias = bias
+        self.register_buffer("input_scale", input_scale)  # AWQ: inputs are divided by this
+        # the simulated path multiplies by the dequantized weight, built once
+        self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size).to(dtype),
+                             persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 128, awq_scale: Tensor | None = None):
+        w = linear.weight.detach()
+        if awq_scale is not None:
+            w = w.float() * awq_scale[None, :]
+        codes, scale = int4_block_quantize(w, block_size)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(codes, scale, w.shape[1], block_size, bias,
+                   None if awq_scale is None else awq_scale.to(linear.weight.dtype), linear.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.codes.shape[0]}, block_size={self.block_size}, "
+                f"awq={self.input_scale is not None}")

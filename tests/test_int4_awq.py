@@ -1,0 +1,107 @@
+"""INT4 block quantization and AWQ (awq_lite), against hand-computed values and plain rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from evalsuite.engine.load import load
+from evalsuite.quant import calibrate as calib
+from evalsuite.quant.api import apply_recipe
+from evalsuite.quant.awq import _AlphaSearch, alphas, awq_scale, weight_channel_mean
+from evalsuite.quant.int4 import Int4WeightOnlyLinear, int4_block_dequantize, int4_block_quantize, int4_fake_quantize
+
+
+def test_int4_block_hand_computed():
+    # block absmax 14 -> scale 2; 7/2 = 3.5 ties to even 4; -3.5/2 = -1.75 -> -2; 0.4/2 -> 0
+    codes, scale = int4_block_quantize(torch.tensor([[7.0, -3.5, 0.4, 14.0]]), block_size=4)
+    assert codes.tolist() == [[4, -2, 0, 7]] and scale.tolist() == [[2.0]]
+    assert int4_block_dequantize(codes, scale, 4, 4).tolist() == [[8.0, -4.0, 0.0, 14.0]]
+
+
+def test_int4_padding_when_in_features_is_not_a_block_multiple():
+    w = torch.tensor([[1.0, 2.0, 3.0, 7.0, -0.7, 0.35]])  # 6 inputs, blocks of 4 -> padded to 8
+    codes, scale = int4_block_quantize(w, block_size=4)
+    assert codes.shape == (1, 8) and codes[0, 6:].tolist() == [0, 0]
+    assert scale[0].tolist() == pytest.approx([1.0, 0.1])  # 7/7 and 0.7/7: the padding changes no absmax
+    # 0.35 / 0.1 = 3.5 -> 4 (ties to even): 0.4
+    assert int4_fake_quantize(w, 4)[0].tolist() == pytest.approx([1.0, 2.0, 3.0, 7.0, -0.7, 0.4])
+    assert codes.min() >= -8 and codes.max() <= 7
+
+
+def test_awq_scale_formula_hand_computed():
+    # x̄ = [1, 4], w̄ = [1, 0.25], α = 0.5: s = [1, 2 / 0.5] = [1, 4], / sqrt(4 * 1) -> [0.5, 2]
+    s = awq_scale(torch.tensor([1.0, 4.0]), torch.tensor([1.0, 0.25]), 0.5)
+    assert s.tolist() == pytest.approx([0.5, 2.0])
+    assert awq_scale(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]), 1.0).tolist() == pytest.approx([1e-2, 1e2])
+    assert alphas(10) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+def test_weight_channel_mean_hand_computed():
+    # rows normalised by block absmax: [0.5, 1], [1, 0.25] -> column means [0.75, 0.625]
+    assert weight_channel_mean(torch.tensor([[1.0, -2.0], [4.0, 1.0]]), 2).tolist() == pytest.approx([0.75, 0.625])
+
+
+def test_awq_beats_plain_rounding_on_outlier_channels():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64, bias=False)
+    x = torch.randn(512, 256)
+    x[:, [3, 100, 200]] *= 40.0  # activation outlier channels, as in real LLMs
+    x_mean = x.abs().mean(dim=0)
+    search = _AlphaSearch(lin, x_mean, block_size=128, grid=alphas(10))
+    with torch.no_grad():
+        ref = search(x)
+        rtn = (nn.functional.linear(x, int4_fake_quantize(lin.weight, 128)) - ref).pow(2).sum().item()
+    assert min(search.errors) < 0.8 * rtn
+    best = min(range(11), key=lambda i: search.errors[i])
+    assert alphas(10)[best] > 0  # the activation term matters here
+
+
+def test_int4_linear_applies_awq_prescale():
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[7.0, -3.5, 0.4, 14.0]]))
+    s = torch.tensor([1.0, 2.0, 1.0, 0.5])
+    q = Int4WeightOnlyLinear.from_linear(lin, block_size=4, awq_scale=s)
+    # W·s = [7, -7, 0.4, 7] -> scale 1 -> codes [7, -7, 0, 7]; y = (x / s) · codes
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert q(x).item() == pytest.approx(1 * 7 + 1 * -7 + 3 * 0 + 8 * 7)
+
+
+@pytest.fixture()
+def calib_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. 0123456789 " * 30)
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["int4-awq", "int4-rtn"])
+def test_int4_recipes(recipe, tiny_dir, calib_file):
+    lm = load(str(tiny_dir), "float32")
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
+    ref = lm.model(tokens)
+    over = {"calibration": {"source": str(calib_file), "num_samples": 4, "seq_len": 32}, "block_size": 32}
+    record = apply_recipe(lm, recipe, over)
+    assert record["config"]["awq"] == (recipe == "int4-awq")
+    mods = {n: m for n, m in lm.model.named_modules() if n.endswith("_proj")}
+    assert len(mods) == 21 and all(isinstance(m, Int4WeightOnlyLinear) for m in mods.values())
+    assert all((m.input_scale is not None) == (recipe == "int4-awq") for m in mods.values())
+    assert type(lm.model.lm_head) is nn.Linear
+    out = lm.model(tokens)
+    assert not torch.equal(out, ref)
+    if recipe == "int4-rtn":  # same as putting block-rounded weights into the original linears
+        plain = load(str(tiny_dir), "float32")
+        with torch.no_grad():
+            for n, m in plain.model.named_modules():
+                if n.endswith("_proj"):
+                    m.weight.copy_(int4_fake_quantize(m.weight, 32))
+        assert torch.allclose(out, plain.model(tokens), atol=1e-5)
+
+
+def test_awq_search_is_cached(tiny_dir, calib_file, monkeypatch):
+    over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}, "block_size": 32}
+    apply_recipe(load(str(tiny_dir), "float32"), "int4-awq", over)
+    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("searched again")))
+    apply_recipe(load(str(tiny_dir), "float32"), "int4-awq", over)
