@@ -105,3 +105,22 @@ def test_awq_search_is_cached(tiny_dir, calib_file, monkeypatch):
     apply_recipe(load(str(tiny_dir), "float32"), "int4-awq", over)
     monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("searched again")))
     apply_recipe(load(str(tiny_dir), "float32"), "int4-awq", over)
+
+
+def test_int4_cpu_kernel_matches_simulation():
+    """The packed INT4 kernel against the dequantized reference, in BF16, with padding and AWQ."""
+    from evalsuite.quant.int4 import int4_kernel_available
+
+    if not int4_kernel_available(torch.bfloat16):
+        pytest.skip("this torch has no _weight_int4pack_mm_for_cpu")
+    torch.manual_seed(0)
+    lin = nn.Linear(576, 192, bias=False).to(torch.bfloat16)  # 576 inputs: padded to 640
+    s = (torch.rand(576) + 0.5)
+    sim = Int4WeightOnlyLinear.from_linear(lin, 128, s, use_kernel=False)
+    real = Int4WeightOnlyLinear.from_linear(lin, 128, s, use_kernel=True)
+    x = torch.randn(3, 576, dtype=torch.bfloat16)
+    y_real, y_sim = real(x), sim(x)
+    assert real.last_path == "kernel" and sim.last_path == "simulated"
+    rel = (y_real.float() - y_sim.float()).norm() / y_sim.float().norm()
+    assert rel < 1e-2
+    assert real(torch.randn(64, 576, dtype=torch.bfloat16)).shape == (64, 192) and real.last_path == "simulated"

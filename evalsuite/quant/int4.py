@@ -40,11 +40,25 @@ def int4_fake_quantize(w: Tensor, block_size: int) -> Tensor:
     return int4_block_dequantize(codes, scale, w.shape[-1], block_size).to(w.dtype)
 
 
+# Rows up to which the packed INT4 CPU kernel beats a BF16 matmul on the dequantized weight
+# (decode); larger batches and prefill use the dense path. See docs/PERF.md.
+KERNEL_MAX_ROWS = 4
+
+
+def int4_kernel_available(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
 class Int4WeightOnlyLinear(nn.Module):
-    """INT4 weights (block scales), BF16 inputs; optional AWQ input pre-scale (x / s)."""
+    """INT4 weights (block scales), BF16 inputs; optional AWQ input pre-scale (x / s).
+
+    Two paths compute the same product: ``simulated`` multiplies by the dequantized weight (the
+    reference), ``kernel`` runs torch's packed INT4 CPU kernel (``_weight_int4pack_mm_for_cpu``,
+    codes stored as 0..15 with a zero point of 8, BF16 scales) for calls of at most
+    ``KERNEL_MAX_ROWS`` rows. ``use_kernel`` chooses; ``last_path`` says which ran."""
 
     def __init__(self, codes: Tensor, scale: Tensor, in_features: int, block_size: int, bias: Tensor | None,
-                 input_scale: Tensor | None, dtype: torch.dtype):
+                 input_scale: Tensor | None, dtype: torch.dtype, use_kernel: bool = False):
         super().__init__()
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
@@ -54,20 +68,34 @@ class Int4WeightOnlyLinear(nn.Module):
         # the simulated path multiplies by the dequantized weight, built once
         self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size).to(dtype),
                              persistent=False)
+        self.use_kernel = use_kernel and int4_kernel_available(dtype)
+        self.last_path = "simulated"
+        if self.use_kernel:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes.int() + 8), 2)
+            self.scales_and_zeros = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1).to(dtype).contiguous()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 128, awq_scale: Tensor | None = None):
+    def from_linear(cls, linear: nn.Linear, block_size: int = 128, awq_scale: Tensor | None = None,
+                    use_kernel: bool = False):
         w = linear.weight.detach()
         if awq_scale is not None:
             w = w.float() * awq_scale[None, :]
         codes, scale = int4_block_quantize(w, block_size)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(codes, scale, w.shape[1], block_size, bias,
-                   None if awq_scale is None else awq_scale.to(linear.weight.dtype), linear.weight.dtype)
+                   None if awq_scale is None else awq_scale.to(linear.weight.dtype), linear.weight.dtype, use_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale
+        rows = x.numel() // x.shape[-1]
+        if self.use_kernel and rows <= KERNEL_MAX_ROWS:
+            self.last_path = "kernel"
+            flat = pad_to_blocks(x.reshape(rows, x.shape[-1]), self.block_size)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.block_size, self.scales_and_zeros)
+            y = y.view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        self.last_path = "simulated"
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
