@@ -38,6 +38,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default=None, help="run directory (default: reports/runs/<derived name>)")
     run.add_argument("--no-progress", action="store_true")
 
+    pl = sub.add_parser("plan", help="fewest GPUs that hold a model's weights and KV cache under a recipe")
+    pl.add_argument("--model-config", default="llama-3.1-405b", help="architecture preset (see `evalsuite models`)")
+    pl.add_argument("--recipe", nargs="+", default=["bf16", "fp8-official", "fp8-modelopt", "int4-awq"])
+    pl.add_argument("--gpu", nargs="+", default=["h100", "h200"])
+    pl.add_argument("--context", type=int, default=8192, help="tokens per sequence (default 8192)")
+    pl.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
+    pl.add_argument("--usable-fraction", type=float, default=0.9, help="share of GPU memory for weights + KV")
+
     sub.add_parser("models", help="list registered models")
     sub.add_parser("tasks", help="list tasks")
     sub.add_parser("recipes", help="list quantization recipes")
@@ -108,6 +116,15 @@ def _se(se: float) -> str:
     return "n/a (1 question per subject)" if se != se else f"{se:.4f}"
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    for recipe in args.recipe:
+        for gpu in args.gpu:
+            print(plan(args.model_config, recipe, gpu, args.context, args.batch, args.usable_fraction).summary())
+    return 0
+
+
 def _list_models() -> int:
     from .engine.config import PRESETS
     from .engine.load import DEFAULT_MODEL, MODELS
@@ -147,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "plan":
+            return _plan(args)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
     except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
