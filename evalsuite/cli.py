@@ -38,6 +38,13 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default=None, help="run directory (default: reports/runs/<derived name>)")
     run.add_argument("--no-progress", action="store_true")
 
+    qz = sub.add_parser("quantize", help="apply a recipe and save the quantized checkpoint")
+    qz.add_argument("--model", default="smollm2-135m")
+    qz.add_argument("--recipe", required=True)
+    qz.add_argument("--recipe-config", nargs="+", default=[], metavar="KEY=VALUE")
+    qz.add_argument("--dtype", default="bfloat16")
+    qz.add_argument("--output", required=True, help="folder for config.json, model.safetensors, quantization.json")
+
     pl = sub.add_parser("plan", help="fewest GPUs that hold a model's weights and KV cache under a recipe")
     pl.add_argument("--model-config", default="llama-3.1-405b", help="architecture preset (see `evalsuite models`)")
     pl.add_argument("--recipe", nargs="+", default=["bf16", "fp8-official", "fp8-modelopt", "int4-awq"])
@@ -53,19 +60,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .engine.load import load
-    from .quant.api import apply_recipe, get_recipe
+    from .quant.checkpoint import load_model_and_recipe
     from .runners.mmlu import MMLUConfig, run_mmlu
 
     if args.task not in available_tasks():
         raise KeyError(f"unknown task {args.task!r}; valid: {', '.join(available_tasks())}")
-    get_recipe(args.recipe)  # fail on a bad name before loading anything
     cfg = MMLUConfig(formulations=tuple(args.formulation), num_fewshot=args.num_fewshot,
                      per_subject=args.per_subject or None, seed=args.seed,
                      subjects=tuple(args.subjects) if args.subjects else None, data=args.data,
                      batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
-    lm = load(args.model, args.dtype)
-    recipe = apply_recipe(lm, args.recipe, _parse_overrides(args.recipe_config))
+    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, _parse_overrides(args.recipe_config))
     out = Path(args.output) if args.output else DEFAULT_REPORTS / _run_name(args, lm.info.name)
     print(f"model {lm.info.name} ({lm.info.dtype}), recipe {args.recipe}, writing {out}", file=sys.stderr)
     result = run_mmlu(lm, cfg, out, recipe=recipe, progress=not args.no_progress)
@@ -114,6 +118,15 @@ def format_summary(metrics: dict, run: dict) -> str:
 
 def _se(se: float) -> str:
     return "n/a (1 question per subject)" if se != se else f"{se:.4f}"
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .quant.checkpoint import load_model_and_recipe, quantized_modules, save_quantized
+
+    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, _parse_overrides(args.recipe_config))
+    out = save_quantized(lm, recipe, Path(args.output))
+    print(f"{len(quantized_modules(lm.model))} quantized modules, recipe {recipe['name']}: {out}")
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "quantize":
+            return _quantize(args)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
     except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

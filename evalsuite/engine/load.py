@@ -52,6 +52,7 @@ class LoadedModel:
     model: CausalLM
     tokenizer: Any  # a transformers tokenizer, or None for a folder without one
     info: ModelInfo
+    folder: Path | None = None  # the HF folder the weights came from
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -92,7 +93,7 @@ def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16") -> 
     tokenizer = load_tokenizer(folder)
     info = ModelInfo(name=name, source=str(source), weights_sha256=hashes, dtype=str(dtype).split(".")[-1],
                      config=model.config.to_dict())
-    return LoadedModel(model, tokenizer, info)
+    return LoadedModel(model, tokenizer, info, folder)
 
 
 def load_tokenizer(folder: Path):

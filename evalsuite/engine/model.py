@@ -144,7 +144,8 @@ class Attention(nn.Module):
         self._fused: _Fused | None = None
 
     def fuse(self) -> None:
-        self._fused = _Fused([self.q_proj, self.k_proj, self.v_proj])
+        mods = [self.q_proj, self.k_proj, self.v_proj]
+        self._fused = _Fused(mods) if all(type(m) is nn.Linear for m in mods) else None
 
     def _qkv(self, x: Tensor) -> Tensor:
         mods = [self.q_proj, self.k_proj, self.v_proj]
@@ -254,7 +255,8 @@ class MLP(nn.Module):
         self._fused: _Fused | None = None
 
     def fuse(self) -> None:
-        self._fused = _Fused([self.gate_proj, self.up_proj])
+        mods = [self.gate_proj, self.up_proj]
+        self._fused = _Fused(mods) if all(type(m) is nn.Linear for m in mods) else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fused is not None and self._fused.valid_for([self.gate_proj, self.up_proj]):
@@ -302,7 +304,7 @@ class CausalLM(nn.Module):
         self._cos = self._sin = torch.empty(0)
 
     def fuse_projections(self) -> None:
-        """Re-fuse q/k/v and gate/up (call after loading or replacing weights in bulk)."""
+        """Re-fuse q/k/v and gate/up where all are plain linears (after loading or replacing weights)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()

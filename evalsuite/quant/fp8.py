@@ -71,9 +71,21 @@ class FP8RowwiseLinear(nn.Module):
         y = (F.linear(xq, self.qweight).float() * scale * self.weight_scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    def export(self) -> tuple[dict[str, Tensor], dict]:
+        tensors = {"qweight": self.qweight.to(torch.float8_e4m3fn), "weight_scale": self.weight_scale}
+        return _with_bias(tensors, self.bias), {"activation_scale_ub": self.activation_scale_ub}
+
+    @classmethod
+    def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8RowwiseLinear":
+        return cls(t["qweight"].to(dtype), t["weight_scale"], t.get("bias"), attrs["activation_scale_ub"])
+
     def extra_repr(self) -> str:
         out, inp = self.qweight.shape
         return f"in_features={inp}, out_features={out}, activation_scale_ub={self.activation_scale_ub}"
+
+
+def _with_bias(tensors: dict[str, Tensor], bias: Tensor | None) -> dict[str, Tensor]:
+    return tensors if bias is None else {**tensors, "bias": bias}
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,13 @@ class FP8StaticQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return (round_e4m3(x.float() / self.scale) * self.scale).to(x.dtype)
 
+    def export(self) -> tuple[dict[str, Tensor], dict]:
+        return {}, {"scale": self.scale}
+
+    @classmethod
+    def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8StaticQuantizer":
+        return cls(attrs["scale"])
+
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}"
 
@@ -148,6 +167,14 @@ class FP8StaticLinear(nn.Module):
         xq = round_e4m3(x.float() / self.input_scale).to(x.dtype)
         y = (F.linear(xq, self.qweight).float() * (self.input_scale * self.weight_scale)).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def export(self) -> tuple[dict[str, Tensor], dict]:
+        tensors = {"qweight": self.qweight.to(torch.float8_e4m3fn)}
+        return _with_bias(tensors, self.bias), {"weight_scale": self.weight_scale, "input_scale": self.input_scale}
+
+    @classmethod
+    def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8StaticLinear":
+        return cls(t["qweight"].to(dtype), attrs["weight_scale"], attrs["input_scale"], t.get("bias"))
 
     def extra_repr(self) -> str:
         out, inp = self.qweight.shape

@@ -40,6 +40,18 @@ def int4_fake_quantize(w: Tensor, block_size: int) -> Tensor:
     return int4_block_dequantize(codes, scale, w.shape[-1], block_size).to(w.dtype)
 
 
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7], even column count -> uint8, two codes per byte (low nibble first)."""
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    low = (packed & 0x0F).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)
+
+
 # Rows up to which the packed INT4 CPU kernel beats a BF16 matmul on the dequantized weight
 # (decode); larger batches and prefill use the dense path. See docs/PERF.md.
 KERNEL_MAX_ROWS = 4
@@ -84,6 +96,20 @@ class Int4WeightOnlyLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(codes, scale, w.shape[1], block_size, bias,
                    None if awq_scale is None else awq_scale.to(linear.weight.dtype), linear.weight.dtype, use_kernel)
+
+    def export(self) -> tuple[dict[str, Tensor], dict]:
+        """Codes packed two per byte (0..15, zero point 8), float32 block scales."""
+        tensors = {"packed_codes": pack_nibbles(self.codes), "scale": self.scale}
+        if self.input_scale is not None:
+            tensors["input_scale"] = self.input_scale
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return tensors, {"in_features": self.in_features, "block_size": self.block_size, "use_kernel": self.use_kernel}
+
+    @classmethod
+    def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "Int4WeightOnlyLinear":
+        return cls(unpack_nibbles(t["packed_codes"]), t["scale"], attrs["in_features"], attrs["block_size"],
+                   t.get("bias"), t.get("input_scale"), dtype, attrs["use_kernel"])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None:

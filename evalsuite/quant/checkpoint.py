@@ -1,0 +1,116 @@
+"""Quantized checkpoints: save a quantized model as an HF-style folder, load it back.
+
+The folder holds the source config.json and tokenizer, ``model.safetensors`` with the low-bit
+tensors (FP8 weights as float8_e4m3fn, INT4 codes two per byte) and scales next to the BF16
+tensors of everything the recipe left alone, and ``quantization.json`` with the recipe record
+and, per quantized module, its type and scalar settings. Loading needs no calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..assets import file_sha256
+from ..engine.load import LoadedModel, ModelInfo, load, load_tokenizer, parse_dtype, read_config
+from ..engine.model import CausalLM
+from .fp8 import FP8RowwiseLinear, FP8StaticLinear, FP8StaticQuantizer
+from .int4 import Int4WeightOnlyLinear
+
+QUANT_FILE = "quantization.json"
+MODULE_TYPES = {cls.__name__: cls for cls in (FP8RowwiseLinear, FP8StaticLinear, FP8StaticQuantizer,
+                                              Int4WeightOnlyLinear)}
+
+
+def is_quantized_checkpoint(source: str) -> bool:
+    return (Path(source) / QUANT_FILE).is_file()
+
+
+def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = lm.model
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if type(module) in MODULE_TYPES.values():
+            t, attrs = module.export()
+            modules[name] = {"type": type(module).__name__, "attrs": attrs}
+            tensors.update({f"{name}.{k}": v.contiguous() for k, v in t.items()})
+    quantized_prefixes = tuple(f"{n}." for n in modules)
+    for key, value in model.state_dict().items():
+        if key.startswith(quantized_prefixes):
+            continue
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        tensors[key] = value.detach().clone().contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if lm.folder is None:
+        raise ValueError(f"model {lm.info.name!r} was not loaded from a folder; its config.json is unknown")
+    shutil.copy(lm.folder / "config.json", out / "config.json")
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(str(out))
+    (out / QUANT_FILE).write_text(json.dumps({"recipe": recipe, "source": {"name": lm.info.name,
+                                              "weights_sha256": lm.info.weights_sha256},
+                                              "dtype": lm.info.dtype, "modules": modules}, indent=1))
+    return out
+
+
+def load_quantized(folder: str | Path, dtype: str | torch.dtype = "bfloat16") -> tuple[LoadedModel, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    folder, dtype = Path(folder), parse_dtype(dtype)
+    meta = json.loads((folder / QUANT_FILE).read_text())
+    cfg = read_config(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    with torch.device("meta"):
+        model = CausalLM(cfg, dtype)
+    for name, spec in meta["modules"].items():
+        cls = MODULE_TYPES.get(spec["type"])
+        if cls is None:
+            raise ValueError(f"{folder}: unknown quantized module type {spec['type']!r}; known: {', '.join(MODULE_TYPES)}")
+        prefix = f"{name}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        module = cls.from_export(own, spec["attrs"], dtype)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, module)
+        for k in own:
+            del state[f"{prefix}{k}"]
+    plain = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(plain, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {missing[:3]}")
+    model.requires_grad_(False)
+    model.fuse_projections()
+    info = ModelInfo(name=folder.name, source=str(folder),
+                     weights_sha256={"model.safetensors": file_sha256(folder / "model.safetensors")},
+                     dtype=str(dtype).split(".")[-1], config=cfg.to_dict())
+    return LoadedModel(model.eval(), load_tokenizer(folder), info, folder), meta["recipe"]
+
+
+def load_model_and_recipe(source: str, recipe: str, dtype: str, overrides: dict | None = None):
+    """What the CLI runs: a quantized checkpoint as saved (``recipe`` must then be bf16, i.e. no
+    further change), or any other source with ``recipe`` applied."""
+    from .api import apply_recipe, get_recipe
+
+    get_recipe(recipe)  # a bad name fails before anything loads
+    if is_quantized_checkpoint(source):
+        if recipe != "bf16":
+            raise ValueError(f"{source} is already quantized; run it with --recipe bf16 (no further change), "
+                             f"not {recipe!r}")
+        return load_quantized(source, dtype)
+    lm = load(source, dtype)
+    return lm, apply_recipe(lm, recipe, overrides)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, str]:
+    return {n: type(m).__name__ for n, m in model.named_modules() if type(m) in MODULE_TYPES.values()}

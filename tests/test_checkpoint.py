@@ -1,0 +1,81 @@
+"""Quantize, save, load: the same logits, without calibrating again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evalsuite.cli import main
+from evalsuite.engine.load import load
+from evalsuite.quant import calibrate as calib
+from evalsuite.quant.api import apply_recipe
+from evalsuite.quant.checkpoint import load_quantized, quantized_modules, save_quantized
+from evalsuite.quant.int4 import pack_nibbles, unpack_nibbles
+
+
+@pytest.fixture()
+def calib_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    return path
+
+
+def test_nibble_packing_round_trips():
+    codes = torch.tensor([[-8, 7, 0, -1], [3, -3, 5, -8]], dtype=torch.int8)
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 2)
+    assert packed[0, 0].item() == 0 | (15 << 4)  # -8 -> 0 (low), 7 -> 15 (high)
+    assert torch.equal(unpack_nibbles(packed), codes)
+
+
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantize_save_load_same_logits(recipe, dtype, tiny_dir, calib_file, tmp_path, monkeypatch):
+    lm = load(str(tiny_dir), dtype)
+    over = {} if recipe == "fp8-official" else {
+        "calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}}
+    if recipe == "int4-awq":
+        over["block_size"] = 32
+    record = apply_recipe(lm, recipe, over)
+    tokens = torch.randint(0, 400, (2, 20))
+    want = lm.model(tokens)
+    out = save_quantized(lm, record, tmp_path / "q")
+    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
+    back, back_record = load_quantized(out, dtype)
+    assert back_record == record
+    assert quantized_modules(back.model) == quantized_modules(lm.model)
+    assert torch.equal(back.model(tokens), want)
+
+
+def test_low_bit_tensors_are_stored_low_bit(tiny_dir, tmp_path):
+    from safetensors import safe_open
+
+    lm = load(str(tiny_dir), "bfloat16")
+    record = apply_recipe(lm, "int4-rtn", {"block_size": 32})
+    save_quantized(lm, record, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        t = f.get_tensor("model.layers.0.mlp.up_proj.packed_codes")
+        assert t.dtype == torch.uint8 and t.shape == (160, 32)  # 64 inputs: two codes per byte
+    lm = load(str(tiny_dir), "bfloat16")
+    record = apply_recipe(lm, "fp8-official")
+    save_quantized(lm, record, tmp_path / "f")
+    with safe_open(str(tmp_path / "f" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.up_proj.qweight").dtype == torch.float8_e4m3fn
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
+
+
+def test_quantize_cli_and_run_from_checkpoint(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8-official", "--dtype", "float32",
+                 "--recipe-config", "activation_scale_ub=600", "--output", str(out)]) == 0
+    assert "3 quantized modules" in capsys.readouterr().out
+    assert json.loads((out / "quantization.json").read_text())["recipe"]["config"]["activation_scale_ub"] == 600
+    run = tmp_path / "run"
+    assert main(["run", "mmlu", "--model", str(out), "--dtype", "float32", "--per-subject", "1",
+                 "--subjects", "anatomy", "--formulation", "letter", "--output", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "run.json").read_text())["recipe"]["name"] == "fp8-official"
+    assert main(["run", "mmlu", "--model", str(out), "--recipe", "int4-awq", "--output", str(tmp_path / "x")]) == 2
+    assert "already quantized" in capsys.readouterr().err
