@@ -45,6 +45,18 @@ def per_channel_scale(weight: Tensor) -> Tensor:
     return (weight.abs().amax(dim=1).float() / E4M3_MAX).clamp(min=MIN_SCALE)
 
 
+def scaled_mm(x: Tensor, x_scale: Tensor, qweight: Tensor, w_scale: Tensor) -> Tensor:
+    """The real FP8 GEMM: x is cast to E4M3 with ``x_scale`` (per tensor, or [..., 1] per token),
+    multiplied with the E4M3 weight by ``torch._scaled_mm`` (float32 accumulation), scaled by
+    x_scale * w_scale (w_scale per tensor or [1, out] per channel), returned in x's dtype."""
+    flat = x.reshape(-1, x.shape[-1])
+    xs = x_scale.reshape(-1, 1) if x_scale.dim() else x_scale
+    x8 = (flat.float() / xs).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    w8 = qweight.to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(x8, w8.t(), scale_a=xs.float(), scale_b=w_scale.float(), out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], -1)
+
+
 class FP8RowwiseLinear(nn.Module):
     """fbgemm_fp8 linear: E4M3 weights with one static scale per output channel; each input token
     quantized to E4M3 with its own dynamic scale, bounded by ``activation_scale_ub``; output in the
@@ -65,19 +77,27 @@ class FP8RowwiseLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, scale, bias, activation_scale_ub)
 
+    use_kernel = False  # True: torch._scaled_mm with row-wise scales (set by the recipe's kernel option)
+
     def forward(self, x: Tensor) -> Tensor:
         scale = per_token_scale(x, self.activation_scale_ub)
-        xq = round_e4m3(x.float() / scale).to(x.dtype)
-        y = (F.linear(xq, self.qweight).float() * scale * self.weight_scale).to(x.dtype)
+        if self.use_kernel:
+            y = scaled_mm(x, scale, self.qweight, self.weight_scale[None, :])
+        else:
+            xq = round_e4m3(x.float() / scale).to(x.dtype)
+            y = (F.linear(xq, self.qweight).float() * scale * self.weight_scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
         tensors = {"qweight": self.qweight.to(torch.float8_e4m3fn), "weight_scale": self.weight_scale}
-        return _with_bias(tensors, self.bias), {"activation_scale_ub": self.activation_scale_ub}
+        return _with_bias(tensors, self.bias), {"activation_scale_ub": self.activation_scale_ub,
+                                                "use_kernel": self.use_kernel}
 
     @classmethod
     def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8RowwiseLinear":
-        return cls(t["qweight"].to(dtype), t["weight_scale"], t.get("bias"), attrs["activation_scale_ub"])
+        q = cls(t["qweight"].to(dtype), t["weight_scale"], t.get("bias"), attrs["activation_scale_ub"])
+        q.use_kernel = attrs["use_kernel"]
+        return q
 
     def extra_repr(self) -> str:
         out, inp = self.qweight.shape
@@ -94,13 +114,21 @@ class FP8OfficialConfig:
 
     activation_scale_ub: float = 1200.0
     skip_first_and_last_layers: bool = True
+    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
 
     def __post_init__(self) -> None:
+        _check_kernel(self.kernel)
         if not self.activation_scale_ub > 0:
             raise ValueError(f"activation_scale_ub must be > 0, got {self.activation_scale_ub!r}")
 
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+FP8_KERNELS = ("off", "scaled_mm")
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in FP8_KERNELS:
+        raise ValueError(f"kernel={kernel!r}; valid: {', '.join(FP8_KERNELS)}")
 
 
 def quantized_layers(num_layers: int, config: FP8OfficialConfig) -> list[int]:
@@ -114,7 +142,9 @@ def apply_fp8_official(lm: LoadedModel, config: FP8OfficialConfig) -> None:
     for i in quantized_layers(len(model.model.layers), config):
         mlp = model.model.layers[i].mlp
         for name in FFN_PROJECTIONS:
-            setattr(mlp, name, FP8RowwiseLinear.from_linear(getattr(mlp, name), config.activation_scale_ub))
+            q = FP8RowwiseLinear.from_linear(getattr(mlp, name), config.activation_scale_ub)
+            q.use_kernel = config.kernel == "scaled_mm"
+            setattr(mlp, name, q)
 
 
 register(Recipe(
@@ -163,18 +193,26 @@ class FP8StaticLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, w_scale, static_scale(input_amax), bias)
 
+    use_kernel = False  # True: torch._scaled_mm with per-tensor scales (set by the recipe's kernel option)
+
     def forward(self, x: Tensor) -> Tensor:
-        xq = round_e4m3(x.float() / self.input_scale).to(x.dtype)
-        y = (F.linear(xq, self.qweight).float() * (self.input_scale * self.weight_scale)).to(x.dtype)
+        if self.use_kernel:
+            y = scaled_mm(x, torch.tensor(self.input_scale), self.qweight, torch.tensor(self.weight_scale))
+        else:
+            xq = round_e4m3(x.float() / self.input_scale).to(x.dtype)
+            y = (F.linear(xq, self.qweight).float() * (self.input_scale * self.weight_scale)).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
         tensors = {"qweight": self.qweight.to(torch.float8_e4m3fn)}
-        return _with_bias(tensors, self.bias), {"weight_scale": self.weight_scale, "input_scale": self.input_scale}
+        return _with_bias(tensors, self.bias), {"weight_scale": self.weight_scale, "input_scale": self.input_scale,
+                                                "use_kernel": self.use_kernel}
 
     @classmethod
     def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8StaticLinear":
-        return cls(t["qweight"].to(dtype), attrs["weight_scale"], attrs["input_scale"], t.get("bias"))
+        q = cls(t["qweight"].to(dtype), attrs["weight_scale"], attrs["input_scale"], t.get("bias"))
+        q.use_kernel = attrs["use_kernel"]
+        return q
 
     def extra_repr(self) -> str:
         out, inp = self.qweight.shape
@@ -200,8 +238,10 @@ class FP8ModelOptConfig:
     kv_scale_mode: str = "simulate"
     quantize_attention: bool = True
     calibration: CalibrationSpec = CalibrationSpec()
+    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
 
     def __post_init__(self) -> None:
+        _check_kernel(self.kernel)
         if self.kv_scale_mode not in KV_SCALE_MODES:
             raise ValueError(f"kv_scale_mode={self.kv_scale_mode!r}; valid: {', '.join(KV_SCALE_MODES)}")
         if isinstance(self.calibration, dict):  # from a record or an override
@@ -220,7 +260,9 @@ def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child is not model.lm_head:
                 full = f"{name}.{child_name}".lstrip(".")
-                setattr(module, child_name, FP8StaticLinear.from_linear(child, stats[f"{full}.input"]))
+                q = FP8StaticLinear.from_linear(child, stats[f"{full}.input"])
+                q.use_kernel = config.kernel == "scaled_mm"
+                setattr(module, child_name, q)
     for i, layer in enumerate(model.model.layers):
         a, key = layer.self_attn, f"model.layers.{i}"
         a.k_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.k_cache_quant"], config.kv_scale_mode))
