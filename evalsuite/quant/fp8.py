@@ -197,7 +197,8 @@ class FP8StaticLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernel:
-            y = scaled_mm(x, torch.tensor(self.input_scale), self.qweight, torch.tensor(self.weight_scale))
+            y = scaled_mm(x, torch.tensor(self.input_scale, device=x.device), self.qweight,
+                          torch.tensor(self.weight_scale, device=x.device))
         else:
             xq = round_e4m3(x.float() / self.input_scale).to(x.dtype)
             y = (F.linear(xq, self.qweight).float() * (self.input_scale * self.weight_scale)).to(x.dtype)
