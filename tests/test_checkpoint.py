@@ -79,3 +79,26 @@ def test_quantize_cli_and_run_from_checkpoint(tiny_dir, tmp_path, capsys):
     assert json.loads((run / "run.json").read_text())["recipe"]["name"] == "fp8-official"
     assert main(["run", "mmlu", "--model", str(out), "--recipe", "int4-awq", "--output", str(tmp_path / "x")]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_deployed_weight_bytes_by_hand(tiny_dir):
+    from evalsuite.quant.checkpoint import deployed_weight_bytes
+
+    lm = load(str(tiny_dir), "bfloat16")
+    params = sum(p.numel() for p in lm.model.parameters())
+    assert deployed_weight_bytes(lm.model) == 2 * params
+    apply_recipe(lm, "fp8-official")
+    # layer 1's FFN (3 x 64 x 160 weights) drops to 1 byte each and gains a float32 scale per
+    # output channel (160 + 160 + 64)
+    ffn = 3 * 64 * 160
+    assert deployed_weight_bytes(lm.model) == 2 * (params - ffn) + ffn + 4 * (160 + 160 + 64)
+
+
+def test_smollm2_bf16_weight_bytes_is_twice_the_published_parameter_count():
+    from evalsuite.engine.config import ModelConfig
+    from evalsuite.quant.checkpoint import deployed_weight_bytes
+    from evalsuite.engine.model import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(ModelConfig.from_name("smollm2-135m"))
+    assert deployed_weight_bytes(model) == 2 * 134_515_008

@@ -107,9 +107,28 @@ def load_model_and_recipe(source: str, recipe: str, dtype: str, overrides: dict 
         if recipe != "bf16":
             raise ValueError(f"{source} is already quantized; run it with --recipe bf16 (no further change), "
                              f"not {recipe!r}")
-        return load_quantized(source, dtype)
-    lm = load(source, dtype)
-    return lm, apply_recipe(lm, recipe, overrides)
+        lm, record = load_quantized(source, dtype)
+    else:
+        lm = load(source, dtype)
+        record = apply_recipe(lm, recipe, overrides)
+    return lm, {**record, "weight_bytes": deployed_weight_bytes(lm.model)}
+
+
+def deployed_weight_bytes(model: CausalLM) -> int:
+    """Bytes of the weights as a quantized checkpoint stores them: low-bit tensors and their scales
+    for quantized modules, every other parameter at its own width (a tied lm_head counted once)."""
+    total, seen = 0, set()
+    quantized = {n: m for n, m in model.named_modules() if type(m) in MODULE_TYPES.values()}
+    for m in quantized.values():
+        tensors, attrs = m.export()
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        total += 4 * sum(1 for k, v in attrs.items() if k.endswith("scale") and isinstance(v, float))
+    prefixes = tuple(f"{n}." for n in quantized)
+    for name, p in model.named_parameters():
+        if not name.startswith(prefixes) and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:
