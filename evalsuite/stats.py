@@ -60,3 +60,31 @@ def accuracy_table(outcomes: Mapping[str, list[bool]], categories: Mapping[str, 
         "categories": {c: stratified_estimate(v, subject_sizes).to_dict() for c, v in sorted(by_cat.items())},
         "subjects": {s: e.to_dict() for s, e in subjects.items()},
     }
+
+
+def choice_distribution(logprobs: list[float]) -> list[float]:
+    """The model's distribution over the answer choices: softmax of their log-likelihoods."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def kl_divergence(p: list[float], q: list[float]) -> float:
+    """KL(p || q) in nats; terms with p = 0 contribute nothing."""
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def paired_changes(base: Mapping[str, dict], cand: Mapping[str, dict]) -> dict[str, float | int]:
+    """Over the questions both record sets hold: how many predictions differ, and the mean KL of the
+    candidate's choice distribution from the baseline's (log-likelihood records only)."""
+    ids = sorted(set(base) & set(cand))
+    if not ids:
+        raise ValueError("the two record sets share no question")
+    flips = sum(base[i]["prediction"] != cand[i]["prediction"] for i in ids)
+    out: dict[str, float | int] = {"n": len(ids), "changed": flips, "changed_share": flips / len(ids)}
+    if "logprobs" in base[ids[0]]:
+        kls = [kl_divergence(choice_distribution(base[i]["logprobs"]), choice_distribution(cand[i]["logprobs"]))
+               for i in ids]
+        out["mean_kl"] = sum(kls) / len(kls)
+    return out

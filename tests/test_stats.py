@@ -35,3 +35,26 @@ def test_subset_is_reweighted_by_full_subject_size():
 def test_single_question_strata_have_no_se():
     est = stratified_estimate({"s1": mean_estimate([1]), "s2": mean_estimate([0, 1])}, {"s1": 1, "s2": 1})
     assert math.isnan(est.se)
+
+
+def test_choice_kl_matches_scipy_entropy():
+    from evalsuite.stats import choice_distribution, kl_divergence
+
+    a, b = [-1.0, -2.0, -0.5, -3.0], [-1.2, -1.9, -0.7, -2.5]
+    p, q = choice_distribution(a), choice_distribution(b)
+    assert sum(p) == pytest.approx(1.0)
+    assert kl_divergence(p, q) == pytest.approx(sps.entropy(p, q))
+    assert kl_divergence(p, p) == 0.0
+
+
+def test_paired_changes():
+    from evalsuite.stats import paired_changes
+
+    base = {"a": {"prediction": 0, "logprobs": [-1, -2, -3, -4]}, "b": {"prediction": 1, "logprobs": [-2, -1, -3, -4]},
+            "only-base": {"prediction": 0, "logprobs": [0, -1, -1, -1]}}
+    cand = {"a": {"prediction": 0, "logprobs": [-1, -2, -3, -4]}, "b": {"prediction": 0, "logprobs": [-1, -2, -3, -4]}}
+    out = paired_changes(base, cand)
+    assert out["n"] == 2 and out["changed"] == 1 and out["changed_share"] == 0.5
+    p = [math.exp(x) for x in (-2, -1, -3, -4)]
+    q = [math.exp(x) for x in (-1, -2, -3, -4)]
+    assert out["mean_kl"] == pytest.approx(sps.entropy(p, q) / 2)

@@ -1,0 +1,78 @@
+"""MMLU 0-shot for every recipe on the embedded model, both formulations, compared with BF16.
+
+    python bench/recipes_mmlu.py --per-subject 20 --out docs/RESULTS.md
+    python bench/recipes_mmlu.py --per-subject 0                        # the full 14,042 (hours)
+
+Each recipe's run lives in reports/results/<subset>/<recipe>/ and resumes when rerun. The table
+gives, per recipe and formulation: accuracy (subject-weighted, ± SE), the share of questions
+whose prediction differs from BF16, the mean KL divergence of the four-choice distribution from
+BF16's, and the recipe's deployed weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from evalsuite.quant.checkpoint import load_model_and_recipe
+from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
+from evalsuite.stats import paired_changes
+
+RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "int4-awq", "int4-rtn")
+FORMULATIONS = ("letter", "cloze")
+
+
+def records_by_formulation(run_dir: Path) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for line in open(run_dir / "samples.jsonl"):
+        r = json.loads(line)
+        out.setdefault(r["formulation"], {})[r["id"]] = r
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--per-subject", type=int, default=20, help="questions per subject; 0 for all")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    p.add_argument("--out", default=None, help="write the markdown table here too")
+    args = p.parse_args()
+    subset = f"n{args.per_subject}" if args.per_subject else "full"
+    cfg = MMLUConfig(formulations=FORMULATIONS, per_subject=args.per_subject or None)
+    rows, base = [], None
+    for recipe in ["bf16"] + [r for r in args.recipes if r != "bf16"]:
+        t = time.perf_counter()
+        lm, record = load_model_and_recipe("smollm2-135m", recipe, "bfloat16")
+        t_apply = time.perf_counter() - t
+        run_dir = Path("reports/results") / subset / recipe
+        t = time.perf_counter()
+        res = run_mmlu(lm, cfg, run_dir, recipe=record, progress=False)
+        t_run = time.perf_counter() - t
+        recs = records_by_formulation(run_dir)
+        if recipe == "bf16":
+            base = recs
+        for form in FORMULATIONS:
+            m = res.metrics[form]
+            ch = paired_changes(base[form], recs[form])
+            acc = m["acc"]["overall"]
+            norm = m.get("acc_norm", {}).get("overall")
+            rows.append((recipe, form, acc, norm, ch, record["weight_bytes"]))
+        print(f"{recipe}: applied in {t_apply:.0f} s, evaluated in {t_run:.0f} s", flush=True)
+    n = rows[0][4]["n"]
+    lines = [f"MMLU 0-shot, SmolLM2-135M-Instruct (dequantized Q4_1 as the BF16 baseline), "
+             f"{'all ' + str(n) if not args.per_subject else f'{args.per_subject} per subject, {n}'} questions.",
+             "", "| recipe | formulation | accuracy | acc_norm | changed vs BF16 | mean KL vs BF16 (nats) | weight bytes |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for recipe, form, acc, norm, ch, wbytes in rows:
+        norm_s = f"{norm['acc']:.4f} ± {norm['se']:.4f}" if norm else "—"
+        lines.append(f"| {recipe} | {form} | {acc['acc']:.4f} ± {acc['se']:.4f} | {norm_s} | "
+                     f"{ch['changed_share']:.2%} ({ch['changed']}) | {ch['mean_kl']:.5f} | {wbytes / 1e6:.1f} MB |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
