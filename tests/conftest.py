@@ -80,3 +80,12 @@ def smollm2():
     from evalsuite.engine.load import load
 
     return load("smollm2-135m", "bfloat16")
+
+
+@pytest.fixture()
+def calib_file(tmp_path, monkeypatch):
+    """A small calibration text file, with the calibration cache in a fresh folder."""
+    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. 0123456789 " * 40)
+    return path

@@ -15,13 +15,6 @@ from evalsuite.quant.checkpoint import load_quantized, quantized_modules, save_q
 from evalsuite.quant.int4 import pack_nibbles, unpack_nibbles
 
 
-@pytest.fixture()
-def calib_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "calib.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 30)
-    return path
-
 
 def test_nibble_packing_round_trips():
     codes = torch.tensor([[-8, 7, 0, -1], [3, -3, 5, -8]], dtype=torch.int8)

@@ -131,13 +131,6 @@ def test_kv_scale_modes():
     assert kv_scale(896.0, "deploy") == kv_scale(896.0, "simulate") == pytest.approx(2.0)
 
 
-@pytest.fixture()
-def calib_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "calib.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    return path
-
 
 def _hf_linear_input_amax(hf, sequences):
     """Reference: forward pre-hooks on transformers' own modules (same names as the engine's)."""

@@ -69,13 +69,6 @@ def test_int4_linear_applies_awq_prescale():
     assert q(x).item() == pytest.approx(1 * 7 + 1 * -7 + 3 * 0 + 8 * 7)
 
 
-@pytest.fixture()
-def calib_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "calib.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. 0123456789 " * 30)
-    return path
-
 
 @pytest.mark.parametrize("recipe", ["int4-awq", "int4-rtn"])
 def test_int4_recipes(recipe, tiny_dir, calib_file):
