@@ -3,6 +3,7 @@
     python bench/recipes_mmlu.py --per-subject 20 --out docs/RESULTS.md
     python bench/recipes_mmlu.py --per-subject 0                        # the full 14,042 (hours)
 
+A recipe may carry overrides, ``NAME:KEY=VALUE[,KEY=VALUE]`` (``fp8-modelopt:kv_scale_mode=deploy``).
 Each recipe's run lives in reports/results/<subset>/<recipe>/ and resumes when rerun. The table
 gives, per recipe and formulation: accuracy (subject-weighted, ± SE), the share of questions
 whose prediction differs from BF16, the mean KL divergence of the four-choice distribution from
@@ -16,11 +17,13 @@ import json
 import time
 from pathlib import Path
 
+from evalsuite.cli import parse_recipe_config
 from evalsuite.quant.checkpoint import load_model_and_recipe
 from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
 from evalsuite.stats import paired_changes
 
-RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "int4-awq", "int4-rtn")
+RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "fp8-modelopt:kv_scale_mode=deploy", "int4-awq", "int4-rtn",
+           "int4-awq-asym")
 FORMULATIONS = ("letter", "cloze")
 
 
@@ -42,8 +45,10 @@ def main() -> None:
     cfg = MMLUConfig(formulations=FORMULATIONS, per_subject=args.per_subject or None)
     rows, base = [], None
     for recipe in ["bf16"] + [r for r in args.recipes if r != "bf16"]:
+        name, _, settings = recipe.partition(":")
         t = time.perf_counter()
-        lm, record = load_model_and_recipe("smollm2-135m", recipe, "bfloat16")
+        lm, record = load_model_and_recipe("smollm2-135m", name, "bfloat16",
+                                           parse_recipe_config(settings.split(",")) if settings else None)
         t_apply = time.perf_counter() - t
         run_dir = Path("reports/results") / subset / recipe
         t = time.perf_counter()

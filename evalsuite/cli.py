@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
                      per_subject=args.per_subject or None, seed=args.seed,
                      subjects=tuple(args.subjects) if args.subjects else None, data=args.data,
                      batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
-    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, _parse_overrides(args.recipe_config))
+    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, parse_recipe_config(args.recipe_config))
     out = Path(args.output) if args.output else DEFAULT_REPORTS / _run_name(args, lm.info.name)
     print(f"model {lm.info.name} ({lm.info.dtype}), recipe {args.recipe}, writing {out}", file=sys.stderr)
     result = run_mmlu(lm, cfg, out, recipe=recipe, progress=not args.no_progress)
@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_overrides(items: list[str]) -> dict:
+def parse_recipe_config(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -123,7 +123,7 @@ def _se(se: float) -> str:
 def _quantize(args: argparse.Namespace) -> int:
     from .quant.checkpoint import load_model_and_recipe, quantized_modules, save_quantized
 
-    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, _parse_overrides(args.recipe_config))
+    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, parse_recipe_config(args.recipe_config))
     out = save_quantized(lm, recipe, Path(args.output))
     print(f"{len(quantized_modules(lm.model))} quantized modules, recipe {recipe['name']}: {out}")
     return 0

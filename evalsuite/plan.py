@@ -8,6 +8,8 @@ Bytes are counted from the architecture, as each recipe stores them when deploye
                 embeddings and lm_head in BF16; KV cache in FP8;
   int4-awq      every linear but lm_head in 4 bits, a BF16 scale per 128 weights and a BF16
                 pre-scale per input channel; embeddings and lm_head in BF16.
+  int4-awq-asym every linear but lm_head in 4 bits, per 128 weights an FP16 scale and a 4-bit zero
+                point (AutoAWQ's GEMM layout); the AWQ scales are folded into the weights.
 KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes per element, per token.
 A GPU is usable up to ``usable_fraction`` of its memory (the rest: activations, workspace, the
 runtime); tensor parallelism splits weights and cache evenly over a power-of-two GPU count.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from .engine.config import ModelConfig
 
 GPUS_GB = {"h100": 80.0, "h200": 141.0}
-PLAN_RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "int4-awq")
+PLAN_RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "int4-awq", "int4-awq-asym")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ def weight_bytes(cfg: ModelConfig, recipe: str) -> int:
         return q + channel_scales + 2 * (cfg.num_parameters() - q)
     if recipe == "fp8-modelopt":
         return linear + 2 * other
+    if recipe == "int4-awq-asym":
+        blocks = linear // 128
+        return linear // 2 + 2 * blocks + blocks // 2 + 2 * other
     # int4-awq: 4 bits per weight, a BF16 scale per block of 128, a BF16 pre-scale per input channel
     pre_scales = cfg.num_layers * 2 * (4 * cfg.hidden_size + cfg.intermediate_size)
     return linear // 2 + 2 * (linear // 128) + pre_scales + 2 * other

@@ -24,13 +24,13 @@ def test_nibble_packing_round_trips():
     assert torch.equal(unpack_nibbles(packed), codes)
 
 
-@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq"])
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq", "int4-awq-asym"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_quantize_save_load_same_logits(recipe, dtype, tiny_dir, calib_file, tmp_path, monkeypatch):
     lm = load(str(tiny_dir), dtype)
     over = {} if recipe == "fp8-official" else {
         "calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}}
-    if recipe == "int4-awq":
+    if recipe.startswith("int4"):
         over["block_size"] = 32
     record = apply_recipe(lm, recipe, over)
     tokens = torch.randint(0, 400, (2, 20))

@@ -39,6 +39,9 @@ def test_bytes_by_hand():
     # FP8 modelopt: the 7.50 B linear weights in one byte, 0.53 B embedding + lm_head + norms in two
     linear = 32 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336)
     assert weight_bytes(cfg, "fp8-modelopt") == linear + 2 * (8_030_261_248 - linear)
+    # AutoAWQ layout: half a byte per weight; per 128 weights an FP16 scale and a 4-bit zero point
+    assert weight_bytes(cfg, "int4-awq-asym") == linear // 2 + (linear // 128) * 2.5 + 2 * (8_030_261_248 - linear)
+    assert plan("llama-3.1-405b", "int4-awq-asym", "h200").gpus == 2
 
 
 def test_bad_plan_inputs():

@@ -326,20 +326,22 @@ class CausalLM(nn.Module):
         if length > limit:
             raise ValueError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens")
 
+    def rope(self, step: Step) -> tuple[Tensor, Tensor]:
+        """cos and sin at the step's positions, shaped to broadcast over its q/k [B, L, heads, D]."""
+        if step.prefill:
+            self.check_length(step.longest)
+            cos, sin = self._rope_tables(step.longest)
+            return cos[step.positions][:, None, :], sin[step.positions][:, None, :]
+        self.check_length(step.kv_len)
+        cos, sin = self._rope_tables(step.kv_len)
+        return cos[step.positions][:, None, None, :], sin[step.positions][:, None, None, :]
+
     def hidden(self, tokens: Tensor, step: Step) -> Tensor:
         """Final-normalised hidden states: [1, T, hidden] for a packed prefill, [B, 1, hidden] in decode."""
-        if step.prefill:
-            if tokens.shape != (1, sum(step.seq_lens)):
-                raise ValueError(f"prefill takes tokens [1, {sum(step.seq_lens)}] packed from seq_lens, "
-                                 f"got {tuple(tokens.shape)}")
-            longest = step.longest
-            self.check_length(longest)
-            cos, sin = self._rope_tables(longest)
-            cos, sin = cos[step.positions][:, None, :], sin[step.positions][:, None, :]
-        else:
-            self.check_length(step.kv_len)
-            cos, sin = self._rope_tables(step.kv_len)
-            cos, sin = cos[step.positions][:, None, None, :], sin[step.positions][:, None, None, :]
+        if step.prefill and tokens.shape != (1, sum(step.seq_lens)):
+            raise ValueError(f"prefill takes tokens [1, {sum(step.seq_lens)}] packed from seq_lens, "
+                             f"got {tuple(tokens.shape)}")
+        cos, sin = self.rope(step)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, cos, sin, step)

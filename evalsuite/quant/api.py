@@ -78,4 +78,4 @@ def _load_builtin() -> None:
         return
     register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized(),
                     _unquantized))
-    from . import awq, fp8  # noqa: F401  (they register their recipes)
+    from . import autoawq, awq, fp8  # noqa: F401  (they register their recipes)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..assets import cache_dir
@@ -155,19 +156,41 @@ def _forward(model: CausalLM, batch: list[list[int]]) -> None:
     model.hidden(tokens, Step.for_prefill([len(s) for s in batch]))
 
 
-def cached(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, compute):
-    """``compute(sequences)`` once per model weights, corpus spec, kind and settings; JSON on disk."""
+def _cache_path(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, suffix: str) -> Path:
     key_src = json.dumps({"weights": lm.info.weights_sha256, "dtype": lm.info.dtype, "spec": spec.__dict__,
                           "file": _file_hash(spec.source), "kind": kind, "settings": settings}, sort_keys=True)
-    path = cache_dir() / "calibration" / f"{kind}-{hashlib.sha256(key_src.encode()).hexdigest()[:24]}.json"
+    return cache_dir() / "calibration" / f"{kind}-{hashlib.sha256(key_src.encode()).hexdigest()[:24]}{suffix}"
+
+
+def _provenance(spec: CalibrationSpec, seqs: list[list[int]], settings: dict) -> dict:
+    return {"spec": spec.__dict__, "corpus_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
+            "tokens": sum(map(len, seqs)), "settings": settings}
+
+
+def cached(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, compute):
+    """``compute(sequences)`` once per model weights, corpus spec, kind and settings; JSON on disk."""
+    path = _cache_path(lm, spec, kind, settings, ".json")
     if path.is_file():
         return json.loads(path.read_text())["result"]
     seqs = corpus(lm, spec)
     result = compute(seqs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"spec": spec.__dict__, "corpus_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
-                               "tokens": sum(map(len, seqs)), "settings": settings, "result": result}))
+    tmp.write_text(json.dumps({**_provenance(spec, seqs, settings), "result": result}))
+    tmp.replace(path)
+    return result
+
+
+def cached_tensors(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, compute) -> dict[str, Tensor]:
+    """Like ``cached`` for a result of named tensors, kept as safetensors (provenance in its metadata)."""
+    path = _cache_path(lm, spec, kind, settings, ".safetensors")
+    if path.is_file():
+        return load_file(path)
+    seqs = corpus(lm, spec)
+    result = {k: v.contiguous() for k, v in compute(seqs).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(result, tmp, metadata={"provenance": json.dumps(_provenance(spec, seqs, settings))})
     tmp.replace(path)
     return result
 

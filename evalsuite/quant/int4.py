@@ -1,9 +1,17 @@
-"""INT4 weight-only quantization, symmetric, in blocks along the input dimension (simulated).
+"""INT4 weight-only quantization in blocks along the input dimension.
 
-A block of ``block_size`` input channels of one output row shares a scale = block absmax / 7;
-values round to nearest (ties to even, ``torch.round``) and clamp to [-8, 7]. When in_features
-is not a multiple of the block size (SmolLM2's 576 = 4.5 x 128), the row is padded with zeros:
-zeros change no block absmax and quantize to zero.
+Symmetric (Model Optimizer): a block of ``block_size`` input channels of one output row shares a
+scale = block absmax / 7; values round to nearest (ties to even, ``torch.round``) and clamp to
+[-8, 7]. When in_features is not a multiple of the block size (SmolLM2's 576 = 4.5 x 128), the
+row is padded with zeros: zeros change no block absmax and quantize to zero.
+
+Asymmetric (AutoAWQ's zero-point form): scale = max(block max - block min, 1e-5) / 15, integer
+zero point z = clamp(-round(min / scale), 0, 15), q = clamp(round(w / scale) + z, 0, 15), and
+w ≈ (q - z)·scale. A padded block takes its min and max over its real channels only.
+
+Storage is common to both: ``codes`` int8 in [-8, 7] hold q - 8 (symmetric codes are q - 8 with
+z = 8), so they pack two per byte and feed the packed kernel alike; the asymmetric form adds
+``zero_point`` (z per block).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 INT4_MIN, INT4_MAX = -8, 7
+ASYM_MAX = 15
 
 
 def pad_to_blocks(w: Tensor, block_size: int) -> Tensor:
@@ -30,12 +39,34 @@ def int4_block_quantize(w: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     return codes.view_as(wp).to(torch.int8), scale
 
 
-def int4_block_dequantize(codes: Tensor, scale: Tensor, in_features: int, block_size: int) -> Tensor:
-    out = codes.float().view(codes.shape[0], -1, block_size) * scale[..., None]
+def int4_asym_quantize(w: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """AutoAWQ's zero-point INT4: codes [out, in_padded] (int8 holding q - 8), scales and integer
+    zero points [out, blocks] (float32, uint8). Padding is excluded from each block's min and max."""
+    wp = pad_to_blocks(w.float(), block_size)
+    blocks = wp.view(wp.shape[0], -1, block_size)
+    real = (torch.arange(wp.shape[1]) < w.shape[1]).view(1, -1, block_size)
+    hi = torch.where(real, blocks, -torch.inf).amax(dim=-1)
+    lo = torch.where(real, blocks, torch.inf).amin(dim=-1)
+    scale = (hi - lo).clamp(min=1e-5) / ASYM_MAX
+    zero = (-torch.round(lo / scale)).clamp(0, ASYM_MAX)
+    q = (torch.round(blocks / scale[..., None]) + zero[..., None]).clamp(0, ASYM_MAX)
+    q = torch.where(real, q, zero[..., None])  # padding dequantizes to exactly zero
+    return (q - 8).view_as(wp).to(torch.int8), scale, zero.to(torch.uint8)
+
+
+def int4_block_dequantize(codes: Tensor, scale: Tensor, in_features: int, block_size: int,
+                          zero_point: Tensor | None = None) -> Tensor:
+    q = codes.float().view(codes.shape[0], -1, block_size)
+    if zero_point is not None:
+        q = q + 8 - zero_point.float()[..., None]
+    out = q * scale[..., None]
     return out.view(codes.shape[0], -1)[:, :in_features]
 
 
-def int4_fake_quantize(w: Tensor, block_size: int) -> Tensor:
+def int4_fake_quantize(w: Tensor, block_size: int, asymmetric: bool = False) -> Tensor:
+    if asymmetric:
+        codes, scale, zero = int4_asym_quantize(w, block_size)
+        return int4_block_dequantize(codes, scale, w.shape[-1], block_size, zero).to(w.dtype)
     codes, scale = int4_block_quantize(w, block_size)
     return int4_block_dequantize(codes, scale, w.shape[-1], block_size).to(w.dtype)
 
@@ -62,29 +93,32 @@ def int4_kernel_available(dtype: torch.dtype) -> bool:
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    """INT4 weights (block scales), BF16 inputs; optional AWQ input pre-scale (x / s).
+    """INT4 weights (block scales, optional zero points), BF16 inputs; optional AWQ input pre-scale (x / s).
 
     Two paths compute the same product: ``simulated`` multiplies by the dequantized weight (the
-    reference), ``kernel`` runs torch's packed INT4 CPU kernel (``_weight_int4pack_mm_for_cpu``,
-    codes stored as 0..15 with a zero point of 8, BF16 scales) for calls of at most
-    ``KERNEL_MAX_ROWS`` rows. ``use_kernel`` chooses; ``last_path`` says which ran."""
+    reference), ``kernel`` runs torch's packed INT4 CPU kernel (``_weight_int4pack_mm_for_cpu``:
+    w = (q - 8)·scale + zero with BF16 scale and zero, so zero = (8 - z)·scale) for calls of at
+    most ``KERNEL_MAX_ROWS`` rows. ``use_kernel`` chooses; ``last_path`` says which ran."""
 
     def __init__(self, codes: Tensor, scale: Tensor, in_features: int, block_size: int, bias: Tensor | None,
-                 input_scale: Tensor | None, dtype: torch.dtype, use_kernel: bool = False):
+                 input_scale: Tensor | None, dtype: torch.dtype, use_kernel: bool = False,
+                 zero_point: Tensor | None = None):
         super().__init__()
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)  # asymmetric form only
         self.in_features, self.block_size = in_features, block_size
         self.bias = bias
         self.register_buffer("input_scale", input_scale)  # AWQ: inputs are divided by this
         # the simulated path multiplies by the dequantized weight, built once
-        self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size).to(dtype),
-                             persistent=False)
+        self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size, zero_point)
+                             .to(dtype), persistent=False)
         self.use_kernel = use_kernel and int4_kernel_available(dtype)
         self.last_path = "simulated"
         if self.use_kernel:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes.int() + 8), 2)
-            self.scales_and_zeros = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1).to(dtype).contiguous()
+            zero = torch.zeros_like(scale) if zero_point is None else (8 - zero_point.float()) * scale
+            self.scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 128, awq_scale: Tensor | None = None,
@@ -100,6 +134,9 @@ class Int4WeightOnlyLinear(nn.Module):
     def export(self) -> tuple[dict[str, Tensor], dict]:
         """Codes packed two per byte (0..15, zero point 8), float32 block scales."""
         tensors = {"packed_codes": pack_nibbles(self.codes), "scale": self.scale}
+        if self.zero_point is not None:  # 4 bits each as well, flattened (a row may hold an odd number)
+            flat = self.zero_point.flatten().to(torch.int8) - 8
+            tensors["packed_zero_point"] = pack_nibbles(F.pad(flat, (0, flat.numel() % 2)).view(1, -1))
         if self.input_scale is not None:
             tensors["input_scale"] = self.input_scale
         if self.bias is not None:
@@ -108,8 +145,12 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "Int4WeightOnlyLinear":
+        zero = None
+        if "packed_zero_point" in t:
+            n = t["scale"].numel()
+            zero = (unpack_nibbles(t["packed_zero_point"])[0, :n] + 8).to(torch.uint8).view_as(t["scale"])
         return cls(unpack_nibbles(t["packed_codes"]), t["scale"], attrs["in_features"], attrs["block_size"],
-                   t.get("bias"), t.get("input_scale"), dtype, attrs["use_kernel"])
+                   t.get("bias"), t.get("input_scale"), dtype, attrs["use_kernel"], zero)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None:
@@ -126,4 +167,4 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.codes.shape[0]}, block_size={self.block_size}, "
-                f"awq={self.input_scale is not None}")
+                f"awq={self.input_scale is not None}, zero_point={self.zero_point is not None}")

@@ -1,0 +1,269 @@
+"""INT4 AWQ in AutoAWQ's form (``int4-awq-asym``): zero-point INT4, scales folded into the model.
+
+Layer by layer, on inputs that the unquantized model produces (as AutoAWQ's quantizer runs it):
+
+1. Scale search, per group of projections that share an input, scored on the output of the
+   module that consumes them ("module2inspect"):
+     q, k, v   after input_layernorm          scored on the attention block's output
+     o         after v (only when v and o have the same shape, i.e. no grouped KV heads)
+     gate, up  after post_attention_layernorm scored on the MLP's output
+     down      after up                       scored on down's output
+   x̄ = per-channel mean |x|; w̄ = per-channel mean over the group's rows of |W| / (its block's
+   absmax + 1e-6); for ratio r = 0, 1/20, ..., 19/20: s = clamp(x̄^r / (w̄^(1-r) + 1e-4), min=1e-4),
+   divided by sqrt(max(s)·min(s)); the weights become Q(W·s)/s and the s with the least mean
+   squared output error is kept. Every search of a layer sees the layer's original weights.
+2. The scales are folded: the norm's weight (or the preceding linear's rows) divided by s, the
+   projections' input columns multiplied by s. No run-time input scaling is left.
+3. Clip search for every projection but q and k (their errors pass through q·kᵀ): per output row
+   and block, the clip max|w|·(1 - i/20) for i = 0..9 with the least mean squared error of that
+   block's partial products on up to 512 calibration tokens (inputs divided by s as well).
+4. Zero-point INT4 quantization, blocks of 128 (see ``int4``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..engine.load import LoadedModel
+from ..engine.model import CausalLM, DecoderLayer, Step
+from .api import Recipe, register
+from .calibrate import CalibrationSpec, cached_tensors
+from .int4 import Int4WeightOnlyLinear, int4_asym_quantize, int4_fake_quantize, pad_to_blocks
+
+SKIP_CLIP = ("q_proj", "k_proj")
+
+
+@dataclass(frozen=True)
+class Int4AutoAWQConfig:
+    """AutoAWQ (GEMM, version 'gemm' defaults): w_bit 4, q_group_size 128, zero_point True,
+    a 20-point ratio grid with duo scaling, clip search with max_shrink 0.5 on 512 tokens."""
+
+    block_size: int = 128
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    calibration: CalibrationSpec = CalibrationSpec()
+    kernel: str = "auto"  # auto: the packed INT4 CPU kernel for decode-sized calls in BF16; off: simulated only
+
+    def __post_init__(self) -> None:
+        if self.kernel not in ("auto", "off"):
+            raise ValueError(f"kernel={self.kernel!r}; valid: auto, off")
+        if self.block_size < 1 or self.n_grid < 1 or self.clip_grid < 1 or self.clip_tokens < 1:
+            raise ValueError(f"block_size, n_grid, clip_grid and clip_tokens must be >= 1, got {self.block_size}, "
+                             f"{self.n_grid}, {self.clip_grid}, {self.clip_tokens}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"max_shrink={self.max_shrink}; valid: 0 <= max_shrink < 1")
+        if isinstance(self.calibration, dict):
+            object.__setattr__(self, "calibration", CalibrationSpec(**self.calibration))
+
+
+def group_weight_mean(w: Tensor, block_size: int) -> Tensor:
+    """w̄: per input channel, mean over rows of |W| / (block absmax + 1e-6) (AutoAWQ's form)."""
+    wp = pad_to_blocks(w.float().abs(), block_size)
+    blocks = wp.view(wp.shape[0], -1, block_size)
+    normed = blocks / (blocks.amax(dim=-1, keepdim=True) + 1e-6)
+    return normed.view_as(wp)[:, :w.shape[1]].mean(dim=0)
+
+
+def duo_scale(x_mean: Tensor, w_mean: Tensor, ratio: float) -> Tensor:
+    s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def search_scale(linears: list[nn.Linear], inputs: list[Tensor], forward, refs: list[Tensor], block_size: int,
+                 n_grid: int) -> Tensor:
+    """The best s for ``linears`` (one input), scored by ``forward(batch)`` against ``refs``."""
+    x_mean = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float().abs().mean(dim=0)
+    originals = [m.weight.detach().clone() for m in linears]
+    w_mean = group_weight_mean(torch.cat(originals), block_size)
+    numel = sum(r.numel() for r in refs)
+    best, best_err = torch.ones_like(x_mean), math.inf
+    try:
+        for i in range(n_grid):
+            s = duo_scale(x_mean, w_mean, i / n_grid)
+            for m, w in zip(linears, originals):
+                m.weight.copy_(int4_fake_quantize(w.float() * s, block_size, asymmetric=True) / s)
+            err = sum(float((forward(b).float() - r.float()).pow(2).sum()) for b, r in enumerate(refs)) / numel
+            if err < best_err:
+                best, best_err = s, err
+    finally:
+        for m, w in zip(linears, originals):
+            m.weight.copy_(w)
+    return best
+
+
+def search_clip(w: Tensor, x: Tensor, block_size: int, grid: int, max_shrink: float, tokens: int) -> Tensor:
+    """Per output row and block, the clip value max|w|·(1 - i/grid), i < max_shrink·grid, whose
+    quantized block gives the least mean squared error of the block's partial products x_b·w_bᵀ."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    x = x[::max(1, x.shape[0] // tokens)]
+    w = w.float()
+    out, blocks = w.shape[0], -(-w.shape[1] // block_size)
+    xb = pad_to_blocks(x, block_size).view(x.shape[0], blocks, block_size).transpose(0, 1)  # [G, N, b]
+
+    def partial(weight: Tensor) -> Tensor:  # [G, N, out]
+        wb = pad_to_blocks(weight, block_size).view(out, blocks, block_size).permute(1, 2, 0)
+        return torch.bmm(xb, wb)
+
+    ref = partial(w)
+    amax = pad_to_blocks(w.abs(), block_size).view(out, blocks, block_size).amax(dim=-1)  # [out, G]
+    best, best_err = amax.clone(), torch.full_like(amax, math.inf)
+    for i in range(int(max_shrink * grid)):
+        limit = amax * (1 - i / grid)
+        per_col = limit.repeat_interleave(block_size, dim=1)[:, :w.shape[1]]
+        q = int4_fake_quantize(torch.clamp(w, -per_col, per_col), block_size, asymmetric=True)
+        err = (partial(q) - ref).pow(2).mean(dim=1).t()  # [out, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, limit, best)
+    return best
+
+
+def _scale_groups(layer: DecoderLayer) -> list[tuple[str, nn.Module, list[str]]]:
+    """(group name, the module whose output the scale multiplies, projections that read it)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [("qkv", layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+        groups.append(("o", attn.v_proj, ["self_attn.o_proj"]))
+    groups += [("mlp", layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]),
+               ("down", mlp.up_proj, ["mlp.down_proj"])]
+    return groups
+
+
+@torch.inference_mode()
+def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor, Step]],
+                 config: Int4AutoAWQConfig) -> dict[str, Tensor]:
+    """Scales per group and clip values per projection for one layer (its weights are left as found)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    seen: dict[str, list[Tensor]] = {"self_attn.o_proj": [], "mlp.down_proj": []}
+    hooks = [layer.get_submodule(n).register_forward_hook(lambda _m, args, _out, n=n: seen[n].append(args[0]))
+             for n in seen]
+    attn_in, attn_out, mlp_in, mlp_out = [], [], [], []
+    try:
+        for x, cos, sin, step in batches:
+            attn_in.append(layer.input_layernorm(x))
+            attn_out.append(attn(attn_in[-1], cos, sin, step))
+            mlp_in.append(layer.post_attention_layernorm(x + attn_out[-1]))
+            mlp_out.append(mlp(mlp_in[-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    o_in, down_in = seen["self_attn.o_proj"], seen["mlp.down_proj"]
+
+    def probe(group: str):  # (inputs, forward(batch) with the current weights, reference outputs)
+        if group == "qkv":
+            return attn_in, lambda b: attn(attn_in[b], *batches[b][1:]), attn_out
+        if group == "o":
+            return o_in, lambda b: attn.o_proj(o_in[b]), [attn.o_proj(x) for x in o_in]
+        if group == "mlp":
+            return mlp_in, lambda b: mlp(mlp_in[b]), mlp_out
+        return down_in, lambda b: mlp.down_proj(down_in[b]), [mlp.down_proj(x) for x in down_in]
+
+    inputs = {"self_attn.q_proj": attn_in, "self_attn.o_proj": o_in, "mlp.gate_proj": mlp_in,
+              "mlp.down_proj": down_in}
+    result: dict[str, Tensor] = {}
+    scaled_inputs = dict(inputs)
+    for group, _prev, names in _scale_groups(layer):
+        xs, forward, refs = probe(group)
+        s = search_scale([layer.get_submodule(n) for n in names], xs, forward, refs, config.block_size,
+                         config.n_grid)
+        result[f"{group}.scale"] = s
+        scaled_inputs[names[0]] = [x.float() / s for x in xs]
+    if config.clip:
+        weights = _scaled_weights(layer, result)
+        for name, w in weights.items():
+            if name.endswith(SKIP_CLIP):
+                continue
+            key = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                   "mlp.up_proj": "mlp.gate_proj"}.get(name, name)
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in scaled_inputs[key]])
+            result[f"{name}.clip"] = search_clip(w, x, config.block_size, config.clip_grid, config.max_shrink,
+                                                 config.clip_tokens)
+    return result
+
+
+def _scaled_weights(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """float32 copies of the layer's projection weights with the found scales applied (columns
+    times s of their group, rows of a preceding linear divided by the next group's s)."""
+    weights = {n: layer.get_submodule(n).weight.detach().float().clone() for n in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    for group, prev, names in _scale_groups(layer):
+        s = found[f"{group}.scale"]
+        for n in names:
+            weights[n] *= s[None, :]
+        if isinstance(prev, nn.Linear):
+            prev_name = next(n for n in weights if layer.get_submodule(n) is prev)
+            weights[prev_name] /= s[:, None]
+    return weights
+
+
+def fold_scales(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Divide the norms' weights by their group's s (in place) and return the projections' float32
+    weights with every scale applied; with those weights the layer computes what it did before."""
+    for group, prev, _names in _scale_groups(layer):
+        if not isinstance(prev, nn.Linear):
+            prev.weight.copy_((prev.weight.float() / found[f"{group}.scale"]).to(prev.weight.dtype))
+    return _scaled_weights(layer, found)
+
+
+def _layer_batches(model: CausalLM, sequences: list[list[int]], max_batch_tokens: int = 4096):
+    batches, batch = [], []
+    for seq in sorted(sequences, key=len, reverse=True):
+        if batch and sum(map(len, batch)) + len(seq) > max_batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(seq)
+    if batch:
+        batches.append(batch)
+    out = []
+    for b in batches:
+        step = Step.for_prefill([len(s) for s in b])
+        tokens = torch.tensor([t for s in b for t in s]).view(1, -1)
+        out.append((model.model.embed_tokens(tokens), *model.rope(step), step))
+    return out
+
+
+@torch.inference_mode()
+def search(model: CausalLM, sequences: list[list[int]], config: Int4AutoAWQConfig) -> dict[str, Tensor]:
+    """Every layer's scales and clip values; layer i+1 sees the unquantized layer i's output."""
+    batches = _layer_batches(model, sequences)
+    found: dict[str, Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        found.update({f"model.layers.{i}.{k}": v for k, v in search_layer(layer, batches, config).items()})
+        batches = [(layer(x, cos, sin, step), cos, sin, step) for x, cos, sin, step in batches]
+    return found
+
+
+@torch.inference_mode()
+def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
+    model = lm.model
+    settings = {k: v for k, v in config.__dict__.items() if k not in ("calibration", "kernel")}
+    found = cached_tensors(lm, config.calibration, "autoawq", settings,
+                           lambda seqs: search(model, seqs, config))
+    for i, layer in enumerate(model.model.layers):
+        mine = {k[len(f"model.layers.{i}."):]: v for k, v in found.items() if k.startswith(f"model.layers.{i}.")}
+        for name, w in fold_scales(layer, mine).items():
+            if f"{name}.clip" in mine:
+                limit = mine[f"{name}.clip"].repeat_interleave(config.block_size, dim=1)[:, :w.shape[1]]
+                w = torch.clamp(w, -limit, limit)
+            linear = layer.get_submodule(name)
+            codes, scale, zero = int4_asym_quantize(w, config.block_size)
+            bias = None if linear.bias is None else linear.bias.detach()
+            parent, attr = name.split(".")
+            setattr(getattr(layer, parent), attr, Int4WeightOnlyLinear(
+                codes, scale, w.shape[1], config.block_size, bias, None, linear.weight.dtype,
+                use_kernel=config.kernel == "auto", zero_point=zero))
+
+
+register(Recipe("int4-awq-asym", "AutoAWQ INT4 (GEMM): zero-point INT4 [0, 15], groups of 128, 20-point scale "
+                "search scored on each block's output, clip search (not q, k), scales folded into the "
+                "preceding norm or linear; lm_head BF16", Int4AutoAWQConfig(), apply_autoawq))
