@@ -9,7 +9,7 @@ from torch import nn
 from evalsuite.engine.load import load
 from evalsuite.quant.api import apply_recipe, get_recipe
 from evalsuite.quant.fp8 import (MIN_SCALE, FP8OfficialConfig, FP8RowwiseLinear, per_channel_scale,
-                                 per_token_scale, round_e4m3)
+                                 per_token_scale, quantize_e4m3, round_e4m3)
 
 # (input, nearest E4M3 value) worked out by hand from the format: 3 mantissa bits, bias 7,
 # subnormal step 2^-9, max 448, ties to the even mantissa.
@@ -35,6 +35,23 @@ E4M3_CASES = [
 @pytest.mark.parametrize("x,want", E4M3_CASES)
 def test_round_e4m3(x, want):
     assert round_e4m3(torch.tensor([x])).item() == want
+    assert quantize_e4m3(torch.tensor([x]), 1.0).item() == want
+
+
+def test_fast_e4m3_rounding_is_the_cast_bit_for_bit():
+    """The add-and-subtract rounding against torch's E4M3 cast: every finite BF16 value at several
+    scales, every midpoint between neighbouring E4M3 values and one float32 step either side."""
+    bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    bf16 = bf16[torch.isfinite(bf16)]
+    for scale in (1.0, 3.0, 1 / 448, 0.7, 1e-3):
+        want = round_e4m3(bf16.float() / scale)
+        assert torch.equal(quantize_e4m3(bf16, scale), want)
+        assert torch.equal(quantize_e4m3(bf16.float(), scale), want)
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mids = (grid[1:] + grid[:-1]) / 2
+    for x in (mids, torch.nextafter(mids, torch.tensor(1e9)), torch.nextafter(mids, torch.tensor(-1e9))):
+        x = torch.cat([x, -x])
+        assert torch.equal(quantize_e4m3(x, 1.0), round_e4m3(x))
 
 
 def test_per_token_scale_bound_and_floor():

@@ -163,6 +163,8 @@ class Attention(nn.Module):
             k = self.k_cache_quant(k)
         if self.v_cache_quant is not None:
             v = self.v_cache_quant(v)
+        if self.q_bmm_quant is not None:  # elementwise: once here rather than per packed sequence
+            q = self.q_bmm_quant(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
         if step.prefill:
             out = self._prefill_attention(q, k, v, step)
@@ -206,9 +208,8 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
     def _attend_explicit(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
-        """softmax(q·kᵀ/√d)·v with quantizers on both products' inputs (HF eager numerics)."""
-        if self.q_bmm_quant is not None:
-            q = self.q_bmm_quant(q)
+        """softmax(q·kᵀ/√d)·v with quantizers on both products' inputs (HF eager numerics); q
+        arrives quantized by ``q_bmm_quant`` already."""
         if self.k_bmm_quant is not None:
             k = self.k_bmm_quant(k)
         if self.v_bmm_quant is not None:

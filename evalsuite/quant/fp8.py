@@ -29,8 +29,25 @@ MIN_SCALE = 1.0 / (E4M3_MAX * 512.0)
 
 
 def round_e4m3(x: Tensor) -> Tensor:
-    """Nearest E4M3 value of each element (saturating at ±448), as float32."""
+    """Nearest E4M3 value of each element (saturating at ±448), as float32, through torch's cast."""
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+# 2^14 as float32 bits: the magic-number floor that puts E4M3's subnormal spacing 2^-9 on values below 2^-6
+_SUBNORMAL_MAGIC = 0x46800000
+
+
+def quantize_e4m3(x: Tensor, scale: float | Tensor) -> Tensor:
+    """E4M3 values of ``x / scale`` (saturating at ±448) as float32: the same numbers as
+    ``round_e4m3(x.float() / scale)``, about three times faster (torch's E4M3 to float32 cast is
+    scalar code on CPU). Round to nearest even by adding and subtracting m = ±2^(e + 20), e the
+    value's binary exponent: float32's 23 mantissa bits then keep 3 below the leading one; below
+    2^-6 m is held at 2^14, which rounds to multiples of 2^-9, E4M3's subnormal spacing."""
+    y = x / scale if x.dtype == torch.float32 else x.float().div_(scale)  # a new tensor, changed in place below
+    y.clamp_(-E4M3_MAX, E4M3_MAX)
+    m = y.view(torch.int32) & 0x7F800000
+    m = m.add_(20 << 23).clamp_(min=_SUBNORMAL_MAGIC).view(torch.float32).copysign_(y)
+    return y.add_(m).sub_(m)
 
 
 def per_token_scale(x: Tensor, upper_bound: float) -> Tensor:
@@ -84,7 +101,7 @@ class FP8RowwiseLinear(nn.Module):
         if self.use_kernel:
             y = scaled_mm(x, scale, self.qweight, self.weight_scale[None, :])
         else:
-            xq = round_e4m3(x.float() / scale).to(x.dtype)
+            xq = quantize_e4m3(x, scale).to(x.dtype)
             y = (F.linear(xq, self.qweight).float() * scale * self.weight_scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -162,7 +179,7 @@ class FP8StaticQuantizer(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (round_e4m3(x.float() / self.scale) * self.scale).to(x.dtype)
+        return quantize_e4m3(x, self.scale).mul_(self.scale).to(x.dtype)
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
         return {}, {"scale": self.scale}
@@ -200,9 +217,24 @@ class FP8StaticLinear(nn.Module):
             y = scaled_mm(x, torch.tensor(self.input_scale, device=x.device), self.qweight,
                           torch.tensor(self.weight_scale, device=x.device))
         else:
-            xq = round_e4m3(x.float() / self.input_scale).to(x.dtype)
-            y = (F.linear(xq, self.qweight).float() * (self.input_scale * self.weight_scale)).to(x.dtype)
+            # a bf16 product with a float scale is computed in float32 and rounded once
+            y = F.linear(self._quantized_input(x), self.qweight).mul_(self.input_scale * self.weight_scale)
         return y if self.bias is None else y + self.bias
+
+    # q/k/v (and gate/up) are called one after another on one input tensor with one calibrated
+    # scale: quantize it once. The memo holds that tensor, so its identity cannot be reused; its
+    # version counter (absent on inference tensors, which the engine never changes in place)
+    # catches an in-place change between calls.
+    _last: tuple[Tensor, int | None, float, Tensor] | None = None
+
+    def _quantized_input(self, x: Tensor) -> Tensor:
+        version = None if x.is_inference() else x._version
+        last = FP8StaticLinear._last
+        if last is not None and last[0] is x and last[1] == version and last[2] == self.input_scale:
+            return last[3]
+        xq = quantize_e4m3(x, self.input_scale).to(x.dtype)
+        FP8StaticLinear._last = (x, version, self.input_scale, xq)
+        return xq
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
         tensors = {"qweight": self.qweight.to(torch.float8_e4m3fn)}
