@@ -10,7 +10,8 @@ from evalsuite.engine.load import load
 from evalsuite.quant import calibrate as calib
 from evalsuite.quant.api import apply_recipe
 from evalsuite.quant.awq import _AlphaSearch, alphas, awq_scale, weight_channel_mean
-from evalsuite.quant.int4 import Int4WeightOnlyLinear, int4_block_dequantize, int4_block_quantize, int4_fake_quantize
+from evalsuite.quant.int4 import (INT4_KERNEL_MODES, Int4WeightOnlyLinear, int4_block_dequantize, int4_block_quantize,
+                                  int4_fake_quantize)
 
 
 def test_int4_block_hand_computed():
@@ -117,3 +118,8 @@ def test_int4_cpu_kernel_matches_simulation():
     rel = (y_real.float() - y_sim.float()).norm() / y_sim.float().norm()
     assert rel < 1e-2
     assert real(torch.randn(64, 576, dtype=torch.bfloat16)).shape == (64, 192) and real.last_path == "simulated"
+    always = Int4WeightOnlyLinear.from_linear(lin, 128, s, use_kernel=True, kernel_max_rows=INT4_KERNEL_MODES["always"])
+    x = torch.randn(64, 576, dtype=torch.bfloat16)
+    y_always = always(x)
+    assert always.last_path == "kernel"
+    assert (y_always.float() - sim(x).float()).norm() / sim(x).float().norm() < 1e-2

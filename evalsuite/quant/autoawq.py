@@ -33,7 +33,8 @@ from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, Step
 from .api import Recipe, register
 from .calibrate import CalibrationSpec, cached_tensors
-from .int4 import Int4WeightOnlyLinear, int4_asym_quantize, int4_fake_quantize, pad_to_blocks
+from .int4 import (INT4_KERNEL_MODES, Int4WeightOnlyLinear, int4_asym_quantize, int4_fake_quantize,
+                   pad_to_blocks)
 
 SKIP_CLIP = ("q_proj", "k_proj")
 
@@ -50,11 +51,11 @@ class Int4AutoAWQConfig:
     max_shrink: float = 0.5
     clip_tokens: int = 512
     calibration: CalibrationSpec = CalibrationSpec()
-    kernel: str = "auto"  # auto: the packed INT4 CPU kernel for decode-sized calls in BF16; off: simulated only
+    kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("auto", "off"):
-            raise ValueError(f"kernel={self.kernel!r}; valid: auto, off")
+        if self.kernel not in INT4_KERNEL_MODES:
+            raise ValueError(f"kernel={self.kernel!r}; valid: {', '.join(INT4_KERNEL_MODES)}")
         if self.block_size < 1 or self.n_grid < 1 or self.clip_grid < 1 or self.clip_tokens < 1:
             raise ValueError(f"block_size, n_grid, clip_grid and clip_tokens must be >= 1, got {self.block_size}, "
                              f"{self.n_grid}, {self.clip_grid}, {self.clip_tokens}")
@@ -261,7 +262,7 @@ def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
             parent, attr = name.split(".")
             setattr(getattr(layer, parent), attr, Int4WeightOnlyLinear(
                 codes, scale, w.shape[1], config.block_size, bias, None, linear.weight.dtype,
-                use_kernel=config.kernel == "auto", zero_point=zero))
+                use_kernel=config.kernel != "off", zero_point=zero, kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))
 
 
 register(Recipe("int4-awq-asym", "AutoAWQ INT4 (GEMM): zero-point INT4 [0, 15], groups of 128, 20-point scale "

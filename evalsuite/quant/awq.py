@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..engine.load import LoadedModel
 from .api import Recipe, register
 from .calibrate import CalibrationSpec, cached, projections, run_wrapped
-from .int4 import Int4WeightOnlyLinear, int4_fake_quantize, pad_to_blocks
+from .int4 import INT4_KERNEL_MODES, Int4WeightOnlyLinear, int4_fake_quantize, pad_to_blocks
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
 
@@ -99,11 +99,11 @@ class Int4AWQConfig:
     awq: bool = True
     alpha_steps: int = 10
     calibration: CalibrationSpec = CalibrationSpec()
-    kernel: str = "auto"  # auto: the packed INT4 CPU kernel for decode-sized calls in BF16; off: simulated only
+    kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("auto", "off"):
-            raise ValueError(f"kernel={self.kernel!r}; valid: auto, off")
+        if self.kernel not in INT4_KERNEL_MODES:
+            raise ValueError(f"kernel={self.kernel!r}; valid: {', '.join(INT4_KERNEL_MODES)}")
         if self.block_size < 1 or self.alpha_steps < 1:
             raise ValueError(f"block_size and alpha_steps must be >= 1, got {self.block_size}, {self.alpha_steps}")
         if isinstance(self.calibration, dict):
@@ -124,8 +124,9 @@ def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
             f = found[name]
             w_mean = weight_channel_mean(linear.weight.detach(), config.block_size)
             scale = awq_scale(torch.tensor(f["x_mean"]), w_mean, f["alpha"])
-        setattr(parent, attr, Int4WeightOnlyLinear.from_linear(linear, config.block_size, scale,
-                                                               use_kernel=config.kernel == "auto"))
+        setattr(parent, attr, Int4WeightOnlyLinear.from_linear(
+            linear, config.block_size, scale, use_kernel=config.kernel != "off",
+            kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))
 
 
 register(Recipe("int4-awq", "NVIDIA Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4, blocks of "

@@ -86,6 +86,9 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
 # Rows up to which the packed INT4 CPU kernel beats a BF16 matmul on the dequantized weight
 # (decode); larger batches and prefill use the dense path. See docs/PERF.md.
 KERNEL_MAX_ROWS = 4
+# The recipes' ``kernel`` setting: off (simulated only), auto (the kernel for decode-sized calls),
+# always (the kernel for every call: the real path end to end, for parity checks).
+INT4_KERNEL_MODES = {"off": 0, "auto": KERNEL_MAX_ROWS, "always": 1 << 62}
 
 
 def int4_kernel_available(dtype: torch.dtype) -> bool:
@@ -98,11 +101,11 @@ class Int4WeightOnlyLinear(nn.Module):
     Two paths compute the same product: ``simulated`` multiplies by the dequantized weight (the
     reference), ``kernel`` runs torch's packed INT4 CPU kernel (``_weight_int4pack_mm_for_cpu``:
     w = (q - 8)·scale + zero with BF16 scale and zero, so zero = (8 - z)·scale) for calls of at
-    most ``KERNEL_MAX_ROWS`` rows. ``use_kernel`` chooses; ``last_path`` says which ran."""
+    most ``kernel_max_rows`` rows. ``use_kernel`` chooses; ``last_path`` says which ran."""
 
     def __init__(self, codes: Tensor, scale: Tensor, in_features: int, block_size: int, bias: Tensor | None,
                  input_scale: Tensor | None, dtype: torch.dtype, use_kernel: bool = False,
-                 zero_point: Tensor | None = None):
+                 zero_point: Tensor | None = None, kernel_max_rows: int = KERNEL_MAX_ROWS):
         super().__init__()
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
@@ -114,6 +117,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size, zero_point)
                              .to(dtype), persistent=False)
         self.use_kernel = use_kernel and int4_kernel_available(dtype)
+        self.kernel_max_rows = kernel_max_rows
         self.last_path = "simulated"
         if self.use_kernel:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes.int() + 8), 2)
@@ -122,14 +126,15 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 128, awq_scale: Tensor | None = None,
-                    use_kernel: bool = False):
+                    use_kernel: bool = False, kernel_max_rows: int = KERNEL_MAX_ROWS):
         w = linear.weight.detach()
         if awq_scale is not None:
             w = w.float() * awq_scale[None, :]
         codes, scale = int4_block_quantize(w, block_size)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(codes, scale, w.shape[1], block_size, bias,
-                   None if awq_scale is None else awq_scale.to(linear.weight.dtype), linear.weight.dtype, use_kernel)
+                   None if awq_scale is None else awq_scale.to(linear.weight.dtype), linear.weight.dtype, use_kernel,
+                   kernel_max_rows=kernel_max_rows)
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
         """Codes packed two per byte (0..15, zero point 8), float32 block scales."""
@@ -141,7 +146,8 @@ class Int4WeightOnlyLinear(nn.Module):
             tensors["input_scale"] = self.input_scale
         if self.bias is not None:
             tensors["bias"] = self.bias
-        return tensors, {"in_features": self.in_features, "block_size": self.block_size, "use_kernel": self.use_kernel}
+        return tensors, {"in_features": self.in_features, "block_size": self.block_size, "use_kernel": self.use_kernel,
+                         "kernel_max_rows": self.kernel_max_rows}
 
     @classmethod
     def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "Int4WeightOnlyLinear":
@@ -150,13 +156,14 @@ class Int4WeightOnlyLinear(nn.Module):
             n = t["scale"].numel()
             zero = (unpack_nibbles(t["packed_zero_point"])[0, :n] + 8).to(torch.uint8).view_as(t["scale"])
         return cls(unpack_nibbles(t["packed_codes"]), t["scale"], attrs["in_features"], attrs["block_size"],
-                   t.get("bias"), t.get("input_scale"), dtype, attrs["use_kernel"], zero)
+                   t.get("bias"), t.get("input_scale"), dtype, attrs["use_kernel"], zero,
+                   attrs.get("kernel_max_rows", KERNEL_MAX_ROWS))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale
         rows = x.numel() // x.shape[-1]
-        if self.use_kernel and rows <= KERNEL_MAX_ROWS:
+        if self.use_kernel and rows <= self.kernel_max_rows:
             self.last_path = "kernel"
             flat = pad_to_blocks(x.reshape(rows, x.shape[-1]), self.block_size)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.block_size, self.scales_and_zeros)
