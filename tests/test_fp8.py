@@ -219,7 +219,8 @@ def test_recipe_overrides_are_validated(tiny_dir):
 
 @pytest.mark.parametrize("kind", ["rowwise", "static"])
 def test_scaled_mm_kernel_matches_simulation(kind):
-    """torch._scaled_mm (CPU) against the BF16 simulation: same E4M3 operands, float32 accumulation."""
+    """torch._scaled_mm (CPU) against the simulation: same E4M3 operands, float32 accumulation,
+    scales applied before the one rounding to BF16, so at most a rare last-bit difference."""
     torch.manual_seed(0)
     lin = nn.Linear(256, 128, bias=False).to(torch.bfloat16)
     q = FP8RowwiseLinear.from_linear(lin, 1200.0) if kind == "rowwise" else FP8StaticLinear.from_linear(lin, 3.0)
@@ -232,4 +233,5 @@ def test_scaled_mm_kernel_matches_simulation(kind):
         pytest.skip(f"torch._scaled_mm unavailable here: {e}")
     assert real.shape == sim.shape
     rel = (real.float() - sim.float()).norm() / sim.float().norm()
-    assert rel < 1e-2
+    assert rel < 1e-4  # a BF16 rounding of the unscaled sum (one more than the kernel) gives ~3e-3
+    assert (real != sim).float().mean() < 0.01

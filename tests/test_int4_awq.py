@@ -11,7 +11,7 @@ from evalsuite.quant import calibrate as calib
 from evalsuite.quant.api import apply_recipe
 from evalsuite.quant.awq import _AlphaSearch, alphas, awq_scale, weight_channel_mean
 from evalsuite.quant.int4 import (INT4_KERNEL_MODES, Int4WeightOnlyLinear, int4_block_dequantize, int4_block_quantize,
-                                  int4_fake_quantize)
+                                  int4_fake_quantize, int4_kernel_available)
 
 
 def test_int4_block_hand_computed():
@@ -103,7 +103,6 @@ def test_awq_search_is_cached(tiny_dir, calib_file, monkeypatch):
 
 def test_int4_cpu_kernel_matches_simulation():
     """The packed INT4 kernel against the dequantized reference, in BF16, with padding and AWQ."""
-    from evalsuite.quant.int4 import int4_kernel_available
 
     if not int4_kernel_available(torch.bfloat16):
         pytest.skip("this torch has no _weight_int4pack_mm_for_cpu")
@@ -115,6 +114,7 @@ def test_int4_cpu_kernel_matches_simulation():
     x = torch.randn(3, 576, dtype=torch.bfloat16)
     y_real, y_sim = real(x), sim(x)
     assert real.last_path == "kernel" and sim.last_path == "simulated"
+    assert (real.kernel.group, real.kernel.k) == (64, 576)  # blocks of 128 as pairs of 64: no input padding
     rel = (y_real.float() - y_sim.float()).norm() / y_sim.float().norm()
     assert rel < 1e-2
     assert real(torch.randn(64, 576, dtype=torch.bfloat16)).shape == (64, 192) and real.last_path == "simulated"
@@ -123,3 +123,27 @@ def test_int4_cpu_kernel_matches_simulation():
     y_always = always(x)
     assert always.last_path == "kernel"
     assert (y_always.float() - sim(x).float()).norm() / sim(x).float().norm() < 1e-2
+
+
+def test_unscaled_int4_projections_fuse_and_match_unfused(tiny_dir, calib_file):
+    """int4-rtn has no AWQ pre-scale: q/k/v and gate/up run as one product each, on the kernel
+    too, and give what the separate projections give."""
+    from evalsuite.quant.int4 import FusedInt4
+
+    if not int4_kernel_available(torch.bfloat16):
+        pytest.skip("this torch has no _weight_int4pack_mm_for_cpu")
+    lm = load(str(tiny_dir), "bfloat16")
+    apply_recipe(lm, "int4-rtn", {"block_size": 32, "kernel": "always"})
+    layer = lm.model.model.layers[1]
+    assert isinstance(layer.self_attn._fused, FusedInt4) and isinstance(layer.mlp._fused, FusedInt4)
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox.")[:12]])
+    fused = lm.model(tokens).float()
+    assert layer.self_attn.q_proj.last_path == "kernel"
+    for layer in lm.model.model.layers:
+        layer.self_attn._fused = layer.mlp._fused = None
+    separate = lm.model(tokens).float()
+    assert (fused - separate).norm() / separate.norm() < 1e-2
+    awq = load(str(tiny_dir), "bfloat16")
+    apply_recipe(awq, "int4-awq", {"block_size": 32, "calibration": {"source": str(calib_file), "num_samples": 2,
+                                                                    "seq_len": 16}})
+    assert awq.model.model.layers[0].self_attn._fused is None  # per-projection pre-scales: no fusion

@@ -124,6 +124,19 @@ class _Fused:
         return all(type(m) is nn.Linear for m in linears) and tuple(
             m.weight.data_ptr() for m in linears) == self.ptrs
 
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _fuse(mods: list[nn.Module]):
+    """A fused product for projections that read one input: plain linears, or modules whose type
+    offers ``fused(mods)`` (quantized ones); None when they cannot be fused. The result answers
+    ``valid_for(mods)`` (are these still the model's modules) and is called on the input."""
+    if all(type(m) is nn.Linear for m in mods):
+        return _Fused(mods)
+    fused = getattr(type(mods[0]), "fused", None)
+    return fused(mods) if fused is not None else None
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
@@ -141,16 +154,15 @@ class Attention(nn.Module):
         self.k_bmm_quant: nn.Module | None = None
         self.v_bmm_quant: nn.Module | None = None
         self.softmax_quant: nn.Module | None = None
-        self._fused: _Fused | None = None
+        self._fused = None  # see _fuse
 
     def fuse(self) -> None:
-        mods = [self.q_proj, self.k_proj, self.v_proj]
-        self._fused = _Fused(mods) if all(type(m) is nn.Linear for m in mods) else None
+        self._fused = _fuse([self.q_proj, self.k_proj, self.v_proj])
 
     def _qkv(self, x: Tensor) -> Tensor:
         mods = [self.q_proj, self.k_proj, self.v_proj]
         if self._fused is not None and self._fused.valid_for(mods):
-            return F.linear(x, self._fused.weight, self._fused.bias)
+            return self._fused(x)
         return torch.cat([m(x) for m in mods], dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
@@ -253,15 +265,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
-        self._fused: _Fused | None = None
+        self._fused = None  # see _fuse
 
     def fuse(self) -> None:
-        mods = [self.gate_proj, self.up_proj]
-        self._fused = _Fused(mods) if all(type(m) is nn.Linear for m in mods) else None
+        self._fused = _fuse([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fused is not None and self._fused.valid_for([self.gate_proj, self.up_proj]):
-            gate, up = F.linear(x, self._fused.weight).chunk(2, dim=-1)
+            gate, up = self._fused(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

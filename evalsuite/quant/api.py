@@ -60,6 +60,7 @@ def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = 
             raise ValueError(f"recipe {name!r} has no settings {unknown}; valid: {', '.join(fields) or 'none'}")
         recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **overrides))
     recipe.apply(lm, recipe.config)
+    lm.model.fuse_projections()  # the recipe's modules may fuse (q/k/v, gate/up) where they can
     return recipe.record()
 
 

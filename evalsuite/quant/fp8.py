@@ -6,9 +6,11 @@ E4M3: largest finite value 448, round to nearest even, subnormals down to 2^-9. 
 clamped to ±448 before the cast: torch's cast of out-of-range values differs between versions and
 devices (NaN on some, saturation on others), while the deployed kernels saturate.
 
-Simulation: every E4M3 value is exact in BF16 (3 mantissa bits against 7, and BF16's exponent
-range covers 2^-9..448), so a BF16 matmul of E4M3 values with float32 accumulation computes the
-products the FP8 kernel computes; the scales are applied afterwards in float32.
+Simulation computes what the FP8 GEMM computes: E4M3 inputs times E4M3 weights, products exact
+and summed in float32, then the scales applied in float32 and one rounding to the output dtype.
+The matmul runs in float32 on the E4M3 values (each is exact in float32 and in BF16): a BF16
+matmul would round the unscaled sum to BF16 before scaling, one rounding more than the kernel,
+which through 30 layers moves as many cloze answers as FP8 itself does (docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class FP8RowwiseLinear(nn.Module):
     def __init__(self, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None, activation_scale_ub: float):
         super().__init__()
         self.register_buffer("qweight", qweight)  # E4M3 values, stored in the model dtype
+        self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.register_buffer("weight_scale", weight_scale)  # float32 [out]
         self.bias = bias
         self.activation_scale_ub = activation_scale_ub
@@ -101,8 +104,7 @@ class FP8RowwiseLinear(nn.Module):
         if self.use_kernel:
             y = scaled_mm(x, scale, self.qweight, self.weight_scale[None, :])
         else:
-            xq = quantize_e4m3(x, scale).to(x.dtype)
-            y = (F.linear(xq, self.qweight).float() * scale * self.weight_scale).to(x.dtype)
+            y = F.linear(quantize_e4m3(x, scale), self.qweight_f32).mul_(scale).mul_(self.weight_scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
@@ -199,6 +201,7 @@ class FP8StaticLinear(nn.Module):
     def __init__(self, qweight: Tensor, weight_scale: float, input_scale: float, bias: Tensor | None):
         super().__init__()
         self.register_buffer("qweight", qweight)
+        self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.weight_scale, self.input_scale = float(weight_scale), float(input_scale)
         self.bias = bias
 
@@ -217,8 +220,8 @@ class FP8StaticLinear(nn.Module):
             y = scaled_mm(x, torch.tensor(self.input_scale, device=x.device), self.qweight,
                           torch.tensor(self.weight_scale, device=x.device))
         else:
-            # a bf16 product with a float scale is computed in float32 and rounded once
-            y = F.linear(self._quantized_input(x), self.qweight).mul_(self.input_scale * self.weight_scale)
+            y = F.linear(self._quantized_input(x), self.qweight_f32).mul_(self.input_scale * self.weight_scale)
+            y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     # q/k/v (and gate/up) are called one after another on one input tensor with one calibrated
@@ -232,7 +235,7 @@ class FP8StaticLinear(nn.Module):
         last = FP8StaticLinear._last
         if last is not None and last[0] is x and last[1] == version and last[2] == self.input_scale:
             return last[3]
-        xq = quantize_e4m3(x, self.input_scale).to(x.dtype)
+        xq = quantize_e4m3(x, self.input_scale)  # float32, like the weights it meets
         FP8StaticLinear._last = (x, version, self.input_scale, xq)
         return xq
 

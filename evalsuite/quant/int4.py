@@ -95,6 +95,32 @@ def int4_kernel_available(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the packed kernel takes
+
+
+class PackedInt4:
+    """Block-quantized codes in the packed INT4 CPU kernel's layout. The kernel's groups are the
+    block size, or a divisor of it that divides in_features (SmolLM2's 576 = 9 x 64), each block's
+    scale and zero repeated over its groups: the same weights, and no input padding per call.
+    Otherwise inputs are padded to whole blocks."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor | None, in_features: int, block_size: int,
+                 dtype: torch.dtype):
+        group = next((g for g in KERNEL_GROUPS if block_size % g == 0 and in_features % g == 0), None)
+        self.group, self.k = (group, in_features) if group else (block_size, codes.shape[1])
+        reps, groups = block_size // self.group, self.k // self.group
+        zero = torch.zeros_like(scale) if zero_point is None else (8 - zero_point.float()) * scale
+        s, z = (t.repeat_interleave(reps, dim=1)[:, :groups] for t in (scale, zero))
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[:, :self.k].int() + 8, 2)
+        self.scales_and_zeros = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x [rows, in_features] -> [rows, out]."""
+        if x.shape[-1] != self.k:
+            x = F.pad(x, (0, self.k - x.shape[-1]))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros)
+
+
 class Int4WeightOnlyLinear(nn.Module):
     """INT4 weights (block scales, optional zero points), BF16 inputs; optional AWQ input pre-scale (x / s).
 
@@ -119,10 +145,19 @@ class Int4WeightOnlyLinear(nn.Module):
         self.use_kernel = use_kernel and int4_kernel_available(dtype)
         self.kernel_max_rows = kernel_max_rows
         self.last_path = "simulated"
-        if self.use_kernel:
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes.int() + 8), 2)
-            zero = torch.zeros_like(scale) if zero_point is None else (8 - zero_point.float()) * scale
-            self.scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+        self.kernel = PackedInt4(codes, scale, zero_point, in_features, block_size, dtype) if self.use_kernel else None
+
+    @staticmethod
+    def fused(mods: list["Int4WeightOnlyLinear"]) -> "FusedInt4 | None":
+        """One product for projections that read one input (q/k/v, gate/up), when none has an AWQ
+        pre-scale (each would divide the input by its own) and they agree on layout and path."""
+        first = mods[0]
+        same = all(type(m) is Int4WeightOnlyLinear and m.input_scale is None and
+                   (m.in_features, m.block_size, m.use_kernel, m.kernel_max_rows, m.weight.dtype,
+                    m.zero_point is None, m.bias is None) ==
+                   (first.in_features, first.block_size, first.use_kernel, first.kernel_max_rows, first.weight.dtype,
+                    first.zero_point is None, first.bias is None) for m in mods)
+        return FusedInt4(mods) if same else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 128, awq_scale: Tensor | None = None,
@@ -165,9 +200,7 @@ class Int4WeightOnlyLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if self.use_kernel and rows <= self.kernel_max_rows:
             self.last_path = "kernel"
-            flat = pad_to_blocks(x.reshape(rows, x.shape[-1]), self.block_size)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.block_size, self.scales_and_zeros)
-            y = y.view(*x.shape[:-1], -1)
+            y = self.kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         self.last_path = "simulated"
         return F.linear(x, self.weight, self.bias)
@@ -175,3 +208,36 @@ class Int4WeightOnlyLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.codes.shape[0]}, block_size={self.block_size}, "
                 f"awq={self.input_scale is not None}, zero_point={self.zero_point is not None}")
+
+
+class FusedInt4:
+    """Projections of one input as one product: the simulated weights concatenated (the modules'
+    own become views of it) and one packed kernel weight. Valid while the model still holds these
+    modules (``valid_for``)."""
+
+    def __init__(self, mods: list[Int4WeightOnlyLinear]):
+        self.mods = tuple(mods)
+        self.weight = torch.cat([m.weight for m in mods])
+        for m, w in zip(mods, self.weight.split([m.weight.shape[0] for m in mods])):
+            m.weight = w
+        self.bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
+        first = mods[0]
+        self.use_kernel, self.kernel_max_rows = first.use_kernel, first.kernel_max_rows
+        self.kernel = None
+        if self.use_kernel:
+            zero = None if first.zero_point is None else torch.cat([m.zero_point for m in mods])
+            self.kernel = PackedInt4(torch.cat([m.codes for m in mods]), torch.cat([m.scale for m in mods]), zero,
+                                     first.in_features, first.block_size, first.weight.dtype)
+
+    def valid_for(self, mods: list[nn.Module]) -> bool:
+        return len(mods) == len(self.mods) and all(a is b for a, b in zip(mods, self.mods))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        path = "kernel" if self.use_kernel and rows <= self.kernel_max_rows else "simulated"
+        for m in self.mods:
+            m.last_path = path
+        if path == "simulated":
+            return F.linear(x, self.weight, self.bias)
+        y = self.kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
