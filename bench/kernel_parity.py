@@ -8,6 +8,10 @@ and per-tensor; int4-awq and int4-awq-asym through the packed INT4 kernel for ev
     of MMLU letter prompts (target <= 1e-2; the worst prompt is reported);
   * MMLU 0-shot on a stratified subset in both formulations: the share of identical predictions
     (target >= 99%) and the mean KL of the choice distributions.
+With ``--noise-floor`` the simulation is also run with every quantized projection's input
+channels permuted (the same sums in another order, as another correct kernel would add them):
+the distance between those two simulations is what any change of summation order costs on this
+model, the yardstick for the real-vs-simulated distance.
 Runs resume from reports/results/parity/<recipe>-<kernel>/.
 """
 
@@ -46,6 +50,18 @@ def last_logits(lm, texts: list[str]) -> list[torch.Tensor]:
     return [lm.model(torch.tensor([lm.tokenizer.encode(t)]))[0, -1].float() for t in texts]
 
 
+def permute_inputs(model, seed: int = 0) -> None:
+    """Permute the input channels of every quantized projection (weights and inputs alike)."""
+    from evalsuite.quant.checkpoint import MODULE_TYPES
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if type(m) in MODULE_TYPES.values() and hasattr(m, "qweight"):
+            perm = torch.randperm(m.qweight.shape[1], generator=g)
+            m.qweight, m.qweight_f32 = m.qweight[:, perm].contiguous(), m.qweight_f32[:, perm].contiguous()
+            m.register_forward_pre_hook(lambda _m, args, perm=perm: (args[0][..., perm],))
+
+
 def records(run_dir: Path) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     for line in open(run_dir / "samples.jsonl"):
@@ -59,26 +75,34 @@ def main() -> None:
     p.add_argument("--per-subject", type=int, default=2)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--recipes", nargs="+", default=list(PATHS), choices=list(PATHS))
+    p.add_argument("--noise-floor", action="store_true", help="also the simulation with permuted sums (FP8 recipes)")
     args = p.parse_args()
     texts = prompts(args.prompts)
     cfg = MMLUConfig(formulations=FORMULATIONS, per_subject=args.per_subject)
     rows = []
     for recipe in args.recipes:
         runs, logits = {}, {}
-        for kernel in PATHS[recipe]:
-            lm, record = load_model_and_recipe("smollm2-135m", recipe, "bfloat16", {"kernel": kernel})
-            logits[kernel] = last_logits(lm, texts)
-            run_dir = Path("reports/results/parity") / f"{recipe}-{kernel}"
-            run_mmlu(lm, cfg, run_dir, recipe=record, progress=False)
-            runs[kernel] = records(run_dir)
         sim, real = PATHS[recipe]
-        rel = max(float((r - s).norm() / s.norm()) for r, s in zip(logits[real], logits[sim]))
-        for form in FORMULATIONS:
-            ch = paired_changes(runs[sim][form], runs[real][form])
-            rows.append((recipe, real, form, rel, ch))
-            print(f"{recipe} ({real} vs simulated) {form}: logits rel. error (worst of {len(texts)}) {rel:.2e}, "
-                  f"identical {1 - ch['changed_share']:.2%} of {ch['n']}, mean KL {ch['mean_kl']:.2e}", flush=True)
-    print("\n| recipe | real path | formulation | logits rel. error (worst) | identical predictions | mean KL |")
+        variants = [sim, real] + (["permuted"] if args.noise_floor and recipe.startswith("fp8") else [])
+        for variant in variants:
+            lm, record = load_model_and_recipe("smollm2-135m", recipe, "bfloat16",
+                                               {"kernel": sim if variant == "permuted" else variant})
+            if variant == "permuted":
+                permute_inputs(lm.model)
+                record = {**record, "note": "simulated, input channels of quantized projections permuted"}
+            logits[variant] = last_logits(lm, texts)
+            run_dir = Path("reports/results/parity") / f"{recipe}-{variant}"
+            run_mmlu(lm, cfg, run_dir, recipe=record, progress=False)
+            runs[variant] = records(run_dir)
+        for other in variants[1:]:
+            rel = max(float((r - s).norm() / s.norm()) for r, s in zip(logits[other], logits[sim]))
+            for form in FORMULATIONS:
+                ch = paired_changes(runs[sim][form], runs[other][form])
+                rows.append((recipe, other, form, rel, ch))
+                print(f"{recipe} ({other} vs simulated) {form}: logits rel. error (worst of {len(texts)}) {rel:.2e}, "
+                      f"identical {1 - ch['changed_share']:.2%} of {ch['n']}, mean KL {ch['mean_kl']:.2e}", flush=True)
+    print("\n| recipe | compared with the simulation | formulation | logits rel. error (worst) | identical predictions "
+          "| mean KL |")
     print("| --- | --- | --- | --- | --- | --- |")
     for recipe, real, form, rel, ch in rows:
         print(f"| {recipe} | {real} | {form} | {rel:.2e} | {1 - ch['changed_share']:.2%} "
