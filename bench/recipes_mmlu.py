@@ -43,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     subset = f"n{args.per_subject}" if args.per_subject else "full"
     cfg = MMLUConfig(formulations=FORMULATIONS, per_subject=args.per_subject or None)
-    rows, base = [], None
+    rows, base, by_recipe = [], None, {}
     for recipe in ["bf16"] + [r for r in args.recipes if r != "bf16"]:
         name, _, settings = recipe.partition(":")
         t = time.perf_counter()
@@ -54,7 +54,7 @@ def main() -> None:
         t = time.perf_counter()
         res = run_mmlu(lm, cfg, run_dir, recipe=record, progress=False)
         t_run = time.perf_counter() - t
-        recs = records_by_formulation(run_dir)
+        recs = by_recipe[recipe] = records_by_formulation(run_dir)
         if recipe == "bf16":
             base = recs
         for form in FORMULATIONS:
@@ -73,6 +73,14 @@ def main() -> None:
         norm_s = f"{norm['acc']:.4f} ± {norm['se']:.4f}" if norm else "—"
         lines.append(f"| {recipe} | {form} | {acc['acc']:.4f} ± {acc['se']:.4f} | {norm_s} | "
                      f"{ch['changed_share']:.2%} ({ch['changed']}) | {ch['mean_kl']:.5f} | {wbytes / 1e6:.1f} MB |")
+    variants = [r for r in by_recipe if ":" in r and r.partition(":")[0] in by_recipe]
+    if variants:  # a recipe with overrides against the recipe's defaults
+        lines += ["", "| variant | against | formulation | changed | mean KL (nats) |", "| --- | --- | --- | --- | --- |"]
+        for v in variants:
+            for form in FORMULATIONS:
+                ch = paired_changes(by_recipe[v.partition(":")[0]][form], by_recipe[v][form])
+                lines.append(f"| {v} | {v.partition(':')[0]} | {form} | {ch['changed_share']:.2%} ({ch['changed']}) | "
+                             f"{ch['mean_kl']:.5f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
