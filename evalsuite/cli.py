@@ -45,9 +45,11 @@ def _build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--dtype", default="bfloat16")
     qz.add_argument("--output", required=True, help="folder for config.json, model.safetensors, quantization.json")
 
+    from .plan import PLAN_RECIPES
+
     pl = sub.add_parser("plan", help="fewest GPUs that hold a model's weights and KV cache under a recipe")
     pl.add_argument("--model-config", default="llama-3.1-405b", help="architecture preset (see `evalsuite models`)")
-    pl.add_argument("--recipe", nargs="+", default=["bf16", "fp8-official", "fp8-modelopt", "int4-awq"])
+    pl.add_argument("--recipe", nargs="+", default=list(PLAN_RECIPES))
     pl.add_argument("--gpu", nargs="+", default=["h100", "h200"])
     pl.add_argument("--context", type=int, default=8192, help="tokens per sequence (default 8192)")
     pl.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
