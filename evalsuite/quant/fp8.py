@@ -71,7 +71,7 @@ def scaled_mm(x: Tensor, x_scale: Tensor, qweight: Tensor, w_scale: Tensor) -> T
     flat = x.reshape(-1, x.shape[-1])
     xs = x_scale.reshape(-1, 1) if x_scale.dim() else x_scale
     x8 = (flat.float() / xs).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    w8 = qweight.to(torch.float8_e4m3fn)
+    w8 = qweight if qweight.dtype == torch.float8_e4m3fn else qweight.to(torch.float8_e4m3fn)
     y = torch._scaled_mm(x8, w8.t(), scale_a=xs.float(), scale_b=w_scale.float(), out_dtype=x.dtype)
     return y.view(*x.shape[:-1], -1)
 
@@ -83,7 +83,7 @@ class FP8RowwiseLinear(nn.Module):
 
     def __init__(self, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None, activation_scale_ub: float):
         super().__init__()
-        self.register_buffer("qweight", qweight)  # E4M3 values, stored in the model dtype
+        self.register_buffer("qweight", qweight.to(torch.float8_e4m3fn))  # what the kernel and checkpoint hold
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.register_buffer("weight_scale", weight_scale)  # float32 [out]
         self.bias = bias
@@ -93,7 +93,7 @@ class FP8RowwiseLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, activation_scale_ub: float) -> "FP8RowwiseLinear":
         w = linear.weight.detach()
         scale = per_channel_scale(w)
-        qweight = round_e4m3(w.float() / scale[:, None]).to(w.dtype)
+        qweight = round_e4m3(w.float() / scale[:, None]).to(torch.float8_e4m3fn)  # exact: already E4M3 values
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, scale, bias, activation_scale_ub)
 
@@ -108,13 +108,13 @@ class FP8RowwiseLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
-        tensors = {"qweight": self.qweight.to(torch.float8_e4m3fn), "weight_scale": self.weight_scale}
+        tensors = {"qweight": self.qweight, "weight_scale": self.weight_scale}
         return _with_bias(tensors, self.bias), {"activation_scale_ub": self.activation_scale_ub,
                                                 "use_kernel": self.use_kernel}
 
     @classmethod
     def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8RowwiseLinear":
-        q = cls(t["qweight"].to(dtype), t["weight_scale"], t.get("bias"), attrs["activation_scale_ub"])
+        q = cls(t["qweight"], t["weight_scale"], t.get("bias"), attrs["activation_scale_ub"])
         q.use_kernel = attrs["use_kernel"]
         return q
 
@@ -200,7 +200,7 @@ class FP8StaticLinear(nn.Module):
 
     def __init__(self, qweight: Tensor, weight_scale: float, input_scale: float, bias: Tensor | None):
         super().__init__()
-        self.register_buffer("qweight", qweight)
+        self.register_buffer("qweight", qweight.to(torch.float8_e4m3fn))  # what the kernel and checkpoint hold
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.weight_scale, self.input_scale = float(weight_scale), float(input_scale)
         self.bias = bias
@@ -209,7 +209,7 @@ class FP8StaticLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, input_amax: float) -> "FP8StaticLinear":
         w = linear.weight.detach()
         w_scale = static_scale(float(w.abs().max()))
-        qweight = round_e4m3(w.float() / w_scale).to(w.dtype)
+        qweight = round_e4m3(w.float() / w_scale).to(torch.float8_e4m3fn)  # exact: already E4M3 values
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, w_scale, static_scale(input_amax), bias)
 
@@ -240,13 +240,13 @@ class FP8StaticLinear(nn.Module):
         return xq
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
-        tensors = {"qweight": self.qweight.to(torch.float8_e4m3fn)}
+        tensors = {"qweight": self.qweight}
         return _with_bias(tensors, self.bias), {"weight_scale": self.weight_scale, "input_scale": self.input_scale,
                                                 "use_kernel": self.use_kernel}
 
     @classmethod
     def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8StaticLinear":
-        q = cls(t["qweight"].to(dtype), attrs["weight_scale"], attrs["input_scale"], t.get("bias"))
+        q = cls(t["qweight"], attrs["weight_scale"], attrs["input_scale"], t.get("bias"))
         q.use_kernel = attrs["use_kernel"]
         return q
 
