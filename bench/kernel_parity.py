@@ -18,15 +18,15 @@ Runs resume from reports/results/parity/<recipe>-<kernel>/.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from evalsuite.quant.checkpoint import load_model_and_recipe
 from evalsuite.runners.mmlu import MMLUConfig, load_mmlu, render_context, run_mmlu, select
-from evalsuite.taskdef import load_task
 from evalsuite.stats import paired_changes
+from evalsuite.taskdef import load_task
+from recipes_mmlu import records_by_formulation  # bench/, next to this script
 
 # recipe -> (simulated setting, real setting) of its ``kernel`` option
 PATHS = {
@@ -62,14 +62,6 @@ def permute_inputs(model, seed: int = 0) -> None:
             m.register_forward_pre_hook(lambda _m, args, perm=perm: (args[0][..., perm],))
 
 
-def records(run_dir: Path) -> dict[str, dict[str, dict]]:
-    out: dict[str, dict[str, dict]] = {}
-    for line in open(run_dir / "samples.jsonl"):
-        r = json.loads(line)
-        out.setdefault(r["formulation"], {})[r["id"]] = r
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--per-subject", type=int, default=2)
@@ -93,7 +85,7 @@ def main() -> None:
             logits[variant] = last_logits(lm, texts)
             run_dir = Path("reports/results/parity") / f"{recipe}-{variant}"
             run_mmlu(lm, cfg, run_dir, recipe=record, progress=False)
-            runs[variant] = records(run_dir)
+            runs[variant] = records_by_formulation(run_dir)
         for other in variants[1:]:
             rel = max(float((r - s).norm() / s.norm()) for r, s in zip(logits[other], logits[sim]))
             for form in FORMULATIONS:

@@ -15,7 +15,6 @@ from evalsuite.quant.checkpoint import load_quantized, quantized_modules, save_q
 from evalsuite.quant.int4 import pack_nibbles, unpack_nibbles
 
 
-
 def test_nibble_packing_round_trips():
     codes = torch.tensor([[-8, 7, 0, -1], [3, -3, 5, -8]], dtype=torch.int8)
     packed = pack_nibbles(codes)

@@ -148,7 +148,6 @@ def test_kv_scale_modes():
     assert kv_scale(896.0, "deploy") == kv_scale(896.0, "simulate") == pytest.approx(2.0)
 
 
-
 def _hf_linear_input_amax(hf, sequences):
     """Reference: forward pre-hooks on transformers' own modules (same names as the engine's)."""
     amax = {}

@@ -70,7 +70,6 @@ def test_int4_linear_applies_awq_prescale():
     assert q(x).item() == pytest.approx(1 * 7 + 1 * -7 + 3 * 0 + 8 * 7)
 
 
-
 @pytest.mark.parametrize("recipe", ["int4-awq", "int4-rtn"])
 def test_int4_recipes(recipe, tiny_dir, calib_file):
     lm = load(str(tiny_dir), "float32")
@@ -103,7 +102,6 @@ def test_awq_search_is_cached(tiny_dir, calib_file, monkeypatch):
 
 def test_int4_cpu_kernel_matches_simulation():
     """The packed INT4 kernel against the dequantized reference, in BF16, with padding and AWQ."""
-
     if not int4_kernel_available(torch.bfloat16):
         pytest.skip("this torch has no _weight_int4pack_mm_for_cpu")
     torch.manual_seed(0)

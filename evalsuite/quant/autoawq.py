@@ -33,8 +33,8 @@ from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, Step
 from .api import Recipe, register
 from .calibrate import CalibrationSpec, cached_tensors
-from .int4 import (INT4_KERNEL_MODES, Int4WeightOnlyLinear, int4_asym_quantize, int4_fake_quantize,
-                   pad_to_blocks)
+from .int4 import (INT4_KERNEL_MODES, Int4WeightOnlyLinear, check_kernel_mode, int4_asym_quantize,
+                   int4_fake_quantize, pad_to_blocks)
 
 SKIP_CLIP = ("q_proj", "k_proj")
 
@@ -54,8 +54,7 @@ class Int4AutoAWQConfig:
     kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
 
     def __post_init__(self) -> None:
-        if self.kernel not in INT4_KERNEL_MODES:
-            raise ValueError(f"kernel={self.kernel!r}; valid: {', '.join(INT4_KERNEL_MODES)}")
+        check_kernel_mode(self.kernel)
         if self.block_size < 1 or self.n_grid < 1 or self.clip_grid < 1 or self.clip_tokens < 1:
             raise ValueError(f"block_size, n_grid, clip_grid and clip_tokens must be >= 1, got {self.block_size}, "
                              f"{self.n_grid}, {self.clip_grid}, {self.clip_tokens}")

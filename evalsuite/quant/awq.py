@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..engine.load import LoadedModel
 from .api import Recipe, register
 from .calibrate import CalibrationSpec, cached, projections, run_wrapped
-from .int4 import INT4_KERNEL_MODES, Int4WeightOnlyLinear, int4_fake_quantize, pad_to_blocks
+from .int4 import INT4_KERNEL_MODES, Int4WeightOnlyLinear, check_kernel_mode, int4_fake_quantize, pad_to_blocks
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
 
@@ -102,8 +102,7 @@ class Int4AWQConfig:
     kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
 
     def __post_init__(self) -> None:
-        if self.kernel not in INT4_KERNEL_MODES:
-            raise ValueError(f"kernel={self.kernel!r}; valid: {', '.join(INT4_KERNEL_MODES)}")
+        check_kernel_mode(self.kernel)
         if self.block_size < 1 or self.alpha_steps < 1:
             raise ValueError(f"block_size and alpha_steps must be >= 1, got {self.block_size}, {self.alpha_steps}")
         if isinstance(self.calibration, dict):

@@ -91,6 +91,11 @@ KERNEL_MAX_ROWS = 4
 INT4_KERNEL_MODES = {"off": 0, "auto": KERNEL_MAX_ROWS, "always": 1 << 62}
 
 
+def check_kernel_mode(kernel: str) -> None:
+    if kernel not in INT4_KERNEL_MODES:
+        raise ValueError(f"kernel={kernel!r}; valid: {', '.join(INT4_KERNEL_MODES)}")
+
+
 def int4_kernel_available(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
@@ -197,13 +202,8 @@ class Int4WeightOnlyLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale
-        rows = x.numel() // x.shape[-1]
-        if self.use_kernel and rows <= self.kernel_max_rows:
-            self.last_path = "kernel"
-            y = self.kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        self.last_path = "simulated"
-        return F.linear(x, self.weight, self.bias)
+        y, self.last_path = _product(x, self.weight, self.bias, self.kernel, self.kernel_max_rows)
+        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.codes.shape[0]}, block_size={self.block_size}, "
@@ -222,9 +222,8 @@ class FusedInt4:
             m.weight = w
         self.bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
         first = mods[0]
-        self.use_kernel, self.kernel_max_rows = first.use_kernel, first.kernel_max_rows
-        self.kernel = None
-        if self.use_kernel:
+        self.kernel_max_rows, self.kernel = first.kernel_max_rows, None
+        if first.use_kernel:
             zero = None if first.zero_point is None else torch.cat([m.zero_point for m in mods])
             self.kernel = PackedInt4(torch.cat([m.codes for m in mods]), torch.cat([m.scale for m in mods]), zero,
                                      first.in_features, first.block_size, first.weight.dtype)
@@ -233,11 +232,18 @@ class FusedInt4:
         return len(mods) == len(self.mods) and all(a is b for a, b in zip(mods, self.mods))
 
     def __call__(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        path = "kernel" if self.use_kernel and rows <= self.kernel_max_rows else "simulated"
+        y, path = _product(x, self.weight, self.bias, self.kernel, self.kernel_max_rows)
         for m in self.mods:
             m.last_path = path
-        if path == "simulated":
-            return F.linear(x, self.weight, self.bias)
-        y = self.kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return y
+
+
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: PackedInt4 | None,
+             kernel_max_rows: int) -> tuple[Tensor, str]:
+    """x·Wᵀ (+ bias) on the packed kernel when there is one and the call has at most
+    ``kernel_max_rows`` rows, else on the dequantized weight; and which path ran."""
+    rows = x.numel() // x.shape[-1]
+    if kernel is None or rows > kernel_max_rows:
+        return F.linear(x, weight, bias), "simulated"
+    y = kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], -1)
+    return (y if bias is None else y + bias), "kernel"
