@@ -2,6 +2,7 @@
 
     python bench/recipes_mmlu.py --per-subject 20 --out docs/RESULTS.md
     python bench/recipes_mmlu.py --per-subject 0                        # the full 14,042 (hours)
+    python bench/recipes_mmlu.py --per-subject 0 --report-only          # the table of the finished runs
 
 A recipe may carry overrides, ``NAME:KEY=VALUE[,KEY=VALUE]`` (``fp8-modelopt:kv_scale_mode=deploy``).
 Each recipe's run lives in reports/results/<subset>/<recipe>/ and resumes when rerun. The table
@@ -35,35 +36,54 @@ def records_by_formulation(run_dir: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
+def _finished_run(run_dir: Path) -> dict | None:
+    """run.json of a complete run in ``run_dir`` (its metrics and recipe record), else None."""
+    path = run_dir / "run.json"
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    return run if run.get("status") == "complete" and set(FORMULATIONS) <= set(run.get("metrics", {})) else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--per-subject", type=int, default=20, help="questions per subject; 0 for all")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES))
     p.add_argument("--out", default=None, help="write the markdown table here too")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: tabulate the recipes whose runs are complete, list the others")
     args = p.parse_args()
     subset = f"n{args.per_subject}" if args.per_subject else "full"
     cfg = MMLUConfig(formulations=FORMULATIONS, per_subject=args.per_subject or None)
-    rows, base, by_recipe = [], None, {}
+    rows, base, by_recipe, unfinished = [], None, {}, []
     for recipe in ["bf16"] + [r for r in args.recipes if r != "bf16"]:
-        name, _, settings = recipe.partition(":")
-        t = time.perf_counter()
-        lm, record = load_model_and_recipe("smollm2-135m", name, "bfloat16",
-                                           parse_recipe_config(settings.split(",")) if settings else None)
-        t_apply = time.perf_counter() - t
         run_dir = Path("reports/results") / subset / recipe
-        t = time.perf_counter()
-        res = run_mmlu(lm, cfg, run_dir, recipe=record, progress=False)
-        t_run = time.perf_counter() - t
+        if args.report_only:
+            run = _finished_run(run_dir)
+            if run is None:
+                if recipe == "bf16":
+                    raise SystemExit(f"no complete BF16 run in {run_dir}: nothing to compare against")
+                unfinished.append(recipe)
+                continue
+            metrics, record = run["metrics"], run["recipe"]
+        else:
+            name, _, settings = recipe.partition(":")
+            t = time.perf_counter()
+            lm, record = load_model_and_recipe("smollm2-135m", name, "bfloat16",
+                                               parse_recipe_config(settings.split(",")) if settings else None)
+            t_apply = time.perf_counter() - t
+            t = time.perf_counter()
+            metrics = run_mmlu(lm, cfg, run_dir, recipe=record, progress=False).metrics
+            print(f"{recipe}: applied in {t_apply:.0f} s, evaluated in {time.perf_counter() - t:.0f} s", flush=True)
         recs = by_recipe[recipe] = records_by_formulation(run_dir)
         if recipe == "bf16":
             base = recs
         for form in FORMULATIONS:
-            m = res.metrics[form]
+            m = metrics[form]
             ch = paired_changes(base[form], recs[form])
             acc = m["acc"]["overall"]
             norm = m.get("acc_norm", {}).get("overall")
             rows.append((recipe, form, acc, norm, ch, record["weight_bytes"]))
-        print(f"{recipe}: applied in {t_apply:.0f} s, evaluated in {t_run:.0f} s", flush=True)
     n = rows[0][4]["n"]
     lines = [f"MMLU 0-shot, SmolLM2-135M-Instruct (dequantized Q4_1 as the BF16 baseline), "
              f"{'all ' + str(n) if not args.per_subject else f'{args.per_subject} per subject, {n}'} questions.",
@@ -81,6 +101,8 @@ def main() -> None:
                 ch = paired_changes(by_recipe[v.partition(":")[0]][form], by_recipe[v][form])
                 lines.append(f"| {v} | {v.partition(':')[0]} | {form} | {ch['changed_share']:.2%} ({ch['changed']}) | "
                              f"{ch['mean_kl']:.5f} |")
+    if unfinished:
+        lines += ["", "Not finished yet (resumable): " + ", ".join(unfinished) + "."]
     table = "\n".join(lines)
     print(table)
     if args.out:
