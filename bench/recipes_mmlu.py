@@ -6,8 +6,9 @@
 
 A recipe may carry overrides, ``NAME:KEY=VALUE[,KEY=VALUE]`` (``fp8-modelopt:kv_scale_mode=deploy``).
 Each recipe's run lives in reports/results/<subset>/<recipe>/ and resumes when rerun. The table
-gives, per recipe and formulation: accuracy (subject-weighted, ± SE), the share of questions
-whose prediction differs from BF16, the mean KL divergence of the four-choice distribution from
+gives, per recipe and formulation: accuracy (subject-weighted, ± SE), its difference from BF16's
+over the same questions with the paired standard error (weighted alike), the share of questions whose
+prediction differs from BF16, the mean KL divergence of the four-choice distribution from
 BF16's, and the recipe's deployed weight bytes.
 """
 
@@ -20,8 +21,9 @@ from pathlib import Path
 
 from evalsuite.cli import parse_recipe_config
 from evalsuite.quant.checkpoint import load_model_and_recipe
-from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
-from evalsuite.stats import paired_changes
+from evalsuite.runners.mmlu import MMLUConfig, load_mmlu, run_mmlu
+from evalsuite.stats import paired_accuracy_difference, paired_changes
+from evalsuite.taskdef import load_task
 
 RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "fp8-modelopt:kv_scale_mode=deploy", "int4-awq", "int4-rtn",
            "int4-awq-asym")
@@ -56,6 +58,7 @@ def main() -> None:
     subset = f"n{args.per_subject}" if args.per_subject else "full"
     cfg = MMLUConfig(formulations=FORMULATIONS, per_subject=args.per_subject or None)
     rows, base, by_recipe, unfinished = [], None, {}, []
+    weights = load_mmlu(load_task("mmlu"), cfg.data).subject_sizes()  # as the accuracies are weighted
     for recipe in ["bf16"] + [r for r in args.recipes if r != "bf16"]:
         run_dir = Path("reports/results") / subset / recipe
         if args.report_only:
@@ -81,17 +84,20 @@ def main() -> None:
         for form in FORMULATIONS:
             m = metrics[form]
             ch = paired_changes(base[form], recs[form])
+            ch["diff"] = paired_accuracy_difference(base[form], recs[form], weights)
             acc = m["acc"]["overall"]
             norm = m.get("acc_norm", {}).get("overall")
             rows.append((recipe, form, acc, norm, ch, record["weight_bytes"]))
     n = rows[0][4]["n"]
     lines = [f"MMLU 0-shot, SmolLM2-135M-Instruct (dequantized Q4_1 as the BF16 baseline), "
              f"{'all ' + str(n) if not args.per_subject else f'{args.per_subject} per subject, {n}'} questions.",
-             "", "| recipe | formulation | accuracy | acc_norm | changed vs BF16 | mean KL vs BF16 (nats) | weight bytes |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "", "| recipe | formulation | accuracy | acc_norm | Δ accuracy vs BF16 (paired SE) | changed vs BF16 | "
+                 "mean KL vs BF16 (nats) | weight bytes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for recipe, form, acc, norm, ch, wbytes in rows:
         norm_s = f"{norm['acc']:.4f} ± {norm['se']:.4f}" if norm else "—"
-        lines.append(f"| {recipe} | {form} | {acc['acc']:.4f} ± {acc['se']:.4f} | {norm_s} | "
+        diff_s = "—" if recipe == "bf16" else f"{ch['diff'].acc:+.4f} ({ch['diff'].se:.4f})"
+        lines.append(f"| {recipe} | {form} | {acc['acc']:.4f} ± {acc['se']:.4f} | {norm_s} | {diff_s} | "
                      f"{ch['changed_share']:.2%} ({ch['changed']}) | {ch['mean_kl']:.5f} | {wbytes / 1e6:.1f} MB |")
     variants = [r for r in by_recipe if ":" in r and r.partition(":")[0] in by_recipe]
     if variants:  # a recipe with overrides against the recipe's defaults

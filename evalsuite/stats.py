@@ -62,6 +62,25 @@ def accuracy_table(outcomes: Mapping[str, list[bool]], categories: Mapping[str, 
     }
 
 
+def paired_accuracy_difference(base: Mapping[str, dict], cand: Mapping[str, dict],
+                               weights: Mapping[str, float] | None = None) -> Estimate:
+    """Candidate minus baseline accuracy over the questions both record sets hold, from the
+    per-question differences d = correct_cand - correct_base: their mean with the paired standard
+    error sd(d) / sqrt(n) (a paired t-test's denominator). With subject ``weights`` the differences
+    are stratified by each record's "subject" exactly as accuracies are (``accuracy_table``), so
+    the difference is the difference of the two reported accuracies."""
+    ids = sorted(set(base) & set(cand))
+    if not ids:
+        raise ValueError("the two record sets share no question")
+    diffs: dict[str, list[int]] = {}
+    for i in ids:
+        key = base[i]["subject"] if weights is not None else ""
+        diffs.setdefault(key, []).append(int(cand[i]["correct"]) - int(base[i]["correct"]))
+    if weights is None:
+        return mean_estimate(diffs[""])
+    return stratified_estimate({s: mean_estimate(d) for s, d in diffs.items()}, weights)
+
+
 def choice_distribution(logprobs: list[float]) -> list[float]:
     """The model's distribution over the answer choices: softmax of their log-likelihoods."""
     top = max(logprobs)

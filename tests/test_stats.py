@@ -58,3 +58,24 @@ def test_paired_changes():
     p = [math.exp(x) for x in (-2, -1, -3, -4)]
     q = [math.exp(x) for x in (-1, -2, -3, -4)]
     assert out["mean_kl"] == pytest.approx(sps.entropy(p, q) / 2)
+
+
+def test_paired_accuracy_difference_matches_scipy_ttest_rel():
+    from evalsuite.stats import paired_accuracy_difference
+
+    base_ok = [1, 0, 1, 1, 0, 0, 1, 0, 1, 1]
+    cand_ok = [1, 1, 0, 1, 0, 1, 1, 1, 1, 0]
+    subjects = ["x"] * 6 + ["y"] * 4
+    base = {str(i): {"subject": s, "correct": bool(c)} for i, (s, c) in enumerate(zip(subjects, base_ok))}
+    cand = {str(i): {"subject": s, "correct": bool(c)} for i, (s, c) in enumerate(zip(subjects, cand_ok))}
+    cand["extra"] = {"subject": "x", "correct": True}  # only in one set: ignored
+    plain = paired_accuracy_difference(base, cand)
+    assert plain.acc == pytest.approx(0.1) and plain.n == 10  # 7/10 - 6/10
+    assert plain.se == pytest.approx(0.1 / sps.ttest_rel(cand_ok, base_ok).statistic)
+    # stratified by subject with weights 1 (x) and 3 (y): x's d = [0, 1, -1, 0, 0, 1] (+1/6),
+    # y's d = [0, 1, 0, -1] (mean 0, sample variance 2/3, so SE sqrt(2/3 / 4))
+    strat = paired_accuracy_difference(base, cand, {"x": 1, "y": 3})
+    assert strat.acc == pytest.approx(0.25 / 6)
+    se_x = (1 / 6) / sps.ttest_rel(cand_ok[:6], base_ok[:6]).statistic
+    se_y = math.sqrt(2 / 3 / 4)
+    assert strat.se == pytest.approx(math.sqrt((0.25 * se_x) ** 2 + (0.75 * se_y) ** 2))
