@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
+from .linear import linear, project
 
 
 @dataclass
@@ -127,7 +128,7 @@ class _Fused:
             type(m) is nn.Linear and m.weight is w for m, w in zip(linears, self.views))
 
     def __call__(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def _fuse(mods: list[nn.Module]):
@@ -165,7 +166,7 @@ class Attention(nn.Module):
         mods = [self.q_proj, self.k_proj, self.v_proj]
         if self._fused is not None and self._fused.valid_for(mods):
             return self._fused(x)
-        return torch.cat([m(x) for m in mods], dim=-1)
+        return torch.cat([project(m, x) for m in mods], dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
         B, L, _ = x.shape
@@ -190,7 +191,7 @@ class Attention(nn.Module):
             rows = slice(step.slot_start, step.slot_start + B)
             k, v = kc[rows, :, :step.kv_len], vc[rows, :, :step.kv_len]
             out = self._attend(q, k, v, False, step.mask) if self._quantized else _decode_attention(q, k, v, step.mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, H * D))
+        return project(self.o_proj, out.transpose(1, 2).reshape(B, L, H * D))
 
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         """Causal attention of each packed sequence on its own; K/V written to its cache slot, or,
@@ -276,8 +277,8 @@ class MLP(nn.Module):
         if self._fused is not None and self._fused.valid_for([self.gate_proj, self.up_proj]):
             gate, up = self._fused(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -369,7 +370,7 @@ class CausalLM(nn.Module):
             if type(self.lm_head) is nn.Linear:
                 return F.linear(hidden.float(), self.lm_head.weight.float())
             return self.lm_head(hidden).float()
-        return self.lm_head(hidden)
+        return project(self.lm_head, hidden)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Full logits [B, L, vocab] for a batch of equal-length token rows, no cache."""

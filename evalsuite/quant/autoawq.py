@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, Step
 from .api import Recipe, register
@@ -138,14 +139,27 @@ def _scale_groups(layer: DecoderLayer) -> list[tuple[str, nn.Module, list[str]]]
     return groups
 
 
+class _Recorder(nn.Module):
+    """A projection that keeps every input it is called with."""
+
+    def __init__(self, inner: nn.Module, sink: list[Tensor]):
+        super().__init__()
+        self.inner, self.sink = inner, sink
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.sink.append(x)
+        return project(self.inner, x)
+
+
 @torch.inference_mode()
 def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor, Step]],
                  config: Int4AutoAWQConfig) -> dict[str, Tensor]:
     """Scales per group and clip values per projection for one layer (its weights are left as found)."""
     attn, mlp = layer.self_attn, layer.mlp
-    seen: dict[str, list[Tensor]] = {"self_attn.o_proj": [], "mlp.down_proj": []}
-    hooks = [layer.get_submodule(n).register_forward_hook(lambda _m, args, _out, n=n: seen[n].append(args[0]))
-             for n in seen]
+    o_in: list[Tensor] = []
+    down_in: list[Tensor] = []
+    o_proj, down_proj = attn.o_proj, mlp.down_proj
+    attn.o_proj, mlp.down_proj = _Recorder(o_proj, o_in), _Recorder(down_proj, down_in)
     attn_in, attn_out, mlp_in, mlp_out = [], [], [], []
     try:
         for x, cos, sin, step in batches:
@@ -154,18 +168,16 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
             mlp_in.append(layer.post_attention_layernorm(x + attn_out[-1]))
             mlp_out.append(mlp(mlp_in[-1]))
     finally:
-        for h in hooks:
-            h.remove()
-    o_in, down_in = seen["self_attn.o_proj"], seen["mlp.down_proj"]
+        attn.o_proj, mlp.down_proj = o_proj, down_proj
 
     def probe(group: str):  # (inputs, forward(batch) with the current weights, reference outputs)
         if group == "qkv":
             return attn_in, lambda b: attn(attn_in[b], *batches[b][1:]), attn_out
         if group == "o":
-            return o_in, lambda b: attn.o_proj(o_in[b]), [attn.o_proj(x) for x in o_in]
+            return o_in, lambda b: project(attn.o_proj, o_in[b]), [project(attn.o_proj, x) for x in o_in]
         if group == "mlp":
             return mlp_in, lambda b: mlp(mlp_in[b]), mlp_out
-        return down_in, lambda b: mlp.down_proj(down_in[b]), [mlp.down_proj(x) for x in down_in]
+        return down_in, lambda b: project(mlp.down_proj, down_in[b]), [project(mlp.down_proj, x) for x in down_in]
 
     inputs = {"self_attn.q_proj": attn_in, "self_attn.o_proj": o_in, "mlp.gate_proj": mlp_in,
               "mlp.down_proj": down_in}

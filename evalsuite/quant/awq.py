@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..engine.linear import linear, project
 from ..engine.load import LoadedModel
 from .api import Recipe, register
 from .calibrate import CalibrationSpec, cached, projections, run_wrapped
@@ -53,7 +54,7 @@ class _MeanAbs(nn.Module):
         part = flat.abs().sum(dim=0)
         self.total = part if self.total is None else self.total + part
         self.count += flat.shape[0]
-        return self.inner(x)
+        return project(self.inner, x)
 
 
 class _AlphaSearch(nn.Module):
@@ -69,9 +70,9 @@ class _AlphaSearch(nn.Module):
         self.errors = [0.0] * len(grid)
 
     def forward(self, x: Tensor) -> Tensor:
-        ref = self.inner(x)
+        ref = project(self.inner, x)
         for i, (s, qw) in enumerate(zip(self.scales, self.qweights)):
-            out = nn.functional.linear(x / s.to(x.dtype), qw, self.inner.bias)
+            out = linear(x / s.to(x.dtype), qw, self.inner.bias)
             self.errors[i] += float((out.float() - ref.float()).pow(2).sum())
         return ref
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..assets import cache_dir
 from ..engine.generate import SamplingParams
+from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, Step
 from ..textgen import generate_text
@@ -85,7 +86,7 @@ class _ObservedLinear(nn.Module):
         self.inner, self.observer = inner, _Observer()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(self.observer(x))
+        return project(self.inner, self.observer(x))
 
 
 ATTENTION_POINTS = ("k_cache_quant", "v_cache_quant", "q_bmm_quant")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.linear import linear as _linear
+
 INT4_MIN, INT4_MAX = -8, 7
 ASYM_MAX = 15
 
@@ -244,6 +246,6 @@ def _product(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: PackedInt4 
     ``kernel_max_rows`` rows, else on the dequantized weight; and which path ran."""
     rows = x.numel() // x.shape[-1]
     if kernel is None or rows > kernel_max_rows:
-        return F.linear(x, weight, bias), "simulated"
+        return _linear(x, weight, bias), "simulated"
     y = kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], -1)
     return (y if bias is None else y + bias), "kernel"
