@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams, _onednn
+from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams
+from evalsuite.engine.linear import decode_kernels
 from evalsuite.engine.model import Step
-from evalsuite.quant.checkpoint import load_model_and_recipe
+from evalsuite.models import load_model_and_recipe
 
 
 def decode_run(recipe: str, compiled: bool, steps: int = 32, reps: int = 3) -> tuple[list[float], list[int]]:
@@ -37,7 +38,7 @@ def decode_run(recipe: str, compiled: bool, steps: int = 32, reps: int = 3) -> t
     def step() -> None:
         tokens = torch.tensor([[chosen[-1] if chosen else g.tokens[-1]]])
         positions = torch.tensor([len(g.prompt) + len(chosen)])
-        with torch.inference_mode(), _onednn(False):  # as DecodeBatch.step at one row
+        with torch.inference_mode(), decode_kernels(1):  # as DecodeBatch.step at one row
             logits = fn(tokens, Step.for_decode(positions, batch.cache))
         chosen.append(int(logits.argmax()))
 

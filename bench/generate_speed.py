@@ -66,7 +66,7 @@ def main() -> None:
     folder, _ = gguf_to_folder(MODELS["smollm2-135m"].locate(), MODELS["smollm2-135m"].sha256)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     bw = read_bandwidth_gbs()
-    wbytes = lm.model.weight_bytes()
+    wbytes = lm.model.resident_bytes()
     print(f"read bandwidth {bw:.1f} GB/s, weights {wbytes / 1e6:.0f} MB -> batch-1 floor {bw * 1e9 / wbytes:.1f} tok/s")
     params = SamplingParams(max_new_tokens=NEW_TOKENS)  # no stop tokens: always 128 new tokens
     for bs in args.batches:

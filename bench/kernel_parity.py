@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from evalsuite.quant.checkpoint import load_model_and_recipe
+from evalsuite.models import load_model_and_recipe
 from evalsuite.runners.mmlu import MMLUConfig, load_mmlu, render_context, run_mmlu, select
 from evalsuite.stats import paired_changes
 from evalsuite.taskdef import load_task

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams
-from evalsuite.quant.checkpoint import load_model_and_recipe
+from evalsuite.models import load_model_and_recipe
 from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from evalsuite.cli import parse_recipe_config
-from evalsuite.quant.checkpoint import load_model_and_recipe
+from evalsuite.models import load_model_and_recipe
 from evalsuite.runners.mmlu import MMLUConfig, load_mmlu, run_mmlu
 from evalsuite.stats import paired_accuracy_difference, paired_changes
 from evalsuite.taskdef import load_task
@@ -87,7 +87,7 @@ def main() -> None:
             ch["diff"] = paired_accuracy_difference(base[form], recs[form], weights)
             acc = m["acc"]["overall"]
             norm = m.get("acc_norm", {}).get("overall")
-            rows.append((recipe, form, acc, norm, ch, record["weight_bytes"]))
+            rows.append((recipe, form, acc, norm, ch, record["deployed_weight_bytes"]))
     n = rows[0][4]["n"]
     lines = [f"MMLU 0-shot, SmolLM2-135M-Instruct (dequantized Q4_1 as the BF16 baseline), "
              f"{'all ' + str(n) if not args.per_subject else f'{args.per_subject} per subject, {n}'} questions.",

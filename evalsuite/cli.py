@@ -14,35 +14,40 @@ from .taskdef import available_tasks
 DEFAULT_REPORTS = Path("reports") / "runs"
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="registered name, HF folder, .gguf file or hub id")
+    parser.add_argument("--recipe", default="bf16", help="quantization recipe (see `evalsuite recipes`)")
+    parser.add_argument("--recipe-config", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override recipe settings, values as JSON (e.g. kv_scale_mode=deploy)")
+    parser.add_argument("--dtype", default="bfloat16", help="engine dtype: bfloat16 (default) or float32")
+
+
+def _run_options() -> argparse.ArgumentParser:
+    """The options every task takes; each runner adds its own (``evalsuite run TASK --help``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    _model_options(g)
+    g = p.add_argument_group("execution (speed only: changing these resumes the same run)")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default 32)")
+    g.add_argument("--max-batch-tokens", type=int, default=4096,
+                   help="packed prompt tokens per forward (default 4096)")
+    g.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=None, help="run directory (default: reports/runs/<derived name>)")
+    return p
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evalsuite", description="Accuracy evaluation of (quantized) LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a task on a model (resumes an interrupted run)")
-    run.add_argument("task", help="task name (see `evalsuite tasks`)")
-    run.add_argument("--model", default="smollm2-135m", help="registered name, HF folder, .gguf file or hub id")
-    run.add_argument("--recipe", default="bf16", help="quantization recipe (see `evalsuite recipes`)")
-    run.add_argument("--recipe-config", nargs="+", default=[], metavar="KEY=VALUE",
-                     help="override recipe settings, values as JSON (e.g. kv_scale_mode=deploy)")
-    run.add_argument("--dtype", default="bfloat16", help="engine dtype: bfloat16 (default) or float32")
-    run.add_argument("--formulation", nargs="+", default=["letter", "cloze"],
-                     help="MMLU formulations: letter, cloze, generative (default: letter cloze)")
-    run.add_argument("--num-fewshot", type=int, default=0, help="exemplars per prompt, 0..5 (default 0)")
-    run.add_argument("--per-subject", type=int, default=None,
-                     help="stratified subset: questions per subject (default or 0: all 14,042)")
-    run.add_argument("--subjects", nargs="+", default=None, help="restrict to these subjects")
-    run.add_argument("--seed", type=int, default=1234)
-    run.add_argument("--data", default="embedded", help="'embedded', a JSONL file, or a hub id (cais/mmlu)")
-    run.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default 32)")
-    run.add_argument("--max-batch-tokens", type=int, default=4096, help="padded tokens per forward")
-    run.add_argument("--output", default=None, help="run directory (default: reports/runs/<derived name>)")
-    run.add_argument("--no-progress", action="store_true")
+    run = sub.add_parser("run", help="run a task on a model (resumes an interrupted run)", add_help=False,
+                         usage="evalsuite run TASK [options]  (evalsuite run TASK --help lists them)")
+    run.add_argument("task", nargs="?", help="task name (see `evalsuite tasks`)")
+    run.add_argument("task_args", nargs=argparse.REMAINDER)
 
     qz = sub.add_parser("quantize", help="apply a recipe and save the quantized checkpoint")
-    qz.add_argument("--model", default="smollm2-135m")
-    qz.add_argument("--recipe", required=True)
-    qz.add_argument("--recipe-config", nargs="+", default=[], metavar="KEY=VALUE")
-    qz.add_argument("--dtype", default="bfloat16")
+    _model_options(qz)
     qz.add_argument("--output", required=True, help="folder for config.json, model.safetensors, quantization.json")
 
     from .plan import PLAN_RECIPES
@@ -62,22 +67,39 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .quant.checkpoint import load_model_and_recipe
-    from .runners.mmlu import MMLUConfig, run_mmlu
+    from .backends.engine import EngineBackend
+    from .engine.load import parse_dtype
+    from .models import check_recipe_for_source, load_model_and_recipe
+    from .runners import get_runner
+    from .taskdef import read_task_file
 
-    if args.task not in available_tasks():
-        raise KeyError(f"unknown task {args.task!r}; valid: {', '.join(available_tasks())}")
-    cfg = MMLUConfig(formulations=tuple(args.formulation), num_fewshot=args.num_fewshot,
-                     per_subject=args.per_subject or None, seed=args.seed,
-                     subjects=tuple(args.subjects) if args.subjects else None, data=args.data,
-                     batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
-    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, parse_recipe_config(args.recipe_config))
-    out = Path(args.output) if args.output else DEFAULT_REPORTS / _run_name(args, lm.info.name)
-    print(f"model {lm.info.name} ({lm.info.dtype}), recipe {args.recipe}, writing {out}", file=sys.stderr)
-    result = run_mmlu(lm, cfg, out, recipe=recipe, progress=not args.no_progress)
-    print(format_summary(result.metrics, result.run))
+    if args.task is None or args.task in ("-h", "--help"):
+        print("usage: evalsuite run TASK [options]; tasks: " + ", ".join(available_tasks()) +
+              "\n`evalsuite run TASK --help` lists a task's options")
+        return 0 if args.task else 2
+    raw, _ = read_task_file(args.task)
+    runner = get_runner(raw["runner"])
+    task = runner.parse_task(raw, f"tasks/{args.task}.yaml")
+    parser = argparse.ArgumentParser(prog=f"evalsuite run {args.task}", parents=[_run_options()])
+    runner.add_arguments(parser.add_argument_group(f"{args.task}"))
+    opts = parser.parse_args(args.task_args)
+    # Everything that can be checked without a model is checked first.
+    job = runner.prepare(task, opts)
+    overrides = parse_recipe_config(opts.recipe_config)
+    check_recipe_for_source(opts.model, opts.recipe)
+    parse_dtype(opts.dtype)
+    if opts.batch_size < 1 or opts.max_batch_tokens < 1:
+        raise ValueError(f"--batch-size {opts.batch_size} and --max-batch-tokens {opts.max_batch_tokens}: "
+                         "both must be >= 1")
+    lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides)
+    backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
+    name = run_name(lm.info.name, opts.recipe, args.task, job, {"dtype": opts.dtype, "recipe_config": overrides})
+    out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
+    print(f"model {lm.info.name} ({lm.info.dtype}), recipe {opts.recipe}, writing {out}", file=sys.stderr)
+    result = runner.run(job, backend, out, progress=not opts.no_progress)
+    print(runner.summary(result))
     print(f"\nrecords: {out / 'samples.jsonl'}\nrun record: {out / 'run.json'}")
-    return 0
+    return 0 if result.run.get("status") == "complete" else 1
 
 
 def parse_recipe_config(items: list[str]) -> dict:
@@ -93,37 +115,17 @@ def parse_recipe_config(items: list[str]) -> dict:
     return out
 
 
-def _run_name(args: argparse.Namespace, model_name: str) -> str:
-    key = json.dumps([args.formulation, args.num_fewshot, args.per_subject, args.subjects, args.seed,
-                      args.data, args.dtype, args.recipe_config], sort_keys=True)
-    subset = f"n{args.per_subject}" if args.per_subject else "full"
-    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
-    return f"{safe}-{args.recipe}-{args.task}-{args.num_fewshot}shot-{subset}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-
-
-def format_summary(metrics: dict, run: dict) -> str:
-    lines = [f"MMLU  {run['questions']} questions  ({run['data']['rejected_rows']} malformed rows rejected)"]
-    for name, m in metrics.items():
-        keys = ["acc"] + (["acc_norm"] if "acc_norm" in m else [])
-        for key in keys:
-            o = m[key]["overall"]
-            lines.append(f"\n[{name}] {key}: {o['acc']:.4f} ± {_se(o['se'])}  (n={m['n']})")
-            for cat, e in m[key]["categories"].items():
-                lines.append(f"    {cat:<16} {e['acc']:.4f} ± {_se(e['se'])}  (n={e['n']})")
-        share = ", ".join(f"{k} {v:.1%}" for k, v in m["prediction_share"].items())
-        lines.append(f"    predictions: {share}")
-        if "near_ties" in m:
-            lines.append(f"    near ties (top-2 log-prob margin <= {m['near_tie_margin']}): {m['near_ties']}")
-    lines.append("\nper-subject accuracy: see run.json -> metrics.<formulation>.acc.subjects")
-    return "\n".join(lines)
-
-
-def _se(se: float) -> str:
-    return "n/a (1 question per subject)" if se != se else f"{se:.4f}"
+def run_name(model: str, recipe: str, task: str, job, extra: dict) -> str:
+    """The default run folder: readable parts and a hash of what changes scores (the job's
+    identity, the dtype, the recipe overrides), never of execution settings such as batch size."""
+    key = json.dumps([job.identity(), extra], sort_keys=True, default=str)
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model)
+    return f"{safe}-{recipe}-{task}-{job.slug()}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .quant.checkpoint import load_model_and_recipe, quantized_modules, save_quantized
+    from .models import load_model_and_recipe
+    from .quant.checkpoint import quantized_modules, save_quantized
 
     lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, parse_recipe_config(args.recipe_config))
     out = save_quantized(lm, recipe, Path(args.output))
@@ -157,7 +159,7 @@ def _list_tasks() -> int:
 
     for name in available_tasks():
         task = load_task(name)
-        print(f"{name}: formulations {', '.join(task.formulations)}; {len(task.categories)} subjects")
+        print(f"{name} (runner {task.runner}): {task.describe()}")
     return 0
 
 
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     from .assets import AssetError
+    from .backends.base import BackendError
     from .engine.load import ModelLoadError
     from .records import RunConflictError
 
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quantize":
             return _quantize(args)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
-    except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError) as e:
+    except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError,
+            BackendError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"evalsuite: error: {msg}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
 A run directory holds ``samples.jsonl`` and ``run.json``. Every record is flushed when its batch
 finishes, so an interrupted run loses at most the batch in flight; rerunning the same command
-reads what is there and computes only what is missing. A run directory belongs to one
-configuration: reusing it for a different one is an error rather than a silent mix.
+reads what is there and computes only what is missing. A record with a ``failed`` field (a
+request the backend could not answer, with the reason) is kept as evidence and retried on the
+next run; the last record written for a key is the one that counts. A run directory belongs to
+one configuration: reusing it for a different one is an error rather than a silent mix.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,9 @@ def package_versions() -> dict[str, str]:
 
 
 class RunStore:
-    def __init__(self, directory: str | Path, identity: dict[str, Any], config_hash: str):
+    def __init__(self, directory: str | Path, identity: dict[str, Any], config_hash: str,
+                 key: Callable[[dict[str, Any]], Hashable] = lambda r: r["id"]):
+        self.key = key
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.samples_path = self.dir / SAMPLES
@@ -75,8 +79,13 @@ class RunStore:
         with open(self.samples_path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def done_keys(self) -> set[tuple[str, str]]:
-        return {(r["formulation"], r["id"]) for r in self.records()}
+    def latest(self) -> dict[Hashable, dict[str, Any]]:
+        """The last record written for each key (a success written after a failure replaces it)."""
+        return {self.key(r): r for r in self.records()}
+
+    def done_keys(self) -> set[Hashable]:
+        """Keys whose last record is not a failure: what a resumed run skips."""
+        return {k for k, r in self.latest().items() if "failed" not in r}
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -90,9 +99,11 @@ class RunStore:
         tmp.write_text(json.dumps(self.run, indent=2, ensure_ascii=False))
         tmp.replace(self.run_path)
 
-    def finish(self, **fields: Any) -> None:
+    def finish(self, status: str = "complete", **fields: Any) -> None:
+        """Record the final fields; ``status`` is "complete", or "incomplete" when some requests
+        failed (a rerun retries them)."""
         self.run.update(fields)
-        self.run["status"] = "complete"
+        self.run["status"] = status
         self.run["sessions"][-1]["finished"] = _now()
         self.write_run()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,13 +31,22 @@ def encode_prompt(tokenizer, prompt: str | Sequence[Message]) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def with_stop_tokens(params: SamplingParams, tokenizer) -> SamplingParams:
+    """``params`` with the tokenizer's EOS among its stop tokens."""
+    eos = tuple(t for t in dict.fromkeys((*params.stop_token_ids, tokenizer.eos_token_id)) if t is not None)
+    return dataclasses.replace(params, stop_token_ids=eos)
+
+
 def generate_text(model: CausalLM, tokenizer, prompts: Sequence[str | Sequence[Message]],
-                  params: SamplingParams, stop: Sequence[str] = (), *, max_batch_size: int = 64,
-                  max_prefill_tokens: int = 4096, progress=None) -> list[TextResult]:
-    """Generate text; the tokenizer's EOS ends a sequence, and so does any string in ``stop``
-    (the returned text is cut before it)."""
-    eos = tuple(t for t in {tokenizer.eos_token_id, *params.stop_token_ids} if t is not None)
-    params = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.seed, eos)
+                  params: SamplingParams | Sequence[SamplingParams], stop: Sequence[str] = (), *,
+                  max_batch_size: int = 64, max_prefill_tokens: int = 4096, progress=None) -> list[TextResult]:
+    """Generate text (one ``params`` for all prompts, or one per prompt); the tokenizer's EOS ends
+    a sequence, and so does any string in ``stop`` (the returned text is cut before it)."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+    params = [with_stop_tokens(p, tokenizer) for p in params]
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     stops = [s for s in stop if s]
 

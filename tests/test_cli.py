@@ -42,3 +42,61 @@ def test_listings(capsys):
     assert main(["models"]) == 0 and "smollm2-135m (default)" in capsys.readouterr().out
     assert main(["tasks"]) == 0 and "letter, cloze, generative" in capsys.readouterr().out
     assert main(["recipes"]) == 0 and "bf16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--num-fewshot", "9"], "num_fewshot=9; valid: 0..5"),
+    (["--formulation", "xyz"], "unknown formulation 'xyz'"),
+    (["--per-subject", "-1"], "per_subject=-1"),
+    (["--subjects", "astrology"], "unknown subjects ['astrology']"),
+    (["--recipe", "fp9"], "unknown recipe 'fp9'"),
+    (["--recipe-config", "novalue"], "--recipe-config takes KEY=VALUE"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--dtype", "int3"], "unknown dtype 'int3'"),
+])
+def test_bad_arguments_fail_before_any_model_loads(extra, msg, tiny_dir, tmp_path, capsys, monkeypatch):
+    import evalsuite.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    monkeypatch.setattr(models, "load_quantized", no_load)
+    argv = ["run", "mmlu", "--model", str(tiny_dir), "--output", str(tmp_path / "x"), "--no-progress"] + extra
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_unknown_option_of_a_task_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "mmlu", "--judge-model", "x"])
+    assert e.value.code == 2 and "unrecognized arguments: --judge-model" in capsys.readouterr().err
+
+
+def test_task_help_lists_its_own_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "mmlu", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--num-fewshot" in out and "--batch-size" in out
+
+
+def test_changing_batch_size_resumes_the_same_run(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Batch size and batch tokens are execution settings: the same command with another batch
+    size finds the same default run folder and scores nothing again."""
+    from evalsuite.backends.engine import EngineBackend
+
+    monkeypatch.chdir(tmp_path)
+    base = ["run", "mmlu", "--model", str(tiny_dir), "--dtype", "float32", "--per-subject", "1",
+            "--subjects", "anatomy", "marketing", "--formulation", "letter", "--no-progress"]
+    assert main(base + ["--batch-size", "32"]) == 0
+    runs = list((tmp_path / "reports" / "runs").iterdir())
+    assert len(runs) == 1
+    calls = []
+    monkeypatch.setattr(EngineBackend, "loglikelihood", lambda self, reqs, **kw: calls.append(reqs))
+    assert main(base + ["--batch-size", "8", "--max-batch-tokens", "512"]) == 0
+    assert calls == [] and list((tmp_path / "reports" / "runs").iterdir()) == runs
+    # a change that does change scores is another run
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(base + ["--num-fewshot", "1"]) == 0
+    assert len(list((tmp_path / "reports" / "runs").iterdir())) == 2

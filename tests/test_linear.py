@@ -1,4 +1,5 @@
-"""The engine's BF16 product route for CPUs without BF16 arithmetic (evalsuite.engine.linear)."""
+"""The engine's matrix product (evalsuite.engine.linear): the float32 route for BF16 on CPUs
+without BF16 arithmetic, its batch invariance, and its cached float32 weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from evalsuite.engine import linear as lin
+
+SHAPES = [(1536, 576), (576, 1536), (960, 576), (8192, 576), (160, 64), (64, 160)]  # SmolLM2-like and tiny-model shapes
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -20,18 +23,51 @@ def test_bf16_product_is_the_rounded_exact_sum(monkeypatch, native, rows):
     w = torch.randn(40, 96, generator=g).bfloat16()
     b = torch.randn(40, generator=g).bfloat16()
     got = lin.linear(x, w, b)
-    assert got.dtype == torch.bfloat16
-    exact = (x.double() @ w.double().T + b.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 40)
+    exact = x.double() @ w.double().T + b.double()
     ulp = exact.abs().bfloat16().double() * 2.0 ** -7
     assert ((got.double() - exact).abs() <= ulp + 1e-30).all()
-    assert ((got.double() - exact.bfloat16().double()).abs() <= ulp).all()
 
 
-def test_float32_and_hooked_modules_take_the_plain_path(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out,inp", SHAPES)
+def test_rows_do_not_depend_on_how_many_share_the_call(monkeypatch, dtype, out, inp):
+    """Batch invariance, bit for bit: every row of a call of M rows equals the same row of one
+    600-row call, for every M from 1 to 40 and a few larger ones."""
     monkeypatch.setattr(lin, "cpu_has_native_bf16", lambda: False)
-    x = torch.randn(8, 16)
+    g = torch.Generator().manual_seed(out + inp)
+    x = torch.randn(600, inp, generator=g).to(dtype)
+    w = torch.randn(out, inp, generator=g).to(dtype) * inp ** -0.5
+    ref = lin.linear(x, w)
+    for m in list(range(1, 41)) + [63, 129, 513]:
+        assert torch.equal(lin.linear(x[:m], w), ref[:m]), f"{m} rows"
+
+
+def test_float32_copy_follows_in_place_changes(monkeypatch):
+    monkeypatch.setattr(lin, "cpu_has_native_bf16", lambda: False)
+    w = torch.randn(8, 16).bfloat16()
+    x = torch.randn(5, 16).bfloat16()
+    first = lin.linear(x, w)
+    assert lin.float32_copy(w) is lin.float32_copy(w)  # kept, not made per call
+    with torch.no_grad():
+        w.mul_(2)
+    assert torch.equal(lin.linear(x, w), (first.float() * 2).bfloat16())
+
+
+def test_small_decode_steps_take_the_native_kernel(monkeypatch):
+    monkeypatch.setattr(lin, "cpu_has_native_bf16", lambda: False)
+    x, w = torch.randn(2, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    with lin.decode_kernels(2):
+        assert torch.equal(lin.linear(x, w), F.linear(x, w))
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+
+
+def test_float32_and_hooked_modules(monkeypatch):
+    monkeypatch.setattr(lin, "cpu_has_native_bf16", lambda: False)
     m = torch.nn.Linear(16, 4)
-    assert torch.equal(lin.project(m, x), F.linear(x, m.weight, m.bias))
+    x = torch.randn(8, 16)
+    assert torch.allclose(lin.project(m, x), F.linear(x, m.weight, m.bias), atol=1e-6)
     seen = []
     mb = torch.nn.Linear(16, 4).bfloat16()
     mb.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))

@@ -10,9 +10,13 @@ import pytest
 import yaml
 from lm_eval.utils import apply_template
 
+import torch
+
+from evalsuite.backends.engine import EngineBackend
 from evalsuite.runners import mmlu
-from evalsuite.runners.mmlu import MMLUConfig, Question, load_mmlu, render_context, run_mmlu, select
-from evalsuite.taskdef import TaskDefinitionError, load_task, parse_task
+from evalsuite.runners.mmlu import (MMLUConfig, Question, generative_outcome, load_mmlu, prepare_mmlu, render_context,
+                                    run_mmlu, select)
+from evalsuite.taskdef import TaskDefinitionError, load_task, parse_multiple_choice_task as parse_task
 
 LM_EVAL_MMLU = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "mmlu")
 
@@ -96,10 +100,46 @@ def test_subset_is_stratified_seeded_and_excludes_exemplars(data, task):
 def test_config_validation(task):
     for cfg, msg in [(MMLUConfig(num_fewshot=6), "num_fewshot=6; valid: 0..5"),
                      (MMLUConfig(formulations=("letters",)), "unknown formulation 'letters'.*valid: letter, cloze"),
+                     (MMLUConfig(formulations=()), "no formulation given; valid: letter, cloze, generative"),
                      (MMLUConfig(per_subject=0), "per_subject=0"),
-                     (MMLUConfig(subjects=("astrology",)), "unknown subjects \\['astrology'\\]")]:
+                     (MMLUConfig(per_subject=-1), "per_subject=-1"),
+                     (MMLUConfig(subjects=("astrology",)), "unknown subjects \\['astrology'\\]"),
+                     (MMLUConfig(data="no/such/file.jsonl"), "data='no/such/file.jsonl'; valid: 'embedded'")]:
         with pytest.raises((ValueError, KeyError), match=msg):
             cfg.validate(task)
+
+
+def test_a_data_file_without_valid_questions_is_named(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=f"{empty} holds no valid MMLU questions \\(0 rows rejected\\)"):
+        prepare_mmlu(MMLUConfig(data=str(empty)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d",
+                               "correct_answer": "E", "topic": "anatomy"}) + "\n")
+    with pytest.raises(ValueError, match="holds no valid MMLU questions \\(1 rows rejected, e.g. row 0: "
+                                         "correct_answer='E' is not one of A-D"):
+        prepare_mmlu(MMLUConfig(data=str(bad)))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        (tmp_path / "garbled.jsonl").write_text("{not json\n")
+        prepare_mmlu(MMLUConfig(data=str(tmp_path / "garbled.jsonl")))
+
+
+def test_data_file_runs_its_own_questions(tiny, tmp_path):
+    """--data FILE: the file's rows are the questions (ids by row), its hash is in the record."""
+    import hashlib
+
+    rows = [{"question": f"What is {i} + {i}?", "answer_a": str(2 * i), "answer_b": str(i), "answer_c": "0",
+             "answer_d": "1", "correct_answer": "A", "topic": "elementary mathematics"} for i in range(7)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run_mmlu(tiny, MMLUConfig(formulations=("cloze",), data=str(path)), tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
+    assert sorted(r["id"] for r in records) == [f"mmlu/{i}" for i in range(7)]
+    assert {r["subject"] for r in records} == {"elementary_mathematics"}
+    assert [r["choices"] for r in sorted(records, key=lambda r: r["id"])][3] == ["6", "3", "0", "1"]
+    assert res.run["data"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert res.run["data"]["source"] == str(path)
 
 
 def test_task_yaml_is_strict():
@@ -128,25 +168,47 @@ def test_malformed_rows_rejected_not_scored(task):
 SMALL = dict(subjects=("abstract_algebra", "anatomy", "marketing"), per_subject=4)
 
 
-def test_run_writes_lossless_records(tiny, tmp_path):
+def _hf_continuation_logprob(hf, tokenizer, context: str, continuation: str) -> float:
+    """Reference: transformers' own model scores lm-eval's split of context and continuation."""
+    from types import SimpleNamespace
+
+    from lm_eval.api.model import TemplateLM
+
+    fake = SimpleNamespace(backend="causal", tok_encode=lambda s, **kw: tokenizer.encode(s))
+    ctx, cont = TemplateLM._encode_pair(fake, context, continuation)
+    with torch.no_grad():
+        logits = hf(torch.tensor([ctx + cont])).logits[0].double()
+    lp = torch.log_softmax(logits, dim=-1)
+    return sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+
+
+def test_run_writes_lossless_records(tiny, hf_tiny, tmp_path, task):
+    """The stored log-likelihoods are transformers' own, for every choice of every record, and
+    the prediction is the choice transformers ranks first."""
     res = run_mmlu(tiny, MMLUConfig(formulations=("letter", "cloze"), **SMALL), tmp_path / "run", progress=False)
     records = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
     assert len(records) == 2 * 12
-    r = next(r for r in records if r["formulation"] == "cloze")
-    assert r["prediction"] == max(range(4), key=lambda i: r["logprobs"][i])
-    assert r["prediction_norm"] == max(range(4), key=lambda i: r["logprobs"][i] / r["char_counts"][i])
-    assert r["correct"] == (r["prediction"] == r["target"]) and len(r["token_counts"]) == 4
+    questions = {q.id: q for q in load_mmlu(task).questions}
+    for r in records:
+        form = task.formulation(r["formulation"])
+        context = render_context(form, questions[r["id"]], [])
+        ref = [_hf_continuation_logprob(hf_tiny, tiny.tokenizer, context, " " + c) for c in r["choices"]]
+        assert r["logprobs"] == pytest.approx(ref, abs=2e-4)
+        ranked = sorted(range(4), key=lambda i: ref[i], reverse=True)
+        if ref[ranked[0]] - ref[ranked[1]] > 1e-3:
+            assert r["prediction"] == ranked[0]
+        assert r["correct"] == (r["prediction"] == questions[r["id"]].target)
     run = json.loads(open(tmp_path / "run" / "run.json").read())
     assert run["status"] == "complete" and run["data"]["rejected_rows"] == 2
-    assert run["recipe"]["name"] == "bf16" and run["model"]["weights_sha256"]
-    acc = res.metrics["letter"]["acc"]["overall"]["acc"]
+    assert run["recipe"]["name"] == "bf16" and run["backend"]["kind"] == "engine"
+    # subject-weighted accuracy, weights = the subjects' sizes in the full test set (hand counts)
     by_subject = {}
     for r in records:
         if r["formulation"] == "letter":
             by_subject.setdefault(r["subject"], []).append(r["correct"])
     sizes = {"abstract_algebra": 100, "anatomy": 135, "marketing": 234}
     want = sum(sizes[s] * sum(v) / len(v) for s, v in by_subject.items()) / sum(sizes.values())
-    assert acc == pytest.approx(want)
+    assert res.metrics["letter"]["acc"]["overall"]["acc"] == pytest.approx(want)
 
 
 def test_interrupted_run_resumes_without_recomputing(tiny, tmp_path, monkeypatch):
@@ -158,8 +220,8 @@ def test_interrupted_run_resumes_without_recomputing(tiny, tmp_path, monkeypatch
     kept = full[:-6]
     (out / "samples.jsonl").write_text("\n".join(kept) + "\n" + full[-6][:40])
     scored = []
-    real = mmlu.score
-    monkeypatch.setattr(mmlu, "score", lambda model, reqs, **kw: scored.extend(reqs) or real(model, reqs, **kw))
+    real = EngineBackend.loglikelihood
+    monkeypatch.setattr(EngineBackend, "loglikelihood", lambda self, reqs, **kw: scored.extend(reqs) or real(self, reqs, **kw))
     run_mmlu(tiny, cfg, out, progress=False)
     assert len(scored) == 6 * 4  # only the six missing questions, four choices each
     again = open(out / "samples.jsonl").read().splitlines()
@@ -176,13 +238,27 @@ def test_run_dir_refuses_a_different_config(tiny, tmp_path):
         run_mmlu(tiny, MMLUConfig(formulations=("letter",), seed=9, **SMALL), tmp_path / "run", progress=False)
 
 
+@pytest.mark.parametrize("text,target,prediction,correct", [
+    (" B", 1, 1, True),                 # the usual answer: a space, then the letter
+    ("B", 2, 1, False),
+    ("b", 1, None, False),              # lower case is not a letter answer (Model Optimizer's rule)
+    ("", 0, None, False),               # nothing generated
+    (" The answer is B", 1, None, False),  # starts with "T": neither a prediction nor correct
+    ("\n\nA.", 0, 0, True),
+    (" D) because", 3, 3, True),
+])
+def test_generative_outcome_hand_written(text, target, prediction, correct):
+    assert generative_outcome(text, target) == (prediction, correct)
+
+
 def test_generative_formulation_runs(tiny, tmp_path):
     res = run_mmlu(tiny, MMLUConfig(formulations=("generative",), **SMALL), tmp_path / "g", progress=False)
     records = [json.loads(line) for line in open(tmp_path / "g" / "samples.jsonl")]
-    assert len(records) == 12 and all(len(r["generated_tokens"]) <= 2 for r in records)
-    for r in records:
-        assert r["correct"] == r["generated"].strip().startswith("ABCD"[r["target"]])
+    assert len(records) == 12 and all(1 <= len(r["generated_tokens"]) <= 2 for r in records)
     assert res.metrics["generative"]["n"] == 12
+    # the recorded text is the decoding of the recorded tokens
+    assert all(r["generated"] == tiny.tokenizer.decode(r["generated_tokens"], skip_special_tokens=True)
+               for r in records)
 
 
 @pytest.mark.parametrize("context", ["Question: Which?\nAnswer:", "Question: Which?\nAnswer: "])

@@ -66,10 +66,19 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def layer_projections(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, out_features, in_features) of one decoder layer's projections, in the names of
+        the model's modules. The one place the architecture's shapes are spelled out: parameter
+        counts and the planner's byte counts derive from it."""
+        h, i = self.hidden_size, self.intermediate_size
+        return (("self_attn.q_proj", self.q_size, h), ("self_attn.k_proj", self.kv_size, h),
+                ("self_attn.v_proj", self.kv_size, h), ("self_attn.o_proj", h, self.q_size),
+                ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i))
+
     def num_parameters(self, include_embeddings: bool = True) -> int:
-        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        body = self.num_layers * (attn + mlp + 2 * self.hidden_size) + self.hidden_size
+        projections = sum(out * inp for _, out, inp in self.layer_projections())
+        bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
+        body = self.num_layers * (projections + bias + 2 * self.hidden_size) + self.hidden_size
         if not include_embeddings:
             return body
         emb = self.vocab_size * self.hidden_size

@@ -14,28 +14,14 @@ generator seeded per sequence, so a seeded request samples the same tokens alone
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .linear import decode_kernels
 from .model import CausalLM, Step
-
-
-SMALL_DECODE_ROWS = 2  # decode steps with at most this many rows bypass oneDNN (measured in docs/PERF.md)
-
-
-@contextmanager
-def _onednn(enabled: bool):
-    """Switch oneDNN for the ops inside (only this flag; ``torch.backends.mkldnn.flags`` resets others)."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 @dataclass(frozen=True)
@@ -135,7 +121,7 @@ class DecodeBatch:
         positions = torch.tensor([g.next_position for g in self.running])
         # oneDNN's BF16 GEMV reads weights at ~13 GB/s on AVX512-BF16 CPUs; ATen's own kernel
         # streams them at ~29 GB/s. From 4 rows on, oneDNN's GEMM is as fast or faster.
-        with _onednn(len(self.running) > SMALL_DECODE_ROWS):
+        with decode_kernels(len(self.running)):
             hidden = self.model.hidden(tokens, Step.for_decode(positions, self.cache))
             logits = self.model.logits(hidden[:, 0]).float()
         for g, t in zip(self.running, sample(logits, self.running)):

@@ -7,19 +7,49 @@ cores (docs/PERF.md), so there the engine computes the same thing itself: both o
 float32 (exact), one float32 matmul, one rounding to BF16. Only the order of the float32 additions
 can differ from a native BF16 GEMM, as it already differs between BF16 kernels.
 
-Calls of fewer than ``UPCAST_MIN_ROWS`` rows (batch-1 decode) stay native: there the weight's
-upcast would cost more than the product it speeds up.
+The float32 route keeps the engine's batch invariance (a sequence's numbers must not depend on
+how many rows share its call). MKL's float32 GEMM works on blocks of 4 rows; below 12 rows it
+sums the rows left over after the last whole block in another order. Calls of fewer than 12 rows
+are therefore padded to a multiple of 4 (measured on every projection shape; tests/test_linear.py).
+Upcasting a weight on every call would cost more than the product at decode sizes, so each
+weight's float32 copy is kept beside it (twice the BF16 weights' memory, on these CPUs only) and
+made again when the weight changes in place (its version counter moves).
+
+Decode steps of a few rows are the exception (``decode_kernels``): there every product streams
+its whole weight for one to three rows, and the padded float32 GEMM runs at a third of the speed
+of the native BF16 GEMV. Small decode steps use the native kernel, as they bypass oneDNN on CPUs
+that have BF16 (whose GEMV streams weights at half the speed of ATen's). So greedy decoding alone
+and in a batch use different kernels and may differ in a last bit, on every CPU; scoring (prefill
+and extension) never does.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-UPCAST_MIN_ROWS = 4  # measured: at 4 rows the two routes cost the same on an AVX2 core (docs/PERF.md)
+ROW_BLOCK, BLOCKED_BELOW = 4, 12  # see the module docstring
+SMALL_DECODE_ROWS = 2  # decode steps with at most this many rows bypass oneDNN (measured in docs/PERF.md)
+_small_decode = contextvars.ContextVar("small_decode", default=False)
+
+
+@contextmanager
+def decode_kernels(rows: int):
+    """The kernels for one decode step of ``rows`` sequences (see the module docstring)."""
+    small = rows <= SMALL_DECODE_ROWS
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = not small  # only this flag; torch.backends.mkldnn.flags resets others
+    token = _small_decode.set(rows < ROW_BLOCK)
+    try:
+        yield
+    finally:
+        _small_decode.reset(token)
+        torch.backends.mkldnn.enabled = before
 
 
 @functools.cache
@@ -29,12 +59,31 @@ def cpu_has_native_bf16() -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x·Wᵀ + b in x's dtype (see the module docstring for the BF16 route on AVX2-only CPUs)."""
-    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]
-            and not cpu_has_native_bf16()):
-        y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return y.to(torch.bfloat16)
-    return F.linear(x, weight, bias)
+    """x·Wᵀ + b in x's dtype: float32 products (and BF16 ones on CPUs without BF16 arithmetic)
+    through MKL's float32 GEMM with small calls padded for batch invariance; everything else,
+    and the few-row calls of a decode step, through ``F.linear`` as is."""
+    if (x.device.type != "cpu" or _small_decode.get() or x.dtype not in (torch.float32, torch.bfloat16)
+            or (x.dtype == torch.bfloat16 and cpu_has_native_bf16())):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1]).float()
+    rows = flat.shape[0]
+    if rows < BLOCKED_BELOW and rows % ROW_BLOCK:
+        flat = F.pad(flat, (0, 0, 0, ROW_BLOCK - rows % ROW_BLOCK))
+    y = F.linear(flat, float32_copy(weight), None if bias is None else bias.float())[:rows]
+    return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def float32_copy(weight: Tensor) -> Tensor:
+    """``weight`` in float32, kept on the tensor and remade after an in-place change."""
+    if weight.dtype == torch.float32:
+        return weight
+    version = None if weight.is_inference() else weight._version  # inference tensors never change
+    cached = getattr(weight, "_float32_copy", None)
+    if cached is None or cached[0] != version:
+        with torch.no_grad():
+            cached = (version, weight.detach().float())
+        weight._float32_copy = cached
+    return cached[1]
 
 
 def project(module: nn.Module, x: Tensor) -> Tensor:

@@ -318,6 +318,10 @@ class CausalLM(nn.Module):
         self._rope_len = 0
         self._cos = self._sin = torch.empty(0)
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
     def fuse_projections(self) -> None:
         """Re-fuse q/k/v and gate/up where all are plain linears (after loading or replacing weights)."""
         for layer in self.model.layers:
@@ -368,7 +372,7 @@ class CausalLM(nn.Module):
         close MMLU answers between batch sizes, so scoring asks for float32 on the few rows it needs."""
         if float32 and self.dtype != torch.float32:
             if type(self.lm_head) is nn.Linear:
-                return F.linear(hidden.float(), self.lm_head.weight.float())
+                return linear(hidden.float(), self.lm_head.weight)
             return self.lm_head(hidden).float()
         return project(self.lm_head, hidden)
 
@@ -378,7 +382,10 @@ class CausalLM(nn.Module):
         hidden = self.hidden(tokens.reshape(1, B * L), Step.for_prefill([L] * B))
         return self.logits(hidden).view(B, L, -1)
 
-    def weight_bytes(self) -> int:
+    def resident_bytes(self) -> int:
+        """Memory held by parameters and buffers, each tensor once: for a simulated recipe this
+        includes its simulation copies (``quant.checkpoint.deployed_weight_bytes`` counts what a
+        checkpoint stores)."""
         seen, total = set(), 0
         for t in list(self.parameters()) + list(self.buffers()):
             if t.data_ptr() not in seen:

@@ -26,6 +26,22 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {}
+# Quantized module types by class name: what a saved checkpoint names and loading rebuilds. Each
+# recipe module registers the module classes it creates (``@register_module``); a class offers
+# ``export() -> (tensors, attrs)`` and ``from_export(tensors, attrs, dtype)``.
+MODULE_TYPES: dict[str, type] = {}
+
+
+def register_module(cls: type) -> type:
+    if cls.__name__ in MODULE_TYPES:
+        raise ValueError(f"quantized module type {cls.__name__!r} is registered twice")
+    MODULE_TYPES[cls.__name__] = cls
+    return cls
+
+
+def module_types() -> dict[str, type]:
+    _load_builtin()
+    return dict(MODULE_TYPES)
 
 
 def register(recipe: Recipe) -> Recipe:
@@ -79,4 +95,4 @@ def _load_builtin() -> None:
         return
     register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized(),
                     _unquantized))
-    from . import autoawq, awq, fp8  # noqa: F401  (they register their recipes)
+    from . import fp8, int4_awq, int4_awq_asym  # noqa: F401  (they register their recipes)

@@ -53,6 +53,28 @@ class CalibrationSpec:
             raise ValueError(f"calibration source {self.source!r} is neither 'sampled' nor an existing text file")
 
 
+def coerce_calibration(config) -> None:
+    """In a recipe config's ``__post_init__``: a ``calibration`` given as a dict (from a run record
+    or a ``--recipe-config`` override) becomes a validated CalibrationSpec."""
+    if isinstance(config.calibration, dict):
+        object.__setattr__(config, "calibration", CalibrationSpec(**config.calibration))
+
+
+def token_batches(sequences: list[list[int]], max_tokens: int = 4096) -> list[list[list[int]]]:
+    """Calibration sequences grouped for packed forwards, longest first, at most ``max_tokens``
+    tokens per group (a longer sequence forms a group of its own)."""
+    batches: list[list[list[int]]] = []
+    batch: list[list[int]] = []
+    for seq in sorted(sequences, key=len, reverse=True):
+        if batch and sum(map(len, batch)) + len(seq) > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(seq)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def corpus(lm: LoadedModel, spec: CalibrationSpec) -> list[list[int]]:
     """Token sequences to calibrate on."""
     if spec.source == "sampled":
@@ -112,13 +134,7 @@ def run_wrapped(model: CausalLM, sequences: list[list[int]], wrap, max_batch_tok
         wrappers[name] = wrap(linear, name)
         setattr(parent, attr, wrappers[name])
     try:
-        batch: list[list[int]] = []
-        for seq in sorted(sequences, key=len, reverse=True):
-            if batch and sum(map(len, batch)) + len(seq) > max_batch_tokens:
-                _forward(model, batch)
-                batch = []
-            batch.append(seq)
-        if batch:
+        for batch in token_batches(sequences, max_batch_tokens):
             _forward(model, batch)
     finally:
         for parent, attr, _, linear in swapped:

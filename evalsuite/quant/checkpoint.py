@@ -17,18 +17,23 @@ import torch
 from torch import nn
 
 from ..assets import file_sha256
-from ..engine.load import LoadedModel, ModelInfo, load, load_tokenizer, parse_dtype, read_config
+from ..engine.load import LoadedModel, ModelInfo, ModelLoadError, load_tokenizer, parse_dtype, read_config
 from ..engine.model import CausalLM
-from .fp8 import FP8RowwiseLinear, FP8StaticLinear, FP8StaticQuantizer
-from .int4 import Int4WeightOnlyLinear
+from .api import module_types
 
 QUANT_FILE = "quantization.json"
-MODULE_TYPES = {cls.__name__: cls for cls in (FP8RowwiseLinear, FP8StaticLinear, FP8StaticQuantizer,
-                                              Int4WeightOnlyLinear)}
 
 
-def is_quantized_checkpoint(source: str) -> bool:
+class CheckpointError(ModelLoadError):
+    """A folder that claims to be a quantized checkpoint cannot be loaded."""
+
+
+def is_quantized_checkpoint(source: str | Path) -> bool:
     return (Path(source) / QUANT_FILE).is_file()
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return type(module) in module_types().values()
 
 
 def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
@@ -39,7 +44,7 @@ def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     for name, module in model.named_modules():
-        if type(module) in MODULE_TYPES.values():
+        if _is_quantized(module):
             t, attrs = module.export()
             modules[name] = {"type": type(module).__name__, "attrs": attrs}
             tensors.update({f"{name}.{k}": v.contiguous() for k, v in t.items()})
@@ -63,23 +68,43 @@ def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
 
 
 def load_quantized(folder: str | Path, dtype: str | torch.dtype = "bfloat16") -> tuple[LoadedModel, dict[str, Any]]:
+    """A quantized checkpoint as saved by ``save_quantized``: the model and its recipe record."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder, dtype = Path(folder), parse_dtype(dtype)
-    meta = json.loads((folder / QUANT_FILE).read_text())
+    meta = _read_meta(folder)
     cfg = read_config(folder)
-    state = load_file(str(folder / "model.safetensors"))
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has {QUANT_FILE} but no model.safetensors")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {weights}: {e} (the file is corrupt or truncated)") from None
     with torch.device("meta"):
         model = CausalLM(cfg, dtype)
+    types = module_types()
     for name, spec in meta["modules"].items():
-        cls = MODULE_TYPES.get(spec["type"])
+        cls = types.get(spec.get("type"))
         if cls is None:
-            raise ValueError(f"{folder}: unknown quantized module type {spec['type']!r}; known: {', '.join(MODULE_TYPES)}")
+            raise CheckpointError(f"{folder}: module {name} has unknown quantized type {spec.get('type')!r}; "
+                                  f"known: {', '.join(types)}")
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            getattr(parent, attr)
+        except AttributeError:
+            raise CheckpointError(f"{folder}: quantized module {name} does not exist in a model of this "
+                                  "config.json") from None
         prefix = f"{name}."
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        module = cls.from_export(own, spec["attrs"], dtype)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, module)
+        try:
+            module = cls.from_export(own, spec["attrs"], dtype)
+        except KeyError as e:
+            raise CheckpointError(f"{folder}: {spec['type']} {name} lacks {e.args[0]!r} in model.safetensors "
+                                  f"or {QUANT_FILE}") from None
+        setattr(parent, attr, module)
         for k in own:
             del state[f"{prefix}{k}"]
     plain = {k: v.to(dtype) for k, v in state.items()}
@@ -88,37 +113,32 @@ def load_quantized(folder: str | Path, dtype: str | torch.dtype = "bfloat16") ->
         model.lm_head.weight = model.model.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks {missing[:3]}")
+        raise CheckpointError(f"{folder}: the checkpoint lacks {missing[:3]}")
     model.requires_grad_(False)
     model.fuse_projections()
     info = ModelInfo(name=folder.name, source=str(folder),
-                     weights_sha256={"model.safetensors": file_sha256(folder / "model.safetensors")},
+                     weights_sha256={"model.safetensors": file_sha256(weights)},
                      dtype=str(dtype).split(".")[-1], config=cfg.to_dict())
     return LoadedModel(model.eval(), load_tokenizer(folder), info, folder), meta["recipe"]
 
 
-def load_model_and_recipe(source: str, recipe: str, dtype: str, overrides: dict | None = None):
-    """What the CLI runs: a quantized checkpoint as saved (``recipe`` must then be bf16, i.e. no
-    further change), or any other source with ``recipe`` applied."""
-    from .api import apply_recipe, get_recipe
-
-    get_recipe(recipe)  # a bad name fails before anything loads
-    if is_quantized_checkpoint(source):
-        if recipe != "bf16":
-            raise ValueError(f"{source} is already quantized; run it with --recipe bf16 (no further change), "
-                             f"not {recipe!r}")
-        lm, record = load_quantized(source, dtype)
-    else:
-        lm = load(source, dtype)
-        record = apply_recipe(lm, recipe, overrides)
-    return lm, {**record, "weight_bytes": deployed_weight_bytes(lm.model)}
+def _read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / QUANT_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or "recipe" not in meta:
+        raise CheckpointError(f"{path} lacks its 'recipe' record or 'modules' table; "
+                              "re-create the checkpoint with `evalsuite quantize`")
+    return meta
 
 
 def deployed_weight_bytes(model: CausalLM) -> int:
     """Bytes of the weights as a quantized checkpoint stores them: low-bit tensors and their scales
     for quantized modules, every other parameter at its own width (a tied lm_head counted once)."""
     total, seen = 0, set()
-    quantized = {n: m for n, m in model.named_modules() if type(m) in MODULE_TYPES.values()}
+    quantized = {n: m for n, m in model.named_modules() if _is_quantized(m)}
     for m in quantized.values():
         tensors, attrs = m.export()
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -132,4 +152,4 @@ def deployed_weight_bytes(model: CausalLM) -> int:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:
-    return {n: type(m).__name__ for n, m in model.named_modules() if type(m) in MODULE_TYPES.values()}
+    return {n: type(m).__name__ for n, m in model.named_modules() if _is_quantized(m)}

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.load import LoadedModel
-from .api import Recipe, register
-from .calibrate import CalibrationSpec, calibrate
+from .api import Recipe, register, register_module
+from .calibrate import CalibrationSpec, calibrate, coerce_calibration, projections
 
 E4M3_MAX = 448.0
 # fbgemm's floor on a per-token scale, so an all-zero (or tiny) token never divides by zero.
@@ -76,6 +76,7 @@ def scaled_mm(x: Tensor, x_scale: Tensor, qweight: Tensor, w_scale: Tensor) -> T
     return y.view(*x.shape[:-1], -1)
 
 
+@register_module
 class FP8RowwiseLinear(nn.Module):
     """fbgemm_fp8 linear: E4M3 weights with one static scale per output channel; each input token
     quantized to E4M3 with its own dynamic scale, bounded by ``activation_scale_ub``; output in the
@@ -173,6 +174,7 @@ register(Recipe(
     FP8OfficialConfig(), apply_fp8_official))
 
 
+@register_module
 class FP8StaticQuantizer(nn.Module):
     """Fake-quantize to E4M3 with one fixed per-tensor scale (never recomputed at run time)."""
 
@@ -194,6 +196,7 @@ class FP8StaticQuantizer(nn.Module):
         return f"scale={self.scale:.6g}"
 
 
+@register_module
 class FP8StaticLinear(nn.Module):
     """Model Optimizer FP8 linear: E4M3 weights and inputs, each with one static per-tensor scale
     (amax / 448; the input amax from calibration)."""
@@ -280,8 +283,7 @@ class FP8ModelOptConfig:
         _check_kernel(self.kernel)
         if self.kv_scale_mode not in KV_SCALE_MODES:
             raise ValueError(f"kv_scale_mode={self.kv_scale_mode!r}; valid: {', '.join(KV_SCALE_MODES)}")
-        if isinstance(self.calibration, dict):  # from a record or an override
-            object.__setattr__(self, "calibration", CalibrationSpec(**self.calibration))
+        coerce_calibration(self)
 
 
 def kv_scale(amax: float, mode: str) -> float:
@@ -292,13 +294,10 @@ def kv_scale(amax: float, mode: str) -> float:
 def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
     stats = calibrate(lm, config.calibration)
     model = lm.model
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child is not model.lm_head:
-                full = f"{name}.{child_name}".lstrip(".")
-                q = FP8StaticLinear.from_linear(child, stats[f"{full}.input"])
-                q.use_kernel = config.kernel == "scaled_mm"
-                setattr(module, child_name, q)
+    for parent, attr, name in projections(model):
+        q = FP8StaticLinear.from_linear(getattr(parent, attr), stats[f"{name}.input"])
+        q.use_kernel = config.kernel == "scaled_mm"
+        setattr(parent, attr, q)
     for i, layer in enumerate(model.model.layers):
         a, key = layer.self_attn, f"model.layers.{i}"
         a.k_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.k_cache_quant"], config.kv_scale_mode))

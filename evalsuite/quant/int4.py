@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.linear import linear as _linear
+from .api import register_module
 
 INT4_MIN, INT4_MAX = -8, 7
 ASYM_MAX = 15
@@ -128,6 +129,7 @@ class PackedInt4:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros)
 
 
+@register_module
 class Int4WeightOnlyLinear(nn.Module):
     """INT4 weights (block scales, optional zero points), BF16 inputs; optional AWQ input pre-scale (x / s).
 

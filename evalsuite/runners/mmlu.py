@@ -14,17 +14,20 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..backends.base import Backend, Failure
+from ..backends.engine import EngineBackend
 from ..engine.generate import SamplingParams
 from ..engine.load import LoadedModel
-from ..engine.score import ScoreRequest, score
+from ..engine.score import ScoreRequest
 from ..records import RunStore, package_versions
 from ..stats import accuracy_table
-from ..taskdef import Formulation, MultipleChoiceTask, load_task
-from ..textgen import generate_text
+from ..taskdef import Formulation, MultipleChoiceTask, load_task, parse_multiple_choice_task
+from . import register
+from .base import Job, Runner, RunResult
 
 LETTERS = ("A", "B", "C", "D")
 NEAR_TIE = 0.01  # log-probability margin under which batch-size noise may flip a prediction
@@ -52,16 +55,19 @@ class MMLUData:
 
 @dataclass(frozen=True)
 class MMLUConfig:
+    """What an MMLU run scores; every field enters the run's identity. How fast it runs (batch
+    sizes, concurrency) belongs to the backend and does not."""
+
     formulations: tuple[str, ...] = ("letter", "cloze")
     num_fewshot: int = 0
     per_subject: int | None = None  # stratified subset: this many questions per subject
     seed: int = 1234
     subjects: tuple[str, ...] | None = None
     data: str = "embedded"  # "embedded", a JSONL file in the same schema, or a hub id (cais/mmlu)
-    batch_size: int = 32  # sequences per forward
-    max_batch_tokens: int = 4096  # padded tokens per forward
 
     def validate(self, task: MultipleChoiceTask) -> None:
+        if not self.formulations:
+            raise ValueError(f"no formulation given; valid: {', '.join(task.formulations)}")
         for f in self.formulations:
             task.formulation(f)
         if not 0 <= self.num_fewshot <= task.fewshot_pool:
@@ -69,12 +75,14 @@ class MMLUConfig:
                              "(exemplars come from each subject's first rows)")
         if self.per_subject is not None and self.per_subject < 1:
             raise ValueError(f"per_subject={self.per_subject}; give a positive count or omit it for all")
-        if self.batch_size < 1 or self.max_batch_tokens < 1:
-            raise ValueError(f"batch_size={self.batch_size} and max_batch_tokens={self.max_batch_tokens} must be >= 1")
         if self.subjects:
             unknown = sorted(set(self.subjects) - set(task.categories))
             if unknown:
                 raise ValueError(f"unknown subjects {unknown}; valid: {', '.join(sorted(task.categories))}")
+        if self.data != "embedded" and not Path(self.data).is_file() and (
+                Path(self.data).exists() or self.data.count("/") != 1):
+            raise ValueError(f"data={self.data!r}; valid: 'embedded', an existing JSONL file, or a hub id "
+                             "such as cais/mmlu")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -207,40 +215,73 @@ def encode_choices(tokenizer, context: str, continuations: Sequence[str]) -> lis
 
 # ------------------------------------------------------------------------------------- running
 
-@dataclass
-class MMLUResult:
-    run_dir: Path
-    metrics: dict[str, Any]
-    run: dict[str, Any] = field(default_factory=dict)
-
-
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _score_records(lm: LoadedModel, form: Formulation, qs: list[Question],
-                   exemplars: dict[str, list[Question]], cfg: MMLUConfig, num_fewshot: int) -> list[dict]:
+@dataclass
+class MMLUJob(Job):
+    task: MultipleChoiceTask
+    config: MMLUConfig
+    data: MMLUData
+    exemplars: dict[str, list[Question]]
+    questions: list[Question]
+
+    def identity(self) -> dict[str, Any]:
+        return {"task": self.task.name, "config": asdict(self.config), "task_config_sha256": self.task.config_hash(),
+                "data": {"source": self.data.source, "sha256": self.data.sha256,
+                         "valid_rows": len(self.data.questions), "rejected_rows": len(self.data.rejected),
+                         "rejected": self.data.rejected}}
+
+    def slug(self) -> str:
+        subset = f"n{self.config.per_subject}" if self.config.per_subject else "full"
+        return f"{self.config.num_fewshot}shot-{subset}"
+
+
+def prepare_mmlu(cfg: MMLUConfig, task: MultipleChoiceTask | None = None) -> MMLUJob:
+    """Validate ``cfg``, load the data and choose the questions; errors before any model work."""
+    task = task or load_task("mmlu")
+    cfg.validate(task)
+    data = load_mmlu(task, cfg.data)
+    if not data.questions:
+        raise ValueError(f"{data.source} holds no valid MMLU questions ({len(data.rejected)} rows rejected"
+                         + (f", e.g. row {data.rejected[0]['row']}: {data.rejected[0]['reason']}" if data.rejected else "")
+                         + "); expected JSONL rows with question, answer_a..answer_d, correct_answer (A-D), topic")
+    exemplars, questions = select(data, task, cfg)
+    if not questions:
+        raise ValueError(f"no question to score in {data.source} for subjects {list(cfg.subjects or [])} "
+                         f"at {cfg.num_fewshot} shots (each subject's first {task.fewshot_pool} rows are exemplars)")
+    return MMLUJob(task, cfg, data, exemplars, questions)
+
+
+def _score_records(backend: Backend, form: Formulation, qs: list[Question],
+                   exemplars: dict[str, list[Question]], num_fewshot: int) -> list[dict]:
     requests, spans, meta = [], [], []
     for q in qs:
         context = render_context(form, q, exemplars[q.subject])
         start = len(requests)
         texts = choice_texts(form, q)
-        for ctx, cont in encode_choices(lm.tokenizer, context, [form.target_delimiter + t for t in texts]):
+        for ctx, cont in encode_choices(backend.tokenizer, context, [form.target_delimiter + t for t in texts]):
             requests.append(ScoreRequest(tuple(ctx), tuple(cont)))
         spans.append((start, len(requests)))
         meta.append((context, texts))
-    results = score(lm.model, requests, max_batch_tokens=cfg.max_batch_tokens, max_batch_size=cfg.batch_size)
+    results = backend.loglikelihood(requests)
     records = []
     for q, (a, b), (context, texts) in zip(qs, spans, meta):
         res = results[a:b]
+        base = {"id": q.id, "subject": q.subject, "formulation": form.name, "num_fewshot": num_fewshot,
+                "prompt_sha256": _sha(context)}
+        failed = next((r for r in res if isinstance(r, Failure)), None)
+        if failed is not None:
+            records.append({**base, "failed": failed.reason})
+            continue
         lps = [r.logprob for r in res]
         chars = [len(t) for t in texts]  # lm-eval's acc_norm divides by len(choice) in characters
         pred = max(range(4), key=lambda i: lps[i])
         pred_norm = max(range(4), key=lambda i: lps[i] / chars[i])
         top2 = sorted(lps, reverse=True)[:2]
         records.append({
-            "id": q.id, "subject": q.subject, "formulation": form.name, "num_fewshot": num_fewshot,
-            "prompt_sha256": _sha(context), "context_tokens": len(requests[a].context),
+            **base, "context_tokens": len(requests[a].context),
             "choices": texts, "logprobs": lps, "token_counts": [len(r.token_logprobs) for r in res],
             "char_counts": chars, "is_greedy": [r.is_greedy for r in res],
             "target": q.target, "prediction": pred, "correct": pred == q.target,
@@ -250,37 +291,46 @@ def _score_records(lm: LoadedModel, form: Formulation, qs: list[Question],
     return records
 
 
-def _generate_records(lm: LoadedModel, form: Formulation, qs: list[Question],
-                      exemplars: dict[str, list[Question]], cfg: MMLUConfig, num_fewshot: int) -> list[dict]:
+def generative_outcome(text: str, target: int) -> tuple[int | None, bool]:
+    """Model Optimizer's rule for a generated answer: the prediction is the letter the stripped
+    text starts with (None if it starts with anything else), correct when that is the key's."""
+    answer = text.strip()
+    letter = answer[:1] if answer[:1] in LETTERS else None
+    return (LETTERS.index(letter) if letter else None), answer.startswith(LETTERS[target])
+
+
+def _generate_records(backend: Backend, form: Formulation, qs: list[Question],
+                      exemplars: dict[str, list[Question]], num_fewshot: int) -> list[dict]:
     contexts = [render_context(form, q, exemplars[q.subject]) for q in qs]
-    outs = generate_text(lm.model, lm.tokenizer, contexts, SamplingParams(max_new_tokens=form.max_new_tokens),
-                         max_batch_size=cfg.batch_size, max_prefill_tokens=cfg.max_batch_tokens)
+    outs = backend.generate(contexts, SamplingParams(max_new_tokens=form.max_new_tokens))
     records = []
     for q, context, out in zip(qs, contexts, outs):
-        answer = out.text.strip()
-        letter = answer[:1] if answer[:1] in LETTERS else None
-        records.append({
-            "id": q.id, "subject": q.subject, "formulation": form.name, "num_fewshot": num_fewshot,
-            "prompt_sha256": _sha(context), "generated": out.text, "generated_tokens": out.tokens,
-            "target": q.target, "prediction": LETTERS.index(letter) if letter else None,
-            # Model Optimizer's rule: correct when the stripped text starts with the key's letter.
-            "correct": answer.startswith(LETTERS[q.target]),
-        })
+        base = {"id": q.id, "subject": q.subject, "formulation": form.name, "num_fewshot": num_fewshot,
+                "prompt_sha256": _sha(context)}
+        if isinstance(out, Failure):
+            records.append({**base, "failed": out.reason})
+            continue
+        prediction, correct = generative_outcome(out.text, q.target)
+        records.append({**base, "generated": out.text, "generated_tokens": out.tokens, "target": q.target,
+                        "prediction": prediction, "correct": correct})
     return records
 
 
-def _formulation_metrics(records: list[dict], task: MultipleChoiceTask, sizes: dict[str, int]) -> dict:
+def _formulation_metrics(records: list[dict], failed: int, task: MultipleChoiceTask, sizes: dict[str, int]) -> dict:
     def table(key: str) -> dict:
         outcomes: dict[str, list[bool]] = {}
         for r in records:
             outcomes.setdefault(r["subject"], []).append(bool(r[key]))
         return accuracy_table(outcomes, task.categories, sizes)
 
-    out: dict[str, Any] = {"n": len(records), "acc": table("correct")}
+    out: dict[str, Any] = {"n": len(records), "failed": failed}
+    if not records:
+        return out
+    out["acc"] = table("correct")
     preds = Counter(r["prediction"] for r in records)
     out["prediction_share"] = {(LETTERS[k] if k is not None else "none"): v / len(records)
                                for k, v in sorted(preds.items(), key=lambda kv: (kv[0] is None, kv[0]))}
-    if records and "margin" in records[0]:
+    if "margin" in records[0]:
         if records[0]["choices"] != list(LETTERS):  # single letters all have length 1: acc_norm == acc
             out["acc_norm"] = table("correct_norm")
         out["near_ties"] = sum(1 for r in records if r["margin"] <= NEAR_TIE)
@@ -288,57 +338,126 @@ def _formulation_metrics(records: list[dict], task: MultipleChoiceTask, sizes: d
     return out
 
 
-def run_mmlu(lm: LoadedModel, cfg: MMLUConfig, out_dir: str | Path, *, recipe: dict[str, Any] | None = None,
-             chunk_size: int = 512, progress: bool = True) -> MMLUResult:
-    """Run (or resume) MMLU on a loaded model and write samples.jsonl + run.json to ``out_dir``."""
-    if lm.tokenizer is None:
-        raise ValueError(f"model {lm.info.name!r} has no tokenizer; MMLU needs one")
-    task = load_task("mmlu")
-    cfg.validate(task)
-    data = load_mmlu(task, cfg.data)
-    exemplars, questions = select(data, task, cfg)
-    recipe = recipe or {"name": "bf16"}
-    identity = {
-        "task": "mmlu", "config": asdict(cfg), "task_config_sha256": task.config_hash(),
-        "data": {"source": data.source, "sha256": data.sha256, "valid_rows": len(data.questions),
-                 "rejected_rows": len(data.rejected), "rejected": data.rejected},
-        "model": asdict(lm.info), "recipe": recipe, "seed": cfg.seed,
-        "questions": len(questions),
-    }
+def record_key(record: dict) -> tuple[str, str]:
+    return record["formulation"], record["id"]
+
+
+def run_mmlu(backend: Backend | LoadedModel, job: MMLUJob | MMLUConfig, out_dir: str | Path, *,
+             recipe: dict[str, Any] | None = None, chunk_size: int = 512, progress: bool = True) -> RunResult:
+    """Run (or resume) MMLU and write samples.jsonl + run.json to ``out_dir``.
+
+    ``backend`` may be a loaded model (run in this process with ``recipe`` as its record);
+    ``job`` a config, prepared here. Questions whose request failed are recorded with the reason
+    and retried when the run is resumed; the metrics count them apart."""
+    if isinstance(backend, LoadedModel):
+        backend = EngineBackend(backend, recipe)
+    if isinstance(job, MMLUConfig):
+        job = prepare_mmlu(job)
+    task, cfg = job.task, job.config
+    forms = [task.formulation(name) for name in cfg.formulations]
+    if any(f.method == "loglikelihood" for f in forms):
+        backend.check_loglikelihood()
+    identity = {**job.identity(), **_backend_identity(backend), "seed": cfg.seed, "questions": len(job.questions)}
     config_hash = _sha(json.dumps({k: identity[k] for k in ("config", "task_config_sha256", "data", "model", "recipe")},
                                   sort_keys=True, default=str))
-    store = RunStore(out_dir, identity, config_hash)
+    store = RunStore(out_dir, identity, config_hash, key=record_key)
+    store.run["backend"] = backend.describe()
     store.run["versions"] = package_versions()
     done = store.done_keys()
     timings = store.run.setdefault("timings", {})
     bar = _progress_bar(progress)
-    for name in cfg.formulations:
-        form = task.formulation(name)
-        pending = [q for q in questions if (name, q.id) not in done]
+    for form in forms:
+        pending = [q for q in job.questions if (form.name, q.id) not in done]
         if not pending:
             continue
         bar.reset(total=len(pending))
-        bar.set_description(f"mmlu {name}")
+        bar.set_description(f"mmlu {form.name}")
         t0 = time.perf_counter()
-        # Longest prompts first: batches of similar length waste little padding.
+        # Longest prompts first: batches of similar length waste little work.
         pending.sort(key=lambda q: len(q.question) + sum(map(len, q.choices)), reverse=True)
-        runner = _generate_records if form.method == "generate" else _score_records
+        make = _generate_records if form.method == "generate" else _score_records
         for i in range(0, len(pending), chunk_size):
             chunk = pending[i:i + chunk_size]
-            store.append(runner(lm, form, chunk, exemplars, cfg, cfg.num_fewshot))
+            store.append(make(backend, form, chunk, job.exemplars, cfg.num_fewshot))
             bar.update(len(chunk))
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        timings[form.name] = timings.get(form.name, 0.0) + time.perf_counter() - t0
         store.write_run()
     bar.close()
-    records = store.records()
-    sizes = data.subject_sizes()
-    metrics = {name: _formulation_metrics([r for r in records if r["formulation"] == name], task, sizes)
-               for name in cfg.formulations}
-    store.finish(metrics=metrics, timings=timings)
-    return MMLUResult(Path(out_dir), metrics, store.run)
+    latest = store.latest()
+    sizes = job.data.subject_sizes()
+    metrics = {}
+    for form in forms:
+        mine = [latest[(form.name, q.id)] for q in job.questions if (form.name, q.id) in latest]
+        ok = [r for r in mine if "failed" not in r]
+        metrics[form.name] = _formulation_metrics(ok, len(mine) - len(ok), task, sizes)
+    failed = sum(m["failed"] for m in metrics.values())
+    store.finish(metrics=metrics, timings=timings, status="complete" if not failed else "incomplete")
+    return RunResult(Path(out_dir), metrics, store.run)
+
+
+def _backend_identity(backend: Backend) -> dict[str, Any]:
+    ident = backend.identity()
+    return {"model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind")}
 
 
 def _progress_bar(enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=0, disable=not enabled, unit="q", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------- the runner
+
+@register
+class MMLURunner(Runner):
+    name = "mmlu"
+
+    def parse_task(self, raw: dict[str, Any], where: str) -> MultipleChoiceTask:
+        return parse_multiple_choice_task(raw, where)
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--formulation", nargs="+", default=["letter", "cloze"],
+                            help="letter, cloze, generative (default: letter cloze)")
+        parser.add_argument("--num-fewshot", type=int, default=0, help="exemplars per prompt, 0..5 (default 0)")
+        parser.add_argument("--per-subject", type=int, default=None,
+                            help="stratified subset: questions per subject (default: all 14,042)")
+        parser.add_argument("--subjects", nargs="+", default=None, help="restrict to these subjects")
+        parser.add_argument("--seed", type=int, default=1234, help="seed of the subset draw")
+        parser.add_argument("--data", default="embedded", help="'embedded', a JSONL file, or a hub id (cais/mmlu)")
+
+    def prepare(self, task: MultipleChoiceTask, args) -> MMLUJob:
+        cfg = MMLUConfig(formulations=tuple(args.formulation), num_fewshot=args.num_fewshot,
+                         per_subject=args.per_subject, seed=args.seed,
+                         subjects=tuple(args.subjects) if args.subjects else None, data=args.data)
+        return prepare_mmlu(cfg, task)
+
+    def run(self, job: MMLUJob, backend: Backend, out_dir: Path, *, progress: bool = True) -> RunResult:
+        return run_mmlu(backend, job, out_dir, progress=progress)
+
+    def summary(self, result: RunResult) -> str:
+        return format_summary(result.metrics, result.run)
+
+
+def format_summary(metrics: dict, run: dict) -> str:
+    lines = [f"MMLU  {run['questions']} questions  ({run['data']['rejected_rows']} malformed rows rejected)"]
+    for name, m in metrics.items():
+        if m.get("failed"):
+            lines.append(f"\n[{name}] {m['failed']} questions FAILED (see samples.jsonl; rerun the command to retry them)")
+        if "acc" not in m:
+            continue
+        keys = ["acc"] + (["acc_norm"] if "acc_norm" in m else [])
+        for key in keys:
+            o = m[key]["overall"]
+            lines.append(f"\n[{name}] {key}: {o['acc']:.4f} ± {_se(o['se'])}  (n={m['n']})")
+            for cat, e in m[key]["categories"].items():
+                lines.append(f"    {cat:<16} {e['acc']:.4f} ± {_se(e['se'])}  (n={e['n']})")
+        share = ", ".join(f"{k} {v:.1%}" for k, v in m["prediction_share"].items())
+        lines.append(f"    predictions: {share}")
+        if "near_ties" in m:
+            lines.append(f"    near ties (top-2 log-prob margin <= {m['near_tie_margin']}): {m['near_ties']}")
+    lines.append("\nper-subject accuracy: see run.json -> metrics.<formulation>.acc.subjects")
+    return "\n".join(lines)
+
+
+def _se(se: float) -> str:
+    return "n/a (1 question per subject)" if se != se else f"{se:.4f}"

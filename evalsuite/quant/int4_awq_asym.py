@@ -33,7 +33,7 @@ from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, Step
 from .api import Recipe, register
-from .calibrate import CalibrationSpec, cached_tensors
+from .calibrate import CalibrationSpec, cached_tensors, coerce_calibration, token_batches
 from .int4 import (INT4_KERNEL_MODES, Int4WeightOnlyLinear, check_kernel_mode, int4_asym_quantize,
                    int4_fake_quantize, pad_to_blocks)
 
@@ -61,8 +61,7 @@ class Int4AutoAWQConfig:
                              f"{self.n_grid}, {self.clip_grid}, {self.clip_tokens}")
         if not 0.0 <= self.max_shrink < 1.0:
             raise ValueError(f"max_shrink={self.max_shrink}; valid: 0 <= max_shrink < 1")
-        if isinstance(self.calibration, dict):
-            object.__setattr__(self, "calibration", CalibrationSpec(**self.calibration))
+        coerce_calibration(self)
 
 
 def group_weight_mean(w: Tensor, block_size: int) -> Tensor:
@@ -228,16 +227,9 @@ def fold_scales(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, Tens
 
 
 def _layer_batches(model: CausalLM, sequences: list[list[int]], max_batch_tokens: int = 4096):
-    batches, batch = [], []
-    for seq in sorted(sequences, key=len, reverse=True):
-        if batch and sum(map(len, batch)) + len(seq) > max_batch_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(seq)
-    if batch:
-        batches.append(batch)
+    """The calibration batches as the first layer's inputs: (embeddings, cos, sin, step)."""
     out = []
-    for b in batches:
+    for b in token_batches(sequences, max_batch_tokens):
         step = Step.for_prefill([len(s) for s in b])
         tokens = torch.tensor([t for s in b for t in s]).view(1, -1)
         out.append((model.model.embed_tokens(tokens), *model.rope(step), step))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..engine.linear import linear, project
 from ..engine.load import LoadedModel
 from .api import Recipe, register
-from .calibrate import CalibrationSpec, cached, projections, run_wrapped
+from .calibrate import CalibrationSpec, cached, coerce_calibration, projections, run_wrapped
 from .int4 import INT4_KERNEL_MODES, Int4WeightOnlyLinear, check_kernel_mode, int4_fake_quantize, pad_to_blocks
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
@@ -106,8 +106,7 @@ class Int4AWQConfig:
         check_kernel_mode(self.kernel)
         if self.block_size < 1 or self.alpha_steps < 1:
             raise ValueError(f"block_size and alpha_steps must be >= 1, got {self.block_size}, {self.alpha_steps}")
-        if isinstance(self.calibration, dict):
-            object.__setattr__(self, "calibration", CalibrationSpec(**self.calibration))
+        coerce_calibration(self)
 
 
 def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:

@@ -1,0 +1,51 @@
+"""The in-process engine as a backend: a loaded model (with its recipe applied) in this process."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ..engine.generate import SamplingParams
+from ..engine.load import LoadedModel
+from ..engine.score import ScoreRequest, ScoreResult, score
+from ..textgen import Message, TextResult, generate_text
+from .base import Backend, BackendError, Failure, Progress
+
+
+class EngineBackend(Backend):
+    """``max_batch_size`` sequences and ``max_batch_tokens`` packed tokens per forward: execution
+    settings that change speed, never scores (sequences are batch-invariant; see engine.model)."""
+
+    def __init__(self, lm: LoadedModel, recipe: dict[str, Any] | None = None, *, max_batch_size: int = 32,
+                 max_batch_tokens: int = 4096):
+        if max_batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError(f"batch_size={max_batch_size} and max_batch_tokens={max_batch_tokens} must be >= 1")
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        self.recipe = recipe or {"name": "bf16"}
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "engine", "model": dataclasses.asdict(self.lm.info), "recipe": self.recipe}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "engine", "device": str(self.lm.model.device),
+                "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens}
+
+    def check_loglikelihood(self) -> None:
+        if self.tokenizer is None:
+            raise BackendError(f"model {self.lm.info.name!r} has no tokenizer; log-likelihood tasks need one")
+
+    def loglikelihood(self, requests: Sequence[ScoreRequest], progress: Progress | None = None
+                      ) -> list[ScoreResult | Failure]:
+        return list(score(self.lm.model, requests, max_batch_tokens=self.max_batch_tokens,
+                          max_batch_size=self.max_batch_size, progress=progress))
+
+    def generate(self, prompts: Sequence[str | Sequence[Message]], params: SamplingParams | Sequence[SamplingParams],
+                 stop: Sequence[str] = (), progress: Progress | None = None) -> list[TextResult | Failure]:
+        if self.tokenizer is None:
+            raise BackendError(f"model {self.lm.info.name!r} has no tokenizer; generation needs one")
+        return list(generate_text(self.lm.model, self.tokenizer, prompts, params, stop,
+                                  max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_batch_tokens,
+                                  progress=progress))
