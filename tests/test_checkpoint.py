@@ -84,3 +84,43 @@ def test_deployed_weight_bytes_by_hand(tiny_dir):
     # output channel (160 + 160 + 64)
     ffn = 3 * 64 * 160
     assert deployed_weight_bytes(lm.model) == 2 * (params - ffn) + ffn + 4 * (160 + 160 + 64)
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda d: (d / "quantization.json").write_text("{oops"), "quantization.json is not valid JSON"),
+    (lambda d: (d / "quantization.json").write_text('{"modules": {}}'), "lacks its 'recipe' record"),
+    (lambda d: (d / "model.safetensors").unlink(), "has quantization.json but no model.safetensors"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:200]),
+     "corrupt or truncated"),
+    (lambda d: _edit_meta(d, lambda m: m["modules"]["model.layers.1.mlp.up_proj"].update(type="FP4Linear")),
+     "module model.layers.1.mlp.up_proj has unknown quantized type 'FP4Linear'; known: FP8RowwiseLinear"),
+    (lambda d: _edit_meta(d, lambda m: m["modules"].update({"model.layers.9.mlp.up_proj":
+                                                          m["modules"]["model.layers.1.mlp.up_proj"]})),
+     "quantized module model.layers.9.mlp.up_proj does not exist"),
+    (lambda d: _drop_tensor(d, "model.layers.1.mlp.up_proj.weight_scale"),
+     "FP8RowwiseLinear model.layers.1.mlp.up_proj lacks 'weight_scale'"),
+])
+def test_load_quantized_errors_name_the_problem(damage, msg, tiny_dir, tmp_path, capsys):
+    lm = load(str(tiny_dir), "float32")
+    out = save_quantized(lm, apply_recipe(lm, "fp8-official"), tmp_path / "q")
+    damage(out)
+    from evalsuite.engine.load import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=msg.replace("(", "\\(").replace("'", ".")):
+        load_quantized(out)
+    assert main(["run", "mmlu", "--model", str(out), "--output", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "evalsuite: error:" in capsys.readouterr().err
+
+
+def _edit_meta(folder, change):
+    meta = json.loads((folder / "quantization.json").read_text())
+    change(meta)
+    (folder / "quantization.json").write_text(json.dumps(meta))
+
+
+def _drop_tensor(folder, name):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    del state[name]
+    save_file(state, str(folder / "model.safetensors"))

@@ -100,3 +100,22 @@ def test_changing_batch_size_resumes_the_same_run(tiny_dir, tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     assert main(base + ["--num-fewshot", "1"]) == 0
     assert len(list((tmp_path / "reports" / "runs").iterdir())) == 2
+
+
+@pytest.mark.parametrize("setting,msg", [
+    ("kernel=cuda", "kernel='cuda'; valid: off, scaled_mm"),
+    ("activation_scale_ub=-1", "activation_scale_ub must be > 0, got -1"),
+    ("scale_ub=3", "recipe 'fp8-official' has no settings ['scale_ub']; valid: activation_scale_ub"),
+])
+def test_bad_recipe_config_values(setting, msg, tiny_dir, tmp_path, capsys):
+    argv = ["run", "mmlu", "--model", str(tiny_dir), "--recipe", "fp8-official", "--recipe-config", setting,
+            "--output", str(tmp_path / "x"), "--no-progress", "--per-subject", "1", "--subjects", "anatomy"]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_bad_calibration_override(tiny_dir, tmp_path, capsys):
+    argv = ["run", "mmlu", "--model", str(tiny_dir), "--recipe", "int4-awq", "--output", str(tmp_path / "x"),
+            "--recipe-config", 'calibration={"num_samples": 0}', "--per-subject", "1", "--subjects", "anatomy"]
+    assert main(argv) == 2
+    assert "calibration needs num_samples >= 1" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -70,27 +71,66 @@ def test_int4_linear_applies_awq_prescale():
     assert q(x).item() == pytest.approx(1 * 7 + 1 * -7 + 3 * 0 + 8 * 7)
 
 
-@pytest.mark.parametrize("recipe", ["int4-awq", "int4-rtn"])
-def test_int4_recipes(recipe, tiny_dir, calib_file):
+def _rtn_reference(w: np.ndarray, block: int) -> np.ndarray:
+    """The documented rule, written out with numpy in float32, block by block: scale = block
+    absmax / 7, codes = round half to even of w / scale, clamped to [-8, 7]; zero padding."""
+    rows, cols = w.shape
+    padded = np.zeros((rows, -(-cols // block) * block), dtype=np.float32)
+    padded[:, :cols] = w
+    out = np.zeros_like(padded)
+    for r in range(rows):
+        for b in range(0, padded.shape[1], block):
+            blk = padded[r, b:b + block]
+            scale = np.float32(np.abs(blk).max()) / np.float32(7)
+            if scale == 0:
+                continue
+            codes = np.clip(np.round(blk / scale), -8, 7)  # np.round: half to even
+            out[r, b:b + block] = codes * scale
+    return out[:, :cols]
+
+
+def test_int4_rtn_recipe_weights_are_the_documented_rounding(tiny_dir):
     lm = load(str(tiny_dir), "float32")
-    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
-    ref = lm.model(tokens)
-    over = {"calibration": {"source": str(calib_file), "num_samples": 4, "seq_len": 32}, "block_size": 32}
-    record = apply_recipe(lm, recipe, over)
-    assert record["config"]["awq"] == (recipe == "int4-awq")
+    originals = {n: m.weight.detach().numpy().copy() for n, m in lm.model.named_modules() if n.endswith("_proj")}
+    record = apply_recipe(lm, "int4-rtn", {"block_size": 32})
+    assert record["config"]["awq"] is False
     mods = {n: m for n, m in lm.model.named_modules() if n.endswith("_proj")}
-    assert len(mods) == 21 and all(isinstance(m, Int4WeightOnlyLinear) for m in mods.values())
-    assert all((m.input_scale is not None) == (recipe == "int4-awq") for m in mods.values())
+    assert len(mods) == 21 and all(isinstance(m, Int4WeightOnlyLinear) and m.input_scale is None
+                                   for m in mods.values())
     assert type(lm.model.lm_head) is nn.Linear
-    out = lm.model(tokens)
-    assert not torch.equal(out, ref)
-    if recipe == "int4-rtn":  # same as putting block-rounded weights into the original linears
-        plain = load(str(tiny_dir), "float32")
-        with torch.no_grad():
-            for n, m in plain.model.named_modules():
-                if n.endswith("_proj"):
-                    m.weight.copy_(int4_fake_quantize(m.weight, 32))
-        assert torch.allclose(out, plain.model(tokens), atol=1e-5)
+    for name, w in originals.items():
+        np.testing.assert_array_equal(mods[name].weight.numpy(), _rtn_reference(w, 32), err_msg=name)
+
+
+def _with_outlier_channels(tiny_dir, tmp_path):
+    """The tiny model with three hidden channels scaled up 100x in every RMSNorm weight: the inputs
+    of q/k/v and gate/up get the activation outliers real LLMs have (the case AWQ is for)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "outliers"
+    shutil.copytree(tiny_dir, d)
+    state = load_file(str(d / "model.safetensors"))
+    for k, v in state.items():
+        if k.endswith("layernorm.weight"):
+            v[[3, 17, 40]] *= 100.0
+    save_file(state, str(d / "model.safetensors"))
+    return d
+
+
+def test_awq_output_error_is_below_plain_rounding_on_outlier_inputs(tiny_dir, calib_file, tmp_path):
+    folder = _with_outlier_channels(tiny_dir, tmp_path)
+    over = {"calibration": {"source": str(calib_file), "num_samples": 4, "seq_len": 32}, "block_size": 32}
+    ref = load(str(folder), "float32")
+    tokens = torch.tensor([ref.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
+    want = ref.model(tokens)
+    errors = {}
+    for recipe in ("int4-awq", "int4-rtn"):
+        lm = load(str(folder), "float32")
+        apply_recipe(lm, recipe, over)
+        errors[recipe] = float((lm.model(tokens) - want).pow(2).mean())
+    assert errors["int4-awq"] < 0.8 * errors["int4-rtn"], errors
 
 
 def test_awq_search_is_cached(tiny_dir, calib_file, monkeypatch):
@@ -100,27 +140,28 @@ def test_awq_search_is_cached(tiny_dir, calib_file, monkeypatch):
     apply_recipe(load(str(tiny_dir), "float32"), "int4-awq", over)
 
 
-def test_int4_cpu_kernel_matches_simulation():
-    """The packed INT4 kernel against the dequantized reference, in BF16, with padding and AWQ."""
+def test_int4_kernel_paths_and_awq_prescale():
+    """Which path runs for how many rows (auto: the kernel up to 4 rows; always: every call), and
+    the AWQ pre-scale on the kernel path; the products themselves are checked against hand-built
+    weights in test_int4_awq_asym."""
     if not int4_kernel_available(torch.bfloat16):
         pytest.skip("this torch has no _weight_int4pack_mm_for_cpu")
-    torch.manual_seed(0)
-    lin = nn.Linear(576, 192, bias=False).to(torch.bfloat16)  # 576 inputs: padded to 640
-    s = (torch.rand(576) + 0.5)
-    sim = Int4WeightOnlyLinear.from_linear(lin, 128, s, use_kernel=False)
-    real = Int4WeightOnlyLinear.from_linear(lin, 128, s, use_kernel=True)
-    x = torch.randn(3, 576, dtype=torch.bfloat16)
-    y_real, y_sim = real(x), sim(x)
-    assert real.last_path == "kernel" and sim.last_path == "simulated"
-    assert (real.kernel.group, real.kernel.k) == (64, 576)  # blocks of 128 as pairs of 64: no input padding
-    rel = (y_real.float() - y_sim.float()).norm() / y_sim.float().norm()
-    assert rel < 1e-2
-    assert real(torch.randn(64, 576, dtype=torch.bfloat16)).shape == (64, 192) and real.last_path == "simulated"
-    always = Int4WeightOnlyLinear.from_linear(lin, 128, s, use_kernel=True, kernel_max_rows=INT4_KERNEL_MODES["always"])
-    x = torch.randn(64, 576, dtype=torch.bfloat16)
-    y_always = always(x)
+    from .test_int4_awq_asym import assert_within_bf16_rounding, hand_int4_layer
+
+    module, w = hand_int4_layer(64, 256, 128, asymmetric=False)
+    auto = module(True)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    auto(x[:4])
+    assert auto.last_path == "kernel"
+    auto(x)
+    assert auto.last_path == "simulated"
+    always = module(True, rows=INT4_KERNEL_MODES["always"])
+    assert_within_bf16_rounding(always(x), x, w)
     assert always.last_path == "kernel"
-    assert (y_always.float() - sim(x).float()).norm() / sim(x).float().norm() < 1e-2
+    # AWQ: the input is divided by the pre-scale before the product (powers of two: exact)
+    s = 2.0 ** torch.randint(-1, 2, (256,), generator=torch.Generator().manual_seed(3)).float()
+    always.input_scale = s.bfloat16()
+    assert_within_bf16_rounding(always(x[:2]), (x[:2].double() / s.double()).bfloat16(), w)
 
 
 def test_unscaled_int4_projections_fuse_and_match_unfused(tiny_dir, calib_file):

@@ -140,21 +140,45 @@ def test_autoawq_recipe(tiny_dir, calib_file):
     assert (out - ref).norm() < (plain.model(tokens) - ref).norm()
 
 
-def test_asym_int4_cpu_kernel_matches_simulation():
+def hand_int4_layer(out: int, inp: int, block: int, asymmetric: bool, seed: int = 0):
+    """Codes, scales and zero points chosen by hand (random, but every weight (q - z)·s with a
+    power-of-two s is exact in BF16), the module built from them, and the exact float64 weight."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = -(-inp // block)
+    q = torch.randint(0, 16, (out, blocks * block), generator=g)
+    scale = 2.0 ** torch.randint(-9, -5, (out, blocks), generator=g).float()
+    zero = torch.randint(0, 16, (out, blocks), generator=g) if asymmetric else torch.full((out, blocks), 8)
+    z_cols = zero.repeat_interleave(block, dim=1)
+    q[:, inp:] = z_cols[:, inp:]  # padding holds the zero point: it dequantizes to 0
+    w = ((q - z_cols).double() * scale.double().repeat_interleave(block, dim=1))[:, :inp]
+    module = lambda use_kernel, rows=4: Int4WeightOnlyLinear(  # noqa: E731
+        (q - 8).to(torch.int8), scale, inp, block, None, None, torch.bfloat16, use_kernel,
+        zero.to(torch.uint8) if asymmetric else None, kernel_max_rows=rows)
+    return module, w
+
+
+def assert_within_bf16_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y = x·wᵀ computed with float32 sums and one BF16 rounding: within one BF16 ulp (2^-8
+    relative, doubled for the kernel's rounding of its own partial sums) plus float32 summation
+    error, against the float64 product."""
+    exact = x.double() @ w.T
+    bound = 2.0 ** -7 * exact.abs() + 1e-5 * (x.double().abs() @ w.abs().T)
+    assert ((y.double() - exact).abs() <= bound).all(), float(((y.double() - exact).abs() / bound).max())
+
+
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_int4_kernel_and_simulation_compute_hand_built_weights(asymmetric):
     if not int4_kernel_available(torch.bfloat16):
         pytest.skip("this torch has no _weight_int4pack_mm_for_cpu")
-    torch.manual_seed(0)
-    w = torch.randn(192, 576) * 0.05 + 0.01
-    codes, scale, zero = int4_asym_quantize(w, 128)
-    assert len(set(zero.flatten().tolist())) > 1  # real, varied zero points
-    sim = Int4WeightOnlyLinear(codes, scale, 576, 128, None, None, torch.bfloat16, False, zero)
-    real = Int4WeightOnlyLinear(codes, scale, 576, 128, None, None, torch.bfloat16, True, zero)
-    x = torch.randn(2, 576, dtype=torch.bfloat16)
-    y_real, y_sim = real(x), sim(x)
-    assert real.last_path == "kernel"
-    assert (y_real.float() - y_sim.float()).norm() / y_sim.float().norm() < 1e-2
-    # and the simulated path is the dequantized weight
-    assert torch.allclose(y_sim.float(), x.float() @ int4_fake_quantize(w, 128, asymmetric=True).t(), rtol=2e-2, atol=2e-2)
+    module, w = hand_int4_layer(192, 576, 128, asymmetric)  # 576 inputs: blocks of 128, padded
+    sim, real = module(False), module(True)
+    torch.testing.assert_close(sim.weight.double(), w, rtol=0, atol=0)  # the dequantized weight is exact
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y_sim, y_real = sim(x), real(x)
+    assert real.last_path == "kernel" and sim.last_path == "simulated"
+    assert (real.kernel.group, real.kernel.k) == (64, 576)  # blocks of 128 as pairs of 64: no input padding
+    assert_within_bf16_rounding(y_sim, x, w)
+    assert_within_bf16_rounding(y_real, x, w)
 
 
 def test_asym_export_round_trip_with_an_odd_zero_point_count():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -21,8 +22,8 @@ def _copy(src, dst):
 def test_folder_loads_with_tokenizer_and_hash(tiny_dir):
     lm = load(str(tiny_dir), "float32")
     assert lm.tokenizer is not None and lm.model.dtype == torch.float32
-    assert set(lm.info.weights_sha256) == {"model.safetensors"}
-    assert len(lm.info.weights_sha256["model.safetensors"]) == 64
+    assert lm.info.weights_sha256 == {
+        "model.safetensors": hashlib.sha256((tiny_dir / "model.safetensors").read_bytes()).hexdigest()}
 
 
 def test_unknown_name_lists_valid_ones():
@@ -89,3 +90,20 @@ def test_asset_hash_mismatch(tmp_path):
         bad.verified_path()
     with pytest.raises(AssetError, match="is not installed"):
         Asset("no-such-package-xyz", "1.0", "x", "0" * 64).locate()
+
+
+def test_weights_hash_follows_the_file(tiny_dir, tmp_path):
+    """The memoised hash is recomputed when the file changes (size and mtime are its key)."""
+    import os
+
+    d = _copy(tiny_dir, tmp_path / "m")
+    first = load(str(d), "float32").info.weights_sha256["model.safetensors"]
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"] * 2
+    save_file(state, str(d / "model.safetensors"))
+    os.utime(d / "model.safetensors", ns=(1, 1))
+    second = load(str(d), "float32").info.weights_sha256["model.safetensors"]
+    assert second != first
+    assert second == hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()

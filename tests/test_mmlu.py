@@ -273,3 +273,25 @@ def test_encode_choices_is_lm_eval_encode_pair(tiny, context):
     conts = [" A", " B", " Femur", "x"]
     ours = mmlu.encode_choices(tok, context, conts)
     assert ours == [TemplateLM._encode_pair(lm, context, c) for c in conts]
+
+
+def test_k_shot_run_uses_each_subjects_first_rows_as_exemplars(tiny, tmp_path, task, data):
+    """A k-shot run: every prompt is lm-eval's context with the subject's first k rows (file
+    order) as exemplars, and those rows are never scored."""
+    import hashlib
+
+    cfg = MMLUConfig(formulations=("letter",), num_fewshot=1, subjects=("abstract_algebra", "anatomy"), per_subject=3)
+    run_mmlu(tiny, cfg, tmp_path / "k", progress=False)
+    records = [json.loads(x) for x in open(tmp_path / "k" / "samples.jsonl")]
+    assert len(records) == 6 and all(r["num_fewshot"] == 1 for r in records)
+    by_subject = {}
+    for q in data.questions:
+        by_subject.setdefault(q.subject, []).append(q)
+    questions = {q.id: q for q in data.questions}
+    for r in records:
+        q = questions[r["id"]]
+        shots = by_subject[q.subject][:1]
+        ref = _lm_eval_context(("default", "_default_template_yaml"), ("default", f"mmlu_{q.subject}.yaml"), q, shots,
+                               lambda s: ["A", "B", "C", "D"])
+        assert r["prompt_sha256"] == hashlib.sha256(ref.encode()).hexdigest()
+        assert q.id not in {s.id for s in by_subject[q.subject][:5]}

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -29,6 +31,8 @@ from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, Step
 from ..textgen import generate_text
+
+log = logging.getLogger(__name__)
 
 TOPICS = ("cooking pasta", "the water cycle", "a trip to the mountains", "how bicycles work", "gardening in spring",
           "the history of printing", "training a puppy", "ocean tides", "writing a good email", "saving money",
@@ -188,7 +192,10 @@ def cached(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, co
     """``compute(sequences)`` once per model weights, corpus spec, kind and settings; JSON on disk."""
     path = _cache_path(lm, spec, kind, settings, ".json")
     if path.is_file():
-        return json.loads(path.read_text())["result"]
+        try:
+            return json.loads(path.read_text())["result"]
+        except (ValueError, KeyError) as e:
+            log.warning("calibration cache entry %s is unreadable (%s); computing it again", path, e)
     seqs = corpus(lm, spec)
     result = compute(seqs)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +209,10 @@ def cached_tensors(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: 
     """Like ``cached`` for a result of named tensors, kept as safetensors (provenance in its metadata)."""
     path = _cache_path(lm, spec, kind, settings, ".safetensors")
     if path.is_file():
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            log.warning("calibration cache entry %s is unreadable (%s); computing it again", path, e)
     seqs = corpus(lm, spec)
     result = {k: v.contiguous() for k, v in compute(seqs).items()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ def load_quantized(folder: str | Path, dtype: str | torch.dtype = "bfloat16") ->
         cls = types.get(spec.get("type"))
         if cls is None:
             raise CheckpointError(f"{folder}: module {name} has unknown quantized type {spec.get('type')!r}; "
-                                  f"known: {', '.join(types)}")
+                                  f"known: {', '.join(sorted(types))}")
         parent_name, _, attr = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name)
