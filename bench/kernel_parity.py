@@ -8,6 +8,8 @@ and per-tensor; int4-awq and int4-awq-asym through the packed INT4 kernel for ev
     of MMLU letter prompts (target <= 1e-2; the worst prompt is reported);
   * MMLU 0-shot on a stratified subset in both formulations: the share of identical predictions
     (target >= 99%) and the mean KL of the choice distributions.
+Per recipe also the drift through the layers: the relative difference of the hidden states
+after each decoder layer, real path against simulation, on the first prompt.
 With ``--noise-floor`` the simulation is also run with every quantized projection's input
 channels permuted (the same sums in another order, as another correct kernel would add them):
 the distance between those two simulations is what any change of summation order costs on this
@@ -52,14 +54,29 @@ def last_logits(lm, texts: list[str]) -> list[torch.Tensor]:
 
 def permute_inputs(model, seed: int = 0) -> None:
     """Permute the input channels of every quantized projection (weights and inputs alike)."""
-    from evalsuite.quant.checkpoint import MODULE_TYPES
+    from evalsuite.quant.api import module_types
 
     g = torch.Generator().manual_seed(seed)
+    types = tuple(module_types().values())
     for m in model.modules():
-        if type(m) in MODULE_TYPES.values() and hasattr(m, "qweight"):
+        if type(m) in types and hasattr(m, "qweight"):
             perm = torch.randperm(m.qweight.shape[1], generator=g)
             m.qweight, m.qweight_f32 = m.qweight[:, perm].contiguous(), m.qweight_f32[:, perm].contiguous()
             m.register_forward_pre_hook(lambda _m, args, perm=perm: (args[0][..., perm],))
+
+
+@torch.inference_mode()
+def layer_states(lm, text: str) -> list[torch.Tensor]:
+    """The hidden states after each decoder layer (forward hooks on the layers)."""
+    states = []
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: states.append(out.float()))
+             for layer in lm.model.model.layers]
+    try:
+        lm.model(torch.tensor([lm.tokenizer.encode(text)]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return states
 
 
 def main() -> None:
@@ -76,6 +93,7 @@ def main() -> None:
         runs, logits = {}, {}
         sim, real = PATHS[recipe]
         variants = [sim, real] + (["permuted"] if args.noise_floor and recipe.startswith("fp8") else [])
+        states = {}
         for variant in variants:
             lm, record = load_model_and_recipe("smollm2-135m", recipe, "bfloat16",
                                                {"kernel": sim if variant == "permuted" else variant})
@@ -83,10 +101,14 @@ def main() -> None:
                 permute_inputs(lm.model)
                 record = {**record, "note": "simulated, input channels of quantized projections permuted"}
             logits[variant] = last_logits(lm, texts)
+            states[variant] = layer_states(lm, texts[0])
             run_dir = Path("reports/results/parity") / f"{recipe}-{variant}"
             run_mmlu(lm, cfg, run_dir, recipe=record, progress=False)
             runs[variant] = records_by_formulation(run_dir)
         for other in variants[1:]:
+            drift = [float((a - b).norm() / b.norm()) for a, b in zip(states[other], states[sim])]
+            print(f"{recipe} ({other} vs simulated) hidden-state drift after layers 1..{len(drift)}: "
+                  + " ".join(f"{d:.1e}" for d in drift), flush=True)
             rel = max(float((r - s).norm() / s.norm()) for r, s in zip(logits[other], logits[sim]))
             for form in FORMULATIONS:
                 ch = paired_changes(runs[sim][form], runs[other][form])

@@ -9,7 +9,8 @@ Each recipe's run lives in reports/results/<subset>/<recipe>/ and resumes when r
 gives, per recipe and formulation: accuracy (subject-weighted, ± SE), its difference from BF16's
 over the same questions with the paired standard error (weighted alike), the share of questions whose
 prediction differs from BF16, the mean KL divergence of the four-choice distribution from
-BF16's, and the recipe's deployed weight bytes.
+BF16's, the share of "A" predictions, and the recipe's deployed weight bytes. A second table gives,
+for each pair of recipes, the share of questions on which their predictions differ.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--per-subject", type=int, default=20, help="questions per subject; 0 for all")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    p.add_argument("--out", default=None, help="write the markdown table here too")
+    p.add_argument("--out", default=None,
+                   help="also put the tables into this markdown file, between the markers "
+                        "<!-- recipes_mmlu SUBSET begin/end --> (SUBSET: n5, full, ...) if it has them")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: tabulate the recipes whose runs are complete, list the others")
     args = p.parse_args()
@@ -87,18 +90,20 @@ def main() -> None:
             ch["diff"] = paired_accuracy_difference(base[form], recs[form], weights)
             acc = m["acc"]["overall"]
             norm = m.get("acc_norm", {}).get("overall")
-            rows.append((recipe, form, acc, norm, ch, record["deployed_weight_bytes"]))
+            share_a = sum(r["prediction"] == 0 for r in recs[form].values()) / len(recs[form])
+            rows.append((recipe, form, acc, norm, ch, record["deployed_weight_bytes"], share_a))
     n = rows[0][4]["n"]
     lines = [f"MMLU 0-shot, SmolLM2-135M-Instruct (dequantized Q4_1 as the BF16 baseline), "
              f"{'all ' + str(n) if not args.per_subject else f'{args.per_subject} per subject, {n}'} questions.",
              "", "| recipe | formulation | accuracy | acc_norm | Δ accuracy vs BF16 (paired SE) | changed vs BF16 | "
-                 "mean KL vs BF16 (nats) | weight bytes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for recipe, form, acc, norm, ch, wbytes in rows:
+                 "mean KL vs BF16 (nats) | \"A\" predictions | weight bytes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for recipe, form, acc, norm, ch, wbytes, share_a in rows:
         norm_s = f"{norm['acc']:.4f} ± {norm['se']:.4f}" if norm else "—"
         diff_s = "—" if recipe == "bf16" else f"{ch['diff'].acc:+.4f} ({ch['diff'].se:.4f})"
         lines.append(f"| {recipe} | {form} | {acc['acc']:.4f} ± {acc['se']:.4f} | {norm_s} | {diff_s} | "
-                     f"{ch['changed_share']:.2%} ({ch['changed']}) | {ch['mean_kl']:.5f} | {wbytes / 1e6:.1f} MB |")
+                     f"{ch['changed_share']:.2%} ({ch['changed']}) | {ch['mean_kl']:.5f} | {share_a:.1%} | "
+                     f"{wbytes / 1e6:.1f} MB |")
     variants = [r for r in by_recipe if ":" in r and r.partition(":")[0] in by_recipe]
     if variants:  # a recipe with overrides against the recipe's defaults
         lines += ["", "| variant | against | formulation | changed | mean KL (nats) |", "| --- | --- | --- | --- | --- |"]
@@ -107,12 +112,34 @@ def main() -> None:
                 ch = paired_changes(by_recipe[v.partition(":")[0]][form], by_recipe[v][form])
                 lines.append(f"| {v} | {v.partition(':')[0]} | {form} | {ch['changed_share']:.2%} ({ch['changed']}) | "
                              f"{ch['mean_kl']:.5f} |")
+    names = [r for r in by_recipe if ":" not in r]
+    if len(names) > 2:  # how often each pair of recipes disagrees (e.g. the two FP8 recipes)
+        lines += ["", "Share of questions on which two recipes predict differently:", "",
+                  "| formulation | " + " | ".join(names[1:]) + " |", "| --- " * len(names) + "|"]
+        for form in FORMULATIONS:
+            for a in names[:-1]:
+                cells = [f"{paired_changes(by_recipe[a][form], by_recipe[b][form])['changed_share']:.1%}"
+                         if names.index(b) > names.index(a) else "" for b in names[1:]]
+                lines.append(f"| {form}: {a} | " + " | ".join(cells) + " |")
     if unfinished:
         lines += ["", "Not finished yet (resumable): " + ", ".join(unfinished) + "."]
     table = "\n".join(lines)
     print(table)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        write_between_markers(Path(args.out), subset, table)
+
+
+def write_between_markers(path: Path, subset: str, table: str) -> None:
+    """Replace the block between this subset's markers in ``path`` (prose around it stays), or
+    write the table alone to a file without them."""
+    begin, end = f"<!-- recipes_mmlu {subset} begin -->", f"<!-- recipes_mmlu {subset} end -->"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
+    else:
+        text = table + "\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":

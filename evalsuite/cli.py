@@ -46,6 +46,18 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("task", nargs="?", help="task name (see `evalsuite tasks`)")
     run.add_argument("task_args", nargs=argparse.REMAINDER)
 
+    sv = sub.add_parser("serve", help="serve a model and recipe over an OpenAI-compatible HTTP API")
+    _model_options(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--served-model-name", default=None, help="the id clients ask for (default: the model's name)")
+    sv.add_argument("--api-key", default=None,
+                    help="require this key on every request (default: $EVALSUITE_API_KEY if set, else none)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
+    sv.add_argument("--max-model-len", type=int, default=2048, help="prompt + new tokens per sequence (default 2048)")
+    sv.add_argument("--max-prefill-tokens", type=int, default=2048,
+                    help="prompt tokens prefilled per scheduler turn, between decode steps (default 2048)")
+
     qz = sub.add_parser("quantize", help="apply a recipe and save the quantized checkpoint")
     _model_options(qz)
     qz.add_argument("--output", required=True, help="folder for config.json, model.safetensors, quantization.json")
@@ -123,6 +135,29 @@ def run_name(model: str, recipe: str, task: str, job, extra: dict) -> str:
     return f"{safe}-{recipe}-{task}-{job.slug()}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .engine.load import parse_dtype
+    from .models import check_recipe_for_source, load_model_and_recipe
+    from .server.serve import serve_forever, served_model
+
+    overrides = parse_recipe_config(args.recipe_config)
+    check_recipe_for_source(args.model, args.recipe)
+    parse_dtype(args.dtype)
+    for key in ("max_batch_size", "max_model_len", "max_prefill_tokens", "port"):
+        if getattr(args, key) < (0 if key == "port" else 1):
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
+    api_key = args.api_key or os.environ.get("EVALSUITE_API_KEY") or None
+    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides)
+    served = served_model(lm, recipe, args.served_model_name, max_batch_size=args.max_batch_size,
+                          max_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens)
+    print(f"serving {served.name} (recipe {recipe['name']}) on http://{args.host}:{args.port}/v1"
+          + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+    serve_forever(served, args.host, args.port, api_key)
+    return 0
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from .models import load_model_and_recipe
     from .quant.checkpoint import quantized_modules, save_quantized
@@ -186,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args)
         if args.command == "quantize":
             return _quantize(args)
+        if args.command == "serve":
+            return _serve(args)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
     except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError,
             BackendError) as e:

@@ -1,0 +1,112 @@
+"""Micro-timings of the products the engine and the recipes use on this CPU, each against its
+alternative in the same run (medians of repeated calls):
+
+  * the BF16 product: native ``F.linear`` against the engine's float32 route (engine/linear.py)
+    at 1 to 2,048 rows, and the float32 and BF16 matmul peaks (2048^3);
+  * E4M3 rounding: torch's float32 -> float8_e4m3fn -> float32 cast against quantize_e4m3;
+  * the FP8 simulation's product on E4M3 values: float32 matmul against a BF16 matmul, and the
+    CPU's real FP8 routes (torch._scaled_mm; oneDNN's FP8 qlinear where this torch has it);
+  * the packed INT4 kernel against a BF16 product on the dequantized weight at 1 to 64 rows: the
+    crossover behind int4.KERNEL_MAX_ROWS.
+
+    python bench/micro_kernels.py [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from evalsuite.engine import linear as engine_linear
+from evalsuite.quant.fp8 import quantize_e4m3, round_e4m3, scaled_mm
+from evalsuite.quant.int4 import PackedInt4, int4_block_quantize, int4_kernel_available
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def bf16_product(reps: int) -> None:
+    print(f"CPU: avx512_bf16 or amx: {engine_linear.cpu_has_native_bf16()}, "
+          f"capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}")
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        ms = median_ms(lambda: a @ b, max(3, reps // 5))
+        print(f"matmul 2048^3 {str(dtype).split('.')[-1]}: {2 * 2048 ** 3 / ms / 1e9:.3f} TFLOP/s")
+    w = torch.randn(1536, 576).bfloat16()
+    print("\nBF16 product 576 -> 1536: rows, native F.linear ms, engine route ms, ratio")
+    for rows in (1, 4, 16, 64, 256, 2048):
+        x = torch.randn(rows, 576).bfloat16()
+        native = median_ms(lambda: F.linear(x, w), reps)
+        engine_linear.float32_copy(w)
+        route = median_ms(lambda: engine_linear.linear(x, w), reps)
+        print(f"  {rows:5d}  {native:8.3f}  {route:8.3f}  {native / route:5.2f}x")
+
+
+def e4m3(reps: int) -> None:
+    x = torch.randn(2400, 576).bfloat16()
+    cast = median_ms(lambda: round_e4m3(x.float() / 0.01), reps)
+    fast = median_ms(lambda: quantize_e4m3(x, 0.01), reps)
+    print(f"\nE4M3 rounding of 2400x576: torch cast {cast:.2f} ms, quantize_e4m3 {fast:.2f} ms ({cast / fast:.1f}x)")
+
+
+def fp8_product(reps: int) -> None:
+    xq = quantize_e4m3(torch.randn(2400, 576), 0.01)
+    wq = quantize_e4m3(torch.randn(576, 576), 0.01)
+    f32 = median_ms(lambda: F.linear(xq, wq), reps)
+    xb, wb = xq.bfloat16(), wq.bfloat16()
+    bf = median_ms(lambda: F.linear(xb, wb), reps)
+    print(f"FP8 simulation product 2400x576x576 on E4M3 values: float32 {f32:.2f} ms, native BF16 {bf:.2f} ms")
+    x = torch.randn(512, 576).bfloat16()
+    w = torch.randn(1536, 576).bfloat16()
+    w8 = round_e4m3(w.float() / 0.01).to(torch.float8_e4m3fn)
+    base = median_ms(lambda: F.linear(x, w), reps)
+    real = median_ms(lambda: scaled_mm(x, torch.tensor(0.05), w8, torch.tensor(0.01)), reps)
+    print(f"512x576x1536: native BF16 linear {base:.2f} ms, CPU torch._scaled_mm (with input cast) {real:.2f} ms "
+          f"({real / base:.1f}x)")
+
+
+def int4_crossover(reps: int) -> None:
+    if not int4_kernel_available(torch.bfloat16):
+        print("\nthis torch has no packed INT4 CPU kernel")
+        return
+    print("\nINT4 packed kernel against the BF16 product on the dequantized weight (the engine's route):")
+    print("  shape, rows, kernel ms, BF16 ms, kernel speed-up")
+    for out in (576, 3072):
+        w = torch.randn(out, 576) * 0.05
+        codes, scale = int4_block_quantize(w, 128)
+        packed = PackedInt4(codes, scale, None, 576, 128, torch.bfloat16)
+        wb = w.bfloat16()
+        engine_linear.float32_copy(wb)
+        for rows in (1, 2, 4, 8, 16, 64):
+            x = torch.randn(rows, 576).bfloat16()
+            k = median_ms(lambda: packed(x), reps)
+            with engine_linear.decode_kernels(rows):
+                d = median_ms(lambda: engine_linear.linear(x, wb), reps)
+            print(f"  {out}x576  {rows:3d}  {k:7.3f}  {d:7.3f}  {d / k:5.2f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        bf16_product(args.reps)
+        e4m3(args.reps)
+        fp8_product(args.reps)
+        int4_crossover(args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions
+(streaming with server-sent events on both), /health.
+
+Every request is validated before it reaches the scheduler; a bad one gets a 4xx in OpenAI's
+error layout ({"error": {"message", "type", "param", "code"}}) naming the field and its valid
+range, and the server keeps serving. With an API key configured, every /v1 request must carry
+it as ``Authorization: Bearer <key>``.
+
+``/v1/completions`` with ``echo`` and ``logprobs`` returns the prompt tokens' log-probabilities
+as vLLM and OpenAI's legacy API do (the first token has none); ``max_tokens: 0`` scores a prompt
+without generating. That is what lm-eval's ``local-completions`` model sends for log-likelihood
+tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..engine.generate import SamplingParams
+from ..textgen import encode_prompt, with_stop_tokens
+from .scheduler import GenerationJob, PromptLogprobJob, Scheduler
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+@dataclass
+class ServedModel:
+    name: str  # the id clients ask for
+    tokenizer: Any
+    scheduler: Scheduler
+    card: dict[str, Any]  # what /v1/models reports beside the id: source, weights hash, recipe, dtype
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
+                        status_code=e.status)
+
+
+def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="evalsuite", docs_url=None, redoc_url=None)
+    app.state.served = served
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(RequestError("missing or wrong API key (send Authorization: Bearer <key>)",
+                                           status=401, kind="authentication_error"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        s = served.scheduler
+        return {"status": "ok", "model": served.name, "running": s.running, "waiting": len(s.waiting)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
+                                            "owned_by": "evalsuite", "max_model_len": served.scheduler.max_len,
+                                            **served.card}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            body = await _body(request)
+            return await _completions(served, body, request)
+        except RequestError as e:
+            return _error(e)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        try:
+            body = await _body(request)
+            return await _chat(served, body, request)
+        except RequestError as e:
+            return _error(e)
+
+    return app
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+# ------------------------------------------------------------------------------ validation
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo < v if lo_open else lo <= v) or v > hi:
+        bracket = "(" if lo_open else "["
+        raise RequestError(f"{key}={v!r}; valid: a number in {bracket}{lo}, {hi}]", key)
+    return float(v)
+
+
+def _integer(body: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise RequestError(f"{key}={v!r}; valid: an integer in [{lo}, {hi}]", key)
+    return v
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 16:
+        raise RequestError(f"stop={stop!r}; valid: a string or a list of up to 16 strings", "stop")
+    return [s for s in stops if s]
+
+
+def _check_model(served: ServedModel, body: dict) -> None:
+    model = body.get("model")
+    if model != served.name:
+        raise RequestError(f"model {model!r} is not served here; valid: {served.name!r}", "model", status=404,
+                           kind="not_found_error")
+
+
+def _sampling(served: ServedModel, body: dict, prompt_len: int, default_max: int) -> tuple[list[SamplingParams], int]:
+    limit = served.scheduler.max_len
+    if prompt_len >= limit:
+        raise RequestError(f"the prompt has {prompt_len} tokens; this server's context is {limit} tokens "
+                           "(prompt + max_tokens)", "prompt" if "prompt" in body else "messages")
+    max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, max_key, default_max, 0, limit)
+    if max_tokens and prompt_len + max_tokens > limit:
+        raise RequestError(f"{max_key}={max_tokens} with a prompt of {prompt_len} tokens exceeds this server's "
+                           f"context of {limit} tokens; valid: {max_key} <= {limit - prompt_len}", max_key)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    n = _integer(body, "n", 1, 1, MAX_N)
+    seed = _integer(body, "seed", None, -(2 ** 63), 2 ** 63 - 1)
+    if max_tokens == 0:
+        return [], n
+    params = [with_stop_tokens(SamplingParams(max_tokens, temperature, top_p, None if seed is None else seed + i),
+                               served.tokenizer) for i in range(n)]
+    return params, n
+
+
+def _prompts(served: ServedModel, body: dict) -> list[list[int]]:
+    """A completions prompt: a string, a list of token ids, or a batch of either."""
+    prompt = body.get("prompt")
+    vocab = served.scheduler.model.config.vocab_size
+
+    def ids(x, where: str) -> list[int]:
+        if isinstance(x, str):
+            return served.tokenizer.encode(x)
+        if isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            bad = next((t for t in x if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"{where} holds token id {bad}; valid: 0..{vocab - 1}", "prompt")
+            return list(x)
+        raise RequestError(f"{where} must be a string or a non-empty list of token ids", "prompt")
+
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        out = [ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    else:
+        out = [ids(prompt, "prompt")]
+    if any(not p for p in out):
+        raise RequestError("prompt encodes to no tokens", "prompt")
+    return out
+
+
+# ------------------------------------------------------------------------------ running
+
+def _stop_fn(tokenizer, stops: list[str]):
+    if not stops:
+        return None
+
+    def hit(tokens: list[int]) -> bool:
+        tail = tokenizer.decode(tokens[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+    return hit
+
+
+def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+async def _next_event(job: GenerationJob):
+    while True:
+        try:
+            return job.events.get_nowait()
+        except Exception:
+            await asyncio.sleep(0.002)
+
+
+async def _generate(served: ServedModel, prompt: list[int], params: SamplingParams, stops: list[str],
+                    request: Request) -> tuple[list[int], str]:
+    job = GenerationJob(prompt, params, _stop_fn(served.tokenizer, stops))
+    served.scheduler.submit(job)
+    tokens: list[int] = []
+    try:
+        while True:
+            kind, value = await _next_event(job)
+            if kind == "token":
+                tokens.append(value)
+            elif kind == "done":
+                return tokens, value
+            else:
+                raise RequestError(f"generation failed: {value}", status=500, kind="server_error")
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+
+
+async def _prompt_logprobs(served: ServedModel, prompt: list[int], top: int):
+    job = PromptLogprobJob(prompt, top)
+    served.scheduler.submit(job)
+    return await asyncio.wrap_future(job.future)
+
+
+def _logprobs_block(tokenizer, tokens: list[int], lps, top_n: int, offset0: int = 0) -> dict[str, Any]:
+    pieces = [tokenizer.decode([t]) for t in tokens]
+    offsets, pos = [], offset0
+    for piece in pieces:
+        offsets.append(pos)
+        pos += len(piece)
+    tops = [None if alt is None else {tokenizer.decode([i]): v for i, v in list(alt.items())[:top_n]}
+            for alt in lps.top]
+    return {"tokens": pieces, "token_logprobs": lps.token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _completions(served: ServedModel, body: dict, request: Request):
+    _check_model(served, body)
+    prompts = _prompts(served, body)
+    stops = _stops(body)
+    echo = bool(body.get("echo", False))
+    top = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    stream = bool(body.get("stream", False))
+    plans = [_sampling(served, body, len(p), 16) for p in prompts]
+    n = plans[0][1]
+    if stream and (echo or top is not None):
+        raise RequestError("stream=true cannot be combined with echo or logprobs here", "stream")
+    created, rid = int(time.time()), f"cmpl-{secrets.token_hex(12)}"
+    if stream:
+        return _sse(_stream_completion(served, body, prompts, plans, stops, request, created, rid))
+    tok = served.tokenizer
+
+    async def one(pi: int, prompt: list[int], params: SamplingParams | None) -> dict[str, Any]:
+        out, finish = ([], "length") if params is None else await _generate(served, prompt, params, stops, request)
+        text, stopped = _cut(tok.decode(out, skip_special_tokens=True), stops)
+        finish = "stop" if stopped else finish
+        choice = {"text": text, "logprobs": None, "finish_reason": finish}
+        if echo or top is not None:
+            lps = await _prompt_logprobs(served, prompt + out, max(top or 0, 1))
+            start = 0 if echo else len(prompt)
+            block = _logprobs_block(tok, (prompt + out)[start:], _slice(lps, start), top or 0)
+            choice["logprobs"] = block
+        if echo:
+            choice["text"] = tok.decode(prompt) + text
+        return {"choice": choice, "prompt_tokens": len(prompt), "completion_tokens": len(out)}
+
+    tasks = []
+    for pi, (prompt, (params, _)) in enumerate(zip(prompts, plans)):
+        for i in range(n):
+            tasks.append(one(pi, prompt, params[i] if params else None))
+    results = await asyncio.gather(*tasks)
+    choices = [{"index": i, **r["choice"]} for i, r in enumerate(results)]
+    usage = _usage(sum(len(p) for p in prompts), sum(r["completion_tokens"] for r in results))
+    return {"id": rid, "object": "text_completion", "created": created, "model": served.name,
+            "choices": choices, "usage": usage}
+
+
+def _slice(lps, start: int):
+    from .scheduler import PromptLogprobs
+
+    return PromptLogprobs(lps.token_logprobs[start:], lps.top[start:], lps.greedy[start:])
+
+
+async def _chat(served: ServedModel, body: dict, request: Request):
+    _check_model(served, body)
+    messages = body.get("messages")
+    if (not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise RequestError("messages must be a non-empty list of {role, content} objects with string values",
+                           "messages")
+    try:
+        prompt = encode_prompt(served.tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+    except Exception as e:  # a template that rejects the roles or their order
+        raise RequestError(f"the chat template cannot render these messages: {e}", "messages") from None
+    stops = _stops(body)
+    params, n = _sampling(served, body, len(prompt), served.scheduler.max_len - len(prompt))
+    if not params:
+        raise RequestError("max_tokens=0; valid for chat: at least 1", "max_tokens")
+    created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
+    if body.get("stream"):
+        return _sse(_stream_chat(served, body, prompt, params, stops, request, created, rid))
+    results = await asyncio.gather(*(_generate(served, prompt, p, stops, request) for p in params))
+    choices = []
+    for i, (out, finish) in enumerate(results):
+        text, stopped = _cut(served.tokenizer.decode(out, skip_special_tokens=True), stops)
+        choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop" if stopped else finish})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": served.name, "choices": choices,
+            "usage": _usage(len(prompt), sum(len(o) for o, _ in results))}
+
+
+# ------------------------------------------------------------------------------ streaming
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        async for e in events:
+            yield f"data: {json.dumps(e)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _stream_tokens(served: ServedModel, prompt: list[int], params: SamplingParams, stops: list[str],
+                         request: Request):
+    """(text delta, finish_reason or None) as tokens arrive; the job is cancelled when the
+    client goes away (its slot is freed at the scheduler's next turn)."""
+    job = GenerationJob(prompt, params, _stop_fn(served.tokenizer, stops))
+    served.scheduler.submit(job)
+    tokens: list[int] = []
+    sent = ""
+    try:
+        while True:
+            if await request.is_disconnected():
+                job.cancel()
+                return
+            try:
+                kind, value = await asyncio.wait_for(_next_event(job), timeout=1.0)
+            except asyncio.TimeoutError:
+                continue
+            if kind == "error":
+                raise RuntimeError(value)
+            if kind == "token":
+                tokens.append(value)
+            text = served.tokenizer.decode(tokens, skip_special_tokens=True)
+            text, stopped = _cut(text, stops)
+            if kind == "done" or stopped:
+                yield text[len(sent):], "stop" if stopped else value
+                if stopped:
+                    job.cancel()
+                return
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(sent):], None
+                sent = text
+    finally:
+        job.cancel()
+
+
+async def _stream_completion(served, body, prompts, plans, stops, request, created, rid):
+    index = 0
+    for prompt, (params, _) in zip(prompts, plans):
+        for p in params:
+            async for delta, finish in _stream_tokens(served, prompt, p, stops, request):
+                yield {"id": rid, "object": "text_completion", "created": created, "model": served.name,
+                       "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": finish}]}
+            index += 1
+
+
+async def _stream_chat(served, body, prompt, params, stops, request, created, rid):
+    for index, p in enumerate(params):
+        yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name,
+               "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        async for delta, finish in _stream_tokens(served, prompt, p, stops, request):
+            yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name,
+                   "choices": [{"index": index, "delta": {"content": delta} if delta else {},
+                                "finish_reason": finish}]}

@@ -1,0 +1,238 @@
+"""In-flight batching: one thread owns the model; requests join the running decode batch as soon
+as a slot is free and leave when done.
+
+Each loop turn admits waiting generations into free slots (one packed prefill of at most
+``max_prefill_tokens`` prompt tokens), runs the queued prompt-scoring work (also bounded), then
+advances every running sequence by one token. A long prompt therefore costs the running batch
+one bounded prefill per turn, not a stall. HTTP handlers only put work on the queue and read
+results from per-request queues; they never touch the model.
+
+A generation whose client went away is cancelled: it leaves the batch at the next turn and its
+slot is free again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.generate import DecodeBatch, Generation, SamplingParams
+from ..engine.model import CausalLM, Step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationJob:
+    """One sequence to generate. ``events`` receives ("token", id) per new token, then ("done",
+    finish_reason) or ("error", message). ``stop_fn(tokens)`` may end it early (stop strings)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stop_fn: object = None
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    gen: Generation | None = None
+    sent: int = 0  # tokens already put on ``events``
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class PromptLogprobJob:
+    """Log-probabilities of every prompt token given the ones before it, and the ``top`` most
+    likely alternatives at each position (the OpenAI ``echo`` + ``logprobs`` contract)."""
+
+    prompt: list[int]
+    top: int
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    token_logprobs: list[float | None]  # None for the first token, which nothing predicts
+    top: list[dict[int, float] | None]
+    greedy: list[int | None]
+
+
+class Scheduler:
+    def __init__(self, model: CausalLM, *, max_batch_size: int = 32, max_len: int = 2048,
+                 max_prefill_tokens: int = 2048):
+        self.model = model
+        self.max_len = min(max_len, model.config.max_position_embeddings)
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.batch = DecodeBatch(model, max_batch_size, self.max_len)
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: list[GenerationJob] = []
+        self.scoring: list[PromptLogprobJob] = []
+        self.jobs: dict[int, GenerationJob] = {}  # id(Generation) -> job, for the running ones
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "cancelled": 0}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="evalsuite-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------ called from any thread
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.inbox.put(None)
+        self.thread.join(timeout=30)
+
+    def submit(self, job: GenerationJob | PromptLogprobJob) -> None:
+        self.inbox.put(job)
+
+    @property
+    def running(self) -> int:
+        return len(self.batch.running)
+
+    # ------------------------------------------------------------------ the scheduler thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            idle = not (self.waiting or self.scoring or self.batch.running)
+            self._drain(block=idle)
+            try:
+                self._turn()
+            except Exception as e:  # keep serving: fail the work of this turn, not the server
+                log.exception("scheduler turn failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            if isinstance(item, GenerationJob):
+                self.waiting.append(item)
+            else:
+                self.scoring.append(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        if self.waiting and self.batch.free_slots:
+            self._admit()
+        if self.scoring:
+            self._score()
+        if self.batch.running:
+            self.batch.step()
+            self.stats["steps"] += 1
+            for g in self.batch.running:
+                self._emit(self.jobs[id(g)])
+        self._retire()
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.waiting if j.cancelled.is_set()]:
+            self.waiting.remove(job)
+            self.stats["cancelled"] += 1
+        for g in list(self.batch.running):
+            if self.jobs[id(g)].cancelled.is_set():
+                self.batch.remove(g)
+                del self.jobs[id(g)]
+                self.stats["cancelled"] += 1
+
+    def _admit(self) -> None:
+        joining, tokens = [], 0
+        while self.waiting and len(joining) < self.batch.free_slots:
+            n = len(self.waiting[0].prompt)
+            if joining and tokens + n > self.max_prefill_tokens:
+                break
+            job = self.waiting.pop(0)
+            job.gen = Generation(list(job.prompt), job.params)
+            joining.append(job)
+            tokens += n
+        try:
+            self.batch.add([j.gen for j in joining])
+        except ValueError as e:
+            for j in joining:
+                j.events.put(("error", str(e)))
+            return
+        self.stats["prefills"] += 1
+        for j in joining:
+            self.jobs[id(j.gen)] = j
+            self._emit(j)
+
+    def _emit(self, job: GenerationJob) -> None:
+        g = job.gen
+        for t in g.tokens[job.sent:]:
+            job.events.put(("token", t))
+            self.stats["tokens"] += 1
+        job.sent = len(g.tokens)
+        if g.finish_reason is None and job.stop_fn is not None and job.stop_fn(g.tokens):
+            g.finish_reason = "stop"
+
+    def _retire(self) -> None:
+        for g in list(self.batch.running):
+            if g.finish_reason is not None:
+                job = self.jobs.pop(id(g))
+                self.batch.remove(g)
+                job.events.put(("done", g.finish_reason))
+
+    def _score(self) -> None:
+        batch, tokens = [], 0
+        while self.scoring and (not batch or tokens + len(self.scoring[0].prompt) <= self.max_prefill_tokens):
+            job = self.scoring.pop(0)
+            batch.append(job)
+            tokens += len(job.prompt)
+        try:
+            results = prompt_logprobs(self.model, [j.prompt for j in batch], [j.top for j in batch])
+        except Exception as e:
+            for j in batch:
+                j.future.set_exception(e)
+            return
+        for j, r in zip(batch, results):
+            j.future.set_result(r)
+
+    def _fail_all(self, message: str) -> None:
+        for g in list(self.batch.running):
+            job = self.jobs.pop(id(g))
+            self.batch.remove(g)
+            job.events.put(("error", message))
+        for job in self.waiting:
+            job.events.put(("error", message))
+        self.waiting.clear()
+        for job in self.scoring:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError(message))
+        self.scoring.clear()
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: CausalLM, prompts: list[list[int]], tops: list[int]) -> list[PromptLogprobs]:
+    """Every prompt token's log-probability given its prefix, in one packed prefill (float32
+    lm_head and log-softmax, as ``score`` computes them)."""
+    lens = [len(p) for p in prompts]
+    tokens = torch.tensor([t for p in prompts for t in p], device=model.device).view(1, -1)
+    hidden = model.hidden(tokens, Step.for_prefill(lens))[0]
+    out, start = [], 0
+    for p, n, top in zip(prompts, lens, tops):
+        rows = hidden[start:start + n - 1]
+        start += n
+        if n == 1:
+            out.append(PromptLogprobs([None], [None], [None]))
+            continue
+        lp = torch.log_softmax(model.logits(rows, float32=True), dim=-1)
+        target = torch.tensor(p[1:], device=lp.device)
+        chosen = lp[torch.arange(n - 1, device=lp.device), target].tolist()
+        greedy = lp.argmax(dim=-1).tolist()
+        alts: list[dict[int, float] | None] = [None]
+        if top > 0:
+            values, ids = lp.topk(top, dim=-1)
+            alts += [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+        else:
+            alts += [{} for _ in range(n - 1)]
+        out.append(PromptLogprobs([None] + chosen, alts, [None] + greedy))
+    return out
