@@ -27,6 +27,18 @@ def _run_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
     _model_options(g)
+    g = p.add_argument_group("endpoint (evaluate a model served elsewhere; --model is then its served id)")
+    g.add_argument("--base-url", default=None,
+                   help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, TensorRT-LLM, "
+                        "SGLang, evalsuite serve); no model is loaded here")
+    g.add_argument("--tokenizer", default=None,
+                   help="the served model's tokenizer for log-likelihood tasks (a model name, HF folder or "
+                        ".gguf); default: --model when it names one here")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    g.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts (default 5)")
     g = p.add_argument_group("execution (speed only: changing these resumes the same run)")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default 32)")
     g.add_argument("--max-batch-tokens", type=int, default=4096,
@@ -97,21 +109,48 @@ def _run(args: argparse.Namespace) -> int:
     opts = parser.parse_args(args.task_args)
     # Everything that can be checked without a model is checked first.
     job = runner.prepare(task, opts)
-    overrides = parse_recipe_config(opts.recipe_config)
-    check_recipe_for_source(opts.model, opts.recipe)
-    parse_dtype(opts.dtype)
-    if opts.batch_size < 1 or opts.max_batch_tokens < 1:
-        raise ValueError(f"--batch-size {opts.batch_size} and --max-batch-tokens {opts.max_batch_tokens}: "
-                         "both must be >= 1")
-    lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides)
-    backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
-    name = run_name(lm.info.name, opts.recipe, args.task, job, {"dtype": opts.dtype, "recipe_config": overrides})
+    if opts.base_url:
+        backend = _endpoint_backend(opts)
+        name = run_name(opts.model, "endpoint", args.task, job, {"backend": backend.identity()})
+        label = f"endpoint {backend.describe()['base_url']}, model {opts.model}"
+    else:
+        overrides = parse_recipe_config(opts.recipe_config)
+        check_recipe_for_source(opts.model, opts.recipe)
+        parse_dtype(opts.dtype)
+        if opts.batch_size < 1 or opts.max_batch_tokens < 1:
+            raise ValueError(f"--batch-size {opts.batch_size} and --max-batch-tokens {opts.max_batch_tokens}: "
+                             "both must be >= 1")
+        lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides)
+        backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
+        name = run_name(lm.info.name, opts.recipe, args.task, job, {"dtype": opts.dtype, "recipe_config": overrides})
+        label = f"model {lm.info.name} ({lm.info.dtype}), recipe {opts.recipe}"
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
-    print(f"model {lm.info.name} ({lm.info.dtype}), recipe {opts.recipe}, writing {out}", file=sys.stderr)
+    print(f"{label}, writing {out}", file=sys.stderr)
     result = runner.run(job, backend, out, progress=not opts.no_progress)
     print(runner.summary(result))
     print(f"\nrecords: {out / 'samples.jsonl'}\nrun record: {out / 'run.json'}")
     return 0 if result.run.get("status") == "complete" else 1
+
+
+def _endpoint_backend(opts: argparse.Namespace):
+    from .backends.openai import OpenAIBackend
+    from .engine.load import ModelLoadError, tokenizer_for
+
+    if opts.recipe != "bf16" or opts.recipe_config:
+        raise ValueError("--recipe and --recipe-config apply to a model loaded here; an endpoint serves its "
+                         "model as it is (start `evalsuite serve --recipe ...` for a recipe)")
+    tokenizer = None
+    if opts.tokenizer:
+        tokenizer = tokenizer_for(opts.tokenizer)
+    else:
+        try:
+            tokenizer = tokenizer_for(opts.model)
+        except (ModelLoadError, OSError):
+            tokenizer = None  # the served id names nothing here; generative tasks need no tokenizer
+    backend = OpenAIBackend(opts.base_url, opts.model, tokenizer=tokenizer, api_key_env=opts.api_key_env,
+                            concurrency=opts.concurrency, timeout=opts.timeout, max_retries=opts.max_retries)
+    backend.model_card()  # fails now, with the served ids, if the model is not there
+    return backend
 
 
 def parse_recipe_config(items: list[str]) -> dict:

@@ -64,9 +64,31 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
 
 
+def tokenizer_for(source: str):
+    """The tokenizer of a model source (registered name, HF folder, .gguf file, hub id) without
+    loading its weights."""
+    folder, _, _ = _resolve(source)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise ModelLoadError(f"{source!r} holds no tokenizer files")
+    return tokenizer
+
+
 def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16") -> LoadedModel:
     """Resolve ``source`` (name, folder, .gguf file, hub id) and load model and tokenizer."""
     dtype = parse_dtype(dtype)
+    folder, hashes, name = _resolve(source)
+    model = load_folder(folder, dtype)
+    if hashes is None:
+        hashes = {p.name: file_sha256(p) for p in _weight_files(folder)}
+    tokenizer = load_tokenizer(folder)
+    info = ModelInfo(name=name, source=str(source), weights_sha256=hashes, dtype=str(dtype).split(".")[-1],
+                     config=model.config.to_dict())
+    return LoadedModel(model, tokenizer, info, folder)
+
+
+def _resolve(source: str) -> tuple[Path, dict[str, str] | None, str]:
+    """(HF folder, weight hashes when already known, name) of a model source."""
     if source in MODELS:
         gguf = MODELS[source].verified_path()
         folder, hashes = gguf_to_folder(gguf, sha256=MODELS[source].sha256)
@@ -87,13 +109,7 @@ def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16") -> 
     else:
         raise ModelLoadError(f"unknown model {source!r}: not a registered name ({', '.join(MODELS)}), "
                              f"not an existing folder or .gguf file, not a hub id (org/name)")
-    model = load_folder(folder, dtype)
-    if hashes is None:
-        hashes = {p.name: file_sha256(p) for p in _weight_files(folder)}
-    tokenizer = load_tokenizer(folder)
-    info = ModelInfo(name=name, source=str(source), weights_sha256=hashes, dtype=str(dtype).split(".")[-1],
-                     config=model.config.to_dict())
-    return LoadedModel(model, tokenizer, info, folder)
+    return folder, hashes, name
 
 
 def load_tokenizer(folder: Path):

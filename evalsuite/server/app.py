@@ -245,9 +245,19 @@ def _logprobs_block(tokenizer, tokens: list[int], lps, top_n: int, offset0: int 
     for piece in pieces:
         offsets.append(pos)
         pos += len(piece)
-    tops = [None if alt is None else {tokenizer.decode([i]): v for i, v in list(alt.items())[:top_n]}
-            for alt in lps.top]
+    tops = [None if alt is None else _top_by_text(tokenizer, alt, top_n) for alt in lps.top]
     return {"tokens": pieces, "token_logprobs": lps.token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _top_by_text(tokenizer, alt: dict[int, float], top_n: int) -> dict[str, float]:
+    """The ``top_n`` best alternatives keyed by their text, as the API has it; where two token ids
+    decode to the same text the better one keeps the key (the first seen: ``alt`` is best first)."""
+    out: dict[str, float] = {}
+    for i, v in alt.items():
+        if len(out) == top_n:
+            break
+        out.setdefault(tokenizer.decode([i]), v)
+    return out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -277,7 +287,8 @@ async def _completions(served: ServedModel, body: dict, request: Request):
         finish = "stop" if stopped else finish
         choice = {"text": text, "logprobs": None, "finish_reason": finish}
         if echo or top is not None:
-            lps = await _prompt_logprobs(served, prompt + out, max(top or 0, 1))
+            # a few alternatives more than asked: some may decode to the same text (partial bytes)
+            lps = await _prompt_logprobs(served, prompt + out, max(top or 0, 1) + 8)
             start = 0 if echo else len(prompt)
             block = _logprobs_block(tok, (prompt + out)[start:], _slice(lps, start), top or 0)
             choice["logprobs"] = block

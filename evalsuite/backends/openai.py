@@ -1,0 +1,187 @@
+"""Any OpenAI-compatible endpoint as a backend (vLLM, TensorRT-LLM's trtllm-serve, SGLang, NIM,
+OpenAI itself, or ``evalsuite serve``), through the ``openai`` client.
+
+* Log-likelihood requests go to /v1/completions as token-id prompts (context + continuation)
+  with ``echo``, ``logprobs`` and ``max_tokens: 0``, as lm-eval's ``local-completions`` sends them;
+  the continuation's log-probability is the sum over its tokens, greedy when each token is the
+  endpoint's top choice. Token ids need the served model's tokenizer on this side
+  (``tokenizer``); an endpoint that returns no prompt log-probabilities is refused before the
+  run starts (``check_loglikelihood``).
+* Generation goes to /v1/chat/completions for chat messages and /v1/completions for text.
+* Requests run ``concurrency`` at a time, each with a timeout; 429, 5xx, timeouts and connection
+  errors are retried with exponential backoff (the client's own retries are off, so the policy
+  here is the only one). A request that still fails becomes a ``Failure`` with its reason.
+* The API key is read from an environment variable and never stored in a record.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from ..engine.generate import SamplingParams
+from ..engine.score import ScoreRequest, ScoreResult
+from ..textgen import Message, TextResult
+from .base import Backend, BackendError, Failure, Progress
+
+T = TypeVar("T")
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+
+
+def redact_url(url: str) -> str:
+    """The URL without user info, query or fragment (where credentials may hide)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class OpenAIBackend(Backend):
+    def __init__(self, base_url: str, model: str, *, tokenizer: Any = None, api_key_env: str = DEFAULT_KEY_ENV,
+                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep):
+        import openai
+
+        if concurrency < 1 or timeout <= 0 or max_retries < 0:
+            raise ValueError(f"concurrency={concurrency} (>= 1), timeout={timeout} (> 0) and "
+                             f"max_retries={max_retries} (>= 0) are out of range")
+        self.base_url, self.model, self.tokenizer = base_url.rstrip("/"), model, tokenizer
+        self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
+        self._sleep = sleep
+        key = os.environ.get(api_key_env) or "EMPTY"  # local servers take any key
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=0)
+        self._card: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ identity
+    def model_card(self) -> dict[str, Any]:
+        """What /v1/models reports for the served model (an error if it is not served there)."""
+        if self._card is None:
+            models = self._call(lambda: self.client.models.list())
+            if isinstance(models, Failure):
+                raise BackendError(f"cannot list models at {redact_url(self.base_url)}: {models.reason}")
+            cards = {m.id: m.model_dump() for m in models.data}
+            if self.model not in cards:
+                raise BackendError(f"model {self.model!r} is not served at {redact_url(self.base_url)}; "
+                                   f"served: {', '.join(sorted(cards)) or 'none'}")
+            self._card = cards[self.model]
+        return self._card
+
+    def identity(self) -> dict[str, Any]:
+        card = self.model_card()
+        mine = card.get("evalsuite") or {}  # evalsuite serve says which weights and recipe it serves
+        return {"kind": "openai", "model": {"name": self.model, **(mine.get("model") or {})},
+                "recipe": mine.get("recipe") or {"name": "as served"}}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "openai", "base_url": redact_url(self.base_url), "model": self.model,
+                "served": self.model_card(), "concurrency": self.concurrency, "timeout": self.timeout,
+                "max_retries": self.max_retries}
+
+    # ------------------------------------------------------------------ requests
+    def check_loglikelihood(self) -> None:
+        if self.tokenizer is None:
+            raise BackendError("log-likelihood tasks through an endpoint need the served model's tokenizer here "
+                               "(pass --tokenizer: a model name, HF folder or .gguf file); the generative "
+                               "formulation needs none")
+        probe = self._call(lambda: self.client.completions.create(
+            model=self.model, prompt=[self.tokenizer.encode("Hello world")], max_tokens=0, echo=True, logprobs=1))
+        lps = None if isinstance(probe, Failure) else getattr(probe.choices[0], "logprobs", None)
+        if lps is None or not getattr(lps, "token_logprobs", None):
+            reason = probe.reason if isinstance(probe, Failure) else "no prompt log-probabilities in the reply"
+            raise BackendError(f"the endpoint {redact_url(self.base_url)} does not return prompt log-probabilities "
+                               f"(echo + logprobs): {reason}; log-likelihood formulations need them, use the "
+                               "generative one")
+
+    def loglikelihood(self, requests: Sequence[ScoreRequest], progress: Progress | None = None
+                      ) -> list[ScoreResult | Failure]:
+        def one(r: ScoreRequest) -> ScoreResult | Failure:
+            tokens = list(r.context) + list(r.continuation)
+            reply = self._call(lambda: self.client.completions.create(
+                model=self.model, prompt=[tokens], max_tokens=0, echo=True, logprobs=1, temperature=0))
+            if isinstance(reply, Failure):
+                return reply
+            try:
+                lps = reply.choices[0].logprobs
+                cont = lps.token_logprobs[len(r.context):len(tokens)]
+                tops = lps.top_logprobs[len(r.context):len(tokens)]
+                if len(cont) != len(r.continuation) or any(x is None for x in cont):
+                    return Failure(f"the endpoint returned {len(cont)} continuation log-probabilities for "
+                                   f"{len(r.continuation)} tokens")
+                greedy = all(top and lp >= max(top.values()) for lp, top in zip(cont, tops))
+                return ScoreResult(float(sum(cont)), bool(greedy), tuple(float(x) for x in cont))
+            except (AttributeError, IndexError, TypeError) as e:
+                return Failure(f"malformed reply: {type(e).__name__}: {e}")
+
+        return self._map(one, requests, progress)
+
+    def generate(self, prompts: Sequence[str | Sequence[Message]], params: SamplingParams | Sequence[SamplingParams],
+                 stop: Sequence[str] = (), progress: Progress | None = None) -> list[TextResult | Failure]:
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        stops = [s for s in stop if s] or None
+
+        def one(item) -> TextResult | Failure:
+            prompt, p = item
+            common = dict(model=self.model, max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
+                          stop=stops, **({"seed": p.seed} if p.seed is not None else {}))
+            if isinstance(prompt, str):
+                reply = self._call(lambda: self.client.completions.create(prompt=prompt, **common))
+                if isinstance(reply, Failure):
+                    return reply
+                c = reply.choices[0]
+                return TextResult(c.text, [], c.finish_reason or "length")
+            reply = self._call(lambda: self.client.chat.completions.create(messages=list(prompt), **common))
+            if isinstance(reply, Failure):
+                return reply
+            c = reply.choices[0]
+            return TextResult(c.message.content or "", [], c.finish_reason or "length")
+
+        return self._map(one, list(zip(prompts, params)), progress)
+
+    # ------------------------------------------------------------------ retries and concurrency
+    def _map(self, fn: Callable[[Any], T], items: Sequence[Any], progress: Progress | None) -> list[T]:
+        def run(item):
+            out = fn(item)
+            if progress is not None:
+                progress(1)
+            return out
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(run, items))
+
+    def _call(self, fn: Callable[[], T]) -> T | Failure:
+        """``fn()`` with retries on 429, 5xx, timeouts and connection errors (exponential backoff
+        with jitter); other errors and the last retryable one become a Failure."""
+        import openai
+
+        for attempt in range(self.max_retries + 1):
+            try:
+                return fn()
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                reason = f"{type(e).__name__}: {e}"
+            except openai.APIStatusError as e:
+                reason = f"HTTP {e.status_code}: {_message(e)}"
+                if e.status_code != 429 and e.status_code < 500:
+                    return Failure(reason)
+            except (ValueError, KeyError, TypeError, openai.APIResponseValidationError) as e:
+                reason = f"malformed reply: {type(e).__name__}: {e}"  # e.g. truncated JSON: retried
+            if attempt < self.max_retries:
+                self._sleep(self.backoff * 2 ** attempt * (1 + random.random()))
+        return Failure(f"{reason} (after {self.max_retries + 1} attempts)")
+
+
+def _message(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+    return str(e)

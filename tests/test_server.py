@@ -1,0 +1,335 @@
+"""`evalsuite serve` end to end on localhost through the real `openai` client, and the endpoint
+backend against it: the same MMLU predictions as in process, retries and recorded failures
+(with a scripted stand-in server for fault injection), a server killed mid-run and resumed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+from fastapi import Request  # at module level: FastAPI resolves the proxy route's annotations here
+
+from evalsuite.backends.base import BackendError, Failure
+from evalsuite.backends.openai import OpenAIBackend, redact_url
+from evalsuite.cli import main
+from evalsuite.engine.generate import SamplingParams
+from evalsuite.engine.load import load
+from evalsuite.engine.score import ScoreRequest, score
+from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
+from evalsuite.server.serve import BackgroundServer, served_model
+from evalsuite.textgen import generate_text
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SUBSET = MMLUConfig(formulations=("letter", "cloze"), subjects=("abstract_algebra", "anatomy", "marketing"),
+                    per_subject=3)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with a chat template (the conftest tokenizer has none)."""
+    d = tmp_path_factory.mktemp("tiny-chat") / "tiny"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def lm(chat_dir):
+    return load(str(chat_dir), "float32")
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    with BackgroundServer(served_model(lm, {"name": "bf16"}, "tiny", max_batch_size=8, max_len=512)) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model_and_its_recipe(client, lm):
+    (m,) = client.models.list().data
+    card = m.model_dump()
+    assert m.id == "tiny" and card["max_model_len"] == 512
+    assert card["evalsuite"]["recipe"] == {"name": "bf16"}
+    assert card["evalsuite"]["model"]["weights_sha256"] == lm.info.weights_sha256
+
+
+def test_greedy_completion_equals_in_process_generate(client, lm):
+    prompt = "The quick brown fox"
+    want = generate_text(lm.model, lm.tokenizer, [prompt], SamplingParams(max_new_tokens=12))[0]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text
+    assert r.usage.prompt_tokens == len(lm.tokenizer.encode(prompt))
+    assert r.usage.completion_tokens == len(want.tokens)
+
+
+def test_greedy_output_is_the_same_alone_and_under_concurrent_load(client, lm):
+    prompts = [f"The {w} fox jumps over" for w in ("quick", "lazy", "brown", "red", "old", "small", "big", "sly",
+                                                      "grey", "young", "swift", "calm")]
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
+             for p in prompts]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda p: client.completions.create(
+            model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text, prompts))
+    assert together == alone
+    want = generate_text(lm.model, lm.tokenizer, prompts, SamplingParams(max_new_tokens=10))
+    assert alone == [w.text for w in want]
+
+
+def test_chat_uses_the_template_and_streams_the_same_text(client, lm):
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    want = generate_text(lm.model, lm.tokenizer, [messages], SamplingParams(max_new_tokens=10))[0].text
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    streamed = list(client.completions.create(model="tiny", prompt="The lazy dog", max_tokens=8, temperature=0,
+                                              stream=True))
+    plain = client.completions.create(model="tiny", prompt="The lazy dog", max_tokens=8, temperature=0)
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+
+
+def test_prompt_logprobs_are_the_engines_scores(client, lm, hf_tiny):
+    """echo + logprobs + max_tokens 0: every prompt token's log-probability given its prefix
+    (transformers' own), none for the first; the top alternative is the greedy one."""
+    tokens = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    r = client.completions.create(model="tiny", prompt=[tokens], max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(tokens)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_tiny(torch.tensor([tokens])).logits[0].double(), dim=-1)
+    for i in range(1, len(tokens)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, tokens[i]]), abs=1e-4)
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(ref[i - 1].max()), abs=1e-4)
+        assert len(lp.top_logprobs[i]) == 2
+    assert r.choices[0].text == lm.tokenizer.decode(tokens)
+    assert "".join(lp.tokens) == lm.tokenizer.decode(tokens)
+    assert lp.text_offset[1] == len(lp.tokens[0])
+
+
+@pytest.mark.parametrize("body,status,msg", [
+    ({"model": "nope", "prompt": "x"}, 404, "model 'nope' is not served here; valid: 'tiny'"),
+    ({"model": "tiny", "prompt": "x", "temperature": -0.5}, 400, "temperature=-0.5; valid: a number in [0.0, 2.0]"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p=0; valid: a number in (0.0, 1.0]"),
+    ({"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "top_p=1.5"),
+    ({"model": "tiny", "prompt": "x", "n": 1000}, 400, "n=1000; valid: an integer in [1, 16]"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 10 ** 9}, 400, "max_tokens=1000000000; valid: an integer in [0, 512]"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 512}, 400, "exceeds this server's context of 512 tokens"),
+    ({"model": "tiny", "prompt": "word " * 800}, 400, "this server's context is 512 tokens"),
+    ({"model": "tiny", "prompt": [[5, 99999]]}, 400, "token id 99999; valid: 0..399"),
+    ({"model": "tiny", "prompt": 3}, 400, "prompt must be a string or a non-empty list of token ids"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "logprobs=50; valid: an integer in [0, 20]"),
+    ({"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop=5; valid: a string or a list"),
+])
+def test_bad_requests_get_a_4xx_naming_the_field(server, body, status, msg):
+    r = httpx.post(f"{server.base_url}/completions", json=body)
+    assert r.status_code == status and msg in r.json()["error"]["message"]
+    assert httpx.get(server.base_url.removesuffix("/v1") + "/health").json()["status"] == "ok"
+
+
+def test_malformed_json_and_bad_chat_messages(server):
+    r = httpx.post(f"{server.base_url}/completions", content=b'{"model": "tiny", "prompt": ', 
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.base_url}/chat/completions", json={"model": "tiny", "messages": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(f"{server.base_url}/chat/completions",
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_api_key_is_checked_on_every_request(lm):
+    with BackgroundServer(served_model(lm, {"name": "bf16"}, "tiny", max_len=128), api_key="s3cret") as srv:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0).models.list()
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0).completions.create(
+                model="tiny", prompt="x", max_tokens=1)
+        ok = openai.OpenAI(base_url=srv.base_url, api_key="s3cret", max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="x", max_tokens=1).choices
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, lm):
+    sched = server.served.scheduler
+    before = sched.stats["cancelled"]
+    with httpx.stream("POST", f"{server.base_url}/completions",
+                      json={"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0.0,
+                            "stream": True, "stop": ["<never>"]}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(line.startswith("data: ") for line in got)
+        assert sched.running == 1
+    deadline = time.time() + 10
+    while sched.running and time.time() < deadline:
+        time.sleep(0.05)
+    assert sched.running == 0 and sched.stats["cancelled"] > before
+
+
+def test_redacted_url_drops_credentials():
+    assert redact_url("http://user:pw@host:8000/v1?key=abc#x") == "http://host:8000/v1"
+
+
+# ------------------------------------------------------------------ the endpoint backend
+
+def test_mmlu_through_the_endpoint_gives_the_in_process_predictions(server, lm, tmp_path):
+    local = run_mmlu(lm, SUBSET, tmp_path / "local", progress=False)
+    remote = run_mmlu(OpenAIBackend(server.base_url, "tiny", tokenizer=lm.tokenizer), SUBSET, tmp_path / "remote",
+                      progress=False)
+    assert remote.run["status"] == "complete" and remote.run["backend"]["kind"] == "openai"
+    assert remote.run["backend"]["base_url"] == server.base_url
+    assert remote.run["recipe"] == {"name": "bf16"} and remote.run["model"]["name"] == "tiny"
+    recs = {}
+    for name in ("local", "remote"):
+        recs[name] = {(r["formulation"], r["id"]): r for r in map(json.loads, open(tmp_path / name / "samples.jsonl"))}
+    assert recs["local"].keys() == recs["remote"].keys() and len(recs["local"]) == 18
+    for k, r in recs["local"].items():
+        assert recs["remote"][k]["prediction"] == r["prediction"]
+        assert recs["remote"][k]["logprobs"] == pytest.approx(r["logprobs"], abs=1e-4)
+        assert recs["remote"][k]["is_greedy"] == r["is_greedy"]
+    for form in ("letter", "cloze"):
+        assert remote.metrics[form]["acc"]["overall"] == local.metrics[form]["acc"]["overall"]
+
+
+def test_endpoint_run_from_the_command_line(server, chat_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-do-not-write-me")
+    out = tmp_path / "cli"
+    argv = ["run", "mmlu", "--base-url", server.base_url, "--model", "tiny", "--tokenizer", str(chat_dir),
+            "--api-key-env", "MY_KEY", "--per-subject", "1", "--subjects", "anatomy", "--formulation", "letter",
+            "cloze", "generative", "--output", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert "[cloze] acc" in capsys.readouterr().out
+    for f in out.iterdir():
+        assert "sk-do-not-write-me" not in f.read_text()
+    assert main(argv[:4] + ["--model", "nope"] + argv[6:]) == 2
+    assert "model 'nope' is not served at" in capsys.readouterr().err
+
+
+def test_log_likelihood_needs_a_tokenizer(server):
+    with pytest.raises(BackendError, match="need the served model's tokenizer"):
+        OpenAIBackend(server.base_url, "tiny").check_loglikelihood()
+
+
+# ------------------------------------------------------------------ fault injection
+
+class FaultyProxy:
+    """A scripted stand-in (a test tool, not the product): forwards to the real server, except
+    that request number k (counting from 1) gets the fault ``faults[k]``: "500", "429", "hang"
+    (no answer until the client times out) or "truncated" (half a JSON body)."""
+
+    def __init__(self, target: str, faults: dict[int, str]):
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse, Response
+
+        from evalsuite.server.serve import free_port
+
+        import uvicorn
+
+        self.faults, self.count, self.lock = faults, 0, threading.Lock()
+        app = FastAPI()
+
+        @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
+        async def forward(path: str, request: Request):
+            with self.lock:
+                self.count += 1
+                fault = self.faults.get(self.count)
+            if fault in ("500", "429"):
+                return JSONResponse({"error": {"message": f"injected {fault}"}}, status_code=int(fault))
+            if fault == "hang":
+                import asyncio
+
+                await asyncio.sleep(5)
+            async with httpx.AsyncClient(timeout=60) as c:
+                r = await c.request(request.method, f"{target}/{path}", content=await request.body(),
+                                    headers={"content-type": "application/json"})
+            body = r.content[: len(r.content) // 2] if fault == "truncated" else r.content
+            return Response(body, status_code=r.status_code, media_type="application/json")
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_retries_recover_from_500_429_hangs_and_truncated_json(server, lm):
+    reqs = [ScoreRequest(tuple(lm.tokenizer.encode(f"Question {i}: which?\nAnswer:")), (lm.tokenizer.encode(" A")[0],))
+            for i in range(6)]
+    want = score(lm.model, reqs)
+    # request 1 is /v1/models; then one fault of each kind, each recovered by a retry
+    with FaultyProxy(server.base_url, {2: "500", 3: "429", 4: "hang", 5: "truncated"}) as url:
+        backend = OpenAIBackend(url, "tiny", tokenizer=lm.tokenizer, concurrency=1, timeout=1.0, backoff=0.01)
+        got = backend.loglikelihood(reqs)
+    assert [g.logprob for g in got] == pytest.approx([w.logprob for w in want], abs=1e-4)
+
+
+def test_failures_are_recorded_with_their_reason_and_a_rerun_completes_them(server, lm, tmp_path):
+    cfg = MMLUConfig(formulations=("letter",), subjects=("anatomy",), per_subject=4)
+    # no retries: every injected 500 is final for its request
+    # requests 1-2 are the log-probability probe and /v1/models; then every seventh one fails
+    with FaultyProxy(server.base_url, {n: "500" for n in range(4, 40, 7)}) as url:
+        backend = OpenAIBackend(url, "tiny", tokenizer=lm.tokenizer, concurrency=1, max_retries=0)
+        first = run_mmlu(backend, cfg, tmp_path / "run", progress=False)
+    assert first.run["status"] == "incomplete" and 0 < first.metrics["letter"]["failed"] < 4
+    failed = [r for r in map(json.loads, open(tmp_path / "run" / "samples.jsonl")) if "failed" in r]
+    assert failed and all("HTTP 500: injected 500" in r["failed"] for r in failed)
+    assert all("logprobs" not in r for r in failed)  # never a made-up score
+    again = run_mmlu(OpenAIBackend(server.base_url, "tiny", tokenizer=lm.tokenizer), cfg, tmp_path / "run",
+                     progress=False)
+    assert again.run["status"] == "complete" and again.metrics["letter"]["failed"] == 0
+    assert again.metrics["letter"]["n"] == 4
+    records = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
+    scored = [r["id"] for r in records if "failed" not in r]
+    assert len(scored) == len(set(scored)) == 4  # nothing scored twice
+
+
+def test_a_server_killed_mid_run_then_restarted_resumes(lm, tmp_path):
+    cfg = MMLUConfig(formulations=("letter",), subjects=("anatomy", "marketing"), per_subject=6)
+    srv = BackgroundServer(served_model(lm, {"name": "bf16"}, "tiny", max_len=512)).__enter__()
+    port = srv.port
+    backend = OpenAIBackend(srv.base_url, "tiny", tokenizer=lm.tokenizer, concurrency=1, max_retries=0, timeout=2)
+    calls = {"n": 0}
+    real = backend.loglikelihood
+
+    def killing(requests, progress=None):  # the server dies after the first chunk's 8th request
+        calls["n"] += 1
+        if calls["n"] == 1:
+            out = real(requests[:8])
+            srv.__exit__(None, None, None)
+            return out + real(requests[8:])
+        return real(requests, progress)
+
+    backend.loglikelihood = killing
+    first = run_mmlu(backend, cfg, tmp_path / "run", chunk_size=4, progress=False)
+    assert first.run["status"] == "incomplete"
+    done_before = {r["id"] for r in map(json.loads, open(tmp_path / "run" / "samples.jsonl")) if "failed" not in r}
+    assert 0 < len(done_before) < 12
+    with BackgroundServer(served_model(lm, {"name": "bf16"}, "tiny", max_len=512), port=port) as again:
+        resumed = run_mmlu(OpenAIBackend(again.base_url, "tiny", tokenizer=lm.tokenizer), cfg, tmp_path / "run",
+                           progress=False)
+    assert resumed.run["status"] == "complete" and resumed.metrics["letter"]["n"] == 12
+    records = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
+    scored = [r["id"] for r in records if "failed" not in r]
+    assert len(scored) == len(set(scored)) == 12 and done_before <= set(scored)
