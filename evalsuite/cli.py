@@ -58,6 +58,10 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("task", nargs="?", help="task name (see `evalsuite tasks`)")
     run.add_argument("task_args", nargs=argparse.REMAINDER)
 
+    le = sub.add_parser("lm-eval", help="lm-eval's own command line with the engine registered as --model evalsuite",
+                        add_help=False)
+    le.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+
     sv = sub.add_parser("serve", help="serve a model and recipe over an OpenAI-compatible HTTP API")
     _model_options(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -197,6 +201,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(argv: list[str]) -> int:
+    """``evalsuite lm-eval --model evalsuite --model_args model=...,recipe=... --tasks ...``: lm-eval's
+    CLI, unchanged, after registering the engine (lm-eval finds models only in its registry)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from .runners import lm_eval_model  # noqa: F401  (registers "evalsuite")
+    from .taskdef import TASKS_DIR
+
+    if "--include_path" not in argv and any(a.startswith("--tasks") for a in argv):
+        argv = argv + ["--include_path", str(TASKS_DIR / "lm_eval")]  # the offline MMLU tasks
+    saved = sys.argv
+    sys.argv = ["lm-eval"] + argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from .models import load_model_and_recipe
     from .quant.checkpoint import quantized_modules, save_quantized
@@ -247,6 +270,9 @@ def _list_recipes() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own options
+        return _lm_eval(argv[1:])
     args = _build_parser().parse_args(argv)
     from .assets import AssetError
     from .backends.base import BackendError

@@ -1,0 +1,124 @@
+"""lm-eval as a way in: the engine as lm-eval's model (`--model evalsuite`), the shipped offline
+MMLU task YAMLs (tasks/lm_eval), and lm-eval's own `local-completions` model against
+`evalsuite serve`; each agrees with the suite's own MMLU runner."""
+
+from __future__ import annotations
+
+import json
+
+import lm_eval
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+
+from evalsuite.backends.engine import EngineBackend
+from evalsuite.cli import main
+from evalsuite.engine.generate import SamplingParams
+from evalsuite.engine.load import load
+from evalsuite.runners.lm_eval_model import EvalsuiteLM
+from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
+from evalsuite.server.serve import BackgroundServer, served_model
+from evalsuite.taskdef import TASKS_DIR
+from evalsuite.textgen import generate_text
+
+TASKS = ["evalsuite_mmlu_anatomy", "evalsuite_mmlu_marketing", "evalsuite_mmlu_continuation_anatomy",
+         "evalsuite_mmlu_continuation_marketing"]
+LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def runner_records(tiny, tmp_path_factory):
+    """The runner on the first LIMIT rows of each subject (what lm-eval's --limit takes), given as
+    a data file in the embedded schema; records keyed by formulation and question text."""
+    from evalsuite.runners.mmlu import load_mmlu
+    from evalsuite.taskdef import load_task
+
+    out = tmp_path_factory.mktemp("runner")
+    rows = []
+    for subject in ("anatomy", "marketing"):
+        qs = [q for q in load_mmlu(load_task("mmlu")).questions if q.subject == subject][:LIMIT]
+        rows += [{"question": q.question, **{f"answer_{c}": q.choices[i] for i, c in enumerate("abcd")},
+                  "correct_answer": "ABCD"[q.target], "topic": subject.replace("_", " ")} for q in qs]
+    (out / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_mmlu(tiny, MMLUConfig(data=str(out / "data.jsonl")), out / "run", progress=False)
+    records = map(json.loads, open(out / "run" / "samples.jsonl"))
+    return {(r["formulation"], rows[int(r["id"].split("/")[1])]["question"]): r for r in records}
+
+
+def _compare(results, runner_records) -> int:
+    n = 0
+    for task, samples in results["samples"].items():
+        form = "cloze" if "continuation" in task else "letter"
+        assert len(samples) == LIMIT
+        for s in samples:
+            mine = runner_records[(form, s["doc"]["question"])]
+            theirs = [r[0][0] for r in s["resps"]]
+            assert theirs == pytest.approx(mine["logprobs"], abs=1e-4), (task, s["doc"]["id"])
+            assert s["acc"] == float(mine["correct"])
+            n += 1
+    return n
+
+
+def test_lm_eval_with_the_engine_agrees_with_the_runner(tiny, runner_records):
+    model = EvalsuiteLM(backend=EngineBackend(tiny, max_batch_size=8))
+    results = lm_eval.simple_evaluate(model=model, tasks=TASKS, limit=LIMIT, log_samples=True,
+                                      task_manager=TaskManager(include_path=str(TASKS_DIR / "lm_eval"), include_defaults=False))
+    assert _compare(results, runner_records) == len(TASKS) * LIMIT
+
+
+def test_lm_eval_local_completions_against_the_server_agrees_with_the_runner(tiny, tiny_dir, runner_records):
+    with BackgroundServer(served_model(tiny, {"name": "bf16"}, "tiny", max_len=512)) as srv:
+        results = lm_eval.simple_evaluate(
+            model="local-completions", tasks=TASKS, limit=LIMIT, log_samples=True,
+            model_args={"base_url": f"{srv.base_url}/completions", "model": "tiny", "tokenizer": str(tiny_dir),
+                        "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": 2},
+            task_manager=TaskManager(include_path=str(TASKS_DIR / "lm_eval"), include_defaults=False))
+    assert _compare(results, runner_records) == len(TASKS) * LIMIT
+
+
+def test_lm_eval_command_line_runs_offline_with_the_engine(tiny_dir, tmp_path, capsys):
+    argv = ["lm-eval", "--model", "evalsuite", "--model_args", f"model={tiny_dir},dtype=float32",
+            "--tasks", "evalsuite_mmlu_anatomy", "--limit", "2", "--output_path", str(tmp_path / "out")]
+    assert main(argv) == 0
+    written = list((tmp_path / "out").rglob("results_*.json"))
+    assert written and "evalsuite_mmlu_anatomy" in json.loads(written[0].read_text())["results"]
+
+
+def _hf_logprob_of(hf, context: list[int], targets: list[int]) -> float:
+    with torch.no_grad():
+        logits = hf(torch.tensor([context + targets[:-1]])).logits[0].double()
+    lp = torch.log_softmax(logits, dim=-1)
+    return sum(float(lp[len(context) - 1 + i, t]) for i, t in enumerate(targets))
+
+
+@pytest.mark.parametrize("max_length", [512, 8])
+def test_rolling_loglikelihood_scores_every_token_once(tiny, hf_tiny, max_length):
+    """With a long context, the rolling log-likelihood is transformers' log-likelihood of the whole
+    text after the prefix token; with windows of 8 it is the sum over lm-eval's own disjoint
+    windows, each scored by transformers, and covers every token exactly once."""
+    from lm_eval import utils
+
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    model = EvalsuiteLM(backend=EngineBackend(tiny), max_length=max_length)
+    (got,) = model.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    tokens = tiny.tokenizer.encode(text)
+    windows = list(map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+        tokens, model.prefix_token_id, max_length, 1)))
+    assert sum(len(pred) for _, pred in windows) == len(tokens)
+    assert [t for _, pred in windows for t in pred] == tokens
+    want = sum(_hf_logprob_of(hf_tiny, ctx, pred) for ctx, pred in windows)
+    assert got == pytest.approx(want, abs=1e-3)
+    if max_length == 512:
+        assert got == pytest.approx(_hf_logprob_of(hf_tiny, [model.prefix_token_id], tokens), abs=1e-3)
+
+
+def test_generate_until_stops_and_caps_tokens(tiny):
+    model = EvalsuiteLM(backend=EngineBackend(tiny))
+    free = generate_text(tiny.model, tiny.tokenizer, ["The quick"], SamplingParams(max_new_tokens=20))[0].text
+    stop = free[3:5]
+    reqs = [Instance("generate_until", {}, ("The quick", {"until": [stop], "max_gen_toks": 20}), 0),
+            Instance("generate_until", {}, ("The quick", {"until": [], "max_gen_toks": 3}), 1)]
+    cut, short = model.generate_until(reqs)
+    assert cut == free[:free.find(stop)]
+    assert short == generate_text(tiny.model, tiny.tokenizer, ["The quick"], SamplingParams(max_new_tokens=3))[0].text
