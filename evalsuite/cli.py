@@ -201,6 +201,53 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_harness(argv: list[str]) -> int:
+    """``evalsuite run --harness lm-eval --task NAME [--task NAME ...]``: lm-eval tasks through the
+    suite's backend, written as the suite's own run records."""
+    from .backends.engine import EngineBackend
+    from .engine.load import parse_dtype
+    from .models import check_recipe_for_source, load_model_and_recipe
+    from .runners.lm_eval_harness import format_lm_eval_summary, run_lm_eval
+
+    parser = argparse.ArgumentParser(prog="evalsuite run --harness lm-eval", parents=[_run_options()])
+    parser.add_argument("--harness", required=True, choices=["lm-eval"])
+    parser.add_argument("--task", action="append", required=True, help="an lm-eval task or group (repeatable)")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval's --limit)")
+    parser.add_argument("--num-fewshot", type=int, default=None)
+    parser.add_argument("--include-path", default=None, help="more task YAMLs (default: tasks/lm_eval)")
+    parser.add_argument("--seed", type=int, default=1234)
+    opts = parser.parse_args(argv)
+    if opts.base_url:
+        backend = _endpoint_backend(opts)
+        name = run_name(opts.model, "endpoint", "lm-eval", _HarnessJob(opts), {"backend": backend.identity()})
+    else:
+        overrides = parse_recipe_config(opts.recipe_config)
+        check_recipe_for_source(opts.model, opts.recipe)
+        parse_dtype(opts.dtype)
+        lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides)
+        backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
+        name = run_name(lm.info.name, opts.recipe, "lm-eval", _HarnessJob(opts),
+                        {"dtype": opts.dtype, "recipe_config": overrides})
+    out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
+    result = run_lm_eval(backend, opts.task, out, limit=opts.limit, num_fewshot=opts.num_fewshot,
+                         include_path=opts.include_path, seed=opts.seed)
+    print(format_lm_eval_summary(result.metrics))
+    print(f"\nrecords: {out / 'samples.jsonl'}\nrun record: {out / 'run.json'}")
+    return 0
+
+
+class _HarnessJob:
+    def __init__(self, opts: argparse.Namespace):
+        self.opts = opts
+
+    def identity(self) -> dict:
+        return {"tasks": sorted(self.opts.task), "limit": self.opts.limit, "num_fewshot": self.opts.num_fewshot,
+                "seed": self.opts.seed}
+
+    def slug(self) -> str:
+        return "-".join(sorted(self.opts.task))[:60]
+
+
 def _lm_eval(argv: list[str]) -> int:
     """``evalsuite lm-eval --model evalsuite --model_args model=...,recipe=... --tasks ...``: lm-eval's
     CLI, unchanged, after registering the engine (lm-eval finds models only in its registry)."""
@@ -273,13 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:  # lm-eval parses its own options
         return _lm_eval(argv[1:])
-    args = _build_parser().parse_args(argv)
+    harness = argv[:1] == ["run"] and "--harness" in argv
+    args = _build_parser().parse_args(argv if not harness else ["run"])
     from .assets import AssetError
     from .backends.base import BackendError
     from .engine.load import ModelLoadError
     from .records import RunConflictError
 
     try:
+        if harness:
+            return _run_harness(argv[1:])
         if args.command == "run":
             return _run(args)
         if args.command == "plan":

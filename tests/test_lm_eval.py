@@ -122,3 +122,20 @@ def test_generate_until_stops_and_caps_tokens(tiny):
     cut, short = model.generate_until(reqs)
     assert cut == free[:free.find(stop)]
     assert short == generate_text(tiny.model, tiny.tokenizer, ["The quick"], SamplingParams(max_new_tokens=3))[0].text
+
+
+def test_harness_run_writes_the_suites_records(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "h"
+    argv = ["run", "--harness", "lm-eval", "--task", "evalsuite_mmlu_continuation_anatomy", "--limit", "3",
+            "--model", str(tiny_dir), "--dtype", "float32", "--output", str(out)]
+    assert main(argv) == 0
+    assert "evalsuite_mmlu_continuation_anatomy: acc" in capsys.readouterr().out
+    records = [json.loads(x) for x in open(out / "samples.jsonl")]
+    assert [r["id"] for r in records] == [f"evalsuite_mmlu_continuation_anatomy/{i}" for i in range(3)]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["recipe"]["name"] == "bf16"
+    assert run["metrics"]["evalsuite_mmlu_continuation_anatomy"]["acc,none"] == \
+        sum(r["acc"] for r in records) / 3
+    # a rerun answers from lm-eval's cache in the run folder and adds no record
+    assert main(argv) == 0
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3

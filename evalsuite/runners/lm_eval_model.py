@@ -22,6 +22,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from ..backends.base import Backend
 from ..backends.engine import EngineBackend
 from ..engine.generate import SamplingParams
 from ..engine.score import ScoreRequest
@@ -33,7 +34,7 @@ DEFAULT_MAX_GEN_TOKS = 256
 class EvalsuiteLM(TemplateLM):
     def __init__(self, model: str = "smollm2-135m", recipe: str = "bf16", dtype: str = "bfloat16",
                  batch_size: int | str = 32, max_batch_tokens: int = 4096, max_length: int | None = None,
-                 backend: EngineBackend | None = None, device: str | None = None, max_batch_size: int | None = None,
+                 backend: Backend | None = None, device: str | None = None, max_batch_size: int | None = None,
                  **recipe_config: Any):
         """``model_args`` as lm-eval passes them; any other key is a recipe setting. ``device`` and
         ``max_batch_size`` are lm-eval's own arguments, accepted and unused: the engine runs
@@ -47,8 +48,11 @@ class EvalsuiteLM(TemplateLM):
             backend = EngineBackend(lm, record, max_batch_size=size, max_batch_tokens=int(max_batch_tokens))
         self.backend = backend
         self.tokenizer = backend.tokenizer
-        cfg = backend.lm.model.config
-        self.max_length = int(max_length or cfg.max_position_embeddings)
+        if max_length is None:  # the engine's context, or what an endpoint reports
+            lm = getattr(backend, "lm", None)
+            max_length = lm.model.config.max_position_embeddings if lm is not None else \
+                backend.model_card().get("max_model_len", 2048)
+        self.max_length = int(max_length)
 
     @property
     def tokenizer_name(self) -> str:

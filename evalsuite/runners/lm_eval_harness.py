@@ -1,0 +1,76 @@
+"""Any lm-eval task through the suite: ``evalsuite run --harness lm-eval --task NAME [...]``.
+
+lm-eval builds the requests and computes the metrics; the model is the suite's backend (the
+engine under any recipe, or an endpoint) through ``EvalsuiteLM``. The run folder gets the suite's
+own records, so comparisons and reports read it like any run: ``samples.jsonl`` (one record per
+task and document: lm-eval's sample with its responses and per-sample metrics) and ``run.json``
+(tasks, lm-eval's task configs and version, model, recipe, metrics). lm-eval's response cache
+(a SQLite file in the run folder) makes a rerun skip the model calls already answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import Backend
+from ..records import RunStore, package_versions
+from .base import RunResult
+
+
+def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limit: float | None = None,
+                num_fewshot: int | None = None, include_path: str | None = None, seed: int = 1234) -> RunResult:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ..taskdef import TASKS_DIR
+    from .lm_eval_model import EvalsuiteLM
+
+    out = Path(out_dir)
+    path = include_path or str(TASKS_DIR / "lm_eval")
+    # lm-eval indexes its thousands of built-in task files only when a task is not in ours
+    manager = TaskManager(include_path=path, include_defaults=False)
+    if any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise KeyError(f"unknown lm-eval tasks {unknown}; `lm-eval ls tasks` lists them (the offline MMLU: "
+                       "evalsuite_mmlu, evalsuite_mmlu_continuation and their subjects)")
+    ident = backend.identity()
+    identity = {"task": "lm-eval", "config": {"tasks": sorted(tasks), "limit": limit, "num_fewshot": num_fewshot,
+                                              "seed": seed},
+                "model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind")}
+    config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    store = RunStore(out, identity, config_hash, key=lambda r: r["id"])
+    store.run["backend"] = backend.describe()
+    store.run["versions"] = package_versions()
+    t0 = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=EvalsuiteLM(backend=backend), tasks=tasks, limit=limit, num_fewshot=num_fewshot, log_samples=True,
+        task_manager=manager, use_cache=str(out / "lm_eval_cache"), random_seed=seed, numpy_random_seed=seed,
+        torch_random_seed=seed, fewshot_random_seed=seed)
+    done = store.done_keys()
+    records = []
+    for task, samples in results["samples"].items():
+        for s in samples:
+            rid = f"{task}/{s['doc_id']}"
+            if rid not in done:
+                records.append({"id": rid, "task": task, **json.loads(json.dumps(s, default=str))})
+    store.append(records)
+    store.run["lm_eval"] = {"configs": json.loads(json.dumps(results.get("configs", {}), default=str)),
+                            "versions": results.get("versions", {}), "n-samples": results.get("n-samples", {})}
+    metrics = json.loads(json.dumps(results["results"], default=str))
+    store.finish(metrics=metrics, timings={"lm-eval": time.perf_counter() - t0})
+    return RunResult(out, metrics, store.run)
+
+
+def format_lm_eval_summary(metrics: dict[str, Any]) -> str:
+    lines = []
+    for task, m in sorted(metrics.items()):
+        values = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in m.items()
+                           if isinstance(v, float) and not k.split(",")[0].endswith("_stderr"))
+        lines.append(f"{task}: {values}")
+    return "\n".join(lines)
