@@ -333,3 +333,9 @@ def test_a_server_killed_mid_run_then_restarted_resumes(lm, tmp_path):
     records = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
     scored = [r["id"] for r in records if "failed" not in r]
     assert len(scored) == len(set(scored)) == 12 and done_before <= set(scored)
+
+
+def test_ignore_eos_generates_exactly_max_tokens(client):
+    r = client.completions.create(model="tiny", prompt="The", max_tokens=40, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"

@@ -160,8 +160,9 @@ def _sampling(served: ServedModel, body: dict, prompt_len: int, default_max: int
     seed = _integer(body, "seed", None, -(2 ** 63), 2 ** 63 - 1)
     if max_tokens == 0:
         return [], n
-    params = [with_stop_tokens(SamplingParams(max_tokens, temperature, top_p, None if seed is None else seed + i),
-                               served.tokenizer) for i in range(n)]
+    params = [SamplingParams(max_tokens, temperature, top_p, None if seed is None else seed + i) for i in range(n)]
+    if not body.get("ignore_eos"):  # vLLM's extension: benchmarks ask for exactly max_tokens
+        params = [with_stop_tokens(p, served.tokenizer) for p in params]
     return params, n
 
 
