@@ -339,3 +339,28 @@ def test_ignore_eos_generates_exactly_max_tokens(client):
     r = client.completions.create(model="tiny", prompt="The", max_tokens=40, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+
+
+def test_prompts_sharing_a_prefix_run_it_once():
+    from evalsuite.server.scheduler import prefix_groups
+
+    ctx = list(range(100, 120))
+    prompts = [ctx + [7], [1, 2, 3], ctx + [5, 6], ctx + [9], list(range(100, 110)) + [4]]
+    groups = sorted((plen, sorted(m)) for plen, m in prefix_groups(prompts))
+    # the three continuations of ctx share all 20 context tokens; the 10-token one shares 10 with
+    # them, which would shrink their group, so it joins it only if that keeps >= 8 shared: it does
+    assert groups == [(3, [1]), (10, [0, 2, 3, 4])]
+    assert sorted(prefix_groups([ctx + [1], ctx[:5] + [2]])) == [(6, [1]), (21, [0])]  # 5 shared: too few
+
+
+def test_prefix_sharing_gives_the_in_process_scores_exactly(lm):
+    """Four answers of one question sent together: each log-likelihood is what engine.score gives
+    the (context, answer) pair, in float32 to the last bit."""
+    from evalsuite.server.scheduler import prompt_logprobs
+
+    ctx = lm.tokenizer.encode("Question: Which animal is the fastest?\nAnswer:")
+    answers = [lm.tokenizer.encode(a) for a in (" cheetah", " a slow snail", " horse", " the falcon")]
+    got = prompt_logprobs(lm.model, [ctx + a for a in answers], [0] * 4)
+    want = score(lm.model, [ScoreRequest(tuple(ctx), tuple(a)) for a in answers])
+    for g, w in zip(got, want):
+        assert tuple(g.token_logprobs[len(ctx):]) == w.token_logprobs

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.cache import KVCache
 from ..engine.generate import DecodeBatch, Generation, SamplingParams
 from ..engine.model import CausalLM, Step
 
@@ -210,29 +211,89 @@ class Scheduler:
         self.scoring.clear()
 
 
+MIN_SHARED_PREFIX = 8  # prompts sharing at least this many leading tokens run their prefix once
+
+
+def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """Prompts grouped by a shared leading prefix: (prefix length, indices). Adjacent prompts in
+    sorted order join a group while the prefix common to the whole group stays at least
+    ``MIN_SHARED_PREFIX`` tokens and shorter than every member (each keeps one token of its own).
+    The four answers of one MMLU question, sent as four requests, form one group."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    groups: list[tuple[int, list[int]]] = []
+    for i in order:
+        p = prompts[i]
+        if groups:
+            plen, members = groups[-1]
+            first = prompts[members[0]]
+            common = 0
+            limit = min(len(first), len(p)) - 1
+            while common < limit and first[common] == p[common]:
+                common += 1
+            shared = min(plen, common) if len(members) > 1 else common
+            if shared >= MIN_SHARED_PREFIX:
+                groups[-1] = (shared, members + [i])
+                continue
+        groups.append((len(p), [i]))
+    return groups
+
+
 @torch.inference_mode()
 def prompt_logprobs(model: CausalLM, prompts: list[list[int]], tops: list[int]) -> list[PromptLogprobs]:
-    """Every prompt token's log-probability given its prefix, in one packed prefill (float32
-    lm_head and log-softmax, as ``score`` computes them)."""
-    lens = [len(p) for p in prompts]
-    tokens = torch.tensor([t for p in prompts for t in p], device=model.device).view(1, -1)
-    hidden = model.hidden(tokens, Step.for_prefill(lens))[0]
-    out, start = [], 0
-    for p, n, top in zip(prompts, lens, tops):
-        rows = hidden[start:start + n - 1]
+    """Every prompt token's log-probability given its prefix, and the ``tops`` best alternatives.
+
+    Prompts that share a prefix (``prefix_groups``) run it once: one packed prefill of the
+    prefixes writes their K/V to a cache, and one packed extension runs each member's own tokens
+    reading its group's cached prefix, as ``engine.score`` runs a context and its continuations.
+    Both are batch-invariant, so a prompt's numbers do not depend on what it is sent with, and a
+    (context, answer) pair gets the numbers the in-process scorer gives it. The lm_head and
+    log-softmax run in float32 on every row (the API returns every position)."""
+    groups = prefix_groups(prompts)
+    prefixes = [prompts[members[0]][:plen] for plen, members in groups]
+    lens = [len(p) for p in prefixes]
+    device = model.device
+    # (member, group) pairs whose own tokens past the prefix need more than the prefix's last row
+    extend = [(i, g) for g, (plen, members) in enumerate(groups) for i in members if len(prompts[i]) - plen > 1]
+    cache = KVCache(model.config, len(groups), max(lens), model.dtype) if extend else None
+    tokens = torch.tensor([t for p in prefixes for t in p], device=device).view(1, -1)
+    hidden = model.hidden(tokens, Step.for_prefill(lens, cache))[0]
+    ext_rows: dict[int, torch.Tensor] = {}
+    if extend:
+        ext_lens = [len(prompts[i]) - groups[g][0] - 1 for i, g in extend]
+        ext_tokens = torch.tensor([t for i, g in extend for t in prompts[i][groups[g][0]:-1]], device=device)
+        step = Step.for_extend(ext_lens, cache, [g for _, g in extend], [lens[g] for _, g in extend])
+        ext_hidden = model.hidden(ext_tokens.view(1, -1), step)[0]
+        start = 0
+        for (i, _), n in zip(extend, ext_lens):
+            ext_rows[i] = ext_hidden[start:start + n]
+            start += n
+    out: list[PromptLogprobs | None] = [None] * len(prompts)
+    start = 0
+    for (plen, members), n in zip(groups, lens):
+        prefix_rows = hidden[start:start + n]
         start += n
-        if n == 1:
-            out.append(PromptLogprobs([None], [None], [None]))
-            continue
-        lp = torch.log_softmax(model.logits(rows, float32=True), dim=-1)
-        target = torch.tensor(p[1:], device=lp.device)
-        chosen = lp[torch.arange(n - 1, device=lp.device), target].tolist()
-        greedy = lp.argmax(dim=-1).tolist()
-        alts: list[dict[int, float] | None] = [None]
-        if top > 0:
-            values, ids = lp.topk(top, dim=-1)
-            alts += [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
-        else:
-            alts += [{} for _ in range(n - 1)]
-        out.append(PromptLogprobs([None] + chosen, alts, [None] + greedy))
-    return out
+        for i in members:
+            p = prompts[i]
+            # row r predicts token r + 1: the prefix's rows, then the member's own rows but its last
+            rows = prefix_rows if len(p) == plen else torch.cat([prefix_rows, ext_rows[i]]) if i in ext_rows \
+                else prefix_rows
+            rows = rows[:len(p) - 1]
+            out[i] = _logprobs_of(model, rows, p, tops[i])
+    return out  # type: ignore[return-value]
+
+
+def _logprobs_of(model: CausalLM, rows: torch.Tensor, prompt: list[int], top: int) -> PromptLogprobs:
+    n = len(prompt)
+    if n == 1:
+        return PromptLogprobs([None], [None], [None])
+    lp = torch.log_softmax(model.logits(rows, float32=True), dim=-1)
+    index = torch.arange(n - 1, device=lp.device)
+    chosen = lp[index, torch.tensor(prompt[1:], device=lp.device)].tolist()
+    greedy = lp.argmax(dim=-1).tolist()
+    alts: list[dict[int, float] | None] = [None]
+    if top > 0:
+        values, ids = lp.topk(top, dim=-1)
+        alts += [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+    else:
+        alts += [{} for _ in range(n - 1)]
+    return PromptLogprobs([None] + chosen, alts, [None] + greedy)
