@@ -2,7 +2,7 @@
 alternative in the same run (medians of repeated calls):
 
   * the BF16 product: native ``F.linear`` against the engine's float32 route (engine/linear.py)
-    at 1 to 2,048 rows, and the float32 and BF16 matmul peaks (2048^3);
+    at 1 to 2,048 rows, and the float32 and BF16 matmul peaks (1024^3);
   * E4M3 rounding: torch's float32 -> float8_e4m3fn -> float32 cast against quantize_e4m3;
   * the FP8 simulation's product on E4M3 values: float32 matmul against a BF16 matmul, and the
     CPU's real FP8 routes (torch._scaled_mm; oneDNN's FP8 qlinear where this torch has it);
@@ -40,9 +40,9 @@ def bf16_product(reps: int) -> None:
     print(f"CPU: avx512_bf16 or amx: {engine_linear.cpu_has_native_bf16()}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}")
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        ms = median_ms(lambda: a @ b, max(3, reps // 5))
-        print(f"matmul 2048^3 {str(dtype).split('.')[-1]}: {2 * 2048 ** 3 / ms / 1e6:.1f} GFLOP/s")
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        ms = median_ms(lambda: a @ b, 3)
+        print(f"matmul 1024^3 {str(dtype).split('.')[-1]}: {2 * 1024 ** 3 / ms / 1e6:.1f} GFLOP/s")
     w = torch.randn(1536, 576).bfloat16()
     print("\nBF16 product 576 -> 1536: rows, native F.linear ms, engine route ms, ratio")
     for rows in (1, 4, 16, 64, 256, 2048):
