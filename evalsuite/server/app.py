@@ -207,24 +207,27 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-async def _next_event(job: GenerationJob):
-    while True:
-        try:
-            return job.events.get_nowait()
-        except Exception:
-            await asyncio.sleep(0.002)
+def _job(served: ServedModel, prompt: list[int], params: SamplingParams, stops: list[str]
+         ) -> tuple[GenerationJob, asyncio.Queue]:
+    """A generation job whose events arrive on an asyncio queue of the calling event loop (the
+    scheduler thread hands them over with call_soon_threadsafe: no polling)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = GenerationJob(prompt, params, _stop_fn(served.tokenizer, stops),
+                        post=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+    served.scheduler.submit(job)
+    return job, events
 
 
 async def _generate(served: ServedModel, prompt: list[int], params: SamplingParams, stops: list[str],
                     request: Request) -> tuple[list[int], str]:
-    job = GenerationJob(prompt, params, _stop_fn(served.tokenizer, stops))
-    served.scheduler.submit(job)
+    job, events = _job(served, prompt, params, stops)
     tokens: list[int] = []
     try:
         while True:
-            kind, value = await _next_event(job)
-            if kind == "token":
-                tokens.append(value)
+            kind, value = await events.get()
+            if kind == "tokens":
+                tokens.extend(value)
             elif kind == "done":
                 return tokens, value
             else:
@@ -357,8 +360,7 @@ async def _stream_tokens(served: ServedModel, prompt: list[int], params: Samplin
                          request: Request):
     """(text delta, finish_reason or None) as tokens arrive; the job is cancelled when the
     client goes away (its slot is freed at the scheduler's next turn)."""
-    job = GenerationJob(prompt, params, _stop_fn(served.tokenizer, stops))
-    served.scheduler.submit(job)
+    job, events = _job(served, prompt, params, stops)
     tokens: list[int] = []
     sent = ""
     try:
@@ -367,13 +369,13 @@ async def _stream_tokens(served: ServedModel, prompt: list[int], params: Samplin
                 job.cancel()
                 return
             try:
-                kind, value = await asyncio.wait_for(_next_event(job), timeout=1.0)
+                kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 continue
             if kind == "error":
                 raise RuntimeError(value)
-            if kind == "token":
-                tokens.append(value)
+            if kind == "tokens":
+                tokens.extend(value)
             text = served.tokenizer.decode(tokens, skip_special_tokens=True)
             text, stopped = _cut(text, stops)
             if kind == "done" or stopped:

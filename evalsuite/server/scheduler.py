@@ -31,12 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenerationJob:
-    """One sequence to generate. ``events`` receives ("token", id) per new token, then ("done",
-    finish_reason) or ("error", message). ``stop_fn(tokens)`` may end it early (stop strings)."""
+    """One sequence to generate. ``post(kind, value)`` receives ("tokens", [ids]) after each step
+    that made some, then ("done", finish_reason) or ("error", message); it is called on the
+    scheduler thread (an HTTP handler passes one that hands the event to its event loop). The
+    default puts events on ``events``. ``stop_fn(tokens)`` may end it early (stop strings)."""
 
     prompt: list[int]
     params: SamplingParams
     stop_fn: object = None
+    post: object = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     gen: Generation | None = None
@@ -45,6 +48,12 @@ class GenerationJob:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def send(self, kind: str, value) -> None:
+        if self.post is not None:
+            self.post(kind, value)
+        else:
+            self.events.put((kind, value))
 
 
 @dataclass
@@ -159,7 +168,7 @@ class Scheduler:
             self.batch.add([j.gen for j in joining])
         except ValueError as e:
             for j in joining:
-                j.events.put(("error", str(e)))
+                j.send("error", str(e))
             return
         self.stats["prefills"] += 1
         for j in joining:
@@ -168,9 +177,10 @@ class Scheduler:
 
     def _emit(self, job: GenerationJob) -> None:
         g = job.gen
-        for t in g.tokens[job.sent:]:
-            job.events.put(("token", t))
-            self.stats["tokens"] += 1
+        new = g.tokens[job.sent:]
+        if new:
+            job.send("tokens", list(new))
+            self.stats["tokens"] += len(new)
         job.sent = len(g.tokens)
         if g.finish_reason is None and job.stop_fn is not None and job.stop_fn(g.tokens):
             g.finish_reason = "stop"
@@ -180,7 +190,7 @@ class Scheduler:
             if g.finish_reason is not None:
                 job = self.jobs.pop(id(g))
                 self.batch.remove(g)
-                job.events.put(("done", g.finish_reason))
+                job.send("done", g.finish_reason)
 
     def _score(self) -> None:
         batch, tokens = [], 0
@@ -201,9 +211,9 @@ class Scheduler:
         for g in list(self.batch.running):
             job = self.jobs.pop(id(g))
             self.batch.remove(g)
-            job.events.put(("error", message))
+            job.send("error", message)
         for job in self.waiting:
-            job.events.put(("error", message))
+            job.send("error", message)
         self.waiting.clear()
         for job in self.scoring:
             if not job.future.done():
