@@ -322,7 +322,10 @@ def test_a_server_killed_mid_run_then_restarted_resumes(lm, tmp_path):
         return real(requests, progress)
 
     backend.loglikelihood = killing
-    first = run_mmlu(backend, cfg, tmp_path / "run", chunk_size=4, progress=False)
+    try:
+        first = run_mmlu(backend, cfg, tmp_path / "run", chunk_size=4, progress=False)
+    finally:
+        srv.__exit__(None, None, None)  # already stopped unless the run failed before the kill
     assert first.run["status"] == "incomplete"
     done_before = {r["id"] for r in map(json.loads, open(tmp_path / "run" / "samples.jsonl")) if "failed" not in r}
     assert 0 < len(done_before) < 12

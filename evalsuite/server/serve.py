@@ -52,6 +52,7 @@ class BackgroundServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Stop the server and its scheduler (safe to call more than once)."""
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.served.scheduler.shutdown()
