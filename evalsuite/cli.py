@@ -88,6 +88,29 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     pl.add_argument("--usable-fraction", type=float, default=0.9, help="share of GPU memory for weights + KV")
 
+    cp = sub.add_parser("compare", help="paired comparison and verdict of candidates against a baseline")
+    cp.add_argument("sides", nargs="+", metavar="SIDE",
+                    help="run folders, run ids from the index (#12 or 12), or references (ref:<file>[:<recipe>]); "
+                         "the baseline is --baseline, else the fp8-official side when there is one, else the first")
+    cp.add_argument("--baseline", default=None, help="the baseline: a SIDE, or the recipe of one of the sides")
+    cp.add_argument("--tolerance", nargs="+", default=[], metavar="METRIC=TOL",
+                    help="per metric or family, e.g. mmlu=0.01 mt_bench=0.1 perplexity=5%% (a %% is relative); "
+                         "default: the reference's own tolerances, else 0.01 (2%% for perplexity)")
+    cp.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON ('-' for stdout)")
+
+    gt = sub.add_parser("gate", help="run a gate file: produce its runs, compare, exit 0 PASS, 1 FAIL, "
+                                     "2 INCONCLUSIVE, 3 error")
+    gt.add_argument("gate", help="a gate YAML (see tasks/gates/)")
+    gt.add_argument("--junit", default=None, metavar="FILE", help="also write JUnit XML for CI systems")
+    gt.add_argument("--json", default=None, metavar="FILE", help="also write the comparison as JSON")
+
+    rn = sub.add_parser("runs", help="list runs in the run index")
+    rn.add_argument("--task", default=None)
+    rn.add_argument("--model", default=None)
+    rn.add_argument("--recipe", default=None)
+    rn.add_argument("--since", default=None, help="finished on or after this date (YYYY-MM-DD)")
+    rn.add_argument("--index", default=None, help="the index file (default: $EVALSUITE_INDEX or reports/index.sqlite)")
+
     sub.add_parser("models", help="list registered models")
     sub.add_parser("tasks", help="list tasks")
     sub.add_parser("recipes", help="list quantization recipes")
@@ -131,9 +154,130 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
     print(f"{label}, writing {out}", file=sys.stderr)
     result = runner.run(job, backend, out, progress=not opts.no_progress)
+    _index_run(out, result.run)
     print(runner.summary(result))
     print(f"\nrecords: {out / 'samples.jsonl'}\nrun record: {out / 'run.json'}")
     return 0 if result.run.get("status") == "complete" else 1
+
+
+def _index_run(run_dir: Path, run: dict) -> None:
+    """Record a finished run in the run index; an index that cannot be written costs a warning,
+    never the run."""
+    import sqlite3
+
+    from .runindex import RunIndex
+
+    try:
+        RunIndex().record(run_dir, run)
+    except (OSError, sqlite3.Error) as e:
+        print(f"evalsuite: warning: the run index was not updated: {e}", file=sys.stderr)
+
+
+def _resolve_sides(specs: list[str]):
+    from .compare import side_from_run
+    from .references import reference_sides
+    from .runindex import RunIndex
+
+    sides = []
+    for spec in specs:
+        if spec.startswith("ref:"):
+            sides.extend(reference_sides(spec))
+        elif spec.lstrip("#").isdigit() and not Path(spec).exists():
+            sides.append(side_from_run(RunIndex().get(int(spec.lstrip("#"))).run_dir))
+        else:
+            if not Path(spec).is_dir():
+                raise ValueError(f"{spec!r} is neither a run folder, a run id from `evalsuite runs`, nor ref:<name>; "
+                                 "references: " + ", ".join(f"ref:{r}" for r in __import__(
+                                     "evalsuite.references", fromlist=["available"]).available()))
+            sides.append(side_from_run(spec))
+    labels = [s.label for s in sides]
+    for s in sides:  # two runs of one recipe: tell them apart by folder
+        if labels.count(s.label) > 1:
+            s.label = f"{s.label}@{Path(s.source).name}"
+    return sides
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import Tolerance, compare_sides, format_table, results_json
+    from .references import format_speedups, load_reference
+
+    sides = _resolve_sides(args.sides)
+    if len(sides) < 2:
+        raise ValueError("compare needs a baseline and at least one candidate")
+    if args.baseline:
+        picked = [s for s in sides if args.baseline in (s.recipe, s.label, s.source)]
+        if not picked:
+            picked = _resolve_sides([args.baseline])
+            sides = picked + sides
+        base = picked[0]
+    else:
+        official = [s for s in sides if s.recipe == "fp8-official"]
+        base = official[0] if len(official) == 1 else sides[0]
+    candidates = [s for s in sides if s is not base]
+    refs = {spec.split(":")[1] for spec in args.sides if spec.startswith("ref:")}
+    tolerances: dict[str, Tolerance] = {}
+    for name in refs:
+        tolerances.update(load_reference(name).tolerances())
+    for item in args.tolerance:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--tolerance takes METRIC=TOL (e.g. mmlu=0.01 or perplexity=5%), got {item!r}")
+        try:
+            tolerances[key] = Tolerance(float(value.rstrip("%")) / 100, True) if value.endswith("%") \
+                else Tolerance(float(value))
+        except ValueError:
+            raise ValueError(f"--tolerance {item!r}: {value!r} is not a number (or a percentage)") from None
+    tolerances.setdefault("perplexity", Tolerance(0.02, True))
+    results = compare_sides(base, candidates, tolerances, Tolerance(0.01))
+    print(format_table(base, results))
+    speedups = [format_speedups(load_reference(r)) for r in sorted(refs)]
+    for text in filter(None, speedups):
+        print("\n" + text)
+    if args.json:
+        blob = json.dumps(results_json(base, results), indent=2, default=str)
+        if args.json == "-":
+            print(blob)
+        else:
+            Path(args.json).write_text(blob)
+    from .compare import EXIT_CODES, overall
+
+    return EXIT_CODES[overall([r.verdict for r in results])]
+
+
+def _gate(args: argparse.Namespace) -> int:
+    import time
+
+    from .compare import format_table, overall, results_json
+    from .gate import EXIT, EXIT_ERROR, GateError, evaluate, junit_xml, load_gate
+
+    t0 = time.perf_counter()
+    try:
+        gate = load_gate(args.gate)
+        base, results = evaluate(gate, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (GateError, ValueError, KeyError, FileNotFoundError) as e:
+        print(f"evalsuite gate: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return EXIT_ERROR
+    verdict = overall([r.verdict for r in results])
+    print(format_table(base, results))
+    print(f"\ngate {gate.name}: {verdict} (exit {EXIT[verdict]})")
+    if args.junit:
+        Path(args.junit).write_text(junit_xml(gate, results, time.perf_counter() - t0))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results_json(base, results, {"gate": gate.name}), indent=2, default=str))
+    return EXIT[verdict]
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from .runindex import RunIndex, headline
+
+    rows = RunIndex(args.index).query(task=args.task, model=args.model, recipe=args.recipe, since=args.since)
+    print(f"{'id':>4}  {'finished':<24} {'task':<11} {'model':<16} {'recipe':<15} {'status':<10} metrics / folder")
+    for r in rows:
+        print(f"{r.id:>4}  {r.finished:<24} {r.task:<11} {r.model[:16]:<16} {r.recipe:<15} {r.status:<10} "
+              f"{headline(r)}\n      {r.run_dir}")
+    if not rows:
+        print("(no runs match)")
+    return 0
 
 
 def _endpoint_backend(opts: argparse.Namespace):
@@ -338,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "gate":
+            return _gate(args)
+        if args.command == "runs":
+            return _runs(args)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
     except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError,
             BackendError) as e:

@@ -11,7 +11,7 @@ the equal-subject average the subset's raw mean would give.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -107,3 +107,26 @@ def paired_changes(base: Mapping[str, dict], cand: Mapping[str, dict]) -> dict[s
                for i in ids]
         out["mean_kl"] = sum(kls) / len(kls)
     return out
+
+
+def ratio_estimate(numerators: Sequence[float], denominators: Sequence[float],
+                   clusters: Sequence[Hashable] | None = None) -> Estimate:
+    """R = sum(y) / sum(x) (e.g. negative log-likelihood per word over documents) with its
+    linearised (delta-method) standard error, clustered when ``clusters`` groups the items:
+    SE = sqrt(G / (G - 1) * sum_g (sum_{i in g} (y_i - R x_i))^2) / sum(x), G groups (each item
+    its own group when ``clusters`` is None). ``n`` is the number of items."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError("ratio_estimate needs as many numerators as denominators, at least one")
+    total = sum(denominators)
+    if total <= 0:
+        raise ValueError("the denominators sum to zero")
+    r = sum(numerators) / total
+    groups: dict[Hashable, float] = {}
+    for i, (y, x) in enumerate(zip(numerators, denominators)):
+        key = clusters[i] if clusters is not None else i
+        groups[key] = groups.get(key, 0.0) + (y - r * x)
+    g = len(groups)
+    if g < 2:
+        return Estimate(r, float("nan"), len(numerators))
+    var = g / (g - 1) * sum(v * v for v in groups.values())
+    return Estimate(r, math.sqrt(var) / total, len(numerators))

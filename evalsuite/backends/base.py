@@ -61,3 +61,7 @@ class Backend(ABC):
 
     def check_loglikelihood(self) -> None:
         """Raise ``BackendError`` unless log-likelihood requests can be served."""
+
+    def context_length(self) -> int | None:
+        """Tokens per sequence the model takes (prompt and continuation), None where unknown."""
+        return None

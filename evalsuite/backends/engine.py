@@ -37,6 +37,10 @@ class EngineBackend(Backend):
         if self.tokenizer is None:
             raise BackendError(f"model {self.lm.info.name!r} has no tokenizer; log-likelihood tasks need one")
 
+    def context_length(self) -> int:
+        config = self.lm.model.config
+        return min(config.max_position_embeddings, config.sliding_window or config.max_position_embeddings)
+
     def loglikelihood(self, requests: Sequence[ScoreRequest], progress: Progress | None = None
                       ) -> list[ScoreResult | Failure]:
         return list(score(self.lm.model, requests, max_batch_tokens=self.max_batch_tokens,

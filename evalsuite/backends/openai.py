@@ -59,6 +59,10 @@ class OpenAIBackend(Backend):
         self._card: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ identity
+    def context_length(self) -> int | None:
+        length = self.model_card().get("max_model_len")  # vLLM and evalsuite serve report it
+        return int(length) if length else None
+
     def model_card(self) -> dict[str, Any]:
         """What /v1/models reports for the served model (an error if it is not served there)."""
         if self._card is None:

@@ -57,3 +57,15 @@ class Runner(ABC):
     @abstractmethod
     def summary(self, result: RunResult) -> str:
         """What the command line prints when the run is done."""
+
+
+def backend_identity(backend: Backend) -> dict[str, Any]:
+    """The part of a run's identity that names what was evaluated (model, recipe, backend kind)."""
+    ident = backend.identity()
+    return {"model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind")}
+
+
+def progress_bar(enabled: bool, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=0, disable=not enabled, unit=unit, dynamic_ncols=True)

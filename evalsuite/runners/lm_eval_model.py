@@ -49,9 +49,7 @@ class EvalsuiteLM(TemplateLM):
         self.backend = backend
         self.tokenizer = backend.tokenizer
         if max_length is None:  # the engine's context, or what an endpoint reports
-            lm = getattr(backend, "lm", None)
-            max_length = lm.model.config.max_position_embeddings if lm is not None else \
-                backend.model_card().get("max_model_len", 2048)
+            max_length = backend.context_length() or 2048
         self.max_length = int(max_length)
 
     @property

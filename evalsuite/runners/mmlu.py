@@ -27,7 +27,7 @@ from ..records import RunStore, package_versions
 from ..stats import accuracy_table
 from ..taskdef import Formulation, MultipleChoiceTask, load_task, parse_multiple_choice_task
 from . import register
-from .base import Job, Runner, RunResult
+from .base import Job, Runner, RunResult, backend_identity, progress_bar
 
 LETTERS = ("A", "B", "C", "D")
 NEAR_TIE = 0.01  # log-probability margin under which batch-size noise may flip a prediction
@@ -357,7 +357,7 @@ def run_mmlu(backend: Backend | LoadedModel, job: MMLUJob | MMLUConfig, out_dir:
     forms = [task.formulation(name) for name in cfg.formulations]
     if any(f.method == "loglikelihood" for f in forms):
         backend.check_loglikelihood()
-    identity = {**job.identity(), **_backend_identity(backend), "seed": cfg.seed, "questions": len(job.questions)}
+    identity = {**job.identity(), **backend_identity(backend), "seed": cfg.seed, "questions": len(job.questions)}
     config_hash = _sha(json.dumps({k: identity[k] for k in ("config", "task_config_sha256", "data", "model", "recipe")},
                                   sort_keys=True, default=str))
     store = RunStore(out_dir, identity, config_hash, key=record_key)
@@ -365,7 +365,7 @@ def run_mmlu(backend: Backend | LoadedModel, job: MMLUJob | MMLUConfig, out_dir:
     store.run["versions"] = package_versions()
     done = store.done_keys()
     timings = store.run.setdefault("timings", {})
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress, "q")
     for form in forms:
         pending = [q for q in job.questions if (form.name, q.id) not in done]
         if not pending:
@@ -393,17 +393,6 @@ def run_mmlu(backend: Backend | LoadedModel, job: MMLUJob | MMLUConfig, out_dir:
     failed = sum(m["failed"] for m in metrics.values())
     store.finish(metrics=metrics, timings=timings, status="complete" if not failed else "incomplete")
     return RunResult(Path(out_dir), metrics, store.run)
-
-
-def _backend_identity(backend: Backend) -> dict[str, Any]:
-    ident = backend.identity()
-    return {"model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind")}
-
-
-def _progress_bar(enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=0, disable=not enabled, unit="q", dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------- the runner

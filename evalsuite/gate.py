@@ -1,0 +1,174 @@
+"""`evalsuite gate GATE.yaml`: produce (or reuse) the runs a gate file names, compare every
+candidate with the baseline at the gate's tolerances, and exit with the verdict.
+
+Exit codes: 0 PASS (every metric of every candidate), 1 FAIL (some metric's interval lies wholly
+below -tolerance), 2 INCONCLUSIVE (none failed, some undecided at this sample size), 3 error (a
+bad gate file, a run that could not be produced, a metric missing on one side).
+
+A gate file::
+
+    name: quick
+    task: mmlu                      # runs produced here: `evalsuite run TASK ...`
+    model: smollm2-135m
+    args: [--formulation, cloze, --per-subject, "2"]
+    runs_dir: reports/gates/quick   # where produced runs live (resumed when rerun)
+    baseline: {recipe: fp8-official}
+    candidates:
+      - {recipe: fp8-modelopt}
+      - {recipe: int4-awq, recipe_config: {calibration: {num_samples: 8}}}
+      - {run: reports/runs/some-run}   # an existing run folder
+    metrics:                        # metric (or family prefix) -> tolerance
+      mmlu.cloze: {absolute: 0.05}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import yaml
+
+from .compare import EXIT_CODES as EXIT
+from .compare import PASS, CandidateResult, Side, Tolerance, compare_sides, side_from_run
+
+EXIT_ERROR = 3
+SIDE_KEYS = {"recipe", "recipe_config", "run", "ref", "label"}
+
+
+class GateError(ValueError):
+    pass
+
+
+@dataclass
+class Gate:
+    name: str
+    path: Path
+    task: str | None
+    model: str
+    args: list[str]
+    runs_dir: Path
+    baseline: dict[str, Any]
+    candidates: list[dict[str, Any]]
+    metrics: dict[str, Tolerance]
+    dtype: str = "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_gate(path: str | Path) -> Gate:
+    path = Path(path)
+    if not path.is_file():
+        raise GateError(f"gate file {path} does not exist")
+    raw = yaml.safe_load(path.read_text())
+    where = str(path)
+    if not isinstance(raw, dict):
+        raise GateError(f"{where}: a gate file is a mapping")
+    known = {"name", "description", "task", "model", "args", "runs_dir", "baseline", "candidates", "metrics", "dtype"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise GateError(f"{where}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    for key in ("baseline", "candidates", "metrics"):
+        if key not in raw:
+            raise GateError(f"{where}: missing key {key!r}")
+    if not isinstance(raw["candidates"], list) or not raw["candidates"]:
+        raise GateError(f"{where}: candidates must be a non-empty list")
+    sides = [raw["baseline"], *raw["candidates"]]
+    for i, side in enumerate(sides):
+        label = "baseline" if i == 0 else f"candidates[{i - 1}]"
+        if not isinstance(side, dict) or not (set(side) & {"recipe", "run", "ref"}) or set(side) - SIDE_KEYS:
+            raise GateError(f"{where}: {label} = {side!r}; give one of recipe (with optional recipe_config), "
+                            f"run (a run folder) or ref (ref:<file>:<recipe>); valid keys: {sorted(SIDE_KEYS)}")
+        if "recipe" in side and not raw.get("task"):
+            raise GateError(f"{where}: {label} names a recipe to run, so the gate needs a task")
+    if not isinstance(raw["metrics"], dict) or not raw["metrics"]:
+        raise GateError(f"{where}: metrics must map metric names to tolerances, e.g. mmlu.cloze: {{absolute: 0.05}}")
+    try:
+        metrics = {k: Tolerance.parse(v, f"{where}: metrics.{k}") for k, v in raw["metrics"].items()}
+    except ValueError as e:
+        raise GateError(str(e)) from None
+    name = raw.get("name") or path.stem
+    return Gate(name=name, path=path, task=raw.get("task"), model=raw.get("model", "smollm2-135m"),
+                args=[str(a) for a in raw.get("args", [])], runs_dir=Path(raw.get("runs_dir", f"reports/gates/{name}")),
+                baseline=raw["baseline"], candidates=raw["candidates"], metrics=metrics,
+                dtype=raw.get("dtype", "bfloat16"))
+
+
+def _run_folder_name(side: dict[str, Any]) -> str:
+    cfg = side.get("recipe_config") or {}
+    suffix = "".join(f"-{k}={json.dumps(v, sort_keys=True, separators=(',', ':'))}" for k, v in sorted(cfg.items()))
+    return "".join(c if c.isalnum() or c in "-._=" else "_" for c in side["recipe"] + suffix)
+
+
+def produce_side(gate: Gate, side: dict[str, Any], log) -> Side:
+    """The side a gate entry names, running it first when it is a recipe (resumed if present)."""
+    if "run" in side:
+        out = side_from_run(side["run"])
+    elif "ref" in side:
+        from .references import reference_sides
+
+        (out,) = reference_sides(side["ref"])
+    else:
+        from .cli import main as cli_main
+
+        run_dir = gate.runs_dir / _run_folder_name(side)
+        argv = ["run", gate.task, "--model", gate.model, "--recipe", side["recipe"], "--dtype", gate.dtype,
+                *gate.args, "--output", str(run_dir), "--no-progress"]
+        for k, v in (side.get("recipe_config") or {}).items():
+            argv += ["--recipe-config", f"{k}={json.dumps(v)}"]
+        log(f"gate {gate.name}: evalsuite {' '.join(argv)}")
+        t0 = time.perf_counter()
+        rc = cli_main(argv)
+        if rc != 0:
+            raise GateError(f"the run for {side} did not complete (evalsuite run exited {rc}); rerun the gate to "
+                            f"resume it")
+        log(f"gate {gate.name}: {side['recipe']} done in {time.perf_counter() - t0:.0f} s")
+        out = side_from_run(run_dir)
+    if side.get("label"):
+        out.label = side["label"]
+    return out
+
+
+def evaluate(gate: Gate, log=print) -> tuple[Side, list[CandidateResult]]:
+    baseline = produce_side(gate, gate.baseline, log)
+    candidates = [produce_side(gate, c, log) for c in gate.candidates]
+    results = compare_sides(baseline, candidates, gate.metrics)
+    for res in results:
+        missing = sorted(_matching(gate.metrics, res.candidate.metrics) ^ _matching(gate.metrics, baseline.metrics))
+        if missing or not res.comparisons:
+            raise GateError(f"candidate {res.candidate.label}: gated metrics {missing or sorted(gate.metrics)} are "
+                            f"not on both sides (baseline has {sorted(baseline.metrics)}, candidate has "
+                            f"{sorted(res.candidate.metrics)})")
+    return baseline, results
+
+
+def _matching(gated: dict[str, Tolerance], metrics: dict[str, Any]) -> set[str]:
+    return {m for m in metrics if any(m == g or m.startswith(g + ".") for g in gated)}
+
+
+def junit_xml(gate: Gate, results: list[CandidateResult], seconds: float = 0.0) -> str:
+    """JUnit XML: one test case per (candidate, metric); FAIL and INCONCLUSIVE are failures with
+    their verdict as the type, so CI systems show them red with the reason."""
+    cases = [(r.candidate.label, c) for r in results for c in r.comparisons]
+    failures = sum(1 for _, c in cases if c.verdict != PASS)
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<testsuite name={quoteattr("evalsuite gate " + gate.name)} tests="{len(cases)}" '
+             f'failures="{failures}" errors="0" skipped="0" time="{seconds:.1f}">']
+    for label, c in cases:
+        name = quoteattr(f"{c.metric} (tolerance {c.tolerance})")
+        lines.append(f'  <testcase classname={quoteattr(label)} name={name}>')
+        detail = (f"baseline {c.baseline:.4f}, candidate {c.candidate:.4f}, gain {c.gain:+.4f}; {c.reason} "
+                  f"({c.method})")
+        if c.verdict != PASS:
+            lines.append(f'    <failure type="{c.verdict}" message={quoteattr(detail)}/>')
+        else:
+            lines.append(f"    <system-out>{_xml_text(detail)}</system-out>")
+        lines.append("  </testcase>")
+    lines.append("</testsuite>")
+    return "\n".join(lines) + "\n"
+
+
+def _xml_text(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
