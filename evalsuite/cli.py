@@ -104,6 +104,43 @@ def _build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--junit", default=None, metavar="FILE", help="also write JUnit XML for CI systems")
     gt.add_argument("--json", default=None, metavar="FILE", help="also write the comparison as JSON")
 
+    bn = sub.add_parser("bench", help="output tokens/s per recipe: batch 1 and maximum throughput, TTFT and ITL")
+    bn.add_argument("--model", default="smollm2-135m")
+    bn.add_argument("--dtype", default="bfloat16")
+    bn.add_argument("--recipes", nargs="+", default=None, help="default: every recipe")
+    bn.add_argument("--lengths", nargs="+", default=None, metavar="ISL/OSL",
+                    help="input/output lengths (default 128/32 512/32)")
+    bn.add_argument("--note-lengths", action="store_true", help="the note's grid: 2048/128 32768/2048 120000/2048")
+    bn.add_argument("--batches", nargs="+", type=int, default=None,
+                    help="batch sizes swept for maximum throughput; 1 is always included (default 1 8 32)")
+    bn.add_argument("--base-url", default=None, help="benchmark an OpenAI-compatible endpoint instead")
+    bn.add_argument("--served-model", default=None, help="the endpoint's model id (default: --model)")
+    bn.add_argument("--baseline", default="fp8-official", help="the recipe speedups are computed against")
+    bn.add_argument("--output", default=None, help="folder for bench.json (default reports/bench/<model>-<time>)")
+
+    rp = sub.add_parser("report", help="reports/NAME/: Markdown + HTML, accuracy-vs-throughput and per-subject "
+                                       "plots, CSV tables")
+    rp.add_argument("name", help="the report's folder name under --root")
+    rp.add_argument("sides", nargs="+", metavar="SIDE", help="run folders or run ids (as for compare)")
+    rp.add_argument("--baseline", default=None, help="as for compare (default: the fp8-official run)")
+    rp.add_argument("--bench", default=None, help="a folder written by `evalsuite bench` (throughput axis)")
+    rp.add_argument("--reference", nargs="*", default=["ref:llama-3.1-405b-h200"],
+                    help="published references for their own panel (default: the Llama 3.1 405B note)")
+    rp.add_argument("--tolerance", nargs="+", default=[], metavar="METRIC=TOL", help="as for compare")
+    rp.add_argument("--root", default="reports", help="where report folders go (default reports/)")
+
+    st = sub.add_parser("study", help="the whole study in one resumable command: every recipe on MMLU and "
+                                      "perplexity, the throughput benchmark, the comparison and the report")
+    st.add_argument("--name", default="study", help="folder under --root (default: study)")
+    st.add_argument("--model", default="smollm2-135m")
+    st.add_argument("--recipes", nargs="+", default=None, help="default: every recipe (fp8-official is the baseline)")
+    st.add_argument("--full", action="store_true",
+                    help="full size: every MMLU question and paragraph, the note's lengths (hours on a CPU)")
+    st.add_argument("--per-subject", type=int, default=None, help="MMLU questions per subject (quick default 2)")
+    st.add_argument("--per-article", type=int, default=None, help="perplexity paragraphs per article (quick default 2)")
+    st.add_argument("--rebench", action="store_true", help="redo the throughput benchmark even if it exists")
+    st.add_argument("--root", default="reports", help="where the study folder goes (default reports/)")
+
     rn = sub.add_parser("runs", help="list runs in the run index")
     rn.add_argument("--task", default=None)
     rn.add_argument("--model", default=None)
@@ -190,35 +227,35 @@ def _resolve_sides(specs: list[str]):
                                  "references: " + ", ".join(f"ref:{r}" for r in __import__(
                                      "evalsuite.references", fromlist=["available"]).available()))
             sides.append(side_from_run(spec))
-    labels = [s.label for s in sides]
-    for s in sides:  # two runs of one recipe: tell them apart by folder
-        if labels.count(s.label) > 1:
-            s.label = f"{s.label}@{Path(s.source).name}"
-    return sides
+    from .compare import merge_sides
+
+    return merge_sides(sides)
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from .compare import Tolerance, compare_sides, format_table, results_json
-    from .references import format_speedups, load_reference
-
-    sides = _resolve_sides(args.sides)
-    if len(sides) < 2:
-        raise ValueError("compare needs a baseline and at least one candidate")
-    if args.baseline:
-        picked = [s for s in sides if args.baseline in (s.recipe, s.label, s.source)]
+def _pick_baseline(sides: list, baseline: str | None):
+    """``--baseline`` (a side, or the recipe or label of one), else the fp8-official side when
+    there is exactly one (the reference case's baseline), else the first."""
+    if baseline:
+        picked = [s for s in sides if baseline in (s.recipe, s.label, s.source)]
         if not picked:
-            picked = _resolve_sides([args.baseline])
+            picked = _resolve_sides([baseline])
             sides = picked + sides
         base = picked[0]
     else:
-        official = [s for s in sides if s.recipe == "fp8-official"]
-        base = official[0] if len(official) == 1 else sides[0]
-    candidates = [s for s in sides if s is not base]
-    refs = {spec.split(":")[1] for spec in args.sides if spec.startswith("ref:")}
+        official = [s for s in sides if s.recipe == "fp8-official" and not s.source.startswith("ref:")] or \
+            [s for s in sides if s.recipe == "fp8-official"]
+        base = official[0] if len(official) >= 1 else sides[0]
+    return base, [s for s in sides if s is not base]
+
+
+def _tolerances(items: list[str], refs: set[str]):
+    from .compare import Tolerance
+    from .references import load_reference
+
     tolerances: dict[str, Tolerance] = {}
-    for name in refs:
+    for name in sorted(refs):
         tolerances.update(load_reference(name).tolerances())
-    for item in args.tolerance:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--tolerance takes METRIC=TOL (e.g. mmlu=0.01 or perplexity=5%), got {item!r}")
@@ -228,10 +265,24 @@ def _compare(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--tolerance {item!r}: {value!r} is not a number (or a percentage)") from None
     tolerances.setdefault("perplexity", Tolerance(0.02, True))
-    results = compare_sides(base, candidates, tolerances, Tolerance(0.01))
+    return tolerances
+
+
+DEFAULT_TOLERANCE = 0.01
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import EXIT_CODES, Tolerance, compare_sides, format_table, overall, results_json
+    from .references import format_speedups, load_reference
+
+    sides = _resolve_sides(args.sides)
+    if len(sides) < 2:
+        raise ValueError("compare needs a baseline and at least one candidate")
+    base, candidates = _pick_baseline(sides, args.baseline)
+    refs = {spec.split(":")[1] for spec in args.sides if spec.startswith("ref:")}
+    results = compare_sides(base, candidates, _tolerances(args.tolerance, refs), Tolerance(DEFAULT_TOLERANCE))
     print(format_table(base, results))
-    speedups = [format_speedups(load_reference(r)) for r in sorted(refs)]
-    for text in filter(None, speedups):
+    for text in filter(None, (format_speedups(load_reference(r)) for r in sorted(refs))):
         print("\n" + text)
     if args.json:
         blob = json.dumps(results_json(base, results), indent=2, default=str)
@@ -239,9 +290,31 @@ def _compare(args: argparse.Namespace) -> int:
             print(blob)
         else:
             Path(args.json).write_text(blob)
-    from .compare import EXIT_CODES, overall
-
     return EXIT_CODES[overall([r.verdict for r in results])]
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .bench import BenchResult
+    from .compare import Tolerance
+    from .references import format_speedups, load_reference, reference_sides
+    from .report import build_report
+
+    sides = _resolve_sides(args.sides)
+    if len(sides) < 2:
+        raise ValueError("report needs a baseline and at least one candidate")
+    bench = BenchResult.read(args.bench) if args.bench else None
+    refs = [reference_sides(r) for r in args.reference]
+    ref_names = {r.split(":")[1] for r in args.reference}
+    base, candidates = _pick_baseline(sides, args.baseline)
+    extra = "\n\n".join(filter(None, (format_speedups(load_reference(r)) for r in sorted(ref_names))))
+    report = build_report(args.name, base, candidates, _tolerances(args.tolerance, set()),
+                          default=Tolerance(DEFAULT_TOLERANCE), bench=bench,
+                          reference_sides=[s for group in refs for s in group], root=Path(args.root),
+                          extra_text=extra)
+    print(f"report {args.name}: {report.verdict}")
+    for f in sorted(report.folder.iterdir()):
+        print(f"  {f}")
+    return 0
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -265,6 +338,48 @@ def _gate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results_json(base, results, {"gate": gate.name}), indent=2, default=str))
     return EXIT[verdict]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import time
+
+    from .bench import DEFAULT_BATCHES, DEFAULT_LENGTHS, NOTE_LENGTHS, BenchResult, endpoint_row, format_tables, run_bench
+    from .quant.api import all_recipes, get_recipe
+
+    lengths = list(NOTE_LENGTHS if args.note_lengths else DEFAULT_LENGTHS)
+    if args.lengths:
+        lengths = []
+        for item in args.lengths:
+            isl, sep, osl = item.partition("/")
+            if not (sep and isl.isdigit() and osl.isdigit() and int(isl) > 0 and int(osl) > 0):
+                raise ValueError(f"--lengths {item!r}: give ISL/OSL as positive integers, e.g. 128/32")
+            lengths.append((int(isl), int(osl)))
+    batches = sorted({1, *(args.batches or DEFAULT_BATCHES)})
+    if batches[0] < 1:
+        raise ValueError(f"--batches {args.batches}: batch sizes must be >= 1")
+    out = Path(args.output) if args.output else Path("reports") / "bench" / \
+        f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.base_url:
+        from .backends.openai import redact_url
+
+        rows = [endpoint_row(args.base_url, args.served_model or args.model, isl, osl, b)
+                for isl, osl in lengths for b in batches]
+        result = BenchResult(rows, {"endpoint": redact_url(args.base_url), "lengths": lengths, "batches": batches,
+                                    "method": "total generated tokens / total latency, TTFT included"})
+    else:
+        recipes = args.recipes or list(all_recipes())
+        for r in recipes:
+            get_recipe(r)
+        from .engine.load import parse_dtype
+
+        parse_dtype(args.dtype)
+        result = run_bench(recipes, lengths, batches, model=args.model, dtype=args.dtype,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2))
+    print(format_tables(result, args.baseline))
+    print(f"\nbench record: {out / 'bench.json'}")
+    return 0
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -488,6 +603,17 @@ def main(argv: list[str] | None = None) -> int:
             return _gate(args)
         if args.command == "runs":
             return _runs(args)
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "study":
+            from .quant.api import all_recipes
+            from .study import plan_study, run_study
+
+            plan = plan_study(args.name, args.model, args.recipes or list(all_recipes()), full=args.full,
+                              per_subject=args.per_subject, per_article=args.per_article, root=Path(args.root))
+            return run_study(plan, rebench=args.rebench)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
     except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError,
             BackendError) as e:

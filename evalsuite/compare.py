@@ -79,19 +79,30 @@ class Side:
 
 @dataclass(frozen=True)
 class Tolerance:
+    """How far below the baseline a candidate may be. ``max_flip_rate`` and ``max_kl`` optionally
+    bound how far its answers may move at all (share of changed correctness, mean KL of the answer
+    distributions): on a model near chance, a broken recipe hardly moves accuracy but changes
+    most answers."""
+
     value: float
     relative: bool = False
+    max_flip_rate: float | None = None
+    max_kl: float | None = None
 
     @classmethod
     def parse(cls, spec: Any, where: str) -> Tolerance:
-        """``{absolute: 0.01}``, ``{relative: 0.05}`` or a bare number (absolute)."""
-        if isinstance(spec, (int, float)):
+        """A bare number (absolute), or ``{absolute: X}`` / ``{relative: X}`` with optional
+        ``max_flip_rate`` and ``max_kl``."""
+        if isinstance(spec, (int, float)) and spec >= 0:
             return cls(float(spec))
-        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("absolute", "relative"):
-            (kind, value), = spec.items()
-            if isinstance(value, (int, float)) and value >= 0:
-                return cls(float(value), kind == "relative")
-        raise ValueError(f"{where}: tolerance {spec!r}; valid: a number >= 0, {{absolute: X}} or {{relative: X}}")
+        if isinstance(spec, dict):
+            kinds = [k for k in spec if k in ("absolute", "relative")]
+            limits = {k: spec[k] for k in spec if k in ("max_flip_rate", "max_kl")}
+            numbers = all(isinstance(v, (int, float)) and v >= 0 for v in spec.values())
+            if len(kinds) == 1 and len(kinds) + len(limits) == len(spec) and numbers:
+                return cls(float(spec[kinds[0]]), kinds[0] == "relative", **{k: float(v) for k, v in limits.items()})
+        raise ValueError(f"{where}: tolerance {spec!r}; valid: a number >= 0, {{absolute: X}} or {{relative: X}}, "
+                         "optionally with max_flip_rate and max_kl")
 
     def on_gain_scale(self, kind: str, base_value: float) -> float:
         """The tolerance on the scale the gain is measured on (log scale for lower_is_better)."""
@@ -101,7 +112,7 @@ class Tolerance:
         return self.value * abs(base_value) if self.relative else self.value
 
     def describe(self) -> str:
-        return f"{self.value:g}" + (" (relative)" if self.relative else "")
+        return f"{self.value:g}" + ("rel" if self.relative else "")
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -213,6 +224,14 @@ def compare_metric(base: Metric, cand: Metric, tol: Tolerance) -> Comparison:
                          "mcnemar_p": mcnemar_exact(rw, wr)}
         if all(i.dist for i in b_items + c_items):
             out.mean_kl = float(np.mean([kl_divergence(list(b.dist), list(c.dist)) for b, c in zip(b_items, c_items)]))
+        moved = []
+        if tol.max_flip_rate is not None and out.flips and out.flips["rate"] > tol.max_flip_rate:
+            moved.append(f"{out.flips['rate']:.1%} of answers changed correctness (limit {tol.max_flip_rate:.1%})")
+        if tol.max_kl is not None and out.mean_kl is not None and out.mean_kl > tol.max_kl:
+            moved.append(f"mean KL {out.mean_kl:.4f} (limit {tol.max_kl:g})")
+        if moved:
+            out.verdict = FAIL
+            out.reason = "; ".join(moved) + (f"; {out.reason}" if out.reason else "")
     elif base.se is not None and cand.se is not None and base.se == base.se and cand.se == cand.se:
         se = math.hypot(base.se, cand.se)
         out.interval = (point_gain - 1.96 * se, point_gain + 1.96 * se)
@@ -356,6 +375,31 @@ def register_extractor(task: str, extract) -> None:
     _EXTRACTORS[task] = extract
 
 
+def merge_sides(sides: list[Side]) -> list[Side]:
+    """Runs of one model and recipe on different tasks (an MMLU run and a perplexity run) become
+    one side holding all their metrics; two runs with a metric in common stay apart, told apart
+    by their folder names."""
+    merged: list[Side] = []
+    for side in sides:
+        key = (side.label, side.info.get("model"))
+        home = next((m for m in merged if (m.label, m.info.get("model")) == key
+                     and not set(m.metrics) & set(side.metrics) and not m.source.startswith("ref:")), None)
+        if home is None or side.source.startswith("ref:"):
+            merged.append(Side(side.label, side.recipe, side.source, dict(side.metrics), dict(side.info)))
+            continue
+        home.metrics.update(side.metrics)
+        home.source = f"{home.source} + {side.source}"
+        for k, v in side.info.items():
+            home.info.setdefault(k, v)
+            if home.info[k] is None:
+                home.info[k] = v
+    labels = [s.label for s in merged]
+    for s in merged:
+        if labels.count(s.label) > 1:
+            s.label = f"{s.label}@{Path(s.source.split(' + ')[0]).name}"
+    return merged
+
+
 # ------------------------------------------------------------------------------------ reports
 
 @dataclass
@@ -395,7 +439,7 @@ def _tolerance_for(name: str, tolerances: dict[str, Tolerance], default: Toleran
 
 def format_table(baseline: Side, results: list[CandidateResult]) -> str:
     lines = [f"baseline: {baseline.label} ({baseline.source})"]
-    header = (f"{'candidate':<22} {'metric':<22} {'base':>8} {'cand':>8} {'gain':>8} {'95% interval':>20} "
+    header = (f"{'candidate':<26} {'metric':<22} {'base':>8} {'cand':>8} {'gain':>8} {'95% interval':>20} "
               f"{'tol':>10} {'verdict':<13} {'flips r>w/w>r':>13} {'McNemar p':>9} {'KL':>8} "
               f"{'TRT-LLM':>8} {'vLLM':>5}")
     lines += [header, "-" * len(header)]
@@ -406,10 +450,10 @@ def format_table(baseline: Side, results: list[CandidateResult]) -> str:
             p = f"{c.flips['mcnemar_p']:.3f}" if c.flips else "-"
             kl = f"{c.mean_kl:.4f}" if c.mean_kl is not None else "-"
             trt = c.trtllm["verdict"] if c.trtllm else "n/a"
-            lines.append(f"{res.candidate.label[:22]:<22} {c.metric[:22]:<22} {c.baseline:>8.4f} {c.candidate:>8.4f} "
+            lines.append(f"{res.candidate.label[:26]:<26} {c.metric[:22]:<22} {c.baseline:>8.4f} {c.candidate:>8.4f} "
                          f"{c.gain:>+8.4f} {ivl:>20} {c.tolerance[:10]:>10} {c.verdict:<13} {flips:>13} {p:>9} "
                          f"{kl:>8} {trt:>8} {c.vllm['verdict']:>5}")
-        lines.append(f"{'':<22} => {res.candidate.label}: {res.verdict}")
+        lines.append(f"{'':<26} => {res.candidate.label}: {res.verdict}")
     explain = [(r.candidate.label, c) for r in results for c in r.comparisons if c.verdict != PASS]
     if explain:
         lines.append("")

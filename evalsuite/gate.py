@@ -8,9 +8,10 @@ bad gate file, a run that could not be produced, a metric missing on one side).
 A gate file::
 
     name: quick
-    task: mmlu                      # runs produced here: `evalsuite run TASK ...`
     model: smollm2-135m
-    args: [--formulation, cloze, --per-subject, "2"]
+    tasks:                          # runs produced here: `evalsuite run TASK ARGS...`
+      mmlu: [--formulation, cloze, --per-subject, "2"]
+      perplexity: [--per-article, "1"]
     runs_dir: reports/gates/quick   # where produced runs live (resumed when rerun)
     baseline: {recipe: fp8-official}
     candidates:
@@ -18,7 +19,8 @@ A gate file::
       - {recipe: int4-awq, recipe_config: {calibration: {num_samples: 8}}}
       - {run: reports/runs/some-run}   # an existing run folder
     metrics:                        # metric (or family prefix) -> tolerance
-      mmlu.cloze: {absolute: 0.05}
+      mmlu.cloze: {absolute: 0.05, max_flip_rate: 0.3}
+      perplexity: {relative: 0.05}
 """
 
 from __future__ import annotations
@@ -47,9 +49,8 @@ class GateError(ValueError):
 class Gate:
     name: str
     path: Path
-    task: str | None
+    tasks: dict[str, list[str]]  # task name -> its `evalsuite run` arguments
     model: str
-    args: list[str]
     runs_dir: Path
     baseline: dict[str, Any]
     candidates: list[dict[str, Any]]
@@ -66,7 +67,8 @@ def load_gate(path: str | Path) -> Gate:
     where = str(path)
     if not isinstance(raw, dict):
         raise GateError(f"{where}: a gate file is a mapping")
-    known = {"name", "description", "task", "model", "args", "runs_dir", "baseline", "candidates", "metrics", "dtype"}
+    known = {"name", "description", "task", "model", "args", "tasks", "runs_dir", "baseline", "candidates",
+             "metrics", "dtype"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise GateError(f"{where}: unknown keys {unknown}; valid keys: {sorted(known)}")
@@ -81,8 +83,13 @@ def load_gate(path: str | Path) -> Gate:
         if not isinstance(side, dict) or not (set(side) & {"recipe", "run", "ref"}) or set(side) - SIDE_KEYS:
             raise GateError(f"{where}: {label} = {side!r}; give one of recipe (with optional recipe_config), "
                             f"run (a run folder) or ref (ref:<file>:<recipe>); valid keys: {sorted(SIDE_KEYS)}")
-        if "recipe" in side and not raw.get("task"):
-            raise GateError(f"{where}: {label} names a recipe to run, so the gate needs a task")
+        if "recipe" in side and not (raw.get("task") or raw.get("tasks")):
+            raise GateError(f"{where}: {label} names a recipe to run, so the gate needs a task (or tasks)")
+    if raw.get("task") and raw.get("tasks"):
+        raise GateError(f"{where}: give either task (with args) or tasks (task name -> args), not both")
+    tasks = raw.get("tasks") or ({raw["task"]: raw.get("args", [])} if raw.get("task") else {})
+    if not isinstance(tasks, dict) or not all(isinstance(a, list) for a in tasks.values()):
+        raise GateError(f"{where}: tasks maps task names to argument lists, e.g. {{mmlu: [--per-subject, '2']}}")
     if not isinstance(raw["metrics"], dict) or not raw["metrics"]:
         raise GateError(f"{where}: metrics must map metric names to tolerances, e.g. mmlu.cloze: {{absolute: 0.05}}")
     try:
@@ -90,8 +97,8 @@ def load_gate(path: str | Path) -> Gate:
     except ValueError as e:
         raise GateError(str(e)) from None
     name = raw.get("name") or path.stem
-    return Gate(name=name, path=path, task=raw.get("task"), model=raw.get("model", "smollm2-135m"),
-                args=[str(a) for a in raw.get("args", [])], runs_dir=Path(raw.get("runs_dir", f"reports/gates/{name}")),
+    return Gate(name=name, path=path, tasks={t: [str(a) for a in args] for t, args in tasks.items()},
+                model=raw.get("model", "smollm2-135m"), runs_dir=Path(raw.get("runs_dir", f"reports/gates/{name}")),
                 baseline=raw["baseline"], candidates=raw["candidates"], metrics=metrics,
                 dtype=raw.get("dtype", "bfloat16"))
 
@@ -112,20 +119,24 @@ def produce_side(gate: Gate, side: dict[str, Any], log) -> Side:
         (out,) = reference_sides(side["ref"])
     else:
         from .cli import main as cli_main
+        from .compare import merge_sides
 
-        run_dir = gate.runs_dir / _run_folder_name(side)
-        argv = ["run", gate.task, "--model", gate.model, "--recipe", side["recipe"], "--dtype", gate.dtype,
-                *gate.args, "--output", str(run_dir), "--no-progress"]
-        for k, v in (side.get("recipe_config") or {}).items():
-            argv += ["--recipe-config", f"{k}={json.dumps(v)}"]
-        log(f"gate {gate.name}: evalsuite {' '.join(argv)}")
-        t0 = time.perf_counter()
-        rc = cli_main(argv)
-        if rc != 0:
-            raise GateError(f"the run for {side} did not complete (evalsuite run exited {rc}); rerun the gate to "
-                            f"resume it")
-        log(f"gate {gate.name}: {side['recipe']} done in {time.perf_counter() - t0:.0f} s")
-        out = side_from_run(run_dir)
+        parts = []
+        for task, args in gate.tasks.items():
+            run_dir = gate.runs_dir / f"{_run_folder_name(side)}-{task}"
+            argv = ["run", task, "--model", gate.model, "--recipe", side["recipe"], "--dtype", gate.dtype,
+                    *args, "--output", str(run_dir), "--no-progress"]
+            for k, v in (side.get("recipe_config") or {}).items():
+                argv += ["--recipe-config", f"{k}={json.dumps(v)}"]
+            log(f"gate {gate.name}: evalsuite {' '.join(argv)}")
+            t0 = time.perf_counter()
+            rc = cli_main(argv)
+            if rc != 0:
+                raise GateError(f"the {task} run for {side} did not complete (evalsuite run exited {rc}); rerun "
+                                f"the gate to resume it")
+            log(f"gate {gate.name}: {side['recipe']} {task} done in {time.perf_counter() - t0:.0f} s")
+            parts.append(side_from_run(run_dir))
+        (out,) = merge_sides(parts)
     if side.get("label"):
         out.label = side["label"]
     return out

@@ -1,0 +1,95 @@
+"""`evalsuite study`: the reference case's study on any model, in one resumable command.
+
+For every recipe: MMLU (letter and cloze) on a stratified subset and perplexity on a subset of
+the prose corpus; then the throughput benchmark; then the comparison against the official FP8
+recipe and the report with its plots. Each run lives in its own folder under the study's folder
+and resumes when the command is repeated; the benchmark is kept once written (--rebench redoes
+it). The defaults fit the embedded model on 2 CPU cores in about 15 minutes; ``--full`` is the
+full-size study (every MMLU question, every paragraph, the note's lengths).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+QUICK = {"per_subject": 2, "per_article": 2, "lengths": ["128/32"], "batches": [1, 16]}
+
+
+@dataclass
+class StudyPlan:
+    name: str
+    model: str
+    recipes: list[str]
+    folder: Path
+    mmlu_args: list[str]
+    perplexity_args: list[str]
+    bench_args: list[str]
+
+
+def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_subject: int | None,
+               per_article: int | None, root: Path) -> StudyPlan:
+    from .quant.api import get_recipe
+
+    for r in recipes:
+        get_recipe(r)
+    if "fp8-official" not in recipes:
+        raise ValueError(f"--recipes {recipes}: the study compares against fp8-official; include it")
+    folder = root / name
+    mmlu = ["--formulation", "letter", "cloze"]
+    ppl: list[str] = []
+    bench = []
+    if not full:
+        mmlu += ["--per-subject", str(per_subject or QUICK["per_subject"])]
+        ppl += ["--per-article", str(per_article or QUICK["per_article"])]
+        bench += ["--lengths", *QUICK["lengths"], "--batches", *map(str, QUICK["batches"])]
+    else:
+        if per_subject:
+            mmlu += ["--per-subject", str(per_subject)]
+        if per_article:
+            ppl += ["--per-article", str(per_article)]
+        bench += ["--note-lengths"]
+    return StudyPlan(name, model, recipes, folder, mmlu, ppl, bench)
+
+
+def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, file=sys.stderr, flush=True)) -> int:
+    from .cli import main as cli_main
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    runs: dict[str, list[Path]] = {"mmlu": [], "perplexity": []}
+    for recipe in plan.recipes:
+        for task, args in (("mmlu", plan.mmlu_args), ("perplexity", plan.perplexity_args)):
+            out = plan.folder / "runs" / f"{recipe}-{task}"
+            log(f"study {plan.name}: {task} under {recipe} -> {out}")
+            t0 = time.perf_counter()
+            rc = cli_main(["run", task, "--model", plan.model, "--recipe", recipe, *args, "--output", str(out),
+                           "--no-progress"])
+            timings[f"{recipe}/{task}"] = time.perf_counter() - t0
+            if rc != 0:
+                log(f"study {plan.name}: {task} under {recipe} did not complete (exit {rc}); rerun to resume")
+                return rc
+            runs[task].append(out)
+    bench_dir = plan.folder / "bench"
+    if rebench or not (bench_dir / "bench.json").is_file():
+        t0 = time.perf_counter()
+        rc = cli_main(["bench", "--model", plan.model, "--recipes", *plan.recipes, *plan.bench_args,
+                       "--output", str(bench_dir)])
+        timings["bench"] = time.perf_counter() - t0
+        if rc != 0:
+            return rc
+    t0 = time.perf_counter()
+    rc = cli_main(["report", "report", *map(str, runs["mmlu"] + runs["perplexity"]), "--bench", str(bench_dir),
+                   "--root", str(plan.folder)])
+    timings["report"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    (plan.folder / "study.json").write_text(json.dumps({"model": plan.model, "recipes": plan.recipes,
+                                                        "mmlu_args": plan.mmlu_args,
+                                                        "perplexity_args": plan.perplexity_args,
+                                                        "bench_args": plan.bench_args, "timings_s": timings},
+                                                       indent=2))
+    log(f"study {plan.name}: done in {timings['total']:.0f} s; report: {plan.folder / 'report' / 'report.html'}")
+    return rc

@@ -1,0 +1,255 @@
+"""The comparator's statistics against scipy, its verdicts, the published note's comparison, the
+gate's exit codes and JUnit output, and the run index under crashes and concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from evalsuite import cli
+from evalsuite.compare import (FAIL, INCONCLUSIVE, PASS, Item, Metric, Tolerance, cluster_bootstrap, compare_metric,
+                               mcnemar_exact, side_from_run)
+from evalsuite.references import load_reference, speedup_check
+from evalsuite.runindex import RunIndex
+
+
+@pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (5, 9), (12, 12), (40, 17), (1, 30)])
+def test_mcnemar_exact_equals_scipys_binomial_test(b, c):
+    want = 1.0 if b + c == 0 else sps.binomtest(b, b + c, 0.5).pvalue
+    assert mcnemar_exact(b, c) == pytest.approx(want, rel=1e-12)
+
+
+def _metric(values, kind="accuracy", clusters=None, name="m") -> Metric:
+    items = {str(i): Item(float(v), 1.0, clusters[i] if clusters else str(i)) for i, v in enumerate(values)}
+    return Metric(name, kind, float(np.mean(values)), None, len(values), items)
+
+
+def test_paired_interval_equals_scipys_paired_t_interval():
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2, 300)
+    cand = np.where(rng.random(300) < 0.12, 1 - base, base)  # 12% of answers flip
+    cmp = compare_metric(_metric(base), _metric(cand), Tolerance(0.05))
+    ci = sps.ttest_rel(cand, base).confidence_interval(0.95)
+    assert cmp.gain == pytest.approx(cand.mean() - base.mean())
+    assert cmp.interval == pytest.approx((ci.low, ci.high), abs=1e-12)
+    rw = int(((base == 1) & (cand == 0)).sum())
+    wr = int(((base == 0) & (cand == 1)).sum())
+    assert (cmp.flips["right_to_wrong"], cmp.flips["wrong_to_right"]) == (rw, wr)
+    assert cmp.flips["mcnemar_p"] == pytest.approx(sps.binomtest(rw, rw + wr, 0.5).pvalue)
+    # the seeded bootstrap is reproducible and agrees with the t interval to within its noise
+    again = compare_metric(_metric(base), _metric(cand), Tolerance(0.05))
+    assert again.bootstrap == cmp.bootstrap
+    assert cmp.bootstrap == pytest.approx(cmp.interval, abs=0.01)
+
+
+def test_clustered_interval_is_wider_when_clusters_move_together():
+    rng = np.random.default_rng(2)
+    clusters = [f"s{i // 10}" for i in range(400)]
+    shift = {c: rng.normal(0, 0.25) for c in set(clusters)}  # whole subjects move together
+    base = rng.integers(0, 2, 400)
+    # a subject either loses answers (right -> wrong) or gains them, with its own rate
+    cand = np.array([(0 if shift[c] > 0 else 1) if rng.random() < abs(shift[c]) else b
+                     for b, c in zip(base, clusters)])
+    flat = compare_metric(_metric(base), _metric(cand), Tolerance(0.05))
+    clus = compare_metric(_metric(base, clusters=clusters), _metric(cand, clusters=clusters), Tolerance(0.05))
+    assert clus.gain == pytest.approx(flat.gain)
+    assert clus.clusters == 40 and "clustered by 40" in clus.method
+    assert clus.interval[1] - clus.interval[0] > flat.interval[1] - flat.interval[0]
+    lo, hi = cluster_bootstrap(np.array(cand - base, float), np.ones(400), clusters)
+    assert (lo, hi) == pytest.approx(clus.interval, abs=0.02)
+
+
+def test_same_effect_is_inconclusive_on_few_questions_and_passes_on_many():
+    """A candidate 1 point below its baseline, 3% of answers changed, tolerance 3 points."""
+    def pair(n):
+        base = np.array([1, 0] * (n // 2))
+        cand = base.copy()
+        k = int(0.03 * n)
+        down = np.flatnonzero(base == 1)[: k // 2 + int(0.005 * n)]
+        up = np.flatnonzero(base == 0)[: k // 2 - int(0.005 * n)]
+        cand[down], cand[up] = 0, 1
+        return base, cand
+
+    small = compare_metric(*map(_metric, pair(200)), Tolerance(0.03))
+    large = compare_metric(*map(_metric, pair(20000)), Tolerance(0.03))
+    assert small.gain == pytest.approx(large.gain, abs=1e-9) and small.gain == pytest.approx(-0.01)
+    assert small.verdict == INCONCLUSIVE and small.n_to_decide > 200
+    assert large.verdict == PASS
+    assert small.n_to_decide <= 20000
+
+
+def test_lower_is_better_is_compared_on_the_log_scale():
+    # perplexity: num = NLL of a document, den = its words; the candidate is 10% worse everywhere
+    base = {str(i): Item(2.0 * (50 + i), 50 + i, f"a{i % 5}") for i in range(40)}
+    cand = {k: Item(v.num + math.log(1.1) * v.den, v.den, v.cluster) for k, v in base.items()}
+    b = Metric("perplexity.word", "lower_is_better", math.exp(2.0), None, 40, base)
+    c = Metric("perplexity.word", "lower_is_better", math.exp(2.0) * 1.1, None, 40, cand)
+    assert compare_metric(b, c, Tolerance(0.05, relative=True)).verdict == FAIL
+    assert compare_metric(b, c, Tolerance(0.15, relative=True)).verdict == PASS
+    assert compare_metric(b, c, Tolerance(0.15, True)).gain == pytest.approx(-math.log(1.1))
+
+
+def test_trtllm_and_vllm_views_on_the_same_numbers():
+    """TensorRT-LLM's threshold = ref + Phi^-1(0.05) sqrt(2 * 0.5^2 / n) (its README's formula);
+    vLLM's check is np.isclose(ref, measured, rtol=0.08)."""
+    base = np.array([1] * 600 + [0] * 400)
+    cand = base.copy()
+    cand[:30] = 0  # 3 points lower
+    cmp = compare_metric(_metric(base), _metric(cand), Tolerance(0.01))
+    scale = math.sqrt(2 * 0.25 / 1000)
+    assert cmp.trtllm["threshold"] == pytest.approx(0.6 + sps.norm.ppf(0.05) * scale)
+    assert cmp.trtllm["theta"] == pytest.approx((sps.norm.ppf(0.95) + sps.norm.ppf(0.8)) * scale)
+    # 0.57 is above 0.6 - 1.645 * 0.0224 = 0.563: the unpaired test misses the 3-point drop
+    assert cmp.trtllm["verdict"] == PASS
+    assert cmp.vllm["verdict"] == PASS  # 0.57 is within 8% of 0.60
+    assert cmp.verdict == FAIL  # the paired test sees 30 answers lost and none gained
+
+
+def test_the_notes_comparison_renders_and_passes(capsys):
+    rows = speedup_check(load_reference("llama-3.1-405b-h200"))
+    assert [round(r["speedup"], 2) for r in rows] == [1.16, 1.39, 1.44, 1.33, 1.34, 1.19]
+    assert all(r["consistent"] for r in rows)  # 44.2/33.1 prints 1.34, the note 1.33: inside the rounding
+    rc = cli.main(["compare", "ref:llama-3.1-405b-h200", "--json", "-"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    blob = json.loads(out[out.index("{\n"):])
+    assert blob["baseline"]["recipe"] == "fp8-official" and blob["verdict"] == PASS
+    got = {(c["recipe"], m["metric"]): (m["gain"], m["tolerance"], m["verdict"])
+           for c in blob["candidates"] for m in c["metrics"]}
+    assert got[("fp8-modelopt", "mt_bench")] == (pytest.approx(0.04), "0.1", PASS)
+    assert got[("int4-awq", "mt_bench")] == (pytest.approx(-0.02), "0.1", PASS)
+    assert got[("int4-awq", "mmlu")] == (0.0, "0.01", PASS)
+    assert "1.44x  matches" in out and "MISMATCH" not in out
+
+
+# ---------------------------------------------------------------------------------- gate
+
+SUBJECTS = ["anatomy", "astronomy", "virology", "marketing", "philosophy", "sociology", "prehistory", "nutrition"]
+
+
+def write_run(folder: Path, recipe: str, correct: list[int], form: str = "cloze") -> Path:
+    """A run folder as `evalsuite run mmlu` writes it, with chosen outcomes."""
+    folder.mkdir(parents=True)
+    recs = [{"id": f"{SUBJECTS[i % 8]}-{i}", "subject": SUBJECTS[i % 8], "formulation": form, "correct": bool(c),
+             "correct_norm": bool(c), "prediction": 0 if c else 1, "target": 0, "logprobs": [-1.0, -1.5, -2.0, -2.5]}
+            for i, c in enumerate(correct)]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    acc = float(np.mean(correct))
+    run = {"task": "mmlu", "status": "complete", "config": {"data": "embedded"},
+           "recipe": {"name": recipe, "config": {}}, "model": {"name": "tiny"},
+           "metrics": {form: {"n": len(recs), "acc": {"overall": {"acc": acc, "se": 0.01, "n": len(recs)}}}}}
+    (folder / "run.json").write_text(json.dumps(run))
+    return folder
+
+
+def write_gate(path: Path, base: Path, cand: Path, tol: float = 0.05, metric: str = "mmlu.cloze") -> Path:
+    path.write_text(f"name: t\nbaseline: {{run: {base}}}\ncandidates:\n  - {{run: {cand}}}\n"
+                    f"metrics:\n  {metric}: {{absolute: {tol}}}\n")
+    return path
+
+
+@pytest.mark.parametrize("case, want", [("pass", 0), ("fail", 1), ("inconclusive", 2)])
+def test_gate_exit_codes(tmp_path, case, want, capsys):
+    rng = np.random.default_rng(3)
+    n = {"pass": 4000, "fail": 4000, "inconclusive": 80}[case]
+    base = rng.integers(0, 2, n)
+    cand = base.copy()
+    if case == "fail":
+        cand[np.flatnonzero(base == 1)[: n // 10]] = 0  # 10 points lost
+    if case == "inconclusive":
+        cand[np.flatnonzero(base == 1)[:2]] = 0
+    b = write_run(tmp_path / "base", "fp8-official", list(base))
+    c = write_run(tmp_path / "cand", "fp8-modelopt", list(cand))
+    junit = tmp_path / "gate.xml"
+    rc = cli.main(["gate", str(write_gate(tmp_path / "gate.yaml", b, c)), "--junit", str(junit)])
+    out = capsys.readouterr().out
+    assert rc == want
+    suite = ET.parse(junit).getroot()
+    assert suite.tag == "testsuite" and suite.get("tests") == "1"
+    failure = suite.find("testcase/failure")
+    if case == "pass":
+        assert failure is None and "gate t: PASS (exit 0)" in out
+    else:
+        assert failure.get("type") == case.upper()
+        assert f"{case.upper()}: fp8-modelopt mmlu.cloze: 95% interval of the gain" in out
+
+
+def test_gate_errors_exit_3(tmp_path, capsys):
+    b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
+    c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20, form="letter")
+    assert cli.main(["gate", str(write_gate(tmp_path / "g.yaml", b, c))]) == 3  # metric only on one side
+    assert "not on both sides" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("baseline: {recipe: bf16}\ncandidates: []\nmetrics: {mmlu: 0.01}\n")
+    assert cli.main(["gate", str(tmp_path / "bad.yaml")]) == 3
+    assert "candidates must be a non-empty list" in capsys.readouterr().err
+    (tmp_path / "tol.yaml").write_text(f"baseline: {{run: {b}}}\ncandidates: [{{run: {b}}}]\nmetrics: {{mmlu: {{abs: 1}}}}\n")
+    assert cli.main(["gate", str(tmp_path / "tol.yaml")]) == 3
+    assert "valid: a number >= 0, {absolute: X} or {relative: X}" in capsys.readouterr().err
+    assert cli.main(["gate", str(tmp_path / "missing.yaml")]) == 3
+
+
+def test_side_from_run_weights_questions_by_subject_size(tmp_path):
+    """An MMLU subset's accuracy is stratified by subject size (evalsuite.stats); the compared value
+    is the same stratified estimate."""
+    from evalsuite.runners.mmlu import load_mmlu
+    from evalsuite.taskdef import load_task
+
+    sizes = load_mmlu(load_task("mmlu")).subject_sizes()
+    correct = [1 if SUBJECTS[i % 8] in ("anatomy", "philosophy") else 0 for i in range(80)]
+    side = side_from_run(write_run(tmp_path / "r", "bf16", correct))
+    items = side.metrics["mmlu.cloze"].items
+    got = sum(i.num for i in items.values()) / sum(i.den for i in items.values())
+    assert got == pytest.approx((sizes["anatomy"] + sizes["philosophy"]) / sum(sizes[s] for s in SUBJECTS))
+
+
+# ---------------------------------------------------------------------------------- run index
+
+def test_run_index_records_and_filters(tmp_path):
+    index = RunIndex(tmp_path / "index.sqlite")
+    run = {"task": "mmlu", "model": {"name": "m"}, "recipe": {"name": "bf16"}, "status": "complete",
+           "sessions": [{"finished": "2026-11-27T10:00:00"}], "metrics": {}}
+    a = index.record(tmp_path / "a", run)
+    assert index.record(tmp_path / "a", {**run, "status": "incomplete"}) == a  # a resumed run updates its row
+    index.record(tmp_path / "b", {**run, "recipe": {"name": "int4-awq"}})
+    assert [r.recipe for r in index.query(task="mmlu")] == ["bf16", "int4-awq"]
+    assert index.get(a).status == "incomplete"
+    assert [r.run_dir for r in index.query(recipe="int4-awq")] == [str((tmp_path / "b").resolve())]
+
+
+CRASH = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute("BEGIN")
+db.execute("INSERT INTO runs (run_dir, finished) VALUES ('half-written', 'x')")
+os._exit(1)  # killed before the commit
+"""
+
+WRITER = """
+import sys
+from evalsuite.runindex import RunIndex
+index = RunIndex(sys.argv[1])
+for i in range(40):
+    index.record(f"{sys.argv[2]}-{i}", {"task": "mmlu", "recipe": {"name": sys.argv[2]}, "sessions": [{}]})
+"""
+
+
+def test_run_index_survives_a_crash_mid_write_and_concurrent_writers(tmp_path):
+    path = tmp_path / "index.sqlite"
+    index = RunIndex(path)
+    index.record(tmp_path / "kept", {"task": "mmlu", "sessions": [{}]})
+    assert subprocess.run([sys.executable, "-c", CRASH, str(path)]).returncode == 1
+    assert [Path(r.run_dir).name for r in index.query()] == ["kept"]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name]) for name in ("p1", "p2")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(index.query(recipe="p1")) == 40 and len(index.query(recipe="p2")) == 40
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
