@@ -89,3 +89,9 @@ def calib_file(tmp_path, monkeypatch):
     path = tmp_path / "calib.txt"
     path.write_text("The quick brown fox jumps over the lazy dog. 0123456789 " * 40)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_run_index(tmp_path_factory, monkeypatch):
+    """Runs that tests make are recorded in a run index of the tests' own, never in reports/."""
+    monkeypatch.setenv("EVALSUITE_INDEX", str(tmp_path_factory.getbasetemp() / "index.sqlite"))

@@ -8,7 +8,9 @@ goes, is the caller's business (lm-eval moves trailing context spaces into the c
 Each distinct context runs once: a packed prefill writes its K/V to a cache and yields the
 distribution of every continuation's first token; continuations longer than one token then run
 as short extensions reading that cached context. MMLU's four letters cost one context forward,
-and the four cloze answers one context forward plus four few-token extensions. Sequences are
+and the four cloze answers one context forward plus four few-token extensions. A context that
+no other request shares (a perplexity window) is prefilled together with its continuation, the
+forward an endpoint runs for the whole prompt, so both give the same numbers. Sequences are
 packed without padding (see ``Step``), and only the rows whose next-token distributions are
 needed reach lm_head, in float32.
 """
@@ -50,11 +52,21 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
     ``max_batch_tokens`` bounds the packed context tokens of one forward (a longer context runs
     alone); ``progress`` is called with the number of requests finished after each batch.
     """
+    shared: dict[tuple[int, ...], int] = {}
+    for r in requests:
+        shared[r.context] = shared.get(r.context, 0) + 1
+    # A context no other request shares runs with its continuation in one prefill (a perplexity
+    # window): the same forward an endpoint runs for the whole prompt, and no cache.
     by_context: dict[tuple[int, ...], list[int]] = {}
+    folded: dict[int, int] = {}  # request index -> continuation tokens predicted inside its prefill
     for i, r in enumerate(requests):
-        by_context.setdefault(r.context, []).append(i)
+        key = r.context
+        if shared[r.context] == 1 and len(r.continuation) > 1:
+            key = r.context + r.continuation[:-1]
+            folded[i] = len(r.continuation)
+        by_context.setdefault(key, []).append(i)
     for ctx, ids in by_context.items():
-        model.check_length(len(ctx) + max(len(requests[i].continuation) for i in ids) - 1)
+        model.check_length(len(ctx) + max(0 if i in folded else len(requests[i].continuation) - 1 for i in ids))
     contexts = sorted(by_context, key=len, reverse=True)
     results: list[ScoreResult | None] = [None] * len(requests)
     start = 0
@@ -65,7 +77,7 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
             tokens += len(contexts[start + n])
             n += 1
         batch = contexts[start:start + n]
-        _score_batch(model, batch, by_context, requests, results)
+        _score_batch(model, batch, by_context, requests, results, folded)
         if progress is not None:
             progress(sum(len(by_context[c]) for c in batch))
         start += n
@@ -74,21 +86,31 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
 
 @torch.inference_mode()
 def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
-                 requests: Sequence[ScoreRequest], results: list) -> None:
+                 requests: Sequence[ScoreRequest], results: list, folded: dict[int, int]) -> None:
     lens = [len(c) for c in contexts]
     # (request index, context slot) for continuations that need more than the context's last row
-    extend = [(i, b) for b, c in enumerate(contexts) for i in by_context[c] if len(requests[i].continuation) > 1]
+    extend = [(i, b) for b, c in enumerate(contexts) for i in by_context[c]
+              if len(requests[i].continuation) > 1 and i not in folded]
     cache = KVCache(model.config, len(contexts), max(lens), model.dtype) if extend else None
     tokens = torch.tensor([t for c in contexts for t in c]).view(1, -1)
     hidden = model.hidden(tokens, Step.for_prefill(lens, cache))[0]
-    rows = [hidden[torch.tensor(lens).cumsum(0) - 1]]  # row b: after context b
+    ends = torch.tensor(lens).cumsum(0)
+    rows = [hidden[ends - 1]]  # row b: after context b
+    offset = len(contexts)
+    folded_row = {}
+    for b, c in enumerate(contexts):
+        for i in by_context[c]:
+            if i in folded:  # its predictions are the last folded[i] rows of its own prefill
+                m = folded[i]
+                rows.append(hidden[int(ends[b]) - m:int(ends[b])])
+                folded_row[i] = offset
+                offset += m
     first_ext_row = {}
     if extend:
         ext_lens = [len(requests[i].continuation) - 1 for i, _ in extend]
         ext_tokens = torch.tensor([t for i, _ in extend for t in requests[i].continuation[:-1]]).view(1, -1)
         step = Step.for_extend(ext_lens, cache, [b for _, b in extend], [lens[b] for _, b in extend])
         rows.append(model.hidden(ext_tokens, step)[0])
-        offset = len(contexts)
         for (i, _), m in zip(extend, ext_lens):
             first_ext_row[i] = offset
             offset += m
@@ -97,9 +119,12 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
     for b, c in enumerate(contexts):
         for i in by_context[c]:
             cont = requests[i].continuation
-            rid = torch.tensor([b] + [first_ext_row[i] + j for j in range(len(cont) - 1)])
+            if i in folded:
+                rid = torch.tensor([folded_row[i] + j for j in range(len(cont))])
+            else:
+                rid = torch.tensor([b] + [first_ext_row[i] + j for j in range(len(cont) - 1)])
             target = torch.tensor(cont)
-            token_lp = logprobs[rid, target]
-            results[i] = ScoreResult(logprob=float(token_lp.sum()),
-                                     is_greedy=bool((greedy[rid] == target).all()),
-                                     token_logprobs=tuple(token_lp.tolist()))
+            token_lp = logprobs[rid, target].tolist()
+            # summed in float64, in order: what a client summing an endpoint's per-token values gets
+            results[i] = ScoreResult(logprob=sum(token_lp), is_greedy=bool((greedy[rid] == target).all()),
+                                     token_logprobs=tuple(token_lp))

@@ -77,7 +77,7 @@ class PerplexityConfig:
 
 def load_documents(task: PerplexityTask, source: str = "embedded") -> tuple[list[Document], str, str]:
     """(documents, source name, sha256). The embedded corpus is SQuAD-format JSON (articles of
-    paragraphs); a text file holds documents separated by blank lines, all in one article."""
+    paragraphs); a text file holds documents separated by blank lines, each its own cluster."""
     if source == "embedded":
         path = task.data.verified_path()
         articles = json.loads(path.read_text(encoding="utf-8"))["data"]
@@ -86,7 +86,8 @@ def load_documents(task: PerplexityTask, source: str = "embedded") -> tuple[list
         return [d for d in docs if d.text], f"{task.data.package}=={task.data.version}:{task.data.path}", task.data.sha256
     path = Path(source)
     parts = [t.strip() for t in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
-    docs = [Document(f"{i:05d}", path.name, t) for i, t in enumerate(t for t in parts if t)]
+    # no articles here: each document is its own cluster
+    docs = [Document(f"{i:05d}", f"{path.name}#{i}", t) for i, t in enumerate(t for t in parts if t)]
     return docs, str(path), file_sha256(path)
 
 

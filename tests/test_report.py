@@ -1,0 +1,100 @@
+"""The throughput benchmark's method on the engine and through the server, and a report rendered
+from real runs of the default model: plots that are not empty and are the ones the HTML shows,
+CSVs that read back equal to the tables."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from evalsuite import cli
+from evalsuite.bench import BenchResult, engine_row, endpoint_row, format_tables, percentiles
+from evalsuite.server.serve import BackgroundServer, served_model
+
+
+def test_percentiles_match_numpy():
+    import numpy as np
+
+    xs = [float(x) for x in np.random.default_rng(0).exponential(1.0, 500)]
+    got = percentiles(xs)
+    assert [got["p50"], got["p90"], got["p99"]] == pytest.approx(np.percentile(xs, [50, 90, 99]))
+
+
+def test_engine_row_counts_every_token_and_includes_time_to_first_token(tiny):
+    row = engine_row(tiny, {"name": "bf16"}, isl=12, osl=5, batch=3)
+    assert (row.output_tokens, row.batch) == (15, 3)
+    assert row.tokens_per_s == pytest.approx(15 / row.seconds)
+    assert 0 < row.ttft_ms["p50"] <= row.seconds * 1e3
+    assert row.itl_ms["p50"] > 0 and row.kv_cache_bytes > 0 and row.weight_bytes == tiny.model.resident_bytes()
+    assert row.kernel_path and row.device.startswith("cpu")
+
+
+def test_endpoint_row_streams_exactly_the_requested_tokens(tiny):
+    with BackgroundServer(served_model(tiny, {"name": "bf16"}, "tiny", max_len=128)) as srv:
+        row = endpoint_row(srv.base_url, "tiny", isl=10, osl=6, batch=2, vocab=tiny.model.config.vocab_size)
+    assert row.output_tokens == 12 and row.ttft_ms["p50"] > 0 and row.itl_ms["p50"] > 0
+
+
+def test_bench_tables_are_laid_out_like_the_notes(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--model", str(tiny_dir), "--dtype", "float32", "--recipes", "bf16", "fp8-official",
+                   "--lengths", "16/4", "24/4", "--batches", "2", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    result = BenchResult.read(out)
+    assert {(r.recipe, r.isl, r.batch) for r in result.rows} == {
+        (rc_, isl, b) for rc_ in ("bf16", "fp8-official") for isl in (16, 24) for b in (1, 2)}
+    assert "Maximum throughput, output tokens/s" in printed and "Batch 1 (minimum latency)" in printed
+    a, b = result.best("bf16", 16, 4), result.best("fp8-official", 16, 4)
+    assert f"{a.tokens_per_s / b.tokens_per_s:.2f}x" in printed  # the speedup row against fp8-official
+    assert "FP8 simulated" in printed
+    assert format_tables(result) in printed
+
+
+def test_bench_rejects_bad_lengths_before_loading(capsys):
+    assert cli.main(["bench", "--lengths", "128x32"]) == 2
+    assert "--lengths '128x32': give ISL/OSL" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_from_real_runs_of_the_default_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EVALSUITE_INDEX", str(tmp_path / "index.sqlite"))
+    runs = []
+    for recipe in ("fp8-official", "int4-rtn"):
+        out = tmp_path / recipe
+        assert cli.main(["run", "mmlu", "--recipe", recipe, "--formulation", "cloze", "--per-subject", "1",
+                         "--output", str(out), "--no-progress"]) == 0
+        runs.append(str(out))
+    assert cli.main(["bench", "--recipes", "fp8-official", "int4-rtn", "--lengths", "32/4", "--batches", "4",
+                     "--output", str(tmp_path / "bench")]) == 0
+    assert cli.main(["runs", "--task", "mmlu"]) == 0
+    listing = capsys.readouterr().out
+    assert "fp8-official" in listing and "int4-rtn" in listing
+    assert cli.main(["report", "r", *runs, "--bench", str(tmp_path / "bench"), "--root", str(tmp_path / "reports"),
+                     "--tolerance", "mmlu=0.05"]) == 0
+    folder = tmp_path / "reports" / "r"
+    html = (folder / "report.html").read_text()
+    pngs = sorted(folder.glob("*.png"))
+    assert {p.name for p in pngs} >= {"accuracy_vs_throughput.png", "subjects_mmlu.cloze.png"}
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        m = re.search(rf"data-file='{re.escape(png.name)}' src='data:image/png;base64,([^']+)'", html)
+        assert m and base64.b64decode(m.group(1)) == data  # the HTML shows exactly this plot
+    md = (folder / "report.md").read_text()
+    assert "![accuracy vs throughput](accuracy_vs_throughput.png)" in md
+    verdicts = pd.read_csv(folder / "verdicts.csv")
+    assert set(verdicts.candidate) == {"int4-rtn"} and set(verdicts.metric) == {"mmlu.cloze", "mmlu.cloze.acc_norm"}
+    assert verdicts.loc[0, "verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    acc = pd.read_csv(folder / "accuracy.csv")
+    run = json.loads((tmp_path / "int4-rtn" / "run.json").read_text())
+    row = acc[(acc.recipe == "int4-rtn") & (acc.metric == "mmlu.cloze")].iloc[0]
+    assert row.value == pytest.approx(run["metrics"]["cloze"]["acc"]["overall"]["acc"])
+    assert row.throughput_tok_s == pytest.approx(BenchResult.read(tmp_path / "bench").best("int4-rtn", 32, 4).tokens_per_s)
+    subjects = pd.read_csv(folder / "subjects_mmlu.cloze.csv")
+    assert len(subjects) == 57 and set(subjects.candidate) == {"int4-rtn"}
+    assert "cpu" in html and "INT4 packed kernel" in html  # device and kernel path stated
