@@ -138,6 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="full size: every MMLU question and paragraph, the note's lengths (hours on a CPU)")
     st.add_argument("--per-subject", type=int, default=None, help="MMLU questions per subject (quick default 2)")
     st.add_argument("--per-article", type=int, default=None, help="perplexity paragraphs per article (quick default 2)")
+    st.add_argument("--formulation", nargs="+", default=None,
+                    help="MMLU formulations (quick default: cloze; full: letter cloze)")
     st.add_argument("--rebench", action="store_true", help="redo the throughput benchmark even if it exists")
     st.add_argument("--root", default="reports", help="where the study folder goes (default reports/)")
 
@@ -612,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
             from .study import plan_study, run_study
 
             plan = plan_study(args.name, args.model, args.recipes or list(all_recipes()), full=args.full,
-                              per_subject=args.per_subject, per_article=args.per_article, root=Path(args.root))
+                              per_subject=args.per_subject, per_article=args.per_article, root=Path(args.root),
+                              formulations=args.formulation)
             return run_study(plan, rebench=args.rebench)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
     except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError,

@@ -305,7 +305,7 @@ def side_from_run(run_dir: str | Path) -> Side:
 
 
 def _record_key(r: dict) -> tuple:
-    return (r.get("formulation"), r.get("id"), r.get("turn"))
+    return (r.get("kind"), r.get("formulation"), r.get("id"), r.get("question_id"), r.get("turn"), r.get("judge_key"))
 
 
 def _run_label(run: dict, recipe: str) -> str:
@@ -367,7 +367,24 @@ def _perplexity_metrics(run: dict, records: list[dict]) -> dict[str, Metric]:
                                       m["documents"], items)}
 
 
-_EXTRACTORS = {"mmlu": _mmlu_metrics, "perplexity": _perplexity_metrics}
+def _mtbench_metrics(run: dict, records: list[dict]) -> dict[str, Metric]:
+    """The judge's single-grading score per (question, turn): parsed and probability-weighted
+    apart, each a 1-10 score metric."""
+    m = run.get("metrics") or {}
+    out: dict[str, Metric] = {}
+    for name, field_ in (("parsed", "score"), ("probability", "prob_score")):
+        agg = m.get(name)
+        if not agg or agg.get("score") is None:
+            continue
+        items = {f"{r['question_id']}-{r['turn']}": Item(float(r[field_]), 1.0, str(r["question_id"]))
+                 for r in records if r.get("kind") == "judgment" and r.get(field_) is not None
+                 and r.get("judge_key") == m.get("judge_key")}
+        metric = "mt_bench" if name == "parsed" else "mt_bench.probability"
+        out[metric] = Metric(metric, "score", agg["score"], agg["se"], agg["n"], items)
+    return out
+
+
+_EXTRACTORS = {"mmlu": _mmlu_metrics, "perplexity": _perplexity_metrics, "mt-bench": _mtbench_metrics}
 
 
 def register_extractor(task: str, extract) -> None:

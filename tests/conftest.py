@@ -95,3 +95,31 @@ def calib_file(tmp_path, monkeypatch):
 def _private_run_index(tmp_path_factory, monkeypatch):
     """Runs that tests make are recorded in a run index of the tests' own, never in reports/."""
     monkeypatch.setenv("EVALSUITE_INDEX", str(tmp_path_factory.getbasetemp() / "index.sqlite"))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with a chat template (the tokenizer above has none)."""
+    import json
+    import shutil
+
+    d = tmp_path_factory.mktemp("tiny-chat-session") / "tiny"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    model_cfg = json.loads((d / "config.json").read_text())
+    model_cfg["max_position_embeddings"] = 4096  # room for MT-Bench's judge prompts in this byte-level vocabulary
+    (d / "config.json").write_text(json.dumps(model_cfg))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tiny_chat_dir):
+    from evalsuite.engine.load import load
+
+    return load(str(tiny_chat_dir), "float32")

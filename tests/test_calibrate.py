@@ -18,7 +18,10 @@ def test_default_corpus_is_seeded_text_the_model_writes(tiny, monkeypatch):
     spec = CalibrationSpec(num_samples=3, seq_len=12)
     seqs = calib.corpus(tiny, spec)
     assert len(seqs) == 3 and all(1 <= len(s) <= 12 for s in seqs)
-    assert calib.corpus(tiny, spec) == seqs  # seeded: the same corpus every time
+    assert calib._sampled_corpus(tiny, spec) == seqs  # seeded: the same corpus every time
+    monkeypatch.setattr(calib, "_sampled_corpus", lambda *a: pytest.fail("the cached corpus was sampled again"))
+    assert calib.corpus(tiny, spec) == seqs  # and cached: every recipe that calibrates shares it
+    monkeypatch.undo()
     # the text is a continuation of the generic prompts, sampled (not greedy): re-encoding what the
     # model writes for "Write a few paragraphs about <topic>." at temperature 0.8 / top-p 0.95
     asks = [f"Write a few paragraphs about {TOPICS[i]}." for i in range(3)]

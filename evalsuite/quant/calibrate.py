@@ -80,18 +80,35 @@ def token_batches(sequences: list[list[int]], max_tokens: int = 4096) -> list[li
 
 
 def corpus(lm: LoadedModel, spec: CalibrationSpec) -> list[list[int]]:
-    """Token sequences to calibrate on."""
+    """Token sequences to calibrate on. The sampled corpus is cached on disk per model weights and
+    spec (writing it costs minutes on a CPU; every recipe that calibrates shares it)."""
     if spec.source == "sampled":
-        asks = [f"Write a few paragraphs about {TOPICS[i % len(TOPICS)]}." for i in range(spec.num_samples)]
-        chat = getattr(lm.tokenizer, "chat_template", None) is not None
-        prompts = [[{"role": "user", "content": a}] for a in asks] if chat else asks
-        # Seeded per sequence (see generate): the corpus does not depend on batching.
-        results = generate_text(lm.model, lm.tokenizer, prompts, SamplingParams(
-            max_new_tokens=spec.seq_len, temperature=0.8, top_p=0.95, seed=spec.seed), max_batch_size=32)
-        return [lm.tokenizer.encode(r.text)[:spec.seq_len] or [0] for r in results]
+        path = _cache_path(lm, spec, "corpus", {}, ".json")
+        try:
+            return json.loads(path.read_text())["sequences"]
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError) as e:
+            log.warning("calibration corpus cache %s is unreadable (%s); sampling it again", path, e)
+        seqs = _sampled_corpus(lm, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"spec": spec.__dict__, "sequences": seqs}))
+        tmp.replace(path)
+        return seqs
     ids = lm.tokenizer.encode(Path(spec.source).read_text(encoding="utf-8"))
     chunks = [ids[i:i + spec.seq_len] for i in range(0, len(ids), spec.seq_len)]
     return [c for c in chunks if len(c) >= 8][:spec.num_samples]
+
+
+def _sampled_corpus(lm: LoadedModel, spec: CalibrationSpec) -> list[list[int]]:
+    asks = [f"Write a few paragraphs about {TOPICS[i % len(TOPICS)]}." for i in range(spec.num_samples)]
+    chat = getattr(lm.tokenizer, "chat_template", None) is not None
+    prompts = [[{"role": "user", "content": a}] for a in asks] if chat else asks
+    # Seeded per sequence (see generate): the corpus does not depend on batching.
+    results = generate_text(lm.model, lm.tokenizer, prompts, SamplingParams(
+        max_new_tokens=spec.seq_len, temperature=0.8, top_p=0.95, seed=spec.seed), max_batch_size=32)
+    return [lm.tokenizer.encode(r.text)[:spec.seq_len] or [0] for r in results]
 
 
 class _Observer(nn.Module):

@@ -24,4 +24,4 @@ def get_runner(name: str) -> Runner:
 
 
 def _load_builtin() -> None:
-    from . import mmlu, perplexity  # noqa: F401  (each registers itself)
+    from . import mmlu, mtbench, perplexity  # noqa: F401  (each registers itself)
