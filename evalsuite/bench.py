@@ -191,6 +191,17 @@ def endpoint_row(base_url: str, model: str, isl: int, osl: int, batch: int, *, v
                     device=f"endpoint {base_url}", kernel_path="as served")
 
 
+def device_info(device: str) -> dict[str, Any]:
+    """What a run record states about the device: its name and, on a GPU, compute capability,
+    driver-side CUDA version and whether it has FP8 tensor cores (sm_89 and later)."""
+    info: dict[str, Any] = {"device_name": _device_name(device), "torch": torch.__version__}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                    fp8_tensor_cores=(props.major, props.minor) >= (8, 9))
+    return info
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
@@ -199,12 +210,12 @@ def _device_name(device: str) -> str:
 
 
 def run_bench(recipes: list[str], lengths: list[tuple[int, int]], batches: list[int], *, model: str = "smollm2-135m",
-              dtype: str = "bfloat16", log=print) -> BenchResult:
+              dtype: str = "bfloat16", device: str | None = "cpu", log=print) -> BenchResult:
     from .models import load_model_and_recipe
 
     rows = []
     for name in recipes:
-        lm, record = load_model_and_recipe(model, name, dtype)
+        lm, record = load_model_and_recipe(model, name, dtype, None, device)
         engine_row(lm, record, 16, 2, 1)  # warm-up: first-call allocations and kernel selection
         for isl, osl in lengths:
             for b in batches:

@@ -20,6 +20,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe-config", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override recipe settings, values as JSON (e.g. kv_scale_mode=deploy)")
     parser.add_argument("--dtype", default="bfloat16", help="engine dtype: bfloat16 (default) or float32")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 
 
 def _run_options() -> argparse.ArgumentParser:
@@ -107,6 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="output tokens/s per recipe: batch 1 and maximum throughput, TTFT and ITL")
     bn.add_argument("--model", default="smollm2-135m")
     bn.add_argument("--dtype", default="bfloat16")
+    bn.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     bn.add_argument("--recipes", nargs="+", default=None, help="default: every recipe")
     bn.add_argument("--lengths", nargs="+", default=None, metavar="ISL/OSL",
                     help="input/output lengths (default 128/32 512/32)")
@@ -140,6 +142,10 @@ def _build_parser() -> argparse.ArgumentParser:
     st.add_argument("--per-article", type=int, default=None, help="perplexity paragraphs per article (quick default 2)")
     st.add_argument("--formulation", nargs="+", default=None,
                     help="MMLU formulations (quick default: cloze; full: letter cloze)")
+    st.add_argument("--mt-bench", type=int, default=None, metavar="N", dest="mt_bench",
+                    help="add MT-Bench on N questions (judged by the embedded judge; --full: all 80)")
+    st.add_argument("--mt-bench-tokens", type=int, default=None, metavar="T",
+                    help="new tokens per MT-Bench answer (default FastChat's 1024)")
     st.add_argument("--rebench", action="store_true", help="redo the throughput benchmark even if it exists")
     st.add_argument("--root", default="reports", help="where the study folder goes (default reports/)")
 
@@ -158,7 +164,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from .backends.engine import EngineBackend
-    from .engine.load import parse_dtype
+    from .engine.load import parse_device, parse_dtype
     from .models import check_recipe_for_source, load_model_and_recipe
     from .runners import get_runner
     from .taskdef import read_task_file
@@ -183,10 +189,11 @@ def _run(args: argparse.Namespace) -> int:
         overrides = parse_recipe_config(opts.recipe_config)
         check_recipe_for_source(opts.model, opts.recipe)
         parse_dtype(opts.dtype)
+        parse_device(opts.device)
         if opts.batch_size < 1 or opts.max_batch_tokens < 1:
             raise ValueError(f"--batch-size {opts.batch_size} and --max-batch-tokens {opts.max_batch_tokens}: "
                              "both must be >= 1")
-        lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides)
+        lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
         name = run_name(lm.info.name, opts.recipe, args.task, job, {"dtype": opts.dtype, "recipe_config": overrides})
         label = f"model {lm.info.name} ({lm.info.dtype}), recipe {opts.recipe}"
@@ -375,7 +382,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .engine.load import parse_dtype
 
         parse_dtype(args.dtype)
-        result = run_bench(recipes, lengths, batches, model=args.model, dtype=args.dtype,
+        from .engine.load import parse_device
+
+        parse_device(args.device)
+        result = run_bench(recipes, lengths, batches, model=args.model, dtype=args.dtype, device=args.device,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2))
@@ -442,18 +452,19 @@ def run_name(model: str, recipe: str, task: str, job, extra: dict) -> str:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
-    from .engine.load import parse_dtype
+    from .engine.load import parse_device, parse_dtype
     from .models import check_recipe_for_source, load_model_and_recipe
     from .server.serve import serve_forever, served_model
 
     overrides = parse_recipe_config(args.recipe_config)
     check_recipe_for_source(args.model, args.recipe)
     parse_dtype(args.dtype)
+    parse_device(args.device)
     for key in ("max_batch_size", "max_model_len", "max_prefill_tokens", "port"):
         if getattr(args, key) < (0 if key == "port" else 1):
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
     api_key = args.api_key or os.environ.get("EVALSUITE_API_KEY") or None
-    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides)
+    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides, args.device)
     served = served_model(lm, recipe, args.served_model_name, max_batch_size=args.max_batch_size,
                           max_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens)
     print(f"serving {served.name} (recipe {recipe['name']}) on http://{args.host}:{args.port}/v1"
@@ -532,7 +543,8 @@ def _quantize(args: argparse.Namespace) -> int:
     from .models import load_model_and_recipe
     from .quant.checkpoint import quantized_modules, save_quantized
 
-    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, parse_recipe_config(args.recipe_config))
+    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, parse_recipe_config(args.recipe_config),
+                                       args.device)
     out = save_quantized(lm, recipe, Path(args.output))
     print(f"{len(quantized_modules(lm.model))} quantized modules, recipe {recipe['name']}: {out}")
     return 0
@@ -615,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
 
             plan = plan_study(args.name, args.model, args.recipes or list(all_recipes()), full=args.full,
                               per_subject=args.per_subject, per_article=args.per_article, root=Path(args.root),
-                              formulations=args.formulation)
+                              formulations=args.formulation, mtbench_questions=args.mt_bench,
+                              mtbench_tokens=args.mt_bench_tokens)
             return run_study(plan, rebench=args.rebench)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
     except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError,

@@ -299,7 +299,8 @@ def side_from_run(run_dir: str | Path) -> Side:
     info = {"model": (run.get("model") or {}).get("name"), "task": task, "status": run.get("status"),
             "device": (run.get("backend") or {}).get("device"),
             "weight_bytes": (run.get("recipe") or {}).get("deployed_weight_bytes"),
-            "kernel_path": (run.get("recipe") or {}).get("kernel_path"), "versions": run.get("versions"),
+            "device_name": (run.get("backend") or {}).get("device_name"),
+            "kernel_path": (run.get("backend") or {}).get("kernel_path"), "versions": run.get("versions"),
             "config_hash": run.get("config_hash")}
     return Side(label, recipe, str(run_dir), extract(run, records), info)
 
@@ -336,7 +337,7 @@ def _mmlu_metrics(run: dict, records: list[dict]) -> dict[str, Metric]:
         for key, field_ in (("acc", "correct"), ("acc_norm", "correct_norm")):
             if key not in m:
                 continue
-            name = f"mmlu.{form}" + (".acc_norm" if key == "acc_norm" else "")
+            name = f"mmlu.{form}.{key}"
             items = {r["id"]: Item(w[r["subject"]] * float(r[field_]), w[r["subject"]], r["subject"],
                                    tuple(choice_distribution(r["logprobs"])) if "logprobs" in r else None)
                      for r in mine}

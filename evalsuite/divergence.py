@@ -21,7 +21,8 @@ from .textgen import encode_prompt
 @torch.inference_mode()
 def _answer_logprobs(model: CausalLM, tokens: list[int], start: int) -> torch.Tensor:
     """log p(next token) at positions start-1 .. len-2 (the rows predicting tokens[start:])."""
-    hidden = model.hidden(torch.tensor(tokens).view(1, -1), Step.for_prefill([len(tokens)], None))[0]
+    dev = model.device
+    hidden = model.hidden(torch.tensor(tokens, device=dev).view(1, -1), Step.for_prefill([len(tokens)], device=dev))[0]
     return torch.log_softmax(model.logits(hidden[start - 1:len(tokens) - 1], float32=True), dim=-1)
 
 
@@ -38,6 +39,7 @@ def teacher_forced_divergence(base: CausalLM, cand: CausalLM, tokenizer,
         base.check_length(len(seq))
         lp_b = _answer_logprobs(base, seq, len(prompt))
         lp_c = _answer_logprobs(cand, seq, len(prompt))
+        lp_c = lp_c.to(lp_b.device)
         kl = (lp_b.exp() * (lp_b - lp_c)).sum(-1)
         flips = int((lp_b.argmax(-1) != lp_c.argmax(-1)).sum())
         total_kl += float(kl.sum())

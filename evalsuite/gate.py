@@ -19,7 +19,7 @@ A gate file::
       - {recipe: int4-awq, recipe_config: {calibration: {num_samples: 8}}}
       - {run: reports/runs/some-run}   # an existing run folder
     metrics:                        # metric (or family prefix) -> tolerance
-      mmlu.cloze: {absolute: 0.05, max_flip_rate: 0.3}
+      mmlu.cloze.acc: {absolute: 0.05, max_flip_rate: 0.3}
       perplexity: {relative: 0.05}
 """
 
@@ -91,7 +91,7 @@ def load_gate(path: str | Path) -> Gate:
     if not isinstance(tasks, dict) or not all(isinstance(a, list) for a in tasks.values()):
         raise GateError(f"{where}: tasks maps task names to argument lists, e.g. {{mmlu: [--per-subject, '2']}}")
     if not isinstance(raw["metrics"], dict) or not raw["metrics"]:
-        raise GateError(f"{where}: metrics must map metric names to tolerances, e.g. mmlu.cloze: {{absolute: 0.05}}")
+        raise GateError(f"{where}: metrics must map metric names to tolerances, e.g. mmlu.cloze.acc: {{absolute: 0.05}}")
     try:
         metrics = {k: Tolerance.parse(v, f"{where}: metrics.{k}") for k, v in raw["metrics"].items()}
     except ValueError as e:

@@ -24,13 +24,14 @@ def check_recipe_for_source(source: str, recipe: str) -> None:
 
 
 def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloat16",
-                          overrides: dict[str, Any] | None = None) -> tuple[LoadedModel, dict[str, Any]]:
+                          overrides: dict[str, Any] | None = None,
+                          device: str | None = "cpu") -> tuple[LoadedModel, dict[str, Any]]:
     """The model and the recipe record every run stores (name, description, config, and the
     weights' bytes as a quantized checkpoint stores them)."""
     check_recipe_for_source(source, recipe)
     if is_quantized_checkpoint(source):
         lm, record = load_quantized(source, dtype)
     else:
-        lm = load(source, dtype)
+        lm = load(source, dtype, device)
         record = apply_recipe(lm, recipe, overrides)
     return lm, {**record, "deployed_weight_bytes": deployed_weight_bytes(lm.model)}

@@ -33,10 +33,12 @@ class StudyPlan:
     mmlu_args: list[str]
     perplexity_args: list[str]
     bench_args: list[str]
+    mtbench_args: list[str] | None = None  # None: no MT-Bench part
 
 
 def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_subject: int | None,
-               per_article: int | None, root: Path, formulations: list[str] | None = None) -> StudyPlan:
+               per_article: int | None, root: Path, formulations: list[str] | None = None,
+               mtbench_questions: int | None = None, mtbench_tokens: int | None = None) -> StudyPlan:
     from .quant.api import get_recipe
 
     for r in recipes:
@@ -57,7 +59,12 @@ def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_sub
         if per_article:
             ppl += ["--per-article", str(per_article)]
         bench += ["--note-lengths"]
-    return StudyPlan(name, model, recipes, folder, mmlu, ppl, bench)
+    mtb = None
+    if mtbench_questions is not None or full:
+        mtb = (["--questions", str(mtbench_questions)] if mtbench_questions else []) + \
+            (["--max-new-tokens", str(mtbench_tokens)] if mtbench_tokens else []) + \
+            ([] if full else ["--calibration-questions", "10"])  # the judge's calibration: 10 of 30 when quick
+    return StudyPlan(name, model, recipes, folder, mmlu, ppl, bench, mtb)
 
 
 def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, file=sys.stderr, flush=True)) -> int:
@@ -80,6 +87,26 @@ def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, 
                 log(f"study {plan.name}: {task} under {recipe} did not complete (exit {rc}); rerun to resume")
                 return rc
             runs[task].append(out)
+    if plan.mtbench_args is not None:
+        # BF16 answers first: every recipe is judged and measured against them (the judge-free
+        # divergence teacher-forces them through both models).
+        order = (["bf16"] if "bf16" in plan.recipes else []) + [r for r in plan.recipes if r != "bf16"]
+        base_dir = None
+        for recipe in order:
+            tag = re.sub(r"[^0-9A-Za-z]+", "-", " ".join(plan.mtbench_args)).strip("-")
+            out = plan.folder / "runs" / (f"{recipe}-mt-bench" + (f"-{tag}" if tag else ""))
+            log(f"study {plan.name}: mt-bench under {recipe} -> {out}")
+            t0 = time.perf_counter()
+            extra = ["--baseline", str(base_dir)] if base_dir is not None else []
+            rc = cli_main(["run", "mt-bench", "--model", plan.model, "--recipe", recipe, *plan.mtbench_args, *extra,
+                           "--output", str(out), "--no-progress"])
+            timings[f"{recipe}/mt-bench"] = time.perf_counter() - t0
+            if rc != 0:
+                log(f"study {plan.name}: mt-bench under {recipe} did not complete (exit {rc}); rerun to resume")
+                return rc
+            runs.setdefault("mt-bench", []).append(out)
+            if recipe == "bf16":
+                base_dir = out
     bench_dir = plan.folder / "bench"
     if rebench or not (bench_dir / "bench.json").is_file():
         t0 = time.perf_counter()
@@ -89,13 +116,15 @@ def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, 
         if rc != 0:
             return rc
     t0 = time.perf_counter()
-    rc = cli_main(["report", "report", *map(str, runs["mmlu"] + runs["perplexity"]), "--bench", str(bench_dir),
+    rc = cli_main(["report", "report", *map(str, runs["mmlu"] + runs["perplexity"] + runs.get("mt-bench", [])),
+                   "--bench", str(bench_dir),
                    "--root", str(plan.folder)])
     timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     (plan.folder / "study.json").write_text(json.dumps({"model": plan.model, "recipes": plan.recipes,
                                                         "mmlu_args": plan.mmlu_args,
                                                         "perplexity_args": plan.perplexity_args,
+                                                        "mtbench_args": plan.mtbench_args,
                                                         "bench_args": plan.bench_args, "timings_s": timings},
                                                        indent=2))
     log(f"study {plan.name}: done in {timings['total']:.0f} s; report: {plan.folder / 'report' / 'report.html'}")

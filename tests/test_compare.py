@@ -151,7 +151,7 @@ def write_run(folder: Path, recipe: str, correct: list[int], form: str = "cloze"
     return folder
 
 
-def write_gate(path: Path, base: Path, cand: Path, tol: float = 0.05, metric: str = "mmlu.cloze") -> Path:
+def write_gate(path: Path, base: Path, cand: Path, tol: float = 0.05, metric: str = "mmlu.cloze.acc") -> Path:
     path.write_text(f"name: t\nbaseline: {{run: {base}}}\ncandidates:\n  - {{run: {cand}}}\n"
                     f"metrics:\n  {metric}: {{absolute: {tol}}}\n")
     return path
@@ -180,7 +180,7 @@ def test_gate_exit_codes(tmp_path, case, want, capsys):
         assert failure is None and "gate t: PASS (exit 0)" in out
     else:
         assert failure.get("type") == case.upper()
-        assert f"{case.upper()}: fp8-modelopt mmlu.cloze: 95% interval of the gain" in out
+        assert f"{case.upper()}: fp8-modelopt mmlu.cloze.acc: 95% interval of the gain" in out
 
 
 def test_gate_errors_exit_3(tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_side_from_run_weights_questions_by_subject_size(tmp_path):
     sizes = load_mmlu(load_task("mmlu")).subject_sizes()
     correct = [1 if SUBJECTS[i % 8] in ("anatomy", "philosophy") else 0 for i in range(80)]
     side = side_from_run(write_run(tmp_path / "r", "bf16", correct))
-    items = side.metrics["mmlu.cloze"].items
+    items = side.metrics["mmlu.cloze.acc"].items
     got = sum(i.num for i in items.values()) / sum(i.den for i in items.values())
     assert got == pytest.approx((sizes["anatomy"] + sizes["philosophy"]) / sum(sizes[s] for s in SUBJECTS))
 

@@ -79,7 +79,7 @@ def test_report_from_real_runs_of_the_default_model(tmp_path, capsys, monkeypatc
     folder = tmp_path / "reports" / "r"
     html = (folder / "report.html").read_text()
     pngs = sorted(folder.glob("*.png"))
-    assert {p.name for p in pngs} >= {"accuracy_vs_throughput.png", "subjects_mmlu.cloze.png"}
+    assert {p.name for p in pngs} >= {"accuracy_vs_throughput.png", "subjects_mmlu.cloze.acc.png"}
     for png in pngs:
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -88,13 +88,13 @@ def test_report_from_real_runs_of_the_default_model(tmp_path, capsys, monkeypatc
     md = (folder / "report.md").read_text()
     assert "![accuracy vs throughput](accuracy_vs_throughput.png)" in md
     verdicts = pd.read_csv(folder / "verdicts.csv")
-    assert set(verdicts.candidate) == {"int4-rtn"} and set(verdicts.metric) == {"mmlu.cloze", "mmlu.cloze.acc_norm"}
+    assert set(verdicts.candidate) == {"int4-rtn"} and set(verdicts.metric) == {"mmlu.cloze.acc", "mmlu.cloze.acc_norm"}
     assert verdicts.loc[0, "verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
     acc = pd.read_csv(folder / "accuracy.csv")
     run = json.loads((tmp_path / "int4-rtn" / "run.json").read_text())
-    row = acc[(acc.recipe == "int4-rtn") & (acc.metric == "mmlu.cloze")].iloc[0]
+    row = acc[(acc.recipe == "int4-rtn") & (acc.metric == "mmlu.cloze.acc")].iloc[0]
     assert row.value == pytest.approx(run["metrics"]["cloze"]["acc"]["overall"]["acc"])
     assert row.throughput_tok_s == pytest.approx(BenchResult.read(tmp_path / "bench").best("int4-rtn", 32, 4).tokens_per_s)
-    subjects = pd.read_csv(folder / "subjects_mmlu.cloze.csv")
+    subjects = pd.read_csv(folder / "subjects_mmlu.cloze.acc.csv")
     assert len(subjects) == 57 and set(subjects.candidate) == {"int4-rtn"}
     assert "cpu" in html and "INT4 packed kernel" in html  # device and kernel path stated

@@ -30,7 +30,11 @@ class EngineBackend(Backend):
         return {"kind": "engine", "model": dataclasses.asdict(self.lm.info), "recipe": self.recipe}
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "engine", "device": str(self.lm.model.device),
+        from ..bench import device_info, kernel_path
+
+        device = str(self.lm.model.device)
+        return {"kind": "engine", "device": device, **device_info(device),
+                "kernel_path": kernel_path(self.recipe, self.lm.model.device.type),
                 "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens}
 
     def check_loglikelihood(self) -> None:

@@ -15,12 +15,13 @@ class KVCache:
     Attention reads only the first ``kv_len`` positions of the slots of the running batch.
     """
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         if num_slots <= 0 or max_len <= 0:
             raise ValueError(f"KVCache needs positive slots and length, got {num_slots} and {max_len}")
         shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_slots, self.max_len = num_slots, max_len
 
     def move_slot(self, src: int, dst: int, length: int) -> None:

@@ -65,7 +65,8 @@ def sample(logits: Tensor, gens: Sequence[Generation]) -> list[int]:
         if p.temperature == 0:
             out.append(int(row.argmax()))
             continue
-        probs = torch.softmax(row / p.temperature, dim=-1)
+        # on the CPU, where the sequence's generator lives: the same draw on any device
+        probs = torch.softmax(row.float().cpu() / p.temperature, dim=-1)
         if p.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)
@@ -80,7 +81,7 @@ class DecodeBatch:
     def __init__(self, model: CausalLM, max_batch_size: int, max_len: int):
         self.model = model
         self.max_len = min(max_len, model.config.max_position_embeddings)
-        self.cache = KVCache(model.config, max_batch_size, self.max_len, model.dtype)
+        self.cache = KVCache(model.config, max_batch_size, self.max_len, model.dtype, model.device)
         self.running: list[Generation] = []
 
     @property
@@ -103,10 +104,11 @@ class DecodeBatch:
             if g.params.seed is not None:
                 g.rng = torch.Generator().manual_seed(g.params.seed)
         lens = [len(g.prompt) for g in gens]
-        tokens = torch.tensor([t for g in gens for t in g.prompt]).view(1, -1)
-        step = Step.for_prefill(lens, self.cache, slot_start=len(self.running))
+        dev = self.model.device
+        tokens = torch.tensor([t for g in gens for t in g.prompt], device=dev).view(1, -1)
+        step = Step.for_prefill(lens, self.cache, slot_start=len(self.running), device=dev)
         hidden = self.model.hidden(tokens, step)[0]
-        last = torch.tensor(lens).cumsum(0) - 1
+        last = torch.tensor(lens, device=dev).cumsum(0) - 1
         logits = self.model.logits(hidden[last]).float()
         self.running.extend(gens)
         for g, t in zip(gens, sample(logits, gens)):
@@ -117,8 +119,9 @@ class DecodeBatch:
         """Advance every running, unfinished sequence by one token."""
         if not self.running:
             return
-        tokens = torch.tensor([[g.tokens[-1]] for g in self.running])
-        positions = torch.tensor([g.next_position for g in self.running])
+        dev = self.model.device
+        tokens = torch.tensor([[g.tokens[-1]] for g in self.running], device=dev)
+        positions = torch.tensor([g.next_position for g in self.running], device=dev)
         # oneDNN's BF16 GEMV reads weights at ~13 GB/s on AVX512-BF16 CPUs; ATen's own kernel
         # streams them at ~29 GB/s. From 4 rows on, oneDNN's GEMM is as fast or faster.
         with decode_kernels(len(self.running)):

@@ -74,11 +74,34 @@ def tokenizer_for(source: str):
     return tokenizer
 
 
-def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16") -> LoadedModel:
-    """Resolve ``source`` (name, folder, .gguf file, hub id) and load model and tokenizer."""
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``cuda`` when a GPU is available and nothing is asked, else ``cpu``; an unavailable or
+    unknown device is an error that says what is valid here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; valid: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: no CUDA device is available here (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'}); valid: cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: valid: cpu, cuda, cuda:N")
+    return dev
+
+
+def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16",
+         device: str | torch.device | None = "cpu") -> LoadedModel:
+    """Resolve ``source`` (name, folder, .gguf file, hub id) and load model and tokenizer onto
+    ``device`` (None: cuda when available, else cpu)."""
     dtype = parse_dtype(dtype)
+    device = parse_device(device)
     folder, hashes, name = _resolve(source)
-    model = load_folder(folder, dtype)
+    model = load_folder(folder, dtype).to(device)
     if hashes is None:
         hashes = {p.name: file_sha256(p) for p in _weight_files(folder)}
     tokenizer = load_tokenizer(folder)
@@ -156,8 +179,14 @@ def _read_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 def load_folder(folder: Path, dtype: torch.dtype = torch.bfloat16) -> CausalLM:
     """Build a CausalLM from an HF folder (config.json + safetensors), weights cast to ``dtype``."""
-    cfg = read_config(folder)
-    state = _read_state_dict(folder, dtype)
+    return from_state_dict(read_config(folder), _read_state_dict(folder, dtype), dtype, folder)
+
+
+def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
+                    folder: Path | str = "state dict") -> CausalLM:
+    """A CausalLM on the tensors of an HF-named state dict (taken as they are: same device, and
+    shared, not copied)."""
+    state = dict(state)
     with torch.device("meta"):
         model = CausalLM(cfg, dtype)
     expected = set(model.state_dict())

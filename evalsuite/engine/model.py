@@ -59,14 +59,16 @@ class Step:
 
     @classmethod
     def for_prefill(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache | None = None,
-                    slot_start: int = 0) -> "Step":
-        positions = torch.cat([torch.arange(n) for n in seq_lens])
+                    slot_start: int = 0, device: torch.device | str | None = None) -> "Step":
+        """``device``: the model's (default: the cache's, else the CPU)."""
+        device = device or (cache.k.device if cache is not None else "cpu")
+        positions = torch.cat([torch.arange(n, device=device) for n in seq_lens])
         return cls(True, positions, tuple(seq_lens), cache, slot_start)
 
     @classmethod
     def for_extend(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache, prefix_slots: list[int],
                    prefix_lens: list[int]) -> "Step":
-        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, seq_lens)])
+        positions = torch.cat([torch.arange(p, p + n, device=cache.k.device) for p, n in zip(prefix_lens, seq_lens)])
         return cls(True, positions, tuple(seq_lens), cache, prefix_slots=tuple(prefix_slots),
                    prefix_lens=tuple(prefix_lens))
 
@@ -82,7 +84,7 @@ class Step:
         kv_len = int(positions.max()) + 1
         mask = None  # rows at the same position attend to the whole prefix: no mask needed
         if int(positions.min()) + 1 != kv_len:
-            mask = (torch.arange(kv_len) <= positions[:, None])[:, None, None, :]
+            mask = (torch.arange(kv_len, device=positions.device) <= positions[:, None])[:, None, None, :]
         return cls(False, positions, (), cache, slot_start, kv_len, mask)
 
 
@@ -185,7 +187,7 @@ class Attention(nn.Module):
             out = self._prefill_attention(q, k, v, step)
         else:
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
-            idx = torch.arange(step.slot_start, step.slot_start + B)
+            idx = torch.arange(step.slot_start, step.slot_start + B, device=q.device)
             kc[idx, :, step.positions] = k[:, :, 0]
             vc[idx, :, step.positions] = v[:, :, 0]
             rows = slice(step.slot_start, step.slot_start + B)
@@ -203,7 +205,7 @@ class Attention(nn.Module):
                 slot, p = step.prefix_slots[i], step.prefix_lens[i]
                 ks = torch.cat([step.cache.k[self.layer_idx, slot, :, :p][None], ks], dim=2)
                 vs = torch.cat([step.cache.v[self.layer_idx, slot, :, :p][None], vs], dim=2)
-                allowed = torch.ones(n, p + n, dtype=torch.bool).tril(p)  # query i sees keys 0..p+i
+                allowed = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)  # query i: keys 0..p+i
                 outs.append(self._attend(qs, ks, vs, False, allowed))
             else:
                 if step.cache is not None:
@@ -235,7 +237,7 @@ class Attention(nn.Module):
         qg = q.reshape(B, KV, G * Lq, D)
         scores = torch.matmul(qg, k.transpose(-1, -2)).view(B, KV, G, Lq, Lk) * D ** -0.5
         if causal:  # a prefill that starts at position 0
-            mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+            mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
         elif mask is not None:
             mask = mask.view(B, 1, 1, mask.shape[-2], Lk)
         if mask is not None:
@@ -329,12 +331,15 @@ class CausalLM(nn.Module):
             layer.mlp.fuse()
 
     def _rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
-        if length > self._rope_len:
+        if length > self._rope_len or self._cos.device != self.device:
             n = max(length, min(2 * self._rope_len, self.config.max_position_embeddings), 256)
-            freqs = torch.outer(torch.arange(n, dtype=torch.float32), rope_inv_freq(self.config))
+            # computed on the CPU (as transformers does it in float32), then moved: the same tables on any device
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"),
+                                rope_inv_freq(self.config).to("cpu"))
             emb = torch.cat((freqs, freqs), dim=-1)
             # transformers computes cos/sin in float32, then casts to the activation dtype.
-            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            self._cos = emb.cos().to(self.dtype).to(self.device)
+            self._sin = emb.sin().to(self.dtype).to(self.device)
             self._rope_len = n
         return self._cos, self._sin
 
@@ -360,6 +365,9 @@ class CausalLM(nn.Module):
         if step.prefill and tokens.shape != (1, sum(step.seq_lens)):
             raise ValueError(f"prefill takes tokens [1, {sum(step.seq_lens)}] packed from seq_lens, "
                              f"got {tuple(tokens.shape)}")
+        if tokens.device != self.device or step.positions.device != self.device:
+            raise ValueError(f"tokens ({tokens.device}) and positions ({step.positions.device}) must be on the "
+                             f"model's device ({self.device})")
         cos, sin = self.rope(step)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
@@ -379,7 +387,7 @@ class CausalLM(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Full logits [B, L, vocab] for a batch of equal-length token rows, no cache."""
         B, L = tokens.shape
-        hidden = self.hidden(tokens.reshape(1, B * L), Step.for_prefill([L] * B))
+        hidden = self.hidden(tokens.reshape(1, B * L), Step.for_prefill([L] * B, device=tokens.device))
         return self.logits(hidden).view(B, L, -1)
 
     def resident_bytes(self) -> int:

@@ -87,14 +87,15 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
 @torch.inference_mode()
 def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
                  requests: Sequence[ScoreRequest], results: list, folded: dict[int, int]) -> None:
+    dev = model.device
     lens = [len(c) for c in contexts]
     # (request index, context slot) for continuations that need more than the context's last row
     extend = [(i, b) for b, c in enumerate(contexts) for i in by_context[c]
               if len(requests[i].continuation) > 1 and i not in folded]
-    cache = KVCache(model.config, len(contexts), max(lens), model.dtype) if extend else None
-    tokens = torch.tensor([t for c in contexts for t in c]).view(1, -1)
-    hidden = model.hidden(tokens, Step.for_prefill(lens, cache))[0]
-    ends = torch.tensor(lens).cumsum(0)
+    cache = KVCache(model.config, len(contexts), max(lens), model.dtype, dev) if extend else None
+    tokens = torch.tensor([t for c in contexts for t in c], device=dev).view(1, -1)
+    hidden = model.hidden(tokens, Step.for_prefill(lens, cache, device=dev))[0]
+    ends = torch.tensor(lens, device=dev).cumsum(0)
     rows = [hidden[ends - 1]]  # row b: after context b
     offset = len(contexts)
     folded_row = {}
@@ -108,7 +109,7 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
     first_ext_row = {}
     if extend:
         ext_lens = [len(requests[i].continuation) - 1 for i, _ in extend]
-        ext_tokens = torch.tensor([t for i, _ in extend for t in requests[i].continuation[:-1]]).view(1, -1)
+        ext_tokens = torch.tensor([t for i, _ in extend for t in requests[i].continuation[:-1]], device=dev).view(1, -1)
         step = Step.for_extend(ext_lens, cache, [b for _, b in extend], [lens[b] for _, b in extend])
         rows.append(model.hidden(ext_tokens, step)[0])
         for (i, _), m in zip(extend, ext_lens):
@@ -120,10 +121,10 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
         for i in by_context[c]:
             cont = requests[i].continuation
             if i in folded:
-                rid = torch.tensor([folded_row[i] + j for j in range(len(cont))])
+                rid = torch.tensor([folded_row[i] + j for j in range(len(cont))], device=dev)
             else:
-                rid = torch.tensor([b] + [first_ext_row[i] + j for j in range(len(cont) - 1)])
-            target = torch.tensor(cont)
+                rid = torch.tensor([b] + [first_ext_row[i] + j for j in range(len(cont) - 1)], device=dev)
+            target = torch.tensor(cont, device=dev)
             token_lp = logprobs[rid, target].tolist()
             # summed in float64, in order: what a client summing an endpoint's per-token values gets
             results[i] = ScoreResult(logprob=sum(token_lp), is_greedy=bool((greedy[rid] == target).all()),

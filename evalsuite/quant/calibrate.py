@@ -190,8 +190,8 @@ def collect_amax(model: CausalLM, sequences: list[list[int]], max_batch_tokens: 
 
 
 def _forward(model: CausalLM, batch: list[list[int]]) -> None:
-    tokens = torch.tensor([t for s in batch for t in s]).view(1, -1)
-    model.hidden(tokens, Step.for_prefill([len(s) for s in batch]))
+    tokens = torch.tensor([t for s in batch for t in s], device=model.device).view(1, -1)
+    model.hidden(tokens, Step.for_prefill([len(s) for s in batch], device=model.device))
 
 
 def _cache_path(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, suffix: str) -> Path:

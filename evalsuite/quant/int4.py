@@ -247,7 +247,8 @@ def _product(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: PackedInt4 
     """x·Wᵀ (+ bias) on the packed kernel when there is one and the call has at most
     ``kernel_max_rows`` rows, else on the dequantized weight; and which path ran."""
     rows = x.numel() // x.shape[-1]
-    if kernel is None or rows > kernel_max_rows:
+    # the packed kernel here is torch's CPU one; on another device the dequantized product runs
+    if kernel is None or rows > kernel_max_rows or x.device.type != "cpu":
         return _linear(x, weight, bias), "simulated"
     y = kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], -1)
     return (y if bias is None else y + bias), "kernel"

@@ -230,8 +230,8 @@ def _layer_batches(model: CausalLM, sequences: list[list[int]], max_batch_tokens
     """The calibration batches as the first layer's inputs: (embeddings, cos, sin, step)."""
     out = []
     for b in token_batches(sequences, max_batch_tokens):
-        step = Step.for_prefill([len(s) for s in b])
-        tokens = torch.tensor([t for s in b for t in s]).view(1, -1)
+        step = Step.for_prefill([len(s) for s in b], device=model.device)
+        tokens = torch.tensor([t for s in b for t in s], device=model.device).view(1, -1)
         out.append((model.model.embed_tokens(tokens), *model.rope(step), step))
     return out
 

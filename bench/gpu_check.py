@@ -1,0 +1,239 @@
+"""The engine on a GPU against transformers on the same GPU, random weights, no files, no network.
+
+    python bench/gpu_check.py                                  # cuda, Llama-3.1-8B shapes (< 6 min on H100/H200)
+    python bench/gpu_check.py --device cpu --shapes smollm2-135m --quick   # the smoke test the suite runs
+
+Prints, side by side and measured in this run:
+  * the device's floors: copy bandwidth (bytes read + written / s) and the BF16 matmul rate;
+  * logits parity, engine vs transformers, same weights, float32 and BF16 (max abs difference);
+  * scoring (MMLU-like prompts, one continuation token each): engine tokens/s against
+    transformers scored as lm-eval's hf backend does (padded batches of 16 sorted by length,
+    full-vocabulary logits, log-softmax), and the share of the BF16 FLOP floor;
+  * greedy decode at batch 1 and 64: engine against transformers' generate, and batch 1 against
+    the bandwidth floor (weight bytes / measured bandwidth);
+  * every recipe (fp8-modelopt, fp8-official, int4-awq): scoring and batch-1 decode against BF16
+    with its kernel path, and real kernel against simulation (relative logits error).
+Targets (docs/PERF.md) are printed beside each figure. Calibrating recipes calibrate on random
+token sequences (the weights are random too: the point is speed and kernel parity, not accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from evalsuite.engine.config import ModelConfig  # noqa: E402
+from evalsuite.engine.generate import SamplingParams, generate  # noqa: E402
+from evalsuite.engine.load import LoadedModel, ModelInfo, from_state_dict, parse_device  # noqa: E402
+from evalsuite.engine.score import ScoreRequest, score  # noqa: E402
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype):
+    from transformers import LlamaConfig
+
+    rope = None
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+              head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+              tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+              torch_dtype=dtype)
+    kw["rope_parameters"] = rope or {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return LlamaConfig(**kw)
+
+
+def build_pair(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """transformers' Llama with seeded random weights, built on ``device``, and the engine on the
+    very same tensors."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_config(cfg, dtype)).to(dtype).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    engine = from_state_dict(cfg, hf.state_dict(), dtype)
+    return hf, engine
+
+
+def timed(fn, device: torch.device, reps: int = 1) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()  # warm-up: allocations, kernel selection, lazy inits
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def floors(device: torch.device, quick: bool) -> tuple[float, float]:
+    n = (1 << 26) if quick else (1 << 30)  # bytes per buffer
+    src = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), device, 5)
+    bandwidth = 2 * n / t
+    m = 1024 if quick else 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    t = timed(lambda: a @ b, device, 5)
+    return bandwidth, 2 * m ** 3 / t
+
+
+def hf_score(hf, prompts: list[list[int]], device: torch.device, batch: int = 16) -> list[float]:
+    """lm-eval's hf loglikelihood: sorted by length, padded batches, full logits, log-softmax,
+    the last token's log-probability."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [0.0] * len(prompts)
+    with torch.no_grad():
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            longest = max(len(prompts[i]) for i in idx)
+            ids = torch.zeros(len(idx), longest, dtype=torch.long, device=device)
+            for r, i in enumerate(idx):
+                ids[r, :len(prompts[i])] = torch.tensor(prompts[i], device=device)
+            logp = torch.log_softmax(hf(ids).logits.float(), dim=-1)
+            for r, i in enumerate(idx):
+                n = len(prompts[i])
+                out[i] = float(logp[r, n - 2, prompts[i][n - 1]])
+    return out
+
+
+def engine_score(model, prompts: list[list[int]]) -> list[float]:
+    reqs = [ScoreRequest(tuple(p[:-1]), (p[-1],)) for p in prompts]
+    return [r.logprob for r in score(model, reqs, max_batch_tokens=16384, max_batch_size=64)]
+
+
+def decode_rate(fn, n_tokens: int, device: torch.device) -> float:
+    return n_tokens / timed(fn, device, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default=None)
+    p.add_argument("--shapes", default="llama-3.1-8b", help="an architecture preset (evalsuite models)")
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke test of the script itself")
+    p.add_argument("--recipes", nargs="*", default=["fp8-modelopt", "fp8-official", "int4-awq"])
+    args = p.parse_args()
+    device = parse_device(args.device)
+    cfg = ModelConfig.from_name(args.shapes)
+    q = args.quick
+    n_prompts, (lo, hi) = (16, (20, 60)) if q else (256, (80, 700))
+    prompt_len, new_tokens, big_batch = (16, 8, 4) if q else (100, 128, 64)
+    gen = torch.Generator().manual_seed(0)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"torch {torch.__version__}, shapes {args.shapes}, {'quick' if q else 'full'}")
+
+    bw, flops = floors(device, q)
+    print(f"floors: copy bandwidth {bw / 1e9:.1f} GB/s; BF16 matmul {flops / 1e12:.2f} TFLOP/s")
+
+    # ---- parity in float32 and BF16 (one pair at a time: 8B in float32 is 32 GB)
+    tokens = torch.randint(2, cfg.vocab_size, (2, 48), generator=gen).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        hf, eng = build_pair(cfg, dtype, device)
+        with torch.no_grad():
+            diff = (eng(tokens).float() - hf(tokens).logits.float()).abs().max().item()
+        target = "target <= 1e-3" if dtype == torch.float32 else "BF16: rounding-level"
+        print(f"parity {str(dtype).split('.')[-1]}: logits max |engine - transformers| = {diff:.2e} ({target})")
+        del hf, eng
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    hf, eng = build_pair(cfg, torch.bfloat16, device)
+    params = sum(t.numel() for t in hf.parameters())
+    weight_bytes = eng.resident_bytes()
+    prompts = [torch.randint(2, cfg.vocab_size, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),),
+                             generator=gen).tolist() for _ in range(n_prompts)]
+    total = sum(map(len, prompts))
+    t_hf = timed(lambda: hf_score(hf, prompts, device), device)
+    t_en = timed(lambda: engine_score(eng, prompts), device)
+    floor_tps = flops / (2 * params)
+    print(f"scoring {n_prompts} prompts ({total} tokens): engine {total / t_en:,.0f} tok/s, transformers (lm-eval "
+          f"style) {total / t_hf:,.0f} tok/s -> {t_hf / t_en:.2f}x (target >= 1.5x); engine at "
+          f"{total / t_en / floor_tps:.0%} of the BF16 FLOP floor (target >= 70%)")
+
+    dec_prompts = [torch.randint(2, cfg.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(big_batch)]
+    sp = SamplingParams(max_new_tokens=new_tokens)
+    rates = {}
+    for b in (1, big_batch):
+        ps = dec_prompts[:b]
+        e = decode_rate(lambda: generate(eng, ps, sp, max_batch_size=b), b * new_tokens, device)
+        ids = torch.tensor(ps, device=device)
+
+        def hf_gen():
+            with torch.no_grad():
+                hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            pad_token_id=0)
+        h = decode_rate(hf_gen, b * new_tokens, device)
+        rates[b] = e
+        extra = ""
+        if b == 1:
+            floor = bw / weight_bytes
+            extra = f"; engine at {e / floor:.0%} of the bandwidth floor {floor:.1f} tok/s (target >= 70%, >= 10x transformers)"
+        else:
+            extra = " (target >= 5x transformers)"
+        print(f"decode batch {b}: engine {e:.1f} tok/s, transformers {h:.1f} tok/s -> {e / h:.2f}x{extra}")
+    base_score_tps = total / t_en
+    del hf
+    gc.collect()
+
+    # ---- recipes: speed against BF16 and real kernel against simulation
+    from evalsuite.bench import kernel_path
+    from evalsuite.quant import calibrate
+    from evalsuite.quant.api import apply_recipe
+
+    seqs = torch.randint(2, cfg.vocab_size, (8 if q else 32, 64 if q else 256), generator=gen).tolist()
+    calibrate.corpus = lambda lm, spec: seqs  # random weights calibrate on random tokens
+    fp8_real = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    check = tokens[:1]
+    speeds = {}
+    for name in args.recipes:
+        outs = {}
+        for kernel in ("sim", "real"):
+            model = from_state_dict(cfg, {k: v.clone() for k, v in eng.state_dict().items()}, torch.bfloat16)
+            lm = LoadedModel(model, None, ModelInfo(f"random-{args.shapes}", "random", {"random": f"{args.shapes}-0"},
+                                                    "bfloat16"), Path("."))
+            overrides = {"kernel": "off"}
+            if kernel == "real":
+                overrides = {"kernel": ("scaled_mm" if fp8_real else "off")} if name.startswith("fp8") else \
+                    {"kernel": "always"}
+            record = apply_recipe(lm, name, overrides)
+            with torch.no_grad():
+                outs[kernel] = model(check).float()
+            if kernel == "real":
+                path = kernel_path(record, device.type)
+                t = timed(lambda: engine_score(model, prompts), device)
+                d = decode_rate(lambda: generate(model, dec_prompts[:1], sp, max_batch_size=1), new_tokens, device)
+                speeds[name] = (total / t / base_score_tps, d / rates[1])
+            del model, lm
+            gc.collect()
+        rel = ((outs["real"] - outs["sim"]).norm() / outs["sim"].norm()).item()
+        s, d = speeds[name]
+        print(f"recipe {name}: scoring {s:.2f}x BF16, decode batch 1 {d:.2f}x BF16; real vs simulated logits "
+              f"relative error {rel:.1e} (target <= 1e-2); kernel path: {path}")
+    if "fp8-modelopt" in speeds and "fp8-official" in speeds:
+        a, b = speeds["fp8-modelopt"], speeds["fp8-official"]
+        print(f"fp8-modelopt / fp8-official: scoring {a[0] / b[0]:.2f}x, decode batch 1 {a[1] / b[1]:.2f}x "
+              "(the reference case: 1.16-1.44x)")
+    print("targets: scoring >= 1.5x transformers and >= 70% FLOP floor; decode b1 >= 70% bandwidth floor, b64 >= 5x "
+          "transformers; fp8-modelopt scoring >= 1.4x and decode b1 >= 1.6x BF16; int4-awq decode b1 >= 2.5x BF16")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""MT-Bench answer generation on the embedded SmolLM2 (BF16): every question of a turn in one
+batch through the engine (in-flight batching), against the same answers generated one question
+at a time (target: >= 5x), with FastChat's temperatures and per-question seeds, so both produce
+the same answers (checked).
+
+    python bench/mtbench_speed.py [--questions 80] [--max-new-tokens 1024] [--sequential 8]
+
+One at a time is timed on the first ``--sequential`` questions (both turns) and its rate in
+output tokens/s compared with the batched run's rate over all questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from evalsuite.backends.engine import EngineBackend
+from evalsuite.engine.load import load
+from evalsuite.runners.mtbench import MTBenchConfig, conversation, prepare_mtbench, sampling_for
+
+
+def answers(backend, job, questions, one_at_a_time: bool) -> tuple[dict, int, float]:
+    out, tokens = {}, 0
+    t0 = time.perf_counter()
+    for turn in (1, 2):
+        prompts = [conversation(q, [out.get((q["question_id"], 1), "")], turn) for q in questions]
+        params = [sampling_for(job.task, q, turn, 0, job.max_new_tokens) for q in questions]
+        if one_at_a_time:
+            results = [backend.generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+        else:
+            results = backend.generate(prompts, params)
+        for q, r in zip(questions, results):
+            out[(q["question_id"], turn)] = r.text
+            tokens += len(r.tokens)
+    return out, tokens, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--questions", type=int, default=80)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--sequential", type=int, default=8)
+    args = p.parse_args()
+    job = prepare_mtbench(MTBenchConfig(questions=args.questions, max_new_tokens=args.max_new_tokens))
+    backend = EngineBackend(load("smollm2-135m", "bfloat16"), max_batch_size=len(job.questions))
+    batched, n_b, t_b = answers(backend, job, job.questions, False)
+    sample = job.questions[:args.sequential]
+    alone, n_s, t_s = answers(backend, job, sample, True)
+    same = sum(alone[k] == batched[k] for k in alone)
+    print(f"MT-Bench answers, {len(job.questions)} questions x 2 turns, up to {args.max_new_tokens} new tokens (BF16):")
+    print(f"  batched (one call per turn): {n_b} tokens in {t_b:.1f} s = {n_b / t_b:.1f} tok/s")
+    print(f"  one question at a time ({len(sample)} questions): {n_s} tokens in {t_s:.1f} s = {n_s / t_s:.1f} tok/s")
+    print(f"  batched / one at a time: {(n_b / t_b) / (n_s / t_s):.2f}x (target >= 5x); identical answers "
+          f"{same}/{len(alone)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Device handling, checked on the CPU: every tensor the engine makes follows the model's device.
+
+With the default device set to "meta", any tensor created without an explicit device lands on
+meta, and the first operation that mixes it with the CPU model fails; so scoring, generation,
+calibration and the server's prompt scoring running to the same results under it shows that
+each of their tensors is made on the model's device. Also: --device is validated before any
+model loads, and bench/gpu_check.py runs on the CPU as a smoke test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evalsuite.engine.generate import SamplingParams, generate
+from evalsuite.engine.score import ScoreRequest, score
+
+REQUESTS = [ScoreRequest((1, 2, 3, 4), (5, 6)), ScoreRequest((1, 2, 3, 4), (7,)), ScoreRequest((9, 8), (7, 6, 5)),
+            ScoreRequest((3,), (4, 5, 6, 7))]
+
+
+def _on_meta_default(fn):
+    torch.set_default_device("meta")
+    try:
+        return fn()
+    finally:
+        torch.set_default_device(None)
+
+
+def test_scoring_and_generation_make_every_tensor_on_the_models_device(tiny):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    params = [SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=5, temperature=0.9, seed=3)]
+    want_scores = score(tiny.model, REQUESTS)
+    want_tokens = [g.tokens for g in generate(tiny.model, prompts, params)]
+    got_scores = _on_meta_default(lambda: score(tiny.model, REQUESTS))
+    got_tokens = _on_meta_default(lambda: [g.tokens for g in generate(tiny.model, prompts, params)])
+    assert got_scores == want_scores and got_tokens == want_tokens
+    # a stray CPU tensor is caught, not silently moved
+    with pytest.raises(RuntimeError):
+        _on_meta_default(lambda: tiny.model(torch.tensor([[1, 2, 3]])))
+
+
+def test_server_scoring_and_calibration_follow_the_device(tiny):
+    from evalsuite.quant.calibrate import collect_amax
+    from evalsuite.server.scheduler import prompt_logprobs
+
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [7, 8]]
+    want = prompt_logprobs(tiny.model, seqs, [2, 2, 2])
+    got = _on_meta_default(lambda: prompt_logprobs(tiny.model, seqs, [2, 2, 2]))
+    assert [g.token_logprobs for g in got] == [w.token_logprobs for w in want]
+    assert _on_meta_default(lambda: collect_amax(tiny.model, seqs)) == collect_amax(tiny.model, seqs)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "no CUDA device is available here") if not torch.cuda.is_available() else ("cuda:99", "only"),
+    ("tpu", "valid: cpu, cuda, cuda:N"),
+])
+def test_bad_device_fails_before_any_model_loads(device, message, capsys, monkeypatch):
+    from evalsuite import cli, models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert cli.main(["run", "mmlu", "--device", device, "--per-subject", "1"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_record_states_the_device_and_kernel_path(tiny):
+    from evalsuite.backends.engine import EngineBackend
+
+    d = EngineBackend(tiny, {"name": "int4-awq", "config": {"kernel": "auto"}}).describe()
+    assert d["device"] == "cpu" and d["device_name"].startswith("cpu")
+    assert d["kernel_path"].startswith("INT4 packed kernel")
+
+
+def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shapes", "smollm2-135m", "--quick"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    for figure in ("floors: copy bandwidth", "parity float32", "parity bfloat16", "scoring 16 prompts",
+                   "decode batch 1:", "decode batch 4:", "recipe fp8-modelopt:", "recipe fp8-official:",
+                   "recipe int4-awq:", "fp8-modelopt / fp8-official"):
+        assert figure in text, text
+    f32 = float(text.split("parity float32: logits max |engine - transformers| = ")[1].split()[0])
+    assert f32 <= 1e-3
