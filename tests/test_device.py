@@ -39,8 +39,8 @@ def test_scoring_and_generation_make_every_tensor_on_the_models_device(tiny):
     got_scores = _on_meta_default(lambda: score(tiny.model, REQUESTS))
     got_tokens = _on_meta_default(lambda: [g.tokens for g in generate(tiny.model, prompts, params)])
     assert got_scores == want_scores and got_tokens == want_tokens
-    # a stray CPU tensor is caught, not silently moved
-    with pytest.raises(RuntimeError):
+    # tokens on another device are refused with the reason, not silently moved
+    with pytest.raises(ValueError, match=r"must be on the model's device \(cpu\)"):
         _on_meta_default(lambda: tiny.model(torch.tensor([[1, 2, 3]])))
 
 
