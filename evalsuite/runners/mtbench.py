@@ -328,8 +328,11 @@ def pairwise_metrics(judgments: list[dict], field_prefix: str = "") -> dict[str,
 
 
 def write_fastchat_files(out_dir: Path, model_id: str, job: MTBenchJob, latest: dict, judge_name: str,
-                         mode: str, baseline_id: str | None, extra: dict) -> dict[str, str]:
-    """FastChat's model_answer and model_judgment JSONL files, from the records."""
+                         mode: str, baseline_id: str | None, extra: dict, judge_key: str,
+                         probability: bool = False) -> dict[str, str]:
+    """FastChat's model_answer and model_judgment JSONL files, from the records of this judge and
+    mode. The judgment file holds the parsed ratings and verdicts, or, for a judge that rates by
+    probability only, the probability-weighted ones (FastChat's layout has room for one)."""
     answers = _answers(latest)
     ans_path = out_dir / "model_answer" / f"{model_id}.jsonl"
     ans_path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,7 +346,8 @@ def write_fastchat_files(out_dir: Path, model_id: str, job: MTBenchJob, latest: 
                           "tstamp": max(r.get("tstamp", 0) for (k, qid, _, _), r in latest.items()
                                         if k == "answer" and qid == q["question_id"]), **extra})
     ans_path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    judgments = [r for (k, *_), r in latest.items() if k == "judgment" and "failed" not in r]
+    judgments = [r for (k, _, _, key), r in latest.items() if k == "judgment" and key == judge_key and "failed" not in r]
+    score_field, g = ("prob_score", "prob_") if probability else ("score", "")
     jpath = out_dir / "model_judgment" / f"{judge_name}_{'single' if mode == 'single' else 'pair'}.jsonl"
     jpath.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -351,11 +355,11 @@ def write_fastchat_files(out_dir: Path, model_id: str, job: MTBenchJob, latest: 
         if mode == "single":  # FastChat writes -1 for a judgment without a rating
             rows.append({"question_id": j["question_id"], "model": model_id, "judge": [judge_name, j["judge_prompt"]],
                          "user_prompt": j["user_prompt"], "judgment": j["judgment"],
-                         "score": j["score"] if j["score"] is not None else -1, "turn": j["turn"],
+                         "score": j[score_field] if j.get(score_field) is not None else -1, "turn": j["turn"],
                          "tstamp": j["tstamp"]})
         else:
             rows.append({"question_id": j["question_id"], "model_1": model_id, "model_2": baseline_id,
-                         "g1_winner": j["g1_winner"], "g2_winner": j["g2_winner"],
+                         "g1_winner": j[f"g1_{g}winner"] or "error", "g2_winner": j[f"g2_{g}winner"] or "error",
                          "judge": [judge_name, j["judge_prompt"]], "g1_judgment": j["g1_judgment"],
                          "g2_judgment": j["g2_judgment"], "turn": j["turn"], "tstamp": j["tstamp"]})
     jpath.write_text("".join(json.dumps(x) + "\n" for x in rows))
@@ -404,7 +408,8 @@ def run_mtbench(backend: Backend, job: MTBenchJob, out_dir: str | Path, judge: J
     if job.config.mode == "single":
         metrics.update(single_metrics(ok))
     else:
-        metrics["pairwise"] = pairwise_metrics(ok)
+        if judge.rating != "probability":
+            metrics["pairwise"] = pairwise_metrics(ok)
         if any(j.get("g1_prob_winner") for j in ok):
             metrics["pairwise_probability"] = pairwise_metrics(ok, "prob_")
     if divergence is not None:
@@ -413,7 +418,8 @@ def run_mtbench(backend: Backend, job: MTBenchJob, out_dir: str | Path, judge: J
     files = write_fastchat_files(out_dir, model_id.strip("-").replace("/", "_"), job, latest,
                                  jid["model"].replace("/", "_"), job.config.mode,
                                  Path(job.config.baseline).name if job.config.baseline else None,
-                                 {"recipe": identity.get("recipe"), "backend": store.run["backend"]})
+                                 {"recipe": identity.get("recipe"), "backend": store.run["backend"]}, jkey,
+                                 probability=judge.rating == "probability")
     complete = len(ok) == 2 * len(job.questions) and not answers_failed
     store.finish(metrics=metrics, timings=timings, fastchat_files=files,
                  status="complete" if complete else "incomplete")
