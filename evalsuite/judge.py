@@ -97,14 +97,17 @@ class JudgeConfig:
         return self.prompts[self.raw[mode][kind][turn - 1]]
 
 
+def _reference_kwargs(prompt: dict[str, Any], reference: list[str] | None, turn: int) -> dict[str, str]:
+    """The reference answers a math prompt shows (turn 1's, and turn 2's for the second turn)."""
+    if reference is None or "ref_answer_1" not in prompt["prompt_template"]:
+        return {}
+    return {"ref_answer_1": reference[0], **({"ref_answer_2": reference[1]} if turn == 2 else {})}
+
+
 def render_single(prompt: dict[str, Any], question: dict, answers: list[str], turn: int,
                   reference: list[str] | None) -> list[dict[str, str]]:
     """FastChat's create_conv_single: the system prompt and the formatted user prompt."""
-    kw: dict[str, str] = {}
-    if reference is not None and "ref_answer_1" in prompt["prompt_template"]:
-        kw["ref_answer_1"] = reference[0]
-        if turn == 2:
-            kw["ref_answer_2"] = reference[1]
+    kw = _reference_kwargs(prompt, reference, turn)
     if turn == 2:
         user = prompt["prompt_template"].format(question_1=question["turns"][0], question_2=question["turns"][1],
                                                 answer_1=answers[0], answer_2=answers[1], **kw)
@@ -115,11 +118,8 @@ def render_single(prompt: dict[str, Any], question: dict, answers: list[str], tu
 
 def render_pair(prompt: dict[str, Any], question: dict, answers_a: list[str], answers_b: list[str], turn: int,
                 reference: list[str] | None) -> list[dict[str, str]]:
-    kw: dict[str, str] = {}
-    if reference is not None and "ref_answer_1" in prompt["prompt_template"]:
-        kw["ref_answer_1"] = reference[0]
-        if turn == 2:
-            kw["ref_answer_2"] = reference[1]
+    """FastChat's run_judge_pair prompt: answers A and B of one question (or conversation)."""
+    kw = _reference_kwargs(prompt, reference, turn)
     if turn == 2:
         user = prompt["prompt_template"].format(
             question_1=question["turns"][0], question_2=question["turns"][1], answer_a_1=answers_a[0],

@@ -5,7 +5,6 @@ backend against it: the same MMLU predictions as in process, retries and recorde
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,21 +25,14 @@ from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
 from evalsuite.server.serve import BackgroundServer, served_model
 from evalsuite.textgen import generate_text
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 SUBSET = MMLUConfig(formulations=("letter", "cloze"), subjects=("abstract_algebra", "anatomy", "marketing"),
                     per_subject=3)
 
 
 @pytest.fixture(scope="module")
-def chat_dir(tiny_dir, tmp_path_factory):
-    """The tiny model with a chat template (the conftest tokenizer has none)."""
-    d = tmp_path_factory.mktemp("tiny-chat") / "tiny"
-    shutil.copytree(tiny_dir, d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = CHAT_TEMPLATE
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d
+def chat_dir(tiny_chat_dir):
+    """The tiny model with a chat template (conftest)."""
+    return tiny_chat_dir
 
 
 @pytest.fixture(scope="module")
