@@ -61,7 +61,9 @@ def permute_inputs(model, seed: int = 0) -> None:
     for m in model.modules():
         if type(m) in types and hasattr(m, "qweight"):
             perm = torch.randperm(m.qweight.shape[1], generator=g)
-            m.qweight, m.qweight_f32 = m.qweight[:, perm].contiguous(), m.qweight_f32[:, perm].contiguous()
+            m.qweight = m.qweight[:, perm].contiguous()
+            if m.qweight_f32.numel():  # the simulation's float32 copy (FP8 kernels have none)
+                m.qweight_f32 = m.qweight_f32[:, perm].contiguous()
             m.register_forward_pre_hook(lambda _m, args, perm=perm: (args[0][..., perm],))
 
 

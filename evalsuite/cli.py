@@ -38,6 +38,8 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    g.add_argument("--prompts-per-request", type=int, default=8,
+                   help="log-likelihood prompts sent in one completions request (default 8)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     g.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts (default 5)")
     g = p.add_argument_group("execution (speed only: changing these resumes the same run)")
@@ -423,7 +425,8 @@ def _endpoint_backend(opts: argparse.Namespace):
         except (ModelLoadError, OSError):
             tokenizer = None  # the served id names nothing here; generative tasks need no tokenizer
     backend = OpenAIBackend(opts.base_url, opts.model, tokenizer=tokenizer, api_key_env=opts.api_key_env,
-                            concurrency=opts.concurrency, timeout=opts.timeout, max_retries=opts.max_retries)
+                            concurrency=opts.concurrency, batch_size=opts.prompts_per_request,
+                            timeout=opts.timeout, max_retries=opts.max_retries)
     backend.model_card()  # fails now, with the served ids, if the model is not there
     return backend
 

@@ -283,6 +283,10 @@ def test_scaled_mm_kernel_matches_simulation(kind):
     rel = (real.float() - sim.float()).norm() / sim.float().norm()
     assert rel < 1e-4  # a BF16 rounding of the unscaled sum (one more than the kernel) gives ~3e-3
     assert (real != sim).float().mean() < 0.01
+    # the kernel reads the E4M3 weight only: the simulation's float32 copy exists while it runs
+    assert q.qweight_f32.numel() == 0
+    q.use_kernel = False
+    assert torch.equal(q.qweight_f32, q.qweight.float()) and torch.equal(q(x), sim)
 
 
 def test_scaled_mm_kernel_through_the_recipe(tiny_dir):

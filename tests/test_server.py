@@ -114,6 +114,30 @@ def test_prompt_logprobs_are_the_engines_scores(client, lm, hf_tiny):
     assert lp.text_offset[1] == len(lp.tokens[0])
 
 
+def test_a_batch_of_prompts_in_one_request_scores_each_as_alone(client, lm, hf_tiny):
+    """A list of prompts in one request (the endpoint backend sends an MMLU question's answers so):
+    the prompts sharing a context run it once, and every prompt's log-probabilities and top
+    alternatives are what it gets alone (up to float32 rounding: alone, its context and answer run
+    in one prefill), and what transformers gives it."""
+    ctx = lm.tokenizer.encode("Question: Which animal is the fastest?\nAnswer:")
+    prompts = [ctx + lm.tokenizer.encode(a) for a in (" cheetah", " a slow snail", " horse")]
+    prompts.append(lm.tokenizer.encode("An unrelated prompt of its own."))
+    together = client.completions.create(model="tiny", prompt=prompts, max_tokens=0, echo=True, logprobs=3)
+    assert [c.index for c in together.choices] == [0, 1, 2, 3]
+    for tokens, c in zip(prompts, together.choices):
+        alone = client.completions.create(model="tiny", prompt=[tokens], max_tokens=0, echo=True, logprobs=3)
+        one = alone.choices[0].logprobs
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(one.token_logprobs[1:], abs=1e-5)
+        for mine, its in zip(c.logprobs.top_logprobs[1:], one.top_logprobs[1:]):
+            assert list(mine) == list(its) and list(mine.values()) == pytest.approx(list(its.values()), abs=1e-5)
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_tiny(torch.tensor([tokens])).logits[0].double(), dim=-1)
+        for i in range(1, len(tokens)):
+            assert c.logprobs.token_logprobs[i] == pytest.approx(float(ref[i - 1, tokens[i]]), abs=1e-4)
+            best = sorted(c.logprobs.top_logprobs[i].values(), reverse=True)
+            assert best[0] == pytest.approx(float(ref[i - 1].max()), abs=1e-4)
+
+
 @pytest.mark.parametrize("body,status,msg", [
     ({"model": "nope", "prompt": "x"}, 404, "model 'nope' is not served here; valid: 'tiny'"),
     ({"model": "tiny", "prompt": "x", "temperature": -0.5}, 400, "temperature=-0.5; valid: a number in [0.0, 2.0]"),
@@ -279,10 +303,10 @@ def test_retries_recover_from_500_429_hangs_and_truncated_json(server, lm):
 
 def test_failures_are_recorded_with_their_reason_and_a_rerun_completes_them(server, lm, tmp_path):
     cfg = MMLUConfig(formulations=("letter",), subjects=("anatomy",), per_subject=4)
-    # no retries: every injected 500 is final for its request
+    # no retries: every injected 500 is final for its request (one prompt per request here)
     # requests 1-2 are the log-probability probe and /v1/models; then every seventh one fails
     with FaultyProxy(server.base_url, {n: "500" for n in range(4, 40, 7)}) as url:
-        backend = OpenAIBackend(url, "tiny", tokenizer=lm.tokenizer, concurrency=1, max_retries=0)
+        backend = OpenAIBackend(url, "tiny", tokenizer=lm.tokenizer, concurrency=1, batch_size=1, max_retries=0)
         first = run_mmlu(backend, cfg, tmp_path / "run", progress=False)
     assert first.run["status"] == "incomplete" and 0 < first.metrics["letter"]["failed"] < 4
     failed = [r for r in map(json.loads, open(tmp_path / "run" / "samples.jsonl")) if "failed" in r]
@@ -342,9 +366,15 @@ def test_prompts_sharing_a_prefix_run_it_once():
     ctx = list(range(100, 120))
     prompts = [ctx + [7], [1, 2, 3], ctx + [5, 6], ctx + [9], list(range(100, 110)) + [4]]
     groups = sorted((plen, sorted(m)) for plen, m in prefix_groups(prompts))
-    # the three continuations of ctx share all 20 context tokens; the 10-token one shares 10 with
-    # them, which would shrink their group, so it joins it only if that keeps >= 8 shared: it does
-    assert groups == [(3, [1]), (10, [0, 2, 3, 4])]
+    # the three continuations of ctx share all 20 context tokens; the 10-token prompt shares only
+    # 10 with them, and joining would make each of them run 10 more tokens of its own: it stays out
+    assert groups == [(3, [1]), (11, [4]), (20, [0, 2, 3])]
+    # two questions under one 12-token instruction line, four answers each: one group per question
+    head = list(range(200, 212))
+    q1, q2 = head + list(range(300, 330)), head + list(range(400, 425))
+    prompts = [q + [a] for q in (q1, q2) for a in (1, 2, 3, 4)]
+    assert sorted((plen, sorted(m)) for plen, m in prefix_groups(prompts)) == [(37, [4, 5, 6, 7]),
+                                                                                (42, [0, 1, 2, 3])]
     assert sorted(prefix_groups([ctx + [1], ctx[:5] + [2]])) == [(6, [1]), (21, [0])]  # 5 shared: too few
 
 

@@ -1,8 +1,9 @@
 """Any OpenAI-compatible endpoint as a backend (vLLM, TensorRT-LLM's trtllm-serve, SGLang, NIM,
 OpenAI itself, or ``evalsuite serve``), through the ``openai`` client.
 
-* Log-likelihood requests go to /v1/completions as token-id prompts (context + continuation)
-  with ``echo``, ``logprobs`` and ``max_tokens: 0``, as lm-eval's ``local-completions`` sends them;
+* Log-likelihood requests go to /v1/completions as token-id prompts (context + continuation),
+  ``batch_size`` prompts per call, with ``echo``, ``logprobs`` and ``max_tokens: 0``, as lm-eval's
+  ``local-completions`` sends them;
   the continuation's log-probability is the sum over its tokens, greedy when each token is the
   endpoint's top choice. Token ids need the served model's tokenizer on this side
   (``tokenizer``); an endpoint that returns no prompt log-probabilities is refused before the
@@ -16,6 +17,7 @@ OpenAI itself, or ``evalsuite serve``), through the ``openai`` client.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -44,15 +46,16 @@ def redact_url(url: str) -> str:
 
 class OpenAIBackend(Backend):
     def __init__(self, base_url: str, model: str, *, tokenizer: Any = None, api_key_env: str = DEFAULT_KEY_ENV,
-                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5,
-                 sleep: Callable[[float], None] = time.sleep):
+                 concurrency: int = 8, batch_size: int = 8, timeout: float = 120.0, max_retries: int = 5,
+                 backoff: float = 0.5, sleep: Callable[[float], None] = time.sleep):
         import openai
 
-        if concurrency < 1 or timeout <= 0 or max_retries < 0:
-            raise ValueError(f"concurrency={concurrency} (>= 1), timeout={timeout} (> 0) and "
-                             f"max_retries={max_retries} (>= 0) are out of range")
+        if concurrency < 1 or batch_size < 1 or timeout <= 0 or max_retries < 0:
+            raise ValueError(f"concurrency={concurrency} (>= 1), batch_size={batch_size} (>= 1), timeout={timeout} "
+                             f"(> 0) and max_retries={max_retries} (>= 0): one is out of range")
         self.base_url, self.model, self.tokenizer = base_url.rstrip("/"), model, tokenizer
-        self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
+        self.concurrency, self.batch_size = concurrency, batch_size
+        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self._sleep = sleep
         key = os.environ.get(api_key_env) or "EMPTY"  # local servers take any key
         self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=0)
@@ -84,7 +87,8 @@ class OpenAIBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "openai", "base_url": redact_url(self.base_url), "model": self.model,
-                "served": self.model_card(), "concurrency": self.concurrency, "timeout": self.timeout,
+                "served": self.model_card(), "concurrency": self.concurrency, "batch_size": self.batch_size,
+                "timeout": self.timeout,
                 "max_retries": self.max_retries}
 
     # ------------------------------------------------------------------ requests
@@ -104,25 +108,34 @@ class OpenAIBackend(Backend):
 
     def loglikelihood(self, requests: Sequence[ScoreRequest], progress: Progress | None = None
                       ) -> list[ScoreResult | Failure]:
-        def one(r: ScoreRequest) -> ScoreResult | Failure:
-            tokens = list(r.context) + list(r.continuation)
-            reply = self._call(lambda: self.client.completions.create(
-                model=self.model, prompt=[tokens], max_tokens=0, echo=True, logprobs=1, temperature=0))
-            if isinstance(reply, Failure):
-                return reply
-            try:
-                lps = reply.choices[0].logprobs
-                cont = lps.token_logprobs[len(r.context):len(tokens)]
-                tops = lps.top_logprobs[len(r.context):len(tokens)]
-                if len(cont) != len(r.continuation) or any(x is None for x in cont):
-                    return Failure(f"the endpoint returned {len(cont)} continuation log-probabilities for "
-                                   f"{len(r.continuation)} tokens")
-                greedy = all(top and lp >= max(top.values()) for lp, top in zip(cont, tops))
-                return ScoreResult(float(sum(cont)), bool(greedy), tuple(float(x) for x in cont))
-            except (AttributeError, IndexError, TypeError) as e:
-                return Failure(f"malformed reply: {type(e).__name__}: {e}")
+        """Up to ``batch_size`` consecutive requests per completions call (a list of prompts, as
+        lm-eval's ``local-completions`` batches them): the answers of one question reach the server
+        together, and one that shares prefill between the prompts of a call does so."""
+        chunks = [list(requests[i:i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]
 
-        return self._map(one, requests, progress)
+        def one(chunk: list[ScoreRequest]) -> list[ScoreResult | Failure]:
+            prompts = [list(r.context) + list(r.continuation) for r in chunk]
+            # the reply is read as plain JSON: it holds a log-probability and its alternatives for
+            # every prompt token, and building the client's typed objects for them costs more than
+            # the request
+            reply = self._call(lambda: json.loads(self.client.completions.with_raw_response.create(
+                model=self.model, prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0).content))
+            if isinstance(reply, Failure):
+                return [reply] * len(chunk)
+            choices = reply.get("choices") if isinstance(reply, dict) else None
+            by_index = {c.get("index"): c for c in choices or [] if isinstance(c, dict)}
+            if sorted(by_index, key=str) != list(range(len(chunk))):
+                return [Failure(f"the endpoint returned choices {sorted(by_index)} for {len(chunk)} prompts")] * len(chunk)
+            return [_continuation_score(r, by_index[i]) for i, r in enumerate(chunk)]
+
+        def counted(chunk):
+            out = one(chunk)
+            if progress is not None:
+                progress(len(chunk))
+            return out
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return [x for part in pool.map(counted, chunks) for x in part]
 
     def generate(self, prompts: Sequence[str | Sequence[Message]], params: SamplingParams | Sequence[SamplingParams],
                  stop: Sequence[str] = (), progress: Progress | None = None) -> list[TextResult | Failure]:
@@ -180,6 +193,22 @@ class OpenAIBackend(Backend):
             if attempt < self.max_retries:
                 self._sleep(self.backoff * 2 ** attempt * (1 + random.random()))
         return Failure(f"{reason} (after {self.max_retries + 1} attempts)")
+
+
+def _continuation_score(r: ScoreRequest, choice: dict) -> ScoreResult | Failure:
+    """The continuation's summed log-probability from an echoed prompt's token log-probabilities."""
+    n = len(r.context) + len(r.continuation)
+    try:
+        lps = choice["logprobs"]
+        cont = lps["token_logprobs"][len(r.context):n]
+        tops = lps["top_logprobs"][len(r.context):n]
+        if len(cont) != len(r.continuation) or any(x is None for x in cont):
+            return Failure(f"the endpoint returned {len(cont)} continuation log-probabilities for "
+                           f"{len(r.continuation)} tokens")
+        greedy = all(top and lp >= max(top.values()) for lp, top in zip(cont, tops))
+        return ScoreResult(float(sum(cont)), bool(greedy), tuple(float(x) for x in cont))
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        return Failure(f"malformed reply: {type(e).__name__}: {e}")
 
 
 def _message(e) -> str:

@@ -15,6 +15,7 @@ which through 30 layers moves as many cloze answers as FP8 itself does (docs/PER
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,20 +65,68 @@ def per_channel_scale(weight: Tensor) -> Tensor:
     return (weight.abs().amax(dim=1).float() / E4M3_MAX).clamp(min=MIN_SCALE)
 
 
-def scaled_mm(x: Tensor, x_scale: Tensor, qweight: Tensor, w_scale: Tensor) -> Tensor:
-    """The real FP8 GEMM: x is cast to E4M3 with ``x_scale`` (per tensor, or [..., 1] per token),
-    multiplied with the E4M3 weight by ``torch._scaled_mm`` (float32 accumulation), scaled by
-    x_scale * w_scale (w_scale per tensor or [1, out] per channel), returned in x's dtype."""
-    flat = x.reshape(-1, x.shape[-1])
-    xs = x_scale.reshape(-1, 1) if x_scale.dim() else x_scale
-    x8 = (flat.float() / xs).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    w8 = qweight if qweight.dtype == torch.float8_e4m3fn else qweight.to(torch.float8_e4m3fn)
-    y = torch._scaled_mm(x8, w8.t(), scale_a=xs.float(), scale_b=w_scale.float(), out_dtype=x.dtype)
-    return y.view(*x.shape[:-1], -1)
+def _to_e4m3(x: Tensor, scale: Tensor) -> Tensor:
+    """``x / scale`` cast to E4M3 (saturating), the division in float32."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _to_e4m3_per_token(x: Tensor, upper_bound: float) -> tuple[Tensor, Tensor]:
+    scale = per_token_scale(x, upper_bound)
+    return _to_e4m3(x, scale), scale
+
+
+class _Fused:
+    """``fn`` compiled by ``torch.compile`` into one kernel on CUDA (the float32 intermediate of a
+    quantization then never reaches memory); eager elsewhere, and eager on CUDA too if compiling
+    fails (no Triton), after saying so once."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if args[0].device.type != "cuda":
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path computes the same
+            if self.compiled is self.fn:
+                raise
+            warnings.warn(f"FP8 input quantization runs unfused: torch.compile failed ({type(e).__name__}: {e})")
+            self.compiled = self.fn
+            return self.fn(*args)
+
+
+quantize_input = _Fused(_to_e4m3)
+quantize_input_per_token = _Fused(_to_e4m3_per_token)
+
+
+def scaled_mm(x8: Tensor, x_scale: Tensor, qweight: Tensor, w_scale: Tensor, shape: torch.Size,
+              dtype: torch.dtype) -> Tensor:
+    """The real FP8 GEMM: E4M3 inputs [rows, in] times the E4M3 weight by ``torch._scaled_mm``
+    (float32 accumulation), scaled by x_scale * w_scale (x_scale per tensor or [rows, 1] per token;
+    w_scale per tensor or [1, out] per channel), returned in ``dtype`` shaped ``shape[:-1] + (out,)``."""
+    y = torch._scaled_mm(x8, qweight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=dtype)
+    return y.view(*shape[:-1], -1)
+
+
+class _KernelSwitch:
+    """``use_kernel`` on an FP8 linear: the real kernel reads the E4M3 weight, the simulation a
+    float32 copy of it (four bytes a weight), which exists only while the simulation is on."""
+
+    @property
+    def use_kernel(self) -> bool:
+        return self.__dict__.get("_use_kernel", False)
+
+    @use_kernel.setter
+    def use_kernel(self, on: bool) -> None:
+        self.__dict__["_use_kernel"] = bool(on)
+        self.qweight_f32 = torch.empty(0, device=self.qweight.device) if on else self.qweight.float()
 
 
 @register_module
-class FP8RowwiseLinear(nn.Module):
+class FP8RowwiseLinear(_KernelSwitch, nn.Module):
     """fbgemm_fp8 linear: E4M3 weights with one static scale per output channel; each input token
     quantized to E4M3 with its own dynamic scale, bounded by ``activation_scale_ub``; output in the
     activation dtype."""
@@ -86,7 +135,7 @@ class FP8RowwiseLinear(nn.Module):
         super().__init__()
         self.register_buffer("qweight", qweight.to(torch.float8_e4m3fn))  # what the kernel and checkpoint hold
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
-        self.register_buffer("weight_scale", weight_scale)  # float32 [out]
+        self.register_buffer("weight_scale", weight_scale.float())  # [out]
         self.bias = bias
         self.activation_scale_ub = activation_scale_ub
 
@@ -98,13 +147,12 @@ class FP8RowwiseLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, scale, bias, activation_scale_ub)
 
-    use_kernel = False  # True: torch._scaled_mm with row-wise scales (set by the recipe's kernel option)
-
     def forward(self, x: Tensor) -> Tensor:
-        scale = per_token_scale(x, self.activation_scale_ub)
-        if self.use_kernel:
-            y = scaled_mm(x, scale, self.qweight, self.weight_scale[None, :])
+        if self.use_kernel:  # torch._scaled_mm with row-wise scales (the recipe's kernel option)
+            x8, scale = quantize_input_per_token(x.reshape(-1, x.shape[-1]), self.activation_scale_ub)
+            y = scaled_mm(x8, scale, self.qweight, self.weight_scale.float()[None, :], x.shape, x.dtype)
         else:
+            scale = per_token_scale(x, self.activation_scale_ub)
             y = F.linear(quantize_e4m3(x, scale), self.qweight_f32).mul_(scale).mul_(self.weight_scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -197,7 +245,7 @@ class FP8StaticQuantizer(nn.Module):
 
 
 @register_module
-class FP8StaticLinear(nn.Module):
+class FP8StaticLinear(_KernelSwitch, nn.Module):
     """Model Optimizer FP8 linear: E4M3 weights and inputs, each with one static per-tensor scale
     (amax / 448; the input amax from calibration)."""
 
@@ -206,6 +254,8 @@ class FP8StaticLinear(nn.Module):
         self.register_buffer("qweight", qweight.to(torch.float8_e4m3fn))  # what the kernel and checkpoint hold
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.weight_scale, self.input_scale = float(weight_scale), float(input_scale)
+        # the kernel's scale operands, kept on the model's device (never built per call)
+        self.register_buffer("scales", torch.tensor([self.input_scale, self.weight_scale]), persistent=False)
         self.bias = bias
 
     @classmethod
@@ -216,12 +266,11 @@ class FP8StaticLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, w_scale, static_scale(input_amax), bias)
 
-    use_kernel = False  # True: torch._scaled_mm with per-tensor scales (set by the recipe's kernel option)
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_kernel:
-            y = scaled_mm(x, torch.tensor(self.input_scale, device=x.device), self.qweight,
-                          torch.tensor(self.weight_scale, device=x.device))
+        if self.use_kernel:  # torch._scaled_mm with per-tensor scales (the recipe's kernel option)
+            scales = self.scales.float()
+            x8 = quantize_input(x.reshape(-1, x.shape[-1]), scales[0])
+            y = scaled_mm(x8, scales[0], self.qweight, scales[1], x.shape, x.dtype)
         else:
             y = F.linear(self._quantized_input(x), self.qweight_f32).mul_(self.input_scale * self.weight_scale)
             y = y.to(x.dtype)

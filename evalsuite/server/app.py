@@ -19,7 +19,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -45,6 +45,20 @@ class ServedModel:
     tokenizer: Any
     scheduler: Scheduler
     card: dict[str, Any]  # what /v1/models reports beside the id: source, weights hash, recipe, dtype
+    _pieces: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def piece(self, token: int) -> str:
+        """One token's text as ``decode([token])`` gives it (cached: echo replies name every token)."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.tokenizer.decode([token])
+        return text
+
+
+def _json(reply):
+    """A reply dict as JSON as is: FastAPI's default encoder walks every value in Python first,
+    which an echo reply (a log-probability and alternatives per prompt token) makes slow."""
+    return JSONResponse(reply) if isinstance(reply, dict) else reply
 
 
 def _error(e: RequestError) -> JSONResponse:
@@ -80,7 +94,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     async def completions(request: Request):
         try:
             body = await _body(request)
-            return await _completions(served, body, request)
+            return _json(await _completions(served, body, request))
         except RequestError as e:
             return _error(e)
 
@@ -88,7 +102,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     async def chat(request: Request):
         try:
             body = await _body(request)
-            return await _chat(served, body, request)
+            return _json(await _chat(served, body, request))
         except RequestError as e:
             return _error(e)
 
@@ -237,30 +251,30 @@ async def _generate(served: ServedModel, prompt: list[int], params: SamplingPara
         raise
 
 
-async def _prompt_logprobs(served: ServedModel, prompt: list[int], top: int):
-    job = PromptLogprobJob(prompt, top)
+async def _prompt_logprobs(served: ServedModel, prompts: list[list[int]], top: int):
+    job = PromptLogprobJob(prompts, top)
     served.scheduler.submit(job)
     return await asyncio.wrap_future(job.future)
 
 
-def _logprobs_block(tokenizer, tokens: list[int], lps, top_n: int, offset0: int = 0) -> dict[str, Any]:
-    pieces = [tokenizer.decode([t]) for t in tokens]
+def _logprobs_block(served: ServedModel, tokens: list[int], lps, top_n: int, offset0: int = 0) -> dict[str, Any]:
+    pieces = [served.piece(t) for t in tokens]
     offsets, pos = [], offset0
     for piece in pieces:
         offsets.append(pos)
         pos += len(piece)
-    tops = [None if alt is None else _top_by_text(tokenizer, alt, top_n) for alt in lps.top]
+    tops = [None if alt is None else _top_by_text(served, alt, top_n) for alt in lps.top]
     return {"tokens": pieces, "token_logprobs": lps.token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _top_by_text(tokenizer, alt: dict[int, float], top_n: int) -> dict[str, float]:
+def _top_by_text(served: ServedModel, alt: dict[int, float], top_n: int) -> dict[str, float]:
     """The ``top_n`` best alternatives keyed by their text, as the API has it; where two token ids
     decode to the same text the better one keeps the key (the first seen: ``alt`` is best first)."""
     out: dict[str, float] = {}
     for i, v in alt.items():
         if len(out) == top_n:
             break
-        out.setdefault(tokenizer.decode([i]), v)
+        out.setdefault(served.piece(i), v)
     return out
 
 
@@ -285,28 +299,27 @@ async def _completions(served: ServedModel, body: dict, request: Request):
         return _sse(_stream_completion(served, body, prompts, plans, stops, request, created, rid))
     tok = served.tokenizer
 
-    async def one(pi: int, prompt: list[int], params: SamplingParams | None) -> dict[str, Any]:
-        out, finish = ([], "length") if params is None else await _generate(served, prompt, params, stops, request)
+    async def one(prompt: list[int], params: SamplingParams | None) -> tuple[list[int], str]:
+        return ([], "length") if params is None else await _generate(served, prompt, params, stops, request)
+
+    jobs = [(prompt, params[i] if params else None) for prompt, (params, _) in zip(prompts, plans) for i in range(n)]
+    generated = await asyncio.gather(*(one(prompt, params) for prompt, params in jobs))
+    lps = [None] * len(jobs)
+    if echo or top is not None:
+        # a few alternatives more than asked: some may decode to the same text (partial bytes)
+        lps = await _prompt_logprobs(served, [p + out for (p, _), (out, _) in zip(jobs, generated)],
+                                     max(top or 0, 1) + 8)
+    choices = []
+    for i, ((prompt, _), (out, finish), lp) in enumerate(zip(jobs, generated, lps)):
         text, stopped = _cut(tok.decode(out, skip_special_tokens=True), stops)
-        finish = "stop" if stopped else finish
-        choice = {"text": text, "logprobs": None, "finish_reason": finish}
-        if echo or top is not None:
-            # a few alternatives more than asked: some may decode to the same text (partial bytes)
-            lps = await _prompt_logprobs(served, prompt + out, max(top or 0, 1) + 8)
+        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": "stop" if stopped else finish}
+        if lp is not None:
             start = 0 if echo else len(prompt)
-            block = _logprobs_block(tok, (prompt + out)[start:], _slice(lps, start), top or 0)
-            choice["logprobs"] = block
+            choice["logprobs"] = _logprobs_block(served, (prompt + out)[start:], _slice(lp, start), top or 0)
         if echo:
             choice["text"] = tok.decode(prompt) + text
-        return {"choice": choice, "prompt_tokens": len(prompt), "completion_tokens": len(out)}
-
-    tasks = []
-    for pi, (prompt, (params, _)) in enumerate(zip(prompts, plans)):
-        for i in range(n):
-            tasks.append(one(pi, prompt, params[i] if params else None))
-    results = await asyncio.gather(*tasks)
-    choices = [{"index": i, **r["choice"]} for i, r in enumerate(results)]
-    usage = _usage(sum(len(p) for p in prompts), sum(r["completion_tokens"] for r in results))
+        choices.append(choice)
+    usage = _usage(sum(len(p) for p in prompts), sum(len(out) for out, _ in generated))
     return {"id": rid, "object": "text_completion", "created": created, "model": served.name,
             "choices": choices, "usage": usage}
 

@@ -58,12 +58,18 @@ class GenerationJob:
 
 @dataclass
 class PromptLogprobJob:
-    """Log-probabilities of every prompt token given the ones before it, and the ``top`` most
-    likely alternatives at each position (the OpenAI ``echo`` + ``logprobs`` contract)."""
+    """Log-probabilities of every token of each prompt given the ones before it, and the ``top``
+    most likely alternatives at each position (the OpenAI ``echo`` + ``logprobs`` contract). The
+    prompts of one request travel as one job, so they are always scored in the same pass and the
+    ones sharing a context (an MMLU question's answers) run that context once."""
 
-    prompt: list[int]
+    prompts: list[list[int]]
     top: int
     future: Future = field(default_factory=Future)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
 
 @dataclass(frozen=True)
@@ -194,18 +200,22 @@ class Scheduler:
 
     def _score(self) -> None:
         batch, tokens = [], 0
-        while self.scoring and (not batch or tokens + len(self.scoring[0].prompt) <= self.max_prefill_tokens):
+        while self.scoring and (not batch or tokens + self.scoring[0].tokens <= self.max_prefill_tokens):
             job = self.scoring.pop(0)
             batch.append(job)
-            tokens += len(job.prompt)
+            tokens += job.tokens
+        prompts = [p for j in batch for p in j.prompts]
+        tops = [j.top for j in batch for _ in j.prompts]
         try:
-            results = prompt_logprobs(self.model, [j.prompt for j in batch], [j.top for j in batch])
+            results = prompt_logprobs(self.model, prompts, tops)
         except Exception as e:
             for j in batch:
                 j.future.set_exception(e)
             return
-        for j, r in zip(batch, results):
-            j.future.set_result(r)
+        start = 0
+        for j in batch:
+            j.future.set_result(results[start:start + len(j.prompts)])
+            start += len(j.prompts)
 
     def _fail_all(self, message: str) -> None:
         for g in list(self.batch.running):
@@ -225,27 +235,40 @@ MIN_SHARED_PREFIX = 8  # prompts sharing at least this many leading tokens run t
 
 
 def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
-    """Prompts grouped by a shared leading prefix: (prefix length, indices). Adjacent prompts in
-    sorted order join a group while the prefix common to the whole group stays at least
-    ``MIN_SHARED_PREFIX`` tokens and shorter than every member (each keeps one token of its own).
-    The four answers of one MMLU question, sent as four requests, form one group."""
+    """Prompts grouped by a shared leading prefix: (prefix length, indices); a group's prefix runs
+    once and each member keeps at least one token of its own.
+
+    Walking the prompts in sorted order, a prompt joins the current group when that saves work:
+    the shared prefix it leaves (at least ``MIN_SHARED_PREFIX`` tokens) is longer than what the
+    group's other members would recompute if joining shortened it, and the prompt does not share
+    more with the next prompt than with the group. The four answers of one MMLU question form one
+    group; questions that only share the instruction line ("The following are multiple choice
+    questions ... about anatomy.") stay in groups of their own."""
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     groups: list[tuple[int, list[int]]] = []
-    for i in order:
+    for k, i in enumerate(order):
         p = prompts[i]
         if groups:
             plen, members = groups[-1]
-            first = prompts[members[0]]
-            common = 0
-            limit = min(len(first), len(p)) - 1
-            while common < limit and first[common] == p[common]:
-                common += 1
-            shared = min(plen, common) if len(members) > 1 else common
-            if shared >= MIN_SHARED_PREFIX:
+            common = min(_common(prompts[members[0]], p), len(p) - 1,
+                         min(len(prompts[m]) for m in members) - 1)
+            shared = min(plen, common)
+            ahead = _common(p, prompts[order[k + 1]]) if k + 1 < len(order) else 0
+            saves = shared > (len(members) - 1) * (plen - shared)
+            if shared >= MIN_SHARED_PREFIX and saves and ahead <= shared:
                 groups[-1] = (shared, members + [i])
                 continue
         groups.append((len(p), [i]))
     return groups
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @torch.inference_mode()
@@ -256,8 +279,9 @@ def prompt_logprobs(model: CausalLM, prompts: list[list[int]], tops: list[int]) 
     prefixes writes their K/V to a cache, and one packed extension runs each member's own tokens
     reading its group's cached prefix, as ``engine.score`` runs a context and its continuations.
     Both are batch-invariant, so a prompt's numbers do not depend on what it is sent with, and a
-    (context, answer) pair gets the numbers the in-process scorer gives it. The lm_head and
-    log-softmax run in float32 on every row (the API returns every position)."""
+    (context, answer) pair gets the numbers the in-process scorer gives it. The API returns every
+    position, so lm_head and the log-softmax run in float32 on every row, but on a shared
+    prefix's rows once for the whole group."""
     groups = prefix_groups(prompts)
     prefixes = [prompts[members[0]][:plen] for plen, members in groups]
     lens = [len(p) for p in prefixes]
@@ -277,33 +301,59 @@ def prompt_logprobs(model: CausalLM, prompts: list[list[int]], tops: list[int]) 
         for (i, _), n in zip(extend, ext_lens):
             ext_rows[i] = ext_hidden[start:start + n]
             start += n
-    out: list[PromptLogprobs | None] = [None] * len(prompts)
+    # Rows to score and the token each predicts: a group's prefix rows but its last (shared by
+    # every member), then each member's own rows (the prefix's last row and its extension rows).
+    row_parts, targets, spans = [], [], []  # spans: (group's shared span, member's own span) per prompt
+    at, shared = 0, {}
     start = 0
-    for (plen, members), n in zip(groups, lens):
+    for g, ((plen, members), n) in enumerate(zip(groups, lens)):
         prefix_rows = hidden[start:start + n]
         start += n
+        prefix = prefixes[g]
+        row_parts.append(prefix_rows[:plen - 1])
+        targets += prefix[1:plen]
+        shared[g] = (at, at + plen - 1)
+        at += plen - 1
         for i in members:
-            p = prompts[i]
-            # row r predicts token r + 1: the prefix's rows, then the member's own rows but its last
-            rows = prefix_rows if len(p) == plen else torch.cat([prefix_rows, ext_rows[i]]) if i in ext_rows \
-                else prefix_rows
-            rows = rows[:len(p) - 1]
-            out[i] = _logprobs_of(model, rows, p, tops[i])
+            own = len(prompts[i]) - plen
+            if own:
+                row_parts.append(prefix_rows[plen - 1:])
+                if i in ext_rows:
+                    row_parts.append(ext_rows[i])
+                targets += prompts[i][plen:]
+            spans.append((i, shared[g], (at, at + own)))
+            at += own
+    chosen, greedy, alt_vals, alt_ids = _score_rows(model, torch.cat(row_parts), targets, max(tops))
+    out: list[PromptLogprobs | None] = [None] * len(prompts)
+    for i, (s0, s1), (o0, o1) in spans:
+        idx = list(range(s0, s1)) + list(range(o0, o1))
+        top = tops[i]
+        alts: list[dict[int, float] | None] = [None]
+        alts += [dict(zip(alt_ids[r][:top], alt_vals[r][:top])) for r in idx]
+        out[i] = PromptLogprobs([None] + [chosen[r] for r in idx], alts, [None] + [greedy[r] for r in idx])
     return out  # type: ignore[return-value]
 
 
-def _logprobs_of(model: CausalLM, rows: torch.Tensor, prompt: list[int], top: int) -> PromptLogprobs:
-    n = len(prompt)
-    if n == 1:
-        return PromptLogprobs([None], [None], [None])
-    lp = torch.log_softmax(model.logits(rows, float32=True), dim=-1)
-    index = torch.arange(n - 1, device=lp.device)
-    chosen = lp[index, torch.tensor(prompt[1:], device=lp.device)].tolist()
-    greedy = lp.argmax(dim=-1).tolist()
-    alts: list[dict[int, float] | None] = [None]
-    if top > 0:
-        values, ids = lp.topk(top, dim=-1)
-        alts += [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
-    else:
-        alts += [{} for _ in range(n - 1)]
-    return PromptLogprobs([None] + chosen, alts, [None] + greedy)
+SCORE_CHUNK_BYTES = 512 << 20  # float32 full-vocabulary logits held at once: lm_head's GEMM wants many rows
+
+
+def _score_rows(model: CausalLM, rows: torch.Tensor, targets: list[int], top: int
+                ) -> tuple[list[float], list[int], list[list[float]], list[list[int]]]:
+    """For each row: the log-probability of its target token, the greedy token and the ``top``
+    best (log-probability, token) alternatives; float32 lm_head and log-softmax, in chunks."""
+    chosen, greedy, vals, ids = [], [], [], []
+    target = torch.tensor(targets, device=rows.device)
+    chunk = max(64, min(2048, SCORE_CHUNK_BYTES // (4 * model.config.vocab_size)))
+    for s in range(0, rows.shape[0], chunk):
+        lp = torch.log_softmax(model.logits(rows[s:s + chunk], float32=True), dim=-1)
+        chosen += lp.gather(1, target[s:s + chunk, None])[:, 0].tolist()
+        if top > 0:
+            v, i = lp.topk(top, dim=-1)
+            vals += v.tolist()
+            ids += i.tolist()
+            greedy += i[:, 0].tolist()
+        else:
+            greedy += lp.argmax(dim=-1).tolist()
+    if top <= 0:
+        vals = ids = [[] for _ in targets]
+    return chosen, greedy, vals, ids
