@@ -39,6 +39,9 @@ def test_scoring_and_generation_make_every_tensor_on_the_models_device(tiny):
     got_scores = _on_meta_default(lambda: score(tiny.model, REQUESTS))
     got_tokens = _on_meta_default(lambda: [g.tokens for g in generate(tiny.model, prompts, params)])
     assert got_scores == want_scores and got_tokens == want_tokens
+    # the static decode path (what a CUDA graph captures) too
+    static = _on_meta_default(lambda: [g.tokens for g in generate(tiny.model, prompts, params, static=True)])
+    assert static == want_tokens
     # tokens on another device are refused with the reason, not silently moved
     with pytest.raises(ValueError, match=r"must be on the model's device \(cpu\)"):
         _on_meta_default(lambda: tiny.model(torch.tensor([[1, 2, 3]])))
@@ -87,3 +90,33 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
         assert figure in text, text
     f32 = float(text.split("parity float32: logits max |engine - transformers| = ")[1].split()[0])
     assert f32 <= 1e-3
+
+
+def test_packed_prefill_through_varlen_attention(tiny, monkeypatch):
+    """The CUDA prefill path (one varlen FlashAttention call over the packed batch, K/V written to
+    the cache with one indexed write), run here with a reference varlen attention written from
+    its documented contract: scores and generations are the per-sequence loop's."""
+    import torch.nn.functional as F
+
+    from evalsuite.engine import model as engine_model
+
+    calls = []
+
+    def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, **kw):
+        assert window_size == (-1, 0) and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+        bounds = cu_q.tolist()
+        assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:])) and bounds[-1] == q.shape[0]
+        calls.append(len(bounds) - 1)
+        outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True,
+                                               enable_gqa=True)[0].transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(outs)
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_new_tokens=6)
+    want_scores = score(tiny.model, REQUESTS)
+    want_tokens = [g.tokens for g in generate(tiny.model, prompts, params)]
+    monkeypatch.setattr(engine_model, "varlen_attn", reference_varlen)
+    monkeypatch.setattr(engine_model, "use_varlen", lambda q: True)
+    assert score(tiny.model, REQUESTS) == want_scores
+    assert [g.tokens for g in generate(tiny.model, prompts, params)] == want_tokens
+    assert max(calls) == 3  # the three prompts' prefill was one call

@@ -35,6 +35,23 @@ def test_batch_equals_single_and_in_flight_joining(tiny):
     assert staggered[1:] == alone[1:] and staggered[0] == alone[0][:4]
 
 
+def test_static_decode_gives_the_same_tokens(tiny, hf_tiny):
+    """The decode path a CUDA graph captures (shapes fixed per batch-size bucket, padded rows in
+    free slots, attention masked over the whole cache), run eagerly here: the same tokens as
+    transformers, with sequences leaving and joining the batch between buckets."""
+    prompts = PROMPTS + [[9, 10, 11, 12, 13], [60, 61]]
+    lengths = [4, 15, 9, 15, 6]
+    want = [_hf_greedy(hf_tiny, p, n) for p, n in zip(prompts, lengths)]
+    params = [SamplingParams(max_new_tokens=n) for n in lengths]
+    for size in (3, 5):  # buckets 1, 2, 4 (capped at 3 slots) and 1, 2, 4, 8 (capped at 5)
+        got = generate(tiny.model, prompts, params, max_batch_size=size, static=True)
+        assert [g.tokens for g in got] == want
+    batch = DecodeBatch(tiny.model, 5, 64, static=True)
+    batch.add([Generation(p, SamplingParams(max_new_tokens=3)) for p in prompts[:3]])
+    batch.step()
+    assert sorted(batch._steps) == [4]  # three rows run in the bucket of four
+
+
 def test_seeded_sampling_is_reproducible_and_batch_invariant(tiny):
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
     a = generate(tiny.model, PROMPTS, params)

@@ -19,7 +19,8 @@ a recipe swaps one of them, the layer falls back to calling the modules one by o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,19 @@ from torch import Tensor, nn
 from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
 from .linear import linear, project
+
+try:  # FlashAttention over packed sequences (torch's CUDA builds); the CPU keeps its per-sequence loop
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
+# torch 2.11 takes fewer KV heads than query heads as is; from 2.13 it asks for enable_gqa
+_VARLEN_KW = {"enable_gqa": True} if varlen_attn is not None and \
+    "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+
+
+def use_varlen(q: Tensor) -> bool:
+    """Whether packed prefill attention runs as one varlen FlashAttention call."""
+    return varlen_attn is not None and q.device.type == "cuda"
 
 
 @dataclass
@@ -56,6 +70,19 @@ class Step:
     # None in decode means every row may attend to all kv_len positions
     prefix_slots: tuple[int, ...] = ()
     prefix_lens: tuple[int, ...] = ()
+    derived: dict = field(default_factory=dict, repr=False, compare=False)  # per-step tensors the layers share
+
+    def packed_index(self) -> tuple[Tensor, int, Tensor, Tensor]:
+        """For a prefill: cumulative sequence offsets (int32 [N + 1]), the longest sequence, and
+        each token's cache slot and position; made once per step on the positions' device."""
+        if "packed" not in self.derived:
+            dev = self.positions.device
+            lens = torch.tensor(self.seq_lens, device=dev)
+            cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+            slots = torch.repeat_interleave(torch.arange(self.slot_start, self.slot_start + len(self.seq_lens),
+                                                         device=dev), lens)
+            self.derived["packed"] = (cu, max(self.seq_lens), slots, self.positions)
+        return self.derived["packed"]
 
     @classmethod
     def for_prefill(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache | None = None,
@@ -78,6 +105,14 @@ class Step:
         if self.prefix_lens:
             return max(p + n for p, n in zip(self.prefix_lens, self.seq_lens))
         return max(self.seq_lens)
+
+    @classmethod
+    def for_static_decode(cls, positions: Tensor, cache: KVCache) -> "Step":
+        """A decode step whose shapes depend on nothing but the batch size, computed on the
+        device without reading ``positions`` back: attention spans the whole cache length, masked
+        per row. What a captured CUDA graph replays (``DecodeBatch`` on CUDA)."""
+        mask = (torch.arange(cache.max_len, device=positions.device) <= positions[:, None])[:, None, None, :]
+        return cls(False, positions, (), cache, 0, cache.max_len, mask)
 
     @classmethod
     def for_decode(cls, positions: Tensor, cache: KVCache, slot_start: int = 0) -> "Step":
@@ -198,6 +233,8 @@ class Attention(nn.Module):
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         """Causal attention of each packed sequence on its own; K/V written to its cache slot, or,
         when extending, the cached prefix read in front of the sequence's own K/V."""
+        if not step.prefix_slots and not self._quantized and use_varlen(q):
+            return self._varlen_prefill(q, k, v, step)
         outs, start = [], 0
         for i, n in enumerate(step.seq_lens):
             qs, ks, vs = q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n]
@@ -214,6 +251,19 @@ class Attention(nn.Module):
                 outs.append(self._attend(qs, ks, vs, True, None))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _varlen_prefill(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """The packed sequences' causal attention in one FlashAttention call over cumulative
+        offsets: each query tile reads keys of its own sequence only, so a sequence's numbers do
+        not depend on its neighbours, as with the per-sequence loop; its K/V go to the cache
+        with one indexed write."""
+        cu, longest, slots, positions = step.packed_index()
+        qt, kt, vt = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, heads, D]
+        out = varlen_attn(qt, kt, vt, cu, cu, longest, longest, window_size=(-1, 0), **_VARLEN_KW)
+        if step.cache is not None:
+            step.cache.k[self.layer_idx][slots, :, positions] = kt
+            step.cache.v[self.layer_idx][slots, :, positions] = vt
+        return out.transpose(0, 1)[None]
 
     @property
     def _quantized(self) -> bool:

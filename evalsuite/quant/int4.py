@@ -99,18 +99,28 @@ def check_kernel_mode(kernel: str) -> None:
         raise ValueError(f"kernel={kernel!r}; valid: {', '.join(INT4_KERNEL_MODES)}")
 
 
-def int4_kernel_available(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+def int4_kernel_available(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether torch has a packed INT4 kernel for BF16 inputs on this device: the CPU one, or
+    tinygemm on CUDA GPUs from sm_80."""
+    if dtype != torch.bfloat16:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return hasattr(torch.ops.aten, "_weight_int4pack_mm") and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
-KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the packed kernel takes
+KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the packed kernels take
 
 
 class PackedInt4:
-    """Block-quantized codes in the packed INT4 CPU kernel's layout. The kernel's groups are the
-    block size, or a divisor of it that divides in_features (SmolLM2's 576 = 9 x 64), each block's
-    scale and zero repeated over its groups: the same weights, and no input padding per call.
-    Otherwise inputs are padded to whole blocks."""
+    """Block-quantized codes in a packed INT4 kernel's layout, on the codes' device: torch's CPU
+    kernel, or tinygemm on CUDA (``_weight_int4pack_mm``: two codes a byte, the even column in the
+    high nibble, tiled by ``_convert_weight_to_int4pack``). Both compute w = (q - 8)·scale + zero
+    with BF16 scale and zero [groups, out, 2]. The kernel's groups are the block size, or a divisor
+    of it that divides in_features (SmolLM2's 576 = 9 x 64), each block's scale and zero repeated
+    over its groups: the same weights, and no input padding per call. Otherwise inputs are padded
+    to whole blocks."""
 
     def __init__(self, codes: Tensor, scale: Tensor, zero_point: Tensor | None, in_features: int, block_size: int,
                  dtype: torch.dtype):
@@ -119,13 +129,31 @@ class PackedInt4:
         reps, groups = block_size // self.group, self.k // self.group
         zero = torch.zeros_like(scale) if zero_point is None else (8 - zero_point.float()) * scale
         s, z = (t.repeat_interleave(reps, dim=1)[:, :groups] for t in (scale, zero))
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[:, :self.k].int() + 8, 2)
         self.scales_and_zeros = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
+        q = codes[:, :self.k].int() + 8
+        self.device = codes.device.type
+        if self.device == "cuda":
+            tiles = next(t for t in (8, 4, 2) if self.k % (16 * t) == 0)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8),
+                                                                     tiles)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+
+    @staticmethod
+    def fits(out_features: int, in_features: int, block_size: int, device: torch.device) -> bool:
+        """tinygemm's shape limits: output rows in eights, K in tiles of 32, groups it takes."""
+        if torch.device(device).type != "cuda":
+            return True
+        group = next((g for g in KERNEL_GROUPS if block_size % g == 0 and in_features % g == 0), None)
+        k = in_features if group else -(-in_features // block_size) * block_size
+        return out_features % 8 == 0 and k % 32 == 0 and (group is not None or block_size in KERNEL_GROUPS)
 
     def __call__(self, x: Tensor) -> Tensor:
         """x [rows, in_features] -> [rows, out]."""
         if x.shape[-1] != self.k:
             x = F.pad(x, (0, self.k - x.shape[-1]))
+        if self.device == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros)
 
 
@@ -134,7 +162,7 @@ class Int4WeightOnlyLinear(nn.Module):
     """INT4 weights (block scales, optional zero points), BF16 inputs; optional AWQ input pre-scale (x / s).
 
     Two paths compute the same product: ``simulated`` multiplies by the dequantized weight (the
-    reference), ``kernel`` runs torch's packed INT4 CPU kernel (``_weight_int4pack_mm_for_cpu``:
+    reference), ``kernel`` runs torch's packed INT4 kernel for the device (``PackedInt4``:
     w = (q - 8)·scale + zero with BF16 scale and zero, so zero = (8 - z)·scale) for calls of at
     most ``kernel_max_rows`` rows. ``use_kernel`` chooses; ``last_path`` says which ran."""
 
@@ -151,7 +179,8 @@ class Int4WeightOnlyLinear(nn.Module):
         # the simulated path multiplies by the dequantized weight, built once
         self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size, zero_point)
                              .to(dtype), persistent=False)
-        self.use_kernel = use_kernel and int4_kernel_available(dtype)
+        self.use_kernel = use_kernel and int4_kernel_available(dtype, codes.device) and \
+            PackedInt4.fits(codes.shape[0], in_features, block_size, codes.device)
         self.kernel_max_rows = kernel_max_rows
         self.last_path = "simulated"
         self.kernel = PackedInt4(codes, scale, zero_point, in_features, block_size, dtype) if self.use_kernel else None
@@ -244,11 +273,10 @@ class FusedInt4:
 
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: PackedInt4 | None,
              kernel_max_rows: int) -> tuple[Tensor, str]:
-    """x·Wᵀ (+ bias) on the packed kernel when there is one and the call has at most
-    ``kernel_max_rows`` rows, else on the dequantized weight; and which path ran."""
+    """x·Wᵀ (+ bias) on the packed kernel when there is one for x's device and the call has at
+    most ``kernel_max_rows`` rows, else on the dequantized weight; and which path ran."""
     rows = x.numel() // x.shape[-1]
-    # the packed kernel here is torch's CPU one; on another device the dequantized product runs
-    if kernel is None or rows > kernel_max_rows or x.device.type != "cpu":
+    if kernel is None or rows > kernel_max_rows or x.device.type != kernel.device:
         return _linear(x, weight, bias), "simulated"
     y = kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], -1)
     return (y if bias is None else y + bias), "kernel"
