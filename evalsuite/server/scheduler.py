@@ -207,7 +207,14 @@ class Scheduler:
         prompts = [p for j in batch for p in j.prompts]
         tops = [j.top for j in batch for _ in j.prompts]
         try:
-            results = prompt_logprobs(self.model, prompts, tops)
+            results, start = [], 0
+            while start < len(prompts):  # forwards of at most max_prefill_tokens (a long request's too)
+                end, tokens = start + 1, len(prompts[start])
+                while end < len(prompts) and tokens + len(prompts[end]) <= self.max_prefill_tokens:
+                    tokens += len(prompts[end])
+                    end += 1
+                results += prompt_logprobs(self.model, prompts[start:end], tops[start:end])
+                start = end
         except Exception as e:
             for j in batch:
                 j.future.set_exception(e)
