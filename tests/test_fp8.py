@@ -310,3 +310,26 @@ def test_fp8_official_every_layer_when_asked(tiny_dir):
     for layer in lm.model.model.layers:
         assert all(isinstance(getattr(layer.mlp, n), FP8RowwiseLinear) for n in ("gate_proj", "up_proj", "down_proj"))
         assert type(layer.self_attn.q_proj) is nn.Linear
+
+
+def test_fp8_kv_cache_in_e4m3_gives_the_simulated_numbers(tiny_dir, calib_file):
+    """fp8-modelopt as deployed on a GPU stores its KV cache as E4M3 codes (half the memory);
+    the values read back are the quantizer's own, so scores and greedy tokens are the BF16-stored
+    cache's exactly (forced here on the CPU, where the recipe keeps the BF16 cache)."""
+    from evalsuite.engine.generate import DecodeBatch, SamplingParams, generate
+    from evalsuite.engine.score import ScoreRequest, score
+
+    lm = load(str(tiny_dir), "bfloat16")
+    over = {"calibration": {"source": str(calib_file), "num_samples": 4, "seq_len": 32}, "kernel": "scaled_mm"}
+    apply_recipe(lm, "fp8-modelopt", over)
+    assert lm.model.cache_dtype == torch.bfloat16  # the CPU keeps the simulated (BF16-stored) cache
+    prompts = [lm.tokenizer.encode(t) for t in ("The lazy dog jumps over", "A quick brown fox")]
+    requests = [ScoreRequest(tuple(prompts[0]), (5, 6, 7)), ScoreRequest(tuple(prompts[0]), (9,)),
+                ScoreRequest(tuple(prompts[1]), (11, 12))]
+    params = SamplingParams(max_new_tokens=8)
+    want = score(lm.model, requests), [g.tokens for g in generate(lm.model, prompts, params)]
+    bf16_bytes = DecodeBatch(lm.model, 2, 64).cache.nbytes()
+    lm.model.cache_dtype = torch.float8_e4m3fn
+    got = score(lm.model, requests), [g.tokens for g in generate(lm.model, prompts, params)]
+    assert got == want
+    assert DecodeBatch(lm.model, 2, 64).cache.nbytes() * 2 == bf16_bytes

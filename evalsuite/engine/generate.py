@@ -87,7 +87,7 @@ class DecodeBatch:
     def __init__(self, model: CausalLM, max_batch_size: int, max_len: int, *, static: bool | None = None):
         self.model = model
         self.max_len = min(max_len, model.config.max_position_embeddings)
-        self.cache = KVCache(model.config, max_batch_size, self.max_len, model.dtype, model.device)
+        self.cache = KVCache(model.config, max_batch_size, self.max_len, model.cache_dtype, model.device)
         self.running: list[Generation] = []
         self.static = model.device.type == "cuda" if static is None else static
         self._steps: dict[int, Callable[[], Tensor]] = {}  # bucket -> the step (a graph replay on CUDA)

@@ -223,10 +223,11 @@ class Attention(nn.Module):
         else:
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
             idx = torch.arange(step.slot_start, step.slot_start + B, device=q.device)
-            kc[idx, :, step.positions] = k[:, :, 0]
-            vc[idx, :, step.positions] = v[:, :, 0]
+            kc[idx, :, step.positions] = self._to_cache(k[:, :, 0], kc, self.k_cache_quant)
+            vc[idx, :, step.positions] = self._to_cache(v[:, :, 0], vc, self.v_cache_quant)
             rows = slice(step.slot_start, step.slot_start + B)
-            k, v = kc[rows, :, :step.kv_len], vc[rows, :, :step.kv_len]
+            k = self._from_cache(kc[rows, :, :step.kv_len], self.k_cache_quant, q.dtype)
+            v = self._from_cache(vc[rows, :, :step.kv_len], self.v_cache_quant, q.dtype)
             out = self._attend(q, k, v, False, step.mask) if self._quantized else _decode_attention(q, k, v, step.mask)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, L, H * D))
 
@@ -240,14 +241,16 @@ class Attention(nn.Module):
             qs, ks, vs = q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n]
             if step.prefix_slots:
                 slot, p = step.prefix_slots[i], step.prefix_lens[i]
-                ks = torch.cat([step.cache.k[self.layer_idx, slot, :, :p][None], ks], dim=2)
-                vs = torch.cat([step.cache.v[self.layer_idx, slot, :, :p][None], vs], dim=2)
+                kp = self._from_cache(step.cache.k[self.layer_idx, slot, :, :p], self.k_cache_quant, ks.dtype)
+                vp = self._from_cache(step.cache.v[self.layer_idx, slot, :, :p], self.v_cache_quant, vs.dtype)
+                ks, vs = torch.cat([kp[None], ks], dim=2), torch.cat([vp[None], vs], dim=2)
                 allowed = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)  # query i: keys 0..p+i
                 outs.append(self._attend(qs, ks, vs, False, allowed))
             else:
                 if step.cache is not None:
-                    step.cache.k[self.layer_idx, step.slot_start + i, :, :n] = ks[0]
-                    step.cache.v[self.layer_idx, step.slot_start + i, :, :n] = vs[0]
+                    kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+                    kc[step.slot_start + i, :, :n] = self._to_cache(ks[0], kc, self.k_cache_quant)
+                    vc[step.slot_start + i, :, :n] = self._to_cache(vs[0], vc, self.v_cache_quant)
                 outs.append(self._attend(qs, ks, vs, True, None))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -261,9 +264,26 @@ class Attention(nn.Module):
         qt, kt, vt = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, heads, D]
         out = varlen_attn(qt, kt, vt, cu, cu, longest, longest, window_size=(-1, 0), **_VARLEN_KW)
         if step.cache is not None:
-            step.cache.k[self.layer_idx][slots, :, positions] = kt
-            step.cache.v[self.layer_idx][slots, :, positions] = vt
+            kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+            kc[slots, :, positions] = self._to_cache(kt, kc, self.k_cache_quant)
+            vc[slots, :, positions] = self._to_cache(vt, vc, self.v_cache_quant)
         return out.transpose(0, 1)[None]
+
+    @staticmethod
+    def _to_cache(x: Tensor, cache: Tensor, quant: nn.Module | None) -> Tensor:
+        """K or V as the cache stores it: as is, or as E4M3 codes x / scale when the cache is FP8
+        (x comes out of the recipe's FP8 quantizer, so the codes are exact)."""
+        if cache.dtype != torch.float8_e4m3fn:
+            return x
+        return (x.float() / quant.scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+    @staticmethod
+    def _from_cache(x: Tensor, quant: nn.Module | None, dtype: torch.dtype) -> Tensor:
+        """What the cache holds, back in the activation dtype: code x scale rounded once, the very
+        value the quantizer gave before it was stored."""
+        if x.dtype != torch.float8_e4m3fn:
+            return x
+        return (x.float() * quant.scale).to(dtype)
 
     @property
     def _quantized(self) -> bool:
@@ -367,6 +387,9 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.requires_grad_(False)
+        # what the KV cache stores: the activation dtype, or E4M3 codes where a recipe quantizes
+        # the cache to FP8 and deploys it so (fp8-modelopt with real kernels: half the memory)
+        self.cache_dtype = dtype
         self._rope_len = 0
         self._cos = self._sin = torch.empty(0)
 

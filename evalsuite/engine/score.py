@@ -92,7 +92,7 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
     # (request index, context slot) for continuations that need more than the context's last row
     extend = [(i, b) for b, c in enumerate(contexts) for i in by_context[c]
               if len(requests[i].continuation) > 1 and i not in folded]
-    cache = KVCache(model.config, len(contexts), max(lens), model.dtype, dev) if extend else None
+    cache = KVCache(model.config, len(contexts), max(lens), model.cache_dtype, dev) if extend else None
     tokens = torch.tensor([t for c in contexts for t in c], device=dev).view(1, -1)
     hidden = model.hidden(tokens, Step.for_prefill(lens, cache, device=dev))[0]
     ends = torch.tensor(lens, device=dev).cumsum(0)

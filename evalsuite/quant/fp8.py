@@ -347,6 +347,8 @@ def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
         q = FP8StaticLinear.from_linear(getattr(parent, attr), stats[f"{name}.input"])
         q.use_kernel = config.kernel == "scaled_mm"
         setattr(parent, attr, q)
+    if config.kernel == "scaled_mm" and model.device.type == "cuda":
+        model.cache_dtype = torch.float8_e4m3fn  # as deployed: E4M3 codes in the cache, half the memory
     for i, layer in enumerate(model.model.layers):
         a, key = layer.self_attn, f"model.layers.{i}"
         a.k_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.k_cache_quant"], config.kv_scale_mode))

@@ -295,7 +295,7 @@ def prompt_logprobs(model: CausalLM, prompts: list[list[int]], tops: list[int]) 
     device = model.device
     # (member, group) pairs whose own tokens past the prefix need more than the prefix's last row
     extend = [(i, g) for g, (plen, members) in enumerate(groups) for i in members if len(prompts[i]) - plen > 1]
-    cache = KVCache(model.config, len(groups), max(lens), model.dtype, device) if extend else None
+    cache = KVCache(model.config, len(groups), max(lens), model.cache_dtype, device) if extend else None
     tokens = torch.tensor([t for p in prefixes for t in p], device=device).view(1, -1)
     hidden = model.hidden(tokens, Step.for_prefill(lens, cache, device=device))[0]
     ext_rows: dict[int, torch.Tensor] = {}
