@@ -5,8 +5,8 @@ the same answers (checked).
 
     python bench/mtbench_speed.py [--questions 80] [--max-new-tokens 1024] [--sequential 8]
 
-One at a time is timed on the first ``--sequential`` questions (both turns) and its rate in
-output tokens/s compared with the batched run's rate over all questions.
+One at a time is timed on ``--sequential`` questions spread evenly over the list (both turns) and
+its rate in output tokens/s compared with the batched run's rate over all questions.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def main() -> None:
     job = prepare_mtbench(MTBenchConfig(questions=args.questions, max_new_tokens=args.max_new_tokens))
     backend = EngineBackend(load("smollm2-135m", "bfloat16"), max_batch_size=len(job.questions))
     batched, n_b, t_b = answers(backend, job, job.questions, False)
-    sample = job.questions[:args.sequential]
+    # one question in every len/sequential: every category, not the first (writing) questions only
+    sample = job.questions[::max(1, len(job.questions) // args.sequential)][:args.sequential]
     alone, n_s, t_s = answers(backend, job, sample, True)
     same = sum(alone[k] == batched[k] for k in alone)
     print(f"MT-Bench answers, {len(job.questions)} questions x 2 turns, up to {args.max_new_tokens} new tokens (BF16):")

@@ -85,9 +85,11 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     for figure in ("floors: copy bandwidth", "parity float32", "parity bfloat16", "scoring 16 prompts",
-                   "decode batch 1:", "decode batch 4:", "recipe fp8-modelopt:", "recipe fp8-official:",
-                   "recipe int4-awq:", "fp8-modelopt / fp8-official"):
+                   "decode batch 1 (eager):", "decode batch 4 (eager):", "recipe fp8-modelopt:",
+                   "recipe fp8-official:", "recipe int4-awq:", "fp8-modelopt / fp8-official"):
         assert figure in text, text
+    assert "FAILED" not in text, text
+    assert "batch invariance: prompt 0 scored alone" in text and "(identical;" in text, text
     f32 = float(text.split("parity float32: logits max |engine - transformers| = ")[1].split()[0])
     assert f32 <= 1e-3
 
