@@ -416,6 +416,9 @@ def _endpoint_backend(opts: argparse.Namespace):
     if opts.recipe != "bf16" or opts.recipe_config:
         raise ValueError("--recipe and --recipe-config apply to a model loaded here; an endpoint serves its "
                          "model as it is (start `evalsuite serve --recipe ...` for a recipe)")
+    for flag, value in (("--concurrency", opts.concurrency), ("--prompts-per-request", opts.prompts_per_request)):
+        if value < 1:
+            raise ValueError(f"{flag}={value}; valid: an integer >= 1")
     tokenizer = None
     if opts.tokenizer:
         tokenizer = tokenizer_for(opts.tokenizer)

@@ -233,6 +233,9 @@ def test_endpoint_run_from_the_command_line(server, chat_dir, tmp_path, capsys, 
         assert "sk-do-not-write-me" not in f.read_text()
     assert main(argv[:4] + ["--model", "nope"] + argv[6:]) == 2
     assert "model 'nope' is not served at" in capsys.readouterr().err
+    for flag in ("--prompts-per-request", "--concurrency"):
+        assert main(argv + [flag, "0"]) == 2
+        assert f"{flag}=0; valid: an integer >= 1" in capsys.readouterr().err
 
 
 def test_log_likelihood_needs_a_tokenizer(server):

@@ -50,9 +50,13 @@ class OpenAIBackend(Backend):
                  backoff: float = 0.5, sleep: Callable[[float], None] = time.sleep):
         import openai
 
-        if concurrency < 1 or batch_size < 1 or timeout <= 0 or max_retries < 0:
-            raise ValueError(f"concurrency={concurrency} (>= 1), batch_size={batch_size} (>= 1), timeout={timeout} "
-                             f"(> 0) and max_retries={max_retries} (>= 0): one is out of range")
+        bad = [f"{name}={value!r}; valid: {valid}" for name, value, ok, valid in (
+            ("concurrency", concurrency, concurrency >= 1, "an integer >= 1"),
+            ("batch_size", batch_size, batch_size >= 1, "an integer >= 1"),
+            ("timeout", timeout, timeout > 0, "seconds > 0"),
+            ("max_retries", max_retries, max_retries >= 0, "an integer >= 0")) if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
         self.base_url, self.model, self.tokenizer = base_url.rstrip("/"), model, tokenizer
         self.concurrency, self.batch_size = concurrency, batch_size
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
