@@ -19,7 +19,9 @@ a recipe swaps one of them, the layer falls back to calling the modules one by o
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,18 +32,23 @@ from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
 from .linear import linear, project
 
-try:  # FlashAttention over packed sequences (torch's CUDA builds); the CPU keeps its per-sequence loop
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    varlen_attn = None
-# torch 2.11 takes fewer KV heads than query heads as is; from 2.13 it asks for enable_gqa
-_VARLEN_KW = {"enable_gqa": True} if varlen_attn is not None and \
-    "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+@functools.cache
+def _varlen() -> tuple[Callable | None, dict]:
+    """FlashAttention over packed sequences (torch's CUDA builds) and the keywords this torch needs,
+    imported on first use: the module pulls in torch._dynamo, seconds of import time the CPU
+    path never needs. torch 2.11 takes fewer KV heads than query heads as is; 2.13 asks for
+    enable_gqa."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - older torch
+        return None, {}
+    return varlen_attn, {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
 
 def use_varlen(q: Tensor) -> bool:
-    """Whether packed prefill attention runs as one varlen FlashAttention call."""
-    return varlen_attn is not None and q.device.type == "cuda"
+    """Whether packed prefill attention runs as one varlen FlashAttention call (CUDA only; the
+    CPU keeps its per-sequence loop)."""
+    return q.device.type == "cuda" and _varlen()[0] is not None
 
 
 @dataclass
@@ -262,7 +269,8 @@ class Attention(nn.Module):
         with one indexed write."""
         cu, longest, slots, positions = step.packed_index()
         qt, kt, vt = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, heads, D]
-        out = varlen_attn(qt, kt, vt, cu, cu, longest, longest, window_size=(-1, 0), **_VARLEN_KW)
+        attend, kw = _varlen()
+        out = attend(qt, kt, vt, cu, cu, longest, longest, window_size=(-1, 0), **kw)
         if step.cache is not None:
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
             kc[slots, :, positions] = self._to_cache(kt, kc, self.k_cache_quant)

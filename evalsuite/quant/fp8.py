@@ -122,7 +122,10 @@ class _KernelSwitch:
     @use_kernel.setter
     def use_kernel(self, on: bool) -> None:
         self.__dict__["_use_kernel"] = bool(on)
-        self.qweight_f32 = torch.empty(0, device=self.qweight.device) if on else self.qweight.float()
+        if on:
+            self.qweight_f32 = torch.empty(0, device=self.qweight.device)
+        elif self.qweight_f32.shape != self.qweight.shape:  # made again only where it was dropped
+            self.qweight_f32 = self.qweight.float()
 
 
 @register_module
