@@ -46,10 +46,35 @@ def test_static_decode_gives_the_same_tokens(tiny, hf_tiny):
     for size in (3, 5):  # buckets 1, 2, 4 (capped at 3 slots) and 1, 2, 4, 8 (capped at 5)
         got = generate(tiny.model, prompts, params, max_batch_size=size, static=True)
         assert [g.tokens for g in got] == want
+    tiny.model.__dict__.pop("_kept_decode", None)  # the steps the calls above left for a batch of this shape
     batch = DecodeBatch(tiny.model, 5, 64, static=True)
     batch.add([Generation(p, SamplingParams(max_new_tokens=3)) for p in prompts[:3]])
     batch.step()
     assert sorted(batch._steps) == [4]  # three rows run in the bucket of four
+
+
+def test_static_decode_keeps_its_graphs_for_the_next_call_of_the_same_shape(tiny, hf_tiny):
+    """A generate call leaves its static cache and steps (CUDA graphs on a GPU) with the model:
+    the next call of the same shape and weights reuses them, reads none of the stale K/V the
+    earlier sequences left, and a changed weight means a fresh capture."""
+    params = SamplingParams(max_new_tokens=8)
+    first = generate(tiny.model, [[5, 6, 7, 8, 9, 10]], params, max_batch_size=1, static=True)
+    kept = tiny.model.__dict__["_kept_decode"][1]
+    second = generate(tiny.model, [[3, 4]], params, max_batch_size=1, static=True)  # shorter than the stale one
+    assert tiny.model.__dict__["_kept_decode"][1][0] is kept[0]  # the same cache tensors, steps reused
+    assert [g.tokens for g in first] == [_hf_greedy(hf_tiny, [5, 6, 7, 8, 9, 10], 8)]
+    assert [g.tokens for g in second] == [_hf_greedy(hf_tiny, [3, 4], 8)]
+    layer = tiny.model.model.layers[0].mlp
+    original = layer.down_proj
+    layer.down_proj = torch.nn.Linear(original.in_features, original.out_features, bias=False,
+                                      dtype=original.weight.dtype)
+    try:
+        layer.down_proj.weight.data.copy_(original.weight)
+        generate(tiny.model, [[3, 4]], params, max_batch_size=1, static=True)
+        assert tiny.model.__dict__["_kept_decode"][1][0] is not kept[0]  # a swapped module: captured anew
+    finally:
+        layer.down_proj = original
+        tiny.model.__dict__.pop("_kept_decode", None)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(tiny):

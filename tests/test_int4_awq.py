@@ -51,11 +51,14 @@ def test_awq_beats_plain_rounding_on_outlier_channels():
     x = torch.randn(512, 256)
     x[:, [3, 100, 200]] *= 40.0  # activation outlier channels, as in real LLMs
     x_mean = x.abs().mean(dim=0)
-    search = _AlphaSearch(lin, x_mean, block_size=128, grid=alphas(10))
+    search = _AlphaSearch(lin, x_mean, block_size=128, grid=alphas(10), keep=True)
+    unkept = _AlphaSearch(lin, x_mean, block_size=128, grid=alphas(10), keep=False)  # a model too big to keep them
     with torch.no_grad():
         ref = search(x)
+        assert torch.equal(unkept(x), ref)
         rtn = (nn.functional.linear(x, int4_fake_quantize(lin.weight, 128)) - ref).pow(2).sum().item()
     assert min(search.errors) < 0.8 * rtn
+    assert unkept.qweights is None and unkept.errors == search.errors  # the same candidates, made per batch
     best = min(range(11), key=lambda i: search.errors[i])
     assert alphas(10)[best] > 0  # the activation term matters here
 

@@ -78,6 +78,9 @@ def sample(logits: Tensor, gens: Sequence[Generation]) -> list[int]:
     return out
 
 
+STATIC_LEN_BLOCK = 256  # a static cache's length, in positions, is a multiple of this
+
+
 class DecodeBatch:
     """``static``: decode steps run with shapes fixed per batch-size bucket (1, 2, 4, ... up to
     the slots) over static input buffers, attention masked over the whole cache; on CUDA each
@@ -86,14 +89,31 @@ class DecodeBatch:
 
     def __init__(self, model: CausalLM, max_batch_size: int, max_len: int, *, static: bool | None = None):
         self.model = model
-        self.max_len = min(max_len, model.config.max_position_embeddings)
-        self.cache = KVCache(model.config, max_batch_size, self.max_len, model.cache_dtype, model.device)
-        self.running: list[Generation] = []
         self.static = model.device.type == "cuda" if static is None else static
+        if self.static:  # whole blocks, so that batches of nearby lengths share one capture
+            max_len = -(-max_len // STATIC_LEN_BLOCK) * STATIC_LEN_BLOCK
+        self.max_len = min(max_len, model.config.max_position_embeddings)
+        self.running: list[Generation] = []
+        self._key = None
+        if self.static:
+            self._key = (max_batch_size, self.max_len, model.cache_dtype, _weights_fingerprint(model))
+            kept = model.__dict__.pop("_kept_decode", None)
+            if kept is not None and kept[0] == self._key:  # the graphs of an earlier batch of this shape
+                self.cache, self._tokens, self._positions, self._steps = kept[1]
+                return
+        self.cache = KVCache(model.config, max_batch_size, self.max_len, model.cache_dtype, model.device)
         self._steps: dict[int, Callable[[], Tensor]] = {}  # bucket -> the step (a graph replay on CUDA)
         if self.static:
             self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=model.device)
             self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=model.device)
+
+    def close(self) -> None:
+        """Done with this batch. A static batch's cache and steps (CUDA graphs) stay with the
+        model (the last batch's only) for the next batch of the same shape and weights: a
+        generate call then captures nothing. The cache's stale K/V are never read: attention masks every
+        position past a sequence's own."""
+        if self._key is not None and not self.running:
+            self.model.__dict__["_kept_decode"] = (self._key, (self.cache, self._tokens, self._positions, self._steps))
 
     @property
     def free_slots(self) -> int:
@@ -242,7 +262,15 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], params: Sampling
                 batch.remove(g)
                 if progress is not None:
                     progress(1)
+    batch.close()
     return gens
+
+
+def _weights_fingerprint(model: CausalLM) -> tuple:
+    """What a captured graph depends on besides shapes: the modules and the storage of every
+    weight and buffer (a recipe applied to the model, or a weight swapped, changes it)."""
+    return (tuple(map(id, model.modules())),
+            tuple(t.data_ptr() for t in model.state_dict(keep_vars=True).values()))
 
 
 def _take_joining(waiting: list[Generation], slots: int, max_tokens: int) -> list[Generation]:

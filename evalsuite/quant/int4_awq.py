@@ -57,21 +57,32 @@ class _MeanAbs(nn.Module):
         return project(self.inner, x)
 
 
+# The candidates' quantized weights (one copy of the model's projections per α) are kept between
+# calibration batches up to this many bytes; past it (an 8B model: 11 x 16 GB) each batch
+# quantizes them again, one at a time: the same numbers, in bounded memory.
+KEEP_CANDIDATES_BYTES = 8 << 30
+
+
 class _AlphaSearch(nn.Module):
     """Runs the exact layer and accumulates each candidate α's squared error on the side."""
 
-    def __init__(self, inner: nn.Linear, x_mean: Tensor, block_size: int, grid: list[float]):
+    def __init__(self, inner: nn.Linear, x_mean: Tensor, block_size: int, grid: list[float], keep: bool):
         super().__init__()
-        self.inner, self.grid = inner, grid
+        self.inner, self.grid, self.block_size = inner, grid, block_size
         w = inner.weight.detach()
         w_mean = weight_channel_mean(w, block_size)
         self.scales = [awq_scale(x_mean, w_mean, a) for a in grid]
-        self.qweights = [int4_fake_quantize(w.float() * s[None, :], block_size).to(w.dtype) for s in self.scales]
+        self.qweights = [self._candidate(s) for s in self.scales] if keep else None
         self.errors = [0.0] * len(grid)
+
+    def _candidate(self, s: Tensor) -> Tensor:
+        w = self.inner.weight.detach()
+        return int4_fake_quantize(w.float() * s[None, :], self.block_size).to(w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         ref = project(self.inner, x)
-        for i, (s, qw) in enumerate(zip(self.scales, self.qweights)):
+        for i, s in enumerate(self.scales):
+            qw = self.qweights[i] if self.qweights is not None else self._candidate(s)
             out = linear(x / s.to(x.dtype), qw, self.inner.bias)
             self.errors[i] += float((out.float() - ref.float()).pow(2).sum())
         return ref
@@ -83,7 +94,10 @@ def search(lm: LoadedModel, sequences: list[list[int]], block_size: int, steps: 
     means = run_wrapped(model, sequences, lambda linear, _name: _MeanAbs(linear))
     x_mean = {name: (m.total / max(m.count, 1)) for name, m in means.items()}
     grid = alphas(steps)
-    searched = run_wrapped(model, sequences, lambda linear, name: _AlphaSearch(linear, x_mean[name], block_size, grid))
+    weight_bytes = sum(getattr(parent, attr).weight.nbytes for parent, attr, _ in projections(model))
+    keep = len(grid) * weight_bytes <= KEEP_CANDIDATES_BYTES
+    searched = run_wrapped(model, sequences,
+                           lambda linear, name: _AlphaSearch(linear, x_mean[name], block_size, grid, keep))
     out = {}
     for name, s in searched.items():
         best = min(range(len(grid)), key=lambda i: s.errors[i])
