@@ -62,7 +62,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x·Wᵀ + b in x's dtype: float32 products (and BF16 ones on CPUs without BF16 arithmetic)
     through MKL's float32 GEMM with small calls padded for batch invariance; everything else,
     and the few-row calls of a decode step, through ``F.linear`` as is."""
-    if (x.device.type != "cpu" or _small_decode.get() or x.dtype not in (torch.float32, torch.bfloat16)
+    if x.device.type != "cpu":  # a float32 x meeting a BF16 weight (float32 logits): the weight converted
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if (_small_decode.get() or x.dtype not in (torch.float32, torch.bfloat16)
             or (x.dtype == torch.bfloat16 and cpu_has_native_bf16())):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1]).float()

@@ -46,9 +46,9 @@ def _varlen() -> tuple[Callable | None, dict]:
 
 
 def use_varlen(q: Tensor) -> bool:
-    """Whether packed prefill attention runs as one varlen FlashAttention call (CUDA only; the
-    CPU keeps its per-sequence loop)."""
-    return q.device.type == "cuda" and _varlen()[0] is not None
+    """Whether packed prefill attention runs as one varlen FlashAttention call (CUDA, BF16 or
+    FP16 only; the CPU and float32 keep the per-sequence loop)."""
+    return q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and _varlen()[0] is not None
 
 
 @dataclass

@@ -258,7 +258,8 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.weight_scale, self.input_scale = float(weight_scale), float(input_scale)
         # the kernel's scale operands, kept on the model's device (never built per call)
-        self.register_buffer("scales", torch.tensor([self.input_scale, self.weight_scale]), persistent=False)
+        self.register_buffer("scales", torch.tensor([self.input_scale, self.weight_scale],
+                                                            device=self.qweight.device), persistent=False)
         self.bias = bias
 
     @classmethod

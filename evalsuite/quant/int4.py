@@ -47,7 +47,7 @@ def int4_asym_quantize(w: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tens
     zero points [out, blocks] (float32, uint8). Padding is excluded from each block's min and max."""
     wp = pad_to_blocks(w.float(), block_size)
     blocks = wp.view(wp.shape[0], -1, block_size)
-    real = (torch.arange(wp.shape[1]) < w.shape[1]).view(1, -1, block_size)
+    real = (torch.arange(wp.shape[1], device=w.device) < w.shape[1]).view(1, -1, block_size)
     hi = torch.where(real, blocks, -torch.inf).amax(dim=-1)
     lo = torch.where(real, blocks, torch.inf).amin(dim=-1)
     scale = (hi - lo).clamp(min=1e-5) / ASYM_MAX

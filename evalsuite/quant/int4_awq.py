@@ -136,7 +136,7 @@ def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
         if config.awq:
             f = found[name]
             w_mean = weight_channel_mean(linear.weight.detach(), config.block_size)
-            scale = awq_scale(torch.tensor(f["x_mean"]), w_mean, f["alpha"])
+            scale = awq_scale(torch.tensor(f["x_mean"], device=w_mean.device), w_mean, f["alpha"])
         setattr(parent, attr, Int4WeightOnlyLinear.from_linear(
             linear, config.block_size, scale, use_kernel=config.kernel != "off",
             kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))

@@ -1,0 +1,92 @@
+"""Where a GPU decode step's time goes: the whole step against its graph replay alone, and the
+kernels of one eager step by GPU time. Random Llama-3.1-8B-shaped weights, no files.
+
+    python bench/gpu_profile.py [--shapes llama-3.1-8b] [--batches 1 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from evalsuite.engine.config import ModelConfig  # noqa: E402
+from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams  # noqa: E402
+from evalsuite.engine.linear import decode_kernels  # noqa: E402
+from evalsuite.engine.load import from_state_dict  # noqa: E402
+from evalsuite.engine.model import CausalLM, Step  # noqa: E402
+
+
+def random_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
+    with torch.device(device):
+        shapes = CausalLM(cfg, torch.bfloat16)
+    state = {k: (torch.randn_like(v) * 0.02 if v.dim() == 2 else torch.ones_like(v)) for k, v in shapes.state_dict().items()}
+    del shapes
+    return from_state_dict(cfg, state, torch.bfloat16)
+
+
+def median_ms(fn, n: int = 30) -> float:
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="llama-3.1-8b")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 64])
+    args = p.parse_args()
+    device = torch.device("cuda")
+    cfg = ModelConfig.from_name(args.shapes)
+    model = random_model(cfg, device)
+    print(f"{args.shapes}: {model.resident_bytes() / 1e9:.2f} GB of weights on {torch.cuda.get_device_name()}")
+    gen = torch.Generator().manual_seed(0)
+    for b in args.batches:
+        prompts = torch.randint(2, cfg.vocab_size, (b, 100), generator=gen).tolist()
+        batch = DecodeBatch(model, b, 400)
+        batch.add([Generation(p, SamplingParams(max_new_tokens=250)) for p in prompts])
+        batch.step()  # captures the bucket's graph
+        bucket = next(iter(batch._steps))
+        step_ms = median_ms(batch.step)
+        replay_ms = median_ms(batch._steps[bucket])
+        logits = batch._steps[bucket]()
+        sample_ms = median_ms(lambda: logits.argmax(dim=-1).tolist())
+        print(f"batch {b}: whole step {step_ms:.2f} ms, graph replay alone {replay_ms:.2f} ms, "
+              f"argmax+tolist {sample_ms:.2f} ms")
+        # one eager step (the captured code, not replayed) under the profiler: GPU time per kernel
+        tokens, positions = batch._tokens[:bucket], batch._positions[:bucket]
+
+        def forward():
+            with decode_kernels(bucket):
+                hidden = model.hidden(tokens, Step.for_static_decode(positions, batch.cache))
+                return model.logits(hidden[:, 0]).float()
+
+        forward()
+        eager_ms = median_ms(forward, 10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            forward()
+            torch.cuda.synchronize()
+        print(f"batch {b}: eager step {eager_ms:.2f} ms; kernels of one eager step by GPU time:")
+        for key in ("self_device_time_total", "self_cuda_time_total"):
+            try:
+                print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=70))
+                break
+            except (AttributeError, KeyError, RuntimeError):
+                continue
+        del batch
+        model.__dict__.pop("_kept_decode", None)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
