@@ -122,3 +122,20 @@ def test_packed_prefill_through_varlen_attention(tiny, monkeypatch):
     assert score(tiny.model, REQUESTS) == want_scores
     assert [g.tokens for g in generate(tiny.model, prompts, params)] == want_tokens
     assert max(calls) == 3  # the three prompts' prefill was one call
+
+
+def test_grouped_decode_attention_is_the_float32_decode_attention():
+    """The GPU decode attention (query heads of a KV head as that head's queries, one SDPA call)
+    computes what the CPU's float32 grouped matmuls compute, masked rows included."""
+    from evalsuite.engine.model import _decode_attention, _grouped_decode_sdpa
+
+    torch.manual_seed(0)
+    B, H, KV, L, D = 3, 8, 2, 11, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KV, L, D), torch.randn(B, KV, L, D)
+    positions = torch.tensor([10, 4, 0])
+    mask = (torch.arange(L) <= positions[:, None])[:, None, None, :]
+    want = _decode_attention(q, k, v, mask)  # the CPU path
+    assert torch.allclose(_grouped_decode_sdpa(q, k, v, mask), want, atol=1e-5)
+    assert torch.allclose(_grouped_decode_sdpa(q, k, v, None), _decode_attention(q, k, v, None), atol=1e-5)
+    # the row at position 0 sees only its first key: its output is that key's value, per KV head
+    assert torch.allclose(want[2, :, 0], v[2].repeat_interleave(H // KV, dim=0)[:, 0], atol=1e-6)

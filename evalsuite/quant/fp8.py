@@ -257,9 +257,11 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
         self.register_buffer("qweight", qweight.to(torch.float8_e4m3fn))  # what the kernel and checkpoint hold
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.weight_scale, self.input_scale = float(weight_scale), float(input_scale)
-        # the kernel's scale operands, kept on the model's device (never built per call)
-        self.register_buffer("scales", torch.tensor([self.input_scale, self.weight_scale],
-                                                            device=self.qweight.device), persistent=False)
+        # the kernel's scale operands, kept on the model's device (never built per call), each in
+        # its own allocation: cuBLASLt refuses a scale pointer that is not 16-byte aligned
+        dev = self.qweight.device
+        self.register_buffer("input_scale_t", torch.tensor(self.input_scale, device=dev), persistent=False)
+        self.register_buffer("weight_scale_t", torch.tensor(self.weight_scale, device=dev), persistent=False)
         self.bias = bias
 
     @classmethod
@@ -272,9 +274,8 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernel:  # torch._scaled_mm with per-tensor scales (the recipe's kernel option)
-            scales = self.scales.float()
-            x8 = quantize_input(x.reshape(-1, x.shape[-1]), scales[0])
-            y = scaled_mm(x8, scales[0], self.qweight, scales[1], x.shape, x.dtype)
+            x8 = quantize_input(x.reshape(-1, x.shape[-1]), self.input_scale_t)
+            y = scaled_mm(x8, self.input_scale_t, self.qweight, self.weight_scale_t, x.shape, x.dtype)
         else:
             y = F.linear(self._quantized_input(x), self.qweight_f32).mul_(self.input_scale * self.weight_scale)
             y = y.to(x.dtype)
