@@ -180,7 +180,8 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--shapes", default="llama-3.1-8b", help="an architecture preset (evalsuite models)")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke test of the script itself")
-    p.add_argument("--recipes", nargs="*", default=["fp8-modelopt", "fp8-official", "int4-awq"])
+    p.add_argument("--recipes", nargs="*", default=["fp8-modelopt", "fp8-official", "int4-awq"],
+                   help="recipe names, each optionally with settings: fp8-modelopt:quantize_attention=false")
     args = p.parse_args()
     device = parse_device(args.device)
     cfg = ModelConfig.from_name(args.shapes)
@@ -293,7 +294,10 @@ def main() -> None:
     def ratio(value: float, key: str) -> str:
         return f"{value / base[key]:.2f}x" if key in base else "n/a (no BF16 figure)"
 
-    def run_recipe(name: str) -> None:
+    def run_recipe(spec: str) -> None:
+        name, _, extra = spec.partition(":")
+        settings = {k: {"true": True, "false": False}.get(v.lower(), v)
+                    for k, v in (kv.split("=", 1) for kv in extra.split(",") if kv)}
         outs = {}
         for kernel in ("sim", "real"):
             model = from_state_dict(cfg, {k: v.clone() for k, v in eng.state_dict().items()}, torch.bfloat16)
@@ -303,21 +307,21 @@ def main() -> None:
             if kernel == "real":  # INT4: the kernel below 5 rows (the default), forced for the parity check
                 overrides = {"kernel": ("scaled_mm" if fp8_real else "off")} if name.startswith("fp8") else \
                     {"kernel": "auto"}
-            record = apply_recipe(lm, name, overrides)
+            record = apply_recipe(lm, name, {**overrides, **settings})
             with torch.no_grad(), int4_rows(model, None if kernel == "sim" else 1 << 62):
                 outs[kernel] = model(check).float()
             if kernel == "real":
                 path = kernel_path(record, device.type)
-                layer_err[name] = projection_parity(model)
+                layer_err[spec] = projection_parity(model)
                 t = timed(lambda: engine_score(model, prompts), device)
                 d = decode_rate(lambda: generate(model, dec_prompts[:1], sp, max_batch_size=1), new_tokens, device)
-                speeds[name] = (total / t, d)
+                speeds[spec] = (total / t, d)
             del model, lm
             gc.collect()
         rel = ((outs["real"] - outs["sim"]).norm() / outs["sim"].norm()).item()
-        s, d = speeds[name]
-        print(f"recipe {name}: scoring {ratio(s, 'score')} BF16, decode batch 1 {ratio(d, 'decode1')} BF16; real vs "
-              f"simulated logits relative error {rel:.1e} (target <= 1e-2; one projection: {layer_err[name]}); "
+        s, d = speeds[spec]
+        print(f"recipe {spec}: scoring {ratio(s, 'score')} BF16, decode batch 1 {ratio(d, 'decode1')} BF16; real vs "
+              f"simulated logits relative error {rel:.1e} (target <= 1e-2; one projection: {layer_err[spec]}); "
               f"kernel path: {path}")
 
     for name in args.recipes:
