@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Every command that takes --device, end to end on one device, with a small random model (its
+# numbers mean nothing; the point is that each command runs there): run mmlu (three
+# formulations; BF16, FP8 with torch._scaled_mm, INT4 AWQ), run perplexity, quantize and run the
+# quantized checkpoint, bench, serve, and through the server: MMLU over the endpoint and MT-Bench
+# answered on the device and judged by the server with the openai client.
+#
+#   python bench/make_random_model.py --out .gpu/model      # once, where the tokenizer's model is
+#   DEVICE=cuda bash bench/gpu_commands.sh                   # on the GPU machine (python3 with torch)
+#   DEVICE=cpu EVALSUITE=.venv/bin/evalsuite bash bench/gpu_commands.sh   # the same here
+#
+# Packages the GPU machine lacks travel as wheels in .whl/ (bench/gpu_wheels.sh lists and fetches
+# them); this script installs them into /tmp/site when that folder exists. Prints one line per
+# step and the tail of each failing step's log; exits 1 if any step failed.
+set -u
+DEVICE=${DEVICE:-cuda}
+MODEL=${MODEL:-.gpu/model}
+WORK=${WORK:-/tmp/gpu_commands}
+PORT=${PORT:-8765}
+if [ -d .whl ] && [ -z "${EVALSUITE:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing .whl/ failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+EVALSUITE=${EVALSUITE:-"python3 -m evalsuite"}
+export EVALSUITE_CACHE=${EVALSUITE_CACHE:-$WORK/cache} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+rm -rf "$WORK"; mkdir -p "$WORK"
+failed=()
+
+step() {  # step NAME command...
+    local name=$1; shift
+    local t0=$SECONDS
+    if "$@" >"$WORK/$name.log" 2>&1; then
+        echo "ok     $name ($((SECONDS - t0)) s)"
+        grep -E '^\[[a-z]+\] [a-z_]+:|perplexity:|quantized modules|^  [a-z0-9-]+ +[0-9]+/[0-9]+ |^score|^device' \
+            "$WORK/$name.log" | head -n 6 | cut -c1-160 | sed 's/^/    /'
+        # the run record's device and kernel path, where the step wrote one
+        for record in "$WORK/$name/run.json"; do
+            [ -f "$record" ] && python3 -c "import json, sys; b = json.load(open(sys.argv[1]))['backend']; \
+print('    device:', b.get('device_name'), '| kernel path:', b.get('kernel_path'))" "$record"
+        done
+    else
+        echo "FAILED $name ($((SECONDS - t0)) s): $*"
+        tail -n 30 "$WORK/$name.log" | sed 's/^/    /'
+        failed+=("$name")
+    fi
+}
+
+run=($EVALSUITE run)
+common=(--device "$DEVICE" --no-progress)
+step mmlu-bf16 "${run[@]}" mmlu --model "$MODEL" --recipe bf16 "${common[@]}" --formulation letter cloze generative \
+    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-bf16"
+step mmlu-fp8-modelopt "${run[@]}" mmlu --model "$MODEL" --recipe fp8-modelopt --recipe-config 'kernel="scaled_mm"' \
+    "${common[@]}" --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-fp8-modelopt"
+step mmlu-fp8-official "${run[@]}" mmlu --model "$MODEL" --recipe fp8-official --recipe-config 'kernel="scaled_mm"' \
+    "${common[@]}" --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-fp8-official"
+step mmlu-int4-awq "${run[@]}" mmlu --model "$MODEL" --recipe int4-awq "${common[@]}" --num-fewshot 1 --per-subject 1 \
+    --output "$WORK/mmlu-int4-awq"
+step perplexity "${run[@]}" perplexity --model "$MODEL" --recipe bf16 "${common[@]}" --per-article 1 \
+    --output "$WORK/perplexity"
+step quantize $EVALSUITE quantize --model "$MODEL" --recipe int4-awq --device "$DEVICE" --output "$WORK/int4-awq-checkpoint"
+step mmlu-quantized-checkpoint "${run[@]}" mmlu --model "$WORK/int4-awq-checkpoint" "${common[@]}" --num-fewshot 1 \
+    --per-subject 1 --output "$WORK/mmlu-quantized-checkpoint"
+step bench $EVALSUITE bench --model "$MODEL" --device "$DEVICE" --recipes bf16 fp8-modelopt int4-awq --lengths 64/16 \
+    --batches 1 4 --output "$WORK/bench"
+
+$EVALSUITE serve --model "$MODEL" --device "$DEVICE" --port "$PORT" --served-model-name random \
+    >"$WORK/serve.log" 2>&1 &
+server=$!
+for _ in $(seq 120); do
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/v1/models', timeout=1)" \
+        2>/dev/null && break
+    sleep 1
+done
+step serve-models python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$PORT/v1/models').read())"
+step mmlu-endpoint "${run[@]}" mmlu --base-url "http://127.0.0.1:$PORT/v1" --model random --tokenizer "$MODEL" \
+    --no-progress --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-endpoint"
+step mt-bench "${run[@]}" mt-bench --model "$MODEL" --recipe bf16 "${common[@]}" --questions 4 --max-new-tokens 32 \
+    --judge-base-url "http://127.0.0.1:$PORT/v1" --judge-model random --judge-tokenizer "$MODEL" \
+    --calibration-questions 2 --output "$WORK/mt-bench"
+kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
+grep -E "device|cuda|Traceback|Error" "$WORK/serve.log" | head -n 5 | sed 's/^/    serve: /'
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed steps: ${failed[*]} (logs in $WORK)"
+    exit 1
+fi
+echo "every step ran on $DEVICE (logs in $WORK)"
