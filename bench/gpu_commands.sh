@@ -32,7 +32,7 @@ step() {  # step NAME command...
     local t0=$SECONDS
     if "$@" >"$WORK/$name.log" 2>&1; then
         echo "ok     $name ($((SECONDS - t0)) s)"
-        grep -E '^\[[a-z]+\] [a-z_]+:|perplexity:|quantized modules|^  [a-z0-9-]+ +[0-9]+/[0-9]+ |^score|^device' \
+        grep -E '^\[[a-z]+\] [a-z_]+:|token_perplexity|\] score|quantized modules|^  [a-z0-9-]+ +[0-9]+/[0-9]+ |^score|^device' \
             "$WORK/$name.log" | head -n 6 | cut -c1-160 | sed 's/^/    /'
         # the run record's device and kernel path, where the step wrote one
         for record in "$WORK/$name/run.json"; do
@@ -64,7 +64,7 @@ step mmlu-quantized-checkpoint "${run[@]}" mmlu --model "$WORK/int4-awq-checkpoi
 step bench $EVALSUITE bench --model "$MODEL" --device "$DEVICE" --recipes bf16 fp8-modelopt int4-awq --lengths 64/16 \
     --batches 1 4 --output "$WORK/bench"
 
-$EVALSUITE serve --model "$MODEL" --device "$DEVICE" --port "$PORT" --served-model-name random \
+$EVALSUITE serve --model "$MODEL" --device "$DEVICE" --port "$PORT" --served-model-name random --max-model-len 4096 \
     >"$WORK/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 120); do
