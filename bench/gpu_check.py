@@ -1,6 +1,6 @@
 """The engine on a GPU against transformers on the same GPU, random weights, no files, no network.
 
-    python bench/gpu_check.py                                  # cuda, Llama-3.1-8B shapes (< 6 min on H100/H200)
+    python bench/gpu_check.py                                  # cuda, Llama-3.1-8B shapes (about 2 min on an H200)
     python bench/gpu_check.py --device cpu --shapes smollm2-135m --quick   # the smoke test the suite runs
 
 Prints, side by side and measured in this run:
