@@ -110,8 +110,8 @@ class DecodeBatch:
     def close(self) -> None:
         """Done with this batch. A static batch's cache and steps (CUDA graphs) stay with the
         model (the last batch's only) for the next batch of the same shape and weights: a
-        generate call then captures nothing. The cache's stale K/V are never read: attention masks every
-        position past a sequence's own."""
+        generate call then captures nothing. The cache's stale K/V are never read: attention
+        masks every position past a sequence's own."""
         if self._key is not None and not self.running:
             self.model.__dict__["_kept_decode"] = (self._key, (self.cache, self._tokens, self._positions, self._steps))
 
