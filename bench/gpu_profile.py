@@ -1,7 +1,11 @@
 """Where a GPU decode step's time goes: the whole step against its graph replay alone, and the
 kernels of one eager step by GPU time. Random Llama-3.1-8B-shaped weights, no files.
 
-    python bench/gpu_profile.py [--shapes llama-3.1-8b] [--batches 1 64]
+    python bench/gpu_profile.py [--shapes llama-3.1-8b] [--batches 1 64] [--compile]
+
+``--compile`` also times the same step compiled by ``torch.compile`` (inductor fuses the small
+kernels between the GEMMs) and then captured as a CUDA graph, and prints its largest logits
+difference from the eager step: what a compiled decode would buy before the engine adopts it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,39 @@ def random_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
     return from_state_dict(cfg, state, torch.bfloat16)
 
 
+def compiled_step(model: CausalLM, cache, tokens: torch.Tensor, positions: torch.Tensor):
+    """The static decode step (``DecodeBatch``'s, over its buffers and cache) compiled by
+    torch.compile with static shapes; on CUDA warmed up and captured as a CUDA graph. Returns the
+    step (a replay on CUDA) and the seconds compiling and capturing took."""
+
+    def forward() -> torch.Tensor:
+        hidden = model.hidden(tokens, Step.for_static_decode(positions, cache))
+        return model.logits(hidden[:, 0]).float()
+
+    fn = torch.compile(forward, dynamic=False)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        if tokens.device.type != "cuda":
+            fn()
+            return fn, time.perf_counter() - t
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    torch.cuda.synchronize()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay, time.perf_counter() - t
+
+
 def median_ms(fn, n: int = 30) -> float:
     times = []
     for _ in range(n):
@@ -45,6 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="llama-3.1-8b")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 64])
+    p.add_argument("--compile", action="store_true", help="also time the step compiled, then captured")
     args = p.parse_args()
     device = torch.device("cuda")
     cfg = ModelConfig.from_name(args.shapes)
@@ -83,6 +121,15 @@ def main() -> None:
                 break
             except (AttributeError, KeyError, RuntimeError):
                 continue
+        if args.compile:
+            try:
+                step, seconds = compiled_step(model, batch.cache, tokens, positions)
+                diff = (step().float() - forward().float()).abs().max().item()
+                print(f"batch {b}: compiled + captured step {median_ms(step):.2f} ms against the engine's replay "
+                      f"{replay_ms:.2f} ms (compiling and capturing took {seconds:.0f} s); max |logits diff| "
+                      f"from the eager step {diff:.2e}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on to the next batch size
+                print(f"batch {b}: compiled step FAILED: {type(e).__name__}: {e}", flush=True)
         del batch
         model.__dict__.pop("_kept_decode", None)
         torch.cuda.empty_cache()
