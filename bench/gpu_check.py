@@ -152,7 +152,7 @@ def projection_parity(model) -> str:
 
     m = model.model.layers[1].mlp.down_proj
     x = torch.randn(64, m.in_features if hasattr(m, "in_features") else m.qweight.shape[1],
-                    dtype=torch.bfloat16, device=model.device, generator=None)
+                    dtype=torch.bfloat16, device=model.device)
     with torch.no_grad():
         if isinstance(m, (FP8StaticLinear, FP8RowwiseLinear)):
             if not m.use_kernel:

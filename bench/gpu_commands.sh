@@ -35,10 +35,10 @@ step() {  # step NAME command...
         grep -E '^\[[a-z]+\] [a-z_]+:|token_perplexity|\] score|quantized modules|^  [a-z0-9-]+ +[0-9]+/[0-9]+ |^score|^device' \
             "$WORK/$name.log" | head -n 6 | cut -c1-160 | sed 's/^/    /'
         # the run record's device and kernel path, where the step wrote one
-        for record in "$WORK/$name/run.json"; do
-            [ -f "$record" ] && python3 -c "import json, sys; b = json.load(open(sys.argv[1]))['backend']; \
-print('    device:', b.get('device_name'), '| kernel path:', b.get('kernel_path'))" "$record"
-        done
+        if [ -f "$WORK/$name/run.json" ]; then
+            python3 -c "import json, sys; b = json.load(open(sys.argv[1]))['backend']; \
+print('    device:', b.get('device_name'), '| kernel path:', b.get('kernel_path'))" "$WORK/$name/run.json"
+        fi
     else
         echo "FAILED $name ($((SECONDS - t0)) s): $*"
         tail -n 30 "$WORK/$name.log" | sed 's/^/    /'
