@@ -1,12 +1,13 @@
 """Where the engine's time goes on this CPU: operator shares of a packed prefill and of decode
 steps, the number of operators per decoded token, and decode attention's two routes.
 
-    python bench/profile_engine.py [--prefill-tokens 4096] [--batches 1 64]
+    python bench/profile_engine.py [--prefill-tokens 4096] [--batches 1 64] [--context 100]
 
 Prints, for SmolLM2 in BF16: the top operators of one packed prefill (share of CPU time, and
 aten::mm's achieved GFLOP/s); per decode step at each batch size, the time, the operator count
-and the top operators; and one decode attention call at batch 64 against a 128-token cache
-through torch's SDPA against the engine's two float32 grouped-head matmuls.
+and the top operators, each sequence holding ``--context`` tokens (MT-Bench's second turns
+hold 300-1,000); and one decode attention call at the largest batch against that cache through
+torch's SDPA with its GQA expansion against the engine's grouped-head call.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--prefill-tokens", type=int, default=4096)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--context", type=int, default=100)
     args = p.parse_args()
     lm = load("smollm2-135m", "bfloat16")
     cfg = lm.model.config
@@ -48,8 +50,9 @@ def main() -> None:
           f"{flops / (mm.self_cpu_time_total / 1e6) / 1e9:.0f} GFLOP/s")
     print(table(prof))
     for b in args.batches:
-        batch = DecodeBatch(lm.model, b, 400)
-        batch.add([Generation(list(range(1000, 1100)), SamplingParams(max_new_tokens=300)) for _ in range(b)])
+        batch = DecodeBatch(lm.model, b, args.context + 300)
+        batch.add([Generation(list(range(1000, 1000 + args.context)), SamplingParams(max_new_tokens=300))
+                   for _ in range(b)])
         for _ in range(3):
             batch.step()
         with torch.profiler.profile() as prof:
@@ -60,16 +63,19 @@ def main() -> None:
         ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / 4
         print(f"decode step at batch {b}: {wall * 1e3:.1f} ms, {ops:.0f} aten operators per step")
         print(table(prof))
-    q = torch.randn(64, cfg.num_heads, 1, cfg.head_dim).bfloat16()
-    k = torch.randn(64, cfg.num_kv_heads, 128, cfg.head_dim).bfloat16()
+    b, n = max(args.batches), args.context
+    q = torch.randn(b, cfg.num_heads, 1, cfg.head_dim).bfloat16()
+    k = torch.randn(b, cfg.num_kv_heads, n, cfg.head_dim).bfloat16()
     v = torch.randn_like(k)
-    for name, fn in (("sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
-                     ("engine", lambda: _decode_attention(q, k, v, None))):
+    for name, fn in (("sdpa, GQA expanded", lambda: torch.nn.functional.scaled_dot_product_attention(
+                          q, k, v, enable_gqa=True)),
+                     ("engine, grouped", lambda: _decode_attention(q, k, v, None))):
         fn()
         t = time.perf_counter()
         for _ in range(20):
             fn()
-        print(f"decode attention, batch 64, 128 cached positions, {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms")
+        ms = (time.perf_counter() - t) / 20 * 1e3
+        print(f"decode attention, batch {b}, {n} cached positions, {name}: {ms:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -124,18 +124,32 @@ def test_packed_prefill_through_varlen_attention(tiny, monkeypatch):
     assert max(calls) == 3  # the three prompts' prefill was one call
 
 
-def test_grouped_decode_attention_is_the_float32_decode_attention():
-    """The GPU decode attention (query heads of a KV head as that head's queries, one SDPA call)
-    computes what the CPU's float32 grouped matmuls compute, masked rows included."""
-    from evalsuite.engine.model import _decode_attention, _grouped_decode_sdpa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_is_masked_grouped_attention(dtype):
+    """Decode attention (the query heads of a KV head as that head's queries, one SDPA call over
+    the cache as stored) against the definition in float64: each query head attends to its KV
+    head's keys up to its row's position, masked rows and an unmasked step included."""
+    from evalsuite.engine.model import _decode_attention
 
     torch.manual_seed(0)
     B, H, KV, L, D = 3, 8, 2, 11, 16
-    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KV, L, D), torch.randn(B, KV, L, D)
+    q, k, v = (torch.randn(B, H, 1, D).to(dtype), torch.randn(B, KV, L, D).to(dtype),
+               torch.randn(B, KV, L, D).to(dtype))
     positions = torch.tensor([10, 4, 0])
     mask = (torch.arange(L) <= positions[:, None])[:, None, None, :]
-    want = _decode_attention(q, k, v, mask)  # the CPU path
-    assert torch.allclose(_grouped_decode_sdpa(q, k, v, mask), want, atol=1e-5)
-    assert torch.allclose(_grouped_decode_sdpa(q, k, v, None), _decode_attention(q, k, v, None), atol=1e-5)
+
+    def definition(mask):
+        kk, vv = (t.double().repeat_interleave(H // KV, dim=1) for t in (k, v))  # [B, H, L, D]
+        scores = q.double() @ kk.transpose(-1, -2) / D ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ vv
+
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # BF16: the output's own rounding
+    for m in (mask, None):
+        got = _decode_attention(q, k, v, m)
+        assert got.dtype == dtype and got.shape == (B, H, 1, D)
+        assert torch.allclose(got.double(), definition(m), atol=tol, rtol=tol)
     # the row at position 0 sees only its first key: its output is that key's value, per KV head
-    assert torch.allclose(want[2, :, 0], v[2].repeat_interleave(H // KV, dim=0)[:, 0], atol=1e-6)
+    got = _decode_attention(q, k, v, mask)
+    assert torch.equal(got[2, :, 0], v[2].repeat_interleave(H // KV, dim=0)[:, 0])

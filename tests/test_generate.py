@@ -86,6 +86,32 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(tiny):
     assert [g.tokens for g in other] != [g.tokens for g in a]
 
 
+def test_sampled_tokens_follow_the_tempered_distribution():
+    """20,000 seeded draws from one row against softmax(logits / T), and from the top_p nucleus
+    renormalised, by scipy's chi-square test; greedy rows in the same batch take the argmax."""
+    from scipy.stats import chisquare
+
+    from evalsuite.engine.generate import Generation, sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    for temperature, top_p in ((0.7, 1.0), (1.5, 1.0), (1.0, 0.8)):
+        want = torch.softmax(logits.double() / temperature, dim=0)
+        order = want.argsort(descending=True)
+        keep = torch.zeros_like(want, dtype=torch.bool)
+        keep[order[(want[order].cumsum(0) - want[order]) < top_p]] = True  # the nucleus, by hand
+        want = torch.where(keep, want, 0.0) / want[keep].sum()
+        gen = Generation([0], SamplingParams(temperature=temperature, top_p=top_p))
+        gen.rng = torch.Generator().manual_seed(0)
+        greedy = Generation([0], SamplingParams())
+        counts = torch.zeros(len(logits))
+        for _ in range(20_000):
+            drawn, argmax = sample(torch.stack([logits, -logits]), [gen, greedy])
+            counts[drawn] += 1
+            assert argmax == len(logits) - 1
+        assert counts[~keep].sum() == 0  # nothing outside the nucleus
+        assert chisquare(counts[keep].numpy(), (want[keep] * 20_000).numpy()).pvalue > 1e-3
+
+
 def test_tiny_top_p_is_greedy(tiny):
     greedy = generate(tiny.model, PROMPTS, SamplingParams(max_new_tokens=10))
     nucleus = generate(tiny.model, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.8, top_p=1e-6, seed=1))

@@ -38,9 +38,27 @@ def test_rows_do_not_depend_on_how_many_share_the_call(monkeypatch, dtype, out, 
     g = torch.Generator().manual_seed(out + inp)
     x = torch.randn(600, inp, generator=g).to(dtype)
     w = torch.randn(out, inp, generator=g).to(dtype) * inp ** -0.5
-    ref = lin.linear(x, w)
-    for m in list(range(1, 41)) + [63, 129, 513]:
+    b = torch.randn(out, generator=g).to(dtype)
+    ref, ref_b = lin.linear(x, w), lin.linear(x, w, b)
+    for m in list(range(1, 41)) + [63, 128, 129, 513]:
         assert torch.equal(lin.linear(x[:m], w), ref[:m]), f"{m} rows"
+        assert torch.equal(lin.linear(x[:m], w, b), ref_b[:m]), f"{m} rows, with a bias"
+
+
+@pytest.mark.parametrize("out,inp", SHAPES)
+def test_float32_route_is_torchs_float32_product(monkeypatch, out, inp):
+    """The transposed product (12-128 rows) gives the very bits of ``F.linear`` in float32, bias
+    included, and the BF16 route is that product rounded once."""
+    monkeypatch.setattr(lin, "cpu_has_native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(out * inp)
+    x = torch.randn(300, inp, generator=g)
+    w = torch.randn(out, inp, generator=g) * inp ** -0.5
+    b = torch.randn(out, generator=g)
+    for m in (12, 13, 64, 128, 300):
+        assert torch.equal(lin.linear(x[:m], w), F.linear(x[:m], w)), f"{m} rows"
+        assert torch.equal(lin.linear(x[:m], w, b), F.linear(x[:m], w, b)), f"{m} rows, with a bias"
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(lin.linear(xb, wb), F.linear(xb.float(), wb.float()).bfloat16())
 
 
 def test_float32_copy_follows_in_place_changes(monkeypatch):

@@ -57,24 +57,32 @@ class Generation:
 
 
 def sample(logits: Tensor, gens: Sequence[Generation]) -> list[int]:
-    """One token per row of float32 logits [B, vocab]."""
-    if all(g.params.temperature == 0 for g in gens):
-        return logits.argmax(dim=-1).tolist()
-    out = []
-    for row, g in zip(logits, gens):
-        p = g.params
-        if p.temperature == 0:
-            out.append(int(row.argmax()))
-            continue
-        # on the CPU, where the sequence's generator lives: the same draw on any device
-        probs = torch.softmax(row.float().cpu() / p.temperature, dim=-1)
-        if p.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
+    """One token per row of float32 logits [B, vocab]: the argmax where the temperature is 0;
+    otherwise a draw from softmax(logits / temperature), cut to the top_p nucleus, by inverse
+    transform: the first token whose cumulative probability exceeds u x total, u uniform in
+    [0, 1) from the sequence's own generator. Each row's softmax, cumulative sum and draw depend
+    on that row alone, so a seeded sequence draws the same tokens alone or in any batch. The
+    sampled rows share one softmax and one cumulative sum per step (per-row torch.multinomial
+    cost 1.5 ms a row on a 49k vocabulary, a tenth of a batch-80 decode step on a 2-core CPU)."""
+    out = logits.argmax(dim=-1).tolist()
+    rows = [i for i, g in enumerate(gens) if g.params.temperature > 0]
+    if not rows:
+        return out
+    # on the CPU, where the sequences' generators live: the same draw on any device
+    temperature = torch.tensor([gens[i].params.temperature for i in rows], dtype=torch.float32, device="cpu")
+    probs = torch.softmax(logits[rows].float().cpu() / temperature[:, None], dim=-1)
+    for j, i in enumerate(rows):
+        top_p = gens[i].params.top_p
+        if top_p < 1:
+            sorted_p, order = probs[j].sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
-            sorted_p[drop] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        out.append(int(torch.multinomial(probs, 1, generator=g.rng)))
+            sorted_p[sorted_p.cumsum(0) - sorted_p >= top_p] = 0
+            probs[j] = torch.zeros_like(probs[j]).scatter_(0, order, sorted_p)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, generator=gens[i].rng, device="cpu") for i in rows])
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+    for i, t in zip(rows, picks.tolist()):
+        out[i] = t
     return out
 
 

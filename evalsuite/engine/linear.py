@@ -10,7 +10,10 @@ can differ from a native BF16 GEMM, as it already differs between BF16 kernels.
 The float32 route keeps the engine's batch invariance (a sequence's numbers must not depend on
 how many rows share its call). MKL's float32 GEMM works on blocks of 4 rows; below 12 rows it
 sums the rows left over after the last whole block in another order. Calls of fewer than 12 rows
-are therefore padded to a multiple of 4 (measured on every projection shape; tests/test_linear.py).
+are therefore padded to a multiple of 4. Calls of 12 to 128 rows (the decode steps of a batch)
+compute the product transposed, W·xᵀ: MKL gives it the very bits of ``F.linear`` from 12 rows
+up, 1.1-1.6x faster there on SmolLM2's shapes with the conversion to BF16 included, and slower
+from 256 rows on (measured on every projection shape; tests/test_linear.py; docs/PERF.md).
 Upcasting a weight on every call would cost more than the product at decode sizes, so each
 weight's float32 copy is kept beside it (twice the BF16 weights' memory, on these CPUs only) and
 made again when the weight changes in place (its version counter moves).
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROW_BLOCK, BLOCKED_BELOW = 4, 12  # see the module docstring
+TRANSPOSED_ROWS = range(12, 129)  # see the module docstring
 SMALL_DECODE_ROWS = 2  # decode steps with at most this many rows bypass oneDNN (measured in docs/PERF.md)
 _small_decode = contextvars.ContextVar("small_decode", default=False)
 
@@ -60,19 +64,23 @@ def cpu_has_native_bf16() -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x·Wᵀ + b in x's dtype: float32 products (and BF16 ones on CPUs without BF16 arithmetic)
-    through MKL's float32 GEMM with small calls padded for batch invariance; everything else,
-    and the few-row calls of a decode step, through ``F.linear`` as is."""
+    through MKL's float32 GEMM (transposed for 12-128 rows, small calls padded) for batch
+    invariance; everything else, and the few-row calls of a decode step, through ``F.linear``."""
     if x.device.type != "cpu":  # a float32 x meeting a BF16 weight (float32 logits): the weight converted
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     if (_small_decode.get() or x.dtype not in (torch.float32, torch.bfloat16)
             or (x.dtype == torch.bfloat16 and cpu_has_native_bf16())):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1]).float()
-    rows = flat.shape[0]
-    if rows < BLOCKED_BELOW and rows % ROW_BLOCK:
-        flat = F.pad(flat, (0, 0, 0, ROW_BLOCK - rows % ROW_BLOCK))
-    y = F.linear(flat, float32_copy(weight), None if bias is None else bias.float())[:rows]
-    return y.to(x.dtype).view(*x.shape[:-1], -1)
+    rows, w32, b32 = flat.shape[0], float32_copy(weight), None if bias is None else bias.float()
+    if rows in TRANSPOSED_ROWS:
+        # [rows, out], laid out column by column; the bias as addmm's C, as F.linear adds it
+        y = (w32 @ flat.T if b32 is None else torch.addmm(b32[:, None], w32, flat.T)).T
+    else:
+        if rows < BLOCKED_BELOW and rows % ROW_BLOCK:
+            flat = F.pad(flat, (0, 0, 0, ROW_BLOCK - rows % ROW_BLOCK))
+        y = F.linear(flat, w32, b32)[:rows]
+    return y.to(x.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], -1)
 
 
 def float32_copy(weight: Tensor) -> Tensor:

@@ -194,9 +194,18 @@ def _forward(model: CausalLM, batch: list[list[int]]) -> None:
     model.hidden(tokens, Step.for_prefill([len(s) for s in batch], device=model.device))
 
 
+# What wrote a sampled corpus besides the model and the spec: the engine's sampler and decode
+# numerics. A change to either writes another corpus, so the cached corpus and every statistic
+# computed on it are keyed by this. 2: inverse-transform sampling and grouped SDPA decode attention.
+SAMPLED_CORPUS_VERSION = 2
+
+
 def _cache_path(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, suffix: str) -> Path:
-    key_src = json.dumps({"weights": lm.info.weights_sha256, "dtype": lm.info.dtype, "spec": spec.__dict__,
-                          "file": _file_hash(spec.source), "kind": kind, "settings": settings}, sort_keys=True)
+    key = {"weights": lm.info.weights_sha256, "dtype": lm.info.dtype, "spec": spec.__dict__,
+           "file": _file_hash(spec.source), "kind": kind, "settings": settings}
+    if spec.source == "sampled":
+        key["sampler"] = SAMPLED_CORPUS_VERSION
+    key_src = json.dumps(key, sort_keys=True)
     return cache_dir() / "calibration" / f"{kind}-{hashlib.sha256(key_src.encode()).hexdigest()[:24]}{suffix}"
 
 
