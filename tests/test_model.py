@@ -79,11 +79,31 @@ def test_decode_rows_at_different_positions(tiny):
     packed = torch.cat([a[:, :29], b[:, :11]], dim=1)
     model.hidden(packed, Step.for_prefill([29, 11], cache))
     step = Step.for_decode(torch.tensor([29, 11]), cache)
-    assert step.mask is not None
+    assert step.chunks[0][3] is not None  # masked: the rows stand at different positions
     h = model.hidden(torch.stack([a[:, 29], b[:, 11]]), step)
     out = model.logits(h)[:, 0]
     assert (out[0] - model(a)[0, 29]).abs().max() <= 1e-4
     assert (out[1] - model(b)[0, 11]).abs().max() <= 1e-4
+
+
+def test_decode_attention_in_chunks_reads_each_chunk_to_its_own_length(tiny, monkeypatch):
+    """Five sequences of different lengths in chunks of two rows: each chunk reads the cache up to
+    its own longest row, and every row decodes as it does alone."""
+    from evalsuite.engine import model as engine_model
+
+    monkeypatch.setattr(engine_model, "DECODE_CHUNK_ROWS", 2)
+    model = tiny.model
+    torch.manual_seed(5)
+    lens = [31, 30, 17, 9, 9]
+    seqs = [torch.randint(0, 400, (1, n + 1)) for n in lens]
+    cache = KVCache(model.config, 5, 64, torch.float32)
+    model.hidden(torch.cat([s[:, :n] for s, n in zip(seqs, lens)], dim=1), Step.for_prefill(lens, cache))
+    step = Step.for_decode(torch.tensor(lens), cache)
+    assert [(lo, hi, kv) for lo, hi, kv, _ in step.chunks] == [(0, 2, 32), (2, 4, 18), (4, 5, 10)]
+    assert step.chunks[2][3] is None and step.kv_len == 32  # one row (one position): no mask
+    out = model.logits(model.hidden(torch.stack([s[:, n] for s, n in zip(seqs, lens)]), step))[:, 0]
+    for row, (s, n) in enumerate(zip(seqs, lens)):
+        assert (out[row] - model(s)[0, n]).abs().max() <= 1e-4
 
 
 class _Wrapped(nn.Module):

@@ -257,7 +257,9 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], params: Sampling
     max_len = max(len(g.prompt) + g.params.max_new_tokens for g in gens)
     batch = DecodeBatch(model, min(max_batch_size, len(gens)), max_len, static=static)
     index = {id(g): i for i, g in enumerate(gens)}
-    waiting = list(reversed(gens))
+    # longest prompts first (popped from the end): neighbouring rows of the batch then have similar
+    # lengths, and decode attention reads each chunk of rows only as far as it needs (Step.for_decode)
+    waiting = sorted(gens, key=lambda g: len(g.prompt))
     while waiting or batch.running:
         if waiting and batch.free_slots:
             batch.add(_take_joining(waiting, batch.free_slots, max_prefill_tokens))

@@ -51,6 +51,9 @@ def use_varlen(q: Tensor) -> bool:
     return q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and _varlen()[0] is not None
 
 
+DECODE_CHUNK_ROWS = 16  # rows per decode attention call (Step.for_decode)
+
+
 @dataclass
 class Step:
     """How one forward call relates to positions and the KV cache.
@@ -64,7 +67,8 @@ class Step:
         positions held in cache slot ``prefix_slots[i]``, which it reads and never writes, so several
         sequences can continue one cached context (the four cloze answers of one question).
     decode: tokens [B, 1] at per-row ``positions`` [B]; cache rows ``slot_start + b``; attention
-        reads the first ``kv_len`` cache positions, masked per row by ``positions``.
+        reads the first ``kv_len`` cache positions, masked per row by ``positions``, in chunks of
+        rows (``chunks``) that each read only as far as their own longest row.
     """
 
     prefill: bool
@@ -73,10 +77,11 @@ class Step:
     cache: KVCache | None = None
     slot_start: int = 0
     kv_len: int = 0
-    mask: Tensor | None = None  # decode: bool [B, 1, 1, kv_len], True where attention is allowed;
-    # None in decode means every row may attend to all kv_len positions
     prefix_slots: tuple[int, ...] = ()
     prefix_lens: tuple[int, ...] = ()
+    # decode: (first row, end row, kv_len, mask), the mask bool [rows, 1, 1, kv_len], True where
+    # attention is allowed, or None where every row of the chunk may attend to all kv_len positions
+    chunks: tuple[tuple[int, int, int, Tensor | None], ...] = ()
     derived: dict = field(default_factory=dict, repr=False, compare=False)  # per-step tensors the layers share
 
     def packed_index(self) -> tuple[Tensor, int, Tensor, Tensor]:
@@ -119,15 +124,26 @@ class Step:
         device without reading ``positions`` back: attention spans the whole cache length, masked
         per row. What a captured CUDA graph replays (``DecodeBatch`` on CUDA)."""
         mask = (torch.arange(cache.max_len, device=positions.device) <= positions[:, None])[:, None, None, :]
-        return cls(False, positions, (), cache, 0, cache.max_len, mask)
+        chunks = ((0, positions.shape[0], cache.max_len, mask),)
+        return cls(False, positions, (), cache, 0, cache.max_len, chunks=chunks)
 
     @classmethod
     def for_decode(cls, positions: Tensor, cache: KVCache, slot_start: int = 0) -> "Step":
-        kv_len = int(positions.max()) + 1
-        mask = None  # rows at the same position attend to the whole prefix: no mask needed
-        if int(positions.min()) + 1 != kv_len:
-            mask = (torch.arange(kv_len, device=positions.device) <= positions[:, None])[:, None, None, :]
-        return cls(False, positions, (), cache, slot_start, kv_len, mask)
+        """Attention in chunks of ``DECODE_CHUNK_ROWS`` rows, each reading the cache up to its own
+        longest row rather than the batch's: batches admit their prompts longest first
+        (``generate``), so neighbouring rows have similar lengths, and MT-Bench's padded attention
+        read twice the positions it needed (docs/PERF.md)."""
+        pos = positions.tolist()
+        chunks = []
+        for lo in range(0, len(pos), DECODE_CHUNK_ROWS):
+            hi = min(lo + DECODE_CHUNK_ROWS, len(pos))
+            kv_len = max(pos[lo:hi]) + 1
+            mask = None  # rows at the same position attend to the whole prefix: no mask needed
+            if min(pos[lo:hi]) + 1 != kv_len:
+                mask = (torch.arange(kv_len, device=positions.device) <= positions[lo:hi, None])[:, None, None, :]
+            chunks.append((lo, hi, kv_len, mask))
+        kv_len = max(c[2] for c in chunks)
+        return cls(False, positions, (), cache, slot_start, kv_len, chunks=tuple(chunks))
 
 
 class RMSNorm(nn.Module):
@@ -232,10 +248,14 @@ class Attention(nn.Module):
             idx = torch.arange(step.slot_start, step.slot_start + B, device=q.device)
             kc[idx, :, step.positions] = self._to_cache(k[:, :, 0], kc, self.k_cache_quant)
             vc[idx, :, step.positions] = self._to_cache(v[:, :, 0], vc, self.v_cache_quant)
-            rows = slice(step.slot_start, step.slot_start + B)
-            k = self._from_cache(kc[rows, :, :step.kv_len], self.k_cache_quant, q.dtype)
-            v = self._from_cache(vc[rows, :, :step.kv_len], self.v_cache_quant, q.dtype)
-            out = self._attend(q, k, v, False, step.mask) if self._quantized else _decode_attention(q, k, v, step.mask)
+            outs = []
+            for lo, hi, kv_len, mask in step.chunks:
+                rows = slice(step.slot_start + lo, step.slot_start + hi)
+                k = self._from_cache(kc[rows, :, :kv_len], self.k_cache_quant, q.dtype)
+                v = self._from_cache(vc[rows, :, :kv_len], self.v_cache_quant, q.dtype)
+                qc = q[lo:hi]
+                outs.append(self._attend(qc, k, v, False, mask) if self._quantized else _decode_attention(qc, k, v, mask))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, L, H * D))
 
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
