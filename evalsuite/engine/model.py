@@ -254,7 +254,8 @@ class Attention(nn.Module):
                 k = self._from_cache(kc[rows, :, :kv_len], self.k_cache_quant, q.dtype)
                 v = self._from_cache(vc[rows, :, :kv_len], self.v_cache_quant, q.dtype)
                 qc = q[lo:hi]
-                outs.append(self._attend(qc, k, v, False, mask) if self._quantized else _decode_attention(qc, k, v, mask))
+                outs.append(self._attend(qc, k, v, False, mask) if self._quantized
+                            else _decode_attention(qc, k, v, mask))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, L, H * D))
 
