@@ -9,7 +9,8 @@ holds the two equal). Everything a recipe leaves alone is BF16, a tied embedding
   fp8-modelopt   every projection: 1 byte per weight, float32 weight and input scales; per layer
                  float32 K, V, q and softmax scales; KV cache in FP8;
   int4-awq       every projection: 4 bits per weight, in_features padded to whole blocks of 128,
-                 a float32 scale per block, a BF16 AWQ pre-scale per input channel;
+                 a float32 scale per block; o_proj and down_proj a BF16 AWQ pre-scale per input
+                 channel (q/k/v and gate/up have theirs folded into the norm before them);
   int4-rtn       the same without the pre-scale;
   int4-awq-asym  as int4-rtn plus a 4-bit zero point per block (AutoAWQ's layout; the AWQ scales
                  are folded into the weights).
@@ -54,7 +55,12 @@ def _check_recipe(recipe: str) -> None:
         raise KeyError(f"unknown recipe {recipe!r} for planning; valid: {', '.join(PLAN_RECIPES)}")
 
 
-def _quantized_projection_bytes(recipe: str, out: int, inp: int) -> int:
+# The projections whose AWQ pre-scale stays a run-time input scaling under int4-awq (the others
+# share one folded into their norm: int4_awq.resmooth).
+PRESCALED = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> int:
     """Bytes of one quantized projection's weight and scales (its bias, if any, stays BF16)."""
     if recipe == "fp8-official":
         return out * inp + 4 * out
@@ -63,7 +69,7 @@ def _quantized_projection_bytes(recipe: str, out: int, inp: int) -> int:
     blocks = -(-inp // INT4_BLOCK)
     codes_and_scales = out * blocks * INT4_BLOCK // 2 + 4 * out * blocks
     if recipe == "int4-awq":
-        return codes_and_scales + 2 * inp
+        return codes_and_scales + (2 * inp if name in PRESCALED else 0)
     if recipe == "int4-awq-asym":
         return codes_and_scales + -(-out * blocks // 2)
     return codes_and_scales  # int4-rtn
@@ -83,7 +89,7 @@ def deployed_weight_bytes(cfg: ModelConfig, recipe: str) -> int:
     for layer in range(cfg.num_layers):
         for name, out, inp in cfg.layer_projections():
             if _is_quantized(recipe, layer, name, cfg.num_layers):
-                total += _quantized_projection_bytes(recipe, out, inp) - 2 * out * inp
+                total += _quantized_projection_bytes(recipe, name, out, inp) - 2 * out * inp
     if recipe == "fp8-modelopt":
         total += cfg.num_layers * 4 * 4  # K, V, q and softmax scales
     return total

@@ -185,7 +185,51 @@ def test_unscaled_int4_projections_fuse_and_match_unfused(tiny_dir, calib_file):
         layer.self_attn._fused = layer.mlp._fused = None
     separate = lm.model(tokens).float()
     assert (fused - separate).norm() / separate.norm() < 1e-2
-    awq = load(str(tiny_dir), "bfloat16")
-    apply_recipe(awq, "int4-awq", {"block_size": 32, "calibration": {"source": str(calib_file), "num_samples": 2,
-                                                                    "seq_len": 16}})
-    assert awq.model.model.layers[0].self_attn._fused is None  # per-projection pre-scales: no fusion
+    over = {"block_size": 32, "calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}}
+    per_projection = load(str(tiny_dir), "bfloat16")
+    apply_recipe(per_projection, "int4-awq", {**over, "resmooth": False})
+    per_projection.model(tokens)
+    assert per_projection.model.model.layers[0].self_attn._fused is None  # per-projection pre-scales: no fusion
+    resmoothed = load(str(tiny_dir), "bfloat16")
+    apply_recipe(resmoothed, "int4-awq", over)
+    resmoothed.model(tokens)
+    attn = resmoothed.model.model.layers[0].self_attn
+    assert isinstance(attn._fused, FusedInt4) and attn.q_proj.input_scale is None
+    assert attn.o_proj.input_scale is not None  # o_proj keeps its own pre-scale
+
+
+def test_resmooth_folds_one_scale_per_group_into_the_norm(tiny_dir):
+    """Model Optimizer's export: q/k/v (and gate/up) end with weights W / p̄ and their norm with
+    weight γ·p̄, p̄ the mean of the projections' pre-quant scales 1/s (written out here as that
+    closed form); o_proj and down_proj keep W·s and their scale. Unquantized, the model computes
+    what it did."""
+    from evalsuite.quant.int4_awq import resmooth
+
+    lm = load(str(tiny_dir), "float32")
+    model = lm.model
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox.")[:12]])
+    want = model(tokens)
+    g = torch.Generator().manual_seed(5)
+    mods = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
+    scales = {n: torch.exp(torch.randn(m.weight.shape[1], generator=g) * 0.5) for n, m in mods.items()}
+    given = dict(scales)
+    norms = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("layernorm")}
+    weights = resmooth(model, scales)
+    assert sorted(scales) == sorted(n for n in mods if n.endswith(("o_proj", "down_proj")))
+    for layer in range(len(model.model.layers)):
+        for norm, names in ((f"model.layers.{layer}.input_layernorm", ["self_attn.q_proj", "self_attn.k_proj",
+                                                                       "self_attn.v_proj"]),
+                            (f"model.layers.{layer}.post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"])):
+            names = [f"model.layers.{layer}.{n}" for n in names]
+            p_mean = sum(1.0 / given[n].double() for n in names) / len(names)
+            torch.testing.assert_close(model.get_submodule(norm).weight.double(), norms[norm].double() * p_mean,
+                                       rtol=1e-6, atol=0)
+            for n in names:
+                torch.testing.assert_close(weights[n].double(), mods[n].weight.double() / p_mean, rtol=1e-5, atol=1e-7)
+    for n in scales:
+        torch.testing.assert_close(weights[n], mods[n].weight * given[n][None, :], rtol=1e-6, atol=0)
+    with torch.no_grad():
+        for n, w in weights.items():
+            if n not in scales:  # o_proj and down_proj: W·s would need its input divided by s
+                mods[n].weight.copy_(w)
+    torch.testing.assert_close(model(tokens), want, rtol=1e-4, atol=1e-4)

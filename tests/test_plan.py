@@ -37,8 +37,9 @@ LLAMA_8B_BYTES = {
     # every projection in 1 byte + 2 float32 scales (7 x 8 = 56 B) + 4 float32 attention scales (16 B)
     "fp8-modelopt": 32 * (218_103_808 + 56 + 16) + 2_101_878_784,
     # per layer: codes 109,051,904 B (half a byte each) + block scales 1,703,936 x 4 B = 6,815,744
-    # + BF16 pre-scales over 6 x 4096 + 14336 = 38,912 inputs = 77,824
-    "int4-awq": 32 * (109_051_904 + 6_815_744 + 77_824) + 2_101_878_784,
+    # + BF16 pre-scales of o_proj and down_proj over 4096 + 14336 = 18,432 inputs = 36,864 (q/k/v
+    # and gate/up have theirs folded into the norms)
+    "int4-awq": 32 * (109_051_904 + 6_815_744 + 36_864) + 2_101_878_784,
     "int4-rtn": 32 * (109_051_904 + 6_815_744) + 2_101_878_784,
     # + a 4-bit zero point per block: 1,703,936 / 2 = 851,968 B per layer
     "int4-awq-asym": 32 * (109_051_904 + 6_815_744 + 851_968) + 2_101_878_784,

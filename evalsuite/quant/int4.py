@@ -199,9 +199,13 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 128, awq_scale: Tensor | None = None,
-                    use_kernel: bool = False, kernel_max_rows: int = KERNEL_MAX_ROWS):
+                    use_kernel: bool = False, kernel_max_rows: int = KERNEL_MAX_ROWS, weight: Tensor | None = None):
+        """Quantize ``weight`` (default: the linear's weight, times ``awq_scale`` in float32 when
+        given); ``awq_scale`` also becomes the run-time input scaling."""
         w = linear.weight.detach()
-        if awq_scale is not None:
+        if weight is not None:
+            w = weight
+        elif awq_scale is not None:
             w = w.float() * awq_scale[None, :]
         codes, scale = int4_block_quantize(w, block_size)
         bias = None if linear.bias is None else linear.bias.detach()

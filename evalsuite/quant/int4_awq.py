@@ -8,6 +8,18 @@ Per projection, from calibration inputs x and weight W [out, in]:
   quantization, and the α with the least mean squared error against x·Wᵀ is kept.
 Two passes over the corpus: the first collects x̄, the second scores every α on the same inputs
 (the model runs unquantized in both, as awq_lite does).
+
+Then, by default (``resmooth=True``), the model takes the form Model Optimizer exports for
+deployment (TensorRT-LLM, vLLM): projections that read one input share one pre-quant scale so
+that they run as one GEMM and the scale can live in the norm before them.
+  q, k, v (after input_layernorm) and gate, up (after post_attention_layernorm): with each one's
+  pre-quant scale p_i = 1/s_i, the group's p = mean_i p_i; each smoothed weight W·s_i, stored in
+  the model's dtype, becomes W·s_i·p_i/p (in the model's dtype, as Model Optimizer computes it;
+  unchanged where p_i = p) and is quantized anew (block absmax); the norm's weight is multiplied
+  by p (rounded to its dtype) and the projections keep no run-time input scaling;
+  o_proj and down_proj keep their own s, applied to their input at run time.
+``resmooth=False`` keeps every projection's own s at run time (x / s) and quantizes W·s in
+float32: the model as calibrated, before export.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from torch import Tensor, nn
 
 from ..engine.linear import linear, project
 from ..engine.load import LoadedModel
+from ..engine.model import CausalLM, DecoderLayer
 from .api import Recipe, register
 from .calibrate import CalibrationSpec, cached, coerce_calibration, projections, run_wrapped
 from .int4 import INT4_KERNEL_MODES, Int4WeightOnlyLinear, check_kernel_mode, int4_fake_quantize, pad_to_blocks
@@ -115,6 +128,7 @@ class Int4AWQConfig:
     alpha_steps: int = 10
     calibration: CalibrationSpec = CalibrationSpec()
     kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
+    resmooth: bool = True  # the exported form: q/k/v and gate/up share a scale, folded into the norm
 
     def __post_init__(self) -> None:
         check_kernel_mode(self.kernel)
@@ -123,27 +137,60 @@ class Int4AWQConfig:
         coerce_calibration(self)
 
 
+def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
+    """(norm, names of the projections that read its output) for every decoder layer."""
+    groups = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, DecoderLayer):
+            groups.append((layer.input_layernorm, [f"{name}.self_attn.{p}_proj" for p in "qkv"]))
+            groups.append((layer.post_attention_layernorm, [f"{name}.mlp.{p}_proj" for p in ("gate", "up")]))
+    return groups
+
+
+def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Model Optimizer's export of AWQ scales (see the module docstring): every projection's
+    smoothed weight W·s in its dtype, those of a shared-input group resmoothed to the group's
+    mean pre-quant scale, which is folded into the norm before them (in place). Returns the
+    weights to quantize by projection name; the names of the groups' projections leave
+    ``scales`` (no run-time scaling is left for them)."""
+    modules = dict(model.named_modules())
+    weights = {}
+    for name, s in scales.items():
+        w = modules[name].weight.detach()
+        weights[name] = (w.float() * s[None, :]).to(w.dtype)
+    for norm, names in shared_input_groups(model):
+        pre = [1.0 / scales.pop(n) for n in names]
+        mean = torch.stack(pre).mean(dim=0)
+        for n, p in zip(names, pre):
+            if not torch.equal(p, mean):
+                w = weights[n]
+                weights[n] = w * p.to(w.dtype)[None, :] / mean.to(w.dtype)[None, :]
+        norm.weight.copy_((norm.weight.float() * mean).to(norm.weight.dtype))
+    return weights
+
+
 def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
     model = lm.model
-    found = {}
+    scales: dict[str, Tensor] = {}
     if config.awq:
         settings = {"block_size": config.block_size, "alpha_steps": config.alpha_steps}
         found = cached(lm, config.calibration, "awq-lite", settings,
                        lambda seqs: search(lm, seqs, config.block_size, config.alpha_steps))
+        for parent, attr, name in projections(model):
+            w_mean = weight_channel_mean(getattr(parent, attr).weight.detach(), config.block_size)
+            f = found[name]
+            scales[name] = awq_scale(torch.tensor(f["x_mean"], device=w_mean.device), w_mean, f["alpha"])
+    weights = resmooth(model, scales) if config.awq and config.resmooth else {}
     for parent, attr, name in projections(model):
         linear = getattr(parent, attr)
-        scale = None
-        if config.awq:
-            f = found[name]
-            w_mean = weight_channel_mean(linear.weight.detach(), config.block_size)
-            scale = awq_scale(torch.tensor(f["x_mean"], device=w_mean.device), w_mean, f["alpha"])
         setattr(parent, attr, Int4WeightOnlyLinear.from_linear(
-            linear, config.block_size, scale, use_kernel=config.kernel != "off",
-            kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))
+            linear, config.block_size, scales.get(name), use_kernel=config.kernel != "off",
+            kernel_max_rows=INT4_KERNEL_MODES[config.kernel], weight=weights.get(name)))
 
 
 register(Recipe("int4-awq", "NVIDIA Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4, blocks of "
-                "128 along the input, activation-aware per-channel scales searched over α; lm_head BF16",
+                "128 along the input, activation-aware per-channel scales searched over α, q/k/v and gate/up "
+                "resmoothed to one scale folded into the norm as exported for deployment; lm_head BF16",
                 Int4AWQConfig(), apply_int4))
 register(Recipe("int4-rtn", "plain INT4 rounding (the int4-awq quantizer without AWQ scales), for comparison",
                 Int4AWQConfig(awq=False), apply_int4))
