@@ -5,7 +5,8 @@
   2. calibration time of both AWQ forms (int4-awq: x̄ pass + α search; int4-awq-asym: per-layer
      scale and clip search), each on an empty calibration cache, with model loading, corpus
      sampling and the search + apply timed apart;
-  3. batch-1 greedy decode speed, int4-awq and int4-awq-asym on the packed INT4 CPU kernel / bf16.
+  3. batch-1 greedy decode speed, int4-awq (as exported, and with per-projection scales) and
+     int4-awq-asym on the packed INT4 CPU kernel / bf16.
 
     python bench/recipe_speed.py [--per-subject 2] [--reps 3] [--only eval|awq|decode]
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams
 from evalsuite.assets import cache_dir
+from evalsuite.cli import parse_recipe_config
 from evalsuite.engine.load import load
 from evalsuite.models import load_model_and_recipe
 from evalsuite.quant import calibrate
@@ -80,7 +82,10 @@ def calibration_times(recipe: str) -> dict[str, float]:
 
 
 def decode_tps(recipe: str, steps: int = 64) -> float:
-    lm, _ = load_model_and_recipe("smollm2-135m", recipe, "bfloat16")
+    """``recipe`` may carry settings: ``int4-awq:resmooth=false``."""
+    name, _, settings = recipe.partition(":")
+    lm, _ = load_model_and_recipe("smollm2-135m", name, "bfloat16",
+                                  parse_recipe_config(settings.split(",")) if settings else None)
     batch = DecodeBatch(lm.model, 1, 400)
     batch.add([Generation(list(range(1000, 1100)), SamplingParams(max_new_tokens=300))])
     for _ in range(4):
@@ -111,7 +116,7 @@ def main() -> None:
                   f"{t['corpus']:.1f} s + search and apply {t['search_and_apply']:.1f} s = {t['total']:.1f} s "
                   "(int4-awq target <= 180 s)", flush=True)
     if args.only in (None, "decode"):
-        recipes = ["bf16", "int4-awq", "int4-awq-asym"]
+        recipes = ["bf16", "int4-awq:resmooth=false", "int4-awq", "int4-awq-asym"]
         tps: dict[str, list[float]] = {r: [] for r in recipes}
         for _ in range(args.reps):
             for r in recipes:

@@ -131,6 +131,10 @@ def produce_side(gate: Gate, side: dict[str, Any], log) -> Side:
             log(f"gate {gate.name}: evalsuite {' '.join(argv)}")
             t0 = time.perf_counter()
             rc = cli_main(argv)
+            if rc == 2:  # refused before it ran: bad arguments, or the folder holds another configuration's run
+                raise GateError(f"the {task} run for {side} was refused (evalsuite run exited 2; the reason is above). "
+                                f"A run folder of another configuration (the recipe's settings or the suite changed "
+                                f"since it ran) is not resumed: delete {run_dir} to run it anew")
             if rc != 0:
                 raise GateError(f"the {task} run for {side} did not complete (evalsuite run exited {rc}); rerun "
                                 f"the gate to resume it")

@@ -197,6 +197,23 @@ def test_gate_errors_exit_3(tmp_path, capsys):
     assert cli.main(["gate", str(tmp_path / "missing.yaml")]) == 3
 
 
+def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
+    """A gate resumes its runs; a folder holding a run of other settings is refused, and the
+    gate says which folder to delete rather than to rerun."""
+    c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20)
+    stale = tmp_path / "runs" / "bf16-mmlu"
+    stale.mkdir(parents=True)
+    (stale / "run.json").write_text(json.dumps({"config_hash": "of-an-older-version", "status": "complete"}))
+    (tmp_path / "g.yaml").write_text(f"name: t\ntasks: {{mmlu: [--per-subject, '1']}}\nruns_dir: {tmp_path / 'runs'}\n"
+                                     f"baseline: {{recipe: bf16}}\ncandidates: [{{run: {c}}}]\n"
+                                     "metrics: {mmlu.cloze.acc: 0.1}\n")
+    assert cli.main(["gate", str(tmp_path / "g.yaml")]) == 3
+    err = capsys.readouterr().err
+    assert "holds a run with a different configuration" in err
+    assert f"was refused (evalsuite run exited 2; the reason is above)" in err and f"delete {stale}" in err
+    assert "rerun the gate to resume it" not in err
+
+
 def test_side_from_run_weights_questions_by_subject_size(tmp_path):
     """An MMLU subset's accuracy is stratified by subject size (evalsuite.stats); the compared value
     is the same stratified estimate."""
