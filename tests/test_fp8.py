@@ -246,6 +246,19 @@ def test_fp8_modelopt_recipe(tiny_dir, calib_file, monkeypatch):
             mod = getattr(a if name in ("q_proj", "o_proj") else layer.mlp, name)
             full = f"model.layers.{i}.{'self_attn' if name in ('q_proj', 'o_proj') else 'mlp'}.{name}"
             assert mod.input_scale == pytest.approx(stats[f"{full}.input"] / 448, rel=1e-6)
+    # q/k/v and gate/up share one weight scale, the largest of their weights' absmax / 448, as a
+    # deploying engine fuses them; o_proj and down_proj keep their own; fused_scales=false all own
+    original = load(str(tiny_dir), "float32").model
+    alone = load(str(tiny_dir), "float32")
+    apply_recipe(alone, "fp8-modelopt", {**over, "fused_scales": False})
+    for i in range(len(original.model.layers)):
+        for group in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                      ["self_attn.o_proj"], ["mlp.down_proj"]):
+            names = [f"model.layers.{i}.{n}" for n in group]
+            amax = [float(original.get_submodule(n).weight.abs().max()) for n in names]
+            for n, a in zip(names, amax):
+                assert lm.model.get_submodule(n).weight_scale == pytest.approx(max(amax) / 448, rel=1e-6)
+                assert alone.model.get_submodule(n).weight_scale == pytest.approx(a / 448, rel=1e-6)
     # deploy mode floors each K and V scale at 1.0 (Model Optimizer's export); the calibration
     # is reused from the cache
     monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("recalibrated")))
@@ -256,6 +269,22 @@ def test_fp8_modelopt_recipe(tiny_dir, calib_file, monkeypatch):
             want = max(stats[f"model.layers.{i}.{point}"] / 448, 1.0)
             assert getattr(layer.self_attn, point).scale == pytest.approx(want, rel=1e-6)
         assert layer.self_attn.q_bmm_quant.scale == pytest.approx(stats[f"model.layers.{i}.q_bmm_quant"] / 448)
+
+
+def test_requantize_fused_hand_computed():
+    """Two projections fused with the larger weight scale (1.5): the other's codes are
+    dequantized in BF16, divided by 1.5 in BF16 and cast to E4M3 again."""
+    from evalsuite.quant.fp8 import requantize_fused
+
+    big = FP8StaticLinear(torch.tensor([[448.0, -2.0, 0.5]]), 1.5, 0.25, None)
+    small = FP8StaticLinear(torch.tensor([[448.0, 13.0, 0.875]]), 0.5, 0.5, None)
+    a, b = requantize_fused([big, small], torch.bfloat16)
+    assert (a.weight_scale, a.input_scale, b.weight_scale, b.input_scale) == (1.5, 0.5, 1.5, 0.5)
+    assert a.qweight.float().tolist() == [[448.0, -2.0, 0.5]]  # already at the shared scale
+    # 448·0.5 / 1.5 = 149.33 -> BF16 149 -> E4M3 (spacing 16 in [128, 256)) 144;
+    # 13·0.5 / 1.5 = 4.333 -> BF16 4.34375 -> E4M3 (spacing 0.5 in [4, 8)) 4.5;
+    # 0.875·0.5 / 1.5 = 0.29167 -> BF16 0.291016 -> E4M3 (spacing 1/32 in [0.25, 0.5)) 0.28125
+    assert b.qweight.float().tolist() == [[144.0, 4.5, 0.28125]]
 
 
 def test_recipe_overrides_are_validated(tiny_dir):

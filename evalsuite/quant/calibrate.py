@@ -29,7 +29,7 @@ from ..assets import cache_dir
 from ..engine.generate import SamplingParams
 from ..engine.linear import project
 from ..engine.load import LoadedModel
-from ..engine.model import CausalLM, Step
+from ..engine.model import CausalLM, DecoderLayer, Step
 from ..textgen import generate_text
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,18 @@ def projections(model: CausalLM) -> list[tuple[nn.Module, str, str]]:
             if type(child) is nn.Linear and child is not model.lm_head:
                 out.append((module, child_name, f"{name}.{child_name}".lstrip(".")))
     return out
+
+
+def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
+    """(norm, names of the projections that read its output) for every decoder layer: q/k/v after
+    input_layernorm, gate/up after post_attention_layernorm. Deployed engines run each group as one
+    GEMM, so a checkpoint's per-projection scales are made one per group on export or loading."""
+    groups = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, DecoderLayer):
+            groups.append((layer.input_layernorm, [f"{name}.self_attn.{p}_proj" for p in "qkv"]))
+            groups.append((layer.post_attention_layernorm, [f"{name}.mlp.{p}_proj" for p in ("gate", "up")]))
+    return groups
 
 
 @torch.inference_mode()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..engine.load import LoadedModel
 from .api import Recipe, register, register_module
-from .calibrate import CalibrationSpec, calibrate, coerce_calibration, projections
+from .calibrate import CalibrationSpec, calibrate, coerce_calibration, projections, shared_input_groups
 
 E4M3_MAX = 448.0
 # fbgemm's floor on a per-token scale, so an all-zero (or tiny) token never divides by zero.
@@ -326,10 +326,13 @@ class FP8ModelOptConfig:
     """Model Optimizer FP8: every linear but lm_head; FP8 KV cache; static FP8 attention inputs.
 
     kv_scale_mode: ``simulate`` uses amax / 448 for K and V; ``deploy`` floors those scales at 1.0
-    as Model Optimizer's checkpoint export does (its issue #20: all-1.0 KV scales)."""
+    as Model Optimizer's checkpoint export does (its issue #20: all-1.0 KV scales).
+    fused_scales: q/k/v and gate/up as a deploying engine loads them into one GEMM each
+    (``requantize_fused``); off, every projection keeps its own scales (the model as calibrated)."""
 
     kv_scale_mode: str = "simulate"
     quantize_attention: bool = True
+    fused_scales: bool = True
     calibration: CalibrationSpec = CalibrationSpec()
     kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
 
@@ -345,12 +348,39 @@ def kv_scale(amax: float, mode: str) -> float:
     return max(scale, 1.0) if mode == "deploy" else scale
 
 
+def requantize_fused(mods: list[FP8StaticLinear], dtype: torch.dtype) -> list[FP8StaticLinear]:
+    """Projections that a deploying engine runs as one FP8 GEMM (q/k/v, gate/up), as TensorRT-LLM
+    loads them from a checkpoint with a scale per projection: the input scale and the weight scale
+    become the largest of the group's; each weight is dequantized in the model's dtype (codes x
+    its own scale), divided by the shared scale in that dtype and cast to E4M3 again. vLLM does
+    the same (``requantize_with_max_scale``). Weights already at the shared scale stay as they are."""
+    w_scale, in_scale = max(m.weight_scale for m in mods), max(m.input_scale for m in mods)
+    out = []
+    for m in mods:
+        q = m.qweight
+        if m.weight_scale != w_scale:
+            dequantized = (q.to(dtype) * m.weight_scale).to(dtype)
+            q = round_e4m3((dequantized / w_scale).to(dtype)).to(torch.float8_e4m3fn)
+        r = FP8StaticLinear(q, w_scale, in_scale, m.bias)
+        r.use_kernel = m.use_kernel
+        out.append(r)
+    return out
+
+
 def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
     stats = calibrate(lm, config.calibration)
     model = lm.model
+    dtype = model.lm_head.weight.dtype
+    made = {}
     for parent, attr, name in projections(model):
         q = FP8StaticLinear.from_linear(getattr(parent, attr), stats[f"{name}.input"])
         q.use_kernel = config.kernel == "scaled_mm"
+        made[name] = (parent, attr, q)
+    if config.fused_scales:
+        for _norm, names in shared_input_groups(model):
+            for n, r in zip(names, requantize_fused([made[n][2] for n in names], dtype)):
+                made[n] = (*made[n][:2], r)
+    for parent, attr, q in made.values():
         setattr(parent, attr, q)
     if config.kernel == "scaled_mm" and model.device.type == "cuda":
         model.cache_dtype = torch.float8_e4m3fn  # as deployed: E4M3 codes in the cache, half the memory

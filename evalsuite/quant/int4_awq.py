@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from ..engine.linear import linear, project
 from ..engine.load import LoadedModel
-from ..engine.model import CausalLM, DecoderLayer
+from ..engine.model import CausalLM
 from .api import Recipe, register
-from .calibrate import CalibrationSpec, cached, coerce_calibration, projections, run_wrapped
+from .calibrate import CalibrationSpec, cached, coerce_calibration, projections, run_wrapped, shared_input_groups
 from .int4 import INT4_KERNEL_MODES, Int4WeightOnlyLinear, check_kernel_mode, int4_fake_quantize, pad_to_blocks
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
@@ -135,16 +135,6 @@ class Int4AWQConfig:
         if self.block_size < 1 or self.alpha_steps < 1:
             raise ValueError(f"block_size and alpha_steps must be >= 1, got {self.block_size}, {self.alpha_steps}")
         coerce_calibration(self)
-
-
-def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
-    """(norm, names of the projections that read its output) for every decoder layer."""
-    groups = []
-    for name, layer in model.named_modules():
-        if isinstance(layer, DecoderLayer):
-            groups.append((layer.input_layernorm, [f"{name}.self_attn.{p}_proj" for p in "qkv"]))
-            groups.append((layer.post_attention_layernorm, [f"{name}.mlp.{p}_proj" for p in ("gate", "up")]))
-    return groups
 
 
 def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
