@@ -333,6 +333,30 @@ def test_scaled_mm_kernel_through_the_recipe(tiny_dir):
     assert (a - b).norm() / a.norm() < 1e-2
 
 
+@pytest.mark.parametrize("kernel", ["off", "scaled_mm"])
+def test_fp8_projections_with_shared_scales_run_fused(tiny_dir, calib_file, kernel):
+    """With one scale per group, q/k/v and gate/up run as one FP8 product each (the modules'
+    weights become views of it), simulated or on torch._scaled_mm, and compute what the
+    separate projections compute; with per-projection scales they stay apart."""
+    from evalsuite.quant.fp8 import FusedFP8
+
+    over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}, "kernel": kernel}
+    lm = load(str(tiny_dir), "bfloat16")
+    apply_recipe(lm, "fp8-modelopt", over)
+    attn, mlp = lm.model.model.layers[1].self_attn, lm.model.model.layers[1].mlp
+    assert isinstance(attn._fused, FusedFP8) and isinstance(mlp._fused, FusedFP8)
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn._fused.inner.qweight.untyped_storage().data_ptr()
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox.")[:12]])
+    fused = lm.model(tokens).float()
+    for layer in lm.model.model.layers:
+        layer.self_attn._fused = layer.mlp._fused = None
+    separate = lm.model(tokens).float()
+    assert (fused - separate).norm() / separate.norm() < 1e-3
+    apart = load(str(tiny_dir), "bfloat16")
+    apply_recipe(apart, "fp8-modelopt", {**over, "fused_scales": False})
+    assert apart.model.model.layers[1].self_attn._fused is None
+
+
 def test_fp8_official_every_layer_when_asked(tiny_dir):
     lm = load(str(tiny_dir), "float32")
     apply_recipe(lm, "fp8-official", {"skip_first_and_last_layers": False})

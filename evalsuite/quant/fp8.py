@@ -264,6 +264,16 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
         self.register_buffer("weight_scale_t", torch.tensor(self.weight_scale, device=dev), persistent=False)
         self.bias = bias
 
+    @staticmethod
+    def fused(mods: list["FP8StaticLinear"]) -> "FusedFP8 | None":
+        """One GEMM for projections that read one input (q/k/v, gate/up), when they share both
+        scales (``requantize_fused``) and the kernel setting."""
+        first = mods[0]
+        same = all(type(m) is FP8StaticLinear and
+                   (m.input_scale, m.weight_scale, m.use_kernel, m.bias is None) ==
+                   (first.input_scale, first.weight_scale, first.use_kernel, first.bias is None) for m in mods)
+        return FusedFP8(mods) if same else None
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_amax: float) -> "FP8StaticLinear":
         w = linear.weight.detach()
@@ -311,6 +321,34 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
         out, inp = self.qweight.shape
         return f"in_features={inp}, out_features={out}, input_scale={self.input_scale:.6g}, " \
                f"weight_scale={self.weight_scale:.6g}"
+
+
+class FusedFP8:
+    """Projections of one input with shared scales as one FP8 linear over their concatenated
+    weights; the modules' weights become views of it. Valid while the model holds these modules
+    with those weights and kernel setting (``valid_for``)."""
+
+    def __init__(self, mods: list[FP8StaticLinear]):
+        first = mods[0]
+        bias = None if first.bias is None else torch.cat([m.bias for m in mods])
+        self.inner = FP8StaticLinear(torch.cat([m.qweight for m in mods]), first.weight_scale, first.input_scale, bias)
+        self.inner.use_kernel = first.use_kernel
+        rows = [m.qweight.shape[0] for m in mods]
+        for m, q in zip(mods, self.inner.qweight.split(rows)):
+            m.qweight = q
+        if not first.use_kernel:
+            for m, w in zip(mods, self.inner.qweight_f32.split(rows)):
+                m.qweight_f32 = w
+        self.mods = tuple(mods)
+        self.views = tuple(m.qweight for m in mods)
+
+    def valid_for(self, mods: list[nn.Module]) -> bool:
+        return len(mods) == len(self.mods) and all(
+            a is b and a.qweight is v and a.use_kernel == self.inner.use_kernel
+            for a, b, v in zip(mods, self.mods, self.views))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.inner(x)
 
 
 def static_scale(amax: float) -> float:
