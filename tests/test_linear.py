@@ -29,6 +29,21 @@ def test_bf16_product_is_the_rounded_exact_sum(monkeypatch, native, rows):
     assert ((got.double() - exact).abs() <= ulp + 1e-30).all()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_batched_bf16_matmul_is_the_rounded_exact_product(monkeypatch, native):
+    """``matmul`` (the explicit attention path's two products), either route: the float64
+    product of the BF16 operands rounded once to BF16, up to one BF16 ulp."""
+    monkeypatch.setattr(lin, "cpu_has_native_bf16", lambda: native)
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(2, 3, 24, 64, generator=g).bfloat16()
+    b = torch.randn(2, 3, 64, 40, generator=g).bfloat16()
+    got = lin.matmul(a, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 24, 40)
+    exact = a.double() @ b.double()
+    ulp = exact.abs().bfloat16().double() * 2.0 ** -7
+    assert ((got.double() - exact).abs() <= ulp + 1e-30).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("out,inp", SHAPES)
 def test_rows_do_not_depend_on_how_many_share_the_call(monkeypatch, dtype, out, inp):

@@ -83,6 +83,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.to(x.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], -1)
 
 
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in a's dtype. BF16 on a CPU without BF16 arithmetic goes through float32 as
+    ``linear`` does (exact upcasts, one float32 product, one rounding): torch's fallback BF16
+    batched matmul runs there at ~1.5 GFLOP/s (the explicit attention path of quantized recipes,
+    docs/PERF.md)."""
+    if a.device.type == "cpu" and a.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        return torch.matmul(a.float(), b.float()).to(a.dtype)
+    return torch.matmul(a, b)
+
+
 def float32_copy(weight: Tensor) -> Tensor:
     """``weight`` in float32, kept on the tensor and remade after an in-place change."""
     if weight.dtype == torch.float32:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
-from .linear import linear, project
+from .linear import linear, matmul, project
 
 @functools.cache
 def _varlen() -> tuple[Callable | None, dict]:
@@ -334,7 +334,7 @@ class Attention(nn.Module):
         KV, Lk = k.shape[1], k.shape[2]
         G = H // KV
         qg = q.reshape(B, KV, G * Lq, D)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).view(B, KV, G, Lq, Lk) * D ** -0.5
+        scores = matmul(qg, k.transpose(-1, -2)).view(B, KV, G, Lq, Lk) * D ** -0.5
         if causal:  # a prefill that starts at position 0
             mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
         elif mask is not None:
@@ -344,7 +344,7 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if self.softmax_quant is not None:
             probs = self.softmax_quant(probs)
-        out = torch.matmul(probs.to(v.dtype).view(B, KV, G * Lq, Lk), v)
+        out = matmul(probs.to(v.dtype).view(B, KV, G * Lq, Lk), v)
         return out.view(B, H, Lq, D)
 
 
