@@ -7,9 +7,11 @@ alternative in the same run (medians of repeated calls):
   * the FP8 simulation's product on E4M3 values: float32 matmul against a BF16 matmul, and the
     CPU's real FP8 routes (torch._scaled_mm; oneDNN's FP8 qlinear where this torch has it);
   * the packed INT4 kernel against a BF16 product on the dequantized weight at 1 to 64 rows: the
-    crossover behind int4.KERNEL_MAX_ROWS.
+    crossover behind int4.KERNEL_MAX_ROWS;
+  * the explicit attention path's two products (quantized attention, fp8-modelopt) for one
+    SmolLM2 layer at 512 tokens: torch's BF16 matmul against the engine's ``matmul``.
 
-    python bench/micro_kernels.py [--reps 20]
+    python bench/micro_kernels.py [--reps 20] [--only attention]
 """
 
 from __future__ import annotations
@@ -96,16 +98,31 @@ def int4_crossover(reps: int) -> None:
             print(f"  {out}x576  {rows:3d}  {k:7.3f}  {d:7.3f}  {d / k:5.2f}x")
 
 
+def attention_products(reps: int) -> None:
+    """SmolLM2's 9 query heads over 3 KV heads (3 per group), head dim 64, 512 tokens."""
+    q = torch.randn(1, 3, 3 * 512, 64).bfloat16()
+    k = torch.randn(1, 3, 512, 64).bfloat16()
+    probs = torch.rand(1, 3, 3 * 512, 512).bfloat16()
+    print("explicit attention, one layer at 512 tokens: ms (BF16 torch.matmul / engine matmul)")
+    for name, a, b in (("q·kᵀ", q, k.transpose(-1, -2)), ("probs·v", probs, k)):
+        native = median_ms(lambda: torch.matmul(a, b), reps)
+        engine = median_ms(lambda: engine_linear.matmul(a, b), reps)
+        print(f"  {name:8s} {native:8.2f} {engine:8.2f}  {native / engine:5.1f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--only", choices=("attention",), default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     with torch.inference_mode():
-        bf16_product(args.reps)
-        e4m3(args.reps)
-        fp8_product(args.reps)
-        int4_crossover(args.reps)
+        if args.only is None:
+            bf16_product(args.reps)
+            e4m3(args.reps)
+            fp8_product(args.reps)
+            int4_crossover(args.reps)
+        attention_products(args.reps)
 
 
 if __name__ == "__main__":
