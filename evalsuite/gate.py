@@ -36,6 +36,7 @@ import yaml
 
 from .compare import EXIT_CODES as EXIT
 from .compare import PASS, CandidateResult, Side, Tolerance, compare_sides, side_from_run
+from .records import unfinished_run
 
 EXIT_ERROR = 3
 SIDE_KEYS = {"recipe", "recipe_config", "run", "ref", "label"}
@@ -131,13 +132,8 @@ def produce_side(gate: Gate, side: dict[str, Any], log) -> Side:
             log(f"gate {gate.name}: evalsuite {' '.join(argv)}")
             t0 = time.perf_counter()
             rc = cli_main(argv)
-            if rc == 2:  # refused before it ran: bad arguments, or the folder holds another configuration's run
-                raise GateError(f"the {task} run for {side} was refused (evalsuite run exited 2; the reason is above). "
-                                f"A run folder of another configuration (the recipe's settings or the suite changed "
-                                f"since it ran) is not resumed: delete {run_dir} to run it anew")
             if rc != 0:
-                raise GateError(f"the {task} run for {side} did not complete (evalsuite run exited {rc}); rerun "
-                                f"the gate to resume it")
+                raise GateError(unfinished_run(f"the {task} run for {side}", rc, run_dir))
             log(f"gate {gate.name}: {side['recipe']} {task} done in {time.perf_counter() - t0:.0f} s")
             parts.append(side_from_run(run_dir))
         (out,) = merge_sides(parts)

@@ -27,6 +27,15 @@ class RunConflictError(RuntimeError):
     pass
 
 
+def unfinished_run(what: str, rc: int, folder: Path) -> str:
+    """What to tell the user when a run that a gate or a study started returned ``rc`` != 0."""
+    if rc == 2:  # refused before it ran: bad arguments, or the folder holds another configuration's run
+        return (f"{what} was refused (evalsuite run exited 2; the reason is above). A folder holding a run of "
+                f"another configuration (the recipe's settings or the suite changed since it ran) is not resumed: "
+                f"delete {folder} to run it anew")
+    return f"{what} did not complete (evalsuite run exited {rc}); rerun to resume it"
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("evalsuite", "torch", "transformers", "tokenizers", "lm_eval", "datasets", "numpy"):

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .records import unfinished_run
+
 # The quick study: MMLU cloze (the formulation that carries the signal on a small model; letter is
 # one flag away) on 2 questions per subject, one paragraph per article of the prose corpus, and
 # one length pair for throughput. About 15 minutes for all six recipes on 2 CPU cores.
@@ -84,7 +86,7 @@ def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, 
                            "--no-progress"])
             timings[f"{recipe}/{task}"] = time.perf_counter() - t0
             if rc != 0:
-                log(f"study {plan.name}: {task} under {recipe} did not complete (exit {rc}); rerun to resume")
+                log(f"study {plan.name}: " + unfinished_run(f"{task} under {recipe}", rc, out))
                 return rc
             runs[task].append(out)
     if plan.mtbench_args is not None:
@@ -102,7 +104,7 @@ def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, 
                            "--output", str(out), "--no-progress"])
             timings[f"{recipe}/mt-bench"] = time.perf_counter() - t0
             if rc != 0:
-                log(f"study {plan.name}: mt-bench under {recipe} did not complete (exit {rc}); rerun to resume")
+                log(f"study {plan.name}: " + unfinished_run(f"mt-bench under {recipe}", rc, out))
                 return rc
             runs.setdefault("mt-bench", []).append(out)
             if recipe == "bf16":

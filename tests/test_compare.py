@@ -214,6 +214,20 @@ def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     assert "rerun the gate to resume it" not in err
 
 
+def test_study_names_a_run_folder_of_another_configuration(tmp_path, capsys):
+    """The study resumes its runs too, and says the same about a folder of other settings."""
+    for recipe in ("bf16", "fp8-official"):
+        stale = tmp_path / "study" / "runs" / f"{recipe}-mmlu-formulation-cloze-per-subject-1"
+        stale.mkdir(parents=True)
+        (stale / "run.json").write_text(json.dumps({"config_hash": "of-an-older-version", "status": "complete"}))
+    rc = cli.main(["study", "--root", str(tmp_path), "--recipes", "fp8-official", "bf16", "--per-subject", "1"])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert rc == 2 and "holds a run with a different configuration" in text
+    assert "was refused (evalsuite run exited 2; the reason is above)" in text
+    assert f"delete {tmp_path / 'study' / 'runs'}" in text and "rerun to resume" not in text
+
+
 def test_side_from_run_weights_questions_by_subject_size(tmp_path):
     """An MMLU subset's accuracy is stratified by subject size (evalsuite.stats); the compared value
     is the same stratified estimate."""
