@@ -435,5 +435,6 @@ def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
 register(Recipe(
     "fp8-modelopt",
     "NVIDIA Model Optimizer FP8: all linears but lm_head with static per-tensor E4M3 weight and input "
-    "scales (max calibration), FP8 KV cache (static per-tensor K and V scales), static FP8 attention inputs",
+    "scales (max calibration), FP8 KV cache (static per-tensor K and V scales), static FP8 attention inputs; "
+    "q/k/v and gate/up with one scale per group as TensorRT-LLM and vLLM load them fused",
     FP8ModelOptConfig(), apply_fp8_modelopt))
