@@ -591,6 +591,10 @@ def _list_recipes() -> int:
 
     for name, r in all_recipes().items():
         print(f"{name}: {r.description}")
+        settings = r.record()["config"]
+        if settings:
+            print("  --recipe-config defaults: " + " ".join(
+                f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in settings.items()))
     return 0
 
 

@@ -44,6 +44,27 @@ def test_listings(capsys):
     assert main(["recipes"]) == 0 and "bf16" in capsys.readouterr().out
 
 
+def test_recipe_listing_prints_usable_settings(capsys):
+    """Each recipe's printed defaults, passed back as --recipe-config, give its default config."""
+    import dataclasses
+
+    from evalsuite.cli import parse_recipe_config
+    from evalsuite.quant.api import get_recipe
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    seen = set()
+    for name_line, settings in zip(lines, lines[1:]):
+        if not settings.startswith("  --recipe-config defaults: "):
+            continue
+        recipe = get_recipe(name_line.split(":")[0])
+        parsed = parse_recipe_config(settings.split("defaults: ")[1].split(" "))
+        assert dataclasses.replace(recipe.config, **parsed) == recipe.config
+        seen.add(recipe.name)
+    assert {"fp8-modelopt", "int4-awq"} <= seen
+    assert "fused_scales=true" in "\n".join(lines) and "resmooth=true" in "\n".join(lines)
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--num-fewshot", "9"], "num_fewshot=9; valid: 0..5"),
     (["--formulation", "xyz"], "unknown formulation 'xyz'"),
