@@ -23,7 +23,7 @@ from pathlib import Path
 
 from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams
 from evalsuite.assets import cache_dir
-from evalsuite.cli import parse_recipe_config
+from evalsuite.cli import parse_recipe_spec
 from evalsuite.engine.load import load
 from evalsuite.models import load_model_and_recipe
 from evalsuite.quant import calibrate
@@ -83,9 +83,8 @@ def calibration_times(recipe: str) -> dict[str, float]:
 
 def decode_tps(recipe: str, steps: int = 64) -> float:
     """``recipe`` may carry settings: ``int4-awq:resmooth=false``."""
-    name, _, settings = recipe.partition(":")
-    lm, _ = load_model_and_recipe("smollm2-135m", name, "bfloat16",
-                                  parse_recipe_config(settings.split(",")) if settings else None)
+    name, overrides = parse_recipe_spec(recipe)
+    lm, _ = load_model_and_recipe("smollm2-135m", name, "bfloat16", overrides)
     batch = DecodeBatch(lm.model, 1, 400)
     batch.add([Generation(list(range(1000, 1100)), SamplingParams(max_new_tokens=300))])
     for _ in range(4):

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from evalsuite.cli import parse_recipe_config
+from evalsuite.cli import parse_recipe_spec
 from evalsuite.models import load_model_and_recipe
 from evalsuite.runners.mmlu import MMLUConfig, load_mmlu, run_mmlu
 from evalsuite.stats import paired_accuracy_difference, paired_changes
@@ -73,10 +73,9 @@ def main() -> None:
                 continue
             metrics, record = run["metrics"], run["recipe"]
         else:
-            name, _, settings = recipe.partition(":")
+            name, overrides = parse_recipe_spec(recipe)
             t = time.perf_counter()
-            lm, record = load_model_and_recipe("smollm2-135m", name, "bfloat16",
-                                               parse_recipe_config(settings.split(",")) if settings else None)
+            lm, record = load_model_and_recipe("smollm2-135m", name, "bfloat16", overrides)
             t_apply = time.perf_counter() - t
             t = time.perf_counter()
             metrics = run_mmlu(lm, cfg, run_dir, recipe=record, progress=False).metrics

@@ -447,6 +447,13 @@ def parse_recipe_config(items: list[str]) -> dict:
     return out
 
 
+def parse_recipe_spec(spec: str) -> tuple[str, dict | None]:
+    """``name`` or ``name:KEY=VALUE,KEY=VALUE`` (the benchmark scripts' recipe arguments): the
+    recipe's name and its overrides, parsed as ``--recipe-config`` parses them."""
+    name, _, settings = spec.partition(":")
+    return name, parse_recipe_config(settings.split(",")) if settings else None
+
+
 def run_name(model: str, recipe: str, task: str, job, extra: dict) -> str:
     """The default run folder: readable parts and a hash of what changes scores (the job's
     identity, the dtype, the recipe overrides), never of execution settings such as batch size."""

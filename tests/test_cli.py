@@ -140,3 +140,10 @@ def test_bad_calibration_override(tiny_dir, tmp_path, capsys):
             "--recipe-config", 'calibration={"num_samples": 0}', "--per-subject", "1", "--subjects", "anatomy"]
     assert main(argv) == 2
     assert "calibration needs num_samples >= 1" in capsys.readouterr().err
+
+
+def test_recipe_spec_of_the_benchmark_scripts():
+    from evalsuite.cli import parse_recipe_spec
+
+    assert parse_recipe_spec("bf16") == ("bf16", None)
+    assert parse_recipe_spec("int4-awq:resmooth=false,kernel=off") == ("int4-awq", {"resmooth": False, "kernel": "off"})
