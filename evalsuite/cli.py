@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
         label = f"endpoint {backend.describe()['base_url']}, model {opts.model}"
     else:
         overrides = parse_recipe_config(opts.recipe_config)
-        check_recipe_for_source(opts.model, opts.recipe)
+        check_recipe_for_source(opts.model, opts.recipe, overrides)
         parse_dtype(opts.dtype)
         parse_device(opts.device)
         if opts.batch_size < 1 or opts.max_batch_tokens < 1:
@@ -470,7 +470,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server.serve import serve_forever, served_model
 
     overrides = parse_recipe_config(args.recipe_config)
-    check_recipe_for_source(args.model, args.recipe)
+    check_recipe_for_source(args.model, args.recipe, overrides)
     parse_dtype(args.dtype)
     parse_device(args.device)
     for key in ("max_batch_size", "max_model_len", "max_prefill_tokens", "port"):
@@ -507,7 +507,7 @@ def _run_harness(argv: list[str]) -> int:
         name = run_name(opts.model, "endpoint", "lm-eval", _HarnessJob(opts), {"backend": backend.identity()})
     else:
         overrides = parse_recipe_config(opts.recipe_config)
-        check_recipe_for_source(opts.model, opts.recipe)
+        check_recipe_for_source(opts.model, opts.recipe, overrides)
         parse_dtype(opts.dtype)
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from .engine.load import LoadedModel, load
-from .quant.api import apply_recipe, get_recipe
+from .quant.api import apply_recipe, configured_recipe
 from .quant.checkpoint import deployed_weight_bytes, is_quantized_checkpoint, load_quantized
 
 
-def check_recipe_for_source(source: str, recipe: str) -> None:
-    """The checks that need no model: the recipe exists, and a quantized checkpoint is not
-    quantized again."""
-    get_recipe(recipe)
+def check_recipe_for_source(source: str, recipe: str, overrides: dict[str, Any] | None = None) -> None:
+    """The checks that need no model: the recipe exists with valid settings, and a quantized
+    checkpoint is not quantized again."""
+    configured_recipe(recipe, overrides)
     if is_quantized_checkpoint(source) and recipe != "bf16":
         raise ValueError(f"{source} is already quantized; run it with --recipe bf16 (no further change), "
                          f"not {recipe!r}")
@@ -28,7 +28,7 @@ def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloa
                           device: str | None = "cpu") -> tuple[LoadedModel, dict[str, Any]]:
     """The model and the recipe record every run stores (name, description, config, and the
     weights' bytes as a quantized checkpoint stores them)."""
-    check_recipe_for_source(source, recipe)
+    check_recipe_for_source(source, recipe, overrides)
     if is_quantized_checkpoint(source):
         lm, record = load_quantized(source, dtype)
     else:

@@ -135,6 +135,23 @@ def test_bad_recipe_config_values(setting, msg, tiny_dir, tmp_path, capsys):
     assert msg in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting,msg", [
+    ("resmooth=maybe", "recipe 'int4-awq': resmooth='maybe'; valid: true or false"),
+    ("kernel=cuda", "kernel='cuda'; valid: off, auto, always"),
+    ("blocksize=64", "recipe 'int4-awq' has no settings ['blocksize']"),
+])
+@pytest.mark.parametrize("command", ["run", "quantize"])
+def test_bad_recipe_settings_fail_before_a_model_loads(setting, msg, command, tiny_dir, tmp_path, monkeypatch,
+                                                       capsys):
+    import evalsuite.models
+
+    monkeypatch.setattr(evalsuite.models, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    argv = (["run", "mmlu", "--per-subject", "1"] if command == "run" else ["quantize"]) + [
+        "--model", str(tiny_dir), "--recipe", "int4-awq", "--recipe-config", setting, "--output", str(tmp_path / "x")]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
 def test_bad_calibration_override(tiny_dir, tmp_path, capsys):
     argv = ["run", "mmlu", "--model", str(tiny_dir), "--recipe", "int4-awq", "--output", str(tmp_path / "x"),
             "--recipe-config", 'calibration={"num_samples": 0}', "--per-subject", "1", "--subjects", "anatomy"]

@@ -64,17 +64,27 @@ def all_recipes() -> dict[str, Recipe]:
     return dict(sorted(RECIPES.items()))
 
 
+def configured_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """The recipe with ``overrides`` replacing fields of its config, validated like the defaults
+    (and a switch only as true or false): needs no model, so commands check it before loading one."""
+    recipe = get_recipe(name)
+    if not overrides:
+        return recipe
+    fields = {f.name: f for f in dataclasses.fields(recipe.config)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"recipe {name!r} has no settings {unknown}; valid: {', '.join(fields) or 'none'}")
+    for key, value in overrides.items():
+        if isinstance(getattr(recipe.config, key), bool) and not isinstance(value, bool):
+            raise ValueError(f"recipe {name!r}: {key}={value!r}; valid: true or false")
+    return dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **overrides))
+
+
 def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply a recipe to ``lm.model`` in place; return the record that goes into every run.
 
-    ``overrides`` replace fields of the recipe's config (validated like the defaults)."""
-    recipe = get_recipe(name)
-    if overrides:
-        fields = {f.name: f for f in dataclasses.fields(recipe.config)}
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise ValueError(f"recipe {name!r} has no settings {unknown}; valid: {', '.join(fields) or 'none'}")
-        recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **overrides))
+    ``overrides`` replace fields of the recipe's config (``configured_recipe``)."""
+    recipe = configured_recipe(name, overrides)
     recipe.apply(lm, recipe.config)
     lm.model.fuse_projections()  # the recipe's modules may fuse (q/k/v, gate/up) where they can
     return recipe.record()
