@@ -7,7 +7,7 @@ alternative in the same run (medians of repeated calls):
   * the FP8 simulation's product on E4M3 values: float32 matmul against a BF16 matmul, and the
     CPU's real FP8 routes (torch._scaled_mm; oneDNN's FP8 qlinear where this torch has it);
   * the packed INT4 kernel against a BF16 product on the dequantized weight at 1 to 64 rows: the
-    crossover behind int4.KERNEL_MAX_ROWS;
+    crossover behind configs.KERNEL_MAX_ROWS;
   * the explicit attention path's two products (quantized attention, fp8-modelopt) for one
     SmolLM2 layer at 512 tokens: torch's BF16 matmul against the engine's ``matmul``.
 

@@ -165,9 +165,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .backends.engine import EngineBackend
-    from .engine.load import parse_device, parse_dtype
-    from .models import check_recipe_for_source, load_model_and_recipe
+    from .models import check_model_args
     from .runners import get_runner
     from .taskdef import read_task_file
 
@@ -189,12 +187,13 @@ def _run(args: argparse.Namespace) -> int:
         label = f"endpoint {backend.describe()['base_url']}, model {opts.model}"
     else:
         overrides = parse_recipe_config(opts.recipe_config)
-        check_recipe_for_source(opts.model, opts.recipe, overrides)
-        parse_dtype(opts.dtype)
-        parse_device(opts.device)
+        check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device)
         if opts.batch_size < 1 or opts.max_batch_tokens < 1:
             raise ValueError(f"--batch-size {opts.batch_size} and --max-batch-tokens {opts.max_batch_tokens}: "
                              "both must be >= 1")
+        from .backends.engine import EngineBackend  # torch: imported once the arguments are checked
+        from .models import load_model_and_recipe
+
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
         name = run_name(lm.info.name, opts.recipe, args.task, job, {"dtype": opts.dtype, "recipe_config": overrides})
@@ -305,14 +304,14 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .bench import BenchResult
+    sides = _resolve_sides(args.sides)
+    if len(sides) < 2:
+        raise ValueError("report needs a baseline and at least one candidate")
+    from .bench import BenchResult  # torch, matplotlib: imported once the sides are found
     from .compare import Tolerance
     from .references import format_speedups, load_reference, reference_sides
     from .report import build_report
 
-    sides = _resolve_sides(args.sides)
-    if len(sides) < 2:
-        raise ValueError("report needs a baseline and at least one candidate")
     bench = BenchResult.read(args.bench) if args.bench else None
     refs = [reference_sides(r) for r in args.reference]
     ref_names = {r.split(":")[1] for r in args.reference}
@@ -354,20 +353,28 @@ def _gate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import time
 
-    from .bench import DEFAULT_BATCHES, DEFAULT_LENGTHS, NOTE_LENGTHS, BenchResult, endpoint_row, format_tables, run_bench
+    from .engine.options import check_device, check_dtype, source_kind
     from .quant.api import all_recipes, get_recipe
 
-    lengths = list(NOTE_LENGTHS if args.note_lengths else DEFAULT_LENGTHS)
-    if args.lengths:
-        lengths = []
-        for item in args.lengths:
-            isl, sep, osl = item.partition("/")
-            if not (sep and isl.isdigit() and osl.isdigit() and int(isl) > 0 and int(osl) > 0):
-                raise ValueError(f"--lengths {item!r}: give ISL/OSL as positive integers, e.g. 128/32")
-            lengths.append((int(isl), int(osl)))
-    batches = sorted({1, *(args.batches or DEFAULT_BATCHES)})
-    if batches[0] < 1:
+    lengths = []
+    for item in args.lengths or []:
+        isl, sep, osl = item.partition("/")
+        if not (sep and isl.isdigit() and osl.isdigit() and int(isl) > 0 and int(osl) > 0):
+            raise ValueError(f"--lengths {item!r}: give ISL/OSL as positive integers, e.g. 128/32")
+        lengths.append((int(isl), int(osl)))
+    if args.batches and min(args.batches) < 1:
         raise ValueError(f"--batches {args.batches}: batch sizes must be >= 1")
+    recipes = args.recipes or list(all_recipes())
+    if not args.base_url:
+        source_kind(args.model)
+        for r in recipes:
+            get_recipe(r)
+        check_dtype(args.dtype)
+        check_device(args.device)
+    from .bench import DEFAULT_BATCHES, DEFAULT_LENGTHS, NOTE_LENGTHS, BenchResult, endpoint_row, format_tables, run_bench
+
+    lengths = lengths or list(NOTE_LENGTHS if args.note_lengths else DEFAULT_LENGTHS)
+    batches = sorted({1, *(args.batches or DEFAULT_BATCHES)})
     out = Path(args.output) if args.output else Path("reports") / "bench" / \
         f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.base_url:
@@ -378,15 +385,6 @@ def _bench(args: argparse.Namespace) -> int:
         result = BenchResult(rows, {"endpoint": redact_url(args.base_url), "lengths": lengths, "batches": batches,
                                     "method": "total generated tokens / total latency, TTFT included"})
     else:
-        recipes = args.recipes or list(all_recipes())
-        for r in recipes:
-            get_recipe(r)
-        from .engine.load import parse_dtype
-
-        parse_dtype(args.dtype)
-        from .engine.load import parse_device
-
-        parse_device(args.device)
         result = run_bench(recipes, lengths, batches, model=args.model, dtype=args.dtype, device=args.device,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     out.mkdir(parents=True, exist_ok=True)
@@ -410,15 +408,15 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _endpoint_backend(opts: argparse.Namespace):
-    from .backends.openai import OpenAIBackend
-    from .engine.load import ModelLoadError, tokenizer_for
-
     if opts.recipe != "bf16" or opts.recipe_config:
         raise ValueError("--recipe and --recipe-config apply to a model loaded here; an endpoint serves its "
                          "model as it is (start `evalsuite serve --recipe ...` for a recipe)")
     for flag, value in (("--concurrency", opts.concurrency), ("--prompts-per-request", opts.prompts_per_request)):
         if value < 1:
             raise ValueError(f"{flag}={value}; valid: an integer >= 1")
+    from .backends.openai import OpenAIBackend
+    from .engine.load import ModelLoadError, tokenizer_for
+
     tokenizer = None
     if opts.tokenizer:
         tokenizer = tokenizer_for(opts.tokenizer)
@@ -465,17 +463,15 @@ def run_name(model: str, recipe: str, task: str, job, extra: dict) -> str:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
-    from .engine.load import parse_device, parse_dtype
-    from .models import check_recipe_for_source, load_model_and_recipe
-    from .server.serve import serve_forever, served_model
+    from .models import check_model_args, load_model_and_recipe
 
     overrides = parse_recipe_config(args.recipe_config)
-    check_recipe_for_source(args.model, args.recipe, overrides)
-    parse_dtype(args.dtype)
-    parse_device(args.device)
+    check_model_args(args.model, args.recipe, overrides, args.dtype, args.device)
     for key in ("max_batch_size", "max_model_len", "max_prefill_tokens", "port"):
         if getattr(args, key) < (0 if key == "port" else 1):
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
+    from .server.serve import serve_forever, served_model  # torch and the HTTP stack, once the arguments are checked
+
     api_key = args.api_key or os.environ.get("EVALSUITE_API_KEY") or None
     lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides, args.device)
     served = served_model(lm, recipe, args.served_model_name, max_batch_size=args.max_batch_size,
@@ -489,10 +485,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _run_harness(argv: list[str]) -> int:
     """``evalsuite run --harness lm-eval --task NAME [--task NAME ...]``: lm-eval tasks through the
     suite's backend, written as the suite's own run records."""
-    from .backends.engine import EngineBackend
-    from .engine.load import parse_dtype
-    from .models import check_recipe_for_source, load_model_and_recipe
-    from .runners.lm_eval_harness import format_lm_eval_summary, run_lm_eval
+    from .models import check_model_args
 
     parser = argparse.ArgumentParser(prog="evalsuite run --harness lm-eval", parents=[_run_options()])
     parser.add_argument("--harness", required=True, choices=["lm-eval"])
@@ -507,13 +500,17 @@ def _run_harness(argv: list[str]) -> int:
         name = run_name(opts.model, "endpoint", "lm-eval", _HarnessJob(opts), {"backend": backend.identity()})
     else:
         overrides = parse_recipe_config(opts.recipe_config)
-        check_recipe_for_source(opts.model, opts.recipe, overrides)
-        parse_dtype(opts.dtype)
-        lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides)
+        check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device)
+        from .backends.engine import EngineBackend  # torch: imported once the arguments are checked
+        from .models import load_model_and_recipe
+
+        lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
         name = run_name(lm.info.name, opts.recipe, "lm-eval", _HarnessJob(opts),
                         {"dtype": opts.dtype, "recipe_config": overrides})
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
+    from .runners.lm_eval_harness import format_lm_eval_summary, run_lm_eval
+
     result = run_lm_eval(backend, opts.task, out, limit=opts.limit, num_fewshot=opts.num_fewshot,
                          include_path=opts.include_path, seed=opts.seed)
     print(format_lm_eval_summary(result.metrics))
@@ -553,11 +550,14 @@ def _lm_eval(argv: list[str]) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .models import load_model_and_recipe
+    from .models import check_model_args
+
+    overrides = parse_recipe_config(args.recipe_config)
+    check_model_args(args.model, args.recipe, overrides, args.dtype, args.device)
+    from .models import load_model_and_recipe  # torch: imported once the arguments are checked
     from .quant.checkpoint import quantized_modules, save_quantized
 
-    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, parse_recipe_config(args.recipe_config),
-                                       args.device)
+    lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides, args.device)
     out = save_quantized(lm, recipe, Path(args.output))
     print(f"{len(quantized_modules(lm.model))} quantized modules, recipe {recipe['name']}: {out}")
     return 0
@@ -574,7 +574,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _list_models() -> int:
     from .engine.config import PRESETS
-    from .engine.load import DEFAULT_MODEL, MODELS
+    from .engine.options import DEFAULT_MODEL, MODELS
 
     for name, asset in MODELS.items():
         mark = " (default)" if name == DEFAULT_MODEL else ""
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv if not harness else ["run"])
     from .assets import AssetError
     from .backends.base import BackendError
-    from .engine.load import ModelLoadError
+    from .engine.options import ModelLoadError
     from .records import RunConflictError
 
     try:

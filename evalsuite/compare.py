@@ -31,10 +31,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 from .stats import choice_distribution, kl_divergence, ratio_estimate
 
@@ -129,7 +129,9 @@ def mcnemar_exact(b: int, c: int) -> float:
 def _interval(est_mean: float, se: float, df: int) -> tuple[float, float]:
     if not se == se or df < 1:  # nan: a single cluster has no variance estimate
         return (float("nan"), float("nan"))
-    t = float(sps.t.ppf(0.975, df))
+    from scipy import stats  # about a second to import: only once an interval is computed
+
+    t = float(stats.t.ppf(0.975, df))
     return (est_mean - t * se, est_mean + t * se)
 
 
@@ -261,7 +263,7 @@ def _trtllm_view(base: Metric, cand: Metric, n: int | None) -> dict[str, Any] | 
     else:
         return None
     scale = math.sqrt(2 * sigma ** 2 / n)
-    z_a, z_b = sps.norm.ppf(TRTLLM_ALPHA), sps.norm.ppf(TRTLLM_BETA)
+    z_a, z_b = NormalDist().inv_cdf(TRTLLM_ALPHA), NormalDist().inv_cdf(TRTLLM_BETA)
     threshold = base.value + z_a * scale
     return {"sigma": sigma, "n": n, "threshold": threshold, "theta": float(-(z_a + z_b) * scale),
             "verdict": PASS if cand.value >= threshold else FAIL}

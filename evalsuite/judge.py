@@ -32,7 +32,7 @@ import yaml
 from .assets import cache_dir
 from .backends.base import Failure
 from .backends.openai import OpenAIBackend
-from .engine.generate import SamplingParams
+from .engine.requests import SamplingParams
 
 JUDGES_DIR = Path(__file__).resolve().parent.parent / "judges"
 ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")

@@ -7,20 +7,28 @@ a registered name, an HF folder, a .gguf file, a hub id, or a quantized checkpoi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .engine.load import LoadedModel, load
-from .quant.api import apply_recipe, configured_recipe
-from .quant.checkpoint import deployed_weight_bytes, is_quantized_checkpoint, load_quantized
+from .engine.options import check_device, check_dtype, source_kind
+from .quant.api import configured_recipe, is_quantized_checkpoint
+
+if TYPE_CHECKING:
+    from .engine.load import LoadedModel
 
 
-def check_recipe_for_source(source: str, recipe: str, overrides: dict[str, Any] | None = None) -> None:
-    """The checks that need no model: the recipe exists with valid settings, and a quantized
-    checkpoint is not quantized again."""
+def check_model_args(source: str, recipe: str = "bf16", overrides: dict[str, Any] | None = None,
+                     dtype: str = "bfloat16", device: str | None = None) -> None:
+    """Every check that needs neither torch nor a model, for a command to make first: the source
+    names something loadable, the recipe exists with valid settings, a quantized checkpoint is not
+    quantized again, dtype and device are spelled right. (Whether a CUDA device exists here is
+    checked when torch is imported, still before the model loads.)"""
+    source_kind(source)
     configured_recipe(recipe, overrides)
     if is_quantized_checkpoint(source) and recipe != "bf16":
         raise ValueError(f"{source} is already quantized; run it with --recipe bf16 (no further change), "
                          f"not {recipe!r}")
+    check_dtype(dtype)
+    check_device(device)
 
 
 def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloat16",
@@ -28,7 +36,12 @@ def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloa
                           device: str | None = "cpu") -> tuple[LoadedModel, dict[str, Any]]:
     """The model and the recipe record every run stores (name, description, config, and the
     weights' bytes as a quantized checkpoint stores them)."""
-    check_recipe_for_source(source, recipe, overrides)
+    from .engine.load import load, parse_device  # torch: imported once the arguments are checked
+    from .quant.api import apply_recipe
+    from .quant.checkpoint import deployed_weight_bytes, load_quantized
+
+    check_model_args(source, recipe, overrides, dtype, device)
+    parse_device(device)
     if is_quantized_checkpoint(source):
         lm, record = load_quantized(source, dtype)
     else:

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .engine.generate import SamplingParams, generate
 from .engine.model import CausalLM
-
-Message = dict[str, str]
-
-
-@dataclass(frozen=True)
-class TextResult:
-    text: str
-    tokens: list[int]
-    finish_reason: str
+from .engine.requests import Message, TextResult
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[Message]) -> list[int]:

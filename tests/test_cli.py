@@ -76,16 +76,71 @@ def test_recipe_listing_prints_usable_settings(capsys):
     (["--dtype", "int3"], "unknown dtype 'int3'"),
 ])
 def test_bad_arguments_fail_before_any_model_loads(extra, msg, tiny_dir, tmp_path, capsys, monkeypatch):
-    import evalsuite.models as models
-
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(models, "load", no_load)
-    monkeypatch.setattr(models, "load_quantized", no_load)
+    monkeypatch.setattr("evalsuite.engine.load.load", no_load)
+    monkeypatch.setattr("evalsuite.quant.checkpoint.load_quantized", no_load)
     argv = ["run", "mmlu", "--model", str(tiny_dir), "--output", str(tmp_path / "x"), "--no-progress"] + extra
     assert main(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+# Commands check their arguments before importing torch (or scipy, matplotlib, the HTTP stack):
+# a bad one is reported at once, not after seconds of imports. (argv, exit code, message)
+BAD_ARGUMENTS = [
+    (["run", "mmlu", "--recipe", "fp9"], 2, "unknown recipe 'fp9'"),
+    (["run", "mmlu", "--recipe", "int4-awq", "--recipe-config", "resmooth=maybe"], 2, "valid: true or false"),
+    (["run", "mmlu", "--recipe", "fp8-modelopt", "--recipe-config", "kv_scale_mode=x"], 2, "valid: simulate, deploy"),
+    (["run", "mmlu", "--model", "nope"], 2, "unknown model 'nope'"),
+    (["run", "mmlu", "--model", "missing.gguf"], 2, "GGUF file 'missing.gguf' does not exist"),
+    (["run", "mmlu", "--dtype", "int3"], 2, "unknown dtype 'int3'"),
+    (["run", "mmlu", "--device", "gpu"], 2, "--device 'gpu' is not a device; valid: cpu, cuda, cuda:N"),
+    (["run", "mmlu", "--batch-size", "0"], 2, "--batch-size 0"),
+    (["run", "mmlu", "--formulation", "mc"], 2, "unknown formulation 'mc'"),
+    (["run", "perplexity", "--per-article", "0"], 2, "--per-article 0"),
+    (["run", "mt-bench", "--questions", "0"], 2, "--questions 0"),
+    (["run", "mmlu", "--base-url", "http://127.0.0.1:9/v1", "--recipe", "int4-awq"], 2, "an endpoint serves"),
+    (["run", "--harness", "lm-eval", "--task", "mmlu", "--recipe", "fp9"], 2, "unknown recipe 'fp9'"),
+    (["serve", "--recipe", "fp9"], 2, "unknown recipe 'fp9'"),
+    (["serve", "--port", "-1"], 2, "--port -1"),
+    (["quantize", "--dtype", "int3", "--output", "x"], 2, "unknown dtype 'int3'"),
+    (["bench", "--recipes", "fp9"], 2, "unknown recipe 'fp9'"),
+    (["bench", "--lengths", "12"], 2, "--lengths '12'"),
+    (["bench", "--device", "tpu"], 2, "--device 'tpu' is not a device"),
+    (["study", "--recipes", "fp9"], 2, "unknown recipe 'fp9'"),
+    (["compare", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
+    (["report", "r", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
+    (["gate", "no-such-gate.yaml"], 3, "gate file no-such-gate.yaml does not exist"),
+    (["plan", "--recipe", "fp9"], 2, "unknown recipe 'fp9' for planning"),
+]
+
+
+def test_bad_arguments_fail_before_torch_is_imported(tmp_path):
+    """Every case in one fresh interpreter: each exits with its code and message, and at the end
+    none of the slow imports has happened."""
+    import subprocess
+    import sys
+
+    script = """
+import contextlib, io, json, sys
+from evalsuite.cli import main
+out = []
+for argv, code, msg in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(argv)
+    out.append([argv, rc, err.getvalue()])
+heavy = [m for m in ("torch", "transformers", "scipy", "matplotlib", "uvicorn", "lm_eval") if m in sys.modules]
+print(json.dumps({"results": out, "imported": heavy}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(BAD_ARGUMENTS)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.splitlines()[-1])
+    for (argv, code, msg), (_, rc, err) in zip(BAD_ARGUMENTS, got["results"]):
+        assert (rc, msg in err) == (code, True), (argv, rc, err)
+    assert got["imported"] == []
 
 
 def test_unknown_option_of_a_task_is_an_argparse_error(capsys):
@@ -143,9 +198,7 @@ def test_bad_recipe_config_values(setting, msg, tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize("command", ["run", "quantize"])
 def test_bad_recipe_settings_fail_before_a_model_loads(setting, msg, command, tiny_dir, tmp_path, monkeypatch,
                                                        capsys):
-    import evalsuite.models
-
-    monkeypatch.setattr(evalsuite.models, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     argv = (["run", "mmlu", "--per-subject", "1"] if command == "run" else ["quantize"]) + [
         "--model", str(tiny_dir), "--recipe", "int4-awq", "--recipe-config", setting, "--output", str(tmp_path / "x")]
     assert main(argv) == 2

@@ -63,9 +63,9 @@ def test_server_scoring_and_calibration_follow_the_device(tiny):
     ("tpu", "valid: cpu, cuda, cuda:N"),
 ])
 def test_bad_device_fails_before_any_model_loads(device, message, capsys, monkeypatch):
-    from evalsuite import cli, models
+    from evalsuite import cli
 
-    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
     assert cli.main(["run", "mmlu", "--device", device, "--per-subject", "1"]) == 2
     assert message in capsys.readouterr().err
 

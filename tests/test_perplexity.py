@@ -171,9 +171,9 @@ def test_clustered_ratio_standard_error_matches_a_cluster_bootstrap():
     (["--data", "/nonexistent/corpus.txt"], "--data '/nonexistent/corpus.txt': neither 'embedded' nor"),
 ])
 def test_bad_options_fail_before_any_model_loads(args, message, capsys, monkeypatch):
-    from evalsuite import cli, models
+    from evalsuite import cli
 
-    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
     assert cli.main(["run", "perplexity", "--model", "/nonexistent-model", *args]) == 2
     assert message in capsys.readouterr().err
 

@@ -18,9 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.generate import SamplingParams
-from ..engine.score import ScoreRequest, ScoreResult
-from ..textgen import Message, TextResult
+from ..engine.requests import Message, SamplingParams, ScoreRequest, ScoreResult, TextResult
 
 Progress = Callable[[int], None]
 

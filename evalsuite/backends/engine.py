@@ -6,10 +6,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ..engine.generate import SamplingParams
 from ..engine.load import LoadedModel
-from ..engine.score import ScoreRequest, ScoreResult, score
-from ..textgen import Message, TextResult, generate_text
+from ..engine.requests import Message, SamplingParams, ScoreRequest, ScoreResult, TextResult
+from ..engine.score import score
+from ..textgen import generate_text
 from .base import Backend, BackendError, Failure, Progress
 
 

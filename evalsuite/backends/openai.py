@@ -26,9 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from ..engine.generate import SamplingParams
-from ..engine.score import ScoreRequest, ScoreResult
-from ..textgen import Message, TextResult
+from ..engine.requests import Message, SamplingParams, ScoreRequest, ScoreResult, TextResult
 from .base import Backend, BackendError, Failure, Progress
 
 T = TypeVar("T")

@@ -18,22 +18,12 @@ from typing import Any
 
 import torch
 
-from ..assets import SMOLLM2_GGUF, Asset, cache_dir, file_sha256
+from ..assets import cache_dir, file_sha256
 from .config import ModelConfig
 from .model import CausalLM
+from .options import DEFAULT_MODEL, MODELS, ModelLoadError, check_device, check_dtype, source_kind
 
 log = logging.getLogger(__name__)
-
-# Registered model names. The embedded default is a GGUF shipped in a pinned PyPI package.
-MODELS: dict[str, Asset] = {"smollm2-135m": SMOLLM2_GGUF}
-DEFAULT_MODEL = "smollm2-135m"
-
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model source is missing, corrupt or unusable."""
 
 
 @dataclass
@@ -56,12 +46,7 @@ class LoadedModel:
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+    return name if isinstance(name, torch.dtype) else getattr(torch, check_dtype(name))
 
 
 def tokenizer_for(source: str):
@@ -79,18 +64,14 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     unknown device is an error that says what is valid here."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device; valid: cpu, cuda, cuda:N") from None
+    check_device(device if isinstance(device, str) else str(device))
+    dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device!r}: no CUDA device is available here (torch {torch.__version__}, "
                              f"CUDA build: {torch.version.cuda or 'no'}); valid: cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA devices")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device!r}: valid: cpu, cuda, cuda:N")
     return dev
 
 
@@ -112,27 +93,16 @@ def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16",
 
 def _resolve(source: str) -> tuple[Path, dict[str, str] | None, str]:
     """(HF folder, weight hashes when already known, name) of a model source."""
-    if source in MODELS:
-        gguf = MODELS[source].verified_path()
-        folder, hashes = gguf_to_folder(gguf, sha256=MODELS[source].sha256)
-        name = source
-    elif source.endswith(".gguf"):
-        path = Path(source)
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {source!r} does not exist")
-        folder, hashes = gguf_to_folder(path)
-        name = path.name
-    elif Path(source).is_dir():
-        folder, hashes, name = Path(source), None, Path(source).name
-    elif Path(source).exists():
-        raise ModelLoadError(f"{source!r} is a file but not a .gguf; pass an HF model folder, a .gguf file, "
-                             f"or a registered name: {', '.join(MODELS)}")
-    elif source.count("/") == 1 and not source.startswith((".", "/")):
-        folder, hashes, name = _download_hub(source), None, source
-    else:
-        raise ModelLoadError(f"unknown model {source!r}: not a registered name ({', '.join(MODELS)}), "
-                             f"not an existing folder or .gguf file, not a hub id (org/name)")
-    return folder, hashes, name
+    kind = source_kind(source)
+    if kind == "registered":
+        folder, hashes = gguf_to_folder(MODELS[source].verified_path(), sha256=MODELS[source].sha256)
+        return folder, hashes, source
+    if kind == "gguf":
+        folder, hashes = gguf_to_folder(Path(source))
+        return folder, hashes, Path(source).name
+    if kind == "folder":
+        return Path(source), None, Path(source).name
+    return _download_hub(source), None, source
 
 
 def load_tokenizer(folder: Path):

@@ -18,31 +18,12 @@ needed reach lm_head, in float32.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from .cache import KVCache
 from .model import CausalLM, Step
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    context: tuple[int, ...]
-    continuation: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not self.context:
-            raise ValueError("ScoreRequest.context is empty; put a BOS or prefix token first")
-        if not self.continuation:
-            raise ValueError("ScoreRequest.continuation is empty; nothing to score")
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    logprob: float  # sum over continuation tokens, natural log
-    is_greedy: bool
-    token_logprobs: tuple[float, ...]
+from .requests import ScoreRequest, ScoreResult
 
 
 def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens: int = 4096,

@@ -1,5 +1,8 @@
-"""Recipe registry: a name maps to a validated config dataclass and the function that applies it.
+"""Recipe registry: a name maps to a description and a validated config; the code that applies a
+config is registered per config type (``@handler``), as torchao registers its quantize handlers.
 
+The registry and the configs import no torch, so commands look a recipe up and validate its
+settings before anything slow runs; the handlers' modules are imported when a recipe is applied.
 ``apply_recipe(model, name)`` changes the model in place (module swaps through the engine's hook
 points) and returns the record every run stores: name, description and the full config.
 """
@@ -9,27 +12,49 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..engine.load import LoadedModel
+from .configs import FP8ModelOptConfig, FP8OfficialConfig, Int4AutoAWQConfig, Int4AWQConfig, Unquantized
+
+if TYPE_CHECKING:
+    from ..engine.load import LoadedModel
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
-    config: Any  # a frozen dataclass, validated in its __post_init__
-    apply: Callable[[LoadedModel, Any], None]
+    config: Any  # a frozen dataclass, validated in its __post_init__; its type selects the handler
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "config": dataclasses.asdict(self.config)}
 
 
 RECIPES: dict[str, Recipe] = {}
+# The function that applies a config, by config type: ``handler(ConfigType)`` registers it.
+HANDLERS: dict[type, Callable[[LoadedModel, Any], None]] = {}
 # Quantized module types by class name: what a saved checkpoint names and loading rebuilds. Each
 # recipe module registers the module classes it creates (``@register_module``); a class offers
 # ``export() -> (tensors, attrs)`` and ``from_export(tensors, attrs, dtype)``.
 MODULE_TYPES: dict[str, type] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    if recipe.name in RECIPES:
+        raise ValueError(f"recipe {recipe.name!r} is registered twice")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def handler(config_type: type) -> Callable:
+    """Decorator: the function ``(lm, config) -> None`` that applies configs of ``config_type``."""
+    def decorate(fn: Callable[[LoadedModel, Any], None]) -> Callable[[LoadedModel, Any], None]:
+        if config_type in HANDLERS:
+            raise ValueError(f"a handler for {config_type.__name__} is registered twice")
+        HANDLERS[config_type] = fn
+        return fn
+    return decorate
 
 
 def register_module(cls: type) -> type:
@@ -40,19 +65,18 @@ def register_module(cls: type) -> type:
 
 
 def module_types() -> dict[str, type]:
-    _load_builtin()
+    _load_handlers()
     return dict(MODULE_TYPES)
 
 
-def register(recipe: Recipe) -> Recipe:
-    if recipe.name in RECIPES:
-        raise ValueError(f"recipe {recipe.name!r} is registered twice")
-    RECIPES[recipe.name] = recipe
-    return recipe
+QUANT_FILE = "quantization.json"  # marks a folder as a checkpoint that ``checkpoint.save_quantized`` wrote
+
+
+def is_quantized_checkpoint(source: str | Path) -> bool:
+    return (Path(source) / QUANT_FILE).is_file()
 
 
 def get_recipe(name: str) -> Recipe:
-    _load_builtin()
     try:
         return RECIPES[name]
     except KeyError:
@@ -60,7 +84,6 @@ def get_recipe(name: str) -> Recipe:
 
 
 def all_recipes() -> dict[str, Recipe]:
-    _load_builtin()
     return dict(sorted(RECIPES.items()))
 
 
@@ -85,24 +108,45 @@ def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = 
 
     ``overrides`` replace fields of the recipe's config (``configured_recipe``)."""
     recipe = configured_recipe(name, overrides)
-    recipe.apply(lm, recipe.config)
+    _load_handlers()
+    try:
+        apply = HANDLERS[type(recipe.config)]
+    except KeyError:
+        raise KeyError(f"recipe {name!r}: no handler is registered for {type(recipe.config).__name__}") from None
+    apply(lm, recipe.config)
     lm.model.fuse_projections()  # the recipe's modules may fuse (q/k/v, gate/up) where they can
     return recipe.record()
 
 
-@dataclass(frozen=True)
-class Unquantized:
-    """The reference: weights and activations stay in the engine dtype (BF16 by default)."""
-
-
+@handler(Unquantized)
 def _unquantized(lm: LoadedModel, config: Unquantized) -> None:
     pass
 
 
-def _load_builtin() -> None:
-    """Register the built-in recipes once (their modules import this one)."""
-    if "bf16" in RECIPES:
-        return
-    register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized(),
-                    _unquantized))
-    from . import fp8, int4_awq, int4_awq_asym  # noqa: F401  (they register their recipes)
+def _load_handlers() -> None:
+    """Import the built-in recipe modules (they import torch, and register their handlers and
+    module types on import)."""
+    from . import fp8, int4_awq, int4_awq_asym  # noqa: F401
+
+
+register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized()))
+register(Recipe(
+    "fp8-official",
+    "Meta Llama 3.1 FP8 (fbgemm_fp8): FFN weights row-wise E4M3, activations per token dynamic "
+    "(scale bound 1200), not in the first and last layers; attention, embeddings, lm_head, KV cache BF16",
+    FP8OfficialConfig()))
+register(Recipe(
+    "fp8-modelopt",
+    "NVIDIA Model Optimizer FP8: all linears but lm_head with static per-tensor E4M3 weight and input "
+    "scales (max calibration), FP8 KV cache (static per-tensor K and V scales), static FP8 attention inputs; "
+    "q/k/v and gate/up with one scale per group as TensorRT-LLM and vLLM load them fused",
+    FP8ModelOptConfig()))
+register(Recipe("int4-awq", "NVIDIA Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4, blocks of "
+                "128 along the input, activation-aware per-channel scales searched over α, q/k/v and gate/up "
+                "resmoothed to one scale folded into the norm as exported for deployment; lm_head BF16",
+                Int4AWQConfig()))
+register(Recipe("int4-rtn", "plain INT4 rounding (the int4-awq quantizer without AWQ scales), for comparison",
+                Int4AWQConfig(awq=False)))
+register(Recipe("int4-awq-asym", "AutoAWQ INT4 (GEMM): zero-point INT4 [0, 15], groups of 128, 20-point scale "
+                "search scored on each block's output, clip search (not q, k), scales folded into the "
+                "preceding norm or linear; lm_head BF16", Int4AutoAWQConfig()))

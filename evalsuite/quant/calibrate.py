@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, Step
 from ..textgen import generate_text
+from .configs import CalibrationSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +40,6 @@ TOPICS = ("cooking pasta", "the water cycle", "a trip to the mountains", "how bi
           "chess openings", "the human heart", "recycling", "jazz music", "planning a party", "electric cars",
           "baking bread", "honeybees", "a rainy afternoon", "public libraries", "marathon training", "glaciers",
           "origami", "tea ceremonies", "the moon landing", "city parks")
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    source: str = "sampled"
-    num_samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.seq_len < 8:
-            raise ValueError(f"calibration needs num_samples >= 1 and seq_len >= 8, got {self.num_samples}, "
-                             f"{self.seq_len}")
-        if self.source != "sampled" and not Path(self.source).is_file():
-            raise ValueError(f"calibration source {self.source!r} is neither 'sampled' nor an existing text file")
-
-
-def coerce_calibration(config) -> None:
-    """In a recipe config's ``__post_init__``: a ``calibration`` given as a dict (from a run record
-    or a ``--recipe-config`` override) becomes a validated CalibrationSpec."""
-    if isinstance(config.calibration, dict):
-        object.__setattr__(config, "calibration", CalibrationSpec(**config.calibration))
 
 
 def token_batches(sequences: list[list[int]], max_tokens: int = 4096) -> list[list[list[int]]]:

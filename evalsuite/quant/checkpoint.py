@@ -19,17 +19,11 @@ from torch import nn
 from ..assets import file_sha256
 from ..engine.load import LoadedModel, ModelInfo, ModelLoadError, load_tokenizer, parse_dtype, read_config
 from ..engine.model import CausalLM
-from .api import module_types
-
-QUANT_FILE = "quantization.json"
+from .api import QUANT_FILE, module_types
 
 
 class CheckpointError(ModelLoadError):
     """A folder that claims to be a quantized checkpoint cannot be loaded."""
-
-
-def is_quantized_checkpoint(source: str | Path) -> bool:
-    return (Path(source) / QUANT_FILE).is_file()
 
 
 def _is_quantized(module: nn.Module) -> bool:

@@ -16,15 +16,15 @@ which through 30 layers moves as many cloze answers as FP8 itself does (docs/PER
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.load import LoadedModel
-from .api import Recipe, register, register_module
-from .calibrate import CalibrationSpec, calibrate, coerce_calibration, projections, shared_input_groups
+from .api import handler, register_module
+from .calibrate import calibrate, projections, shared_input_groups
+from .configs import FP8ModelOptConfig, FP8OfficialConfig
 
 E4M3_MAX = 448.0
 # fbgemm's floor on a per-token scale, so an all-zero (or tiny) token never divides by zero.
@@ -179,27 +179,7 @@ def _with_bias(tensors: dict[str, Tensor], bias: Tensor | None) -> dict[str, Ten
     return tensors if bias is None else {**tensors, "bias": bias}
 
 
-@dataclass(frozen=True)
-class FP8OfficialConfig:
-    """Meta's Llama 3.1 FP8 recipe: FFN projections only, first and last layers left in BF16."""
-
-    activation_scale_ub: float = 1200.0
-    skip_first_and_last_layers: bool = True
-    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
-
-    def __post_init__(self) -> None:
-        _check_kernel(self.kernel)
-        if not self.activation_scale_ub > 0:
-            raise ValueError(f"activation_scale_ub must be > 0, got {self.activation_scale_ub!r}")
-
-
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-FP8_KERNELS = ("off", "scaled_mm")
-
-
-def _check_kernel(kernel: str) -> None:
-    if kernel not in FP8_KERNELS:
-        raise ValueError(f"kernel={kernel!r}; valid: {', '.join(FP8_KERNELS)}")
 
 
 def quantized_layers(num_layers: int, config: FP8OfficialConfig) -> list[int]:
@@ -208,6 +188,7 @@ def quantized_layers(num_layers: int, config: FP8OfficialConfig) -> list[int]:
     return list(range(num_layers))
 
 
+@handler(FP8OfficialConfig)
 def apply_fp8_official(lm: LoadedModel, config: FP8OfficialConfig) -> None:
     model = lm.model
     for i in quantized_layers(len(model.model.layers), config):
@@ -216,13 +197,6 @@ def apply_fp8_official(lm: LoadedModel, config: FP8OfficialConfig) -> None:
             q = FP8RowwiseLinear.from_linear(getattr(mlp, name), config.activation_scale_ub)
             q.use_kernel = config.kernel == "scaled_mm"
             setattr(mlp, name, q)
-
-
-register(Recipe(
-    "fp8-official",
-    "Meta Llama 3.1 FP8 (fbgemm_fp8): FFN weights row-wise E4M3, activations per token dynamic "
-    "(scale bound 1200), not in the first and last layers; attention, embeddings, lm_head, KV cache BF16",
-    FP8OfficialConfig(), apply_fp8_official))
 
 
 @register_module
@@ -356,31 +330,6 @@ def static_scale(amax: float) -> float:
     return max(amax / E4M3_MAX, MIN_SCALE)
 
 
-KV_SCALE_MODES = ("simulate", "deploy")
-
-
-@dataclass(frozen=True)
-class FP8ModelOptConfig:
-    """Model Optimizer FP8: every linear but lm_head; FP8 KV cache; static FP8 attention inputs.
-
-    kv_scale_mode: ``simulate`` uses amax / 448 for K and V; ``deploy`` floors those scales at 1.0
-    as Model Optimizer's checkpoint export does (its issue #20: all-1.0 KV scales).
-    fused_scales: q/k/v and gate/up as a deploying engine loads them into one GEMM each
-    (``requantize_fused``); off, every projection keeps its own scales (the model as calibrated)."""
-
-    kv_scale_mode: str = "simulate"
-    quantize_attention: bool = True
-    fused_scales: bool = True
-    calibration: CalibrationSpec = CalibrationSpec()
-    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
-
-    def __post_init__(self) -> None:
-        _check_kernel(self.kernel)
-        if self.kv_scale_mode not in KV_SCALE_MODES:
-            raise ValueError(f"kv_scale_mode={self.kv_scale_mode!r}; valid: {', '.join(KV_SCALE_MODES)}")
-        coerce_calibration(self)
-
-
 def kv_scale(amax: float, mode: str) -> float:
     scale = static_scale(amax)
     return max(scale, 1.0) if mode == "deploy" else scale
@@ -405,6 +354,7 @@ def requantize_fused(mods: list[FP8StaticLinear], dtype: torch.dtype) -> list[FP
     return out
 
 
+@handler(FP8ModelOptConfig)
 def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
     stats = calibrate(lm, config.calibration)
     model = lm.model
@@ -430,11 +380,3 @@ def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
             a.q_bmm_quant = FP8StaticQuantizer(static_scale(stats[f"{key}.q_bmm_quant"]))
             # softmax output lies in [0, 1]: its amax is 1 without calibration
             a.softmax_quant = FP8StaticQuantizer(1.0 / E4M3_MAX)
-
-
-register(Recipe(
-    "fp8-modelopt",
-    "NVIDIA Model Optimizer FP8: all linears but lm_head with static per-tensor E4M3 weight and input "
-    "scales (max calibration), FP8 KV cache (static per-tensor K and V scales), static FP8 attention inputs; "
-    "q/k/v and gate/up with one scale per group as TensorRT-LLM and vLLM load them fused",
-    FP8ModelOptConfig(), apply_fp8_modelopt))

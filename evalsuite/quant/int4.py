@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..engine.linear import linear as _linear
 from .api import register_module
+from .configs import KERNEL_MAX_ROWS
 
 INT4_MIN, INT4_MAX = -8, 7
 ASYM_MAX = 15
@@ -84,19 +85,6 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     low = (packed & 0x0F).to(torch.int8) - 8
     high = (packed >> 4).to(torch.int8) - 8
     return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)
-
-
-# Rows up to which the packed INT4 CPU kernel beats a BF16 matmul on the dequantized weight
-# (decode); larger batches and prefill use the dense path. See docs/PERF.md.
-KERNEL_MAX_ROWS = 4
-# The recipes' ``kernel`` setting: off (simulated only), auto (the kernel for decode-sized calls),
-# always (the kernel for every call: the real path end to end, for parity checks).
-INT4_KERNEL_MODES = {"off": 0, "auto": KERNEL_MAX_ROWS, "always": 1 << 62}
-
-
-def check_kernel_mode(kernel: str) -> None:
-    if kernel not in INT4_KERNEL_MODES:
-        raise ValueError(f"kernel={kernel!r}; valid: {', '.join(INT4_KERNEL_MODES)}")
 
 
 def int4_kernel_available(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:

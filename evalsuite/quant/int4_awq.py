@@ -24,17 +24,16 @@ float32: the model as calibrated, before export.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from ..engine.linear import linear, project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM
-from .api import Recipe, register
-from .calibrate import CalibrationSpec, cached, coerce_calibration, projections, run_wrapped, shared_input_groups
-from .int4 import INT4_KERNEL_MODES, Int4WeightOnlyLinear, check_kernel_mode, int4_fake_quantize, pad_to_blocks
+from .api import handler
+from .calibrate import cached, projections, run_wrapped, shared_input_groups
+from .configs import INT4_KERNEL_MODES, Int4AWQConfig
+from .int4 import Int4WeightOnlyLinear, int4_fake_quantize, pad_to_blocks
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
 
@@ -118,25 +117,6 @@ def search(lm: LoadedModel, sequences: list[list[int]], block_size: int, steps: 
     return out
 
 
-@dataclass(frozen=True)
-class Int4AWQConfig:
-    """Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4 [-8, 7], blocks of 128 along
-    the input dimension, every linear but lm_head; ``awq=False`` gives plain INT4 rounding."""
-
-    block_size: int = 128
-    awq: bool = True
-    alpha_steps: int = 10
-    calibration: CalibrationSpec = CalibrationSpec()
-    kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
-    resmooth: bool = True  # the exported form: q/k/v and gate/up share a scale, folded into the norm
-
-    def __post_init__(self) -> None:
-        check_kernel_mode(self.kernel)
-        if self.block_size < 1 or self.alpha_steps < 1:
-            raise ValueError(f"block_size and alpha_steps must be >= 1, got {self.block_size}, {self.alpha_steps}")
-        coerce_calibration(self)
-
-
 def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
     """Model Optimizer's export of AWQ scales (see the module docstring): every projection's
     smoothed weight W·s in its dtype, those of a shared-input group resmoothed to the group's
@@ -159,6 +139,7 @@ def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
     return weights
 
 
+@handler(Int4AWQConfig)
 def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
     model = lm.model
     scales: dict[str, Tensor] = {}
@@ -176,11 +157,3 @@ def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
         setattr(parent, attr, Int4WeightOnlyLinear.from_linear(
             linear, config.block_size, scales.get(name), use_kernel=config.kernel != "off",
             kernel_max_rows=INT4_KERNEL_MODES[config.kernel], weight=weights.get(name)))
-
-
-register(Recipe("int4-awq", "NVIDIA Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4, blocks of "
-                "128 along the input, activation-aware per-channel scales searched over α, q/k/v and gate/up "
-                "resmoothed to one scale folded into the norm as exported for deployment; lm_head BF16",
-                Int4AWQConfig(), apply_int4))
-register(Recipe("int4-rtn", "plain INT4 rounding (the int4-awq quantizer without AWQ scales), for comparison",
-                Int4AWQConfig(awq=False), apply_int4))

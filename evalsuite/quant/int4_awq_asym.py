@@ -23,45 +23,19 @@ Layer by layer, on inputs that the unquantized model produces (as AutoAWQ's quan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, Step
-from .api import Recipe, register
-from .calibrate import CalibrationSpec, cached_tensors, coerce_calibration, token_batches
-from .int4 import (INT4_KERNEL_MODES, Int4WeightOnlyLinear, check_kernel_mode, int4_asym_quantize,
-                   int4_fake_quantize, pad_to_blocks)
+from .api import handler
+from .calibrate import cached_tensors, token_batches
+from .configs import INT4_KERNEL_MODES, Int4AutoAWQConfig
+from .int4 import Int4WeightOnlyLinear, int4_asym_quantize, int4_fake_quantize, pad_to_blocks
 
 SKIP_CLIP = ("q_proj", "k_proj")
-
-
-@dataclass(frozen=True)
-class Int4AutoAWQConfig:
-    """AutoAWQ (GEMM, version 'gemm' defaults): w_bit 4, q_group_size 128, zero_point True,
-    a 20-point ratio grid with duo scaling, clip search with max_shrink 0.5 on 512 tokens."""
-
-    block_size: int = 128
-    n_grid: int = 20
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    clip_tokens: int = 512
-    calibration: CalibrationSpec = CalibrationSpec()
-    kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
-
-    def __post_init__(self) -> None:
-        check_kernel_mode(self.kernel)
-        if self.block_size < 1 or self.n_grid < 1 or self.clip_grid < 1 or self.clip_tokens < 1:
-            raise ValueError(f"block_size, n_grid, clip_grid and clip_tokens must be >= 1, got {self.block_size}, "
-                             f"{self.n_grid}, {self.clip_grid}, {self.clip_tokens}")
-        if not 0.0 <= self.max_shrink < 1.0:
-            raise ValueError(f"max_shrink={self.max_shrink}; valid: 0 <= max_shrink < 1")
-        coerce_calibration(self)
 
 
 def group_weight_mean(w: Tensor, block_size: int) -> Tensor:
@@ -247,6 +221,7 @@ def search(model: CausalLM, sequences: list[list[int]], config: Int4AutoAWQConfi
     return found
 
 
+@handler(Int4AutoAWQConfig)
 @torch.inference_mode()
 def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
     model = lm.model
@@ -266,8 +241,3 @@ def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
             setattr(getattr(layer, parent), attr, Int4WeightOnlyLinear(
                 codes, scale, w.shape[1], config.block_size, bias, None, linear.weight.dtype,
                 use_kernel=config.kernel != "off", zero_point=zero, kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))
-
-
-register(Recipe("int4-awq-asym", "AutoAWQ INT4 (GEMM): zero-point INT4 [0, 15], groups of 128, 20-point scale "
-                "search scored on each block's output, clip search (not q, k), scales folded into the "
-                "preceding norm or linear; lm_head BF16", Int4AutoAWQConfig(), apply_autoawq))

@@ -16,18 +16,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend, Failure
-from ..backends.engine import EngineBackend
-from ..engine.generate import SamplingParams
-from ..engine.load import LoadedModel
-from ..engine.score import ScoreRequest
+from ..engine.requests import SamplingParams, ScoreRequest
 from ..records import RunStore, package_versions
 from ..stats import accuracy_table
 from ..taskdef import Formulation, MultipleChoiceTask, load_task, parse_multiple_choice_task
 from . import register
 from .base import Job, Runner, RunResult, backend_identity, progress_bar
+
+if TYPE_CHECKING:
+    from ..engine.load import LoadedModel
 
 LETTERS = ("A", "B", "C", "D")
 NEAR_TIE = 0.01  # log-probability margin under which batch-size noise may flip a prediction
@@ -349,7 +349,9 @@ def run_mmlu(backend: Backend | LoadedModel, job: MMLUJob | MMLUConfig, out_dir:
     ``backend`` may be a loaded model (run in this process with ``recipe`` as its record);
     ``job`` a config, prepared here. Questions whose request failed are recorded with the reason
     and retried when the run is resumed; the metrics count them apart."""
-    if isinstance(backend, LoadedModel):
+    if not isinstance(backend, Backend):  # a LoadedModel: the engine is imported only then
+        from ..backends.engine import EngineBackend
+
         backend = EngineBackend(backend, recipe)
     if isinstance(job, MMLUConfig):
         job = prepare_mmlu(job)

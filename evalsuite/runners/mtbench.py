@@ -26,7 +26,7 @@ from typing import Any
 
 from ..assets import Asset
 from ..backends.base import Backend, Failure
-from ..engine.generate import SamplingParams
+from ..engine.requests import SamplingParams
 from ..judge import Judge, calibrate, render_pair, render_single
 from ..records import RunStore, package_versions
 from ..stats import mean_estimate

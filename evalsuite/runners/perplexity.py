@@ -28,7 +28,7 @@ from typing import Any
 
 from ..assets import Asset, file_sha256
 from ..backends.base import Backend, Failure
-from ..engine.score import ScoreRequest
+from ..engine.requests import ScoreRequest
 from ..records import RunStore, package_versions
 from ..stats import ratio_estimate
 from ..taskdef import TaskDefinitionError, fields_of, load_task

@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engine.generate import SamplingParams
+from ..engine.requests import SamplingParams
 from ..textgen import encode_prompt, with_stop_tokens
 from .scheduler import GenerationJob, PromptLogprobJob, Scheduler
 

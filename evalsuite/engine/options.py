@@ -1,0 +1,62 @@
+"""What ``load`` accepts (model sources, dtypes, devices), checked without importing torch.
+
+Commands check their arguments with these first, so a bad one is reported in well under a second,
+before torch is imported or a model is read. ``load`` itself checks the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..assets import SMOLLM2_GGUF, Asset
+
+# Registered model names. The embedded default is a GGUF shipped in a pinned PyPI package.
+MODELS: dict[str, Asset] = {"smollm2-135m": SMOLLM2_GGUF}
+DEFAULT_MODEL = "smollm2-135m"
+
+# dtype names, each mapped to torch's name for it
+DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
+               "float16": "float16", "fp16": "float16"}
+
+_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+class ModelLoadError(RuntimeError):
+    """A model source is missing, corrupt or unusable."""
+
+
+def check_dtype(name: str) -> str:
+    """torch's name for the dtype ``name`` (bfloat16, float32, float16)."""
+    try:
+        return DTYPE_NAMES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPE_NAMES)}") from None
+
+
+def check_device(device: str | None) -> None:
+    """``device`` is None (the default) or names a CPU or CUDA device; whether that CUDA device
+    exists here is ``load.parse_device``'s question, which needs torch."""
+    if device is not None and not _DEVICE.fullmatch(str(device)):
+        raise ValueError(f"--device {device!r} is not a device; valid: cpu, cuda, cuda:N")
+
+
+def source_kind(source: str) -> str:
+    """How ``source`` loads: "registered" (a name in MODELS), "gguf" (a .gguf file), "folder" (an
+    HF model folder) or "hub" (org/name). Nothing is read or downloaded."""
+    path = Path(source)
+    if source in MODELS:
+        return "registered"
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {source!r} does not exist")
+        return "gguf"
+    if path.is_dir():
+        return "folder"
+    if path.exists():
+        raise ModelLoadError(f"{source!r} is a file but not a .gguf; pass an HF model folder, a .gguf file, "
+                             f"or a registered name: {', '.join(MODELS)}")
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        return "hub"
+    raise ModelLoadError(f"unknown model {source!r}: not a registered name ({', '.join(MODELS)}), "
+                         f"not an existing folder or .gguf file, not a hub id (org/name)")

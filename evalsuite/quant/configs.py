@@ -1,0 +1,143 @@
+"""Each recipe's settings: a frozen dataclass validated in ``__post_init__``, with no torch.
+
+The settings are what a run record stores and what ``--recipe-config`` overrides; the code that
+applies them lives in the recipe modules (fp8, int4_awq, int4_awq_asym), registered per config
+type in ``api``. Kept apart so that commands validate a recipe before importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    source: str = "sampled"
+    num_samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.seq_len < 8:
+            raise ValueError(f"calibration needs num_samples >= 1 and seq_len >= 8, got {self.num_samples}, "
+                             f"{self.seq_len}")
+        if self.source != "sampled" and not Path(self.source).is_file():
+            raise ValueError(f"calibration source {self.source!r} is neither 'sampled' nor an existing text file")
+
+
+def coerce_calibration(config) -> None:
+    """In a recipe config's ``__post_init__``: a ``calibration`` given as a dict (from a run record
+    or a ``--recipe-config`` override) becomes a validated CalibrationSpec."""
+    if isinstance(config.calibration, dict):
+        object.__setattr__(config, "calibration", CalibrationSpec(**config.calibration))
+
+
+@dataclass(frozen=True)
+class Unquantized:
+    """The reference: weights and activations stay in the engine dtype (BF16 by default)."""
+
+
+# --- FP8 -------------------------------------------------------------------------------------
+
+FP8_KERNELS = ("off", "scaled_mm")
+KV_SCALE_MODES = ("simulate", "deploy")
+
+
+def check_fp8_kernel(kernel: str) -> None:
+    if kernel not in FP8_KERNELS:
+        raise ValueError(f"kernel={kernel!r}; valid: {', '.join(FP8_KERNELS)}")
+
+
+@dataclass(frozen=True)
+class FP8OfficialConfig:
+    """Meta's Llama 3.1 FP8 recipe: FFN projections only, first and last layers left in BF16."""
+
+    activation_scale_ub: float = 1200.0
+    skip_first_and_last_layers: bool = True
+    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
+
+    def __post_init__(self) -> None:
+        check_fp8_kernel(self.kernel)
+        if not self.activation_scale_ub > 0:
+            raise ValueError(f"activation_scale_ub must be > 0, got {self.activation_scale_ub!r}")
+
+
+@dataclass(frozen=True)
+class FP8ModelOptConfig:
+    """Model Optimizer FP8: every linear but lm_head; FP8 KV cache; static FP8 attention inputs.
+
+    kv_scale_mode: ``simulate`` uses amax / 448 for K and V; ``deploy`` floors those scales at 1.0
+    as Model Optimizer's checkpoint export does (its issue #20: all-1.0 KV scales).
+    fused_scales: q/k/v and gate/up as a deploying engine loads them into one GEMM each
+    (``fp8.requantize_fused``); off, every projection keeps its own scales (the model as calibrated)."""
+
+    kv_scale_mode: str = "simulate"
+    quantize_attention: bool = True
+    fused_scales: bool = True
+    calibration: CalibrationSpec = CalibrationSpec()
+    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
+
+    def __post_init__(self) -> None:
+        check_fp8_kernel(self.kernel)
+        if self.kv_scale_mode not in KV_SCALE_MODES:
+            raise ValueError(f"kv_scale_mode={self.kv_scale_mode!r}; valid: {', '.join(KV_SCALE_MODES)}")
+        coerce_calibration(self)
+
+
+# --- INT4 ------------------------------------------------------------------------------------
+
+# Rows up to which the packed INT4 CPU kernel beats a BF16 matmul on the dequantized weight
+# (decode); larger batches and prefill use the dense path. See docs/PERF.md.
+KERNEL_MAX_ROWS = 4
+# The recipes' ``kernel`` setting: off (simulated only), auto (the kernel for decode-sized calls),
+# always (the kernel for every call: the real path end to end, for parity checks).
+INT4_KERNEL_MODES = {"off": 0, "auto": KERNEL_MAX_ROWS, "always": 1 << 62}
+
+
+def check_kernel_mode(kernel: str) -> None:
+    if kernel not in INT4_KERNEL_MODES:
+        raise ValueError(f"kernel={kernel!r}; valid: {', '.join(INT4_KERNEL_MODES)}")
+
+
+@dataclass(frozen=True)
+class Int4AWQConfig:
+    """Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4 [-8, 7], blocks of 128 along
+    the input dimension, every linear but lm_head; ``awq=False`` gives plain INT4 rounding."""
+
+    block_size: int = 128
+    awq: bool = True
+    alpha_steps: int = 10
+    calibration: CalibrationSpec = CalibrationSpec()
+    kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
+    resmooth: bool = True  # the exported form: q/k/v and gate/up share a scale, folded into the norm
+
+    def __post_init__(self) -> None:
+        check_kernel_mode(self.kernel)
+        if self.block_size < 1 or self.alpha_steps < 1:
+            raise ValueError(f"block_size and alpha_steps must be >= 1, got {self.block_size}, {self.alpha_steps}")
+        coerce_calibration(self)
+
+
+@dataclass(frozen=True)
+class Int4AutoAWQConfig:
+    """AutoAWQ (GEMM, version 'gemm' defaults): w_bit 4, q_group_size 128, zero_point True,
+    a 20-point ratio grid with duo scaling, clip search with max_shrink 0.5 on 512 tokens."""
+
+    block_size: int = 128
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    calibration: CalibrationSpec = CalibrationSpec()
+    kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
+
+    def __post_init__(self) -> None:
+        check_kernel_mode(self.kernel)
+        if self.block_size < 1 or self.n_grid < 1 or self.clip_grid < 1 or self.clip_tokens < 1:
+            raise ValueError(f"block_size, n_grid, clip_grid and clip_tokens must be >= 1, got {self.block_size}, "
+                             f"{self.n_grid}, {self.clip_grid}, {self.clip_tokens}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"max_shrink={self.max_shrink}; valid: 0 <= max_shrink < 1")
+        coerce_calibration(self)
