@@ -31,11 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evalsuite.cli import parse_recipe_spec  # noqa: E402
 from evalsuite.engine.config import ModelConfig  # noqa: E402
 from evalsuite.engine.generate import SamplingParams, generate  # noqa: E402
 from evalsuite.engine.load import LoadedModel, ModelInfo, from_state_dict, parse_device  # noqa: E402
 from evalsuite.engine.model import use_varlen  # noqa: E402
 from evalsuite.engine.score import ScoreRequest, score  # noqa: E402
+from evalsuite.quant.api import configured_recipe  # noqa: E402
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype):
@@ -183,6 +185,8 @@ def main() -> None:
     p.add_argument("--recipes", nargs="*", default=["fp8-modelopt", "fp8-official", "int4-awq"],
                    help="recipe names, each optionally with settings: fp8-modelopt:quantize_attention=false")
     args = p.parse_args()
+    for spec in args.recipes:  # a misspelt recipe fails now, not minutes into the run
+        configured_recipe(*parse_recipe_spec(spec))
     device = parse_device(args.device)
     cfg = ModelConfig.from_name(args.shapes)
     q = args.quick
@@ -295,9 +299,8 @@ def main() -> None:
         return f"{value / base[key]:.2f}x" if key in base else "n/a (no BF16 figure)"
 
     def run_recipe(spec: str) -> None:
-        name, _, extra = spec.partition(":")
-        settings = {k: {"true": True, "false": False}.get(v.lower(), v)
-                    for k, v in (kv.split("=", 1) for kv in extra.split(",") if kv)}
+        name, settings = parse_recipe_spec(spec)
+        settings = settings or {}
         outs = {}
         for kernel in ("sim", "real"):
             model = from_state_dict(cfg, {k: v.clone() for k, v in eng.state_dict().items()}, torch.bfloat16)
