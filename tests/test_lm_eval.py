@@ -139,3 +139,14 @@ def test_harness_run_writes_the_suites_records(tiny_dir, tmp_path, capsys):
     # a rerun answers from lm-eval's cache in the run folder and adds no record
     assert main(argv) == 0
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies where there is no GPU")
+def test_lm_eval_default_cuda_device_falls_back_where_there_is_no_gpu():
+    """lm-eval passes its default device (cuda:0) whether or not a GPU exists; its hf model then
+    uses the default device, and so does the engine. A device that is not a device stays an error."""
+    from evalsuite.runners.lm_eval_model import _device
+
+    assert [_device(d) for d in ("cuda:0", "cuda", None, "cpu")] == [None, None, None, "cpu"]
+    with pytest.raises(ValueError, match="not a device"):
+        EvalsuiteLM(model="smollm2-135m", device="tpu")

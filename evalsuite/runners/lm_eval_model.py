@@ -15,6 +15,7 @@ lm-eval's contracts, as its ``LM`` docstrings state them:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models first: it loads them only into an empty registry)
@@ -24,10 +25,10 @@ from lm_eval.api.registry import register_model
 
 from ..backends.base import Backend
 from ..backends.engine import EngineBackend
-from ..engine.generate import SamplingParams
-from ..engine.score import ScoreRequest
+from ..engine.requests import SamplingParams, ScoreRequest
 
 DEFAULT_MAX_GEN_TOKS = 256
+log = logging.getLogger(__name__)
 
 
 @register_model("evalsuite")
@@ -36,14 +37,14 @@ class EvalsuiteLM(TemplateLM):
                  batch_size: int | str = 32, max_batch_tokens: int = 4096, max_length: int | None = None,
                  backend: Backend | None = None, device: str | None = None, max_batch_size: int | None = None,
                  **recipe_config: Any):
-        """``model_args`` as lm-eval passes them; any other key is a recipe setting. ``device`` and
-        ``max_batch_size`` are lm-eval's own arguments, accepted and unused: the engine runs
-        where its model is, with ``batch_size`` sequences per forward."""
+        """``model_args`` as lm-eval passes them; any other key is a recipe setting. ``device`` is
+        lm-eval's ``--device``; ``max_batch_size``, also lm-eval's, is accepted and unused: the
+        engine runs ``batch_size`` sequences per forward."""
         super().__init__()
         if backend is None:
             from ..models import load_model_and_recipe
 
-            lm, record = load_model_and_recipe(model, recipe, dtype, recipe_config or None)
+            lm, record = load_model_and_recipe(model, recipe, dtype, recipe_config or None, _device(device))
             size = 32 if batch_size in ("auto", None) else int(batch_size)
             backend = EngineBackend(lm, record, max_batch_size=size, max_batch_tokens=int(max_batch_tokens))
         self.backend = backend
@@ -125,3 +126,18 @@ def _ok(results: list) -> list:
         if isinstance(r, Failure):
             raise RuntimeError(f"a request failed: {r.reason}")
     return results
+
+
+def _device(device: str | None) -> str | None:
+    """lm-eval's device for the engine. lm-eval defaults to cuda:0 whether or not there is a GPU,
+    and its own hf model then falls back to the default device; so does this: a CUDA device that
+    is not here becomes None (cuda when available, else cpu), with a warning. Anything else is
+    checked by the engine as for ``--device``."""
+    import torch
+
+    kind, _, index = (device or "").partition(":")
+    if kind == "cuda" and (index == "" or index.isdigit()):
+        if not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count():
+            log.warning("device %r is not available here; using the default device", device)
+            return None
+    return device
