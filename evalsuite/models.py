@@ -43,7 +43,7 @@ def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloa
     check_model_args(source, recipe, overrides, dtype, device)
     parse_device(device)
     if is_quantized_checkpoint(source):
-        lm, record = load_quantized(source, dtype)
+        lm, record = load_quantized(source, dtype, device)
     else:
         lm = load(source, dtype, device)
         record = apply_recipe(lm, recipe, overrides)

@@ -73,6 +73,24 @@ def test_quantize_cli_and_run_from_checkpoint(tiny_dir, tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
 
 
+def test_checkpoint_loads_on_the_commands_device(tiny_dir, tmp_path, monkeypatch):
+    """--device reaches the checkpoint loader (it loaded on the CPU whatever was asked). On a CPU
+    machine only the request can be observed: the loader is asked for the command's device."""
+    import evalsuite.quant.checkpoint as ckpt
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8-official", "--dtype", "float32",
+                 "--output", str(out)]) == 0
+    asked = []
+    real = ckpt.parse_device
+    monkeypatch.setattr(ckpt, "parse_device", lambda device: asked.append(device) or real(device))
+    assert main(["run", "mmlu", "--model", str(out), "--device", "cpu", "--dtype", "float32", "--per-subject", "1",
+                 "--subjects", "anatomy", "--formulation", "letter", "--output", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
+    assert asked == ["cpu"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["backend"]["device"] == "cpu"
+
+
 def test_deployed_weight_bytes_by_hand(tiny_dir):
     from evalsuite.quant.checkpoint import deployed_weight_bytes
 

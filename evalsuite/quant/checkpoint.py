@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..assets import file_sha256
-from ..engine.load import LoadedModel, ModelInfo, ModelLoadError, load_tokenizer, parse_dtype, read_config
+from ..engine.load import LoadedModel, ModelInfo, ModelLoadError, load_tokenizer, parse_device, parse_dtype, read_config
 from ..engine.model import CausalLM
 from .api import QUANT_FILE, module_types
 
@@ -61,19 +61,22 @@ def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     return out
 
 
-def load_quantized(folder: str | Path, dtype: str | torch.dtype = "bfloat16") -> tuple[LoadedModel, dict[str, Any]]:
-    """A quantized checkpoint as saved by ``save_quantized``: the model and its recipe record."""
+def load_quantized(folder: str | Path, dtype: str | torch.dtype = "bfloat16",
+                   device: str | torch.device | None = "cpu") -> tuple[LoadedModel, dict[str, Any]]:
+    """A quantized checkpoint as saved by ``save_quantized``: the model, on ``device`` (None: cuda
+    when available, else cpu), and its recipe record. The tensors move to the device before the
+    quantized modules are built, so a packed kernel layout is made for the device that runs it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder, dtype = Path(folder), parse_dtype(dtype)
+    folder, dtype, device = Path(folder), parse_dtype(dtype), parse_device(device)
     meta = _read_meta(folder)
     cfg = read_config(folder)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{folder} has {QUANT_FILE} but no model.safetensors")
     try:
-        state = load_file(str(weights))
+        state = {k: v.to(device) for k, v in load_file(str(weights)).items()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {weights}: {e} (the file is corrupt or truncated)") from None
     with torch.device("meta"):
