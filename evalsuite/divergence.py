@@ -64,7 +64,7 @@ def divergence_for_run(backend, job, baseline_dir: str | Path) -> dict[str, Any]
     answers = read_answers(baseline_dir)
     model, recipe = run["model"], run["recipe"]
     base_lm, _ = load_model_and_recipe(model["source"], recipe["name"], model.get("dtype", "bfloat16"),
-                                       _overrides(recipe))
+                                       _overrides(recipe), str(backend.lm.model.device))
     convs = []
     for q in job.questions:
         turns = answers.get(q["question_id"], {})

@@ -36,7 +36,7 @@ def judge_for(args, backend=None) -> Iterator[Judge]:
     from .engine.load import load
     from .server.serve import BackgroundServer, served_model
 
-    lm = load(EMBEDDED_JUDGE, "bfloat16")
+    lm = load(EMBEDDED_JUDGE, "bfloat16", getattr(args, "device", None))  # where the evaluated model runs
     served = served_model(lm, {"name": "bf16"}, f"{EMBEDDED_JUDGE}-judge", max_batch_size=32, max_len=8192,
                           max_prefill_tokens=4096)
     with BackgroundServer(served) as srv:

@@ -221,8 +221,12 @@ def test_end_to_end_through_the_server_and_fastchats_show_result(tiny_chat, tmp_
     assert {"question_id", "answer_id", "model_id", "choices", "tstamp", "recipe", "backend"} <= set(answers_file[0])
 
 
-def test_pairwise_both_orders_and_fastchats_show_result(tiny_chat, tmp_path, capsys):
-    from evalsuite import cli
+def test_pairwise_both_orders_and_fastchats_show_result(tiny_chat, tmp_path, capsys, monkeypatch):
+    from evalsuite import cli, models
+
+    devices = []  # the device of every model loaded: the divergence's baseline loads where the candidate runs
+    real = models.load_model_and_recipe
+    monkeypatch.setattr(models, "load_model_and_recipe", lambda *a: devices.append(a[4]) or real(*a))
 
     # A judge that always prefers assistant A: inconsistent across orders, so every pair is a tie.
     with ScriptedJudge(reply=lambda user: "[[A]]" if "Assistant A" in user else "Rating: [[5]]") as judge:
@@ -242,6 +246,7 @@ def test_pairwise_both_orders_and_fastchats_show_result(tiny_chat, tmp_path, cap
     assert re.search(r"\s0\s+0\s+6\s+0\.0\s+0\.0\s+0\.5", shown), shown
     div = run["metrics"]["divergence_from_baseline"]
     assert div["tokens"] > 0 and div["mean_kl"] > 0 and 0 <= div["greedy_changed"] <= 1
+    assert devices == [None, None, "cpu"]  # base run, candidate run (no --device), the divergence's baseline
 
 
 @pytest.mark.slow
