@@ -148,6 +148,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="add MT-Bench on N questions (judged by the embedded judge; --full: all 80)")
     st.add_argument("--mt-bench-tokens", type=int, default=None, metavar="T",
                     help="new tokens per MT-Bench answer (default FastChat's 1024)")
+    st.add_argument("--device", default=None, help="cpu, cuda or cuda:N for every run and the benchmark "
+                                                    "(default: cuda when available, else cpu)")
     st.add_argument("--rebench", action="store_true", help="redo the throughput benchmark even if it exists")
     st.add_argument("--root", default="reports", help="where the study folder goes (default reports/)")
 
@@ -647,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_study(args.name, args.model, args.recipes or list(all_recipes()), full=args.full,
                               per_subject=args.per_subject, per_article=args.per_article, root=Path(args.root),
                               formulations=args.formulation, mtbench_questions=args.mt_bench,
-                              mtbench_tokens=args.mt_bench_tokens)
+                              mtbench_tokens=args.mt_bench_tokens, device=args.device)
             return run_study(plan, rebench=args.rebench)
         return {"models": _list_models, "tasks": _list_tasks, "recipes": _list_recipes}[args.command]()
     except (KeyError, ValueError, FileNotFoundError, AssetError, ModelLoadError, RunConflictError,

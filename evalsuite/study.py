@@ -14,7 +14,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .records import unfinished_run
@@ -36,15 +36,19 @@ class StudyPlan:
     perplexity_args: list[str]
     bench_args: list[str]
     mtbench_args: list[str] | None = None  # None: no MT-Bench part
+    device_args: list[str] = field(default_factory=list)  # an execution setting: not part of any run's folder
 
 
 def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_subject: int | None,
                per_article: int | None, root: Path, formulations: list[str] | None = None,
-               mtbench_questions: int | None = None, mtbench_tokens: int | None = None) -> StudyPlan:
+               mtbench_questions: int | None = None, mtbench_tokens: int | None = None,
+               device: str | None = None) -> StudyPlan:
+    from .engine.options import check_device
     from .quant.api import get_recipe
 
     for r in recipes:
         get_recipe(r)
+    check_device(device)
     if "fp8-official" not in recipes:
         raise ValueError(f"--recipes {recipes}: the study compares against fp8-official; include it")
     folder = root / name
@@ -66,7 +70,7 @@ def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_sub
         mtb = (["--questions", str(mtbench_questions)] if mtbench_questions else []) + \
             (["--max-new-tokens", str(mtbench_tokens)] if mtbench_tokens else []) + \
             ([] if full else ["--calibration-questions", "10"])  # the judge's calibration: 10 of 30 when quick
-    return StudyPlan(name, model, recipes, folder, mmlu, ppl, bench, mtb)
+    return StudyPlan(name, model, recipes, folder, mmlu, ppl, bench, mtb, ["--device", device] if device else [])
 
 
 def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, file=sys.stderr, flush=True)) -> int:
@@ -82,8 +86,8 @@ def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, 
             out = plan.folder / "runs" / (f"{recipe}-{task}" + (f"-{tag}" if tag else ""))
             log(f"study {plan.name}: {task} under {recipe} -> {out}")
             t0 = time.perf_counter()
-            rc = cli_main(["run", task, "--model", plan.model, "--recipe", recipe, *args, "--output", str(out),
-                           "--no-progress"])
+            rc = cli_main(["run", task, "--model", plan.model, "--recipe", recipe, *args, *plan.device_args,
+                           "--output", str(out), "--no-progress"])
             timings[f"{recipe}/{task}"] = time.perf_counter() - t0
             if rc != 0:
                 log(f"study {plan.name}: " + unfinished_run(f"{task} under {recipe}", rc, out))
@@ -101,7 +105,7 @@ def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, 
             t0 = time.perf_counter()
             extra = ["--baseline", str(base_dir)] if base_dir is not None else []
             rc = cli_main(["run", "mt-bench", "--model", plan.model, "--recipe", recipe, *plan.mtbench_args, *extra,
-                           "--output", str(out), "--no-progress"])
+                           *plan.device_args, "--output", str(out), "--no-progress"])
             timings[f"{recipe}/mt-bench"] = time.perf_counter() - t0
             if rc != 0:
                 log(f"study {plan.name}: " + unfinished_run(f"mt-bench under {recipe}", rc, out))
@@ -113,7 +117,7 @@ def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, 
     if rebench or not (bench_dir / "bench.json").is_file():
         t0 = time.perf_counter()
         rc = cli_main(["bench", "--model", plan.model, "--recipes", *plan.recipes, *plan.bench_args,
-                       "--output", str(bench_dir)])
+                       *plan.device_args, "--output", str(bench_dir)])
         timings["bench"] = time.perf_counter() - t0
         if rc != 0:
             return rc

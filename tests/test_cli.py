@@ -109,6 +109,7 @@ BAD_ARGUMENTS = [
     (["bench", "--lengths", "12"], 2, "--lengths '12'"),
     (["bench", "--device", "tpu"], 2, "--device 'tpu' is not a device"),
     (["study", "--recipes", "fp9"], 2, "unknown recipe 'fp9'"),
+    (["study", "--device", "gpu"], 2, "--device 'gpu' is not a device"),
     (["compare", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
     (["report", "r", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
     (["gate", "no-such-gate.yaml"], 3, "gate file no-such-gate.yaml does not exist"),

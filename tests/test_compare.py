@@ -228,6 +228,24 @@ def test_study_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     assert f"delete {tmp_path / 'study' / 'runs'}" in text and "rerun to resume" not in text
 
 
+def test_study_runs_every_step_on_its_device(tmp_path, monkeypatch):
+    """--device reaches every run and the benchmark (the report runs no model)."""
+    from evalsuite.study import plan_study, run_study
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    (tmp_path / "s").mkdir()
+    plan = plan_study("s", "smollm2-135m", ["fp8-official", "bf16"], full=False, per_subject=None, per_article=None,
+                      root=tmp_path, mtbench_questions=2, device="cpu")
+    assert run_study(plan, log=lambda m: None) == 0
+    steps = [(argv[0], argv[1] if argv[0] == "run" else "") for argv in calls]
+    assert steps == [("run", "mmlu"), ("run", "perplexity")] * 2 + [("run", "mt-bench")] * 2 + \
+        [("bench", ""), ("report", "")]
+    for argv in calls[:-1]:
+        assert argv[argv.index("--device") + 1] == "cpu", argv
+    assert "--device" not in calls[-1]
+
+
 def test_side_from_run_weights_questions_by_subject_size(tmp_path):
     """An MMLU subset's accuracy is stratified by subject size (evalsuite.stats); the compared value
     is the same stratified estimate."""
