@@ -2,8 +2,9 @@
 # Every command that takes --device, end to end on one device, with a small random model (its
 # numbers mean nothing; the point is that each command runs there): run mmlu (three
 # formulations; BF16, FP8 with torch._scaled_mm, INT4 AWQ), run perplexity, quantize and run the
-# quantized checkpoint, bench, serve, and through the server: MMLU over the endpoint and MT-Bench
-# answered on the device and judged by the server with the openai client.
+# quantized checkpoint, lm-eval tasks (run --harness lm-eval, and lm-eval's own command line),
+# bench, serve, and through the server: MMLU over the endpoint and MT-Bench answered on the
+# device and judged by the server with the openai client.
 #
 #   python bench/make_random_model.py --out .gpu/model      # once, where the tokenizer's model is
 #   DEVICE=cuda bash bench/gpu_commands.sh                   # on the GPU machine (python3 with torch)
@@ -61,6 +62,10 @@ step perplexity "${run[@]}" perplexity --model "$MODEL" --recipe bf16 "${common[
 step quantize $EVALSUITE quantize --model "$MODEL" --recipe int4-awq --device "$DEVICE" --output "$WORK/int4-awq-checkpoint"
 step mmlu-quantized-checkpoint "${run[@]}" mmlu --model "$WORK/int4-awq-checkpoint" "${common[@]}" --num-fewshot 1 \
     --per-subject 1 --output "$WORK/mmlu-quantized-checkpoint"
+step lm-eval-harness "${run[@]}" --harness lm-eval --task evalsuite_mmlu_continuation_anatomy --limit 3 --model "$MODEL" \
+    --device "$DEVICE" --output "$WORK/lm-eval-harness"
+step lm-eval $EVALSUITE lm-eval --model evalsuite --model_args "model=$MODEL" --device "$DEVICE" \
+    --tasks evalsuite_mmlu_anatomy --limit 2 --output_path "$WORK/lm-eval"
 step bench $EVALSUITE bench --model "$MODEL" --device "$DEVICE" --recipes bf16 fp8-modelopt int4-awq --lengths 64/16 \
     --batches 1 4 --output "$WORK/bench"
 
