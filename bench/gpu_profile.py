@@ -34,13 +34,14 @@ def random_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
     return from_state_dict(cfg, state, torch.bfloat16)
 
 
-def compiled_step(model: CausalLM, cache, tokens: torch.Tensor, positions: torch.Tensor):
-    """The static decode step (``DecodeBatch``'s, over its buffers and cache) compiled by
-    torch.compile with static shapes; on CUDA warmed up and captured as a CUDA graph. Returns the
-    step (a replay on CUDA) and the seconds compiling and capturing took."""
+def compiled_step(model: CausalLM, cache, tokens: torch.Tensor, positions: torch.Tensor, span: int):
+    """The static decode step (``DecodeBatch``'s, over its buffers and cache, attention over
+    ``span`` positions) compiled by torch.compile with static shapes; on CUDA warmed up and
+    captured as a CUDA graph. Returns the step (a replay on CUDA) and the seconds compiling and
+    capturing took."""
 
     def forward() -> torch.Tensor:
-        hidden = model.hidden(tokens, Step.for_static_decode(positions, cache))
+        hidden = model.hidden(tokens, Step.for_static_decode(positions, cache, span))
         return model.logits(hidden[:, 0]).float()
 
     fn = torch.compile(forward, dynamic=False)
@@ -94,19 +95,19 @@ def main() -> None:
         batch = DecodeBatch(model, b, 400)
         batch.add([Generation(p, SamplingParams(max_new_tokens=250)) for p in prompts])
         batch.step()  # captures the bucket's graph
-        bucket = next(iter(batch._steps))
+        (bucket, span), replay = next(iter(batch._steps.items()))
         step_ms = median_ms(batch.step)
-        replay_ms = median_ms(batch._steps[bucket])
-        logits = batch._steps[bucket]()
+        replay_ms = median_ms(replay)
+        logits = replay()
         sample_ms = median_ms(lambda: logits.argmax(dim=-1).tolist())
         print(f"batch {b}: whole step {step_ms:.2f} ms, graph replay alone {replay_ms:.2f} ms, "
-              f"argmax+tolist {sample_ms:.2f} ms")
+              f"argmax+tolist {sample_ms:.2f} ms (attention over {span} of {batch.cache.max_len} cache positions)")
         # one eager step (the captured code, not replayed) under the profiler: GPU time per kernel
         tokens, positions = batch._tokens[:bucket], batch._positions[:bucket]
 
         def forward():
             with decode_kernels(bucket):
-                hidden = model.hidden(tokens, Step.for_static_decode(positions, batch.cache))
+                hidden = model.hidden(tokens, Step.for_static_decode(positions, batch.cache, span))
                 return model.logits(hidden[:, 0]).float()
 
         forward()
@@ -123,7 +124,7 @@ def main() -> None:
                 continue
         if args.compile:
             try:
-                step, seconds = compiled_step(model, batch.cache, tokens, positions)
+                step, seconds = compiled_step(model, batch.cache, tokens, positions, span)
                 diff = (step().float() - forward().float()).abs().max().item()
                 print(f"batch {b}: compiled + captured step {median_ms(step):.2f} ms against the engine's replay "
                       f"{replay_ms:.2f} ms (compiling and capturing took {seconds:.0f} s); max |logits diff| "

@@ -50,7 +50,29 @@ def test_static_decode_gives_the_same_tokens(tiny, hf_tiny):
     batch = DecodeBatch(tiny.model, 5, 64, static=True)
     batch.add([Generation(p, SamplingParams(max_new_tokens=3)) for p in prompts[:3]])
     batch.step()
-    assert sorted(batch._steps) == [4]  # three rows run in the bucket of four
+    assert sorted(batch._steps) == [(4, batch.cache.max_len)]  # three rows in the bucket of four; one span
+
+
+def test_static_decode_attention_reads_only_the_running_span(tiny, hf_tiny, monkeypatch):
+    """Attention spans the longest running sequence in whole blocks (8 positions here), not the
+    whole cache: the same tokens as transformers while the span grows, one step per span."""
+    import evalsuite.engine.generate as gen_mod
+
+    monkeypatch.setattr(gen_mod, "STATIC_LEN_BLOCK", 8)
+    prompts, lengths = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18]], [20, 6]
+    want = [_hf_greedy(hf_tiny, p, n) for p, n in zip(prompts, lengths)]
+    tiny.model.__dict__.pop("_kept_decode", None)
+    batch = DecodeBatch(tiny.model, 2, 40, static=True)
+    gens = [Generation(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]
+    batch.add(gens)
+    while any(g.finish_reason is None for g in gens):
+        batch.step()
+        for g in [g for g in batch.running if g.finish_reason is not None]:
+            batch.remove(g)
+    assert [g.tokens for g in gens] == want
+    # two rows up to position 15 (spans 16), then the short prompt alone up to position 21 (span 24)
+    assert sorted(batch._steps) == [(1, 16), (1, 24), (2, 16)] and batch.cache.max_len == 40
+    tiny.model.__dict__.pop("_kept_decode", None)
 
 
 def test_static_decode_keeps_its_graphs_for_the_next_call_of_the_same_shape(tiny, hf_tiny):

@@ -70,14 +70,19 @@ def sample(logits: Tensor, gens: Sequence[Generation]) -> list[int]:
     return out
 
 
-STATIC_LEN_BLOCK = 256  # a static cache's length, in positions, is a multiple of this
+# A static cache's length, and the span a static decode step's attention reads, are multiples of
+# this many positions.
+STATIC_LEN_BLOCK = 256
 
 
 class DecodeBatch:
-    """``static``: decode steps run with shapes fixed per batch-size bucket (1, 2, 4, ... up to
-    the slots) over static input buffers, attention masked over the whole cache; on CUDA each
-    bucket's step is captured once as a CUDA graph and replayed, so a step costs one launch
-    instead of one per operator (~28 µs each on an H200, hundreds per step). Default: on CUDA."""
+    """``static``: decode steps run with shapes fixed per bucket, over static input buffers: the
+    batch size rounded up to a power of two (up to the slots), and the span of cache positions
+    attention reads, the longest running sequence rounded up to whole ``STATIC_LEN_BLOCK``s (every
+    row masked past its own position). On CUDA each bucket's step is captured once as a CUDA
+    graph and replayed, so a step costs one launch instead of one per operator (~28 µs each on an
+    H200, hundreds per step), and attention reads a short sequence's span rather than the whole
+    cache. Default: on CUDA."""
 
     def __init__(self, model: CausalLM, max_batch_size: int, max_len: int, *, static: bool | None = None):
         self.model = model
@@ -94,7 +99,8 @@ class DecodeBatch:
                 self.cache, self._tokens, self._positions, self._steps = kept[1]
                 return
         self.cache = KVCache(model.config, max_batch_size, self.max_len, model.cache_dtype, model.device)
-        self._steps: dict[int, Callable[[], Tensor]] = {}  # bucket -> the step (a graph replay on CUDA)
+        # (batch bucket, attention span) -> the step (a graph replay on CUDA)
+        self._steps: dict[tuple[int, int], Callable[[], Tensor]] = {}
         if self.static:
             self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=model.device)
             self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=model.device)
@@ -160,22 +166,24 @@ class DecodeBatch:
     def _static_step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         n, slots = tokens.shape[0], self.cache.num_slots
         bucket = min(1 << (n - 1).bit_length(), slots)
+        longest = max(g.next_position for g in self.running) + 1
+        span = min(-(-longest // STATIC_LEN_BLOCK) * STATIC_LEN_BLOCK, self.cache.max_len)
         # rows past n fill free slots (the running batch holds slots 0..n-1): position 0, token 0
         self._tokens[:n].copy_(tokens)
         self._tokens[n:bucket].zero_()
         self._positions[:n].copy_(positions)
         self._positions[n:bucket].zero_()
-        run = self._steps.get(bucket)
+        run = self._steps.get((bucket, span))
         if run is None:
-            run = self._steps[bucket] = self._capture(bucket)
+            run = self._steps[bucket, span] = self._capture(bucket, span)
         return run()[:n]
 
-    def _capture(self, bucket: int) -> Callable[[], Tensor]:
+    def _capture(self, bucket: int, span: int) -> Callable[[], Tensor]:
         tokens, positions = self._tokens[:bucket], self._positions[:bucket]
 
         def forward() -> Tensor:
             with decode_kernels(bucket):
-                hidden = self.model.hidden(tokens, Step.for_static_decode(positions, self.cache))
+                hidden = self.model.hidden(tokens, Step.for_static_decode(positions, self.cache, span))
                 return self.model.logits(hidden[:, 0]).float()
 
         if self.model.device.type != "cuda":

@@ -119,13 +119,15 @@ class Step:
         return max(self.seq_lens)
 
     @classmethod
-    def for_static_decode(cls, positions: Tensor, cache: KVCache) -> "Step":
-        """A decode step whose shapes depend on nothing but the batch size, computed on the
-        device without reading ``positions`` back: attention spans the whole cache length, masked
-        per row. What a captured CUDA graph replays (``DecodeBatch`` on CUDA)."""
-        mask = (torch.arange(cache.max_len, device=positions.device) <= positions[:, None])[:, None, None, :]
-        chunks = ((0, positions.shape[0], cache.max_len, mask),)
-        return cls(False, positions, (), cache, 0, cache.max_len, chunks=chunks)
+    def for_static_decode(cls, positions: Tensor, cache: KVCache, kv_len: int | None = None) -> "Step":
+        """A decode step whose shapes depend on nothing but the batch size and ``kv_len`` (default:
+        the whole cache), computed on the device without reading ``positions`` back: attention
+        reads the first ``kv_len`` cache positions, masked per row; every position must be below
+        ``kv_len``. What a captured CUDA graph replays (``DecodeBatch`` on CUDA)."""
+        kv_len = cache.max_len if kv_len is None else kv_len
+        mask = (torch.arange(kv_len, device=positions.device) <= positions[:, None])[:, None, None, :]
+        chunks = ((0, positions.shape[0], kv_len, mask),)
+        return cls(False, positions, (), cache, 0, kv_len, chunks=chunks)
 
     @classmethod
     def for_decode(cls, positions: Tensor, cache: KVCache, slot_start: int = 0) -> "Step":
