@@ -35,9 +35,9 @@ def main() -> None:
 
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-    from evalsuite.engine.load import _resolve
+    from evalsuite.engine.load import resolve_source
 
-    source, _, _ = _resolve(args.tokenizer_from)
+    source, _, _ = resolve_source(args.tokenizer_from)
     ref = AutoConfig.from_pretrained(source)
     heads = args.hidden // 64
     cfg = LlamaConfig(vocab_size=ref.vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,

@@ -52,7 +52,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def tokenizer_for(source: str):
     """The tokenizer of a model source (registered name, HF folder, .gguf file, hub id) without
     loading its weights."""
-    folder, _, _ = _resolve(source)
+    folder, _, _ = resolve_source(source)
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:
         raise ModelLoadError(f"{source!r} holds no tokenizer files")
@@ -81,7 +81,7 @@ def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16",
     ``device`` (None: cuda when available, else cpu)."""
     dtype = parse_dtype(dtype)
     device = parse_device(device)
-    folder, hashes, name = _resolve(source)
+    folder, hashes, name = resolve_source(source)
     model = load_folder(folder, dtype).to(device)
     if hashes is None:
         hashes = {p.name: file_sha256(p) for p in _weight_files(folder)}
@@ -91,8 +91,9 @@ def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16",
     return LoadedModel(model, tokenizer, info, folder)
 
 
-def _resolve(source: str) -> tuple[Path, dict[str, str] | None, str]:
-    """(HF folder, weight hashes when already known, name) of a model source."""
+def resolve_source(source: str) -> tuple[Path, dict[str, str] | None, str]:
+    """(HF folder, weight hashes when already known, name) of a model source: a GGUF is converted
+    (once, cached), a hub id downloaded."""
     kind = source_kind(source)
     if kind == "registered":
         folder, hashes = gguf_to_folder(MODELS[source].verified_path(), sha256=MODELS[source].sha256)
