@@ -167,7 +167,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .models import check_model_args
+    from .models import check_model_args, load_model_and_recipe
     from .runners import get_runner
     from .taskdef import read_task_file
 
@@ -194,7 +194,6 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size {opts.batch_size} and --max-batch-tokens {opts.max_batch_tokens}: "
                              "both must be >= 1")
         from .backends.engine import EngineBackend  # torch: imported once the arguments are checked
-        from .models import load_model_and_recipe
 
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
@@ -355,8 +354,8 @@ def _gate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import time
 
-    from .engine.options import check_device, check_dtype, source_kind
-    from .quant.api import all_recipes, get_recipe
+    from .models import check_model_args
+    from .quant.api import all_recipes
 
     lengths = []
     for item in args.lengths or []:
@@ -368,11 +367,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--batches {args.batches}: batch sizes must be >= 1")
     recipes = args.recipes or list(all_recipes())
     if not args.base_url:
-        source_kind(args.model)
         for r in recipes:
-            get_recipe(r)
-        check_dtype(args.dtype)
-        check_device(args.device)
+            check_model_args(args.model, r, None, args.dtype, args.device)
     from .bench import DEFAULT_BATCHES, DEFAULT_LENGTHS, NOTE_LENGTHS, BenchResult, endpoint_row, format_tables, run_bench
 
     lengths = lengths or list(NOTE_LENGTHS if args.note_lengths else DEFAULT_LENGTHS)
@@ -487,7 +483,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _run_harness(argv: list[str]) -> int:
     """``evalsuite run --harness lm-eval --task NAME [--task NAME ...]``: lm-eval tasks through the
     suite's backend, written as the suite's own run records."""
-    from .models import check_model_args
+    from .models import check_model_args, load_model_and_recipe
 
     parser = argparse.ArgumentParser(prog="evalsuite run --harness lm-eval", parents=[_run_options()])
     parser.add_argument("--harness", required=True, choices=["lm-eval"])
@@ -504,7 +500,6 @@ def _run_harness(argv: list[str]) -> int:
         overrides = parse_recipe_config(opts.recipe_config)
         check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device)
         from .backends.engine import EngineBackend  # torch: imported once the arguments are checked
-        from .models import load_model_and_recipe
 
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
@@ -552,12 +547,11 @@ def _lm_eval(argv: list[str]) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .models import check_model_args
+    from .models import check_model_args, load_model_and_recipe
 
     overrides = parse_recipe_config(args.recipe_config)
     check_model_args(args.model, args.recipe, overrides, args.dtype, args.device)
-    from .models import load_model_and_recipe  # torch: imported once the arguments are checked
-    from .quant.checkpoint import quantized_modules, save_quantized
+    from .quant.checkpoint import quantized_modules, save_quantized  # torch: once the arguments are checked
 
     lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides, args.device)
     out = save_quantized(lm, recipe, Path(args.output))
