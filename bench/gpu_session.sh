@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, as one command that fits its 10-minute limit: the
+# figures of bench/gpu_check.py first (what the targets are judged on), then every command on
+# --device cuda (bench/gpu_commands.sh), then where a decode step's time goes (bench/gpu_profile.py).
+# Each part has its own time limit, so one that hangs costs only its own share; each part's
+# output goes to $OUT/<part>.txt (the device machine returns $OUT).
+#
+# Here, beforehand (both outputs are git-ignored; carry them with the repository):
+#   bash bench/gpu_wheels.sh && .venv/bin/python bench/make_random_model.py --out .gpu/model
+# There:
+#   bash bench/gpu_session.sh            # carry: .gpu .whl
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+status=0
+
+part() {  # part NAME SECONDS command...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit $limit s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    local rc=$?
+    tail -n 60 "$OUT/$name.txt"
+    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/nvidia-smi.txt"
+part gpu_check 270 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
+part gpu_commands 210 env DEVICE=cuda bash bench/gpu_commands.sh
+part gpu_profile 90 python3 bench/gpu_profile.py --batches 1 64 --compile
+exit $status
