@@ -139,6 +139,7 @@ print(json.dumps({"results": out, "imported": heavy}))
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.splitlines()[-1])
+    assert len(got["results"]) == len(BAD_ARGUMENTS)
     for (argv, code, msg), (_, rc, err) in zip(BAD_ARGUMENTS, got["results"]):
         assert (rc, msg in err) == (code, True), (argv, rc, err)
     assert got["imported"] == []
