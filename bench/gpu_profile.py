@@ -84,6 +84,8 @@ def main() -> None:
     p.add_argument("--shapes", default="llama-3.1-8b")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 64])
     p.add_argument("--compile", action="store_true", help="also time the step compiled, then captured")
+    p.add_argument("--max-len", type=int, default=400,
+                   help="the batch's context (its cache is this rounded up to 256; the server's default is 2048)")
     args = p.parse_args()
     device = torch.device("cuda")
     cfg = ModelConfig.from_name(args.shapes)
@@ -92,7 +94,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for b in args.batches:
         prompts = torch.randint(2, cfg.vocab_size, (b, 100), generator=gen).tolist()
-        batch = DecodeBatch(model, b, 400)
+        batch = DecodeBatch(model, b, args.max_len)
         batch.add([Generation(p, SamplingParams(max_new_tokens=250)) for p in prompts])
         batch.step()  # captures the bucket's graph
         (bucket, span), replay = next(iter(batch._steps.items()))
@@ -102,6 +104,10 @@ def main() -> None:
         sample_ms = median_ms(lambda: logits.argmax(dim=-1).tolist())
         print(f"batch {b}: whole step {step_ms:.2f} ms, graph replay alone {replay_ms:.2f} ms, "
               f"argmax+tolist {sample_ms:.2f} ms (attention over {span} of {batch.cache.max_len} cache positions)")
+        if span < batch.cache.max_len:  # the same step with attention over the whole cache, as before spans
+            whole_ms = median_ms(batch._capture(bucket, batch.cache.max_len))
+            print(f"batch {b}: replay with attention over the whole cache ({batch.cache.max_len} positions) "
+                  f"{whole_ms:.2f} ms against {replay_ms:.2f} ms over the span: {whole_ms / replay_ms:.2f}x")
         # one eager step (the captured code, not replayed) under the profiler: GPU time per kernel
         tokens, positions = batch._tokens[:bucket], batch._positions[:bucket]
 

@@ -31,5 +31,5 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda'
 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/nvidia-smi.txt"
 part gpu_check 270 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
 part gpu_commands 210 env DEVICE=cuda bash bench/gpu_commands.sh
-part gpu_profile 90 python3 bench/gpu_profile.py --batches 1 64 --compile
+part gpu_profile 100 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048
 exit $status
