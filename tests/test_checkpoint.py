@@ -91,6 +91,32 @@ def test_checkpoint_loads_on_the_commands_device(tiny_dir, tmp_path, monkeypatch
     assert json.loads((tmp_path / "run" / "run.json").read_text())["backend"]["device"] == "cpu"
 
 
+def test_fp8_kv_cache_placement_runs_when_a_checkpoint_loads(tiny_dir, calib_file, tmp_path, monkeypatch):
+    """fp8-modelopt's E4M3 KV cache is a choice for the device (CUDA, FP8 kernels on): made when
+    the recipe is applied and again when its checkpoint loads, from the recorded settings."""
+    from types import SimpleNamespace
+
+    from evalsuite.quant import api
+    from evalsuite.quant.configs import FP8ModelOptConfig
+    from evalsuite.quant.fp8 import place_kv_cache
+
+    def on(device: str, kernel: str):
+        lm = SimpleNamespace(model=SimpleNamespace(device=torch.device(device), cache_dtype=torch.bfloat16))
+        place_kv_cache(lm, {"kernel": kernel})
+        return lm.model.cache_dtype
+
+    assert on("cuda", "scaled_mm") == torch.float8_e4m3fn
+    assert on("cuda", "off") == on("cpu", "scaled_mm") == torch.bfloat16
+    seen = []
+    monkeypatch.setitem(api.PLACEMENTS, FP8ModelOptConfig, lambda lm, config: seen.append(config["kernel"]))
+    lm = load(str(tiny_dir), "bfloat16")
+    record = apply_recipe(lm, "fp8-modelopt", {"kernel": "scaled_mm", "calibration": {
+        "source": str(calib_file), "num_samples": 2, "seq_len": 16}})
+    save_quantized(lm, record, tmp_path / "q")
+    load_quantized(tmp_path / "q")
+    assert seen == ["scaled_mm", "scaled_mm"]  # applied, then loaded
+
+
 def test_deployed_weight_bytes_by_hand(tiny_dir):
     from evalsuite.quant.checkpoint import deployed_weight_bytes
 

@@ -34,6 +34,11 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {}
 # The function that applies a config, by config type: ``handler(ConfigType)`` registers it.
 HANDLERS: dict[type, Callable[[LoadedModel, Any], None]] = {}
+# What a recipe sets up for the device its model is on, beyond its modules (fp8-modelopt: the KV
+# cache stored as E4M3 codes on CUDA), by config type (``@placement``). It runs from the recorded
+# settings, when the recipe is applied and again when its saved checkpoint loads: a checkpoint
+# holds the modules and the record, not choices that depend on where it runs.
+PLACEMENTS: dict[type, Callable[[LoadedModel, dict[str, Any]], None]] = {}
 # Quantized module types by class name: what a saved checkpoint names and loading rebuilds. Each
 # recipe module registers the module classes it creates (``@register_module``); a class offers
 # ``export() -> (tensors, attrs)`` and ``from_export(tensors, attrs, dtype)``.
@@ -55,6 +60,26 @@ def handler(config_type: type) -> Callable:
         HANDLERS[config_type] = fn
         return fn
     return decorate
+
+
+def placement(config_type: type) -> Callable:
+    """Decorator: the function ``(lm, recorded config) -> None`` that sets up, for the device of
+    ``lm``, what configs of ``config_type`` choose there."""
+    def decorate(fn: Callable[[LoadedModel, dict[str, Any]], None]) -> Callable[[LoadedModel, dict[str, Any]], None]:
+        if config_type in PLACEMENTS:
+            raise ValueError(f"a placement for {config_type.__name__} is registered twice")
+        PLACEMENTS[config_type] = fn
+        return fn
+    return decorate
+
+
+def place(lm: LoadedModel, record: dict[str, Any]) -> None:
+    """Run the placement of the recipe ``record`` names (if it has one) on ``lm``."""
+    _load_handlers()
+    recipe = RECIPES.get(record.get("name"))
+    fn = PLACEMENTS.get(type(recipe.config)) if recipe is not None else None
+    if fn is not None:
+        fn(lm, record["config"])
 
 
 def register_module(cls: type) -> type:
@@ -115,7 +140,9 @@ def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = 
         raise KeyError(f"recipe {name!r}: no handler is registered for {type(recipe.config).__name__}") from None
     apply(lm, recipe.config)
     lm.model.fuse_projections()  # the recipe's modules may fuse (q/k/v, gate/up) where they can
-    return recipe.record()
+    record = recipe.record()
+    place(lm, record)
+    return record
 
 
 @handler(Unquantized)

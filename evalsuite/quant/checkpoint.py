@@ -19,7 +19,7 @@ from torch import nn
 from ..assets import file_sha256
 from ..engine.load import LoadedModel, ModelInfo, ModelLoadError, load_tokenizer, parse_device, parse_dtype, read_config
 from ..engine.model import CausalLM
-from .api import QUANT_FILE, module_types
+from .api import QUANT_FILE, module_types, place
 
 
 class CheckpointError(ModelLoadError):
@@ -116,7 +116,9 @@ def load_quantized(folder: str | Path, dtype: str | torch.dtype = "bfloat16",
     info = ModelInfo(name=folder.name, source=str(folder),
                      weights_sha256={"model.safetensors": file_sha256(weights)},
                      dtype=str(dtype).split(".")[-1], config=cfg.to_dict())
-    return LoadedModel(model.eval(), load_tokenizer(folder), info, folder), meta["recipe"]
+    lm = LoadedModel(model.eval(), load_tokenizer(folder), info, folder)
+    place(lm, meta["recipe"])  # what the recipe chooses for this device (fp8-modelopt: an E4M3 KV cache on CUDA)
+    return lm, meta["recipe"]
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.load import LoadedModel
-from .api import handler, register_module
+from .api import handler, placement, register_module
 from .calibrate import calibrate, projections, shared_input_groups
 from .configs import FP8ModelOptConfig, FP8OfficialConfig
 
@@ -354,6 +354,15 @@ def requantize_fused(mods: list[FP8StaticLinear], dtype: torch.dtype) -> list[FP
     return out
 
 
+@placement(FP8ModelOptConfig)
+def place_kv_cache(lm: LoadedModel, config: dict) -> None:
+    """As deployed: with the FP8 kernels on a CUDA device, the KV cache holds E4M3 codes (half the
+    memory; read back, exactly the quantizer's values). The CPU keeps the BF16-stored cache, which
+    holds the same values."""
+    if config.get("kernel") == "scaled_mm" and lm.model.device.type == "cuda":
+        lm.model.cache_dtype = torch.float8_e4m3fn
+
+
 @handler(FP8ModelOptConfig)
 def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
     stats = calibrate(lm, config.calibration)
@@ -370,8 +379,6 @@ def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
                 made[n] = (*made[n][:2], r)
     for parent, attr, q in made.values():
         setattr(parent, attr, q)
-    if config.kernel == "scaled_mm" and model.device.type == "cuda":
-        model.cache_dtype = torch.float8_e4m3fn  # as deployed: E4M3 codes in the cache, half the memory
     for i, layer in enumerate(model.model.layers):
         a, key = layer.self_attn, f"model.layers.{i}"
         a.k_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.k_cache_quant"], config.kv_scale_mode))
