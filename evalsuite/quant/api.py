@@ -52,25 +52,20 @@ def register(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def handler(config_type: type) -> Callable:
-    """Decorator: the function ``(lm, config) -> None`` that applies configs of ``config_type``."""
-    def decorate(fn: Callable[[LoadedModel, Any], None]) -> Callable[[LoadedModel, Any], None]:
-        if config_type in HANDLERS:
-            raise ValueError(f"a handler for {config_type.__name__} is registered twice")
-        HANDLERS[config_type] = fn
-        return fn
-    return decorate
+def _per_config_type(table: dict[type, Callable], what: str) -> Callable[[type], Callable]:
+    """A decorator factory: ``@decorator(ConfigType)`` puts the function in ``table`` for that type."""
+    def for_type(config_type: type) -> Callable[[Callable], Callable]:
+        def decorate(fn: Callable) -> Callable:
+            if config_type in table:
+                raise ValueError(f"a {what} for {config_type.__name__} is registered twice")
+            table[config_type] = fn
+            return fn
+        return decorate
+    return for_type
 
 
-def placement(config_type: type) -> Callable:
-    """Decorator: the function ``(lm, recorded config) -> None`` that sets up, for the device of
-    ``lm``, what configs of ``config_type`` choose there."""
-    def decorate(fn: Callable[[LoadedModel, dict[str, Any]], None]) -> Callable[[LoadedModel, dict[str, Any]], None]:
-        if config_type in PLACEMENTS:
-            raise ValueError(f"a placement for {config_type.__name__} is registered twice")
-        PLACEMENTS[config_type] = fn
-        return fn
-    return decorate
+handler = _per_config_type(HANDLERS, "handler")  # @handler(ConfigType): fn(lm, config) applies it
+placement = _per_config_type(PLACEMENTS, "placement")  # @placement(ConfigType): fn(lm, recorded config)
 
 
 def place(lm: LoadedModel, record: dict[str, Any]) -> None:
