@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import resource
 import statistics
 import time
@@ -192,14 +193,28 @@ def endpoint_row(base_url: str, model: str, isl: int, osl: int, batch: int, *, v
 
 
 def device_info(device: str) -> dict[str, Any]:
-    """What a run record states about the device: its name and, on a GPU, compute capability,
-    driver-side CUDA version and whether it has FP8 tensor cores (sm_89 and later)."""
+    """What a run record states about the device: its name and, on a GPU, compute capability, the
+    CUDA version torch was built with, the NVIDIA driver's version and whether the GPU has FP8
+    tensor cores (sm_89 and later)."""
     info: dict[str, Any] = {"device_name": _device_name(device), "torch": torch.__version__}
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         info.update(compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                    fp8_tensor_cores=(props.major, props.minor) >= (8, 9))
+                    nvidia_driver=nvidia_driver_version(), fp8_tensor_cores=(props.major, props.minor) >= (8, 9))
     return info
+
+
+def nvidia_driver_version(proc_file: str = "/proc/driver/nvidia/version") -> str | None:
+    """The NVIDIA kernel driver's version (e.g. 570.124.06) from what the driver reports on Linux;
+    None where there is none to read."""
+    try:
+        first = Path(proc_file).read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 ...", or for the open
+    # modules "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.124.06  Release Build ..."
+    found = re.search(r"\s(\d+\.\d+(?:\.\d+)*)\s", first + " ")
+    return found.group(1) if found else None
 
 
 def _device_name(device: str) -> str:

@@ -78,6 +78,22 @@ def test_run_record_states_the_device_and_kernel_path(tiny):
     assert d["kernel_path"].startswith("INT4 packed kernel")
 
 
+def test_run_record_reads_the_nvidia_driver_version(tmp_path):
+    """The driver's own report, in both its forms (proprietary and open kernel modules; the open
+    one as reported in nix-community/nixGL issue #186, where a parser expecting "Module  X" broke)."""
+    from evalsuite.bench import nvidia_driver_version
+
+    lines = {"closed": "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+                       "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n",
+             "open": "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  565.57.01  Release Build  "
+                     "(dvs-builder@U16-A24-9-2)  Thu Oct 10 12:15:00 UTC 2024\n"}
+    for name, text in lines.items():
+        (tmp_path / name).write_text(text)
+    assert nvidia_driver_version(str(tmp_path / "closed")) == "535.104.05"
+    assert nvidia_driver_version(str(tmp_path / "open")) == "565.57.01"
+    assert nvidia_driver_version(str(tmp_path / "absent")) is None
+
+
 def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
     out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shapes", "smollm2-135m", "--quick"],
