@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evalsuite.bench import nvidia_driver_version  # noqa: E402
 from evalsuite.cli import parse_recipe_spec  # noqa: E402
 from evalsuite.engine.config import ModelConfig  # noqa: E402
 from evalsuite.engine.generate import SamplingParams, generate  # noqa: E402
@@ -193,8 +194,9 @@ def main() -> None:
     n_prompts, (lo, hi) = (16, (20, 60)) if q else (256, (80, 700))
     prompt_len, new_tokens, big_batch = (16, 8, 4) if q else (100, 128, 64)
     gen = torch.Generator().manual_seed(0)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, shapes {args.shapes}, {'quick' if q else 'full'}")
+    gpu = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, driver {nvidia_driver_version()}" \
+        if device.type == "cuda" else "cpu"
+    print(f"device {device} ({gpu}), torch {torch.__version__}, shapes {args.shapes}, {'quick' if q else 'full'}")
 
     t0 = time.perf_counter()
     failed = []
