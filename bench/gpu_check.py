@@ -316,7 +316,7 @@ def main() -> None:
             with torch.no_grad(), int4_rows(model, None if kernel == "sim" else 1 << 62):
                 outs[kernel] = model(check).float()
             if kernel == "real":
-                path = kernel_path(record, device.type)
+                path = kernel_path(record, model)
                 layer_err[spec] = projection_parity(model)
                 t = timed(lambda: engine_score(model, prompts), device)
                 d = decode_rate(lambda: generate(model, dec_prompts[:1], sp, max_batch_size=1), new_tokens, device)

@@ -89,24 +89,30 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": qs[49], "p90": qs[89], "p99": qs[98]}
 
 
-def kernel_path(recipe: dict[str, Any], device: str) -> str:
-    """What computes the recipe's products on this device, in words."""
+def kernel_path(recipe: dict[str, Any], model) -> str:
+    """What computes the recipe's products in ``model`` on its device, in words: where the recipe
+    asks for a kernel, whether its quantized modules run it (each falls back to the simulation
+    where its device has no such kernel)."""
     from .engine.linear import cpu_has_native_bf16
 
     name, cfg = recipe.get("name", "bf16"), recipe.get("config") or {}
-    dense = "BF16 GEMM" if device != "cpu" or cpu_has_native_bf16() else \
+    dense = "BF16 GEMM" if model.device.type != "cpu" or cpu_has_native_bf16() else \
         "float32 GEMM rounded to BF16 (no BF16 instructions)"
-    if name.startswith("fp8"):
-        if cfg.get("kernel", "off") == "off":
-            return f"FP8 simulated: E4M3 values dequantized, {dense}"
-        return "FP8 torch._scaled_mm"
-    if name.startswith("int4"):
-        mode = cfg.get("kernel", "off")
-        if mode == "off":
-            return f"INT4 simulated: dequantized weights, {dense}"
-        return "INT4 packed kernel (_weight_int4pack_mm)" + (" for <= 4 rows, dequantized GEMM above"
-                                                             if mode == "auto" else "")
-    return dense
+    if not name.startswith(("fp8", "int4")):
+        return dense
+    fp8 = name.startswith("fp8")
+    simulated = f"FP8 simulated: E4M3 values dequantized, {dense}" if fp8 else \
+        f"INT4 simulated: dequantized weights, {dense}"
+    if cfg.get("kernel", "off") == "off":
+        return simulated
+    switches = [m.use_kernel for m in model.modules() if hasattr(m, "kernel_asked") and m.kernel_asked]
+    if not any(switches):
+        return f"{simulated} (the {'FP8' if fp8 else 'INT4'} kernel asked for does not run on {model.device})"
+    path = "FP8 torch._scaled_mm" if fp8 else "INT4 packed kernel (_weight_int4pack_mm)" + (
+        " for <= 4 rows, dequantized GEMM above" if cfg["kernel"] == "auto" else "")
+    if not all(switches):
+        path += f" in {sum(switches)} of {len(switches)} projections, simulated in the others"
+    return path
 
 
 def _random_prompts(vocab: int, n: int, isl: int, seed: int) -> list[list[int]]:
@@ -158,7 +164,7 @@ def engine_row(lm, recipe: dict[str, Any], isl: int, osl: int, batch: int, *, se
                     {k: v * 1e3 for k, v in percentiles(steps).items()},
                     weight_bytes=model.resident_bytes(), kv_cache_bytes=kv_bytes,
                     peak_memory_bytes=_peak_memory(device), device=_device_name(device),
-                    kernel_path=kernel_path(recipe, device))
+                    kernel_path=kernel_path(recipe, model))
 
 
 def endpoint_row(base_url: str, model: str, isl: int, osl: int, batch: int, *, vocab: int = 32000,

@@ -70,12 +70,21 @@ def test_bad_device_fails_before_any_model_loads(device, message, capsys, monkey
     assert message in capsys.readouterr().err
 
 
-def test_run_record_states_the_device_and_kernel_path(tiny):
+@pytest.mark.parametrize("recipe, config, path", [
+    ("int4-rtn", {"kernel": "auto"}, "INT4 packed kernel (_weight_int4pack_mm) for <= 4 rows, dequantized GEMM above"),
+    ("fp8-official", {"kernel": "scaled_mm"}, "FP8 torch._scaled_mm"),
+    ("fp8-official", {}, "FP8 simulated: E4M3 values dequantized, "),
+])
+def test_run_record_states_the_device_and_kernel_path(tiny_dir, recipe, config, path):
     from evalsuite.backends.engine import EngineBackend
+    from evalsuite.engine.load import load
+    from evalsuite.quant.api import apply_recipe
 
-    d = EngineBackend(tiny, {"name": "int4-awq", "config": {"kernel": "auto"}}).describe()
+    lm = load(str(tiny_dir), "bfloat16")
+    record = apply_recipe(lm, recipe, config)
+    d = EngineBackend(lm, record).describe()
     assert d["device"] == "cpu" and d["device_name"].startswith("cpu")
-    assert d["kernel_path"].startswith("INT4 packed kernel")
+    assert d["kernel_path"].startswith(path)
 
 
 def test_run_record_reads_the_nvidia_driver_version(tmp_path):

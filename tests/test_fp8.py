@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -331,6 +333,50 @@ def test_scaled_mm_kernel_through_the_recipe(tiny_dir):
     tokens = torch.tensor([real.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
     a, b = sim.model(tokens).float(), real.model(tokens).float()
     assert (a - b).norm() / a.norm() < 1e-2
+
+
+def test_a_kernel_that_cannot_run_here_falls_back_to_the_simulation(tiny_dir, tmp_path, monkeypatch):
+    """Where torch._scaled_mm refuses the scales (torch 2.11's CPU kernel takes per-tensor scales
+    only and fails an internal assert on row-wise ones; NVIDIA GPUs before sm_89 refuse FP8
+    altogether), the recipe runs simulated, says so in a warning and in the kernel path, and its
+    checkpoint keeps the request for a device where the kernel runs."""
+    from evalsuite.bench import kernel_path
+    from evalsuite.quant import fp8
+    from evalsuite.quant.checkpoint import load_quantized, save_quantized
+
+    real_scaled_mm = torch._scaled_mm
+
+    def per_tensor_only(a, b, *, scale_a, scale_b, **kw):  # what torch 2.11 does on the CPU
+        if scale_a.numel() != 1 or scale_b.numel() != 1:
+            raise RuntimeError("(scale_a.numel() == 1 && scale_b.numel() == 1) INTERNAL ASSERT FAILED")
+        return real_scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, **kw)
+
+    def fresh():  # the probe with a cache of this test's own
+        return functools.cache(fp8.scaled_mm_runs.__wrapped__)
+
+    sim = load(str(tiny_dir), "bfloat16")
+    apply_recipe(sim, "fp8-official")
+    lm = load(str(tiny_dir), "bfloat16")
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    monkeypatch.setattr(fp8, "scaled_mm_runs", fresh())
+    with pytest.warns(UserWarning, match=r"torch._scaled_mm does not run on cpu with row-wise scales and "
+                                         r"bfloat16 outputs .*INTERNAL ASSERT.*: those FP8 products run simulated"):
+        record = apply_recipe(lm, "fp8-official", {"kernel": "scaled_mm"})
+    mods = [m for m in lm.model.modules() if isinstance(m, FP8RowwiseLinear)]
+    assert len(mods) == 3 and all(m.kernel_asked and not m.use_kernel for m in mods)
+    assert kernel_path(record, lm.model) == kernel_path(get_recipe("fp8-official").record(), sim.model) + \
+        " (the FP8 kernel asked for does not run on cpu)"
+    tokens = torch.tensor([lm.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
+    assert torch.equal(lm.model(tokens), sim.model(tokens))  # the simulation's own numbers
+    assert fp8.scaled_mm_runs("cpu", torch.bfloat16, False)  # per-tensor scales still run
+
+    save_quantized(lm, record, tmp_path / "ckpt")
+    monkeypatch.setattr(torch, "_scaled_mm", real_scaled_mm)
+    monkeypatch.setattr(fp8, "scaled_mm_runs", fresh())
+    loaded, _ = load_quantized(tmp_path / "ckpt")
+    mods = [m for m in loaded.model.modules() if isinstance(m, FP8RowwiseLinear)]
+    assert len(mods) == 3 and all(m.use_kernel for m in mods)
+    assert kernel_path(record, loaded.model) == "FP8 torch._scaled_mm"
 
 
 @pytest.mark.parametrize("kernel", ["off", "scaled_mm"])

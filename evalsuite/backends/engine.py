@@ -34,7 +34,7 @@ class EngineBackend(Backend):
 
         device = str(self.lm.model.device)
         return {"kind": "engine", "device": device, **device_info(device),
-                "kernel_path": kernel_path(self.recipe, self.lm.model.device.type),
+                "kernel_path": kernel_path(self.recipe, self.lm.model),
                 "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens}
 
     def check_loglikelihood(self) -> None:

@@ -15,6 +15,7 @@ which through 30 layers moves as many cloze answers as FP8 itself does (docs/PER
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -111,9 +112,38 @@ def scaled_mm(x8: Tensor, x_scale: Tensor, qweight: Tensor, w_scale: Tensor, sha
     return y.view(*shape[:-1], -1)
 
 
+@functools.cache
+def scaled_mm_runs(device: str, dtype: torch.dtype, rowwise: bool) -> bool:
+    """Whether ``torch._scaled_mm`` computes an FP8 product on ``device`` with ``dtype`` outputs and
+    per-tensor (or row-wise) scales, tried once on 16 x 16 operands. It does not on NVIDIA GPUs
+    before sm_89 (no FP8 tensor cores); torch's CUDA row-wise kernel (``f8f8bf16_rowwise``)
+    returns BF16; torch's CPU kernel takes row-wise scales from 2.13 on. Where it does not, says
+    so once."""
+    dev = torch.device(device)
+    ones = torch.ones(16, 16, device=dev).to(torch.float8_e4m3fn)
+    scale_a = torch.ones(16, 1, device=dev) if rowwise else torch.ones((), device=dev)
+    scale_b = torch.ones(1, 16, device=dev) if rowwise else torch.ones((), device=dev)
+    try:
+        runs = bool((scaled_mm(ones, scale_a, ones, scale_b, ones.shape, dtype) == 16).all())
+        reason = "it computed a wrong product"
+    except (RuntimeError, NotImplementedError) as e:
+        runs, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    if not runs:
+        warnings.warn(f"torch._scaled_mm does not run on {device} with {'row-wise' if rowwise else 'per-tensor'} "
+                      f"scales and {str(dtype).split('.')[-1]} outputs (torch {torch.__version__}; {reason}): "
+                      "those FP8 products run simulated")
+    return runs
+
+
 class _KernelSwitch:
-    """``use_kernel`` on an FP8 linear: the real kernel reads the E4M3 weight, the simulation a
-    float32 copy of it (four bytes a weight), which exists only while the simulation is on."""
+    """``use_kernel`` on an FP8 linear: whether ``torch._scaled_mm`` computes its product. Asked
+    for where that kernel cannot run (``scaled_mm_runs``), the simulation runs instead, and
+    ``kernel_asked`` keeps the request (a checkpoint saves it, for a device where it can run). The
+    real kernel reads the E4M3 weight, the simulation a float32 copy of it (four bytes a weight),
+    which exists only while the simulation is on."""
+
+    rowwise = False  # the scales' form the kernel is called with: per-tensor, or row-wise
+    kernel_asked = False
 
     @property
     def use_kernel(self) -> bool:
@@ -121,7 +151,9 @@ class _KernelSwitch:
 
     @use_kernel.setter
     def use_kernel(self, on: bool) -> None:
-        self.__dict__["_use_kernel"] = bool(on)
+        self.kernel_asked = bool(on)
+        on = self.kernel_asked and scaled_mm_runs(str(self.qweight.device), self.act_dtype, self.rowwise)
+        self.__dict__["_use_kernel"] = on
         if on:
             self.qweight_f32 = torch.empty(0, device=self.qweight.device)
         elif self.qweight_f32.shape != self.qweight.shape:  # made again only where it was dropped
@@ -134,8 +166,12 @@ class FP8RowwiseLinear(_KernelSwitch, nn.Module):
     quantized to E4M3 with its own dynamic scale, bounded by ``activation_scale_ub``; output in the
     activation dtype."""
 
-    def __init__(self, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None, activation_scale_ub: float):
+    rowwise = True
+
+    def __init__(self, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None, activation_scale_ub: float,
+                 act_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
+        self.act_dtype = act_dtype  # the inputs' and outputs' dtype
         self.register_buffer("qweight", qweight.to(torch.float8_e4m3fn))  # what the kernel and checkpoint hold
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.register_buffer("weight_scale", weight_scale.float())  # [out]
@@ -148,7 +184,7 @@ class FP8RowwiseLinear(_KernelSwitch, nn.Module):
         scale = per_channel_scale(w)
         qweight = round_e4m3(w.float() / scale[:, None]).to(torch.float8_e4m3fn)  # exact: already E4M3 values
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(qweight, scale, bias, activation_scale_ub)
+        return cls(qweight, scale, bias, activation_scale_ub, w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernel:  # torch._scaled_mm with row-wise scales (the recipe's kernel option)
@@ -162,11 +198,11 @@ class FP8RowwiseLinear(_KernelSwitch, nn.Module):
     def export(self) -> tuple[dict[str, Tensor], dict]:
         tensors = {"qweight": self.qweight, "weight_scale": self.weight_scale}
         return _with_bias(tensors, self.bias), {"activation_scale_ub": self.activation_scale_ub,
-                                                "use_kernel": self.use_kernel}
+                                                "use_kernel": self.kernel_asked}
 
     @classmethod
     def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8RowwiseLinear":
-        q = cls(t["qweight"], t["weight_scale"], t.get("bias"), attrs["activation_scale_ub"])
+        q = cls(t["qweight"], t["weight_scale"], t.get("bias"), attrs["activation_scale_ub"], dtype)
         q.use_kernel = attrs["use_kernel"]
         return q
 
@@ -226,8 +262,10 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
     """Model Optimizer FP8 linear: E4M3 weights and inputs, each with one static per-tensor scale
     (amax / 448; the input amax from calibration)."""
 
-    def __init__(self, qweight: Tensor, weight_scale: float, input_scale: float, bias: Tensor | None):
+    def __init__(self, qweight: Tensor, weight_scale: float, input_scale: float, bias: Tensor | None,
+                 act_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
+        self.act_dtype = act_dtype  # the inputs' and outputs' dtype
         self.register_buffer("qweight", qweight.to(torch.float8_e4m3fn))  # what the kernel and checkpoint hold
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
         self.weight_scale, self.input_scale = float(weight_scale), float(input_scale)
@@ -254,7 +292,7 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
         w_scale = static_scale(float(w.abs().max()))
         qweight = round_e4m3(w.float() / w_scale).to(torch.float8_e4m3fn)  # exact: already E4M3 values
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(qweight, w_scale, static_scale(input_amax), bias)
+        return cls(qweight, w_scale, static_scale(input_amax), bias, w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernel:  # torch._scaled_mm with per-tensor scales (the recipe's kernel option)
@@ -283,11 +321,11 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
     def export(self) -> tuple[dict[str, Tensor], dict]:
         tensors = {"qweight": self.qweight}
         return _with_bias(tensors, self.bias), {"weight_scale": self.weight_scale, "input_scale": self.input_scale,
-                                                "use_kernel": self.use_kernel}
+                                                "use_kernel": self.kernel_asked}
 
     @classmethod
     def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "FP8StaticLinear":
-        q = cls(t["qweight"], attrs["weight_scale"], attrs["input_scale"], t.get("bias"))
+        q = cls(t["qweight"], attrs["weight_scale"], attrs["input_scale"], t.get("bias"), dtype)
         q.use_kernel = attrs["use_kernel"]
         return q
 
@@ -305,7 +343,8 @@ class FusedFP8:
     def __init__(self, mods: list[FP8StaticLinear]):
         first = mods[0]
         bias = None if first.bias is None else torch.cat([m.bias for m in mods])
-        self.inner = FP8StaticLinear(torch.cat([m.qweight for m in mods]), first.weight_scale, first.input_scale, bias)
+        self.inner = FP8StaticLinear(torch.cat([m.qweight for m in mods]), first.weight_scale, first.input_scale, bias,
+                                     first.act_dtype)
         self.inner.use_kernel = first.use_kernel
         rows = [m.qweight.shape[0] for m in mods]
         for m, q in zip(mods, self.inner.qweight.split(rows)):
@@ -348,8 +387,8 @@ def requantize_fused(mods: list[FP8StaticLinear], dtype: torch.dtype) -> list[FP
         if m.weight_scale != w_scale:
             dequantized = (q.to(dtype) * m.weight_scale).to(dtype)
             q = round_e4m3((dequantized / w_scale).to(dtype)).to(torch.float8_e4m3fn)
-        r = FP8StaticLinear(q, w_scale, in_scale, m.bias)
-        r.use_kernel = m.use_kernel
+        r = FP8StaticLinear(q, w_scale, in_scale, m.bias, dtype)
+        r.use_kernel = m.kernel_asked
         out.append(r)
     return out
 

@@ -152,7 +152,9 @@ class Int4WeightOnlyLinear(nn.Module):
     Two paths compute the same product: ``simulated`` multiplies by the dequantized weight (the
     reference), ``kernel`` runs torch's packed INT4 kernel for the device (``PackedInt4``:
     w = (q - 8)·scale + zero with BF16 scale and zero, so zero = (8 - z)·scale) for calls of at
-    most ``kernel_max_rows`` rows. ``use_kernel`` chooses; ``last_path`` says which ran."""
+    most ``kernel_max_rows`` rows. ``use_kernel`` chooses: asked for where the device has no such
+    kernel, the simulation runs, and ``kernel_asked`` keeps the request (a checkpoint saves it, for a
+    device that has one). ``last_path`` says which ran."""
 
     def __init__(self, codes: Tensor, scale: Tensor, in_features: int, block_size: int, bias: Tensor | None,
                  input_scale: Tensor | None, dtype: torch.dtype, use_kernel: bool = False,
@@ -167,6 +169,7 @@ class Int4WeightOnlyLinear(nn.Module):
         # the simulated path multiplies by the dequantized weight, built once
         self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size, zero_point)
                              .to(dtype), persistent=False)
+        self.kernel_asked = use_kernel
         self.use_kernel = use_kernel and int4_kernel_available(dtype, codes.device) and \
             PackedInt4.fits(codes.shape[0], in_features, block_size, codes.device)
         self.kernel_max_rows = kernel_max_rows
@@ -211,7 +214,7 @@ class Int4WeightOnlyLinear(nn.Module):
             tensors["input_scale"] = self.input_scale
         if self.bias is not None:
             tensors["bias"] = self.bias
-        return tensors, {"in_features": self.in_features, "block_size": self.block_size, "use_kernel": self.use_kernel,
+        return tensors, {"in_features": self.in_features, "block_size": self.block_size, "use_kernel": self.kernel_asked,
                          "kernel_max_rows": self.kernel_max_rows}
 
     @classmethod
