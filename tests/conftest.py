@@ -8,6 +8,10 @@ import pytest
 import torch
 
 TINY_VOCAB = 400
+# torch's CPU torch._scaled_mm takes row-wise scales (fp8-official's kernel) from 2.13 on; earlier
+# versions fail an internal assert, and the recipe falls back to the simulation
+needs_cpu_rowwise_scaled_mm = pytest.mark.skipif(
+    torch.__version__ < "2.13", reason="torch's CPU _scaled_mm takes row-wise scales from 2.13 on")
 CORPUS = [
     "The following are multiple choice questions (with answers) about anatomy.",
     "Question: What is the largest bone in the human body? Answer: A. Femur B. Tibia C. Skull D. Rib",

@@ -19,6 +19,8 @@ import torch
 from evalsuite.engine.generate import SamplingParams, generate
 from evalsuite.engine.score import ScoreRequest, score
 
+from .conftest import needs_cpu_rowwise_scaled_mm
+
 REQUESTS = [ScoreRequest((1, 2, 3, 4), (5, 6)), ScoreRequest((1, 2, 3, 4), (7,)), ScoreRequest((9, 8), (7, 6, 5)),
             ScoreRequest((3,), (4, 5, 6, 7))]
 
@@ -72,7 +74,7 @@ def test_bad_device_fails_before_any_model_loads(device, message, capsys, monkey
 
 @pytest.mark.parametrize("recipe, config, path", [
     ("int4-rtn", {"kernel": "auto"}, "INT4 packed kernel (_weight_int4pack_mm) for <= 4 rows, dequantized GEMM above"),
-    ("fp8-official", {"kernel": "scaled_mm"}, "FP8 torch._scaled_mm"),
+    pytest.param("fp8-official", {"kernel": "scaled_mm"}, "FP8 torch._scaled_mm", marks=needs_cpu_rowwise_scaled_mm),
     ("fp8-official", {}, "FP8 simulated: E4M3 values dequantized, "),
 ])
 def test_run_record_states_the_device_and_kernel_path(tiny_dir, recipe, config, path):

@@ -13,6 +13,8 @@ from evalsuite.quant.api import apply_recipe, get_recipe
 from evalsuite.quant.fp8 import (MIN_SCALE, FP8OfficialConfig, FP8RowwiseLinear, per_channel_scale,
                                  per_token_scale, quantize_e4m3, round_e4m3)
 
+from .conftest import needs_cpu_rowwise_scaled_mm
+
 # (input, nearest E4M3 value) worked out by hand from the format: 3 mantissa bits, bias 7,
 # subnormal step 2^-9, max 448, ties to the even mantissa.
 E4M3_CASES = [
@@ -297,7 +299,7 @@ def test_recipe_overrides_are_validated(tiny_dir):
         apply_recipe(lm, "fp8-modelopt", {"kv_scale_mode": "exact"})
 
 
-@pytest.mark.parametrize("kind", ["rowwise", "static"])
+@pytest.mark.parametrize("kind", [pytest.param("rowwise", marks=needs_cpu_rowwise_scaled_mm), "static"])
 def test_scaled_mm_kernel_matches_simulation(kind):
     """torch._scaled_mm (CPU) against the simulation: same E4M3 operands, float32 accumulation,
     scales applied before the one rounding to BF16, so at most a rare last-bit difference."""
@@ -320,6 +322,7 @@ def test_scaled_mm_kernel_matches_simulation(kind):
     assert torch.equal(q.qweight_f32, q.qweight.float()) and torch.equal(q(x), sim)
 
 
+@needs_cpu_rowwise_scaled_mm
 def test_scaled_mm_kernel_through_the_recipe(tiny_dir):
     """kernel=scaled_mm reaches every FP8 module, and the model computes what the simulation
     computes up to the kernel's summation order."""
@@ -335,6 +338,7 @@ def test_scaled_mm_kernel_through_the_recipe(tiny_dir):
     assert (a - b).norm() / a.norm() < 1e-2
 
 
+@needs_cpu_rowwise_scaled_mm
 def test_a_kernel_that_cannot_run_here_falls_back_to_the_simulation(tiny_dir, tmp_path, monkeypatch):
     """Where torch._scaled_mm refuses the scales (torch 2.11's CPU kernel takes per-tensor scales
     only and fails an internal assert on row-wise ones; NVIDIA GPUs before sm_89 refuse FP8
