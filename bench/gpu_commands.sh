@@ -23,8 +23,11 @@ WORK=${WORK:-/tmp/gpu_commands}
 PORT=${PORT:-8765}
 PYTHON=${PYTHON:-python3}
 if [ -d .whl ] && ! "$PYTHON" -c "import openai, fastapi, uvicorn, lm_eval" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "installing .whl/ failed"; exit 1; }
+    if ! "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl; then  # no pip there: a wheel is a zip of what goes into site-packages
+        echo "pip install of .whl/ failed; unpacking the wheels into /tmp/site instead"
+        for w in .whl/*.whl; do "$PYTHON" -m zipfile -e "$w" /tmp/site || { echo "unpacking $w failed"; exit 1; }; done
+    fi
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 EVALSUITE="$PYTHON -m evalsuite"

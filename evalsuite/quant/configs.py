@@ -55,7 +55,7 @@ class FP8OfficialConfig:
 
     activation_scale_ub: float = 1200.0
     skip_first_and_last_layers: bool = True
-    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
+    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm where it runs
 
     def __post_init__(self) -> None:
         check_fp8_kernel(self.kernel)
@@ -76,7 +76,7 @@ class FP8ModelOptConfig:
     quantize_attention: bool = True
     fused_scales: bool = True
     calibration: CalibrationSpec = CalibrationSpec()
-    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm
+    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm where it runs
 
     def __post_init__(self) -> None:
         check_fp8_kernel(self.kernel)
@@ -109,7 +109,7 @@ class Int4AWQConfig:
     awq: bool = True
     alpha_steps: int = 10
     calibration: CalibrationSpec = CalibrationSpec()
-    kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
+    kernel: str = "auto"  # torch's packed INT4 kernel (CPU; tinygemm on CUDA): auto (decode-sized calls), always, off
     resmooth: bool = True  # the exported form: q/k/v and gate/up share a scale, folded into the norm
 
     def __post_init__(self) -> None:
@@ -131,7 +131,7 @@ class Int4AutoAWQConfig:
     max_shrink: float = 0.5
     clip_tokens: int = 512
     calibration: CalibrationSpec = CalibrationSpec()
-    kernel: str = "auto"  # the packed INT4 CPU kernel in BF16: auto (decode-sized calls), always, or off
+    kernel: str = "auto"  # torch's packed INT4 kernel (CPU; tinygemm on CUDA): auto (decode-sized calls), always, off
 
     def __post_init__(self) -> None:
         check_kernel_mode(self.kernel)
