@@ -30,7 +30,7 @@ part() {  # part NAME SECONDS command...
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/nvidia-smi.txt"
-part gpu_commands 240 env DEVICE=cuda bash bench/gpu_commands.sh
-part gpu_check 240 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
+part gpu_commands 270 env DEVICE=cuda bash bench/gpu_commands.sh
+part gpu_check 210 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
 part gpu_profile 100 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048
 exit $status
