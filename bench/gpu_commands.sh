@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every command that takes --device, end to end on one device, with a small random model (its
 # numbers mean nothing; the point is that each command runs there): run mmlu (three
-# formulations; BF16, FP8 with torch._scaled_mm, INT4 AWQ), run perplexity, quantize and run the
-# quantized checkpoint, lm-eval tasks (run --harness lm-eval, and lm-eval's own command line),
+# formulations; BF16, FP8 with torch._scaled_mm, INT4 AWQ), a gate, run perplexity, quantize and
+# run the quantized checkpoint, lm-eval tasks (run --harness lm-eval, and lm-eval's own command line),
 # bench, serve, and through the server: MMLU over the endpoint and MT-Bench answered on the
 # device and judged by the server with the openai client.
 #
@@ -44,7 +44,7 @@ step() {  # step NAME command...
     local t0=$SECONDS
     if "$@" >"$WORK/$name.log" 2>&1; then
         echo "ok     $name ($((SECONDS - t0)) s)"
-        grep -E '^\[[a-z]+\] [a-z_]+:|token_perplexity|\] score|quantized modules|^  [a-z0-9-]+ +[0-9]+/[0-9]+ |^score|^device' \
+        grep -E '^\[[a-z]+\] [a-z_]+:|token_perplexity|\] score|quantized modules|^  [a-z0-9-]+ +[0-9]+/[0-9]+ |^score|^device|^gate ' \
             "$WORK/$name.log" | head -n 6 | cut -c1-160 | sed 's/^/    /'
         # the run record's device and kernel path, where the step wrote one
         if [ -f "$WORK/$name/run.json" ]; then
@@ -68,6 +68,12 @@ step mmlu-fp8-official "${run[@]}" mmlu --model "$MODEL" --recipe fp8-official -
     "${common[@]}" --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-fp8-official"
 step mmlu-int4-awq "${run[@]}" mmlu --model "$MODEL" --recipe int4-awq "${common[@]}" --num-fewshot 1 --per-subject 1 \
     --output "$WORK/mmlu-int4-awq"
+# a gate: its bf16 baseline produced on the device, int4-awq's run above as the candidate; any
+# verdict passes (exit 0-2: PASS, FAIL, INCONCLUSIVE), an error (3) fails
+printf '%s\n' "name: device" "model: $MODEL" "tasks: {mmlu: [--num-fewshot, '1', --per-subject, '1']}" \
+    "runs_dir: $WORK/gate-runs" "baseline: {recipe: bf16}" "candidates: [{run: $WORK/mmlu-int4-awq}]" \
+    "metrics: {mmlu.cloze.acc: 0.5}" >"$WORK/gate.yaml"
+step gate bash -c '"$@"; [ $? -le 2 ]' gate $EVALSUITE gate "$WORK/gate.yaml" --device "$DEVICE"
 step perplexity "${run[@]}" perplexity --model "$MODEL" --recipe bf16 "${common[@]}" --per-article 1 \
     --output "$WORK/perplexity"
 step quantize $EVALSUITE quantize --model "$MODEL" --recipe int4-awq --device "$DEVICE" --output "$WORK/int4-awq-checkpoint"

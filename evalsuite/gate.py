@@ -110,8 +110,9 @@ def _run_folder_name(side: dict[str, Any]) -> str:
     return "".join(c if c.isalnum() or c in "-._=" else "_" for c in side["recipe"] + suffix)
 
 
-def produce_side(gate: Gate, side: dict[str, Any], log) -> Side:
-    """The side a gate entry names, running it first when it is a recipe (resumed if present)."""
+def produce_side(gate: Gate, side: dict[str, Any], log, device: str | None = None) -> Side:
+    """The side a gate entry names, running it first when it is a recipe (resumed if present), on
+    ``device`` when given (after the task's args, so it wins over a --device there)."""
     if "run" in side:
         out = side_from_run(side["run"])
     elif "ref" in side:
@@ -126,7 +127,7 @@ def produce_side(gate: Gate, side: dict[str, Any], log) -> Side:
         for task, args in gate.tasks.items():
             run_dir = gate.runs_dir / f"{_run_folder_name(side)}-{task}"
             argv = ["run", task, "--model", gate.model, "--recipe", side["recipe"], "--dtype", gate.dtype,
-                    *args, "--output", str(run_dir), "--no-progress"]
+                    *args, *(["--device", device] if device else []), "--output", str(run_dir), "--no-progress"]
             for k, v in (side.get("recipe_config") or {}).items():
                 argv += ["--recipe-config", f"{k}={json.dumps(v)}"]
             log(f"gate {gate.name}: evalsuite {' '.join(argv)}")
@@ -142,9 +143,9 @@ def produce_side(gate: Gate, side: dict[str, Any], log) -> Side:
     return out
 
 
-def evaluate(gate: Gate, log=print) -> tuple[Side, list[CandidateResult]]:
-    baseline = produce_side(gate, gate.baseline, log)
-    candidates = [produce_side(gate, c, log) for c in gate.candidates]
+def evaluate(gate: Gate, log=print, device: str | None = None) -> tuple[Side, list[CandidateResult]]:
+    baseline = produce_side(gate, gate.baseline, log, device)
+    candidates = [produce_side(gate, c, log, device) for c in gate.candidates]
     results = compare_sides(baseline, candidates, gate.metrics)
     for res in results:
         missing = sorted(_matching(gate.metrics, res.candidate.metrics) ^ _matching(gate.metrics, baseline.metrics))

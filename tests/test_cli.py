@@ -113,6 +113,7 @@ BAD_ARGUMENTS = [
     (["compare", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
     (["report", "r", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
     (["gate", "no-such-gate.yaml"], 3, "gate file no-such-gate.yaml does not exist"),
+    (["gate", "no-such-gate.yaml", "--device", "gpu"], 3, "--device 'gpu' is not a device"),
     (["plan", "--recipe", "fp9"], 2, "unknown recipe 'fp9' for planning"),
 ]
 

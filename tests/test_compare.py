@@ -214,6 +214,22 @@ def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     assert "rerun the gate to resume it" not in err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gate_device_reaches_its_runs_over_the_tasks_own(tmp_path, capsys):
+    """``gate --device`` goes to every run the gate produces, after the task's args: here a
+    task's ``--device cpu`` is overridden by ``--device cuda``, which this machine lacks, so the
+    first run refuses it before loading a model and the gate stops with an error."""
+    (tmp_path / "g.yaml").write_text(f"name: t\ntasks: {{mmlu: [--per-subject, '1', --device, cpu]}}\n"
+                                     f"runs_dir: {tmp_path / 'runs'}\nbaseline: {{recipe: bf16}}\n"
+                                     "candidates: [{recipe: int4-awq}]\nmetrics: {mmlu.cloze.acc: 0.1}\n")
+    assert cli.main(["gate", str(tmp_path / "g.yaml"), "--device", "cuda"]) == 3
+    err = capsys.readouterr().err
+    assert "--device cpu --device cuda --output" in err  # the command the gate logs
+    assert "--device 'cuda': no CUDA device is available here" in err
+    assert "was refused (evalsuite run exited 2" in err
+    assert not any((tmp_path / "runs").glob("*/run.json"))
+
+
 def test_study_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     """The study resumes its runs too, and says the same about a folder of other settings."""
     for recipe in ("bf16", "fp8-official"):
