@@ -35,6 +35,6 @@ part gpu_commands 270 env DEVICE=cuda WORK=/tmp/gpu_commands bash bench/gpu_comm
 # every step's whole log and run record come back too (small text files; the checkpoint stays)
 (cd /tmp/gpu_commands 2>/dev/null && find . \( -name '*.log' -o -name run.json \) -print0 \
     | tar czf "$OUT/gpu_commands_logs.tgz" --null -T -)
-part gpu_check 210 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
-part gpu_profile 100 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048
+part gpu_check 180 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
+part gpu_profile 130 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048
 exit $status
