@@ -107,8 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--junit", default=None, metavar="FILE", help="also write JUnit XML for CI systems")
     gt.add_argument("--json", default=None, metavar="FILE", help="also write the comparison as JSON")
     gt.add_argument("--device", default=None, help="cpu, cuda or cuda:N for the runs the gate produces, over "
-                                                    "a --device in its tasks' args (default: cuda when available, "
-                                                    "else cpu); not part of any run's folder")
+                                                    "a --device in its tasks' args (default: theirs, else cuda "
+                                                    "when available, else cpu); not part of any run's folder")
 
     bn = sub.add_parser("bench", help="output tokens/s per recipe: batch 1 and maximum throughput, TTFT and ITL")
     bn.add_argument("--model", default="smollm2-135m")
