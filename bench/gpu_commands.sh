@@ -3,7 +3,7 @@
 # numbers mean nothing; the point is that each command runs there): run mmlu (three
 # formulations; BF16, FP8 with torch._scaled_mm, INT4 AWQ), a gate, run perplexity, quantize and
 # run the quantized checkpoint, lm-eval tasks (run --harness lm-eval, and lm-eval's own command line),
-# bench, serve, and through the server: MMLU over the endpoint and MT-Bench answered on the
+# bench, study (runs, benchmark and report), serve, and through the server: MMLU over the endpoint and MT-Bench answered on the
 # device and judged by the server with the openai client.
 #
 #   python bench/make_random_model.py --out .gpu/model      # once, where the tokenizer's model is
@@ -44,7 +44,7 @@ step() {  # step NAME command...
     local t0=$SECONDS
     if "$@" >"$WORK/$name.log" 2>&1; then
         echo "ok     $name ($((SECONDS - t0)) s)"
-        grep -E '^\[[a-z]+\] [a-z_]+:|token_perplexity|\] score|quantized modules|^  [a-z0-9-]+ +[0-9]+/[0-9]+ |^score|^device|^gate ' \
+        grep -E '^\[[a-z]+\] [a-z_]+:|token_perplexity|\] score|quantized modules|^  [a-z0-9-]+ +[0-9]+/[0-9]+ |^score|^device|^gate |^study ' \
             "$WORK/$name.log" | head -n 6 | cut -c1-160 | sed 's/^/    /'
         # the run record's device and kernel path, where the step wrote one
         if [ -f "$WORK/$name/run.json" ]; then
@@ -90,6 +90,9 @@ else
 fi
 step bench $EVALSUITE bench --model "$MODEL" --device "$DEVICE" --recipes bf16 fp8-modelopt int4-awq --lengths 64/16 \
     --batches 1 4 --output "$WORK/bench"
+
+step study $EVALSUITE study --model "$MODEL" --recipes fp8-official bf16 --per-subject 1 --per-article 1 \
+    --device "$DEVICE" --root "$WORK"
 
 $EVALSUITE serve --model "$MODEL" --device "$DEVICE" --port "$PORT" --served-model-name random --max-model-len 4096 \
     >"$WORK/serve.log" 2>&1 &
