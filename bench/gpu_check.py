@@ -8,7 +8,9 @@ Prints, side by side and measured in this run:
   * logits parity, engine vs transformers, same weights, float32 and BF16 (max abs difference);
   * scoring (MMLU-like prompts, one continuation token each): engine tokens/s against
     transformers scored as lm-eval's hf backend does (padded batches of 16 sorted by length,
-    full-vocabulary logits, log-softmax), and the share of the BF16 FLOP floor;
+    full-vocabulary logits, log-softmax), and the share of the BF16 FLOP floor; on a GPU also
+    without the fixed GEMM row blocks that make scoring batch-invariant, and with half-size ones;
+  * batch invariance: one prompt scored alone and among all (with and without the row blocks);
   * greedy decode at batch 1 and 64: engine against transformers' generate, and batch 1 against
     the bandwidth floor (weight bytes / measured bandwidth);
   * every recipe (fp8-modelopt, fp8-official, int4-awq): scoring and batch-1 decode against BF16
@@ -35,6 +37,7 @@ from evalsuite.bench import nvidia_driver_version  # noqa: E402
 from evalsuite.cli import parse_recipe_spec  # noqa: E402
 from evalsuite.engine.config import ModelConfig  # noqa: E402
 from evalsuite.engine.generate import SamplingParams, generate  # noqa: E402
+from evalsuite.engine.linear import invariant_row_blocks  # noqa: E402
 from evalsuite.engine.load import LoadedModel, ModelInfo, from_state_dict, parse_device  # noqa: E402
 from evalsuite.engine.model import use_varlen  # noqa: E402
 from evalsuite.engine.score import ScoreRequest, score  # noqa: E402
@@ -147,6 +150,23 @@ def int4_rows(model, rows: int | None):
             m.kernel_max_rows = r
 
 
+@contextlib.contextmanager
+def row_blocks(device: torch.device, blocks: tuple[int, int]):
+    """Scoring's GEMM row blocks on ``device`` (engine.linear.INVARIANT_ROW_BLOCKS) set to ``blocks``
+    while inside; (0, 0): every call at the rows it comes with, as before the blocks existed."""
+    from evalsuite.engine import linear
+
+    before = linear.INVARIANT_ROW_BLOCKS.get(device.type)
+    linear.INVARIANT_ROW_BLOCKS[device.type] = blocks
+    try:
+        yield
+    finally:
+        if before is None:
+            del linear.INVARIANT_ROW_BLOCKS[device.type]
+        else:
+            linear.INVARIANT_ROW_BLOCKS[device.type] = before
+
+
 def projection_parity(model) -> str:
     """Real kernel against simulation on one quantized projection (layer 1's down_proj) for 64
     random rows: the kernel's own error, which whole-model logits amplify through random layers."""
@@ -240,6 +260,8 @@ def main() -> None:
     total = sum(map(len, prompts))
     base = {}
 
+    blocks = invariant_row_blocks(device)
+
     def scoring() -> None:
         t_hf = timed(lambda: hf_score(hf, prompts, device), device)
         t_en = timed(lambda: engine_score(eng, prompts), device)
@@ -247,14 +269,26 @@ def main() -> None:
         base["score"] = total / t_en
         print(f"scoring {n_prompts} prompts ({total} tokens): engine {total / t_en:,.0f} tok/s, transformers (lm-eval "
               f"style) {total / t_hf:,.0f} tok/s -> {t_hf / t_en:.2f}x (target >= 1.5x); engine at "
-              f"{total / t_en / floor_tps:.0%} of the {mm_dtype} FLOP floor (target >= 70%)")
+              f"{total / t_en / floor_tps:.0%} of the {mm_dtype} FLOP floor (target >= 70%); GEMM row blocks "
+              f"{blocks if any(blocks) else 'none (this device needs none)'}")
+        if any(blocks):  # what the blocks cost, and a smaller block for the projections
+            for other in ((0, 0), (blocks[0] // 2, blocks[1])):
+                with row_blocks(device, other):
+                    t = timed(lambda: engine_score(eng, prompts), device)
+                print(f"scoring with GEMM row blocks {other if any(other) else 'off (not batch-invariant)'}: "
+                      f"{total / t:,.0f} tok/s, {t_en / t:.2f}x the default's speed")
 
     def invariance() -> None:
-        alone = engine_score(eng, prompts[:1])[0]
-        among = engine_score(eng, prompts)[0]
-        print(f"batch invariance: prompt 0 scored alone {alone:.6f}, among {n_prompts}: {among:.6f} "
-              f"({'identical' if alone == among else 'DIFFERENT'}; prefill attention: "
-              f"{'varlen FlashAttention' if use_varlen(tokens.to(torch.bfloat16)) else 'per-sequence SDPA'})")
+        prefill = 'varlen FlashAttention' if use_varlen(tokens.to(torch.bfloat16)) else 'per-sequence SDPA'
+        for label, setting in (("", blocks), (" without GEMM row blocks", (0, 0))):
+            with row_blocks(device, setting):
+                alone = engine_score(eng, prompts[:1])[0]
+                among = engine_score(eng, prompts)[0]
+            print(f"batch invariance{label}: prompt 0 scored alone {alone:.6f}, among {n_prompts}: {among:.6f} "
+                  f"({'identical' if alone == among else 'DIFFERENT'}; prefill attention: {prefill}; GEMM row "
+                  f"blocks {setting if any(setting) else 'none'})")
+            if not any(blocks):
+                break
 
     section("scoring", scoring)
     section("batch invariance", invariance)

@@ -201,12 +201,17 @@ def endpoint_row(base_url: str, model: str, isl: int, osl: int, batch: int, *, v
 def device_info(device: str) -> dict[str, Any]:
     """What a run record states about the device: its name and, on a GPU, compute capability, the
     CUDA version torch was built with, the NVIDIA driver's version and whether the GPU has FP8
-    tensor cores (sm_89 and later)."""
+    tensor cores (sm_89 and later); and where scoring runs its GEMMs in fixed row blocks for batch
+    invariance (``engine.linear.invariant_row_blocks``), their sizes."""
+    from .engine.linear import invariant_row_blocks
+
     info: dict[str, Any] = {"device_name": _device_name(device), "torch": torch.__version__}
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         info.update(compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
                     nvidia_driver=nvidia_driver_version(), fp8_tensor_cores=(props.major, props.minor) >= (8, 9))
+    if any(blocks := invariant_row_blocks(device)):
+        info["scoring_gemm_row_blocks"] = {"projections": blocks[0], "lm_head": blocks[1]}
     return info
 
 

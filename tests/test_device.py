@@ -180,3 +180,86 @@ def test_decode_attention_is_masked_grouped_attention(dtype):
     # the row at position 0 sees only its first key: its output is that key's value, per KV head
     got = _decode_attention(q, k, v, mask)
     assert torch.equal(got[2, :, 0], v[2].repeat_interleave(H // KV, dim=0)[:, 0])
+
+
+class _GemmRows:
+    """The row count of every GEMM that reaches torch's dispatcher inside the ``with`` block: the
+    input's rows for linear (which inference mode dispatches whole), mm, addmm (its second
+    argument), torch._scaled_mm and the packed INT4 products. Attention's batched products (bmm,
+    SDPA) are per sequence and not counted."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten, rows = torch.ops.aten, []
+        ops = {aten.linear: 0, aten.mm: 0, aten.addmm: 1, aten._scaled_mm: 0, aten._weight_int4pack_mm: 0,
+               aten._weight_int4pack_mm_for_cpu: 0}
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket in ops:
+                    a = args[ops[func.overloadpacket]]
+                    rows.append(a.numel() // a.shape[-1])
+                return func(*args, **(kwargs or {}))
+
+        self.rows, self.mode = rows, Spy()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self.rows
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("recipe, config", [
+    (None, None),
+    pytest.param("fp8-modelopt", {"kernel": "scaled_mm"}, marks=needs_cpu_rowwise_scaled_mm),
+    pytest.param("fp8-official", {"kernel": "scaled_mm"}, marks=needs_cpu_rowwise_scaled_mm),
+    ("int4-awq", {"kernel": "auto"}),
+])
+def test_scoring_runs_every_gemm_on_fixed_row_blocks_where_the_device_asks(tiny_dir, monkeypatch, recipe, config):
+    """A GPU's GEMM library picks its kernel by row count, so batch invariance there rests on every
+    projection of a scoring forward (prefill, extension, float32 lm_head) running at one row count
+    whatever the batch. The CPU needs no blocks; given some here (as a GPU gets them), every GEMM of
+    one request alone and of a batch of twenty runs at exactly those row counts, the scores stay
+    the unblocked ones, and the server's prompt scoring does the same."""
+    from evalsuite.engine import linear
+    from evalsuite.engine.load import load
+    from evalsuite.quant.api import apply_recipe
+    from evalsuite.server.scheduler import prompt_logprobs
+
+    from .test_score import _requests
+
+    lm = load(str(tiny_dir), "float32" if recipe is None else "bfloat16")
+    if recipe is not None:
+        apply_recipe(lm, recipe, config)
+    reqs = _requests(seed=3, n=20)  # 27 requests, ~600 context tokens, cloze-like extensions among them
+    prompts = [list(r.context + r.continuation) for r in reqs[:6]]
+    with _GemmRows() as unblocked:
+        want = score(lm.model, reqs, max_batch_size=64, max_batch_tokens=100_000)
+    want_served = prompt_logprobs(lm.model, prompts, [0] * 6)
+    assert max(unblocked) > 500  # the spy sees the whole batch's ~560 packed rows in one call
+    blocks = (256, 8)  # not in linear.TRANSPOSED_ROWS, where the CPU's float32 route turns the product around
+    monkeypatch.setitem(linear.INVARIANT_ROW_BLOCKS, "cpu", blocks)
+    with _GemmRows() as alone_rows:
+        alone = score(lm.model, reqs[:1])
+    with _GemmRows() as batch_rows:
+        batched = score(lm.model, reqs, max_batch_size=64, max_batch_tokens=100_000)
+    with _GemmRows() as server_rows:
+        served = prompt_logprobs(lm.model, prompts, [0] * 6)
+    assert set(alone_rows) <= set(blocks) and set(batch_rows) <= set(blocks) and set(server_rows) <= set(blocks)
+    assert batch_rows.count(256) > 2 * alone_rows.count(256)  # the batch ran in several blocks
+    assert alone[0].logprob == pytest.approx(want[0].logprob, abs=1e-5)
+    assert [r.logprob for r in batched] == pytest.approx([r.logprob for r in want], abs=1e-4, rel=0)
+    for got, w in zip(served, want_served):
+        assert got.token_logprobs[1:] == pytest.approx(w.token_logprobs[1:], abs=1e-4, rel=0)
+
+
+def test_run_record_states_the_scoring_row_blocks(monkeypatch):
+    from evalsuite.bench import device_info
+    from evalsuite.engine import linear
+
+    assert "scoring_gemm_row_blocks" not in device_info("cpu")  # the CPU's linear is batch-invariant as is
+    monkeypatch.setitem(linear.INVARIANT_ROW_BLOCKS, "cpu", (2048, 256))
+    assert device_info("cpu")["scoring_gemm_row_blocks"] == {"projections": 2048, "lm_head": 256}

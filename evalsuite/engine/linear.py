@@ -24,12 +24,19 @@ of the native BF16 GEMV. Small decode steps use the native kernel, as they bypas
 that have BF16 (whose GEMV streams weights at half the speed of ATen's). So greedy decoding alone
 and in a batch use different kernels and may differ in a last bit, on every CPU; scoring (prefill
 and extension) never does.
+
+GPUs need more: cuBLAS chooses a GEMM's kernel (tile shape, split-K) by its row count, so the same
+row rounds differently in a call of 100 rows and one of 16,000 (0.018 nats on one prompt's
+log-probability, measured on an H200; docs/PERF.md). A batch-invariant forward (scoring) therefore
+runs its projections on blocks of a fixed number of rows there (``in_row_blocks``): every row goes
+through the same kernel, whatever it is batched with.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -40,6 +47,9 @@ ROW_BLOCK, BLOCKED_BELOW = 4, 12  # see the module docstring
 TRANSPOSED_ROWS = range(12, 129)  # see the module docstring
 SMALL_DECODE_ROWS = 2  # decode steps with at most this many rows bypass oneDNN (measured in docs/PERF.md)
 _small_decode = contextvars.ContextVar("small_decode", default=False)
+# Rows per GEMM call of a batch-invariant forward, by device type: (the decoder's projections, the
+# float32 lm_head of the scored rows). The CPU needs none: ``linear`` is batch-invariant there.
+INVARIANT_ROW_BLOCKS: dict[str, tuple[int, int]] = {"cuda": (2048, 256)}
 
 
 @contextmanager
@@ -81,6 +91,32 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             flat = F.pad(flat, (0, 0, 0, ROW_BLOCK - rows % ROW_BLOCK))
         y = F.linear(flat, w32, b32)[:rows]
     return y.to(x.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], -1)
+
+
+def invariant_row_blocks(device: torch.device | str) -> tuple[int, int]:
+    """(projection rows, lm_head rows) per call of a batch-invariant forward on ``device``; 0: as they come."""
+    return INVARIANT_ROW_BLOCKS.get(torch.device(device).type, (0, 0))
+
+
+def in_row_blocks(fn: Callable[[Tensor], Tensor], x: Tensor, block: int) -> Tensor:
+    """``fn(x)`` for a row-wise ``fn`` (each output row depends on its own input row alone: a
+    projection, an MLP), computed on blocks of exactly ``block`` rows, the last one padded with
+    zero rows, so that every GEMM inside runs at one shape whatever the batch (see the module
+    docstring); ``block`` 0 calls ``fn(x)`` as is. Blocks of 2,048 rows keep an 8B model's GEMMs
+    compute-bound on a Hopper GPU; the price is the padding of the last block and one copy of
+    the outputs."""
+    if not block:
+        return fn(x)
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    outs = []
+    for lo in range(0, rows, block):
+        part = flat[lo:lo + block]
+        if part.shape[0] < block:
+            part = F.pad(part, (0, 0, 0, block - part.shape[0]))
+        outs.append(fn(part))
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return y[:rows].reshape(*x.shape[:-1], -1)
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:

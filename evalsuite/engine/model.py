@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
-from .linear import linear, matmul, project
+from .linear import in_row_blocks, linear, matmul, project
 
 @functools.cache
 def _varlen() -> tuple[Callable | None, dict]:
@@ -60,8 +60,9 @@ class Step:
 
     prefill: tokens [1, T], the sequences of ``seq_lens`` packed end to end (no padding), each
         starting at position 0; sequence i writes cache slot ``slot_start + i``. Matmuls see all
-        T rows at once, and attention runs per sequence, so a sequence's numbers do not depend on
-        what it is batched with (in BF16 one ulp of difference in one attention call grows into
+        T rows at once (in blocks of ``row_block`` rows when it is set: ``linear.in_row_blocks``),
+        and attention runs per sequence, so a sequence's numbers do not depend on what it is
+        batched with (in BF16 one ulp of difference in one attention call grows into
         log-probability changes of 0.1 or more through 30 layers, enough to flip MMLU answers).
     extend (a prefill with ``prefix_slots``): sequence i continues the first ``prefix_lens[i]``
         positions held in cache slot ``prefix_slots[i]``, which it reads and never writes, so several
@@ -82,6 +83,7 @@ class Step:
     # decode: (first row, end row, kv_len, mask), the mask bool [rows, 1, 1, kv_len], True where
     # attention is allowed, or None where every row of the chunk may attend to all kv_len positions
     chunks: tuple[tuple[int, int, int, Tensor | None], ...] = ()
+    row_block: int = 0  # rows per projection call (0: all at once); see linear.invariant_row_blocks
     derived: dict = field(default_factory=dict, repr=False, compare=False)  # per-step tensors the layers share
 
     def packed_index(self) -> tuple[Tensor, int, Tensor, Tensor]:
@@ -98,18 +100,18 @@ class Step:
 
     @classmethod
     def for_prefill(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache | None = None,
-                    slot_start: int = 0, device: torch.device | str | None = None) -> "Step":
+                    slot_start: int = 0, device: torch.device | str | None = None, row_block: int = 0) -> "Step":
         """``device``: the model's (default: the cache's, else the CPU)."""
         device = device or (cache.k.device if cache is not None else "cpu")
         positions = torch.cat([torch.arange(n, device=device) for n in seq_lens])
-        return cls(True, positions, tuple(seq_lens), cache, slot_start)
+        return cls(True, positions, tuple(seq_lens), cache, slot_start, row_block=row_block)
 
     @classmethod
     def for_extend(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache, prefix_slots: list[int],
-                   prefix_lens: list[int]) -> "Step":
+                   prefix_lens: list[int], row_block: int = 0) -> "Step":
         positions = torch.cat([torch.arange(p, p + n, device=cache.k.device) for p, n in zip(prefix_lens, seq_lens)])
         return cls(True, positions, tuple(seq_lens), cache, prefix_slots=tuple(prefix_slots),
-                   prefix_lens=tuple(prefix_lens))
+                   prefix_lens=tuple(prefix_lens), row_block=row_block)
 
     @property
     def longest(self) -> int:
@@ -233,7 +235,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
         B, L, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self._qkv(x).view(B, L, H + 2 * KV, D)
+        qkv = in_row_blocks(self._qkv, x, step.row_block).view(B, L, H + 2 * KV, D)
         qk = apply_rope(qkv[:, :, :H + KV], cos, sin)
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
         if self.k_cache_quant is not None:
@@ -259,7 +261,10 @@ class Attention(nn.Module):
                 outs.append(self._attend(qc, k, v, False, mask) if self._quantized
                             else _decode_attention(qc, k, v, mask))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return project(self.o_proj, out.transpose(1, 2).reshape(B, L, H * D))
+        return in_row_blocks(self._out, out.transpose(1, 2).reshape(B, L, H * D), step.row_block)
+
+    def _out(self, x: Tensor) -> Tensor:
+        return project(self.o_proj, x)
 
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         """Causal attention of each packed sequence on its own; K/V written to its cache slot, or,
@@ -392,6 +397,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+        return in_row_blocks(self._feed_forward, x, step.row_block)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        """The row-wise rest of the layer: normalisation, MLP and residual."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -476,15 +485,19 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, step)
         return self.model.norm(x)
 
-    def logits(self, hidden: Tensor, float32: bool = False) -> Tensor:
-        """lm_head on ``hidden``. With ``float32`` the product is computed and returned in float32:
-        BF16 logits of magnitude 16-32 are rounded to multiples of 0.125, coarse enough to flip
-        close MMLU answers between batch sizes, so scoring asks for float32 on the few rows it needs."""
+    def logits(self, hidden: Tensor, float32: bool = False, row_block: int = 0) -> Tensor:
+        """lm_head on ``hidden``, in blocks of ``row_block`` rows when set (``linear.in_row_blocks``).
+        With ``float32`` the product is computed and returned in float32: BF16 logits of magnitude
+        16-32 are rounded to multiples of 0.125, coarse enough to flip close MMLU answers between
+        batch sizes, so scoring asks for float32 on the few rows it needs."""
         if float32 and self.dtype != torch.float32:
             if type(self.lm_head) is nn.Linear:
-                return linear(hidden.float(), self.lm_head.weight)
-            return self.lm_head(hidden).float()
-        return project(self.lm_head, hidden)
+                weight = self.lm_head.weight
+                if hidden.device.type != "cpu":  # converted once, not per block (the CPU keeps a float32 copy)
+                    weight = weight.float()
+                return in_row_blocks(lambda h: linear(h.float(), weight), hidden, row_block)
+            return in_row_blocks(lambda h: self.lm_head(h).float(), hidden, row_block)
+        return in_row_blocks(lambda h: project(self.lm_head, h), hidden, row_block)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Full logits [B, L, vocab] for a batch of equal-length token rows, no cache."""

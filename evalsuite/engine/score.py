@@ -12,7 +12,9 @@ and the four cloze answers one context forward plus four few-token extensions. A
 no other request shares (a perplexity window) is prefilled together with its continuation, the
 forward an endpoint runs for the whole prompt, so both give the same numbers. Sequences are
 packed without padding (see ``Step``), and only the rows whose next-token distributions are
-needed reach lm_head, in float32.
+needed reach lm_head, in float32. On a GPU every projection runs on blocks of a fixed number of
+rows (``linear.invariant_row_blocks``), so a request gets the same numbers alone or in any batch
+there too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .cache import KVCache
+from .linear import invariant_row_blocks
 from .model import CausalLM, Step
 from .requests import ScoreRequest, ScoreResult
 
@@ -75,7 +78,8 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
               if len(requests[i].continuation) > 1 and i not in folded]
     cache = KVCache(model.config, len(contexts), max(lens), model.cache_dtype, dev) if extend else None
     tokens = torch.tensor([t for c in contexts for t in c], device=dev).view(1, -1)
-    hidden = model.hidden(tokens, Step.for_prefill(lens, cache, device=dev))[0]
+    block, logit_block = invariant_row_blocks(dev)
+    hidden = model.hidden(tokens, Step.for_prefill(lens, cache, device=dev, row_block=block))[0]
     ends = torch.tensor(lens, device=dev).cumsum(0)
     rows = [hidden[ends - 1]]  # row b: after context b
     offset = len(contexts)
@@ -91,12 +95,12 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
     if extend:
         ext_lens = [len(requests[i].continuation) - 1 for i, _ in extend]
         ext_tokens = torch.tensor([t for i, _ in extend for t in requests[i].continuation[:-1]], device=dev).view(1, -1)
-        step = Step.for_extend(ext_lens, cache, [b for _, b in extend], [lens[b] for _, b in extend])
+        step = Step.for_extend(ext_lens, cache, [b for _, b in extend], [lens[b] for _, b in extend], block)
         rows.append(model.hidden(ext_tokens, step)[0])
         for (i, _), m in zip(extend, ext_lens):
             first_ext_row[i] = offset
             offset += m
-    logprobs = torch.log_softmax(model.logits(torch.cat(rows), float32=True), dim=-1)
+    logprobs = torch.log_softmax(model.logits(torch.cat(rows), float32=True, row_block=logit_block), dim=-1)
     greedy = logprobs.argmax(dim=-1)
     for b, c in enumerate(contexts):
         for i in by_context[c]:

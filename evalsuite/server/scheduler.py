@@ -24,6 +24,7 @@ import torch
 
 from ..engine.cache import KVCache
 from ..engine.generate import DecodeBatch, Generation, SamplingParams
+from ..engine.linear import invariant_row_blocks
 from ..engine.model import CausalLM, Step
 
 log = logging.getLogger(__name__)
@@ -297,12 +298,13 @@ def prompt_logprobs(model: CausalLM, prompts: list[list[int]], tops: list[int]) 
     extend = [(i, g) for g, (plen, members) in enumerate(groups) for i in members if len(prompts[i]) - plen > 1]
     cache = KVCache(model.config, len(groups), max(lens), model.cache_dtype, device) if extend else None
     tokens = torch.tensor([t for p in prefixes for t in p], device=device).view(1, -1)
-    hidden = model.hidden(tokens, Step.for_prefill(lens, cache, device=device))[0]
+    block = invariant_row_blocks(device)[0]
+    hidden = model.hidden(tokens, Step.for_prefill(lens, cache, device=device, row_block=block))[0]
     ext_rows: dict[int, torch.Tensor] = {}
     if extend:
         ext_lens = [len(prompts[i]) - groups[g][0] - 1 for i, g in extend]
         ext_tokens = torch.tensor([t for i, g in extend for t in prompts[i][groups[g][0]:-1]], device=device)
-        step = Step.for_extend(ext_lens, cache, [g for _, g in extend], [lens[g] for _, g in extend])
+        step = Step.for_extend(ext_lens, cache, [g for _, g in extend], [lens[g] for _, g in extend], block)
         ext_hidden = model.hidden(ext_tokens.view(1, -1), step)[0]
         start = 0
         for (i, _), n in zip(extend, ext_lens):
@@ -352,7 +354,8 @@ def _score_rows(model: CausalLM, rows: torch.Tensor, targets: list[int], top: in
     target = torch.tensor(targets, device=rows.device)
     chunk = max(64, min(2048, SCORE_CHUNK_BYTES // (4 * model.config.vocab_size)))
     for s in range(0, rows.shape[0], chunk):
-        lp = torch.log_softmax(model.logits(rows[s:s + chunk], float32=True), dim=-1)
+        lp = torch.log_softmax(model.logits(rows[s:s + chunk], float32=True,
+                                            row_block=invariant_row_blocks(rows.device)[1]), dim=-1)
         chosen += lp.gather(1, target[s:s + chunk, None])[:, 0].tolist()
         if top > 0:
             v, i = lp.topk(top, dim=-1)
