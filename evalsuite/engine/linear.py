@@ -112,11 +112,12 @@ def in_row_blocks(fn: Callable[[Tensor], Tensor], x: Tensor, block: int) -> Tens
     outs = []
     for lo in range(0, rows, block):
         part = flat[lo:lo + block]
-        if part.shape[0] < block:
-            part = F.pad(part, (0, 0, 0, block - part.shape[0]))
-        outs.append(fn(part))
+        n = part.shape[0]
+        if n < block:
+            part = F.pad(part, (0, 0, 0, block - n))
+        outs.append(fn(part)[:n])
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return y[:rows].reshape(*x.shape[:-1], -1)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
