@@ -32,6 +32,7 @@ from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
 from .linear import in_row_blocks, linear, matmul, project
 
+
 @functools.cache
 def _varlen() -> tuple[Callable | None, dict]:
     """FlashAttention over packed sequences (torch's CUDA builds) and the keywords this torch needs,
