@@ -330,7 +330,7 @@ def main() -> None:
     calibrate.corpus = lambda lm, spec: seqs  # random weights calibrate on random tokens
     fp8_real = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
     check = tokens[:1]
-    speeds, layer_err = {}, {}
+    speeds, layer_err, invariant = {}, {}, {}
 
     def ratio(value: float, key: str) -> str:
         return f"{value / base[key]:.2f}x" if key in base else "n/a (no BF16 figure)"
@@ -353,7 +353,11 @@ def main() -> None:
             if kernel == "real":
                 path = kernel_path(record, model)
                 layer_err[spec] = projection_parity(model)
-                t = timed(lambda: engine_score(model, prompts), device)
+                among = {}
+                t = timed(lambda: among.update(scores=engine_score(model, prompts)), device)
+                alone = engine_score(model, prompts[:1])[0]
+                invariant[spec] = "identical" if alone == among["scores"][0] else \
+                    f"DIFFERENT by {abs(alone - among['scores'][0]):.1e}"
                 d = decode_rate(lambda: generate(model, dec_prompts[:1], sp, max_batch_size=1), new_tokens, device)
                 speeds[spec] = (total / t, d)
             del model, lm
@@ -362,6 +366,7 @@ def main() -> None:
         s, d = speeds[spec]
         print(f"recipe {spec}: scoring {ratio(s, 'score')} BF16, decode batch 1 {ratio(d, 'decode1')} BF16; real vs "
               f"simulated logits relative error {rel:.1e} (target <= 1e-2; one projection: {layer_err[spec]}); "
+              f"prompt 0 alone and among {n_prompts}: {invariant[spec]}; "
               f"kernel path: {path}")
 
     for name in args.recipes:
