@@ -223,7 +223,7 @@ def test_scoring_runs_every_gemm_on_fixed_row_blocks_where_the_device_asks(tiny_
     """A GPU's GEMM library picks its kernel by row count, so batch invariance there rests on every
     projection of a scoring forward (prefill, extension, float32 lm_head) running at one row count
     whatever the batch. The CPU needs no blocks; given some here (as a GPU gets them), every GEMM of
-    one request alone and of a batch of twenty runs at exactly those row counts, the scores stay
+    one request alone and of a batch of 27 runs at exactly those row counts, the scores stay
     the unblocked ones, and the server's prompt scoring does the same."""
     from evalsuite.engine import linear
     from evalsuite.engine.load import load
