@@ -334,9 +334,10 @@ def _report(args: argparse.Namespace) -> int:
 def _gate(args: argparse.Namespace) -> int:
     import time
 
+    from .compare import EXIT_CODES as EXIT
     from .compare import format_table, overall, results_json
     from .engine.options import check_device
-    from .gate import EXIT, EXIT_ERROR, GateError, evaluate, junit_xml, load_gate
+    from .gate import EXIT_ERROR, GateError, evaluate, junit_xml, load_gate
 
     t0 = time.perf_counter()
     try:
@@ -374,7 +375,15 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.base_url:
         for r in recipes:
             check_model_args(args.model, r, None, args.dtype, args.device)
-    from .bench import DEFAULT_BATCHES, DEFAULT_LENGTHS, NOTE_LENGTHS, BenchResult, endpoint_row, format_tables, run_bench
+    from .bench import (
+        DEFAULT_BATCHES,
+        DEFAULT_LENGTHS,
+        NOTE_LENGTHS,
+        BenchResult,
+        endpoint_row,
+        format_tables,
+        run_bench,
+    )
 
     lengths = lengths or list(NOTE_LENGTHS if args.note_lengths else DEFAULT_LENGTHS)
     batches = sorted({1, *(args.batches or DEFAULT_BATCHES)})
@@ -398,8 +407,15 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    import datetime
+
     from .runindex import RunIndex, headline
 
+    if args.since is not None:
+        try:
+            datetime.date.fromisoformat(args.since)
+        except ValueError:
+            raise ValueError(f"--since {args.since!r}: valid: a date as YYYY-MM-DD (e.g. 2026-11-01)") from None
     rows = RunIndex(args.index).query(task=args.task, model=args.model, recipe=args.recipe, since=args.since)
     print(f"{'id':>4}  {'finished':<24} {'task':<11} {'model':<16} {'recipe':<15} {'status':<10} metrics / folder")
     for r in rows:
@@ -470,18 +486,24 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = parse_recipe_config(args.recipe_config)
     check_model_args(args.model, args.recipe, overrides, args.dtype, args.device)
-    for key in ("max_batch_size", "max_model_len", "max_prefill_tokens", "port"):
-        if getattr(args, key) < (0 if key == "port" else 1):
+    for key in ("max_batch_size", "max_model_len", "max_prefill_tokens"):
+        if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
+    from .server.listen import listening_socket
+
+    # the address is taken before the model loads: a port in use is an error in a second, not
+    # after minutes of loading and quantizing, and no other process can take it meanwhile
+    sock = listening_socket(args.host, args.port)
     from .server.serve import serve_forever, served_model  # torch and the HTTP stack, once the arguments are checked
 
     api_key = args.api_key or os.environ.get("EVALSUITE_API_KEY") or None
     lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides, args.device)
     served = served_model(lm, recipe, args.served_model_name, max_batch_size=args.max_batch_size,
                           max_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens)
-    print(f"serving {served.name} (recipe {recipe['name']}) on http://{args.host}:{args.port}/v1"
+    host, port = sock.getsockname()[:2]
+    print(f"serving {served.name} (recipe {recipe['name']}) on http://{host}:{port}/v1"
           + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
-    serve_forever(served, args.host, args.port, api_key)
+    serve_forever(served, sock, api_key)
     return 0
 
 
@@ -656,6 +678,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"evalsuite: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`evalsuite runs | head`): stop quietly, as `ls | head` does
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush at exit must not fail too
+        return 141  # 128 + SIGPIPE, the shell's code for a writer killed by a closed pipe
 
 
 if __name__ == "__main__":

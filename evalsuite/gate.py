@@ -34,7 +34,6 @@ from xml.sax.saxutils import quoteattr
 
 import yaml
 
-from .compare import EXIT_CODES as EXIT
 from .compare import PASS, CandidateResult, Side, Tolerance, compare_sides, side_from_run
 from .records import unfinished_run
 

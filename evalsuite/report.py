@@ -135,7 +135,7 @@ def plot_accuracy_vs_throughput(acc: pd.DataFrame, tolerances: dict[str, Toleran
             bv = float(base.value.iloc[0])
             if d.kind.iloc[0] == "lower_is_better":
                 edge = bv * (1 + (tol.value if tol.relative else tol.value / bv))
-                ax.axhspan(min(d.ci_low.min(), bv), edge, color="green", alpha=0.08, label=f"within tolerance")
+                ax.axhspan(min(d.ci_low.min(), bv), edge, color="green", alpha=0.08, label="within tolerance")
             else:
                 edge = bv - (tol.value * abs(bv) if tol.relative else tol.value)
                 ax.axhspan(edge, max(d.ci_high.max(), bv), color="green", alpha=0.08, label="within tolerance")

@@ -4,14 +4,13 @@ and when the cached statistics are reused or computed again."""
 from __future__ import annotations
 
 import pytest
-import torch
 
+from evalsuite.engine.generate import SamplingParams
 from evalsuite.engine.load import load
 from evalsuite.quant import calibrate as calib
 from evalsuite.quant.api import apply_recipe
 from evalsuite.quant.calibrate import TOPICS, CalibrationSpec
 from evalsuite.textgen import generate_text
-from evalsuite.engine.generate import SamplingParams
 
 
 def test_default_corpus_is_seeded_text_the_model_writes(tiny, monkeypatch):

@@ -16,8 +16,18 @@ import pytest
 from scipy import stats as sps
 
 from evalsuite import cli
-from evalsuite.compare import (FAIL, INCONCLUSIVE, PASS, Item, Metric, Tolerance, cluster_bootstrap, compare_metric,
-                               mcnemar_exact, side_from_run)
+from evalsuite.compare import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    Item,
+    Metric,
+    Tolerance,
+    cluster_bootstrap,
+    compare_metric,
+    mcnemar_exact,
+    side_from_run,
+)
 from evalsuite.references import load_reference, speedup_check
 from evalsuite.runindex import RunIndex
 
@@ -210,7 +220,7 @@ def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     assert cli.main(["gate", str(tmp_path / "g.yaml")]) == 3
     err = capsys.readouterr().err
     assert "holds a run with a different configuration" in err
-    assert f"was refused (evalsuite run exited 2; the reason is above)" in err and f"delete {stale}" in err
+    assert "was refused (evalsuite run exited 2; the reason is above)" in err and f"delete {stale}" in err
     assert "rerun the gate to resume it" not in err
 
 

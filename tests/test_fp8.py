@@ -10,8 +10,15 @@ from torch import nn
 
 from evalsuite.engine.load import load
 from evalsuite.quant.api import apply_recipe, get_recipe
-from evalsuite.quant.fp8 import (MIN_SCALE, FP8OfficialConfig, FP8RowwiseLinear, per_channel_scale,
-                                 per_token_scale, quantize_e4m3, round_e4m3)
+from evalsuite.quant.fp8 import (
+    MIN_SCALE,
+    FP8OfficialConfig,
+    FP8RowwiseLinear,
+    per_channel_scale,
+    per_token_scale,
+    quantize_e4m3,
+    round_e4m3,
+)
 
 from .conftest import needs_cpu_rowwise_scaled_mm
 

@@ -11,8 +11,13 @@ from evalsuite.engine.load import load
 from evalsuite.quant import calibrate as calib
 from evalsuite.quant.api import apply_recipe
 from evalsuite.quant.configs import INT4_KERNEL_MODES
-from evalsuite.quant.int4 import (Int4WeightOnlyLinear, int4_block_dequantize, int4_block_quantize,
-                                  int4_fake_quantize, int4_kernel_available)
+from evalsuite.quant.int4 import (
+    Int4WeightOnlyLinear,
+    int4_block_dequantize,
+    int4_block_quantize,
+    int4_fake_quantize,
+    int4_kernel_available,
+)
 from evalsuite.quant.int4_awq import _AlphaSearch, alphas, awq_scale, weight_channel_mean
 
 

@@ -10,10 +10,23 @@ from torch import nn
 
 from evalsuite.engine.load import load
 from evalsuite.quant.api import apply_recipe
-from evalsuite.quant.int4_awq_asym import (Int4AutoAWQConfig, _layer_batches, duo_scale, fold_scales, group_weight_mean,
-                                     search_clip, search_layer, search_scale)
-from evalsuite.quant.int4 import (Int4WeightOnlyLinear, int4_asym_quantize, int4_block_dequantize,
-                                  int4_fake_quantize, int4_kernel_available)
+from evalsuite.quant.int4 import (
+    Int4WeightOnlyLinear,
+    int4_asym_quantize,
+    int4_block_dequantize,
+    int4_fake_quantize,
+    int4_kernel_available,
+)
+from evalsuite.quant.int4_awq_asym import (
+    Int4AutoAWQConfig,
+    _layer_batches,
+    duo_scale,
+    fold_scales,
+    group_weight_mean,
+    search_clip,
+    search_layer,
+    search_scale,
+)
 
 
 def test_asym_int4_hand_computed():

@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from evalsuite.engine.load import gguf_to_folder, load
-from evalsuite.engine.load import MODELS
 from evalsuite.backends.engine import EngineBackend
+from evalsuite.engine.load import MODELS, gguf_to_folder, load
 from evalsuite.runners.mmlu import MMLUConfig, encode_pair, run_mmlu
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,6 @@ from lm_eval.tasks import TaskManager
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.cli import main
 from evalsuite.engine.generate import SamplingParams
-from evalsuite.engine.load import load
 from evalsuite.runners.lm_eval_model import EvalsuiteLM
 from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
 from evalsuite.server.serve import BackgroundServer, served_model

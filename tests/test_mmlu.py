@@ -7,16 +7,24 @@ import os
 
 import lm_eval
 import pytest
+import torch
 import yaml
 from lm_eval.utils import apply_template
 
-import torch
-
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.runners import mmlu
-from evalsuite.runners.mmlu import (MMLUConfig, Question, generative_outcome, load_mmlu, prepare_mmlu, render_context,
-                                    run_mmlu, select)
-from evalsuite.taskdef import TaskDefinitionError, load_task, parse_multiple_choice_task as parse_task
+from evalsuite.runners.mmlu import (
+    MMLUConfig,
+    Question,
+    generative_outcome,
+    load_mmlu,
+    prepare_mmlu,
+    render_context,
+    run_mmlu,
+    select,
+)
+from evalsuite.taskdef import TaskDefinitionError, load_task
+from evalsuite.taskdef import parse_multiple_choice_task as parse_task
 
 LM_EVAL_MMLU = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "mmlu")
 

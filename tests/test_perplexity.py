@@ -15,8 +15,13 @@ import torch
 from evalsuite.backends.base import Failure
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.backends.openai import OpenAIBackend
-from evalsuite.runners.perplexity import (PerplexityConfig, load_documents, prepare_perplexity, rolling_requests,
-                                          run_perplexity)
+from evalsuite.runners.perplexity import (
+    PerplexityConfig,
+    load_documents,
+    prepare_perplexity,
+    rolling_requests,
+    run_perplexity,
+)
 from evalsuite.server.serve import BackgroundServer, served_model
 from evalsuite.stats import ratio_estimate
 from evalsuite.taskdef import load_task

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from evalsuite import cli
-from evalsuite.bench import BenchResult, engine_row, endpoint_row, format_tables, percentiles
+from evalsuite.bench import BenchResult, endpoint_row, engine_row, format_tables, percentiles
 from evalsuite.server.serve import BackgroundServer, served_model
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi import Request  # at module level: FastAPI resolves the proxy route's annotations here
 
-from evalsuite.backends.base import BackendError, Failure
+from evalsuite.backends.base import BackendError
 from evalsuite.backends.openai import OpenAIBackend, redact_url
 from evalsuite.cli import main
 from evalsuite.engine.generate import SamplingParams
@@ -196,6 +196,50 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, lm):
     assert sched.running == 0 and sched.stats["cancelled"] > before
 
 
+def test_the_serve_command_takes_its_address_before_loading_and_serves_on_it(chat_dir):
+    """`evalsuite serve` as users start it, a process of its own: a port in use is an error naming
+    the address before the model loads; --port 0 serves on a free port that the startup line
+    names, and the real openai client completes through it."""
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "evalsuite", "serve", "--model", str(chat_dir), "--dtype", "float32",
+           "--max-model-len", "256", "--served-model-name", "tiny"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run(cmd + ["--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
+    assert "serving" not in busy.stderr  # nothing was loaded
+
+    proc = subprocess.Popen(cmd + ["--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        for line in proc.stderr:
+            if line.startswith("serving "):
+                break
+        found = re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)", line)
+        assert found and int(found.group(2)) > 0, line
+        client = openai.OpenAI(base_url=found.group(1), api_key="unused", max_retries=0)
+        deadline = time.time() + 60  # the socket listens from the start; uvicorn accepts once its app is up
+        while True:
+            try:
+                assert [m.id for m in client.models.list().data] == ["tiny"]
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        done = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=4, temperature=0)
+        assert done.usage.completion_tokens == 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_redacted_url_drops_credentials():
     assert redact_url("http://user:pw@host:8000/v1?key=abc#x") == "http://host:8000/v1"
 
@@ -251,12 +295,11 @@ class FaultyProxy:
     (no answer until the client times out) or "truncated" (half a JSON body)."""
 
     def __init__(self, target: str, faults: dict[int, str]):
+        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse, Response
 
         from evalsuite.server.serve import free_port
-
-        import uvicorn
 
         self.faults, self.count, self.lock = faults, 0, threading.Lock()
         app = FastAPI()

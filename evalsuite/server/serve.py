@@ -64,8 +64,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_forever(served: ServedModel, host: str, port: int, api_key: str | None) -> None:
+def serve_forever(served: ServedModel, sock: socket.socket, api_key: str | None) -> None:
+    """Serve on ``sock`` (bound and listening, see ``listen.listening_socket``) until interrupted."""
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(create_app(served, api_key), host=host, port=port, log_level="info")
     try:
-        uvicorn.run(create_app(served, api_key), host=host, port=port, log_level="info")
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         served.scheduler.shutdown()
+        sock.close()
