@@ -262,24 +262,53 @@ def _pick_baseline(sides: list, baseline: str | None):
     return base, [s for s in sides if s is not base]
 
 
-def _tolerances(items: list[str], refs: set[str]):
+def _tolerances(items: list[str], refs: set[str], metrics: set[str]):
+    """Tolerances by metric name: the references' own, then ``--tolerance METRIC=TOL`` items, each
+    naming a metric of the compared runs (``metrics``) or a prefix of one (``mmlu``, ``mmlu.cloze``)."""
     from .compare import Tolerance
     from .references import load_reference
 
     tolerances: dict[str, Tolerance] = {}
     for name in sorted(refs):
         tolerances.update(load_reference(name).tolerances())
+    prefixes = {".".join(m.split(".")[:i]) for m in metrics for i in range(1, m.count(".") + 2)}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--tolerance takes METRIC=TOL (e.g. mmlu=0.01 or perplexity=5%), got {item!r}")
         try:
-            tolerances[key] = Tolerance(float(value.rstrip("%")) / 100, True) if value.endswith("%") \
-                else Tolerance(float(value))
+            tol = float(value.rstrip("%")) / 100 if value.endswith("%") else float(value)
         except ValueError:
             raise ValueError(f"--tolerance {item!r}: {value!r} is not a number (or a percentage)") from None
+        if not tol >= 0:  # also refuses nan
+            raise ValueError(f"--tolerance {item!r}: valid: a tolerance >= 0 (how far below the baseline is allowed)")
+        if key not in prefixes:
+            raise ValueError(f"--tolerance {item!r}: no compared metric is named {key!r}; valid: "
+                             + ", ".join(sorted(prefixes)))
+        tolerances[key] = Tolerance(tol, value.endswith("%"))
     tolerances.setdefault("perplexity", Tolerance(0.02, True))
     return tolerances
+
+
+def _checked_sides(command: str, specs: list[str], baseline: str | None):
+    """The baseline and candidates of ``compare`` and ``report``: at least two sides, and each
+    candidate shares a metric with the baseline (else there is nothing to decide on)."""
+    sides = _resolve_sides(specs)
+    sources = [s.source for s in sides]
+    twice = sorted({src for src in sources if sources.count(src) > 1})
+    if twice:
+        raise ValueError(f"{command}: {', '.join(twice)} given more than once; give each run once")
+    if len(sides) < 2:
+        raise ValueError(f"{command} needs a baseline and at least one candidate; the runs given form "
+                         f"{len(sides)} side{'s' * (len(sides) != 1)} ({'; '.join(s.source for s in sides)}): runs "
+                         "of one model and recipe on different tasks count as one side")
+    base, candidates = _pick_baseline(sides, baseline)
+    for cand in candidates:
+        if not set(cand.metrics) & set(base.metrics):
+            families = sorted({m.split(".")[0] for m in base.metrics})
+            raise ValueError(f"{cand.label} ({cand.source}) has no metric in common with the baseline "
+                             f"{base.label} ({base.source}: {', '.join(families)}); compare runs of the same task")
+    return base, candidates
 
 
 DEFAULT_TOLERANCE = 0.01
@@ -289,12 +318,10 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import EXIT_CODES, Tolerance, compare_sides, format_table, overall, results_json
     from .references import format_speedups, load_reference
 
-    sides = _resolve_sides(args.sides)
-    if len(sides) < 2:
-        raise ValueError("compare needs a baseline and at least one candidate")
-    base, candidates = _pick_baseline(sides, args.baseline)
+    base, candidates = _checked_sides("compare", args.sides, args.baseline)
     refs = {spec.split(":")[1] for spec in args.sides if spec.startswith("ref:")}
-    results = compare_sides(base, candidates, _tolerances(args.tolerance, refs), Tolerance(DEFAULT_TOLERANCE))
+    metrics = {m for side in (base, *candidates) for m in side.metrics}
+    results = compare_sides(base, candidates, _tolerances(args.tolerance, refs, metrics), Tolerance(DEFAULT_TOLERANCE))
     print(format_table(base, results))
     for text in filter(None, (format_speedups(load_reference(r)) for r in sorted(refs))):
         print("\n" + text)
@@ -308,9 +335,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    sides = _resolve_sides(args.sides)
-    if len(sides) < 2:
-        raise ValueError("report needs a baseline and at least one candidate")
+    base, candidates = _checked_sides("report", args.sides, args.baseline)
+    tolerances = _tolerances(args.tolerance, set(), {m for side in (base, *candidates) for m in side.metrics})
     from .bench import BenchResult  # torch, matplotlib: imported once the sides are found
     from .compare import Tolerance
     from .references import format_speedups, load_reference, reference_sides
@@ -319,9 +345,8 @@ def _report(args: argparse.Namespace) -> int:
     bench = BenchResult.read(args.bench) if args.bench else None
     refs = [reference_sides(r) for r in args.reference]
     ref_names = {r.split(":")[1] for r in args.reference}
-    base, candidates = _pick_baseline(sides, args.baseline)
     extra = "\n\n".join(filter(None, (format_speedups(load_reference(r)) for r in sorted(ref_names))))
-    report = build_report(args.name, base, candidates, _tolerances(args.tolerance, set()),
+    report = build_report(args.name, base, candidates, tolerances,
                           default=Tolerance(DEFAULT_TOLERANCE), bench=bench,
                           reference_sides=[s for group in refs for s in group], root=Path(args.root),
                           extra_text=extra)
@@ -372,7 +397,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.batches and min(args.batches) < 1:
         raise ValueError(f"--batches {args.batches}: batch sizes must be >= 1")
     recipes = args.recipes or list(all_recipes())
-    if not args.base_url:
+    if args.base_url:
+        from .backends.openai import check_base_url
+
+        check_base_url(args.base_url)
+    else:
         for r in recipes:
             check_model_args(args.model, r, None, args.dtype, args.device)
     from .bench import (
@@ -433,7 +462,9 @@ def _endpoint_backend(opts: argparse.Namespace):
     for flag, value in (("--concurrency", opts.concurrency), ("--prompts-per-request", opts.prompts_per_request)):
         if value < 1:
             raise ValueError(f"{flag}={value}; valid: an integer >= 1")
-    from .backends.openai import OpenAIBackend
+    from .backends.openai import OpenAIBackend, check_base_url
+
+    check_base_url(opts.base_url)  # before transformers is imported and the tokenizer loads
     from .engine.load import ModelLoadError, tokenizer_for
 
     tokenizer = None

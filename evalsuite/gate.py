@@ -147,6 +147,12 @@ def evaluate(gate: Gate, log=print, device: str | None = None) -> tuple[Side, li
     candidates = [produce_side(gate, c, log, device) for c in gate.candidates]
     results = compare_sides(baseline, candidates, gate.metrics)
     for res in results:
+        unmatched = sorted(g for g in gate.metrics if not _matching({g: gate.metrics[g]}, res.candidate.metrics)
+                           and not _matching({g: gate.metrics[g]}, baseline.metrics))
+        if unmatched:  # a misspelt metric would otherwise gate nothing and pass
+            raise GateError(f"{gate.path}: gated metrics {unmatched} name no metric of the runs; they hold "
+                            f"{sorted(set(baseline.metrics) | set(res.candidate.metrics))} (a name or a prefix "
+                            "such as mmlu.cloze)")
         missing = sorted(_matching(gate.metrics, res.candidate.metrics) ^ _matching(gate.metrics, baseline.metrics))
         if missing or not res.comparisons:
             raise GateError(f"candidate {res.candidate.label}: gated metrics {missing or sorted(gate.metrics)} are "

@@ -207,6 +207,41 @@ def test_gate_errors_exit_3(tmp_path, capsys):
     assert cli.main(["gate", str(tmp_path / "missing.yaml")]) == 3
 
 
+def test_a_gated_metric_that_names_nothing_is_an_error_not_a_pass(tmp_path, capsys):
+    """A misspelt metric beside a correct one would otherwise gate nothing and pass."""
+    b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
+    c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20)
+    gate = write_gate(tmp_path / "g.yaml", b, c)
+    gate.write_text(gate.read_text() + "  perplexty: {relative: 0.05}\n")
+    assert cli.main(["gate", str(gate)]) == 3
+    err = capsys.readouterr().err
+    assert "gated metrics ['perplexty'] name no metric of the runs" in err and "mmlu.cloze.acc" in err
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--tolerance", "mmlu.clozee=0.02"], "no compared metric is named 'mmlu.clozee'; valid: mmlu, mmlu.cloze, "
+                                          "mmlu.cloze.acc"),
+    (["--tolerance", "mmlu=-0.01"], "--tolerance 'mmlu=-0.01': valid: a tolerance >= 0"),
+    (["--tolerance", "mmlu=nan"], "--tolerance 'mmlu=nan': valid: a tolerance >= 0"),
+    (["BASE"], "given more than once; give each run once"),
+])
+def test_compare_refuses_a_tolerance_or_side_that_decides_nothing(tmp_path, capsys, extra, msg):
+    b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
+    c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20)
+    argv = ["compare", str(b), str(c), *[str(b) if e == "BASE" else e for e in extra]]
+    for command in (argv, ["report", "r", *argv[1:], "--root", str(tmp_path)]):
+        assert cli.main(command) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_compare_needs_a_metric_in_common(tmp_path, capsys):
+    b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
+    c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20, form="letter")  # cloze against letter
+    assert cli.main(["compare", str(b), str(c)]) == 2
+    assert "fp8-modelopt (" in (err := capsys.readouterr().err) and "has no metric in common with the baseline" in err
+
+
 def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     """A gate resumes its runs; a folder holding a run of other settings is refused, and the
     gate says which folder to delete rather than to rerun."""

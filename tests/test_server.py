@@ -244,6 +244,14 @@ def test_redacted_url_drops_credentials():
     assert redact_url("http://user:pw@host:8000/v1?key=abc#x") == "http://host:8000/v1"
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:8000/v1", "localhost:8000", "ftp://host/v1", "http:///v1",
+                                 "http://user:s3cret@host:99999/v1", "http://host:port/v1"])
+def test_a_base_url_that_is_no_http_url_is_refused_before_any_request(url):
+    with pytest.raises(ValueError, match="valid: an http\\(s\\) URL") as e:
+        OpenAIBackend(url, "m")
+    assert "s3cret" not in str(e.value)
+
+
 # ------------------------------------------------------------------ the endpoint backend
 
 def test_mmlu_through_the_endpoint_gives_the_in_process_predictions(server, lm, tmp_path):

@@ -42,12 +42,26 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def check_base_url(url: str) -> None:
+    """An endpoint's URL must be http(s) with a host (and a valid port, if any); else a ValueError
+    naming it, without the credentials it may hold."""
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or out of range
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        shown = url.replace(parts.netloc, parts.netloc.rpartition("@")[2]) if parts.netloc else url
+        raise ValueError(f"base URL {shown!r}; valid: an http(s) URL of the API root, e.g. http://127.0.0.1:8000/v1")
+
+
 class OpenAIBackend(Backend):
     def __init__(self, base_url: str, model: str, *, tokenizer: Any = None, api_key_env: str = DEFAULT_KEY_ENV,
                  concurrency: int = 8, batch_size: int = 8, timeout: float = 120.0, max_retries: int = 5,
                  backoff: float = 0.5, sleep: Callable[[float], None] = time.sleep):
         import openai
 
+        check_base_url(base_url)
         bad = [f"{name}={value!r}; valid: {valid}" for name, value, ok, valid in (
             ("concurrency", concurrency, concurrency >= 1, "an integer >= 1"),
             ("batch_size", batch_size, batch_size >= 1, "an integer >= 1"),

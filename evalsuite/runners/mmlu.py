@@ -70,6 +70,10 @@ class MMLUConfig:
             raise ValueError(f"no formulation given; valid: {', '.join(task.formulations)}")
         for f in self.formulations:
             task.formulation(f)
+        for name, given in (("formulation", self.formulations), ("subject", self.subjects or ())):
+            twice = sorted({g for g in given if given.count(g) > 1})
+            if twice:  # the run's identity holds the list: the same run must not have two names
+                raise ValueError(f"{name} {', '.join(map(repr, twice))} given more than once; give each once")
         if not 0 <= self.num_fewshot <= task.fewshot_pool:
             raise ValueError(f"num_fewshot={self.num_fewshot}; valid: 0..{task.fewshot_pool} "
                              "(exemplars come from each subject's first rows)")

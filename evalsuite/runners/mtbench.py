@@ -71,6 +71,9 @@ class MTBenchConfig:
             bad = sorted(set(self.categories) - set(CATEGORIES))
             if bad:
                 raise ValueError(f"--categories {bad}: unknown; valid: {', '.join(CATEGORIES)}")
+            twice = sorted({c for c in self.categories if self.categories.count(c) > 1})
+            if twice:  # the run's identity holds the list: the same run must not have two names
+                raise ValueError(f"--categories {twice}: given more than once; give each once")
         if self.mode not in ("single", "pairwise"):
             raise ValueError(f"--mode {self.mode!r}; valid: single, pairwise")
         if self.mode == "pairwise" and not self.baseline:
@@ -139,6 +142,10 @@ def prepare_mtbench(cfg: MTBenchConfig, task: MTBenchTask | None = None) -> MTBe
     picked = select(questions, cfg)
     if not picked:
         raise ValueError(f"no MT-Bench question for categories {list(cfg.categories or [])}")
+    available = sum(1 for q in questions if not cfg.categories or q["category"] in cfg.categories)
+    if cfg.questions is not None and cfg.questions > available:
+        raise ValueError(f"--questions {cfg.questions}: the selection holds {available} questions; "
+                         f"valid: 1..{available} (or omit it for all)")
     return MTBenchJob(task, cfg, picked, refs, {q["question_id"]: q for q in questions})
 
 
@@ -524,6 +531,8 @@ class MTBenchRunner(Runner):
             raise ValueError("--judge-base-url and --judge-model go together (an endpoint and the judge's id there)")
         if args.judge_rating not in (None, "parsed", "probability", "both"):
             raise ValueError(f"--judge-rating {args.judge_rating!r}; valid: parsed, probability, both")
+        if args.judge_concurrency < 1:
+            raise ValueError(f"--judge-concurrency {args.judge_concurrency}: valid: an integer >= 1")
         if args.calibration_questions is not None and not 1 <= args.calibration_questions <= 30:
             raise ValueError(f"--calibration-questions {args.calibration_questions}: 1..30")
         job = prepare_mtbench(cfg, task)

@@ -71,6 +71,9 @@ class PerplexityConfig:
             raise ValueError(f"--per-article {self.per_article}: must be >= 1 (or omitted for every paragraph)")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"--max-length {self.max_length}: must be >= 2 tokens")
+        twice = sorted({a for a in self.articles or () if self.articles.count(a) > 1})
+        if twice:  # the run's identity holds the list: the same run must not have two names
+            raise ValueError(f"--articles {twice}: given more than once; give each once")
         if self.data != "embedded" and not Path(self.data).is_file():
             raise ValueError(f"--data {self.data!r}: neither 'embedded' nor an existing text file")
 
