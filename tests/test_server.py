@@ -23,7 +23,7 @@ from evalsuite.engine.load import load
 from evalsuite.engine.score import ScoreRequest, score
 from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
 from evalsuite.server.serve import BackgroundServer, served_model
-from evalsuite.textgen import generate_text
+from evalsuite.textgen import encode_prompt, generate_text
 
 SUBSET = MMLUConfig(formulations=("letter", "cloze"), subjects=("abstract_algebra", "anatomy", "marketing"),
                     per_subject=3)
@@ -151,11 +151,64 @@ def test_a_batch_of_prompts_in_one_request_scores_each_as_alone(client, lm, hf_t
     ({"model": "tiny", "prompt": 3}, 400, "prompt must be a string or a non-empty list of token ids"),
     ({"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "logprobs=50; valid: an integer in [0, 20]"),
     ({"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop=5; valid: a string or a list"),
+    # parameters that would change the output and are not implemented: refused, never ignored
+    ({"model": "tiny", "prompt": "x", "frequency_penalty": 0.5}, 400,
+     "frequency_penalty=0.5 is not supported by this server; valid: 0, 0.0"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias={'5': 100} is not supported"),
+    ({"model": "tiny", "prompt": "x", "top_k": 5}, 400, "top_k=5 is not supported by this server; valid: -1, 0"),
+    ({"model": "tiny", "prompt": "x", "best_of": 3}, 400, "best_of=3 is not supported"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     400, "response_format={'type': 'json_object'} is not supported by this server (no constrained decoding)"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs=true"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs=21; valid: an integer in [0, 20]"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "stream": True}, 400,
+     "stream=true cannot be combined with logprobs"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(server, body, status, msg):
-    r = httpx.post(f"{server.base_url}/completions", json=body)
+    r = httpx.post(f"{server.base_url}/{'chat/completions' if 'messages' in body else 'completions'}", json=body)
     assert r.status_code == status and msg in r.json()["error"]["message"]
     assert httpx.get(server.base_url.removesuffix("/v1") + "/health").json()["status"] == "ok"
+
+
+def test_neutral_values_of_unsupported_parameters_are_served(client):
+    """Clients that send the API's defaults explicitly (penalties 0, no logit bias, plain text)
+    get the same reply as without them."""
+    plain = client.completions.create(model="tiny", prompt="The lazy dog", max_tokens=6, temperature=0)
+    explicit = client.completions.create(model="tiny", prompt="The lazy dog", max_tokens=6, temperature=0,
+                                         frequency_penalty=0, presence_penalty=0.0, logit_bias={}, best_of=1)
+    assert explicit.choices[0].text == plain.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, response_format={"type": "text"})
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_logprobs_are_transformers_scores_of_the_reply(client, lm, hf_tiny):
+    """logprobs=true, top_logprobs=3 on chat: per generated token its text, bytes and
+    log-probability after the templated prompt (transformers' own), and the three best
+    alternatives, the greedy token first."""
+    from evalsuite.engine.generate import generate
+
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    prompt = encode_prompt(lm.tokenizer, messages)  # the templated prompt (the template is tested elsewhere)
+    out = generate(lm.model, [prompt], SamplingParams(max_new_tokens=8))[0].tokens  # no stop token: 8 tokens
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == lm.tokenizer.decode(out, skip_special_tokens=True)
+    assert len(content) == len(out) == 8
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_tiny(torch.tensor([prompt + out])).logits[0].double(), dim=-1)
+    for i, (tok, entry) in enumerate(zip(out, content)):
+        row = ref[len(prompt) + i - 1]
+        assert entry.token == lm.tokenizer.decode([tok]) and entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(float(row[tok]), abs=1e-4)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            [float(v) for v in row.topk(3).values], abs=1e-4)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None
 
 
 def test_malformed_json_and_bad_chat_messages(server):

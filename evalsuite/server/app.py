@@ -9,7 +9,9 @@ it as ``Authorization: Bearer <key>``.
 ``/v1/completions`` with ``echo`` and ``logprobs`` returns the prompt tokens' log-probabilities
 as vLLM and OpenAI's legacy API do (the first token has none); ``max_tokens: 0`` scores a prompt
 without generating. That is what lm-eval's ``local-completions`` model sends for log-likelihood
-tasks.
+tasks. ``/v1/chat/completions`` with ``logprobs`` returns the reply tokens' log-probabilities in
+the chat API's layout. Parameters that would change the output and are not implemented are
+refused unless neutral (``_NEUTRAL``), never ignored.
 """
 
 from __future__ import annotations
@@ -156,6 +158,37 @@ def _check_model(served: ServedModel, body: dict) -> None:
     if model != served.name:
         raise RequestError(f"model {model!r} is not served here; valid: {served.name!r}", "model", status=404,
                            kind="not_found_error")
+    _refuse_unsupported(body)
+
+
+# Parameters of the OpenAI API (and vLLM's extensions) that would change the output and that this
+# server does not implement, with the values that leave the output unchanged. Clients that send
+# those neutral values explicitly are served; any other value is refused with a 400 rather than
+# ignored, so no reply is produced under settings other than the ones asked for. Other unknown
+# fields (user, metadata, stream_options, ...) do not change the output and are ignored.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
+    "logit_bias": ({},), "top_k": (-1, 0), "min_p": (0, 0.0), "min_tokens": (0,), "best_of": (1,),
+    "suffix": ("",), "tools": ([],), "functions": ([],), "guided_json": (), "guided_regex": (),
+    "guided_choice": (), "guided_grammar": (),
+}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    def neutral(v: Any, n: Any) -> bool:  # 0 and 0.0 alike; True is not 1
+        if isinstance(n, (int, float)):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == n
+        return v == n
+
+    for key, values in _NEUTRAL.items():
+        v = body.get(key)
+        if v is not None and not any(neutral(v, n) for n in values):
+            shown = ", ".join(map(repr, values)) or "none: omit it"
+            raise RequestError(f"{key}={v!r} is not supported by this server; valid: {shown}", key)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise RequestError(f"response_format={fmt!r} is not supported by this server (no constrained decoding); "
+                           "valid: {'type': 'text'}", "response_format")
 
 
 def _sampling(served: ServedModel, body: dict, prompt_len: int, default_max: int) -> tuple[list[SamplingParams], int]:
@@ -278,6 +311,25 @@ def _top_by_text(served: ServedModel, alt: dict[int, float], top_n: int) -> dict
     return out
 
 
+def _chat_logprobs(served: ServedModel, tokens: list[int], lps, top_n: int) -> dict[str, Any]:
+    """The chat API's layout: per generated token its text, bytes, log-probability and the
+    ``top_n`` best alternatives (``top_logprobs``), best first, a list by token (unlike the
+    completions API's dict by text, two tokens of the same text both appear). Every generated token
+    is listed, a stop string's too (the reply text is cut there, its tokens are not). ``bytes`` is
+    the UTF-8 of the token's text as decoded alone, as vLLM gives it: a token that holds part of a
+    character decodes to U+FFFD."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = served.piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token, logprob, alt in zip(tokens, lps.token_logprobs, lps.top):
+        tops = [entry(t, v) for t, v in list((alt or {}).items())[:top_n]]
+        content.append({**entry(token, logprob), "top_logprobs": tops})
+    return {"content": content, "refusal": None}
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -346,14 +398,27 @@ async def _chat(served: ServedModel, body: dict, request: Request):
     params, n = _sampling(served, body, len(prompt), served.scheduler.max_len - len(prompt))
     if not params:
         raise RequestError("max_tokens=0; valid for chat: at least 1", "max_tokens")
+    want_logprobs = body.get("logprobs")
+    if want_logprobs not in (None, True, False):
+        raise RequestError(f"logprobs={want_logprobs!r}; valid for chat: true or false", "logprobs")
+    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
     created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
     if body.get("stream"):
+        if want_logprobs:
+            raise RequestError("stream=true cannot be combined with logprobs here", "stream")
         return _sse(_stream_chat(served, body, prompt, params, stops, request, created, rid))
     results = await asyncio.gather(*(_generate(served, prompt, p, stops, request) for p in params))
+    lps = [None] * len(results)
+    if want_logprobs:  # the reply's tokens scored after the prompt, as the completions endpoint does
+        lps = await _prompt_logprobs(served, [prompt + out for out, _ in results], max(top or 0, 1))
     choices = []
-    for i, (out, finish) in enumerate(results):
+    for i, ((out, finish), lp) in enumerate(zip(results, lps)):
         text, stopped = _cut(served.tokenizer.decode(out, skip_special_tokens=True), stops)
         choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                        "logprobs": None if lp is None else _chat_logprobs(served, out, _slice(lp, len(prompt)),
+                                                                           top or 0),
                         "finish_reason": "stop" if stopped else finish})
     return {"id": rid, "object": "chat.completion", "created": created, "model": served.name, "choices": choices,
             "usage": _usage(len(prompt), sum(len(o) for o, _ in results))}
