@@ -211,6 +211,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if result.run.get("status") == "complete" else 1
 
 
+def _check_folder_name(flag: str, name: str) -> None:
+    """A study's or report's name is one folder under --root, never a path out of it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{flag} {name!r}: valid: a folder name (letters, digits, - _ .), created under --root")
+
+
 def _index_run(run_dir: Path, run: dict) -> None:
     """Record a finished run in the run index; an index that cannot be written costs a warning,
     never the run."""
@@ -335,6 +341,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    _check_folder_name("report name", args.name)
     base, candidates = _checked_sides("report", args.sides, args.baseline)
     tolerances = _tolerances(args.tolerance, set(), {m for side in (base, *candidates) for m in side.metrics})
     from .bench import BenchResult  # torch, matplotlib: imported once the sides are found
@@ -445,7 +452,16 @@ def _runs(args: argparse.Namespace) -> int:
             datetime.date.fromisoformat(args.since)
         except ValueError:
             raise ValueError(f"--since {args.since!r}: valid: a date as YYYY-MM-DD (e.g. 2026-11-01)") from None
-    rows = RunIndex(args.index).query(task=args.task, model=args.model, recipe=args.recipe, since=args.since)
+    from .runindex import index_path
+
+    path = Path(args.index) if args.index else index_path()
+    if not path.is_file():
+        if args.index:
+            raise ValueError(f"--index {args.index}: no run index there (each finished run is recorded in "
+                             f"{index_path()} unless $EVALSUITE_INDEX names another)")
+        print(f"(no runs yet: {path} does not exist)")
+        return 0
+    rows = RunIndex(path).query(task=args.task, model=args.model, recipe=args.recipe, since=args.since)
     print(f"{'id':>4}  {'finished':<24} {'task':<11} {'model':<16} {'recipe':<15} {'status':<10} metrics / folder")
     for r in rows:
         print(f"{r.id:>4}  {r.finished:<24} {r.task:<11} {r.model[:16]:<16} {r.recipe:<15} {r.status:<10} "
@@ -609,10 +625,19 @@ def _quantize(args: argparse.Namespace) -> int:
 
     overrides = parse_recipe_config(args.recipe_config)
     check_model_args(args.model, args.recipe, overrides, args.dtype, args.device)
+    from .quant.api import QUANT_FILE  # the registry: no torch
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: a file is there; valid: a new folder, an empty one, or a quantized "
+                         "checkpoint folder to replace")
+    if out.is_dir() and any(out.iterdir()) and not (out / QUANT_FILE).is_file():
+        raise ValueError(f"--output {out}: the folder holds files that are no quantized checkpoint; valid: a new "
+                         "folder, an empty one, or a quantized checkpoint folder to replace")
     from .quant.checkpoint import quantized_modules, save_quantized  # torch: once the arguments are checked
 
     lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides, args.device)
-    out = save_quantized(lm, recipe, Path(args.output))
+    out = save_quantized(lm, recipe, out)
     print(f"{len(quantized_modules(lm.model))} quantized modules, recipe {recipe['name']}: {out}")
     return 0
 
@@ -698,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             from .quant.api import all_recipes
             from .study import plan_study, run_study
 
+            _check_folder_name("--name", args.name)
             plan = plan_study(args.name, args.model, args.recipes or list(all_recipes()), full=args.full,
                               per_subject=args.per_subject, per_article=args.per_article, root=Path(args.root),
                               formulations=args.formulation, mtbench_questions=args.mt_bench,

@@ -49,6 +49,10 @@ def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_sub
     for r in recipes:
         get_recipe(r)
     check_device(device)
+    for flag, value in (("--per-subject", per_subject), ("--per-article", per_article),
+                        ("--mt-bench", mtbench_questions), ("--mt-bench-tokens", mtbench_tokens)):
+        if value is not None and value < 1:  # 0 would otherwise read as "the default" (or all 80 questions)
+            raise ValueError(f"{flag} {value}: valid: an integer >= 1 (omit it for the default)")
     if "fp8-official" not in recipes:
         raise ValueError(f"--recipes {recipes}: the study compares against fp8-official; include it")
     folder = root / name

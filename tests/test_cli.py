@@ -122,6 +122,14 @@ BAD_ARGUMENTS = [
     (["run", "mmlu", "--base-url", "localhost:8000"], 2, "base URL 'localhost:8000'; valid: an http(s) URL"),
     (["study", "--recipes", "fp9"], 2, "unknown recipe 'fp9'"),
     (["study", "--device", "gpu"], 2, "--device 'gpu' is not a device"),
+    (["study", "--per-subject", "0"], 2, "--per-subject 0: valid: an integer >= 1"),
+    (["study", "--mt-bench", "0"], 2, "--mt-bench 0: valid: an integer >= 1"),
+    (["study", "--mt-bench-tokens", "-5"], 2, "--mt-bench-tokens -5: valid: an integer >= 1"),
+    (["study", "--name", "../elsewhere"], 2, "--name '../elsewhere': valid: a folder name"),
+    (["report", "../r", "no-such-run", "other"], 2, "report name '../r': valid: a folder name"),
+    (["quantize", "--output", "a-file"], 2, "--output a-file: a file is there"),
+    (["quantize", "--output", "a-folder"], 2, "--output a-folder: the folder holds files that are no quantized"),
+    (["runs", "--index", "no-such-dir/index.sqlite"], 2, "--index no-such-dir/index.sqlite: no run index there"),
     (["compare", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
     (["report", "r", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
     (["gate", "no-such-gate.yaml"], 3, "gate file no-such-gate.yaml does not exist"),
@@ -148,6 +156,9 @@ for argv, code, msg in json.loads(sys.argv[1]):
 heavy = [m for m in ("torch", "transformers", "scipy", "matplotlib", "uvicorn", "lm_eval") if m in sys.modules]
 print(json.dumps({"results": out, "imported": heavy}))
 """
+    (tmp_path / "a-file").write_text("not a checkpoint\n")  # what quantize --output must not overwrite
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-folder" / "notes.txt").write_text("not a checkpoint\n")
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(BAD_ARGUMENTS)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
