@@ -603,7 +603,9 @@ class _HarnessJob:
 
 def _lm_eval(argv: list[str]) -> int:
     """``evalsuite lm-eval --model evalsuite --model_args model=...,recipe=... --tasks ...``: lm-eval's
-    CLI, unchanged, after registering the engine (lm-eval finds models only in its registry)."""
+    CLI, unchanged, after registering the engine (lm-eval finds models only in its registry).
+    The engine's model_args are checked first, before lm-eval loads its tasks."""
+    _check_lm_eval_model_args(argv)
     from lm_eval.__main__ import cli_evaluate
 
     from .runners import lm_eval_model  # noqa: F401  (registers "evalsuite")
@@ -618,6 +620,38 @@ def _lm_eval(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in an argument list (the last one given)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(name + "="):
+            value = a[len(name) + 1:]
+    return value
+
+
+# EvalsuiteLM's own keyword arguments; every other model_args key is a recipe setting
+_LM_EVAL_ENGINE_ARGS = {"model", "recipe", "dtype", "batch_size", "max_batch_tokens", "max_length", "device",
+                        "max_batch_size"}
+
+
+def _check_lm_eval_model_args(argv: list[str]) -> None:
+    """``--model evalsuite --model_args k=v,...`` (lm-eval's comma-separated form) checked as
+    ``evalsuite run`` checks its options: model, recipe and settings, dtype, device."""
+    if _option(argv, "--model") != "evalsuite":
+        return
+    pairs = [kv.partition("=") for kv in (_option(argv, "--model_args") or "").split(",") if kv]
+    if any(not sep or not key for key, sep, _ in pairs):
+        return  # not the k=v form: lm-eval parses and reports it
+    args = {key: value for key, _, value in pairs}
+    from .models import check_model_args
+
+    overrides = parse_recipe_config([f"{k}={v}" for k, v in args.items() if k not in _LM_EVAL_ENGINE_ARGS])
+    check_model_args(args.get("model", "smollm2-135m"), args.get("recipe", "bf16"), overrides or None,
+                     args.get("dtype", "bfloat16"), _option(argv, "--device") or args.get("device"))
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -689,16 +723,17 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "openai"):  # a line per HTTP request is theirs at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own options
-        return _lm_eval(argv[1:])
     harness = argv[:1] == ["run"] and "--harness" in argv
-    args = _build_parser().parse_args(argv if not harness else ["run"])
+    lm_eval = argv[:1] == ["lm-eval"]
+    args = None if lm_eval else _build_parser().parse_args(argv if not harness else ["run"])
     from .assets import AssetError
     from .backends.base import BackendError
     from .engine.options import ModelLoadError
     from .records import RunConflictError
 
     try:
+        if lm_eval:  # lm-eval parses its own options
+            return _lm_eval(argv[1:])
         if harness:
             return _run_harness(argv[1:])
         if args.command == "run":
