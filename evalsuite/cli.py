@@ -122,6 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="batch sizes swept for maximum throughput; 1 is always included (default 1 8 32)")
     bn.add_argument("--base-url", default=None, help="benchmark an OpenAI-compatible endpoint instead")
     bn.add_argument("--served-model", default=None, help="the endpoint's model id (default: --model)")
+    bn.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
+    bn.add_argument("--timeout", type=float, default=600.0, help="seconds per endpoint request (default 600)")
     bn.add_argument("--baseline", default="fp8-official", help="the recipe speedups are computed against")
     bn.add_argument("--output", default=None, help="folder for bench.json (default reports/bench/<model>-<time>)")
 
@@ -426,10 +429,23 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path("reports") / "bench" / \
         f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.base_url:
-        from .backends.openai import redact_url
+        import os
 
-        rows = [endpoint_row(args.base_url, args.served_model or args.model, isl, osl, b)
-                for isl, osl in lengths for b in batches]
+        from .backends.base import BackendError
+        from .backends.openai import OpenAIBackend, redact_url
+
+        served = args.served_model or args.model
+        # reachable, the key accepted and the model served, before any timing (a clean error if not)
+        OpenAIBackend(args.base_url, served, api_key_env=args.api_key_env, timeout=args.timeout,
+                      max_retries=1).model_card()
+        key = os.environ.get(args.api_key_env) or "EMPTY"
+        vocab = _local_vocab_size(args.model)
+        try:
+            rows = [endpoint_row(args.base_url, served, isl, osl, b, api_key=key, timeout=args.timeout,
+                                 **({"vocab": vocab} if vocab else {}))
+                    for isl, osl in lengths for b in batches]
+        except Exception as e:  # noqa: BLE001 - openai's errors, a dropped connection: one line, not a traceback
+            raise BackendError(f"the endpoint failed during the benchmark: {type(e).__name__}: {e}") from None
         result = BenchResult(rows, {"endpoint": redact_url(args.base_url), "lengths": lengths, "batches": batches,
                                     "method": "total generated tokens / total latency, TTFT included"})
     else:
@@ -469,6 +485,17 @@ def _runs(args: argparse.Namespace) -> int:
     if not rows:
         print("(no runs match)")
     return 0
+
+
+def _local_vocab_size(model: str) -> int | None:
+    """The vocabulary of ``model``'s tokenizer when it names one here (random benchmark prompts
+    must hold valid token ids), else None."""
+    from .engine.load import ModelLoadError, tokenizer_for
+
+    try:
+        return len(tokenizer_for(model))
+    except (ModelLoadError, OSError, ValueError):
+        return None
 
 
 def _endpoint_backend(opts: argparse.Namespace):

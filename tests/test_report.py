@@ -39,6 +39,24 @@ def test_endpoint_row_streams_exactly_the_requested_tokens(tiny):
     assert row.output_tokens == 12 and row.ttft_ms["p50"] > 0 and row.itl_ms["p50"] > 0
 
 
+def test_bench_of_an_endpoint_that_needs_a_key(tmp_path, tiny, tiny_dir, capsys, monkeypatch):
+    """`evalsuite bench --base-url` sends the key named by --api-key-env, never writes it, and a
+    wrong key is a one-line error before any timing."""
+    secret = "bench-key-7f3a"
+    with BackgroundServer(served_model(tiny, {"name": "bf16"}, "tiny", max_len=128), api_key=secret) as srv:
+        argv = ["bench", "--base-url", srv.base_url, "--model", str(tiny_dir), "--served-model", "tiny",
+                "--api-key-env", "BENCH_TEST_KEY", "--lengths", "8/4", "--batches", "2",
+                "--output", str(tmp_path / "b")]
+        monkeypatch.setenv("BENCH_TEST_KEY", "wrong")
+        assert cli.main(argv) == 2
+        assert "HTTP 401" in capsys.readouterr().err and not (tmp_path / "b").exists()
+        monkeypatch.setenv("BENCH_TEST_KEY", secret)
+        assert cli.main(argv) == 0
+    rows = BenchResult.read(tmp_path / "b").rows
+    assert [(r.isl, r.osl, r.batch, r.output_tokens) for r in rows] == [(8, 4, 1, 4), (8, 4, 2, 8)]
+    assert secret not in (tmp_path / "b" / "bench.json").read_text() and secret not in capsys.readouterr().out
+
+
 def test_bench_tables_are_laid_out_like_the_notes(tmp_path, tiny_dir, capsys):
     out = tmp_path / "bench"
     rc = cli.main(["bench", "--model", str(tiny_dir), "--dtype", "float32", "--recipes", "bf16", "fp8-official",
