@@ -439,10 +439,11 @@ def _bench(args: argparse.Namespace) -> int:
         OpenAIBackend(args.base_url, served, api_key_env=args.api_key_env, timeout=args.timeout,
                       max_retries=1).model_card()
         key = os.environ.get(args.api_key_env) or "EMPTY"
-        vocab = _local_vocab_size(args.model)
+        # random prompt ids below 32,000 (valid in nearly every vocabulary), or below the local
+        # tokenizer's size when --model names a smaller one here
+        vocab = min(_local_vocab_size(args.model) or 32000, 32000)
         try:
-            rows = [endpoint_row(args.base_url, served, isl, osl, b, api_key=key, timeout=args.timeout,
-                                 **({"vocab": vocab} if vocab else {}))
+            rows = [endpoint_row(args.base_url, served, isl, osl, b, vocab=vocab, api_key=key, timeout=args.timeout)
                     for isl, osl in lengths for b in batches]
         except Exception as e:  # noqa: BLE001 - openai's errors, a dropped connection: one line, not a traceback
             raise BackendError(f"the endpoint failed during the benchmark: {type(e).__name__}: {e}") from None
@@ -461,15 +462,13 @@ def _bench(args: argparse.Namespace) -> int:
 def _runs(args: argparse.Namespace) -> int:
     import datetime
 
-    from .runindex import RunIndex, headline
+    from .runindex import RunIndex, headline, index_path
 
     if args.since is not None:
         try:
             datetime.date.fromisoformat(args.since)
         except ValueError:
             raise ValueError(f"--since {args.since!r}: valid: a date as YYYY-MM-DD (e.g. 2026-11-01)") from None
-    from .runindex import index_path
-
     path = Path(args.index) if args.index else index_path()
     if not path.is_file():
         if args.index:
@@ -488,8 +487,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _local_vocab_size(model: str) -> int | None:
-    """The vocabulary of ``model``'s tokenizer when it names one here (random benchmark prompts
-    must hold valid token ids), else None."""
+    """The vocabulary size of ``model``'s tokenizer when it names one here, else None."""
     from .engine.load import ModelLoadError, tokenizer_for
 
     try:

@@ -26,5 +26,4 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port (0 picks a free "
                          f"one) or --host") from None
-    sock.set_inheritable(True)
     return sock
