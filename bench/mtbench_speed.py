@@ -6,7 +6,9 @@ the same answers (checked).
     python bench/mtbench_speed.py [--questions 80] [--max-new-tokens 1024] [--sequential 8]
 
 One at a time is timed on ``--sequential`` questions spread evenly over the list (both turns) and
-its rate in output tokens/s compared with the batched run's rate over all questions.
+its rate in output tokens/s compared with the batched run's rate over all questions. Both start
+with an empty prefix cache (engine.prefix: a second turn reuses its first turn's K/V); the batched
+run is timed once more without it, and the share of prompt tokens reused is printed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.engine.load import load
+from evalsuite.engine.prefix import clear
 from evalsuite.runners.mtbench import MTBenchConfig, conversation, prepare_mtbench, sampling_for
 
 
@@ -42,14 +45,23 @@ def main() -> None:
     p.add_argument("--sequential", type=int, default=8)
     args = p.parse_args()
     job = prepare_mtbench(MTBenchConfig(questions=args.questions, max_new_tokens=args.max_new_tokens))
-    backend = EngineBackend(load("smollm2-135m", "bfloat16"), max_batch_size=len(job.questions))
+    lm = load("smollm2-135m", "bfloat16")
+    backend = EngineBackend(lm, max_batch_size=len(job.questions))
+    cold = EngineBackend(lm, max_batch_size=len(job.questions), prefix_cache=False)
+    clear(lm.model)
     batched, n_b, t_b = answers(backend, job, job.questions, False)
+    reused = clear(lm.model).stats
     # one question in every len/sequential: every category, not the first (writing) questions only
     sample = job.questions[::max(1, len(job.questions) // args.sequential)][:args.sequential]
     alone, n_s, t_s = answers(backend, job, sample, True)
+    clear(lm.model)
+    _, n_c, t_c = answers(cold, job, job.questions, False)
     same = sum(alone[k] == batched[k] for k in alone)
     print(f"MT-Bench answers, {len(job.questions)} questions x 2 turns, up to {args.max_new_tokens} new tokens (BF16):")
-    print(f"  batched (one call per turn): {n_b} tokens in {t_b:.1f} s = {n_b / t_b:.1f} tok/s")
+    print(f"  batched (one call per turn): {n_b} tokens in {t_b:.1f} s = {n_b / t_b:.1f} tok/s; prefix cache: "
+          f"{reused['reused_tokens']} of {reused['prompt_tokens']} prompt tokens reused")
+    print(f"  batched, no prefix cache: {n_c} tokens in {t_c:.1f} s = {n_c / t_c:.1f} tok/s "
+          f"(the prefix cache: {(n_b / t_b) / (n_c / t_c):.2f}x)")
     print(f"  one question at a time ({len(sample)} questions): {n_s} tokens in {t_s:.1f} s = {n_s / t_s:.1f} tok/s")
     print(f"  batched / one at a time: {(n_b / t_b) / (n_s / t_s):.2f}x (target >= 5x); identical answers "
           f"{same}/{len(alone)}")

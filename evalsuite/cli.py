@@ -46,6 +46,8 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default 32)")
     g.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="packed prompt tokens per forward (default 4096)")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole, reusing no K/V of earlier sequences (docs/PERF.md)")
     g.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="run directory (default: reports/runs/<derived name>)")
@@ -76,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-model-len", type=int, default=2048, help="prompt + new tokens per sequence (default 2048)")
     sv.add_argument("--max-prefill-tokens", type=int, default=2048,
                     help="prompt tokens prefilled per scheduler turn, between decode steps (default 2048)")
+    sv.add_argument("--no-prefix-cache", action="store_true",
+                    help="prefill every prompt whole, reusing no K/V of earlier requests")
 
     qz = sub.add_parser("quantize", help="apply a recipe and save the quantized checkpoint")
     _model_options(qz)
@@ -202,7 +206,8 @@ def _run(args: argparse.Namespace) -> int:
         from .backends.engine import EngineBackend  # torch: imported once the arguments are checked
 
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
-        backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
+        backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens,
+                                prefix_cache=not opts.no_prefix_cache)
         name = run_name(lm.info.name, opts.recipe, args.task, job, {"dtype": opts.dtype, "recipe_config": overrides})
         label = f"model {lm.info.name} ({lm.info.dtype}), recipe {opts.recipe}"
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
@@ -571,7 +576,8 @@ def _serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("EVALSUITE_API_KEY") or None
     lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides, args.device)
     served = served_model(lm, recipe, args.served_model_name, max_batch_size=args.max_batch_size,
-                          max_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens)
+                          max_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+                          prefix_cache=not args.no_prefix_cache)
     host, port = sock.getsockname()[:2]
     print(f"serving {served.name} (recipe {recipe['name']}) on http://{host}:{port}/v1"
           + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
@@ -601,7 +607,8 @@ def _run_harness(argv: list[str]) -> int:
         from .backends.engine import EngineBackend  # torch: imported once the arguments are checked
 
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
-        backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens)
+        backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens,
+                                prefix_cache=not opts.no_prefix_cache)
         name = run_name(lm.info.name, opts.recipe, "lm-eval", _HarnessJob(opts),
                         {"dtype": opts.dtype, "recipe_config": overrides})
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name

@@ -30,7 +30,8 @@ def with_stop_tokens(params: SamplingParams, tokenizer) -> SamplingParams:
 
 def generate_text(model: CausalLM, tokenizer, prompts: Sequence[str | Sequence[Message]],
                   params: SamplingParams | Sequence[SamplingParams], stop: Sequence[str] = (), *,
-                  max_batch_size: int = 64, max_prefill_tokens: int = 4096, progress=None) -> list[TextResult]:
+                  max_batch_size: int = 64, max_prefill_tokens: int = 4096, progress=None,
+                  prefix_cache: bool = True) -> list[TextResult]:
     """Generate text (one ``params`` for all prompts, or one per prompt); the tokenizer's EOS ends
     a sequence, and so does any string in ``stop`` (the returned text is cut before it)."""
     if isinstance(params, SamplingParams):
@@ -47,7 +48,7 @@ def generate_text(model: CausalLM, tokenizer, prompts: Sequence[str | Sequence[M
         return any(s in tail for s in stops)
 
     gens = generate(model, encoded, params, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-                    stop_fn=hit_stop if stops else None, progress=progress)
+                    stop_fn=hit_stop if stops else None, progress=progress, prefix_cache=prefix_cache)
     results = []
     for g in gens:
         text = tokenizer.decode(g.tokens, skip_special_tokens=True)

@@ -211,6 +211,30 @@ def test_chat_logprobs_are_transformers_scores_of_the_reply(client, lm, hf_tiny)
     assert plain.choices[0].logprobs is None
 
 
+def test_a_second_turn_reuses_the_first_turns_cache_and_replies_as_transformers(client, server, lm, hf_tiny):
+    """A chat sent again with the reply and one more message: the server's prefix cache serves
+    the first turn's positions, and the reply is transformers' greedy one for the whole
+    conversation (ignore_eos: the full 12 tokens, whatever the random model emits)."""
+    def hf_reply(messages):
+        prompt = encode_prompt(lm.tokenizer, messages)
+        out = hf_tiny.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        return lm.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+    stats = server.served.scheduler.batch.prefixes.stats
+    messages = [{"role": "user", "content": "Question: What is the largest bone in the human body?"}]
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True}).choices[0].message.content
+    assert first == hf_reply(messages)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "The quick brown fox"}]
+    hits, reused = stats["hits"], stats["reused_tokens"]
+    second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True}).choices[0].message.content
+    assert stats["hits"] == hits + 1 and stats["reused_tokens"] - reused >= len(encode_prompt(lm.tokenizer,
+                                                                                              messages[:1])) - 16
+    assert second == hf_reply(messages)
+
+
 def test_malformed_json_and_bad_chat_messages(server):
     r = httpx.post(f"{server.base_url}/completions", content=b'{"model": "tiny", "prompt": ', 
                    headers={"content-type": "application/json"})

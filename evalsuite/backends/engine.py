@@ -15,16 +15,19 @@ from .base import Backend, BackendError, Failure, Progress
 
 class EngineBackend(Backend):
     """``max_batch_size`` sequences and ``max_batch_tokens`` packed tokens per forward: execution
-    settings that change speed, never scores (sequences are batch-invariant; see engine.model)."""
+    settings that change speed, never scores (sequences are batch-invariant; see engine.model).
+    ``prefix_cache``: generation reuses the K/V of earlier sequences a prompt begins with
+    (engine.prefix); scoring has its own context sharing and is unaffected."""
 
     def __init__(self, lm: LoadedModel, recipe: dict[str, Any] | None = None, *, max_batch_size: int = 32,
-                 max_batch_tokens: int = 4096):
+                 max_batch_tokens: int = 4096, prefix_cache: bool = True):
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError(f"batch_size={max_batch_size} and max_batch_tokens={max_batch_tokens} must be >= 1")
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.recipe = recipe or {"name": "bf16"}
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.prefix_cache = prefix_cache
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "engine", "model": dataclasses.asdict(self.lm.info), "recipe": self.recipe}
@@ -35,7 +38,8 @@ class EngineBackend(Backend):
         device = str(self.lm.model.device)
         return {"kind": "engine", "device": device, **device_info(device),
                 "kernel_path": kernel_path(self.recipe, self.lm.model),
-                "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens}
+                "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens,
+                "prefix_cache": self.prefix_cache}
 
     def check_loglikelihood(self) -> None:
         if self.tokenizer is None:
@@ -56,4 +60,4 @@ class EngineBackend(Backend):
             raise BackendError(f"model {self.lm.info.name!r} has no tokenizer; generation needs one")
         return list(generate_text(self.lm.model, self.tokenizer, prompts, params, stop,
                                   max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_batch_tokens,
-                                  progress=progress))
+                                  progress=progress, prefix_cache=self.prefix_cache))

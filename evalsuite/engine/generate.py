@@ -1,7 +1,8 @@
 """Batched generation around a decode step that sequences can join and leave.
 
 ``DecodeBatch`` owns a KV cache with one slot per running sequence. ``add`` prefills new
-sequences (packed, one forward) into free slots and samples their first token; ``step``
+sequences (packed, one forward) into free slots and samples their first token, reusing the K/V of
+earlier sequences that began the same way (``engine.prefix``); ``step``
 advances every running sequence by one token; ``remove`` frees a slot by moving the last running
 sequence into it, so the running batch always occupies slots 0..n-1 and attention reads one
 contiguous block of the cache. ``generate`` drives it for a closed list of prompts; a server can
@@ -23,6 +24,7 @@ from torch import Tensor
 from .cache import KVCache
 from .linear import decode_kernels
 from .model import CausalLM, Step
+from .prefix import Entry, PrefixStore, store_for
 from .requests import SamplingParams
 
 
@@ -82,9 +84,14 @@ class DecodeBatch:
     row masked past its own position). On CUDA each bucket's step is captured once as a CUDA
     graph and replayed, so a step costs one launch instead of one per operator (~28 µs each on an
     H200, hundreds per step), and attention reads a short sequence's span rather than the whole
-    cache. Default: on CUDA."""
+    cache. Default: on CUDA.
 
-    def __init__(self, model: CausalLM, max_batch_size: int, max_len: int, *, static: bool | None = None):
+    ``prefix_cache``: finished sequences leave their K/V in the model's prefix store (as many bytes
+    as this batch's cache, at least), and a prompt that begins with a stored sequence's tokens
+    prefills only the rest (``engine.prefix``)."""
+
+    def __init__(self, model: CausalLM, max_batch_size: int, max_len: int, *, static: bool | None = None,
+                 prefix_cache: bool = True):
         self.model = model
         self.static = model.device.type == "cuda" if static is None else static
         if self.static:  # whole blocks, so that batches of nearby lengths share one capture
@@ -92,18 +99,22 @@ class DecodeBatch:
         self.max_len = min(max_len, model.config.max_position_embeddings)
         self.running: list[Generation] = []
         self._key = None
+        fingerprint = _weights_fingerprint(model)
+        kept = model.__dict__.pop("_kept_decode", None) if self.static else None
         if self.static:
-            self._key = (max_batch_size, self.max_len, model.cache_dtype, _weights_fingerprint(model))
-            kept = model.__dict__.pop("_kept_decode", None)
-            if kept is not None and kept[0] == self._key:  # the graphs of an earlier batch of this shape
-                self.cache, self._tokens, self._positions, self._steps = kept[1]
-                return
-        self.cache = KVCache(model.config, max_batch_size, self.max_len, model.cache_dtype, model.device)
-        # (batch bucket, attention span) -> the step (a graph replay on CUDA)
-        self._steps: dict[tuple[int, int], Callable[[], Tensor]] = {}
-        if self.static:
-            self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=model.device)
-            self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=model.device)
+            self._key = (max_batch_size, self.max_len, model.cache_dtype, fingerprint)
+        if kept is not None and kept[0] == self._key:  # the graphs of an earlier batch of this shape
+            self.cache, self._tokens, self._positions, self._steps = kept[1]
+        else:
+            self.cache = KVCache(model.config, max_batch_size, self.max_len, model.cache_dtype, model.device)
+            # (batch bucket, attention span) -> the step (a graph replay on CUDA)
+            self._steps: dict[tuple[int, int], Callable[[], Tensor]] = {}
+            if self.static:
+                self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=model.device)
+                self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=model.device)
+        self.prefixes: PrefixStore | None = None
+        if prefix_cache:
+            self.prefixes = store_for(model, (model.cache_dtype, fingerprint), self.cache.nbytes())
 
     def close(self) -> None:
         """Done with this batch. A static batch's cache and steps (CUDA graphs) stay with the
@@ -132,16 +143,39 @@ class DecodeBatch:
                                  f"the context of {self.max_len} tokens")
             if g.params.seed is not None:
                 g.rng = torch.Generator().manual_seed(g.params.seed)
+        matches = [self.prefixes.match(g.prompt) if self.prefixes is not None else (None, 0) for g in gens]
+        fresh = [g for g, (_, n) in zip(gens, matches) if n == 0]
+        cont = [(g, entry, n) for g, (entry, n) in zip(gens, matches) if n > 0]
+        logits = []
+        if fresh:  # slots after the running batch, then the continuing ones
+            logits.append(self._prefill(fresh, len(self.running)))
+        if cont:
+            logits.append(self._continue(cont, len(self.running) + len(fresh)))
+        gens = fresh + [g for g, _, _ in cont]
+        self.running.extend(gens)
+        for g, t in zip(gens, sample(torch.cat(logits), gens)):
+            self._append(g, t)
+
+    def _prefill(self, gens: list[Generation], slot: int) -> Tensor:
+        """Whole prompts, packed, into slots ``slot``...: the last position's float32 logits of each."""
         lens = [len(g.prompt) for g in gens]
         dev = self.model.device
         tokens = torch.tensor([t for g in gens for t in g.prompt], device=dev).view(1, -1)
-        step = Step.for_prefill(lens, self.cache, slot_start=len(self.running), device=dev)
+        hidden = self.model.hidden(tokens, Step.for_prefill(lens, self.cache, slot_start=slot, device=dev))[0]
+        return self.model.logits(hidden[torch.tensor(lens, device=dev).cumsum(0) - 1]).float()
+
+    def _continue(self, cont: list[tuple[Generation, Entry, int]], slot: int) -> Tensor:
+        """Prompts whose first n positions come from the prefix store: those copied into slots
+        ``slot``..., the rest prefilled after them, packed."""
+        for i, (_, entry, n) in enumerate(cont):
+            PrefixStore.load(entry, n, self.cache, slot + i)
+        lens = [len(g.prompt) - n for g, _, n in cont]
+        dev = self.model.device
+        tokens = torch.tensor([t for g, _, n in cont for t in g.prompt[n:]], device=dev).view(1, -1)
+        step = Step.for_extend(lens, self.cache, [slot + i for i in range(len(cont))], [n for _, _, n in cont],
+                               writes=True)
         hidden = self.model.hidden(tokens, step)[0]
-        last = torch.tensor(lens, device=dev).cumsum(0) - 1
-        logits = self.model.logits(hidden[last]).float()
-        self.running.extend(gens)
-        for g, t in zip(gens, sample(logits, gens)):
-            self._append(g, t)
+        return self.model.logits(hidden[torch.tensor(lens, device=dev).cumsum(0) - 1]).float()
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -219,7 +253,11 @@ class DecodeBatch:
             g.finish_reason = "length"
 
     def remove(self, g: Generation) -> None:
+        """Free ``g``'s slot; a finished sequence first leaves the K/V of the tokens it fed (all
+        but the last sampled one, which no step has read yet) in the prefix store."""
         i = next(i for i, r in enumerate(self.running) if r is g)
+        if self.prefixes is not None and g.finish_reason is not None:
+            self.prefixes.save((g.prompt + g.tokens)[:g.next_position], self.cache, i)
         last = len(self.running) - 1
         if i != last:
             self.cache.move_slot(last, i, self.running[last].next_position)
@@ -230,12 +268,13 @@ class DecodeBatch:
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
              *, max_batch_size: int = 64, max_prefill_tokens: int = 4096,
              stop_fn: Callable[[int, list[int]], bool] | None = None,
-             progress: Callable[[int], None] | None = None, static: bool | None = None) -> list[Generation]:
+             progress: Callable[[int], None] | None = None, static: bool | None = None,
+             prefix_cache: bool = True) -> list[Generation]:
     """Generate for every prompt (token ids); results in prompt order.
 
     ``stop_fn(index, tokens)`` may end a sequence early (stop strings live above the engine, where
     the tokenizer is); ``progress`` is called with the number of sequences finished; ``static``
-    as in ``DecodeBatch``.
+    and ``prefix_cache`` as in ``DecodeBatch``.
     """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -247,7 +286,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], params: Sampling
     for g in gens:
         model.check_length(len(g.prompt))
     max_len = max(len(g.prompt) + g.params.max_new_tokens for g in gens)
-    batch = DecodeBatch(model, min(max_batch_size, len(gens)), max_len, static=static)
+    batch = DecodeBatch(model, min(max_batch_size, len(gens)), max_len, static=static, prefix_cache=prefix_cache)
     index = {id(g): i for i, g in enumerate(gens)}
     # longest prompts first (popped from the end): neighbouring rows of the batch then have similar
     # lengths, and decode attention reads each chunk of rows only as far as it needs (Step.for_decode)

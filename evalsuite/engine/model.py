@@ -67,7 +67,9 @@ class Step:
         log-probability changes of 0.1 or more through 30 layers, enough to flip MMLU answers).
     extend (a prefill with ``prefix_slots``): sequence i continues the first ``prefix_lens[i]``
         positions held in cache slot ``prefix_slots[i]``, which it reads and never writes, so several
-        sequences can continue one cached context (the four cloze answers of one question).
+        sequences can continue one cached context (the four cloze answers of one question); with
+        ``extend_writes`` its own K/V go into that slot after the prefix (a generation continuing
+        a prefix copied into its slot from the prefix cache, ``engine.prefix``).
     decode: tokens [B, 1] at per-row ``positions`` [B]; cache rows ``slot_start + b``; attention
         reads the first ``kv_len`` cache positions, masked per row by ``positions``, in chunks of
         rows (``chunks``) that each read only as far as their own longest row.
@@ -81,6 +83,7 @@ class Step:
     kv_len: int = 0
     prefix_slots: tuple[int, ...] = ()
     prefix_lens: tuple[int, ...] = ()
+    extend_writes: bool = False
     # decode: (first row, end row, kv_len, mask), the mask bool [rows, 1, 1, kv_len], True where
     # attention is allowed, or None where every row of the chunk may attend to all kv_len positions
     chunks: tuple[tuple[int, int, int, Tensor | None], ...] = ()
@@ -109,10 +112,10 @@ class Step:
 
     @classmethod
     def for_extend(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache, prefix_slots: list[int],
-                   prefix_lens: list[int], row_block: int = 0) -> "Step":
+                   prefix_lens: list[int], row_block: int = 0, writes: bool = False) -> "Step":
         positions = torch.cat([torch.arange(p, p + n, device=cache.k.device) for p, n in zip(prefix_lens, seq_lens)])
         return cls(True, positions, tuple(seq_lens), cache, prefix_slots=tuple(prefix_slots),
-                   prefix_lens=tuple(prefix_lens), row_block=row_block)
+                   prefix_lens=tuple(prefix_lens), extend_writes=writes, row_block=row_block)
 
     @property
     def longest(self) -> int:
@@ -277,8 +280,12 @@ class Attention(nn.Module):
             qs, ks, vs = q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n]
             if step.prefix_slots:
                 slot, p = step.prefix_slots[i], step.prefix_lens[i]
-                kp = self._from_cache(step.cache.k[self.layer_idx, slot, :, :p], self.k_cache_quant, ks.dtype)
-                vp = self._from_cache(step.cache.v[self.layer_idx, slot, :, :p], self.v_cache_quant, vs.dtype)
+                kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
+                kp = self._from_cache(kc[slot, :, :p], self.k_cache_quant, ks.dtype)
+                vp = self._from_cache(vc[slot, :, :p], self.v_cache_quant, vs.dtype)
+                if step.extend_writes:
+                    kc[slot, :, p:p + n] = self._to_cache(ks[0], kc, self.k_cache_quant)
+                    vc[slot, :, p:p + n] = self._to_cache(vs[0], vc, self.v_cache_quant)
                 ks, vs = torch.cat([kp[None], ks], dim=2), torch.cat([vp[None], vs], dim=2)
                 allowed = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)  # query i: keys 0..p+i
                 outs.append(self._attend(qs, ks, vs, False, allowed))

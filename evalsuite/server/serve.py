@@ -17,14 +17,15 @@ from .scheduler import Scheduler
 
 
 def served_model(lm: LoadedModel, recipe: dict[str, Any], name: str | None = None, *, max_batch_size: int = 32,
-                 max_len: int = 2048, max_prefill_tokens: int = 2048) -> ServedModel:
+                 max_len: int = 2048, max_prefill_tokens: int = 2048, prefix_cache: bool = True) -> ServedModel:
     if lm.tokenizer is None:
         raise ValueError(f"model {lm.info.name!r} has no tokenizer; the server needs one")
     scheduler = Scheduler(lm.model, max_batch_size=max_batch_size, max_len=max_len,
-                          max_prefill_tokens=max_prefill_tokens).start()
+                          max_prefill_tokens=max_prefill_tokens, prefix_cache=prefix_cache).start()
     info = dataclasses.asdict(lm.info)
     card = {"evalsuite": {"model": {k: info[k] for k in ("name", "source", "weights_sha256", "dtype")},
-                          "recipe": recipe, "device": str(lm.model.device)}}
+                          "recipe": recipe, "device": str(lm.model.device),
+                          "prefix_cache": prefix_cache}}
     return ServedModel(name or lm.info.name, lm.tokenizer, scheduler, card)
 
 
