@@ -115,8 +115,11 @@ def kernel_path(recipe: dict[str, Any], model) -> str:
     return path
 
 
-def _random_prompts(vocab: int, n: int, isl: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
+def _random_prompts(vocab: int, n: int, isl: int, osl: int, seed: int) -> list[list[int]]:
+    """Random prompts of their own for every (isl, osl, batch) row: with one seed for all, a
+    row's first prompts would be the previous row's, and a server with prefix caching (vLLM's is
+    on by default; evalsuite serve's too) would serve them from its cache."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + isl) * 1_009 + osl) * 1_013 + n)
     return torch.randint(10, vocab - 10, (n, isl), generator=g).tolist()
 
 
@@ -134,13 +137,13 @@ def engine_row(lm, recipe: dict[str, Any], isl: int, osl: int, batch: int, *, se
     model = lm.model
     device = str(model.device)
     model.check_length(isl + osl)
-    prompts = _random_prompts(model.config.vocab_size, batch, isl, seed)
+    prompts = _random_prompts(model.config.vocab_size, batch, isl, osl, seed)
     params = SamplingParams(max_new_tokens=osl)  # greedy; no stop tokens: exactly osl tokens each
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     gens = [Generation(p, params) for p in prompts]
-    decode = DecodeBatch(model, batch, isl + osl)
+    decode = DecodeBatch(model, batch, isl + osl, prefix_cache=False)  # every prompt prefilled whole
     kv_bytes = sum(t.numel() * t.element_size() for t in (decode.cache.k, decode.cache.v))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
@@ -173,7 +176,7 @@ def endpoint_row(base_url: str, model: str, isl: int, osl: int, batch: int, *, v
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
-    prompts = _random_prompts(vocab, batch, isl, seed)
+    prompts = _random_prompts(vocab, batch, isl, osl, seed)
 
     def one(prompt: list[int]) -> tuple[float, list[float], int]:
         t0 = time.perf_counter()

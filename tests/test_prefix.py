@@ -39,15 +39,26 @@ def test_second_turn_reuses_the_first_and_generates_what_transformers_does(tiny,
     first = generate(tiny.model, [FIRST], SamplingParams(max_new_tokens=30), static=static)[0]
     assert first.tokens == _hf_greedy(hf_tiny, FIRST, 30)
     store = tiny.model.__dict__["_prefix_store"]
-    assert [len(t) for t in store.entries] == [69]
+    assert len(store.blocks) == 4  # 69 positions fed: 4 whole blocks
     second = FIRST + first.tokens + [300, 41, 42, 43, 44, 45, 46, 47, 48, 49]
     # a prompt sharing only FIRST's first 20 tokens reuses one block
     other = FIRST[:20] + [9, 10, 11, 12, 13, 14, 15]
     got = generate(tiny.model, [second, other], SamplingParams(max_new_tokens=20), static=static)
     assert store.stats["reused_tokens"] == 64 + 16 and store.stats["hits"] == 2
     assert [g.tokens for g in got] == [_hf_greedy(hf_tiny, second, 20), _hf_greedy(hf_tiny, other, 20)]
-    # the second turn's sequence covers the first's entry, which is dropped
-    assert sorted(len(t) for t in store.entries) == [len(other) + 19, len(second) + 19]
+    # shared blocks are stored once: the 4 above, second's 2 more (99 positions fed), other's 1 more
+    assert len(store.blocks) == 7
+
+
+def test_prompts_sharing_a_prefix_in_one_call_compute_it_once(tiny, hf_tiny, fresh_store):
+    """Five few-shot-like prompts: a 50-token prefix and their own questions, joining together.
+    The first computes the prefix; the other four wait for it and reuse its 3 whole blocks."""
+    shared = (FIRST + FIRST)[:50]
+    prompts = [shared + [100 + i, 7, 8, 9 + i] for i in range(5)]
+    got = generate(tiny.model, prompts, SamplingParams(max_new_tokens=6))
+    store = tiny.model.__dict__["_prefix_store"]
+    assert store.stats["hits"] == 4 and store.stats["reused_tokens"] == 4 * 48
+    assert [g.tokens for g in got] == [_hf_greedy(hf_tiny, p, 6) for p in prompts]
 
 
 def test_without_prefix_cache_nothing_is_stored_or_reused(tiny, hf_tiny, fresh_store):
@@ -75,42 +86,39 @@ def test_changed_weights_start_an_empty_store(tiny, fresh_store):
         layer.down_proj = original
 
 
-def _cache_with(cfg, rows: list[list[float]]) -> KVCache:
-    """A cache whose slot i holds the value rows[i][p] at every element of position p."""
+def _cache_with(cfg, rows: list[list[int]]) -> KVCache:
+    """A cache whose slot i holds the value rows[i][p] (and its negative in V) at position p."""
     cache = KVCache(cfg, len(rows), 64, torch.float32)
     for i, row in enumerate(rows):
-        cache.k[:, i, :, :len(row)] = torch.tensor(row)[:, None]
-        cache.v[:, i, :, :len(row)] = -torch.tensor(row)[:, None]
+        cache.k[:, i, :, :len(row)] = torch.tensor(row, dtype=torch.float32)[:, None]
+        cache.v[:, i, :, :len(row)] = -torch.tensor(row, dtype=torch.float32)[:, None]
     return cache
 
 
-def test_store_matches_whole_blocks_keeps_the_longest_and_evicts_the_oldest(tiny):
+def test_store_walks_whole_blocks_shares_them_and_evicts_tails_first(tiny):
     cfg = tiny.model.config
-    a, b, c = list(range(1, 41)), list(range(1, 21)) + [99] * 20, [7] * 40
-    cache = _cache_with(cfg, [[float(t) for t in s] for s in (a, b, c)])
-    per_entry = 2 * cfg.num_layers * cfg.num_kv_heads * 40 * cfg.head_dim * 4
-    store = PrefixStore(key=(), capacity=2 * per_entry)
-    store.save(a, cache, 0)
-    store.save(b, cache, 1)
-    store.save(a[:30], cache, 0)  # covered by a: not stored again
-    assert [len(t) for t in store.entries] == [40, 40] and store.nbytes == 2 * per_entry
-    # 38 tokens shared with a (36 in whole blocks... of 16: 32), 20 with b: a wins
-    entry, n = store.match(a[:38] + [5, 5])
-    assert entry.tokens == tuple(a) and n == 32
-    # a prompt no longer than the match leaves its last token to prefill
-    assert store.match(a[:33])[1] == 32 and store.match(a[:32])[1] == 16
-    assert store.match([2, 3, 4] * 10) == (None, 0)
+    a, b, c, d = list(range(1, 41)), list(range(1, 21)) + [99] * 20, [7] * 40, [8] * 48
+    cache = _cache_with(cfg, [a, b, c, d])
+    block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * BLOCK * cfg.head_dim * 4
+    store = PrefixStore(key=(), capacity=5 * block_bytes)
+    store.save(a, cache, 0)  # 40 tokens: 2 whole blocks
+    store.save(b, cache, 1)  # its first block is a's: 1 more
+    assert len(store.blocks) == 3 and store.nbytes == 3 * block_bytes
+    blocks, n = store.match(a[:38] + [5, 5])
+    assert n == 32
+    # a prompt no longer than the stored blocks leaves its last token to prefill
+    assert store.match(a[:33])[1] == 32 and store.match(a[:32])[1] == 16 and store.match(b[:17])[1] == 16
+    assert store.match(b + [1])[1] == 32  # its second block is its own
+    assert store.match([2, 3, 4] * 10) == ([], 0)
     dst = KVCache(cfg, 1, 64, torch.float32)
-    PrefixStore.load(entry, n, dst, 0)
+    PrefixStore.load(blocks, dst, 0)
     assert torch.equal(dst.k[0, 0, 0, :n, 0], torch.arange(1.0, 33.0))
     assert torch.equal(dst.v[0, 0, 0, :n, 0], -torch.arange(1.0, 33.0)) and not dst.k[:, 0, :, n:].any()
-    # a was used last: c's arrival evicts b, the least recently used
-    store.save(c, cache, 2)
-    assert set(store.entries) == {tuple(a), tuple(c)} and store.nbytes == 2 * per_entry
-    # a longer continuation of a replaces it, and c, now the oldest, leaves to make room
-    store.save(a + [50] * 8, cache, 0)
-    assert [len(t) for t in store.entries] == [48] and store.nbytes == per_entry * 48 // 40
-    assert store.stats["hits"] == 3 and BLOCK == 16
+    store.save(c, cache, 2)  # 5 blocks: full
+    store.save(d, cache, 3)  # 3 more: the 3 least recently used leave, tails before heads
+    assert store.nbytes == 5 * block_bytes
+    assert store.match(b + [1]) == ([], 0) and store.match(a)[1] == 0
+    assert store.match(c + [1])[1] == 32 and store.match(d + [1])[1] == 48
 
 
 @pytest.mark.parametrize("a,b,n", [((), (1,), 0), ((1, 2, 3), (1, 2, 3), 3), ((1, 2, 3, 4), (1, 2, 5), 2),

@@ -24,7 +24,7 @@ from torch import Tensor
 from .cache import KVCache
 from .linear import decode_kernels
 from .model import CausalLM, Step
-from .prefix import Entry, PrefixStore, store_for
+from .prefix import Block, PrefixStore, shares_a_block, store_for
 from .requests import SamplingParams
 
 
@@ -86,9 +86,9 @@ class DecodeBatch:
     H200, hundreds per step), and attention reads a short sequence's span rather than the whole
     cache. Default: on CUDA.
 
-    ``prefix_cache``: finished sequences leave their K/V in the model's prefix store (as many bytes
-    as this batch's cache, at least), and a prompt that begins with a stored sequence's tokens
-    prefills only the rest (``engine.prefix``)."""
+    ``prefix_cache``: prompts once prefilled, and finished sequences, leave their K/V in the
+    model's prefix store (as many bytes as this batch's cache, at least), and a prompt that begins
+    with stored blocks prefills only the rest (``engine.prefix``)."""
 
     def __init__(self, model: CausalLM, max_batch_size: int, max_len: int, *, static: bool | None = None,
                  prefix_cache: bool = True):
@@ -143,15 +143,35 @@ class DecodeBatch:
                                  f"the context of {self.max_len} tokens")
             if g.params.seed is not None:
                 g.rng = torch.Generator().manual_seed(g.params.seed)
-        matches = [self.prefixes.match(g.prompt) if self.prefixes is not None else (None, 0) for g in gens]
+        if self.prefixes is None:
+            self._admit(gens)
+            return
+        # a prompt that begins like an earlier joining one waits for it: that one's prefill puts
+        # the shared blocks in the store, and this one continues them (a few-shot prefix computed once)
+        first: list[Generation] = []
+        later: list[Generation] = []
+        for g in gens:
+            (later if any(shares_a_block(f.prompt, g.prompt) for f in first) else first).append(g)
+        self._admit(first)
+        self._admit(later)
+
+    def _admit(self, gens: list[Generation]) -> None:
+        """Prefill ``gens`` (the prefix store's blocks where they begin with some), into the slots
+        after the running batch; sample each one's first token."""
+        if not gens:
+            return
+        matches = [self.prefixes.match(g.prompt) if self.prefixes is not None else ([], 0) for g in gens]
         fresh = [g for g, (_, n) in zip(gens, matches) if n == 0]
-        cont = [(g, entry, n) for g, (entry, n) in zip(gens, matches) if n > 0]
+        cont = [(g, blocks, n) for g, (blocks, n) in zip(gens, matches) if n > 0]
         logits = []
         if fresh:  # slots after the running batch, then the continuing ones
             logits.append(self._prefill(fresh, len(self.running)))
         if cont:
             logits.append(self._continue(cont, len(self.running) + len(fresh)))
         gens = fresh + [g for g, _, _ in cont]
+        if self.prefixes is not None:
+            for i, g in enumerate(gens):
+                self.prefixes.save(g.prompt, self.cache, len(self.running) + i)
         self.running.extend(gens)
         for g, t in zip(gens, sample(torch.cat(logits), gens)):
             self._append(g, t)
@@ -164,11 +184,11 @@ class DecodeBatch:
         hidden = self.model.hidden(tokens, Step.for_prefill(lens, self.cache, slot_start=slot, device=dev))[0]
         return self.model.logits(hidden[torch.tensor(lens, device=dev).cumsum(0) - 1]).float()
 
-    def _continue(self, cont: list[tuple[Generation, Entry, int]], slot: int) -> Tensor:
+    def _continue(self, cont: list[tuple[Generation, list[Block], int]], slot: int) -> Tensor:
         """Prompts whose first n positions come from the prefix store: those copied into slots
         ``slot``..., the rest prefilled after them, packed."""
-        for i, (_, entry, n) in enumerate(cont):
-            PrefixStore.load(entry, n, self.cache, slot + i)
+        for i, (_, blocks, _) in enumerate(cont):
+            PrefixStore.load(blocks, self.cache, slot + i)
         lens = [len(g.prompt) - n for g, _, n in cont]
         dev = self.model.device
         tokens = torch.tensor([t for g, _, n in cont for t in g.prompt[n:]], device=dev).view(1, -1)

@@ -1,21 +1,21 @@
-"""Prefix caching: the K/V of finished sequences, kept for later prompts that begin the same way.
+"""Prefix caching: K/V kept for later prompts that begin with the same tokens.
 
 A multi-turn conversation sends its whole history again each turn (MT-Bench's second turn is the
 first turn's prompt, the model's answer and a new question), and few-shot prompts share their
-examples. ``DecodeBatch`` saves each finished sequence's K/V here and, when a new prompt begins
-with tokens held here, copies those positions into the new sequence's cache slot and prefills only
-the rest (vLLM's automatic prefix caching, with its rule of whole blocks of ``BLOCK`` tokens).
+examples. ``DecodeBatch`` keeps each prompt's K/V here once it is prefilled, and a finished
+sequence's with its generated tokens; a new prompt that begins with stored blocks gets them
+copied into its cache slot and prefills only the rest (vLLM's automatic prefix caching, in whole
+blocks of ``BLOCK`` tokens). Joining prompts that begin alike wait for the first of them, so a
+shared few-shot prefix is computed once (``DecodeBatch.add``).
 
-What a reused position holds was computed in an earlier forward: by a prefill, or by a decode
-step for the tokens a sequence generated. A prefill of the whole prompt would give the same values
-up to rounding (a decode step's product has other shapes than a prefill's), so with reuse a
-sequence's numbers can differ from a cold run's in the last bits, as they do in vLLM and
-TensorRT-LLM with prefix caching on. ``prefix_cache=False`` (``--no-prefix-cache``) prefills every
-prompt whole.
+What a reused position holds was computed in an earlier forward: another prompt's prefill, or a
+decode step for the tokens a sequence generated. A prefill of the whole prompt would give the
+same values up to rounding (its products have other shapes), so with reuse a sequence's numbers
+can differ from a cold run's in the last bits, as they do in vLLM and TensorRT-LLM with prefix
+caching on. ``prefix_cache=False`` (``--no-prefix-cache``) prefills every prompt whole.
 
-Entries are matched by tokens only; the store belongs to one set of weights and one cache dtype
-(``DecodeBatch`` replaces it when either changes) and holds at most ``capacity`` bytes, the least
-recently used entries leaving first.
+The store belongs to one set of weights and one cache dtype (``DecodeBatch`` replaces it when
+either changes) and holds at most ``capacity`` bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .cache import KVCache
@@ -31,9 +32,9 @@ BLOCK = 16  # positions are reused in whole blocks of this many tokens, as vLLM'
 
 
 @dataclass
-class Entry:
-    tokens: tuple[int, ...]
-    k: Tensor  # [layers, kv_heads, len(tokens), head_dim], as the cache stores it
+class Block:
+    id: int
+    k: Tensor  # [layers, kv_heads, BLOCK, head_dim], as the cache stores it
     v: Tensor
 
     @property
@@ -43,7 +44,7 @@ class Entry:
 
 def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """Length of the longest common prefix of two token tuples (a binary search over slice
-    comparisons, which run in C: MT-Bench looks up 80 prompts of ~250 tokens among ~160 entries)."""
+    comparisons, which run in C)."""
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -55,65 +56,79 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 
 class PrefixStore:
+    """K/V in blocks of ``BLOCK`` positions, each keyed by the previous block's id and its own
+    tokens. A block is reached only by walking a prompt's blocks from the first, so a key stands
+    for its whole prefix, and sequences that share a prefix share its blocks (vLLM's chain of block
+    hashes, with exact keys for hashes). Least recently used blocks leave first; a walk touches
+    its chain from the last block back to the first, so a chain loses its tail before its head."""
+
     def __init__(self, key: tuple, capacity: int):
         self.key = key  # (cache dtype, weights fingerprint): what the stored values depend on
         self.capacity = capacity
-        self.entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
+        self.blocks: OrderedDict[tuple[int, tuple[int, ...]], Block] = OrderedDict()
         self.nbytes = 0
+        self._ids = 0
         self.stats = {"lookups": 0, "hits": 0, "reused_tokens": 0, "prompt_tokens": 0}
 
-    def match(self, prompt: list[int]) -> tuple[Entry | None, int]:
-        """The entry sharing the longest prefix with ``prompt``, and how many of its positions to
-        reuse: whole blocks, leaving at least one prompt token to prefill (its logits give the
-        first new token). (None, 0) when no block matches."""
+    def _walk(self, tokens: list[int], blocks: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Keys of the stored blocks that begin ``tokens``, at most ``blocks`` of them."""
+        keys, parent = [], -1
+        for i in range(blocks):
+            key = (parent, tuple(tokens[i * BLOCK:(i + 1) * BLOCK]))
+            block = self.blocks.get(key)
+            if block is None:
+                break
+            keys.append(key)
+            parent = block.id
+        return keys
+
+    def _touch(self, keys: list) -> None:
+        for key in reversed(keys):
+            self.blocks.move_to_end(key)
+
+    def match(self, prompt: list[int]) -> tuple[list[Block], int]:
+        """The stored blocks that begin ``prompt`` and how many positions they hold, leaving at
+        least one prompt token to prefill (its logits give the first new token)."""
         self.stats["lookups"] += 1
         self.stats["prompt_tokens"] += len(prompt)
-        key = tuple(prompt)
-        best, best_len = None, 0
-        for entry in self.entries.values():
-            if entry.tokens[0] != key[0]:
-                continue
-            n = common_prefix(entry.tokens, key)
-            if n > best_len:
-                best, best_len = entry, n
-        reuse = min(best_len, len(prompt) - 1) // BLOCK * BLOCK
-        if reuse == 0:
-            return None, 0
-        self.entries.move_to_end(best.tokens)
+        keys = self._walk(prompt, (len(prompt) - 1) // BLOCK)
+        if not keys:
+            return [], 0
+        self._touch(keys)
         self.stats["hits"] += 1
-        self.stats["reused_tokens"] += reuse
-        return best, reuse
+        self.stats["reused_tokens"] += len(keys) * BLOCK
+        return [self.blocks[k] for k in keys], len(keys) * BLOCK
 
     def save(self, tokens: list[int], cache: KVCache, slot: int) -> None:
-        """Keep the K/V of ``tokens``, held in the first len(tokens) positions of ``slot``. An entry
-        that is a prefix of these tokens is dropped (this one covers it); tokens that an entry
-        already covers are not saved again."""
-        key = tuple(tokens)
-        if len(key) < BLOCK:
-            return
-        for t in list(self.entries):
-            if len(t) >= len(key) and t[:len(key)] == key:
-                self.entries.move_to_end(t)
-                return
-            if len(t) < len(key) and key[:len(t)] == t:
-                self._drop(t)
-        n = len(key)
-        entry = Entry(key, cache.k[:, slot, :, :n].clone(), cache.v[:, slot, :, :n].clone())
-        if entry.nbytes > self.capacity:
-            return
-        self.entries[key] = entry
-        self.nbytes += entry.nbytes
-        while self.nbytes > self.capacity:
-            self._drop(next(iter(self.entries)))
+        """Keep the K/V of ``tokens``' whole blocks, held in the first positions of ``slot``; the
+        blocks already stored are only touched."""
+        full = len(tokens) // BLOCK
+        keys = self._walk(tokens, full)
+        parent = self.blocks[keys[-1]].id if keys else -1
+        for i in range(len(keys), full):
+            span = slice(i * BLOCK, (i + 1) * BLOCK)
+            block = Block(self._ids, cache.k[:, slot, :, span].clone(), cache.v[:, slot, :, span].clone())
+            self._ids += 1
+            key = (parent, tuple(tokens[span]))
+            self.blocks[key] = block
+            self.nbytes += block.nbytes
+            keys.append(key)
+            parent = block.id
+        self._touch(keys)
+        while self.nbytes > self.capacity and self.blocks:
+            self.nbytes -= self.blocks.popitem(last=False)[1].nbytes
 
     @staticmethod
-    def load(entry: Entry, n: int, cache: KVCache, slot: int) -> None:
-        """Copy the entry's first ``n`` positions into ``slot``."""
-        cache.k[:, slot, :, :n] = entry.k[:, :, :n]
-        cache.v[:, slot, :, :n] = entry.v[:, :, :n]
+    def load(blocks: list[Block], cache: KVCache, slot: int) -> None:
+        """Copy ``blocks`` into the first positions of ``slot``."""
+        n = len(blocks) * BLOCK
+        cache.k[:, slot, :, :n] = torch.cat([b.k for b in blocks], dim=2)
+        cache.v[:, slot, :, :n] = torch.cat([b.v for b in blocks], dim=2)
 
-    def _drop(self, tokens: tuple[int, ...]) -> None:
-        self.nbytes -= self.entries.pop(tokens).nbytes
+
+def shares_a_block(a: list[int], b: list[int]) -> bool:
+    """Whether two prompts begin with the same whole block, and ``b`` has a token after it."""
+    return len(a) >= BLOCK and len(b) > BLOCK and a[:BLOCK] == b[:BLOCK]
 
 
 def store_for(model, key: tuple, capacity: int) -> PrefixStore:
@@ -124,7 +139,6 @@ def store_for(model, key: tuple, capacity: int) -> PrefixStore:
         store = model.__dict__["_prefix_store"] = PrefixStore(key, capacity)
     store.capacity = max(store.capacity, capacity)
     return store
-
 
 
 def clear(model) -> PrefixStore | None:
