@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -9,6 +11,21 @@ from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams, g
 from evalsuite.textgen import generate_text
 
 PROMPTS = [[5, 17, 33, 2, 90, 11], [7, 8], [100, 200, 300, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
+
+
+@contextlib.contextmanager
+def swapped_down_proj(model):
+    """The first layer's down_proj replaced by a new module with the same weights: the same
+    numbers, other modules and storage (what a recipe applied to the model changes)."""
+    layer = model.model.layers[0].mlp
+    original = layer.down_proj
+    layer.down_proj = torch.nn.Linear(original.in_features, original.out_features, bias=False,
+                                      dtype=original.weight.dtype)
+    try:
+        layer.down_proj.weight.data.copy_(original.weight)
+        yield
+    finally:
+        layer.down_proj = original
 
 
 def _hf_greedy(hf, prompt, n):
@@ -86,16 +103,11 @@ def test_static_decode_keeps_its_graphs_for_the_next_call_of_the_same_shape(tiny
     assert tiny.model.__dict__["_kept_decode"][1][0] is kept[0]  # the same cache tensors, steps reused
     assert [g.tokens for g in first] == [_hf_greedy(hf_tiny, [5, 6, 7, 8, 9, 10], 8)]
     assert [g.tokens for g in second] == [_hf_greedy(hf_tiny, [3, 4], 8)]
-    layer = tiny.model.model.layers[0].mlp
-    original = layer.down_proj
-    layer.down_proj = torch.nn.Linear(original.in_features, original.out_features, bias=False,
-                                      dtype=original.weight.dtype)
     try:
-        layer.down_proj.weight.data.copy_(original.weight)
-        generate(tiny.model, [[3, 4]], params, max_batch_size=1, static=True)
-        assert tiny.model.__dict__["_kept_decode"][1][0] is not kept[0]  # a swapped module: captured anew
+        with swapped_down_proj(tiny.model):
+            generate(tiny.model, [[3, 4]], params, max_batch_size=1, static=True)
+            assert tiny.model.__dict__["_kept_decode"][1][0] is not kept[0]  # a swapped module: captured anew
     finally:
-        layer.down_proj = original
         tiny.model.__dict__.pop("_kept_decode", None)
 
 

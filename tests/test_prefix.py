@@ -8,18 +8,14 @@ import torch
 
 from evalsuite.engine.cache import KVCache
 from evalsuite.engine.generate import generate
-from evalsuite.engine.prefix import BLOCK, PrefixStore, common_prefix
+from evalsuite.engine.prefix import BLOCK, PrefixStore
 from evalsuite.engine.requests import SamplingParams
+
+from .test_generate import _hf_greedy, swapped_down_proj
 
 # 40 tokens: two whole blocks of 16 and 8 more
 FIRST = [5, 17, 33, 2, 90, 11, 7, 8, 100, 200, 300, 41, 42, 43, 44, 45, 46, 47, 48, 49,
          61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80]
-
-
-def _hf_greedy(hf, prompt, n):
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                      pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture
@@ -73,17 +69,10 @@ def test_without_prefix_cache_nothing_is_stored_or_reused(tiny, hf_tiny, fresh_s
 def test_changed_weights_start_an_empty_store(tiny, fresh_store):
     generate(tiny.model, [FIRST], SamplingParams(max_new_tokens=5))
     store = tiny.model.__dict__["_prefix_store"]
-    layer = tiny.model.model.layers[0].mlp
-    original = layer.down_proj
-    layer.down_proj = torch.nn.Linear(original.in_features, original.out_features, bias=False,
-                                      dtype=original.weight.dtype)
-    try:
-        layer.down_proj.weight.data.copy_(original.weight)
+    with swapped_down_proj(tiny.model):
         generate(tiny.model, [FIRST + [7]], SamplingParams(max_new_tokens=5))
         assert tiny.model.__dict__["_prefix_store"] is not store
         assert tiny.model.__dict__["_prefix_store"].stats["hits"] == 0
-    finally:
-        layer.down_proj = original
 
 
 def _cache_with(cfg, rows: list[list[int]]) -> KVCache:
@@ -119,9 +108,3 @@ def test_store_walks_whole_blocks_shares_them_and_evicts_tails_first(tiny):
     assert store.nbytes == 5 * block_bytes
     assert store.match(b + [1]) == ([], 0) and store.match(a)[1] == 0
     assert store.match(c + [1])[1] == 32 and store.match(d + [1])[1] == 48
-
-
-@pytest.mark.parametrize("a,b,n", [((), (1,), 0), ((1, 2, 3), (1, 2, 3), 3), ((1, 2, 3, 4), (1, 2, 5), 2),
-                                   ((9,), (1,), 0), (tuple(range(100)), tuple(range(77)) + (0,), 77)])
-def test_common_prefix(a, b, n):
-    assert common_prefix(a, b) == n

@@ -42,19 +42,6 @@ class Block:
         return 2 * self.k.numel() * self.k.element_size()
 
 
-def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Length of the longest common prefix of two token tuples (a binary search over slice
-    comparisons, which run in C)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 class PrefixStore:
     """K/V in blocks of ``BLOCK`` positions, each keyed by the previous block's id and its own
     tokens. A block is reached only by walking a prompt's blocks from the first, so a key stands
