@@ -12,12 +12,16 @@ kernel path (a real low-bit kernel or a simulation: on a CPU, simulated FP8 is s
 which says nothing about the deployed speed).
 
 Through an endpoint (``--base-url``) the same grid runs as concurrent streaming requests
-(``ignore_eos``, as vLLM's and the suite's servers accept), timing what a client sees.
+(``ignore_eos``, as vLLM's and the suite's servers accept), timing what a client sees. The
+output tokens are the server's own count (``usage.completion_tokens``, asked for with
+``stream_options.include_usage`` as vLLM's benchmark does): a server that ends a sequence before
+OSL tokens is credited with the tokens it made, and a warning says so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import re
 import resource
@@ -29,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LENGTHS = ((128, 32), (512, 32))
 NOTE_LENGTHS = ((2048, 128), (32768, 2048), (120000, 2048))
@@ -178,27 +184,41 @@ def endpoint_row(base_url: str, model: str, isl: int, osl: int, batch: int, *, v
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
     prompts = _random_prompts(vocab, batch, isl, osl, seed)
 
-    def one(prompt: list[int]) -> tuple[float, list[float], int]:
+    def one(prompt: list[int]) -> tuple[float, list[float], int | None]:
         t0 = time.perf_counter()
         stream = client.completions.create(model=model, prompt=prompt, max_tokens=osl, temperature=0.0,
-                                           stream=True, extra_body={"ignore_eos": True})
-        stamps, n = [], 0
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True})
+        stamps, made = [], None
         for chunk in stream:
             if chunk.choices and chunk.choices[0].text is not None:
                 stamps.append(time.perf_counter())
-                n += 1
-        return stamps[0] - t0 if stamps else float("nan"), [b - a for a, b in zip(stamps, stamps[1:])], n
+            if chunk.usage is not None:
+                made = chunk.usage.completion_tokens
+        return stamps[0] - t0 if stamps else float("nan"), [b - a for a, b in zip(stamps, stamps[1:])], made
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(batch) as pool:
         results = list(pool.map(one, prompts))
     seconds = time.perf_counter() - t0
-    # a streamed chunk may hold several tokens; the count that matters is the requested osl each
-    tokens = batch * osl
+    tokens = _endpoint_tokens([r[2] for r in results], osl, base_url)
     return BenchRow("endpoint", isl, osl, batch, tokens, seconds, tokens / seconds,
                     {k: v * 1e3 for k, v in percentiles([r[0] for r in results]).items()},
                     {k: v * 1e3 for k, v in percentiles([x for r in results for x in r[1]]).items()},
                     device=f"endpoint {base_url}", kernel_path="as served")
+
+
+def _endpoint_tokens(made: list[int | None], osl: int, base_url: str) -> int:
+    """Output tokens of a row's requests: the server's counts; ``osl`` each where it gave none (a
+    streamed chunk may hold several tokens, so the chunks are no count)."""
+    if any(m is None for m in made):
+        log.warning("%s did not report usage for %d of %d streamed requests; counting %d tokens for each of those",
+                    base_url, sum(m is None for m in made), len(made), osl)
+    short = [m for m in made if m is not None and m < osl]
+    if short:
+        log.warning("%s ended %d of %d requests before %d tokens (fewest: %d; is ignore_eos honoured?): tokens/s "
+                    "counts the tokens it made", base_url, len(short), len(made), osl, min(short))
+    return sum(osl if m is None else m for m in made)
 
 
 def device_info(device: str) -> dict[str, Any]:

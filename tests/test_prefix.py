@@ -54,6 +54,7 @@ def test_prompts_sharing_a_prefix_in_one_call_compute_it_once(tiny, hf_tiny, fre
     got = generate(tiny.model, prompts, SamplingParams(max_new_tokens=6))
     store = tiny.model.__dict__["_prefix_store"]
     assert store.stats["hits"] == 4 and store.stats["reused_tokens"] == 4 * 48
+    assert sorted(g.cached_tokens for g in got) == [0, 48, 48, 48, 48]
     assert [g.tokens for g in got] == [_hf_greedy(hf_tiny, p, 6) for p in prompts]
 
 

@@ -229,10 +229,40 @@ def test_a_second_turn_reuses_the_first_turns_cache_and_replies_as_transformers(
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "The quick brown fox"}]
     hits, reused = stats["hits"], stats["reused_tokens"]
     second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
-                                            extra_body={"ignore_eos": True}).choices[0].message.content
+                                            extra_body={"ignore_eos": True})
     assert stats["hits"] == hits + 1 and stats["reused_tokens"] - reused >= len(encode_prompt(lm.tokenizer,
                                                                                               messages[:1])) - 16
-    assert second == hf_reply(messages)
+    assert second.choices[0].message.content == hf_reply(messages)
+    # the reply's usage says how many prompt tokens the cache served, as OpenAI's and vLLM's do
+    assert second.usage.prompt_tokens_details.cached_tokens == stats["reused_tokens"] - reused
+    assert second.usage.prompt_tokens == len(encode_prompt(lm.tokenizer, messages))
+
+
+def test_streamed_choices_generate_together_and_end_with_the_usage(client, server):
+    """n=3 streamed: the three choices' chunks interleave (one batch, not one after another), each
+    choice's text is the one the same seeded request gets unstreamed, and with include_usage a
+    last chunk without choices carries the usage."""
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    ask = dict(model="tiny", messages=messages, max_tokens=24, temperature=0.9, seed=11, n=3,
+               extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    *body, last = chunks
+    texts = {}
+    for c in body:
+        (choice,) = c.choices
+        texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert texts == {i: c.message.content for i, c in enumerate(plain.choices)}
+    order = [c.choices[0].index for c in body if c.choices[0].delta.content]
+    assert order != sorted(order)
+    assert last.choices == [] and last.usage.completion_tokens == plain.usage.completion_tokens == 3 * 24
+    assert last.usage.prompt_tokens == plain.usage.prompt_tokens
+    plain_usage = client.chat.completions.create(**{**ask, "n": 1}).usage
+    streamed = list(client.chat.completions.create(**{**ask, "n": 1}, stream=True))
+    assert all(c.usage is None for c in streamed) and plain_usage.completion_tokens == 24
+    r = httpx.post(f"{server.base_url}/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2,
+                                                           "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and "stream_options is only valid with stream=true" in r.text
 
 
 def test_malformed_json_and_bad_chat_messages(server):

@@ -35,6 +35,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop token or string), "length"
     rng: torch.Generator | None = None
+    cached_tokens: int = 0  # prompt positions whose K/V came from the prefix store, not this prefill
 
     @property
     def next_position(self) -> int:
@@ -168,6 +169,8 @@ class DecodeBatch:
             logits.append(self._prefill(fresh, len(self.running)))
         if cont:
             logits.append(self._continue(cont, len(self.running) + len(fresh)))
+        for g, _, n in cont:
+            g.cached_tokens = n
         gens = fresh + [g for g, _, _ in cont]
         if self.prefixes is not None:
             for i, g in enumerate(gens):

@@ -12,6 +12,12 @@ without generating. That is what lm-eval's ``local-completions`` model sends for
 tasks. ``/v1/chat/completions`` with ``logprobs`` returns the reply tokens' log-probabilities in
 the chat API's layout. Parameters that would change the output and are not implemented are
 refused unless neutral (``_NEUTRAL``), never ignored.
+
+``usage`` counts prompt and completion tokens as OpenAI does, with
+``prompt_tokens_details.cached_tokens``: prompt tokens served from the prefix cache. A streamed
+request gets it in a last chunk with no choices when it asks with
+``stream_options: {"include_usage": true}``. A streamed request with several choices (``n`` or
+a list of prompts) generates them together and interleaves their chunks, each naming its index.
 """
 
 from __future__ import annotations
@@ -165,7 +171,7 @@ def _check_model(served: ServedModel, body: dict) -> None:
 # server does not implement, with the values that leave the output unchanged. Clients that send
 # those neutral values explicitly are served; any other value is refused with a 400 rather than
 # ignored, so no reply is produced under settings other than the ones asked for. Other unknown
-# fields (user, metadata, stream_options, ...) do not change the output and are ignored.
+# fields (user, metadata, ...) do not change the output and are ignored.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
     "logit_bias": ({},), "top_k": (-1, 0), "min_p": (0, 0.0), "min_tokens": (0,), "best_of": (1,),
@@ -266,8 +272,18 @@ def _job(served: ServedModel, prompt: list[int], params: SamplingParams, stops: 
     return job, events
 
 
+@dataclass
+class Reply:
+    """One generated sequence: its tokens, why it ended, and how many of its prompt's tokens the
+    prefix cache served."""
+
+    tokens: list[int]
+    finish_reason: str
+    cached_tokens: int = 0
+
+
 async def _generate(served: ServedModel, prompt: list[int], params: SamplingParams, stops: list[str],
-                    request: Request) -> tuple[list[int], str]:
+                    request: Request) -> Reply:
     job, events = _job(served, prompt, params, stops)
     tokens: list[int] = []
     try:
@@ -275,8 +291,8 @@ async def _generate(served: ServedModel, prompt: list[int], params: SamplingPara
             kind, value = await events.get()
             if kind == "tokens":
                 tokens.extend(value)
-            elif kind == "done":
-                return tokens, value
+            elif kind == "done":  # job.gen was written by the scheduler thread before it posted this
+                return Reply(tokens, value, job.gen.cached_tokens)
             else:
                 raise RequestError(f"generation failed: {value}", status=500, kind="server_error")
     except asyncio.CancelledError:
@@ -330,9 +346,29 @@ def _chat_logprobs(served: ServedModel, tokens: list[int], lps, top_n: int) -> d
     return {"content": content, "refusal": None}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def _include_usage(body: dict) -> bool:
+    """``stream_options: {"include_usage": true}``: a last chunk with the usage (streaming only)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not body.get("stream"):
+        raise RequestError("stream_options is only valid with stream=true", "stream_options")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError(f"stream_options={options!r}; valid: {{'include_usage': true or false}}",
+                           "stream_options")
+    return options.get("include_usage", False)
+
+
+def _prompt_usage(replies: list[Reply], n: int) -> int:
+    """Cached prompt tokens of a request whose replies are ``n`` per prompt: each prompt counted
+    once, as its prompt tokens are (by its first reply)."""
+    return sum(r.cached_tokens for r in replies[::n])
 
 
 async def _completions(served: ServedModel, body: dict, request: Request):
@@ -344,34 +380,37 @@ async def _completions(served: ServedModel, body: dict, request: Request):
     stream = bool(body.get("stream", False))
     plans = [_sampling(served, body, len(p), 16) for p in prompts]
     n = plans[0][1]
+    include_usage = _include_usage(body)
     if stream and (echo or top is not None):
         raise RequestError("stream=true cannot be combined with echo or logprobs here", "stream")
     created, rid = int(time.time()), f"cmpl-{secrets.token_hex(12)}"
+    jobs = [(prompt, params[i] if params else None) for prompt, (params, _) in zip(prompts, plans) for i in range(n)]
     if stream:
-        return _sse(_stream_completion(served, body, prompts, plans, stops, request, created, rid))
+        return _sse(_stream_completion(served, jobs, n, stops, request, created, rid, include_usage))
     tok = served.tokenizer
 
-    async def one(prompt: list[int], params: SamplingParams | None) -> tuple[list[int], str]:
-        return ([], "length") if params is None else await _generate(served, prompt, params, stops, request)
+    async def one(prompt: list[int], params: SamplingParams | None) -> Reply:
+        return Reply([], "length") if params is None else await _generate(served, prompt, params, stops, request)
 
-    jobs = [(prompt, params[i] if params else None) for prompt, (params, _) in zip(prompts, plans) for i in range(n)]
     generated = await asyncio.gather(*(one(prompt, params) for prompt, params in jobs))
     lps = [None] * len(jobs)
     if echo or top is not None:
         # a few alternatives more than asked: some may decode to the same text (partial bytes)
-        lps = await _prompt_logprobs(served, [p + out for (p, _), (out, _) in zip(jobs, generated)],
+        lps = await _prompt_logprobs(served, [p + r.tokens for (p, _), r in zip(jobs, generated)],
                                      max(top or 0, 1) + 8)
     choices = []
-    for i, ((prompt, _), (out, finish), lp) in enumerate(zip(jobs, generated, lps)):
+    for i, ((prompt, _), reply, lp) in enumerate(zip(jobs, generated, lps)):
+        out = reply.tokens
         text, stopped = _cut(tok.decode(out, skip_special_tokens=True), stops)
-        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": "stop" if stopped else finish}
+        choice = {"index": i, "text": text, "logprobs": None,
+                  "finish_reason": "stop" if stopped else reply.finish_reason}
         if lp is not None:
             start = 0 if echo else len(prompt)
             choice["logprobs"] = _logprobs_block(served, (prompt + out)[start:], _slice(lp, start), top or 0)
         if echo:
             choice["text"] = tok.decode(prompt) + text
         choices.append(choice)
-    usage = _usage(sum(len(p) for p in prompts), sum(len(out) for out, _ in generated))
+    usage = _usage(sum(len(p) for p in prompts), sum(len(r.tokens) for r in generated), _prompt_usage(generated, n))
     return {"id": rid, "object": "text_completion", "created": created, "model": served.name,
             "choices": choices, "usage": usage}
 
@@ -404,24 +443,26 @@ async def _chat(served: ServedModel, body: dict, request: Request):
     top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if top is not None and not want_logprobs:
         raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+    include_usage = _include_usage(body)
     created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
     if body.get("stream"):
         if want_logprobs:
             raise RequestError("stream=true cannot be combined with logprobs here", "stream")
-        return _sse(_stream_chat(served, body, prompt, params, stops, request, created, rid))
+        return _sse(_stream_chat(served, prompt, params, stops, request, created, rid, include_usage))
     results = await asyncio.gather(*(_generate(served, prompt, p, stops, request) for p in params))
     lps = [None] * len(results)
     if want_logprobs:  # the reply's tokens scored after the prompt, as the completions endpoint does
-        lps = await _prompt_logprobs(served, [prompt + out for out, _ in results], max(top or 0, 1))
+        lps = await _prompt_logprobs(served, [prompt + r.tokens for r in results], max(top or 0, 1))
     choices = []
-    for i, ((out, finish), lp) in enumerate(zip(results, lps)):
+    for i, (reply, lp) in enumerate(zip(results, lps)):
+        out = reply.tokens
         text, stopped = _cut(served.tokenizer.decode(out, skip_special_tokens=True), stops)
         choices.append({"index": i, "message": {"role": "assistant", "content": text},
                         "logprobs": None if lp is None else _chat_logprobs(served, out, _slice(lp, len(prompt)),
                                                                            top or 0),
-                        "finish_reason": "stop" if stopped else finish})
+                        "finish_reason": "stop" if stopped else reply.finish_reason})
     return {"id": rid, "object": "chat.completion", "created": created, "model": served.name, "choices": choices,
-            "usage": _usage(len(prompt), sum(len(o) for o, _ in results))}
+            "usage": _usage(len(prompt), sum(len(r.tokens) for r in results), results[0].cached_tokens)}
 
 
 # ------------------------------------------------------------------------------ streaming
@@ -434,8 +475,16 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+@dataclass
+class _Tally:
+    """What a streamed sequence produced, for the usage chunk."""
+
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
 async def _stream_tokens(served: ServedModel, prompt: list[int], params: SamplingParams, stops: list[str],
-                         request: Request):
+                         request: Request, tally: _Tally):
     """(text delta, finish_reason or None) as tokens arrive; the job is cancelled when the
     client goes away (its slot is freed at the scheduler's next turn)."""
     job, events = _job(served, prompt, params, stops)
@@ -454,6 +503,8 @@ async def _stream_tokens(served: ServedModel, prompt: list[int], params: Samplin
                 raise RuntimeError(value)
             if kind == "tokens":
                 tokens.extend(value)
+                tally.completion_tokens = len(tokens)
+                tally.cached_tokens = job.gen.cached_tokens  # the first tokens come after the prefill
             text = served.tokenizer.decode(tokens, skip_special_tokens=True)
             text, stopped = _cut(text, stops)
             if kind == "done" or stopped:
@@ -468,21 +519,65 @@ async def _stream_tokens(served: ServedModel, prompt: list[int], params: Samplin
         job.cancel()
 
 
-async def _stream_completion(served, body, prompts, plans, stops, request, created, rid):
-    index = 0
-    for prompt, (params, _) in zip(prompts, plans):
-        for p in params:
-            async for delta, finish in _stream_tokens(served, prompt, p, stops, request):
-                yield {"id": rid, "object": "text_completion", "created": created, "model": served.name,
-                       "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": finish}]}
-            index += 1
+async def _interleaved(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, item) from several async iterators as their items arrive: the choices of one
+    request generate together, in one batch, rather than one after another."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, e))
+        await queue.put((i, end))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is end:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
-async def _stream_chat(served, body, prompt, params, stops, request, created, rid):
-    for index, p in enumerate(params):
-        yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name,
-               "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        async for delta, finish in _stream_tokens(served, prompt, p, stops, request):
-            yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name,
-                   "choices": [{"index": index, "delta": {"content": delta} if delta else {},
-                                "finish_reason": finish}]}
+async def _nothing_to_generate():  # max_tokens 0
+    yield "", "length"
+
+
+async def _stream_completion(served, jobs, n, stops, request, created, rid, include_usage):
+    tallies = [_Tally() for _ in jobs]
+    streams = [_nothing_to_generate() if p is None else _stream_tokens(served, prompt, p, stops, request, t)
+               for (prompt, p), t in zip(jobs, tallies)]
+    async for index, (delta, finish) in _interleaved(streams):
+        yield {"id": rid, "object": "text_completion", "created": created, "model": served.name,
+               "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": finish}]}
+    if include_usage:
+        yield {"id": rid, "object": "text_completion", "created": created, "model": served.name, "choices": [],
+               "usage": _usage(sum(len(prompt) for prompt, _ in jobs[::n]),
+                               sum(t.completion_tokens for t in tallies),
+                               sum(t.cached_tokens for t in tallies[::n]))}
+
+
+async def _stream_chat(served, prompt, params, stops, request, created, rid, include_usage):
+    def chunk(choices: list[dict], **extra) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name,
+                "choices": choices, **extra}
+
+    for index in range(len(params)):
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    tallies = [_Tally() for _ in params]
+    streams = [_stream_tokens(served, prompt, p, stops, request, t) for p, t in zip(params, tallies)]
+    async for index, (delta, finish) in _interleaved(streams):
+        yield chunk([{"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": finish}])
+    if include_usage:
+        yield chunk([], usage=_usage(len(prompt), sum(t.completion_tokens for t in tallies),
+                                     tallies[0].cached_tokens))
