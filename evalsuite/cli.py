@@ -176,15 +176,17 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_RUN_USAGE = "usage: evalsuite run TASK [options]; tasks: {tasks}\n`evalsuite run TASK --help` lists a task's options"
+
+
 def _run(args: argparse.Namespace) -> int:
     from .models import check_model_args, load_model_and_recipe
     from .runners import get_runner
     from .taskdef import read_task_file
 
-    if args.task is None or args.task in ("-h", "--help"):
-        print("usage: evalsuite run TASK [options]; tasks: " + ", ".join(available_tasks()) +
-              "\n`evalsuite run TASK --help` lists a task's options")
-        return 0 if args.task else 2
+    if args.task is None:
+        print(_RUN_USAGE.format(tasks=", ".join(available_tasks())))
+        return 2
     raw, _ = read_task_file(args.task)
     runner = get_runner(raw["runner"])
     task = runner.parse_task(raw, f"tasks/{args.task}.yaml")
@@ -755,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "openai"):  # a line per HTTP request is theirs at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"] and argv[1:2] in (["-h"], ["--help"]):  # argparse would take it for an unknown option
+        print(_RUN_USAGE.format(tasks=", ".join(available_tasks())))
+        return 0
     harness = argv[:1] == ["run"] and "--harness" in argv
     lm_eval = argv[:1] == ["lm-eval"]
     args = None if lm_eval else _build_parser().parse_args(argv if not harness else ["run"])

@@ -387,7 +387,109 @@ def _mtbench_metrics(run: dict, records: list[dict]) -> dict[str, Metric]:
     return out
 
 
-_EXTRACTORS = {"mmlu": _mmlu_metrics, "perplexity": _perplexity_metrics, "mt-bench": _mtbench_metrics}
+# lm-eval's per-sample value of a metric, by the metric's aggregation: "mean" of a number, a
+# "perplexity" of per-sample log-likelihoods, a "weighted_perplexity" of [log-likelihood, words or
+# bytes]. Each becomes an item (num, den) whose ratio over a task is the metric (its log for the
+# perplexities); other aggregations (corpus BLEU, bits per byte, ...) are compared on lm-eval's
+# value alone.
+_LM_EVAL_DEFAULT_AGGREGATION = {"perplexity": "perplexity", "word_perplexity": "weighted_perplexity",
+                                "byte_perplexity": "weighted_perplexity", "bits_per_byte": "bits_per_byte"}
+
+
+def _lm_eval_metrics(run: dict, records: list[dict]) -> dict[str, Metric]:
+    """lm-eval tasks run through the suite (``evalsuite run --harness lm-eval``): for every task
+    asked for (a group whose results lm-eval aggregates: its subtasks' documents together) and
+    every metric and filter, lm-eval's own value, named ``lm-eval.TASK.METRIC`` (``,FILTER``
+    appended unless the filter is ``none``), with per-document items wherever they reproduce
+    that value (a group weighs its subtasks by size or equally, as its config says)."""
+    info = run.get("lm_eval") or {}
+    results = run.get("metrics") or {}
+    groups = info.get("group_subtasks") or {}
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r.get("task", ""), []).append(r)
+
+    def leaves(task: str) -> list[str]:
+        return [leaf for sub in groups[task] for leaf in leaves(sub)] if groups.get(task) else [task]
+
+    def has_values(task: str) -> bool:
+        return any("," in k and not k.endswith("_stderr") for k in (results.get(task) or {}))
+
+    out: dict[str, Metric] = {}
+    for asked in (run.get("config") or {}).get("tasks", []):
+        for task in [asked] if has_values(asked) else [t for t in leaves(asked) if has_values(t)]:
+            for key, value in results[task].items():
+                metric, _, filter_ = key.partition(",")
+                if not filter_ or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                    continue
+                name = f"lm-eval.{task}.{metric}" + ("" if filter_ == "none" else f",{filter_}")
+                stderr = results[task].get(f"{metric}_stderr,{filter_}")
+                m = _lm_eval_metric(name, metric, filter_, float(value), stderr,
+                                    {leaf: by_task.get(leaf, []) for leaf in leaves(task)}, info)
+                if m is not None:
+                    out[name] = m
+    return out
+
+
+def _lm_eval_metric(name: str, metric: str, filter_: str, value: float, stderr: Any,
+                    docs: dict[str, list[dict]], info: dict) -> Metric | None:
+    first = next(iter(docs))
+    spec = next((d for d in ((info.get("configs") or {}).get(first) or {}).get("metric_list") or []
+                 if d.get("metric") == metric), {})
+    aggregation = spec.get("aggregation") if isinstance(spec.get("aggregation"), str) else \
+        _LM_EVAL_DEFAULT_AGGREGATION.get(metric, "mean")
+    higher = ((info.get("higher_is_better") or {}).get(first) or {}).get(metric, spec.get("higher_is_better"))
+    if higher is None:
+        higher = aggregation == "mean"
+    kind = "lower_is_better" if not higher else "accuracy"
+    if (aggregation == "mean") != bool(higher) or aggregation not in ("mean", "perplexity", "weighted_perplexity"):
+        return None  # lower-is-better means, corpus-level metrics: no paired form here
+    per_leaf: dict[str, dict[str, Item]] = {}
+    for leaf, rows in docs.items():
+        items = {}
+        for r in rows:
+            v = r.get(metric)
+            if r.get("filter", "none") != filter_ or v is None:
+                continue
+            if aggregation == "mean":
+                items[f"{leaf}/{r['doc_id']}"] = Item(float(v))
+            elif aggregation == "perplexity":
+                items[f"{leaf}/{r['doc_id']}"] = Item(-float(v))
+            else:
+                items[f"{leaf}/{r['doc_id']}"] = Item(-float(v[0]), float(v[1]))
+        if items:
+            per_leaf[leaf] = items
+    if kind == "accuracy" and any(i.num not in (0.0, 1.0) for items in per_leaf.values() for i in items.values()):
+        kind = "score"
+    se = float(stderr) if isinstance(stderr, (int, float)) and kind != "lower_is_better" else None
+    return Metric(name, kind, value, se, sum(map(len, per_leaf.values())) or None,
+                  _lm_eval_items(per_leaf, value, kind))
+
+
+def _lm_eval_items(per_leaf: dict[str, dict[str, Item]], value: float, kind: str) -> dict[str, Item] | None:
+    """The documents as items, weighted so that their ratio is lm-eval's value: every document
+    alike (one task, or a group weighed by size), else every subtask alike. None when neither
+    reproduces it (documents missing, another aggregation): the value is then compared alone."""
+    def target(items: list[Item]) -> float:
+        r = sum(i.num for i in items) / sum(i.den for i in items)
+        return math.exp(r) if kind == "lower_is_better" else r
+
+    several = len(per_leaf) > 1
+    plain = {k: Item(i.num, i.den, leaf if several else k)
+             for leaf, items in per_leaf.items() for k, i in items.items()}
+    if plain and math.isclose(target(list(plain.values())), value, rel_tol=1e-9, abs_tol=1e-12):
+        return plain
+    equal = {}
+    for leaf, items in per_leaf.items():
+        w = 1.0 / sum(i.den for i in items.values())
+        equal.update({k: Item(w * i.num, w * i.den, leaf) for k, i in items.items()})
+    if several and math.isclose(target(list(equal.values())), value, rel_tol=1e-9, abs_tol=1e-12):
+        return equal
+    return None
+
+
+_EXTRACTORS = {"mmlu": _mmlu_metrics, "perplexity": _perplexity_metrics, "mt-bench": _mtbench_metrics,
+               "lm-eval": _lm_eval_metrics}
 
 
 def register_extractor(task: str, extract) -> None:
@@ -459,7 +561,8 @@ def _tolerance_for(name: str, tolerances: dict[str, Tolerance], default: Toleran
 
 def format_table(baseline: Side, results: list[CandidateResult]) -> str:
     lines = [f"baseline: {baseline.label} ({baseline.source})"]
-    header = (f"{'candidate':<26} {'metric':<22} {'base':>8} {'cand':>8} {'gain':>8} {'95% interval':>20} "
+    width = max([22] + [len(c.metric) for r in results for c in r.comparisons])  # lm-eval's names run long
+    header = (f"{'candidate':<26} {'metric':<{width}} {'base':>8} {'cand':>8} {'gain':>8} {'95% interval':>20} "
               f"{'tol':>10} {'verdict':<13} {'flips r>w/w>r':>13} {'McNemar p':>9} {'KL':>8} "
               f"{'TRT-LLM':>8} {'vLLM':>5}")
     lines += [header, "-" * len(header)]
@@ -470,7 +573,7 @@ def format_table(baseline: Side, results: list[CandidateResult]) -> str:
             p = f"{c.flips['mcnemar_p']:.3f}" if c.flips else "-"
             kl = f"{c.mean_kl:.4f}" if c.mean_kl is not None else "-"
             trt = c.trtllm["verdict"] if c.trtllm else "n/a"
-            lines.append(f"{res.candidate.label[:26]:<26} {c.metric[:22]:<22} {c.baseline:>8.4f} {c.candidate:>8.4f} "
+            lines.append(f"{res.candidate.label[:26]:<26} {c.metric:<{width}} {c.baseline:>8.4f} {c.candidate:>8.4f} "
                          f"{c.gain:>+8.4f} {ivl:>20} {c.tolerance[:10]:>10} {c.verdict:<13} {flips:>13} {p:>9} "
                          f"{kl:>8} {trt:>8} {c.vllm['verdict']:>5}")
         lines.append(f"{'':<26} => {res.candidate.label}: {res.verdict}")

@@ -12,6 +12,7 @@ A gate file::
     tasks:                          # runs produced here: `evalsuite run TASK ARGS...`
       mmlu: [--formulation, cloze, --per-subject, "2"]
       perplexity: [--per-article, "1"]
+      lm-eval: [--task, evalsuite_mmlu_stem]   # `evalsuite run --harness lm-eval ARGS...`
     runs_dir: reports/gates/quick   # where produced runs live (resumed when rerun)
     baseline: {recipe: fp8-official}
     candidates:
@@ -125,7 +126,8 @@ def produce_side(gate: Gate, side: dict[str, Any], log, device: str | None = Non
         parts = []
         for task, args in gate.tasks.items():
             run_dir = gate.runs_dir / f"{_run_folder_name(side)}-{task}"
-            argv = ["run", task, "--model", gate.model, "--recipe", side["recipe"], "--dtype", gate.dtype,
+            head = ["run", "--harness", "lm-eval"] if task == "lm-eval" else ["run", task]
+            argv = [*head, "--model", gate.model, "--recipe", side["recipe"], "--dtype", gate.dtype,
                     *args, *(["--device", device] if device else []), "--output", str(run_dir), "--no-progress"]
             for k, v in (side.get("recipe_config") or {}).items():
                 argv += ["--recipe-config", f"{k}={json.dumps(v)}"]

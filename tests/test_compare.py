@@ -363,3 +363,23 @@ def test_run_index_survives_a_crash_mid_write_and_concurrent_writers(tmp_path):
     assert len(index.query(recipe="p1")) == 40 and len(index.query(recipe="p2")) == 40
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_gate_runs_lm_eval_tasks_and_gates_their_metrics(tmp_path, tiny_dir, capsys):
+    """``lm-eval`` among a gate's tasks runs `evalsuite run --harness lm-eval ARGS` per recipe;
+    its metrics are gated by name (``lm-eval.TASK.METRIC``) like the suite's own, paired
+    question by question."""
+    (tmp_path / "g.yaml").write_text(
+        f"name: t\nmodel: {tiny_dir}\ndtype: float32\nruns_dir: {tmp_path / 'runs'}\n"
+        "tasks: {lm-eval: [--task, evalsuite_mmlu_anatomy, --limit, '6']}\n"
+        "baseline: {recipe: bf16}\ncandidates: [{recipe: int4-rtn}]\n"
+        "metrics: {lm-eval.evalsuite_mmlu_anatomy.acc: {absolute: 0.5}}\n")
+    assert cli.main(["gate", str(tmp_path / "g.yaml"), "--json", str(tmp_path / "g.json")]) == 0
+    (cand,) = json.loads((tmp_path / "g.json").read_text())["candidates"]
+    (metric,) = cand["metrics"]
+    assert metric["metric"] == "lm-eval.evalsuite_mmlu_anatomy.acc" and metric["n"] == 6
+    assert metric["method"] == "paired" and metric["verdict"] == PASS
+    runs = {r: json.loads((tmp_path / "runs" / f"{r}-lm-eval" / "run.json").read_text()) for r in ("bf16", "int4-rtn")}
+    assert {r: run["recipe"]["name"] for r, run in runs.items()} == {"bf16": "bf16", "int4-rtn": "int4-rtn"}
+    assert [metric["baseline"], metric["candidate"]] == [
+        runs[r]["metrics"]["evalsuite_mmlu_anatomy"]["acc,none"] for r in ("bf16", "int4-rtn")]

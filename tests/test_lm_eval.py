@@ -5,6 +5,8 @@ MMLU task YAMLs (tasks/lm_eval), and lm-eval's own `local-completions` model aga
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import lm_eval
 import pytest
@@ -15,6 +17,7 @@ from lm_eval.tasks import TaskManager
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.cli import main
 from evalsuite.engine.generate import SamplingParams
+from evalsuite.engine.load import load
 from evalsuite.runners.lm_eval_model import EvalsuiteLM
 from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
 from evalsuite.server.serve import BackgroundServer, served_model
@@ -149,3 +152,116 @@ def test_lm_eval_default_cuda_device_falls_back_where_there_is_no_gpu():
     assert [_device(d) for d in ("cuda:0", "cuda", None, "cpu")] == [None, None, None, "cpu"]
     with pytest.raises(ValueError, match="not a device"):
         EvalsuiteLM(model="smollm2-135m", device="tpu")
+
+
+# lm-eval task files of three shapes beside the shipped MMLU ones: a generative task with two
+# filters, a rolling log-likelihood (perplexity) task, and a group that weighs its two
+# multiple-choice subtasks (of 40 and 15 questions) equally. DATA and MC are replaced by the
+# paths of JSON-lines files.
+_TASK_FILES = {
+    "tgen.yaml": """task: tgen
+dataset_path: json
+dataset_kwargs: {data_files: DATA}
+test_split: train
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 4, do_sample: false}
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+filter_list:
+  - {name: strict, filter: [{function: take_first}]}
+  - {name: digits, filter: [{function: regex, regex_pattern: "(\\\\d+)"}, {function: take_first}]}
+""",
+    "tppl.yaml": """task: tppl
+dataset_path: json
+dataset_kwargs: {data_files: DATA}
+test_split: train
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]
+""",
+    "tgroup.yaml": """group: tgroup
+task: [tmc_a, tmc_b]
+aggregate_metric_list: [{metric: acc, weight_by_size: false}]
+""",
+    **{f"tmc_{x}.yaml": f"""task: tmc_{x}
+dataset_path: json
+dataset_kwargs: {{data_files: MC}}
+test_split: train
+{"process_docs: !function utils.last_fifteen" if x == "b" else ""}
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: ["1", "2", "4", "8"]
+doc_to_target: gold
+metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
+""" for x in "ab"},
+    "utils.py": "def last_fifteen(ds):\n    return ds.select(range(25, 40))\n",
+}
+_MC = [{"question": f"Q: {i} plus {i} is", "gold": g}
+       for i, g in enumerate(random.Random(0).choices(range(4), k=40))]
+_DOCS = [{"question": f"Q: {i} plus {i} is", "answer": str(2 * i), "text": text} for i, text in enumerate([
+    "The river ran past the old mill and the town slept.", "A small bird sang on the wire while rain fell.",
+    "Bread rose in the warm kitchen as the clock ticked on.", "Ships came in at dawn with nets full of fish.",
+    "The library opened late and closed early on Sundays.", "Snow covered the hills and the roads were quiet."], 1)]
+
+
+def test_lm_eval_runs_of_two_models_compare_document_by_document(tiny_dir, tmp_path, capsys):
+    """A run from the command line and one of the same model with noise added to its weights (a
+    candidate whose answers move), on lm-eval tasks of every shape the comparator pairs: each
+    filter's documents are kept (records per document and filter), a metric's value is lm-eval's
+    own, and the paired gain is the one computed here from lm-eval's per-document numbers
+    (accuracy differences averaged per subtask, then over the group's two subtasks as its config
+    says; perplexity on the log scale). bits_per_byte has no paired form and is left out."""
+    from evalsuite.compare import Tolerance, compare_sides, side_from_run
+    from evalsuite.runners.lm_eval_harness import run_lm_eval
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in _DOCS))
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in _MC))
+    for name, text in _TASK_FILES.items():
+        text = text.replace("DATA", str(tmp_path / "docs.jsonl")).replace("MC", str(tmp_path / "mc.jsonl"))
+        (tasks / name).write_text(text)
+    runs = {"base": tmp_path / "base", "noisy": tmp_path / "noisy"}
+    assert main(["run", "--harness", "lm-eval", "--task", "tgen", "--task", "tppl", "--task", "tgroup",
+                 "--include-path", str(tasks), "--model", str(tiny_dir), "--dtype", "float32",
+                 "--output", str(runs["base"])]) == 0
+    assert "tgen: exact_match,strict" in capsys.readouterr().out
+    noisy = load(str(tiny_dir), "float32")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in noisy.model.parameters():
+            w.add_(torch.randn(w.shape, generator=gen) * w.std())
+    run_lm_eval(EngineBackend(noisy, {"name": "noisy"}), ["tgen", "tppl", "tgroup"], runs["noisy"],
+                include_path=str(tasks))
+    records = {r: [json.loads(x) for x in open(runs[r] / "samples.jsonl")] for r in runs}
+    assert sorted(x["id"] for x in records["base"] if x["task"] == "tgen") == sorted(
+        f"tgen/{i}/{f}" for i in range(6) for f in ("digits", "strict"))
+
+    base, cand = side_from_run(runs["base"]), side_from_run(runs["noisy"])
+    assert sorted(base.metrics) == ["lm-eval.tgen.exact_match,digits", "lm-eval.tgen.exact_match,strict",
+                                    "lm-eval.tgroup.acc", "lm-eval.tppl.byte_perplexity",
+                                    "lm-eval.tppl.word_perplexity"]
+    reported = {r: json.loads((runs[r] / "run.json").read_text())["metrics"] for r in runs}
+    for side, r in ((base, "base"), (cand, "noisy")):
+        assert side.metrics["lm-eval.tgroup.acc"].value == reported[r]["tgroup"]["acc,none"]
+        assert side.metrics["lm-eval.tppl.word_perplexity"].value == reported[r]["tppl"]["word_perplexity,none"]
+        assert all(m.items is not None for m in side.metrics.values())
+    (result,) = compare_sides(base, [cand], {}, Tolerance(0.05))
+    gains = {c.metric: c.gain for c in result.comparisons}
+
+    def accuracy(r: str, task: str) -> dict[int, float]:
+        return {x["doc_id"]: x["acc"] for x in records[r] if x["task"] == task}
+
+    per_subtask = []
+    for task in ("tmc_a", "tmc_b"):
+        b, c = accuracy("base", task), accuracy("noisy", task)
+        per_subtask.append(sum(c[d] - b[d] for d in b) / len(b))
+    pooled = sum(n * g for n, g in zip((40, 15), per_subtask)) / 55
+    assert per_subtask[0] != per_subtask[1] and sum(per_subtask) / 2 != pooled  # the weighting matters here
+    assert gains["lm-eval.tgroup.acc"] == pytest.approx(sum(per_subtask) / 2, abs=1e-12)
+    assert gains["lm-eval.tgroup.acc"] == pytest.approx(
+        reported["noisy"]["tgroup"]["acc,none"] - reported["base"]["tgroup"]["acc,none"], abs=1e-12)
+    ppl = {r: reported[r]["tppl"]["word_perplexity,none"] for r in runs}
+    assert gains["lm-eval.tppl.word_perplexity"] == pytest.approx(-math.log(ppl["noisy"] / ppl["base"]), rel=1e-9)

@@ -3,8 +3,9 @@
 lm-eval builds the requests and computes the metrics; the model is the suite's backend (the
 engine under any recipe, or an endpoint) through ``EvalsuiteLM``. The run folder gets the suite's
 own records, so comparisons and reports read it like any run: ``samples.jsonl`` (one record per
-task and document: lm-eval's sample with its responses and per-sample metrics) and ``run.json``
-(tasks, lm-eval's task configs and version, model, recipe, metrics). lm-eval's response cache
+task, document and filter: lm-eval's sample with its responses and per-sample metrics) and
+``run.json`` (tasks, lm-eval's task configs, versions, groups and metric directions, model,
+recipe, metrics). ``evalsuite compare`` pairs two such runs document by document. lm-eval's response cache
 (a SQLite file in the run folder) makes a rerun skip the model calls already answered.
 """
 
@@ -55,13 +56,15 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
     done = store.done_keys()
     records = []
     for task, samples in results["samples"].items():
-        for s in samples:
-            rid = f"{task}/{s['doc_id']}"
+        for s in samples:  # one per document and filter (a task with several filters logs each)
+            rid = f"{task}/{s['doc_id']}" + ("" if s.get("filter", "none") == "none" else f"/{s['filter']}")
             if rid not in done:
                 records.append({"id": rid, "task": task, **json.loads(json.dumps(s, default=str))})
     store.append(records)
     store.run["lm_eval"] = {"configs": json.loads(json.dumps(results.get("configs", {}), default=str)),
-                            "versions": results.get("versions", {}), "n-samples": results.get("n-samples", {})}
+                            "versions": results.get("versions", {}), "n-samples": results.get("n-samples", {}),
+                            "group_subtasks": results.get("group_subtasks", {}),
+                            "higher_is_better": results.get("higher_is_better", {})}
     metrics = json.loads(json.dumps(results["results"], default=str))
     store.finish(metrics=metrics, timings={"lm-eval": time.perf_counter() - t0})
     return RunResult(out, metrics, store.run)
@@ -70,7 +73,7 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
 def format_lm_eval_summary(metrics: dict[str, Any]) -> str:
     lines = []
     for task, m in sorted(metrics.items()):
-        values = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in m.items()
+        values = ", ".join(f"{k.removesuffix(',none')} {v:.4f}" for k, v in m.items()
                            if isinstance(v, float) and not k.split(",")[0].endswith("_stderr"))
         lines.append(f"{task}: {values}")
     return "\n".join(lines)
