@@ -176,7 +176,8 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_RUN_USAGE = "usage: evalsuite run TASK [options]; tasks: {tasks}\n`evalsuite run TASK --help` lists a task's options"
+_RUN_USAGE = ("usage: evalsuite run TASK [options]; tasks: {tasks}\n`evalsuite run TASK --help` lists a task's "
+              "options\nany lm-eval task: evalsuite run --harness lm-eval --task NAME [options] (--help lists them)")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -248,3 +248,10 @@ def test_recipe_spec_of_the_benchmark_scripts():
 
     assert parse_recipe_spec("bf16") == ("bf16", None)
     assert parse_recipe_spec("int4-awq:resmooth=false,kernel=off") == ("int4-awq", {"resmooth": False, "kernel": "off"})
+
+
+@pytest.mark.parametrize("argv, rc", [(["run", "--help"], 0), (["run", "-h"], 0), (["run"], 2)])
+def test_run_without_a_task_lists_the_tasks(argv, rc, capsys):
+    assert main(argv) == rc
+    out = capsys.readouterr().out
+    assert "usage: evalsuite run TASK [options]; tasks: mmlu, mt-bench, perplexity" in out
