@@ -601,12 +601,22 @@ def _run_harness(argv: list[str]) -> int:
     parser.add_argument("--include-path", default=None, help="more task YAMLs (default: tasks/lm_eval)")
     parser.add_argument("--seed", type=int, default=1234)
     opts = parser.parse_args(argv)
+    if opts.limit is not None and not opts.limit > 0:
+        raise ValueError(f"--limit {opts.limit:g}; valid: a number of documents >= 1, or a fraction in (0, 1)")
+    if opts.num_fewshot is not None and opts.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot {opts.num_fewshot}; valid: an integer >= 0")
+    if opts.include_path is not None and not Path(opts.include_path).is_dir():
+        raise ValueError(f"--include-path {opts.include_path!r}: not a folder (of lm-eval task YAMLs)")
+    if not opts.base_url:
+        overrides = parse_recipe_config(opts.recipe_config)
+        check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device)
+    from .runners.lm_eval_harness import format_lm_eval_summary, run_lm_eval, task_manager
+
+    manager = task_manager(opts.task, opts.include_path)  # unknown tasks are named before a model loads
     if opts.base_url:
         backend = _endpoint_backend(opts)
         name = run_name(opts.model, "endpoint", "lm-eval", _HarnessJob(opts), {"backend": backend.identity()})
     else:
-        overrides = parse_recipe_config(opts.recipe_config)
-        check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device)
         from .backends.engine import EngineBackend  # torch: imported once the arguments are checked
 
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
@@ -615,10 +625,9 @@ def _run_harness(argv: list[str]) -> int:
         name = run_name(lm.info.name, opts.recipe, "lm-eval", _HarnessJob(opts),
                         {"dtype": opts.dtype, "recipe_config": overrides})
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
-    from .runners.lm_eval_harness import format_lm_eval_summary, run_lm_eval
-
     result = run_lm_eval(backend, opts.task, out, limit=opts.limit, num_fewshot=opts.num_fewshot,
-                         include_path=opts.include_path, seed=opts.seed)
+                         include_path=opts.include_path, seed=opts.seed, manager=manager)
+    _index_run(out, result.run)
     print(format_lm_eval_summary(result.metrics))
     print(f"\nrecords: {out / 'samples.jsonl'}\nrun record: {out / 'run.json'}")
     return 0

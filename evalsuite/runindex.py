@@ -117,13 +117,25 @@ class RunIndex:
                           json.loads(row[7] or "null") or {})
 
 
-def headline(run: IndexedRun) -> str:
-    """One short metrics summary for listings."""
+def headline(run: IndexedRun, most: int = 3) -> str:
+    """One short metrics summary for listings: MMLU accuracy per formulation, word perplexity,
+    the MT-Bench rating, or an lm-eval run's first metric of (at most ``most``) tasks."""
     m = run.metrics
     parts = []
+    if run.task == "lm-eval":
+        for task, values in m.items():
+            first = next(((k, v) for k, v in (values or {}).items() if "," in k and "_stderr" not in k
+                          and isinstance(v, (int, float))), None)
+            if first:
+                parts.append(f"{task} {first[0].removesuffix(',none')} {first[1]:.4f}")
+        return ", ".join(parts[:most]) + (f" (+{len(parts) - most} more)" if len(parts) > most else "")
     for form, v in m.items():
         if isinstance(v, dict) and "acc" in v:
             parts.append(f"{form} {v['acc']['overall']['acc']:.4f}")
     if "word_perplexity" in m:
         parts.append(f"word ppl {m['word_perplexity']['value']:.3f}")
+    parsed = m.get("parsed")
+    if run.task == "mt-bench" and isinstance(parsed, dict):
+        parts.append(f"rating {parsed['score']:.2f} ({parsed['n']} judged)" if parsed.get("score") is not None
+                     else f"no rating parsed ({parsed.get('unscored', 0)} unscored)")
     return ", ".join(parts)

@@ -141,6 +141,28 @@ def test_harness_run_writes_the_suites_records(tiny_dir, tmp_path, capsys):
     # a rerun answers from lm-eval's cache in the run folder and adds no record
     assert main(argv) == 0
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+    # the run index lists it with its headline metric
+    capsys.readouterr()
+    assert main(["runs", "--task", "lm-eval"]) == 0
+    acc = run["metrics"]["evalsuite_mmlu_continuation_anatomy"]["acc,none"]
+    assert f"evalsuite_mmlu_continuation_anatomy acc {acc:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--limit", "0"], "--limit 0; valid: a number of documents >= 1, or a fraction in (0, 1)"),
+    (["--num-fewshot", "-1"], "--num-fewshot -1; valid: an integer >= 0"),
+    (["--include-path", "/nonexistent"], "--include-path '/nonexistent': not a folder"),
+    (["--task", "no_such_task_xyz"], "unknown lm-eval tasks ['no_such_task_xyz']"),
+])
+def test_harness_arguments_are_checked_before_a_model_loads(extra, msg, capsys, monkeypatch):
+    import evalsuite.models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(evalsuite.models, "load_model_and_recipe", no_load)
+    assert main(["run", "--harness", "lm-eval", "--task", "evalsuite_mmlu_anatomy", *extra]) == 2
+    assert msg in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies where there is no GPU")

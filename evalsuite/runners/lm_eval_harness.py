@@ -22,17 +22,14 @@ from ..records import RunStore, package_versions
 from .base import RunResult
 
 
-def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limit: float | None = None,
-                num_fewshot: int | None = None, include_path: str | None = None, seed: int = 1234) -> RunResult:
-    import lm_eval
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm-eval's task index holding ``tasks`` (ours first: indexing lm-eval's thousands of built-in
+    task files takes seconds); a KeyError naming the unknown ones. Called before a model loads."""
     from lm_eval.tasks import TaskManager
 
     from ..taskdef import TASKS_DIR
-    from .lm_eval_model import EvalsuiteLM
 
-    out = Path(out_dir)
     path = include_path or str(TASKS_DIR / "lm_eval")
-    # lm-eval indexes its thousands of built-in task files only when a task is not in ours
     manager = TaskManager(include_path=path, include_defaults=False)
     if any(t not in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=path)
@@ -40,6 +37,19 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
     if unknown:
         raise KeyError(f"unknown lm-eval tasks {unknown}; `lm-eval ls tasks` lists them (the offline MMLU: "
                        "evalsuite_mmlu, evalsuite_mmlu_continuation and their subjects)")
+    return manager
+
+
+def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limit: float | None = None,
+                num_fewshot: int | None = None, include_path: str | None = None, seed: int = 1234,
+                manager=None) -> RunResult:
+    """``manager``: from ``task_manager`` (built here when not given)."""
+    import lm_eval
+
+    from .lm_eval_model import EvalsuiteLM
+
+    out = Path(out_dir)
+    manager = manager or task_manager(tasks, include_path)
     ident = backend.identity()
     identity = {"task": "lm-eval", "config": {"tasks": sorted(tasks), "limit": limit, "num_fewshot": num_fewshot,
                                               "seed": seed},
@@ -66,13 +76,14 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
                             "group_subtasks": results.get("group_subtasks", {}),
                             "higher_is_better": results.get("higher_is_better", {})}
     metrics = json.loads(json.dumps(results["results"], default=str))
+    metrics = {**{t: metrics[t] for t in tasks if t in metrics}, **metrics}  # the tasks asked for first
     store.finish(metrics=metrics, timings={"lm-eval": time.perf_counter() - t0})
     return RunResult(out, metrics, store.run)
 
 
 def format_lm_eval_summary(metrics: dict[str, Any]) -> str:
     lines = []
-    for task, m in sorted(metrics.items()):
+    for task, m in metrics.items():  # the tasks asked for first (run_lm_eval)
         values = ", ".join(f"{k.removesuffix(',none')} {v:.4f}" for k, v in m.items()
                            if isinstance(v, float) and not k.split(",")[0].endswith("_stderr"))
         lines.append(f"{task}: {values}")
