@@ -16,6 +16,7 @@ by the item's cluster (MMLU subject, perplexity article), a t interval on (clust
 of freedom, and a seeded cluster bootstrap as a second interval ("Adding Error Bars to Evals",
 arXiv 2411.00640). For 0/1 items: flips right->wrong and wrong->right, McNemar's exact test, and
 the mean KL of the answer distributions ("Accuracy is Not All You Need", arXiv 2407.09141).
+Runs of lm-eval tasks pair their documents the same way (``_lm_eval_metrics``).
 
 The verdict is a non-inferiority test at the metric's tolerance: PASS when the whole interval
 of the gain (the difference, signed so that positive is better) lies above -tolerance, FAIL when
@@ -445,20 +446,23 @@ def _lm_eval_metric(name: str, metric: str, filter_: str, value: float, stderr: 
     if (aggregation == "mean") != bool(higher) or aggregation not in ("mean", "perplexity", "weighted_perplexity"):
         return None  # lower-is-better means, corpus-level metrics: no paired form here
     per_leaf: dict[str, dict[str, Item]] = {}
-    for leaf, rows in docs.items():
-        items = {}
-        for r in rows:
-            v = r.get(metric)
-            if r.get("filter", "none") != filter_ or v is None:
-                continue
-            if aggregation == "mean":
-                items[f"{leaf}/{r['doc_id']}"] = Item(float(v))
-            elif aggregation == "perplexity":
-                items[f"{leaf}/{r['doc_id']}"] = Item(-float(v))
-            else:
-                items[f"{leaf}/{r['doc_id']}"] = Item(-float(v[0]), float(v[1]))
-        if items:
-            per_leaf[leaf] = items
+    try:
+        for leaf, rows in docs.items():
+            items = {}
+            for r in rows:
+                v = r.get(metric)
+                if r.get("filter", "none") != filter_ or v is None:
+                    continue
+                if aggregation == "mean":
+                    items[f"{leaf}/{r['doc_id']}"] = Item(float(v))
+                elif aggregation == "perplexity":
+                    items[f"{leaf}/{r['doc_id']}"] = Item(-float(v))
+                else:
+                    items[f"{leaf}/{r['doc_id']}"] = Item(-float(v[0]), float(v[1]))
+            if items:
+                per_leaf[leaf] = items
+    except (TypeError, ValueError, IndexError, KeyError):  # a per-document value of another shape
+        per_leaf = {}
     if kind == "accuracy" and any(i.num not in (0.0, 1.0) for items in per_leaf.values() for i in items.values()):
         kind = "score"
     se = float(stderr) if isinstance(stderr, (int, float)) and kind != "lower_is_better" else None
