@@ -501,10 +501,10 @@ async def _stream_tokens(served: ServedModel, prompt: list[int], params: Samplin
                 continue
             if kind == "error":
                 raise RuntimeError(value)
+            tally.cached_tokens = job.gen.cached_tokens  # set by the scheduler at the prefill, before any event
             if kind == "tokens":
                 tokens.extend(value)
                 tally.completion_tokens = len(tokens)
-                tally.cached_tokens = job.gen.cached_tokens  # the first tokens come after the prefill
             text = served.tokenizer.decode(tokens, skip_special_tokens=True)
             text, stopped = _cut(text, stops)
             if kind == "done" or stopped:
