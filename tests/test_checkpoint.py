@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -65,6 +67,10 @@ def test_quantize_cli_and_run_from_checkpoint(tiny_dir, tmp_path, capsys):
                  "--recipe-config", "activation_scale_ub=600", "--output", str(out)]) == 0
     assert "3 quantized modules" in capsys.readouterr().out
     assert json.loads((out / "quantization.json").read_text())["recipe"]["config"]["activation_scale_ub"] == 600
+    # the weights are as readable as the other files (the umask's mode), for a server run as another user
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask
     run = tmp_path / "run"
     assert main(["run", "mmlu", "--model", str(out), "--dtype", "float32", "--per-subject", "1",
                  "--subjects", "anatomy", "--formulation", "letter", "--output", str(run), "--no-progress"]) == 0

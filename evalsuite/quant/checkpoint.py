@@ -33,6 +33,8 @@ def _is_quantized(module: nn.Module) -> bool:
 def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     from safetensors.torch import save_file
 
+    if lm.folder is None:
+        raise ValueError(f"model {lm.info.name!r} was not loaded from a folder; its config.json is unknown")
     out.mkdir(parents=True, exist_ok=True)
     model = lm.model
     tensors: dict[str, torch.Tensor] = {}
@@ -50,14 +52,15 @@ def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
             continue
         tensors[key] = value.detach().clone().contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if lm.folder is None:
-        raise ValueError(f"model {lm.info.name!r} was not loaded from a folder; its config.json is unknown")
     shutil.copy(lm.folder / "config.json", out / "config.json")
     if lm.tokenizer is not None:
         lm.tokenizer.save_pretrained(str(out))
     (out / QUANT_FILE).write_text(json.dumps({"recipe": recipe, "source": {"name": lm.info.name,
                                               "weights_sha256": lm.info.weights_sha256},
                                               "dtype": lm.info.dtype, "modules": modules}, indent=1))
+    # safetensors writes its file readable by the owner only; the folder is meant to be shared and
+    # served, so the weights take the mode every other file here got from the umask
+    shutil.copymode(out / QUANT_FILE, out / "model.safetensors")
     return out
 
 
