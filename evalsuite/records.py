@@ -108,12 +108,15 @@ class RunStore:
         tmp.write_text(json.dumps(self.run, indent=2, ensure_ascii=False))
         tmp.replace(self.run_path)
 
-    def finish(self, status: str = "complete", **fields: Any) -> None:
+    def finish(self, status: str = "complete", usage: dict[str, int] | None = None, **fields: Any) -> None:
         """Record the final fields; ``status`` is "complete", or "incomplete" when some requests
-        failed (a rerun retries them)."""
+        failed (a rerun retries them). ``usage``: what an endpoint billed this session
+        (``Backend.usage``), kept with the session."""
         self.run.update(fields)
         self.run["status"] = status
         self.run["sessions"][-1]["finished"] = _now()
+        if usage is not None:
+            self.run["sessions"][-1]["endpoint_usage"] = usage
         self.write_run()
 
 

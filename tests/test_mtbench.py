@@ -199,20 +199,32 @@ def _show_result(path: Path, mode: str = "single") -> str:
     return out.stdout
 
 
-def test_end_to_end_through_the_server_and_fastchats_show_result(tiny_chat, tmp_path, capsys):
+def test_end_to_end_through_the_server_and_fastchats_show_result(tiny_chat, tmp_path, capsys, monkeypatch):
     """Answers from `evalsuite serve` (the answer endpoint) through the real openai client, judged
     by a scripted judge; FastChat's show_result.py reads the judgment file and prints the same
     score as the suite, per turn and overall."""
     from evalsuite import cli
+
+    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))  # an empty judgment cache: every call is made
 
     with BackgroundServer(served_model(tiny_chat, {"name": "bf16"}, "tiny", max_len=512)) as answers, \
             ScriptedJudge() as judge:
         rc = cli.main(["run", "mt-bench", "--base-url", answers.base_url, "--model", "tiny", "--questions", "4",
                        "--max-new-tokens", "6", "--judge-base-url", judge.base_url, "--judge-model", "scripted",
                        "--calibration-questions", "2", "--output", str(tmp_path / "run"), "--no-progress"])
+        generated = answers.served.scheduler.stats["tokens"]
     printed = capsys.readouterr().out
     assert rc == 0 and "MT-Bench  4 questions x 2 turns, single grading by scripted" in printed
     run = json.loads((tmp_path / "run" / "run.json").read_text())
+    # what each endpoint billed, as it reported it: the scripted judge 1 + 1 tokens per request it
+    # counted; the answer server the tokens its scheduler generated, for the 8 answers
+    usage = run["metrics"]["judge"]["usage_this_session"]
+    assert usage == {"requests": judge.requests, "prompt_tokens": judge.requests,
+                     "completion_tokens": judge.requests, "requests_without_usage": 0}
+    assert judge.requests == run["metrics"]["judge"]["calls_this_session"] > 8
+    assert f"judge usage this session: {judge.requests} requests" in printed
+    billed = run["sessions"][-1]["endpoint_usage"]
+    assert billed["requests"] == 8 and billed["completion_tokens"] == generated and billed["prompt_tokens"] > 0
     ours = run["metrics"]["parsed"]
     shown = _show_result(Path(run["fastchat_files"]["judgments"]))
     def printed_score(section: str) -> float:

@@ -63,3 +63,8 @@ class Backend(ABC):
     def context_length(self) -> int | None:
         """Tokens per sequence the model takes (prompt and continuation), None where unknown."""
         return None
+
+    def usage(self) -> dict[str, int] | None:
+        """Requests answered and the tokens they were billed (as the endpoint reported them) since
+        this backend was made; None where nothing is billed (the in-process engine)."""
+        return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,8 @@ class OpenAIBackend(Backend):
         key = os.environ.get(api_key_env) or "EMPTY"  # local servers take any key
         self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=0)
         self._card: dict[str, Any] | None = None
+        self._usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "requests_without_usage": 0}
+        self._usage_lock = threading.Lock()  # requests run on a thread pool
 
     # ------------------------------------------------------------------ identity
     def context_length(self) -> int | None:
@@ -100,6 +103,10 @@ class OpenAIBackend(Backend):
         mine = card.get("evalsuite") or {}  # evalsuite serve says which weights and recipe it serves
         return {"kind": "openai", "model": {"name": self.model, **(mine.get("model") or {})},
                 "recipe": mine.get("recipe") or {"name": "as served"}}
+
+    def usage(self) -> dict[str, int]:
+        with self._usage_lock:
+            return dict(self._usage)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "openai", "base_url": redact_url(self.base_url), "model": self.model,
@@ -197,7 +204,9 @@ class OpenAIBackend(Backend):
 
         for attempt in range(self.max_retries + 1):
             try:
-                return fn()
+                reply = fn()
+                self._count(reply)
+                return reply
             except (openai.APITimeoutError, openai.APIConnectionError) as e:
                 reason = f"{type(e).__name__}: {e}"
             except openai.APIStatusError as e:
@@ -209,6 +218,20 @@ class OpenAIBackend(Backend):
             if attempt < self.max_retries:
                 self._sleep(self.backoff * 2 ** attempt * (1 + random.random()))
         return Failure(f"{reason} (after {self.max_retries + 1} attempts)")
+
+
+    def _count(self, reply: Any) -> None:
+        """Add a completion reply to the usage (the listing of /v1/models is none)."""
+        if not hasattr(reply, "choices"):
+            return
+        usage = getattr(reply, "usage", None)
+        with self._usage_lock:
+            self._usage["requests"] += 1
+            if usage is None:
+                self._usage["requests_without_usage"] += 1
+                return
+            self._usage["prompt_tokens"] += int(getattr(usage, "prompt_tokens", 0) or 0)
+            self._usage["completion_tokens"] += int(getattr(usage, "completion_tokens", 0) or 0)
 
 
 def _continuation_score(r: ScoreRequest, choice: dict) -> ScoreResult | Failure:

@@ -77,7 +77,7 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
                             "higher_is_better": results.get("higher_is_better", {})}
     metrics = json.loads(json.dumps(results["results"], default=str))
     metrics = {**{t: metrics[t] for t in tasks if t in metrics}, **metrics}  # the tasks asked for first
-    store.finish(metrics=metrics, timings={"lm-eval": time.perf_counter() - t0})
+    store.finish(metrics=metrics, timings={"lm-eval": time.perf_counter() - t0}, usage=backend.usage())
     return RunResult(out, metrics, store.run)
 
 

@@ -397,7 +397,8 @@ def run_mmlu(backend: Backend | LoadedModel, job: MMLUJob | MMLUConfig, out_dir:
         ok = [r for r in mine if "failed" not in r]
         metrics[form.name] = _formulation_metrics(ok, len(mine) - len(ok), task, sizes)
     failed = sum(m["failed"] for m in metrics.values())
-    store.finish(metrics=metrics, timings=timings, status="complete" if not failed else "incomplete")
+    store.finish(metrics=metrics, timings=timings, status="complete" if not failed else "incomplete",
+                 usage=backend.usage())
     return RunResult(Path(out_dir), metrics, store.run)
 
 

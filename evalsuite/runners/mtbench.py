@@ -394,7 +394,7 @@ def run_mtbench(backend: Backend, job: MTBenchJob, out_dir: str | Path, judge: J
     store.write_run()
     baseline = read_answers(job.config.baseline) if job.config.baseline else None
     t0 = time.perf_counter()
-    calls = judge.calls
+    calls, billed = judge.calls, judge.backend.usage()
     judge_answers(judge, job, store, bar, baseline)
     timings["judging"] = timings.get("judging", 0.0) + time.perf_counter() - t0
     bar.close()
@@ -408,7 +408,9 @@ def run_mtbench(backend: Backend, job: MTBenchJob, out_dir: str | Path, judge: J
     judgments = [r for (k, qid, t, key), r in latest.items() if k == "judgment" and key == jkey and (qid, t) in mine]
     answers_failed = sum(1 for (k, qid, t, _), r in latest.items() if k == "answer" and "failed" in r and (qid, t) in mine)
     ok = [j for j in judgments if "failed" not in j]
-    metrics: dict[str, Any] = {"mode": job.config.mode, "judge": {**jid, "calls_this_session": judge.calls - calls},
+    usage = {k: v - billed[k] for k, v in judge.backend.usage().items()}  # judging and calibration
+    metrics: dict[str, Any] = {"mode": job.config.mode, "judge": {**jid, "calls_this_session": judge.calls - calls,
+                                                                   "usage_this_session": usage},
                                "judge_key": jkey,
                                "judge_calibration": calibration,
                                "answers_failed": answers_failed, "judgments_failed": len(judgments) - len(ok)}
@@ -429,7 +431,7 @@ def run_mtbench(backend: Backend, job: MTBenchJob, out_dir: str | Path, judge: J
                                  probability=judge.rating == "probability")
     complete = len(ok) == 2 * len(job.questions) and not answers_failed
     store.finish(metrics=metrics, timings=timings, fastchat_files=files,
-                 status="complete" if complete else "incomplete")
+                 status="complete" if complete else "incomplete", usage=backend.usage())
     return RunResult(out_dir, metrics, store.run)
 
 
@@ -467,6 +469,12 @@ def format_summary(metrics: dict, run: dict) -> str:
     if metrics.get("answers_failed") or metrics.get("judgments_failed"):
         lines.append(f"\nFAILED: {metrics['answers_failed']} answers, {metrics['judgments_failed']} judgments "
                      "(see samples.jsonl; rerun the command to retry them)")
+    usage = judge.get("usage_this_session")
+    if usage:
+        missing = usage["requests_without_usage"]
+        unreported = f" ({missing} replies without usage)" if missing else ""
+        lines.append(f"\njudge usage this session: {usage['requests']} requests, {usage['prompt_tokens']:,} prompt + "
+                     f"{usage['completion_tokens']:,} completion tokens{unreported} (cached judgments cost none)")
     files = run.get("fastchat_files") or {}
     if files:
         lines.append(f"\nFastChat files: {files['answers']}, {files['judgments']}")

@@ -232,7 +232,8 @@ def run_perplexity(backend: Backend, job: PerplexityJob, out_dir: str | Path, *,
     mine = [latest[d.id] for d in job.documents if d.id in latest]
     ok = [r for r in mine if "failed" not in r]
     metrics = {**perplexity_metrics(ok), "failed": len(mine) - len(ok)}
-    store.finish(metrics=metrics, timings=timings, status="complete" if len(ok) == len(job.documents) else "incomplete")
+    store.finish(metrics=metrics, timings=timings, status="complete" if len(ok) == len(job.documents) else "incomplete",
+                 usage=backend.usage())
     return RunResult(Path(out_dir), metrics, store.run)
 
 
