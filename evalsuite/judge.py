@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sqlite3
@@ -131,10 +132,12 @@ def render_pair(prompt: dict[str, Any], question: dict, answers_a: list[str], an
 
 
 class JudgmentCache:
-    """(key -> judgment JSON) in one SQLite file; one transaction per write."""
+    """(key -> judgment JSON) in one SQLite file; one transaction per write. Default:
+    $EVALSUITE_JUDGMENTS (a file several machines may share), else judgments.sqlite in the cache
+    folder."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or cache_dir() / "judgments.sqlite"
+        self.path = Path(path or os.environ.get("EVALSUITE_JUDGMENTS") or cache_dir() / "judgments.sqlite")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, value TEXT NOT NULL)")

@@ -101,6 +101,13 @@ def _private_run_index(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EVALSUITE_INDEX", str(tmp_path_factory.getbasetemp() / "index.sqlite"))
 
 
+@pytest.fixture(autouse=True)
+def _empty_judgment_cache(tmp_path, monkeypatch):
+    """Every test judges on an empty judgment cache of its own: a judgment cached by an earlier
+    test, or an earlier run of the suite on this machine, would skip the judge it tests."""
+    monkeypatch.setenv("EVALSUITE_JUDGMENTS", str(tmp_path / "judgments.sqlite"))
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 

@@ -199,13 +199,11 @@ def _show_result(path: Path, mode: str = "single") -> str:
     return out.stdout
 
 
-def test_end_to_end_through_the_server_and_fastchats_show_result(tiny_chat, tmp_path, capsys, monkeypatch):
+def test_end_to_end_through_the_server_and_fastchats_show_result(tiny_chat, tmp_path, capsys):
     """Answers from `evalsuite serve` (the answer endpoint) through the real openai client, judged
     by a scripted judge; FastChat's show_result.py reads the judgment file and prints the same
     score as the suite, per turn and overall."""
     from evalsuite import cli
-
-    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))  # an empty judgment cache: every call is made
 
     with BackgroundServer(served_model(tiny_chat, {"name": "bf16"}, "tiny", max_len=512)) as answers, \
             ScriptedJudge() as judge:
