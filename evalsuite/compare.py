@@ -399,10 +399,11 @@ _LM_EVAL_DEFAULT_AGGREGATION = {"perplexity": "perplexity", "word_perplexity": "
 
 def _lm_eval_metrics(run: dict, records: list[dict]) -> dict[str, Metric]:
     """lm-eval tasks run through the suite (``evalsuite run --harness lm-eval``): for every task
-    asked for (a group whose results lm-eval aggregates: its subtasks' documents together) and
-    every metric and filter, lm-eval's own value, named ``lm-eval.TASK.METRIC`` (``,FILTER``
-    appended unless the filter is ``none``), with per-document items wherever they reproduce
-    that value (a group weighs its subtasks by size or equally, as its config says)."""
+    asked for (a group whose results lm-eval aggregates: its subtasks' documents together; a group
+    without them, or a tag: each of its tasks) and every metric and filter, lm-eval's own value,
+    named ``lm-eval.TASK.METRIC`` (``,FILTER`` appended unless the filter is ``none``), with
+    per-document items wherever they reproduce that value (a group weighs its subtasks by size or
+    equally, as its config says)."""
     info = run.get("lm_eval") or {}
     results = run.get("metrics") or {}
     groups = info.get("group_subtasks") or {}
@@ -416,19 +417,30 @@ def _lm_eval_metrics(run: dict, records: list[dict]) -> dict[str, Metric]:
     def has_values(task: str) -> bool:
         return any("," in k and not k.endswith("_stderr") for k in (results.get(task) or {}))
 
-    out: dict[str, Metric] = {}
+    shown: list[str] = []  # the tasks asked for; a group without aggregate results: its subtasks
+    tags = False
     for asked in (run.get("config") or {}).get("tasks", []):
-        for task in [asked] if has_values(asked) else [t for t in leaves(asked) if has_values(t)]:
-            for key, value in results[task].items():
-                metric, _, filter_ = key.partition(",")
-                if not filter_ or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                    continue
-                name = f"lm-eval.{task}.{metric}" + ("" if filter_ == "none" else f",{filter_}")
-                stderr = results[task].get(f"{metric}_stderr,{filter_}")
-                m = _lm_eval_metric(name, metric, filter_, float(value), stderr,
-                                    {leaf: by_task.get(leaf, []) for leaf in leaves(task)}, info)
-                if m is not None:
-                    out[name] = m
+        if has_values(asked):
+            shown.append(asked)
+        elif asked in groups:
+            shown += [t for t in leaves(asked) if has_values(t)]
+        else:  # a tag: lm-eval reports its tasks one by one and names no members
+            tags = True
+    if tags:
+        covered = {leaf for t in shown for leaf in leaves(t)}
+        shown += [t for t in results if has_values(t) and t not in groups and t not in covered]
+    out: dict[str, Metric] = {}
+    for task in shown:
+        for key, value in results[task].items():
+            metric, _, filter_ = key.partition(",")
+            if not filter_ or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            name = f"lm-eval.{task}.{metric}" + ("" if filter_ == "none" else f",{filter_}")
+            stderr = results[task].get(f"{metric}_stderr,{filter_}")
+            m = _lm_eval_metric(name, metric, filter_, float(value), stderr,
+                                {leaf: by_task.get(leaf, []) for leaf in leaves(task)}, info)
+            if m is not None:
+                out[name] = m
     return out
 
 

@@ -383,3 +383,24 @@ def test_a_gate_runs_lm_eval_tasks_and_gates_their_metrics(tmp_path, tiny_dir, c
     assert {r: run["recipe"]["name"] for r, run in runs.items()} == {"bf16": "bf16", "int4-rtn": "int4-rtn"}
     assert [metric["baseline"], metric["candidate"]] == [
         runs[r]["metrics"]["evalsuite_mmlu_anatomy"]["acc,none"] for r in ("bf16", "int4-rtn")]
+
+
+def test_an_lm_eval_tag_is_compared_task_by_task(tmp_path):
+    """A tag (lm-eval reports its tasks one by one and names no members) gives one metric per
+    task, each from its own documents; the values are the ones lm-eval reported."""
+    from evalsuite.compare import side_from_run
+
+    folder = tmp_path / "tagged"
+    folder.mkdir()
+    accs = {"ta": [1, 0, 1, 1], "tb": [0, 0, 1]}
+    (folder / "samples.jsonl").write_text("".join(
+        json.dumps({"id": f"{t}/{i}", "task": t, "doc_id": i, "filter": "none", "acc": float(a)}) + "\n"
+        for t, values in accs.items() for i, a in enumerate(values)))
+    run = {"task": "lm-eval", "status": "complete", "config": {"tasks": ["my_tag"]}, "recipe": {"name": "bf16"},
+           "model": {"name": "tiny"}, "lm_eval": {"group_subtasks": {}},
+           "metrics": {t: {"alias": t, "acc,none": sum(v) / len(v), "acc_stderr,none": 0.1} for t, v in accs.items()}}
+    (folder / "run.json").write_text(json.dumps(run))
+    metrics = side_from_run(folder).metrics
+    assert sorted(metrics) == ["lm-eval.ta.acc", "lm-eval.tb.acc"]
+    assert metrics["lm-eval.ta.acc"].value == 0.75 and metrics["lm-eval.tb.acc"].value == pytest.approx(1 / 3)
+    assert sorted(metrics["lm-eval.tb.acc"].items) == ["tb/0", "tb/1", "tb/2"]
