@@ -363,10 +363,12 @@ def test_a_base_url_that_is_no_http_url_is_refused_before_any_request(url):
 
 def test_mmlu_through_the_endpoint_gives_the_in_process_predictions(server, lm, tmp_path):
     local = run_mmlu(lm, SUBSET, tmp_path / "local", progress=False)
-    remote = run_mmlu(OpenAIBackend(server.base_url, "tiny", tokenizer=lm.tokenizer), SUBSET, tmp_path / "remote",
-                      progress=False)
+    proxy = FaultyProxy(server.base_url, {})  # no faults: it counts the requests
+    with proxy as url:
+        remote = run_mmlu(OpenAIBackend(url, "tiny", tokenizer=lm.tokenizer), SUBSET, tmp_path / "remote",
+                          progress=False)
     assert remote.run["status"] == "complete" and remote.run["backend"]["kind"] == "openai"
-    assert remote.run["backend"]["base_url"] == server.base_url
+    assert remote.run["backend"]["base_url"] == url
     assert remote.run["recipe"] == {"name": "bf16"} and remote.run["model"]["name"] == "tiny"
     recs = {}
     for name in ("local", "remote"):
@@ -378,6 +380,12 @@ def test_mmlu_through_the_endpoint_gives_the_in_process_predictions(server, lm, 
         assert recs["remote"][k]["is_greedy"] == r["is_greedy"]
     for form in ("letter", "cloze"):
         assert remote.metrics[form]["acc"]["overall"] == local.metrics[form]["acc"]["overall"]
+    # the session records what the endpoint reported for every completions request (all but the
+    # one listing of /v1/models the proxy counted): prompt tokens scored, nothing generated
+    billed = remote.run["sessions"][-1]["endpoint_usage"]
+    assert billed["requests"] == proxy.count - 1 > 1
+    assert billed["prompt_tokens"] > 0 and billed["completion_tokens"] == 0
+    assert billed["requests_without_usage"] == 0 and "endpoint_usage" not in local.run["sessions"][-1]
 
 
 def test_endpoint_run_from_the_command_line(server, chat_dir, tmp_path, capsys, monkeypatch):

@@ -221,17 +221,21 @@ class OpenAIBackend(Backend):
 
 
     def _count(self, reply: Any) -> None:
-        """Add a completion reply to the usage (the listing of /v1/models is none)."""
-        if not hasattr(reply, "choices"):
+        """Add a completion reply (the client's object, or plain JSON) to the usage; the listing of
+        /v1/models is none."""
+        def field(obj: Any, name: str) -> Any:
+            return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+        if field(reply, "choices") is None:
             return
-        usage = getattr(reply, "usage", None)
+        usage = field(reply, "usage")
         with self._usage_lock:
             self._usage["requests"] += 1
             if usage is None:
                 self._usage["requests_without_usage"] += 1
                 return
-            self._usage["prompt_tokens"] += int(getattr(usage, "prompt_tokens", 0) or 0)
-            self._usage["completion_tokens"] += int(getattr(usage, "completion_tokens", 0) or 0)
+            self._usage["prompt_tokens"] += int(field(usage, "prompt_tokens") or 0)
+            self._usage["completion_tokens"] += int(field(usage, "completion_tokens") or 0)
 
 
 def _continuation_score(r: ScoreRequest, choice: dict) -> ScoreResult | Failure:
