@@ -451,6 +451,9 @@ def _bench(args: argparse.Namespace) -> int:
         # tokenizer's size when --model names a smaller one here
         vocab = min(_local_vocab_size(args.model) or 32000, 32000)
         try:
+            # one untimed request first (prompts of its own, seed 1): a server's first-request setup
+            # is not the first row's time to first token
+            endpoint_row(args.base_url, served, 16, 2, 1, vocab=vocab, api_key=key, timeout=args.timeout, seed=1)
             rows = [endpoint_row(args.base_url, served, isl, osl, b, vocab=vocab, api_key=key, timeout=args.timeout)
                     for isl, osl in lengths for b in batches]
         except Exception as e:  # noqa: BLE001 - openai's errors, a dropped connection: one line, not a traceback
