@@ -174,11 +174,15 @@ def test_clustered_ratio_standard_error_matches_a_cluster_bootstrap():
     (["--max-length", "1"], "--max-length 1: must be >= 2"),
     (["--articles", "Atlantis"], "--articles ['Atlantis']: not in the corpus; valid: "),
     (["--data", "/nonexistent/corpus.txt"], "--data '/nonexistent/corpus.txt': neither 'embedded' nor"),
+    (["--data", "LATIN1"], "is not UTF-8 text (byte 0xe9 at offset 3); valid: a UTF-8 text file"),
 ])
-def test_bad_options_fail_before_any_model_loads(args, message, capsys, monkeypatch):
+def test_bad_options_fail_before_any_model_loads(args, message, capsys, monkeypatch, tmp_path):
     from evalsuite import cli
 
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\u00e9 au lait.".encode("latin-1"))
     monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = [str(latin1) if a == "LATIN1" else a for a in args]
     assert cli.main(["run", "perplexity", "--model", "/nonexistent-model", *args]) == 2
     assert message in capsys.readouterr().err
 

@@ -88,7 +88,12 @@ def load_documents(task: PerplexityTask, source: str = "embedded") -> tuple[list
                 for a, art in enumerate(articles) for p, para in enumerate(art["paragraphs"])]
         return [d for d in docs if d.text], f"{task.data.package}=={task.data.version}:{task.data.path}", task.data.sha256
     path = Path(source)
-    parts = [t.strip() for t in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data {source!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         "valid: a UTF-8 text file of documents separated by blank lines") from None
+    parts = [t.strip() for t in re.split(r"\n\s*\n", text)]
     # no articles here: each document is its own cluster
     docs = [Document(f"{i:05d}", f"{path.name}#{i}", t) for i, t in enumerate(t for t in parts if t)]
     return docs, str(path), file_sha256(path)
