@@ -173,6 +173,24 @@ def test_malformed_rows_rejected_not_scored(task):
     assert [r["row"] for r in rejected] == [1, 2]
 
 
+def test_cais_mmlu_rows_are_read_as_their_embedded_twins(data, task, tmp_path):
+    """A JSONL file in cais/mmlu's schema (what `datasets` exports: question, subject, choices,
+    answer index) gives the questions of the same rows in the embedded schema; its malformed rows
+    are rejected with the reason."""
+    raw = [json.loads(x) for x in open(task.data.verified_path())][:40]
+    cais = [{"question": r["question"], "subject": r["topic"].lower().replace(" ", "_"),
+             "choices": [r[f"answer_{c}"] for c in "abcd"], "answer": "ABCD".index(r["correct_answer"])} for r in raw]
+    path = tmp_path / "cais.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in cais))
+    assert mmlu.load_mmlu(task, str(path)).questions == mmlu.parse_rows(raw, task)[0]
+    assert len(mmlu.load_mmlu(task, str(path)).questions) == 40
+    bad = [{**cais[0], "choices": cais[0]["choices"][:3]}, {**cais[0], "answer": 4}, {**cais[0], "answer": True}]
+    qs, rejected = mmlu.parse_rows(bad, task)
+    assert qs == [] and [r["reason"] for r in rejected] == [
+        f"choices={cais[0]['choices'][:3]!r}; valid: a list of 4 answers",
+        "answer=4; valid: the correct choice's index, 0-3", "answer=True; valid: the correct choice's index, 0-3"]
+
+
 SMALL = dict(subjects=("abstract_algebra", "anatomy", "marketing"), per_subject=4)
 
 

@@ -63,7 +63,7 @@ class MMLUConfig:
     per_subject: int | None = None  # stratified subset: this many questions per subject
     seed: int = 1234
     subjects: tuple[str, ...] | None = None
-    data: str = "embedded"  # "embedded", a JSONL file in the same schema, or a hub id (cais/mmlu)
+    data: str = "embedded"  # "embedded", a JSONL file (this schema or cais/mmlu's), or a hub id (cais/mmlu)
 
     def validate(self, task: MultipleChoiceTask) -> None:
         if not self.formulations:
@@ -96,25 +96,44 @@ def _subject_key(topic: str) -> str:
 
 
 def parse_rows(rows: Sequence[dict[str, Any]], task: MultipleChoiceTask) -> tuple[list[Question], list[dict]]:
-    """Rows in the embedded schema (question, answer_a..d, correct_answer, topic) to questions.
+    """Rows in the embedded schema (question, answer_a..d, correct_answer A-D, topic) or in
+    cais/mmlu's (question, choices: 4 answers, answer: 0-3, subject) to questions.
 
     Malformed rows are rejected with their row number and reason, never scored.
     """
     questions, rejected = [], []
     for row, r in enumerate(rows):
-        subject = _subject_key(str(r.get("topic", "")))
-        answer = str(r.get("correct_answer", "")).strip()
-        if answer not in LETTERS:
-            rejected.append({"row": row, "reason": f"correct_answer={answer!r} is not one of A-D"})
-        elif subject not in task.categories:
-            rejected.append({"row": row, "reason": f"unknown subject {r.get('topic')!r}"})
-        elif not str(r.get("question", "")).strip():
-            rejected.append({"row": row, "reason": "empty question"})
-        else:
-            choices = tuple(str(r[f"answer_{c}"]) for c in "abcd")
-            questions.append(Question(f"mmlu/{row}", subject, str(r["question"]), choices,  # type: ignore[arg-type]
-                                      LETTERS.index(answer)))
+        r, reason = _embedded_schema(r)
+        subject = _subject_key(str(r.get("topic", ""))) if r else ""
+        answer = str(r.get("correct_answer", "")).strip() if r else ""
+        if reason is None and answer not in LETTERS:
+            reason = f"correct_answer={answer!r} is not one of A-D"
+        elif reason is None and subject not in task.categories:
+            reason = f"unknown subject {r.get('topic')!r}"
+        elif reason is None and not str(r.get("question", "")).strip():
+            reason = "empty question"
+        if reason is not None:
+            rejected.append({"row": row, "reason": reason})
+            continue
+        choices = tuple(str(r[f"answer_{c}"]) for c in "abcd")
+        questions.append(Question(f"mmlu/{row}", subject, str(r["question"]), choices,  # type: ignore[arg-type]
+                                  LETTERS.index(answer)))
     return questions, rejected
+
+
+def _embedded_schema(r: Any) -> tuple[dict | None, str | None]:
+    """A row as the embedded schema has it, or the reason it cannot be one."""
+    if not isinstance(r, dict):
+        return None, f"a row is a JSON object, not {type(r).__name__}"
+    if "choices" not in r:
+        return r, None
+    choices, answer = r["choices"], r.get("answer")
+    if not isinstance(choices, list) or len(choices) != 4:
+        return None, f"choices={choices!r}; valid: a list of 4 answers"
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < 4:
+        return None, f"answer={answer!r}; valid: the correct choice's index, 0-3"
+    return {"question": r.get("question", ""), **{f"answer_{c}": choices[i] for i, c in enumerate("abcd")},
+            "correct_answer": LETTERS[answer], "topic": r.get("subject", "")}, None
 
 
 def load_mmlu(task: MultipleChoiceTask, source: str = "embedded") -> MMLUData:
@@ -149,10 +168,9 @@ def _from_hub(repo: str, task: MultipleChoiceTask) -> MMLUData:
         ds = datasets.load_dataset(repo, "all", split="test")
     except Exception as e:
         raise ValueError(f"cannot load MMLU from {repo!r} ({type(e).__name__}: {e}); valid sources: "
-                         "'embedded', a JSONL file with the embedded schema, or a hub id such as cais/mmlu") from None
-    rows = [{"question": r["question"], **{f"answer_{c}": r["choices"][i] for i, c in enumerate("abcd")},
-             "correct_answer": LETTERS[r["answer"]], "topic": r["subject"]} for r in ds]
-    questions, rejected = parse_rows(rows, task)
+                         "'embedded', a JSONL file (the embedded schema or cais/mmlu's), or a hub id such as cais/mmlu"
+                         ) from None
+    questions, rejected = parse_rows(list(ds), task)
     return MMLUData(questions, rejected, f"hf:{repo}@{ds._fingerprint}", ds._fingerprint)
 
 
@@ -250,7 +268,8 @@ def prepare_mmlu(cfg: MMLUConfig, task: MultipleChoiceTask | None = None) -> MML
     if not data.questions:
         raise ValueError(f"{data.source} holds no valid MMLU questions ({len(data.rejected)} rows rejected"
                          + (f", e.g. row {data.rejected[0]['row']}: {data.rejected[0]['reason']}" if data.rejected else "")
-                         + "); expected JSONL rows with question, answer_a..answer_d, correct_answer (A-D), topic")
+                         + "); expected JSONL rows with question, answer_a..answer_d, correct_answer (A-D), topic, "
+                         "or cais/mmlu's question, choices (4), answer (0-3), subject")
     exemplars, questions = select(data, task, cfg)
     if not questions:
         raise ValueError(f"no question to score in {data.source} for subjects {list(cfg.subjects or [])} "
