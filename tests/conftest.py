@@ -4,6 +4,11 @@ SmolLM2 for the few integration tests (marked slow)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -134,3 +139,24 @@ def tiny_chat(tiny_chat_dir):
     from evalsuite.engine.load import load
 
     return load(str(tiny_chat_dir), "float32")
+
+
+@contextmanager
+def app_on_localhost(app) -> Iterator[str]:
+    """Serve an ASGI app (a test's scripted stand-in server) on a free localhost port in a
+    thread; yields its /v1 URL and stops it on leaving, also when the test fails."""
+    import uvicorn
+
+    from evalsuite.server.serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -15,6 +15,8 @@ from evalsuite import cli
 from evalsuite.bench import BenchResult, endpoint_row, engine_row, format_tables, percentiles
 from evalsuite.server.serve import BackgroundServer, served_model
 
+from .conftest import app_on_localhost
+
 
 def test_percentiles_match_numpy():
     import numpy as np
@@ -41,56 +43,35 @@ def test_endpoint_row_streams_exactly_the_requested_tokens(tiny):
     assert row.output_tokens == 12 == stats["tokens"] and row.ttft_ms["p50"] > 0 and row.itl_ms["p50"] > 0
 
 
-class ScriptedStream:
+def scripted_stream(made: int, usage: bool):
     """A scripted stand-in endpoint (a test tool, not the product) whose streamed completions end
     after ``made`` tokens, whatever max_tokens and ignore_eos ask, and report usage only if
     ``usage``: what a server that does not honour ignore_eos, or an older one, sends."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
 
-    def __init__(self, made: int, usage: bool):
-        import threading
+    app = FastAPI()
 
-        import uvicorn
-        from fastapi import FastAPI
-        from fastapi.responses import StreamingResponse
+    @app.post("/v1/completions")
+    async def completions():
+        def events():
+            head = {"id": "c", "object": "text_completion", "created": 0, "model": "m"}
+            for i in range(made):
+                chunk = {**head, "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if usage:
+                counts = {"prompt_tokens": 10, "completion_tokens": made, "total_tokens": 10 + made}
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': counts})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
 
-        from evalsuite.server.serve import free_port
-
-        app = FastAPI()
-
-        @app.post("/v1/completions")
-        async def completions():
-            def events():
-                head = {"id": "c", "object": "text_completion", "created": 0, "model": "m"}
-                for i in range(made):
-                    chunk = {**head, "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                if usage:
-                    counts = {"prompt_tokens": 10, "completion_tokens": made, "total_tokens": 10 + made}
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': counts})}\n\n"
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        import time
-
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+    return app_on_localhost(app)
 
 
 @pytest.mark.parametrize("usage, want, warning", [(True, 2 * 3, "ended 2 of 2 requests before 8 tokens (fewest: 3"),
                                                   (False, 2 * 8, "did not report usage for 2 of 2")])
 def test_endpoint_row_counts_what_the_server_made_and_warns(usage, want, warning, caplog):
-    with ScriptedStream(made=3, usage=usage) as url:
+    with scripted_stream(made=3, usage=usage) as url:
         row = endpoint_row(url, "m", isl=10, osl=8, batch=2)
     assert row.output_tokens == want and row.tokens_per_s == pytest.approx(want / row.seconds)
     assert warning in caplog.text

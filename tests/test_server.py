@@ -25,6 +25,8 @@ from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
 from evalsuite.server.serve import BackgroundServer, served_model
 from evalsuite.textgen import encode_prompt, generate_text
 
+from .conftest import app_on_localhost
+
 SUBSET = MMLUConfig(formulations=("letter", "cloze"), subjects=("abstract_algebra", "anatomy", "marketing"),
                     per_subject=3)
 
@@ -418,11 +420,8 @@ class FaultyProxy:
     (no answer until the client times out) or "truncated" (half a JSON body)."""
 
     def __init__(self, target: str, faults: dict[int, str]):
-        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse, Response
-
-        from evalsuite.server.serve import free_port
 
         self.faults, self.count, self.lock = faults, 0, threading.Lock()
         app = FastAPI()
@@ -444,19 +443,13 @@ class FaultyProxy:
             body = r.content[: len(r.content) // 2] if fault == "truncated" else r.content
             return Response(body, status_code=r.status_code, media_type="application/json")
 
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._serving = app_on_localhost(app)
 
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}/v1"
+    def __enter__(self) -> str:
+        return self._serving.__enter__()
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        return self._serving.__exit__(*exc)
 
 
 def test_retries_recover_from_500_429_hangs_and_truncated_json(server, lm):
