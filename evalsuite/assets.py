@@ -89,3 +89,13 @@ def file_sha256(path: Path) -> str:
     except OSError:
         pass  # the memo is only a speed-up; the digest itself is returned either way
     return digest
+
+
+def read_utf8(path: str | Path, flag: str) -> str:
+    """A text file the user named with ``flag``; a file that is not UTF-8 is an error naming it,
+    the first bad byte and its offset."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}); valid: a UTF-8 text file") from None

@@ -39,11 +39,20 @@ def test_calibration_prompts_share_nothing_with_mmlu():
     assert not [t for t in TOPICS if f"write a few paragraphs about {t}" in questions]
 
 
-def test_bad_calibration_specs():
+def test_bad_calibration_specs(tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="num_samples >= 1 and seq_len >= 8, got 0, 256"):
         CalibrationSpec(num_samples=0)
     with pytest.raises(ValueError, match="'/no/such.txt' is neither 'sampled' nor an existing text file"):
         CalibrationSpec(source="/no/such.txt")
+    # a calibration text that is not UTF-8 (here Latin-1: "Caf" then 0xe9) is named before a model loads
+    latin1 = tmp_path / "calib.txt"
+    latin1.write_bytes("Caf\u00e9 au lait.".encode("latin-1"))
+    from evalsuite import cli
+
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["run", "mmlu", "--recipe", "int4-awq", "--recipe-config", f'calibration={{"source": "{latin1}"}}']
+    assert cli.main(argv) == 2
+    assert f"calibration source '{latin1}' is not UTF-8 text (byte 0xe9 at offset 3)" in capsys.readouterr().err
 
 
 def test_cache_hits_and_misses(tiny_dir, calib_file, tmp_path, monkeypatch):

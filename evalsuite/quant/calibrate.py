@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..assets import cache_dir
+from ..assets import cache_dir, read_utf8
 from ..engine.generate import SamplingParams
 from ..engine.linear import project
 from ..engine.load import LoadedModel
@@ -74,7 +74,7 @@ def corpus(lm: LoadedModel, spec: CalibrationSpec) -> list[list[int]]:
         tmp.write_text(json.dumps({"spec": spec.__dict__, "sequences": seqs}))
         tmp.replace(path)
         return seqs
-    ids = lm.tokenizer.encode(Path(spec.source).read_text(encoding="utf-8"))
+    ids = lm.tokenizer.encode(read_utf8(spec.source, "calibration source"))
     chunks = [ids[i:i + spec.seq_len] for i in range(0, len(ids), spec.seq_len)]
     return [c for c in chunks if len(c) >= 8][:spec.num_samples]
 

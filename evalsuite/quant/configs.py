@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..assets import read_utf8
+
 
 @dataclass(frozen=True)
 class CalibrationSpec:
@@ -24,6 +26,8 @@ class CalibrationSpec:
                              f"{self.seq_len}")
         if self.source != "sampled" and not Path(self.source).is_file():
             raise ValueError(f"calibration source {self.source!r} is neither 'sampled' nor an existing text file")
+        if self.source != "sampled":
+            read_utf8(self.source, "calibration source")  # checked here, before a model loads
 
 
 def coerce_calibration(config) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..assets import Asset, file_sha256
+from ..assets import Asset, file_sha256, read_utf8
 from ..backends.base import Backend, Failure
 from ..engine.requests import ScoreRequest
 from ..records import RunStore, package_versions
@@ -88,12 +88,7 @@ def load_documents(task: PerplexityTask, source: str = "embedded") -> tuple[list
                 for a, art in enumerate(articles) for p, para in enumerate(art["paragraphs"])]
         return [d for d in docs if d.text], f"{task.data.package}=={task.data.version}:{task.data.path}", task.data.sha256
     path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--data {source!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                         "valid: a UTF-8 text file of documents separated by blank lines") from None
-    parts = [t.strip() for t in re.split(r"\n\s*\n", text)]
+    parts = [t.strip() for t in re.split(r"\n\s*\n", read_utf8(path, "--data"))]
     # no articles here: each document is its own cluster
     docs = [Document(f"{i:05d}", f"{path.name}#{i}", t) for i, t in enumerate(t for t in parts if t)]
     return docs, str(path), file_sha256(path)
