@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None,
                     help="require this key on every request (default: $EVALSUITE_API_KEY if set, else none)")
     sv.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
-    sv.add_argument("--max-model-len", type=int, default=2048, help="prompt + new tokens per sequence (default 2048)")
+    sv.add_argument("--max-model-len", type=int, default=2048, help="prompt + new tokens per sequence (default 2048; at most the model's context)")
     sv.add_argument("--max-prefill-tokens", type=int, default=2048,
                     help="prompt tokens prefilled per scheduler turn, between decode steps (default 2048)")
     sv.add_argument("--no-prefix-cache", action="store_true",
@@ -585,7 +585,11 @@ def _serve(args: argparse.Namespace) -> int:
                           max_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
                           prefix_cache=not args.no_prefix_cache)
     host, port = sock.getsockname()[:2]
-    print(f"serving {served.name} (recipe {recipe['name']}) on http://{host}:{port}/v1"
+    context = served.scheduler.max_len
+    if context < args.max_model_len:  # the model's own context is the limit
+        print(f"evalsuite: warning: --max-model-len {args.max_model_len} exceeds {served.name}'s context of "
+              f"{context} tokens; serving {context}", file=sys.stderr)
+    print(f"serving {served.name} (recipe {recipe['name']}, context {context} tokens) on http://{host}:{port}/v1"
           + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
     serve_forever(served, sock, api_key)
     return 0

@@ -308,14 +308,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, lm):
 def test_the_serve_command_takes_its_address_before_loading_and_serves_on_it(chat_dir):
     """`evalsuite serve` as users start it, a process of its own: a port in use is an error naming
     the address before the model loads; --port 0 serves on a free port that the startup line
-    names, and the real openai client completes through it."""
+    names, and the real openai client completes through it. A --max-model-len beyond the model's
+    context (4,096 positions) is served at that context, with a warning."""
     import re
     import socket
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "evalsuite", "serve", "--model", str(chat_dir), "--dtype", "float32",
-           "--max-model-len", "256", "--served-model-name", "tiny"]
+           "--max-model-len", "8192", "--served-model-name", "tiny"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -327,17 +328,19 @@ def test_the_serve_command_takes_its_address_before_loading_and_serves_on_it(cha
 
     proc = subprocess.Popen(cmd + ["--port", "0"], stderr=subprocess.PIPE, text=True)
     try:
-        line = ""
+        lines = []
         for line in proc.stderr:
+            lines.append(line)
             if line.startswith("serving "):
                 break
-        found = re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)", line)
+        assert "--max-model-len 8192 exceeds tiny's context of 4096 tokens; serving 4096" in "".join(lines)
+        found = re.search(r"context 4096 tokens\) on (http://127\.0\.0\.1:(\d+)/v1)", line)
         assert found and int(found.group(2)) > 0, line
         client = openai.OpenAI(base_url=found.group(1), api_key="unused", max_retries=0)
         deadline = time.time() + 60  # the socket listens from the start; uvicorn accepts once its app is up
         while True:
             try:
-                assert [m.id for m in client.models.list().data] == ["tiny"]
+                assert [(m.id, m.model_dump()["max_model_len"]) for m in client.models.list().data] == [("tiny", 4096)]
                 break
             except openai.APIConnectionError:
                 assert time.time() < deadline and proc.poll() is None
