@@ -75,7 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None,
                     help="require this key on every request (default: $EVALSUITE_API_KEY if set, else none)")
     sv.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
-    sv.add_argument("--max-model-len", type=int, default=2048, help="prompt + new tokens per sequence (default 2048; at most the model's context)")
+    sv.add_argument("--max-model-len", type=int, default=2048,
+                    help="prompt + new tokens per sequence (default 2048; at most the model's context)")
     sv.add_argument("--max-prefill-tokens", type=int, default=2048,
                     help="prompt tokens prefilled per scheduler turn, between decode steps (default 2048)")
     sv.add_argument("--no-prefix-cache", action="store_true",
