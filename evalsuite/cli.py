@@ -86,12 +86,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _model_options(qz)
     qz.add_argument("--output", required=True, help="folder for config.json, model.safetensors, quantization.json")
 
-    from .plan import PLAN_RECIPES
+    from .plan import GPUS, PLAN_RECIPES
 
     pl = sub.add_parser("plan", help="fewest GPUs that hold a model's weights and KV cache under a recipe")
-    pl.add_argument("--model-config", default="llama-3.1-405b", help="architecture preset (see `evalsuite models`)")
+    pl.add_argument("--model-config", default="llama-3.1-405b",
+                    help="architecture preset (see `evalsuite models`), HF model folder or config.json "
+                         "(default llama-3.1-405b)")
     pl.add_argument("--recipe", nargs="+", default=list(PLAN_RECIPES))
-    pl.add_argument("--gpu", nargs="+", default=["h100", "h200"])
+    pl.add_argument("--gpu", nargs="+", default=["h100", "h200"], help=f"one or more of: {', '.join(GPUS)}")
     pl.add_argument("--context", type=int, default=8192, help="tokens per sequence (default 8192)")
     pl.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     pl.add_argument("--usable-fraction", type=float, default=0.9, help="share of GPU memory for weights + KV")
@@ -729,8 +731,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import plan
+    from .plan import check_gpu, check_recipe, model_config, plan
 
+    model_config(args.model_config)
+    for name in args.recipe:
+        check_recipe(name)
+    for name in args.gpu:
+        check_gpu(name)
     for recipe in args.recipe:
         for gpu in args.gpu:
             print(plan(args.model_config, recipe, gpu, args.context, args.batch, args.usable_fraction).summary())

@@ -18,16 +18,34 @@ The engine keeps INT4 block scales in float32; deployed INT4 kernels hold them i
 would save 2 bytes per 128 weights (under 1%).
 KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes per element, per token.
 A GPU is usable up to ``usable_fraction`` of its memory (the rest: activations, workspace, the
-runtime); tensor parallelism splits weights and cache evenly over a power-of-two GPU count.
+runtime); tensor parallelism splits the weights evenly over a power-of-two GPU count, and the KV
+cache by KV head: past as many GPUs as KV heads, each GPU holds a replica of one head (as vLLM and
+TensorRT-LLM do), so its share of the cache stops shrinking.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from .engine.config import ModelConfig
+from .engine.config import PRESETS, ModelConfig
 
-GPUS_GB = {"h100": 80.0, "h200": 141.0}
+
+@dataclass(frozen=True)
+class GPU:
+    memory_gb: float  # as NVIDIA's datasheet gives it
+    compute_capability: tuple[int, int]
+
+    @property
+    def has_fp8(self) -> bool:
+        return self.compute_capability >= (8, 9)
+
+
+GPUS = {
+    "a100-40gb": GPU(40.0, (8, 0)), "a100-80gb": GPU(80.0, (8, 0)), "l40s": GPU(48.0, (8, 9)),
+    "h100": GPU(80.0, (9, 0)), "h200": GPU(141.0, (9, 0)), "b200": GPU(180.0, (10, 0)),
+}
 PLAN_RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "int4-awq", "int4-rtn", "int4-awq-asym")
 INT4_BLOCK = 128
 
@@ -42,15 +60,37 @@ class Plan:
     gpus: int
     per_gpu_bytes: float
     capacity_bytes: float
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        gb = 1e9
-        return (f"{self.model} / {self.recipe} on {self.gpu}: weights {self.deployed_weight_bytes / gb:.1f} GB + "
-                f"KV cache {self.kv_bytes / gb:.1f} GB -> {self.gpus} GPU(s), {self.per_gpu_bytes / gb:.1f} GB "
-                f"each of {self.capacity_bytes / gb:.1f} GB usable")
+        line = (f"{self.model} / {self.recipe} on {self.gpu}: weights {_size(self.deployed_weight_bytes)} + "
+                f"KV cache {_size(self.kv_bytes)} -> {self.gpus} GPU(s), {_size(self.per_gpu_bytes)} "
+                f"each of {_size(self.capacity_bytes)} usable")
+        return "\n".join([line] + [f"  note: {n}" for n in self.notes])
 
 
-def _check_recipe(recipe: str) -> None:
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def model_config(model: str) -> ModelConfig:
+    """An architecture preset, an HF model folder (its config.json) or a config.json file."""
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise KeyError(f"unknown model config {model!r}: not a preset ({', '.join(sorted(PRESETS))}), "
+                       "nor an HF model folder or config.json file")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid JSON config: {e}") from None
+    return ModelConfig.from_hf(hf)
+
+
+def check_recipe(recipe: str) -> None:
     if recipe not in PLAN_RECIPES:
         raise KeyError(f"unknown recipe {recipe!r} for planning; valid: {', '.join(PLAN_RECIPES)}")
 
@@ -84,7 +124,7 @@ def _is_quantized(recipe: str, layer: int, name: str, num_layers: int) -> bool:
 
 
 def deployed_weight_bytes(cfg: ModelConfig, recipe: str) -> int:
-    _check_recipe(recipe)
+    check_recipe(recipe)
     total = 2 * cfg.num_parameters()
     for layer in range(cfg.num_layers):
         for name, out, inp in cfg.layer_projections():
@@ -100,21 +140,52 @@ def kv_bytes_per_token(cfg: ModelConfig, recipe: str) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+def check_gpu(gpu: str) -> GPU:
+    if gpu not in GPUS:
+        raise KeyError(f"unknown GPU {gpu!r}; valid: {', '.join(GPUS)}")
+    return GPUS[gpu]
+
+
+def _per_gpu_bytes(cfg: ModelConfig, weights: int, kv: int, n: int) -> float:
+    """One GPU's share under tensor parallelism over n GPUs: 1/n of the weights, and the KV cache
+    of its KV heads, at least one (replicated once n exceeds the KV head count)."""
+    return weights / n + kv / min(n, cfg.num_kv_heads)
+
+
+def _notes(cfg: ModelConfig, recipe: str, gpu: str, n: int) -> tuple[str, ...]:
+    notes = []
+    if n > 1 and cfg.num_heads % n:
+        notes.append(f"tensor parallelism over {n} GPUs needs {n} to divide the {cfg.num_heads} attention "
+                     "heads; split the layers instead (pipeline parallelism)")
+    if n > cfg.num_kv_heads:
+        notes.append(f"{n} GPUs exceed the {cfg.num_kv_heads} KV heads: each GPU holds one KV head, "
+                     "replicated, and the KV cache counts that")
+    if recipe.startswith("fp8") and not GPUS[gpu].has_fp8:
+        cc = ".".join(map(str, GPUS[gpu].compute_capability))
+        notes.append(f"{gpu} (sm {cc}) has no FP8 tensor cores: the FP8 weights fit as counted, but run "
+                     "through weight-only kernels, not the recipe's FP8 GEMMs")
+    return tuple(notes)
+
+
 def plan(model: str, recipe: str, gpu: str, context: int = 8192, batch: int = 1,
          usable_fraction: float = 0.9, max_gpus: int = 64) -> Plan:
-    cfg = ModelConfig.from_name(model)
-    if gpu not in GPUS_GB:
-        raise KeyError(f"unknown GPU {gpu!r}; valid: {', '.join(GPUS_GB)}")
+    """``model``: an architecture preset, an HF model folder or a config.json file."""
+    cfg = model_config(model)
+    spec = check_gpu(gpu)
     if context < 1 or batch < 1 or not 0 < usable_fraction <= 1:
         raise ValueError(f"context={context} and batch={batch} must be >= 1, usable_fraction in (0, 1]")
     if context > cfg.max_position_embeddings:
         raise ValueError(f"context {context} exceeds {model}'s {cfg.max_position_embeddings} positions")
     w = deployed_weight_bytes(cfg, recipe)
     kv = kv_bytes_per_token(cfg, recipe) * context * batch
-    capacity = GPUS_GB[gpu] * 1e9 * usable_fraction
+    capacity = spec.memory_gb * 1e9 * usable_fraction
+    if kv / cfg.num_kv_heads > capacity:
+        raise ValueError(f"the KV cache of one of {model}'s {cfg.num_kv_heads} KV heads ({_size(kv / cfg.num_kv_heads)} "
+                         f"at context {context}, batch {batch}) exceeds one {gpu}'s {_size(capacity)} usable, "
+                         "and tensor parallelism splits the cache no finer than by KV head: lower --batch or --context")
     n = 1
-    while (w + kv) / n > capacity:
+    while _per_gpu_bytes(cfg, w, kv, n) > capacity:
         n *= 2
         if n > max_gpus:
             raise ValueError(f"{model} / {recipe} needs more than {max_gpus} {gpu} GPUs")
-    return Plan(model, recipe, gpu, w, kv, n, (w + kv) / n, capacity)
+    return Plan(model, recipe, gpu, w, kv, n, _per_gpu_bytes(cfg, w, kv, n), capacity, _notes(cfg, recipe, gpu, n))

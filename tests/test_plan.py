@@ -103,8 +103,10 @@ def test_405b_bf16_and_fp8_footprints():
 
 
 def test_bad_plan_inputs():
-    with pytest.raises(KeyError, match="valid: h100, h200"):
+    with pytest.raises(KeyError, match="valid: a100-40gb, a100-80gb, l40s, h100, h200, b200"):
         plan("llama-3.1-8b", "bf16", "a100")
+    with pytest.raises(KeyError, match="'no-such-model': not a preset"):
+        plan("no-such-model", "bf16", "h100")
     with pytest.raises(KeyError, match="valid: bf16, fp8-official"):
         plan("llama-3.1-8b", "int8", "h100")
     with pytest.raises(ValueError, match="exceeds llama-3.1-8b's 131072 positions"):
@@ -123,3 +125,54 @@ def test_meta_model_bf16_bytes_are_twice_the_published_parameter_count():
     with torch.device("meta"):
         model = CausalLM(ModelConfig.from_name("smollm2-135m"))
     assert checkpoint_bytes(model) == 2 * 134_515_008
+
+
+# meta-llama/Llama-3.1-8B's config.json as published on the hub (the keys the planner reads, and
+# some it ignores)
+LLAMA_31_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}
+
+
+def test_plan_reads_a_model_folder_or_config_file(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B_CONFIG))
+    by_folder = plan(str(tmp_path), "int4-awq", "h100")
+    by_file = plan(str(tmp_path / "config.json"), "int4-awq", "h100")
+    assert by_folder.deployed_weight_bytes == by_file.deployed_weight_bytes == LLAMA_8B_BYTES["int4-awq"]
+    assert main(["plan", "--model-config", str(tmp_path), "--recipe", "bf16", "--gpu", "l40s"]) == 0
+    assert "weights 16.1 GB" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="lacks vocab_size, intermediate_size"):
+        plan(str(tmp_path), "bf16", "h100")
+
+
+def test_kv_cache_splits_no_finer_than_by_kv_head():
+    """Llama 3.1 8B, 8 KV heads, full 131,072-token context, BF16: 131,072 B of KV per token
+    (test_kv_bytes_by_hand), so a batch of 48 holds 48 x 131,072 x 131,072 = 824.6 GB of cache;
+    weights 16.06 GB. On H200s (126.9 GB usable): 8 GPUs hold 2.0 + 824.6 / 8 = 105.1 GB each.
+    At batch 60 the cache is 1,030.8 GB, 128.8 GB per KV head: more GPUs only replicate heads,
+    so no count of H200s holds it (splitting it 16 ways would have claimed 65.4 GB each)."""
+    p = plan("llama-3.1-8b", "bf16", "h200", context=131072, batch=48)
+    assert p.gpus == 8 and p.per_gpu_bytes == pytest.approx(2.007e9 + 103.08e9, rel=1e-3)
+    with pytest.raises(ValueError, match="one of llama-3.1-8b's 8 KV heads .128.8 GB.*lower --batch or --context"):
+        plan("llama-3.1-8b", "bf16", "h200", context=131072, batch=60)
+    # 405B BF16 on 16 H100s: each of the 16 holds one of the 8 KV heads (4.23 GB / 8), not 1/16
+    p = plan("llama-3.1-405b", "bf16", "h100")
+    assert p.gpus == 16 and p.per_gpu_bytes == pytest.approx(811.7e9 / 16 + 4.228e9 / 8, rel=1e-3)
+    assert any("exceed the 8 KV heads" in n for n in p.notes)
+
+
+def test_plan_notes_what_the_count_does_not_show():
+    # SmolLM2-135M's 9 attention heads split over no power of two
+    p = plan("smollm2-135m", "bf16", "l40s", context=8192, batch=256)
+    assert p.gpus == 2 and any("divide the 9 attention heads" in n for n in p.notes)
+    # an A100 (sm_80) stores FP8 weights but has no FP8 GEMM
+    assert any("no FP8 tensor cores" in n for n in plan("llama-3.1-8b", "fp8-modelopt", "a100-80gb").notes)
+    assert not plan("llama-3.1-8b", "fp8-modelopt", "l40s").notes
+    assert not plan("llama-3.1-8b", "int4-awq", "a100-40gb").notes

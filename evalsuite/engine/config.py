@@ -99,6 +99,10 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unknown architecture: model_type={model_type!r} (architectures={archs}); "
                 f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in hf]
+        if missing:
+            raise UnsupportedModelError(f"config.json lacks {', '.join(missing)}, which a {model_type} model needs")
         rope = dict(hf.get("rope_parameters") or {})
         legacy = hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
