@@ -605,12 +605,15 @@ def _run_harness(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="evalsuite run --harness lm-eval", parents=[_run_options()])
     parser.add_argument("--harness", required=True, choices=["lm-eval"])
-    parser.add_argument("--task", action="append", required=True, help="an lm-eval task or group (repeatable)")
+    parser.add_argument("--task", action="append", required=True,
+                        help="an lm-eval task, group or tag (repeatable, or comma-separated as lm-eval's --tasks)")
     parser.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval's --limit)")
     parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--include-path", default=None, help="more task YAMLs (default: tasks/lm_eval)")
+    parser.add_argument("--include-path", default=None,
+                        help="a folder of task YAMLs of your own, beside lm-eval's and tasks/lm_eval")
     parser.add_argument("--seed", type=int, default=1234)
     opts = parser.parse_args(argv)
+    opts.task = list(dict.fromkeys(t.strip() for arg in opts.task for t in arg.split(",") if t.strip()))
     if opts.limit is not None and not opts.limit > 0:
         raise ValueError(f"--limit {opts.limit:g}; valid: a number of documents >= 1, or a fraction in (0, 1)")
     if opts.num_fewshot is not None and opts.num_fewshot < 0:
@@ -645,11 +648,14 @@ def _run_harness(argv: list[str]) -> int:
 
 class _HarnessJob:
     def __init__(self, opts: argparse.Namespace):
+        from .runners.lm_eval_harness import task_files_hash
+
         self.opts = opts
+        self.task_files = task_files_hash(opts.include_path)
 
     def identity(self) -> dict:
         return {"tasks": sorted(self.opts.task), "limit": self.opts.limit, "num_fewshot": self.opts.num_fewshot,
-                "seed": self.opts.seed}
+                "seed": self.opts.seed, "task_files": self.task_files}
 
     def slug(self) -> str:
         return "-".join(sorted(self.opts.task))[:60]

@@ -153,6 +153,9 @@ def test_harness_run_writes_the_suites_records(tiny_dir, tmp_path, capsys):
     (["--num-fewshot", "-1"], "--num-fewshot -1; valid: an integer >= 0"),
     (["--include-path", "/nonexistent"], "--include-path '/nonexistent': not a folder"),
     (["--task", "no_such_task_xyz"], "unknown lm-eval tasks ['no_such_task_xyz']"),
+    (["--task", "evalsuite_mmlu_anatomyy,evalsuite_mmlu"],
+     "unknown lm-eval tasks ['evalsuite_mmlu_anatomyy'] ('evalsuite_mmlu_anatomyy': did you mean "
+     "'evalsuite_mmlu_anatomy', 'evalsuite_mmlu_astronomy'"),
 ])
 def test_harness_arguments_are_checked_before_a_model_loads(extra, msg, capsys, monkeypatch):
     import evalsuite.models
@@ -287,3 +290,55 @@ def test_lm_eval_runs_of_two_models_compare_document_by_document(tiny_dir, tmp_p
         reported["noisy"]["tgroup"]["acc,none"] - reported["base"]["tgroup"]["acc,none"], abs=1e-12)
     ppl = {r: reported[r]["tppl"]["word_perplexity,none"] for r in runs}
     assert gains["lm-eval.tppl.word_perplexity"] == pytest.approx(-math.log(ppl["noisy"] / ppl["base"]), rel=1e-9)
+
+
+def test_unknown_builtin_task_names_are_refused_from_a_cached_index(tmp_path, monkeypatch):
+    """lm-eval's index of its ~14,000 built-in tasks takes seconds to build. The first unknown
+    name builds it and keeps the names; later ones are refused from them, with the closest names
+    (here a misspelt built-in), and build only the index of ours."""
+    from lm_eval.tasks import TaskManager
+
+    from evalsuite.runners import lm_eval_harness
+
+    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    class Counting(TaskManager):
+        def __init__(self, *a, **k):
+            built.append(k.get("include_defaults", True))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", Counting)
+    for _ in range(2):
+        with pytest.raises(KeyError, match="'hellaswg': did you mean 'hellaswag'"):
+            lm_eval_harness.task_manager(["hellaswg", "evalsuite_mmlu"])
+    assert built == [False, True, False]  # ours, then the full index once; then ours alone
+    names = set(json.loads(lm_eval_harness._builtin_tasks_file().read_text()))
+    assert {"hellaswag", "mmlu", "gsm8k"} <= names and not any(n.startswith("evalsuite_") for n in names)
+
+
+def test_an_edited_task_file_or_changed_data_is_not_resumed_into_old_records(tiny_dir, tmp_path, capsys):
+    """The run identity holds the task files (an edited YAML is another run, refused in the same
+    folder), and a rerun whose documents differ from the recorded ones (the data file changed)
+    is refused before it appends a record."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in _MC[:4]))
+    yaml = _TASK_FILES["tmc_a.yaml"].replace("MC", str(data))
+    (tasks / "tmc_a.yaml").write_text(yaml)
+    out = tmp_path / "run"
+    argv = ["run", "--harness", "lm-eval", "--task", "tmc_a", "--include-path", str(tasks),
+            "--model", str(tiny_dir), "--dtype", "float32", "--output", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # unchanged: resumes, adds nothing
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+    capsys.readouterr()
+    (tasks / "tmc_a.yaml").write_text(yaml.replace('doc_to_text: "{{question}}"', 'doc_to_text: "{{question}}?"'))
+    assert main(argv) == 2
+    assert "holds a run with a different configuration" in capsys.readouterr().err
+    (tasks / "tmc_a.yaml").write_text(yaml)
+    data.write_text("".join(json.dumps({**d, "question": d["question"] + " about"}) + "\n" for d in _MC[:4]))
+    assert main(argv) == 2
+    assert "4 documents differ from the ones recorded there (first: tmc_a/0)" in capsys.readouterr().err
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4
