@@ -152,6 +152,23 @@ def test_plan_reads_a_model_folder_or_config_file(tmp_path, capsys):
         plan(str(tmp_path), "bf16", "h100")
 
 
+# Qwen/Qwen2.5-7B-Instruct's config.json (the keys the planner reads): q/k/v biases, untied
+# embeddings; 7,615,616,512 parameters (its safetensors index: total_size 15,231,233,024 bytes in BF16)
+QWEN25_7B_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
+    "max_position_embeddings": 32768, "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072,
+    "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 152064}
+
+
+def test_plan_of_a_qwen2_config_counts_its_published_size(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_CONFIG))
+    p = plan(str(tmp_path), "bf16", "l40s", context=32768, batch=1)
+    assert p.deployed_weight_bytes == 15_231_233_024
+    # KV: 2 x 28 layers x 4 heads x 128 x 2 bytes = 57,344 B per token
+    assert p.kv_bytes == 57_344 * 32768 and p.gpus == 1
+
+
 def test_kv_cache_splits_no_finer_than_by_kv_head():
     """Llama 3.1 8B, 8 KV heads, full 131,072-token context, BF16: 131,072 B of KV per token
     (test_kv_bytes_by_hand), so a batch of 48 holds 48 x 131,072 x 131,072 = 824.6 GB of cache;
