@@ -171,6 +171,8 @@ def _build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--model", default=None)
     rn.add_argument("--recipe", default=None)
     rn.add_argument("--since", default=None, help="finished on or after this date (YYYY-MM-DD)")
+    rn.add_argument("--prune", action="store_true",
+                    help="remove the listed runs whose folders are gone (deleted or moved) from the index")
     rn.add_argument("--index", default=None, help="the index file (default: $EVALSUITE_INDEX or reports/index.sqlite)")
 
     sub.add_parser("models", help="list registered models")
@@ -490,13 +492,22 @@ def _runs(args: argparse.Namespace) -> int:
                              f"{index_path()} unless $EVALSUITE_INDEX names another)")
         print(f"(no runs yet: {path} does not exist)")
         return 0
-    rows = RunIndex(path).query(task=args.task, model=args.model, recipe=args.recipe, since=args.since)
+    index = RunIndex(path)
+    rows = index.query(task=args.task, model=args.model, recipe=args.recipe, since=args.since)
+    gone = {r.id for r in rows if not (Path(r.run_dir) / "run.json").is_file()}
+    if args.prune:
+        index.remove(sorted(gone))
+        rows = [r for r in rows if r.id not in gone]
     print(f"{'id':>4}  {'finished':<24} {'task':<11} {'model':<16} {'recipe':<15} {'status':<10} metrics / folder")
     for r in rows:
         print(f"{r.id:>4}  {r.finished:<24} {r.task:<11} {r.model[:16]:<16} {r.recipe:<15} {r.status:<10} "
-              f"{headline(r)}\n      {r.run_dir}")
+              f"{headline(r)}\n      {r.run_dir}" + ("  (folder gone)" if r.id in gone else ""))
     if not rows:
         print("(no runs match)")
+    if args.prune:
+        print(f"pruned {len(gone)} run(s) whose folders are gone")
+    elif gone:
+        print(f"{len(gone)} run(s) listed have no folder any more; `evalsuite runs --prune` removes them from the index")
     return 0
 
 

@@ -104,6 +104,14 @@ class RunIndex:
         return [IndexedRun(r[0], r[1], r[2], r[3] or "", r[4] or "", r[5] or "", r[6] or "", json.loads(r[7] or "null") or {})
                 for r in rows]
 
+    def remove(self, run_ids: list[int]) -> None:
+        db = self._connect()
+        try:
+            with db:
+                db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in run_ids])
+        finally:
+            db.close()
+
     def get(self, run_id: int) -> IndexedRun:
         db = self._connect()
         try:

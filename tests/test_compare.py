@@ -4,6 +4,7 @@ gate's exit codes and JUnit output, and the run index under crashes and concurre
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import sqlite3
 import subprocess
@@ -333,6 +334,28 @@ def test_run_index_records_and_filters(tmp_path):
     assert [r.recipe for r in index.query(task="mmlu")] == ["bf16", "int4-awq"]
     assert index.get(a).status == "incomplete"
     assert [r.run_dir for r in index.query(recipe="int4-awq")] == [str((tmp_path / "b").resolve())]
+
+
+def test_runs_marks_and_prunes_runs_whose_folders_are_gone(tmp_path, capsys):
+    from evalsuite.cli import main
+
+    path = tmp_path / "index.sqlite"
+    index = RunIndex(path)
+    run = {"task": "mmlu", "model": {"name": "m"}, "recipe": {"name": "bf16"}, "status": "complete",
+           "sessions": [{"finished": "2026-11-27T10:00:00"}], "metrics": {}}
+    for name in ("kept", "deleted", "other-task"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(run))
+        index.record(tmp_path / name, {**run, "task": "perplexity"} if name == "other-task" else run)
+    shutil.rmtree(tmp_path / "deleted")
+    shutil.rmtree(tmp_path / "other-task")
+    assert main(["runs", "--index", str(path), "--task", "mmlu"]) == 0
+    out = capsys.readouterr().out
+    assert f"{(tmp_path / 'deleted').resolve()}  (folder gone)" in out and "1 run(s) listed have no folder" in out
+    assert main(["runs", "--index", str(path), "--task", "mmlu", "--prune"]) == 0
+    assert "pruned 1 run(s)" in capsys.readouterr().out
+    # only the listed runs are pruned: the perplexity run, also gone, was not listed
+    assert sorted(Path(r.run_dir).name for r in index.query()) == ["kept", "other-task"]
 
 
 CRASH = """
