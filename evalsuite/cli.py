@@ -256,7 +256,11 @@ def _resolve_sides(specs: list[str]):
         if spec.startswith("ref:"):
             sides.extend(reference_sides(spec))
         elif spec.lstrip("#").isdigit() and not Path(spec).exists():
-            sides.append(side_from_run(RunIndex().get(int(spec.lstrip("#"))).run_dir))
+            run_dir = RunIndex().get(int(spec.lstrip("#"))).run_dir
+            if not (Path(run_dir) / "run.json").is_file():
+                raise ValueError(f"run {spec} of the run index: its folder {run_dir} is gone (deleted or moved; "
+                                 "`evalsuite runs --prune` drops such runs from the index)")
+            sides.append(side_from_run(run_dir))
         else:
             if not Path(spec).is_dir():
                 raise ValueError(f"{spec!r} is neither a run folder, a run id from `evalsuite runs`, nor ref:<name>; "

@@ -336,7 +336,7 @@ def test_run_index_records_and_filters(tmp_path):
     assert [r.run_dir for r in index.query(recipe="int4-awq")] == [str((tmp_path / "b").resolve())]
 
 
-def test_runs_marks_and_prunes_runs_whose_folders_are_gone(tmp_path, capsys):
+def test_runs_marks_and_prunes_runs_whose_folders_are_gone(tmp_path, capsys, monkeypatch):
     from evalsuite.cli import main
 
     path = tmp_path / "index.sqlite"
@@ -352,6 +352,11 @@ def test_runs_marks_and_prunes_runs_whose_folders_are_gone(tmp_path, capsys):
     assert main(["runs", "--index", str(path), "--task", "mmlu"]) == 0
     out = capsys.readouterr().out
     assert f"{(tmp_path / 'deleted').resolve()}  (folder gone)" in out and "1 run(s) listed have no folder" in out
+    monkeypatch.setenv("EVALSUITE_INDEX", str(path))
+    deleted = next(r.id for r in index.query() if r.run_dir.endswith("deleted"))
+    assert main(["compare", str(deleted), "1"]) == 2
+    assert f"run {deleted} of the run index: its folder {(tmp_path / 'deleted').resolve()} is gone" in \
+        capsys.readouterr().err
     assert main(["runs", "--index", str(path), "--task", "mmlu", "--prune"]) == 0
     assert "pruned 1 run(s)" in capsys.readouterr().out
     # only the listed runs are pruned: the perplexity run, also gone, was not listed
