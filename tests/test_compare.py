@@ -4,8 +4,8 @@ gate's exit codes and JUnit output, and the run index under crashes and concurre
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 import sqlite3
 import subprocess
 import sys

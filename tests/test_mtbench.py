@@ -23,6 +23,7 @@ from evalsuite.backends.openai import OpenAIBackend
 from evalsuite.judge import Judge, JudgeConfig, JudgmentCache, auc, expected_rating, parse_pair_verdict, parse_rating
 from evalsuite.runners.mtbench import (
     MTBenchConfig,
+    format_summary,
     pairwise_metrics,
     prepare_mtbench,
     run_mtbench,
@@ -104,9 +105,12 @@ class ScriptedJudge:
     """A small OpenAI-compatible chat server of the tests' own: it answers with a rating chosen
     from the prompt's hash, and fails on demand (status codes, delays) for the first requests."""
 
-    def __init__(self, faults: list | None = None, reply=None):
+    def __init__(self, faults: list | None = None, reply=None, reasoning: bool = False):
         self.faults = list(faults or [])
         self.requests = 0
+        self.reasoning = reasoning  # refuse max_tokens as OpenAI does for its reasoning models
+        self.refused = 0
+        self.limits: list[int] = []
         self.reply = reply or (lambda user: f"Fine. Rating: [[{1 + int(hashlib.sha256(user.encode()).hexdigest(), 16) % 10}]]")
         judge = self
 
@@ -133,6 +137,13 @@ class ScriptedJudge:
                     return self._send(fault, {"error": {"message": "scripted", "type": "x"}})
                 if isinstance(fault, float):
                     time.sleep(fault)
+                if judge.reasoning and "max_tokens" in body:
+                    judge.refused += 1
+                    return self._send(400, {"error": {
+                        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                   "Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
+                        "param": "max_tokens", "code": "unsupported_parameter"}})
+                judge.limits.append(body.get("max_completion_tokens") or body.get("max_tokens"))
                 user = body["messages"][-1]["content"]
                 self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
                                  "choices": [{"index": 0, "finish_reason": "stop",
@@ -179,6 +190,18 @@ def test_scripted_judge_retries_unscored_and_cache(tiny_chat, tmp_path):
     assert {r["unscored"] for r in rec if r["kind"] == "judgment"} == {"no [[rating]] in the reply"}
 
 
+def test_a_judge_that_wants_max_completion_tokens_gets_it(tiny_chat, tmp_path):
+    """OpenAI's reasoning models refuse chat's max_tokens (HTTP 400, naming max_completion_tokens);
+    the backend then sends the judge's limit as max_completion_tokens, and every judgment goes through."""
+    job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=4))
+    with ScriptedJudge(reasoning=True) as srv:
+        res = run_mtbench(EngineBackend(tiny_chat), job, tmp_path / "run", _judge(srv, tmp_path, concurrency=1),
+                          progress=False, calibration_limit=1)
+    assert res.run["status"] == "complete" and res.metrics["judgments_failed"] == 0
+    assert res.metrics["parsed"]["n"] == 4
+    assert srv.refused == 1 and set(srv.limits) == {JudgeConfig.load().raw["max_tokens"]}
+
+
 def test_failed_judgment_is_recorded_and_retried(tiny_chat, tmp_path):
     job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=4))
     backend = EngineBackend(tiny_chat)
@@ -189,6 +212,8 @@ def test_failed_judgment_is_recorded_and_retried(tiny_chat, tmp_path):
         failed = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
                   if '"failed"' in x]
         assert len(failed) == 1 and "HTTP 500" in failed[0]["failed"]
+        assert res.metrics["failure_reasons"] == {failed[0]["failed"]: 1}
+        assert f"  1 x {failed[0]['failed']}" in format_summary(res.metrics, res.run)
         again = run_mtbench(backend, job, tmp_path / "run", _judge(srv, tmp_path), progress=False, calibration_limit=1)
     assert again.run["status"] == "complete" and again.metrics["parsed"]["n"] == 4
 

@@ -79,6 +79,9 @@ class OpenAIBackend(Backend):
         self._card: dict[str, Any] | None = None
         self._usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "requests_without_usage": 0}
         self._usage_lock = threading.Lock()  # requests run on a thread pool
+        # OpenAI's reasoning models refuse chat's max_tokens and want max_completion_tokens, which
+        # older servers do not know: max_tokens until the endpoint asks for the other
+        self._chat_max_key = "max_tokens"
 
     # ------------------------------------------------------------------ identity
     def context_length(self) -> int | None:
@@ -178,13 +181,22 @@ class OpenAIBackend(Backend):
                     return reply
                 c = reply.choices[0]
                 return TextResult(c.text, [], c.finish_reason or "length")
-            reply = self._call(lambda: self.client.chat.completions.create(messages=list(prompt), **common))
+            reply = self._chat(list(prompt), common)
             if isinstance(reply, Failure):
                 return reply
             c = reply.choices[0]
             return TextResult(c.message.content or "", [], c.finish_reason or "length")
 
         return self._map(one, list(zip(prompts, params)), progress)
+
+    def _chat(self, messages: list, common: dict[str, Any]) -> Any:
+        key = self._chat_max_key
+        args = {**{k: v for k, v in common.items() if k != "max_tokens"}, key: common["max_tokens"]}
+        reply = self._call(lambda: self.client.chat.completions.create(messages=messages, **args))
+        if key == "max_tokens" and isinstance(reply, Failure) and _wants_max_completion_tokens(reply.reason):
+            self._chat_max_key = "max_completion_tokens"
+            return self._chat(messages, common)
+        return reply
 
     # ------------------------------------------------------------------ retries and concurrency
     def _map(self, fn: Callable[[Any], T], items: Sequence[Any], progress: Progress | None) -> list[T]:
@@ -236,6 +248,12 @@ class OpenAIBackend(Backend):
                 return
             self._usage["prompt_tokens"] += int(field(usage, "prompt_tokens") or 0)
             self._usage["completion_tokens"] += int(field(usage, "completion_tokens") or 0)
+
+
+def _wants_max_completion_tokens(reason: str) -> bool:
+    """OpenAI's refusal of max_tokens for its reasoning models: HTTP 400, "Unsupported parameter:
+    'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead." """
+    return reason.startswith("HTTP 400") and "max_tokens" in reason and "max_completion_tokens" in reason
 
 
 def _continuation_score(r: ScoreRequest, choice: dict) -> ScoreResult | Failure:

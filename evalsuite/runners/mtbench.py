@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -406,14 +407,17 @@ def run_mtbench(backend: Backend, job: MTBenchJob, out_dir: str | Path, judge: J
     jkey = hashlib.sha256(json.dumps([jid, job.config.mode], sort_keys=True).encode()).hexdigest()[:16]
     mine = {(q["question_id"], t) for q in job.questions for t in (1, 2)}
     judgments = [r for (k, qid, t, key), r in latest.items() if k == "judgment" and key == jkey and (qid, t) in mine]
-    answers_failed = sum(1 for (k, qid, t, _), r in latest.items() if k == "answer" and "failed" in r and (qid, t) in mine)
+    failed_answers = [r for (k, qid, t, _), r in latest.items() if k == "answer" and "failed" in r and (qid, t) in mine]
+    answers_failed = len(failed_answers)
     ok = [j for j in judgments if "failed" not in j]
+    reasons = Counter(r["failed"] for r in failed_answers + [j for j in judgments if "failed" in j])
     usage = {k: v - billed[k] for k, v in judge.backend.usage().items()}  # judging and calibration
     metrics: dict[str, Any] = {"mode": job.config.mode, "judge": {**jid, "calls_this_session": judge.calls - calls,
                                                                    "usage_this_session": usage},
                                "judge_key": jkey,
                                "judge_calibration": calibration,
-                               "answers_failed": answers_failed, "judgments_failed": len(judgments) - len(ok)}
+                               "answers_failed": answers_failed, "judgments_failed": len(judgments) - len(ok),
+                               "failure_reasons": dict(reasons.most_common(3))}
     if job.config.mode == "single":
         metrics.update(single_metrics(ok))
     else:
@@ -469,6 +473,7 @@ def format_summary(metrics: dict, run: dict) -> str:
     if metrics.get("answers_failed") or metrics.get("judgments_failed"):
         lines.append(f"\nFAILED: {metrics['answers_failed']} answers, {metrics['judgments_failed']} judgments "
                      "(see samples.jsonl; rerun the command to retry them)")
+        lines += [f"  {n} x {reason}" for reason, n in metrics.get("failure_reasons", {}).items()]
     usage = judge.get("usage_this_session")
     if usage:
         missing = usage["requests_without_usage"]
