@@ -93,6 +93,18 @@ class JudgeConfig:
         sha = hashlib.sha256((raw_text + prompts_text).encode()).hexdigest()
         return cls(raw, prompts, sha)
 
+    def with_temperature(self, temperature: float | None) -> JudgeConfig:
+        """The same judging at another temperature (``--judge-temperature``; None: as configured).
+        It changes the hash, so the judgments' records and cache keys tell the two apart."""
+        if temperature is None or temperature == self.raw["temperature"]:
+            return self
+        raw = {**self.raw, "temperature": float(temperature)}
+        sha = hashlib.sha256(f"{self.sha256} temperature={float(temperature)!r}".encode()).hexdigest()
+        return JudgeConfig(raw, self.prompts, sha)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=int(self.raw["max_tokens"]), temperature=float(self.raw["temperature"]))
+
     def prompt_for(self, mode: str, category: str, turn: int) -> dict[str, Any]:
         kind = "math" if category in self.raw["reference_categories"] else "general"
         return self.prompts[self.raw[mode][kind][turn - 1]]
@@ -195,8 +207,7 @@ class Judge:
     # ---------------------------------------------------------------- requests
     def _reply(self, messages: list[dict[str, str]]) -> str | Failure:
         self.calls += 1
-        (out,) = self.backend.generate([messages], SamplingParams(max_new_tokens=int(self.config.raw["max_tokens"]),
-                                                                  temperature=float(self.config.raw["temperature"])))
+        (out,) = self.backend.generate([messages], self.config.sampling())
         return out if isinstance(out, Failure) else out.text
 
     def _top(self, text: str) -> dict[str, float] | Failure:

@@ -14,15 +14,39 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from .backends.openai import OpenAIBackend
+from .backends.base import Failure
+from .backends.openai import OpenAIBackend, redact_url
 from .judge import Judge, JudgeConfig
 
 EMBEDDED_JUDGE = "smollm2-135m"
 
 
+PROBE = [{"role": "user", "content": "Reply with the word OK."}]
+
+
+def judge_config(args) -> JudgeConfig:
+    return JudgeConfig.load().with_temperature(getattr(args, "judge_temperature", None))
+
+
+def check_judge_endpoint(args) -> None:
+    """Before any model loads: the endpoint serves the judge and takes one short request with the
+    judge's own settings (its temperature and token limit), which a judgment would otherwise learn
+    only after every answer is written. A ValueError says what the endpoint refused. (This
+    request is not in the run's judge usage.)"""
+    config = judge_config(args)
+    client = OpenAIBackend(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env, max_retries=1)
+    client.model_card()
+    (reply,) = client.generate([PROBE], config.sampling())
+    if isinstance(reply, Failure):
+        raise ValueError(
+            f"the judge {args.judge_model!r} at {redact_url(args.judge_base_url)} refused a request with the judge's "
+            f"settings (temperature {config.raw['temperature']:g}, at most {config.raw['max_tokens']} tokens): "
+            f"{reply.reason}; --judge-temperature sets another temperature (FastChat judges at 0)")
+
+
 @contextlib.contextmanager
 def judge_for(args, backend=None) -> Iterator[Judge]:
-    config = JudgeConfig.load()
+    config = judge_config(args)
     if args.judge_base_url:
         from .engine.load import tokenizer_for
 

@@ -108,7 +108,8 @@ class ScriptedJudge:
     def __init__(self, faults: list | None = None, reply=None, reasoning: bool = False):
         self.faults = list(faults or [])
         self.requests = 0
-        self.reasoning = reasoning  # refuse max_tokens as OpenAI does for its reasoning models
+        # refuse max_tokens, and any temperature but 1, as OpenAI does for its reasoning models
+        self.reasoning = reasoning
         self.refused = 0
         self.limits: list[int] = []
         self.reply = reply or (lambda user: f"Fine. Rating: [[{1 + int(hashlib.sha256(user.encode()).hexdigest(), 16) % 10}]]")
@@ -143,6 +144,12 @@ class ScriptedJudge:
                         "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
                                    "Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
                         "param": "max_tokens", "code": "unsupported_parameter"}})
+                if judge.reasoning and body.get("temperature", 1) != 1:
+                    judge.refused += 1
+                    return self._send(400, {"error": {
+                        "message": f"Unsupported value: 'temperature' does not support {body['temperature']} with "
+                                   "this model. Only the default (1) value is supported.",
+                        "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}})
                 judge.limits.append(body.get("max_completion_tokens") or body.get("max_tokens"))
                 user = body["messages"][-1]["content"]
                 self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
@@ -190,16 +197,31 @@ def test_scripted_judge_retries_unscored_and_cache(tiny_chat, tmp_path):
     assert {r["unscored"] for r in rec if r["kind"] == "judgment"} == {"no [[rating]] in the reply"}
 
 
-def test_a_judge_that_wants_max_completion_tokens_gets_it(tiny_chat, tmp_path):
-    """OpenAI's reasoning models refuse chat's max_tokens (HTTP 400, naming max_completion_tokens);
-    the backend then sends the judge's limit as max_completion_tokens, and every judgment goes through."""
-    job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=4))
+def test_a_reasoning_model_as_judge(tiny_chat_dir, tmp_path, capsys, monkeypatch):
+    """OpenAI's reasoning models refuse chat's max_tokens (HTTP 400, naming max_completion_tokens)
+    and any temperature but 1. The judge's settings are tried on the endpoint before a model
+    loads: temperature 0 is refused there, naming --judge-temperature; at 1 the backend sends the
+    judge's limit as max_completion_tokens once refused max_tokens, and every judgment goes through."""
+    from evalsuite import cli, models
+
+    loaded = []
+    real = models.load_model_and_recipe
+    monkeypatch.setattr(models, "load_model_and_recipe", lambda *a: loaded.append(a) or real(*a))
     with ScriptedJudge(reasoning=True) as srv:
-        res = run_mtbench(EngineBackend(tiny_chat), job, tmp_path / "run", _judge(srv, tmp_path, concurrency=1),
-                          progress=False, calibration_limit=1)
-    assert res.run["status"] == "complete" and res.metrics["judgments_failed"] == 0
-    assert res.metrics["parsed"]["n"] == 4
-    assert srv.refused == 1 and set(srv.limits) == {JudgeConfig.load().raw["max_tokens"]}
+        argv = ["run", "mt-bench", "--model", str(tiny_chat_dir), "--dtype", "float32", "--questions", "2",
+                "--max-new-tokens", "4", "--judge-base-url", srv.base_url, "--judge-model", "scripted",
+                "--calibration-questions", "1", "--judge-concurrency", "1", "--output", str(tmp_path / "run"),
+                "--no-progress"]
+        assert cli.main(argv) == 2 and not loaded
+        err = capsys.readouterr().err
+        assert "refused a request with the judge's settings (temperature 0, at most 2048 tokens): HTTP 400: " \
+               "Unsupported value: 'temperature'" in err and "--judge-temperature" in err
+        assert cli.main(argv + ["--judge-temperature", "1"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "complete" and run["metrics"]["judgments_failed"] == 0
+    assert run["metrics"]["parsed"]["n"] == 4
+    assert set(srv.limits) == {2048} and len(srv.limits) == srv.requests - srv.refused
+    assert run["metrics"]["judge"]["config_sha256"] != JudgeConfig.load().sha256  # another temperature, another judge
 
 
 def test_failed_judgment_is_recorded_and_retried(tiny_chat, tmp_path):
@@ -240,12 +262,14 @@ def test_end_to_end_through_the_server_and_fastchats_show_result(tiny_chat, tmp_
     assert rc == 0 and "MT-Bench  4 questions x 2 turns, single grading by scripted" in printed
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     # what each endpoint billed, as it reported it: the scripted judge 1 + 1 tokens per request it
-    # counted; the answer server the tokens its scheduler generated, for the 8 answers
+    # counted (all but the one that checked the judge's settings before the run); the answer
+    # server the tokens its scheduler generated, for the 8 answers
+    judged = judge.requests - 1
     usage = run["metrics"]["judge"]["usage_this_session"]
-    assert usage == {"requests": judge.requests, "prompt_tokens": judge.requests,
-                     "completion_tokens": judge.requests, "requests_without_usage": 0}
-    assert judge.requests == run["metrics"]["judge"]["calls_this_session"] > 8
-    assert f"judge usage this session: {judge.requests} requests" in printed
+    assert usage == {"requests": judged, "prompt_tokens": judged, "completion_tokens": judged,
+                     "requests_without_usage": 0}
+    assert judged == run["metrics"]["judge"]["calls_this_session"] > 8
+    assert f"judge usage this session: {judged} requests" in printed
     billed = run["sessions"][-1]["endpoint_usage"]
     assert billed["requests"] == 8 and billed["completion_tokens"] == generated and billed["prompt_tokens"] > 0
     ours = run["metrics"]["parsed"]

@@ -533,6 +533,9 @@ class MTBenchRunner(Runner):
                        help="parsed, probability or both (default: both for an endpoint judge with a tokenizer, "
                             "parsed without one, probability for the embedded judge)")
         g.add_argument("--judge-concurrency", type=int, default=8)
+        g.add_argument("--judge-temperature", type=float, default=None,
+                       help="the judge's sampling temperature (default FastChat's 0; a model that takes only 1, "
+                            "such as OpenAI's reasoning models, needs 1)")
         g.add_argument("--calibration-questions", type=int, default=None,
                        help="reference answers used to calibrate the judge (default all 30)")
 
@@ -548,12 +551,13 @@ class MTBenchRunner(Runner):
             raise ValueError(f"--judge-concurrency {args.judge_concurrency}: valid: an integer >= 1")
         if args.calibration_questions is not None and not 1 <= args.calibration_questions <= 30:
             raise ValueError(f"--calibration-questions {args.calibration_questions}: 1..30")
+        if args.judge_temperature is not None and not 0 <= args.judge_temperature <= 2:
+            raise ValueError(f"--judge-temperature {args.judge_temperature:g}; valid: 0..2")
         job = prepare_mtbench(cfg, task)
-        if args.judge_base_url:  # reachable and serving the judge, before any model loads
-            from ..backends.openai import OpenAIBackend
+        if args.judge_base_url:  # reachable, serving the judge and taking its settings, before any model loads
+            from ..judge_default import check_judge_endpoint
 
-            OpenAIBackend(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
-                          max_retries=1).model_card()
+            check_judge_endpoint(args)
         job.judge_args = args  # type: ignore[attr-defined]
         return job
 
