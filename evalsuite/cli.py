@@ -627,7 +627,14 @@ def _run_harness(argv: list[str]) -> int:
     parser.add_argument("--include-path", default=None,
                         help="a folder of task YAMLs of your own, beside lm-eval's and tasks/lm_eval")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--apply-chat-template", action="store_true",
+                        help="render each prompt with the model's chat template (lm-eval's --apply_chat_template)")
+    parser.add_argument("--fewshot-as-multiturn", action="store_true",
+                        help="with --apply-chat-template: few-shot examples as earlier chat turns")
+    parser.add_argument("--system-instruction", default=None, help="a system message before each prompt")
     opts = parser.parse_args(argv)
+    if opts.fewshot_as_multiturn and not opts.apply_chat_template:
+        raise ValueError("--fewshot-as-multiturn needs --apply-chat-template (the turns are chat turns)")
     opts.task = list(dict.fromkeys(t.strip() for arg in opts.task for t in arg.split(",") if t.strip()))
     if opts.limit is not None and not opts.limit > 0:
         raise ValueError(f"--limit {opts.limit:g}; valid: a number of documents >= 1, or a fraction in (0, 1)")
@@ -641,6 +648,8 @@ def _run_harness(argv: list[str]) -> int:
     from .runners.lm_eval_harness import format_lm_eval_summary, run_lm_eval, task_manager
 
     manager = task_manager(opts.task, opts.include_path)  # unknown tasks are named before a model loads
+    if opts.apply_chat_template:
+        _check_chat_template(opts.tokenizer or opts.model if opts.base_url else opts.model)
     if opts.base_url:
         backend = _endpoint_backend(opts)
         name = run_name(opts.model, "endpoint", "lm-eval", _HarnessJob(opts), {"backend": backend.identity()})
@@ -654,11 +663,28 @@ def _run_harness(argv: list[str]) -> int:
                         {"dtype": opts.dtype, "recipe_config": overrides})
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
     result = run_lm_eval(backend, opts.task, out, limit=opts.limit, num_fewshot=opts.num_fewshot,
-                         include_path=opts.include_path, seed=opts.seed, manager=manager)
+                         include_path=opts.include_path, seed=opts.seed, manager=manager, chat=_harness_chat(opts))
     _index_run(out, result.run)
     print(format_lm_eval_summary(result.metrics))
     print(f"\nrecords: {out / 'samples.jsonl'}\nrun record: {out / 'run.json'}")
     return 0
+
+
+def _check_chat_template(source: str) -> None:
+    from .engine.load import ModelLoadError, tokenizer_for
+
+    try:
+        template = tokenizer_for(source).chat_template
+    except (ModelLoadError, OSError, ValueError) as e:
+        raise ValueError(f"--apply-chat-template needs the model's tokenizer here; {source!r}: {e}") from None
+    if not template:
+        raise ValueError(f"--apply-chat-template: the tokenizer of {source!r} has no chat template")
+
+
+def _harness_chat(opts: argparse.Namespace):
+    from .runners.lm_eval_harness import ChatFormat
+
+    return ChatFormat(opts.apply_chat_template, opts.fewshot_as_multiturn, opts.system_instruction)
 
 
 class _HarnessJob:
@@ -670,7 +696,7 @@ class _HarnessJob:
 
     def identity(self) -> dict:
         return {"tasks": sorted(self.opts.task), "limit": self.opts.limit, "num_fewshot": self.opts.num_fewshot,
-                "seed": self.opts.seed, "task_files": self.task_files}
+                "seed": self.opts.seed, "task_files": self.task_files, **_harness_chat(self.opts).identity()}
 
     def slug(self) -> str:
         return "-".join(sorted(self.opts.task))[:60]

@@ -10,12 +10,22 @@ from .engine.model import CausalLM
 from .engine.requests import Message, TextResult
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """A plain string with the tokenizer's own BOS rule, except that a string that already begins
+    with the BOS token (a chat template rendered to text, as lm-eval's --apply_chat_template sends
+    it) gets no second one: what lm-eval's hf model does."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
 def encode_prompt(tokenizer, prompt: str | Sequence[Message]) -> list[int]:
-    """A plain string is encoded as is (with the tokenizer's own BOS rule); a list of chat
-    messages goes through the tokenizer's chat template with the generation prompt appended.
-    The rendered template already holds its special tokens, so it is encoded without adding more."""
+    """A plain string is encoded as is (``encode_text``); a list of chat messages goes through
+    the tokenizer's chat template with the generation prompt appended. The rendered template
+    already holds its special tokens, so it is encoded without adding more."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return encode_text(tokenizer, prompt)
     if tokenizer.chat_template is None:
         raise ValueError("this tokenizer has no chat template; pass a plain string prompt")
     text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)

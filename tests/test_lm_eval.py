@@ -342,3 +342,88 @@ def test_an_edited_task_file_or_changed_data_is_not_resumed_into_old_records(tin
     assert main(argv) == 2
     assert "4 documents differ from the ones recorded there (first: tmc_a/0)" in capsys.readouterr().err
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+
+
+def _bos_tokenizer(template: str | None = None):
+    """The tiny tokenizer made Llama-like: it adds a BOS (the tiny model's bos_token_id, 0) to every
+    string, and optionally has a chat template that begins with it, as Llama 3's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    from .conftest import CHAT_TEMPLATE, make_tokenizer
+
+    tok = make_tokenizer()
+    tok.bos_token = "<eos>"
+    tok._tokenizer.post_processor = TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 0)])
+    tok.chat_template = template or "{{ bos_token }}" + CHAT_TEMPLATE
+    return tok
+
+
+def test_a_rendered_chat_template_gets_one_bos_as_with_lm_evals_hf_model(hf_tiny, tiny):
+    """lm-eval's --apply_chat_template sends prompts as text that already begins with the BOS
+    token; a tokenizer that adds one must not add a second. The engine's encoding of such text
+    (lm-eval model, generation, the server's completions) equals lm-eval's hf model's."""
+    import dataclasses
+
+    from lm_eval.models.huggingface import HFLM
+
+    from evalsuite.textgen import encode_prompt
+
+    tok = _bos_tokenizer()
+    ref = HFLM(pretrained=hf_tiny, tokenizer=tok)
+    ours = EvalsuiteLM(backend=EngineBackend(dataclasses.replace(tiny, tokenizer=tok)))
+    chat = ours.apply_chat_template([{"role": "user", "content": "2 plus 2 is"}])
+    assert chat.startswith("<eos><|user|>")
+    for text in ("2 plus 2 is", chat):
+        want = ref.tok_encode(text)
+        assert want.count(0) == 1 and want[0] == 0
+        assert ours.tok_encode(text) == want == encode_prompt(tok, text)
+
+
+def test_harness_chat_template_agrees_with_lm_evals_hf_model(tiny_chat_dir, tmp_path, capsys):
+    """`run --harness lm-eval --apply-chat-template --fewshot-as-multiturn --system-instruction`
+    gives each document the log-likelihoods lm-eval's own hf model gives with the same options
+    (transformers' forward, float32), and is a run of its own beside the plain one."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in _MC[:6]))
+    (tasks / "tmc_a.yaml").write_text(_TASK_FILES["tmc_a.yaml"].replace("MC", str(data)))
+    chat = ["--apply-chat-template", "--fewshot-as-multiturn", "--system-instruction", "Answer with a number."]
+    argv = ["run", "--harness", "lm-eval", "--task", "tmc_a", "--include-path", str(tasks), "--num-fewshot", "2",
+            "--limit", "3", "--model", str(tiny_chat_dir), "--dtype", "float32"]
+    assert main(argv + chat + ["--output", str(tmp_path / "chat")]) == 0
+    ours = {json.loads(x)["doc_id"]: json.loads(x) for x in open(tmp_path / "chat" / "samples.jsonl")}
+    assert all(r["arguments"][0][0].startswith("<|system|>Answer with a number.\n<|user|>") for r in ours.values())
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    ref = HFLM(pretrained=hf, tokenizer=AutoTokenizer.from_pretrained(tiny_chat_dir), batch_size=4)
+    results = lm_eval.simple_evaluate(
+        model=ref, tasks=["tmc_a"], num_fewshot=2, limit=3, log_samples=True, apply_chat_template=True,
+        fewshot_as_multiturn=True, system_instruction="Answer with a number.", random_seed=1234,
+        numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    theirs = {s["doc_id"]: s for s in results["samples"]["tmc_a"]}
+    assert sorted(theirs) == sorted(ours) == [0, 1, 2]
+    for d, s in theirs.items():
+        assert ours[d]["arguments"] == json.loads(json.dumps(s["arguments"], default=str))
+        assert [r[0][0] for r in ours[d]["resps"]] == pytest.approx([float(r[0][0]) for r in s["resps"]], abs=1e-4)
+    # the plain run is another run: the chat options are part of the identity
+    capsys.readouterr()
+    assert main(argv + ["--output", str(tmp_path / "chat")]) == 2
+    assert "holds a run with a different configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--fewshot-as-multiturn"], "--fewshot-as-multiturn needs --apply-chat-template"),
+    (["--apply-chat-template"], "--apply-chat-template: the tokenizer of"),
+])
+def test_harness_chat_options_are_checked_before_a_model_loads(extra, msg, tiny_dir, capsys, monkeypatch):
+    import evalsuite.models
+
+    monkeypatch.setattr(evalsuite.models, "load_model_and_recipe", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["run", "--harness", "lm-eval", "--task", "evalsuite_mmlu_anatomy", "--model", str(tiny_dir),
+                 *extra]) == 2
+    assert msg in capsys.readouterr().err

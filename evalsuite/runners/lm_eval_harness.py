@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,20 @@ def _cache_builtin_tasks(names: set[str]) -> frozenset[str]:
     return frozenset(names)
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How lm-eval renders prompts: plain (the default), or through the model's chat template
+    (its --apply_chat_template), optionally with few-shot examples as earlier turns and a system
+    message. Part of a run's identity: the same task scores differently in each."""
+
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {} if self == ChatFormat() else {"chat": asdict(self)}
+
+
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".py", ".jinja", ".txt")
 
 
@@ -123,7 +138,7 @@ def _check_unchanged(store: RunStore, records: list[dict[str, Any]]) -> None:
 
 def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limit: float | None = None,
                 num_fewshot: int | None = None, include_path: str | None = None, seed: int = 1234,
-                manager=None) -> RunResult:
+                manager=None, chat: ChatFormat = ChatFormat()) -> RunResult:
     """``manager``: from ``task_manager`` (built here when not given)."""
     import lm_eval
 
@@ -133,7 +148,8 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
     manager = manager or task_manager(tasks, include_path)
     ident = backend.identity()
     identity = {"task": "lm-eval", "config": {"tasks": sorted(tasks), "limit": limit, "num_fewshot": num_fewshot,
-                                              "seed": seed, "task_files": task_files_hash(include_path)},
+                                              "seed": seed, "task_files": task_files_hash(include_path),
+                                              **chat.identity()},
                 "model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind")}
     config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     store = RunStore(out, identity, config_hash, key=lambda r: r["id"])
@@ -143,7 +159,8 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
     results = lm_eval.simple_evaluate(
         model=EvalsuiteLM(backend=backend), tasks=tasks, limit=limit, num_fewshot=num_fewshot, log_samples=True,
         task_manager=manager, use_cache=str(out / "lm_eval_cache"), random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed)
+        torch_random_seed=seed, fewshot_random_seed=seed, apply_chat_template=chat.apply_chat_template,
+        fewshot_as_multiturn=chat.fewshot_as_multiturn, system_instruction=chat.system_instruction)
     records = []
     for task, samples in results["samples"].items():
         for s in samples:  # one per document and filter (a task with several filters logs each)

@@ -26,6 +26,7 @@ from lm_eval.api.registry import register_model
 from ..backends.base import Backend
 from ..backends.engine import EngineBackend
 from ..engine.requests import SamplingParams, ScoreRequest
+from ..textgen import encode_text
 
 DEFAULT_MAX_GEN_TOKS = 256
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class EvalsuiteLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         if add_special_tokens is None:
-            return self.tokenizer.encode(string)
+            return encode_text(self.tokenizer, string)
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.requests import SamplingParams
-from ..textgen import encode_prompt, with_stop_tokens
+from ..textgen import encode_prompt, encode_text, with_stop_tokens
 from .scheduler import GenerationJob, PromptLogprobJob, Scheduler
 
 MAX_N = 16
@@ -220,13 +220,14 @@ def _sampling(served: ServedModel, body: dict, prompt_len: int, default_max: int
 
 
 def _prompts(served: ServedModel, body: dict) -> list[list[int]]:
-    """A completions prompt: a string, a list of token ids, or a batch of either."""
+    """A completions prompt: a string (with the tokenizer's BOS rule, no second BOS before a
+    rendered chat template: ``encode_text``), a list of token ids, or a batch of either."""
     prompt = body.get("prompt")
     vocab = served.scheduler.model.config.vocab_size
 
     def ids(x, where: str) -> list[int]:
         if isinstance(x, str):
-            return served.tokenizer.encode(x)
+            return encode_text(served.tokenizer, x)
         if isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
             bad = next((t for t in x if not 0 <= t < vocab), None)
             if bad is not None:
