@@ -878,7 +878,8 @@ def main(argv: list[str] | None = None) -> int:
             BackendError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"evalsuite: error: {msg}", file=sys.stderr)
-        return 2
+        # compare's 2 is INCONCLUSIVE; its errors exit 3, as gate's do
+        return 3 if args is not None and args.command == "compare" else 2
     except BrokenPipeError:  # the reader went away (`evalsuite runs | head`): stop quietly, as `ls | head` does
         import os
 

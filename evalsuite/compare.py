@@ -63,6 +63,7 @@ class Metric:
     se: float | None = None  # of ``log(value)`` for lower_is_better, of ``value`` otherwise
     n: int | None = None
     items: dict[str, Item] | None = None
+    setup: dict[str, Any] | None = None  # how the run ran its task (``run_setup``); None for references
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -187,6 +188,7 @@ def _verdict(gain: float, lo: float, hi: float, tol: float) -> str:
 def compare_metric(base: Metric, cand: Metric, tol: Tolerance) -> Comparison:
     if base.kind != cand.kind:
         raise ValueError(f"metric {base.name!r} is {base.kind} on one side and {cand.kind} on the other")
+    check_same_setup(base, cand)
     kind = base.kind
     sign = -1.0 if kind == "lower_is_better" else 1.0
     scale = (lambda v: math.log(v)) if kind == "lower_is_better" else (lambda v: v)
@@ -280,6 +282,36 @@ def overall(verdicts: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------ sides
 
+# The run-config keys that only choose which items run: the comparison pairs the items both sides
+# hold. Every other key, the task's prompt file and the data are the setup both must share.
+_SELECTION_KEYS = {"mmlu": {"formulations", "per_subject", "subjects", "seed"},  # the seed draws the subset
+                   "perplexity": {"per_article", "articles"}, "mt-bench": {"questions", "categories"},
+                   "lm-eval": {"tasks", "limit"}}
+
+
+def run_setup(run: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's scores besides the model and recipe: its task, the task options that
+    are not item selection, the task file's hash and the data's hashes."""
+    task = run.get("task", "")
+    config = {k: v for k, v in (run.get("config") or {}).items() if k not in _SELECTION_KEYS.get(task, ())}
+    data = run.get("data") if isinstance(run.get("data"), dict) else {}
+    return {"task": task, **config, "task_config_sha256": run.get("task_config_sha256"),
+            **{f"data.{k}": v for k, v in data.items() if k.endswith("sha256")}}
+
+
+def check_same_setup(base: Metric, cand: Metric) -> None:
+    """Two sides ran a task the same way, or a ValueError naming what differs (a 5-shot baseline
+    against a 0-shot candidate would credit the recipe with the prompt's effect). A key only one
+    side records (a run from an older version) is not held against it."""
+    if not base.setup or not cand.setup:
+        return
+    differ = [f"{k} {base.setup[k]!r} vs {cand.setup[k]!r}" for k in sorted(set(base.setup) & set(cand.setup))
+              if base.setup[k] != cand.setup[k]]
+    if differ:
+        raise ValueError(f"{base.name}: the baseline and the candidate ran the task differently ({'; '.join(differ)}); "
+                         "a paired comparison needs runs with the same setup")
+
+
 def side_from_run(run_dir: str | Path) -> Side:
     """A run folder as a side: its metrics with per-item records."""
     run_dir = Path(run_dir)
@@ -305,7 +337,10 @@ def side_from_run(run_dir: str | Path) -> Side:
             "device_name": (run.get("backend") or {}).get("device_name"),
             "kernel_path": (run.get("backend") or {}).get("kernel_path"), "versions": run.get("versions"),
             "config_hash": run.get("config_hash")}
-    return Side(label, recipe, str(run_dir), extract(run, records), info)
+    metrics = extract(run, records)
+    for m in metrics.values():
+        m.setup = run_setup(run)
+    return Side(label, recipe, str(run_dir), metrics, info)
 
 
 def _record_key(r: dict) -> tuple:

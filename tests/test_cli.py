@@ -135,7 +135,7 @@ BAD_ARGUMENTS = [
     (["quantize", "--output", "a-file"], 2, "--output a-file: a file is there"),
     (["quantize", "--output", "a-folder"], 2, "--output a-folder: the folder holds files that are no quantized"),
     (["runs", "--index", "no-such-dir/index.sqlite"], 2, "--index no-such-dir/index.sqlite: no run index there"),
-    (["compare", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
+    (["compare", "no-such-run", "other"], 3, "'no-such-run' is neither a run folder"),
     (["report", "r", "no-such-run", "other"], 2, "'no-such-run' is neither a run folder"),
     (["gate", "no-such-gate.yaml"], 3, "gate file no-such-gate.yaml does not exist"),
     (["gate", "no-such-gate.yaml", "--device", "gpu"], 3, "--device 'gpu' is not a device"),

@@ -230,8 +230,8 @@ def test_compare_refuses_a_tolerance_or_side_that_decides_nothing(tmp_path, caps
     b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
     c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20)
     argv = ["compare", str(b), str(c), *[str(b) if e == "BASE" else e for e in extra]]
-    for command in (argv, ["report", "r", *argv[1:], "--root", str(tmp_path)]):
-        assert cli.main(command) == 2
+    for command, code in ((argv, 3), (["report", "r", *argv[1:], "--root", str(tmp_path)], 2)):
+        assert cli.main(command) == code  # compare's 2 is INCONCLUSIVE: its errors are 3
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -239,7 +239,7 @@ def test_compare_refuses_a_tolerance_or_side_that_decides_nothing(tmp_path, caps
 def test_compare_needs_a_metric_in_common(tmp_path, capsys):
     b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
     c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20, form="letter")  # cloze against letter
-    assert cli.main(["compare", str(b), str(c)]) == 2
+    assert cli.main(["compare", str(b), str(c)]) == 3
     assert "fp8-modelopt (" in (err := capsys.readouterr().err) and "has no metric in common with the baseline" in err
 
 
@@ -322,6 +322,27 @@ def test_side_from_run_weights_questions_by_subject_size(tmp_path):
     assert got == pytest.approx((sizes["anatomy"] + sizes["philosophy"]) / sum(sizes[s] for s in SUBJECTS))
 
 
+def test_runs_of_different_setups_are_not_compared(tiny_dir, tmp_path, capsys):
+    """Runs made by `evalsuite run mmlu`: a 1-shot candidate against a 0-shot baseline would credit
+    the recipe with the prompt's effect, and is refused naming what differs; a candidate on another
+    subset (item selection only) is paired on the questions both hold."""
+    def run(name: str, *extra: str) -> str:
+        out = tmp_path / name
+        assert cli.main(["run", "mmlu", "--model", str(tiny_dir), "--dtype", "float32", "--formulation", "cloze",
+                         "--subjects", "anatomy", "marketing", "--output", str(out), "--no-progress", *extra]) == 0
+        return str(out)
+
+    base = run("zero", "--per-subject", "4")
+    other_subset = run("zero-more", "--per-subject", "6", "--seed", "7")
+    one_shot = run("one", "--per-subject", "4", "--num-fewshot", "1")
+    capsys.readouterr()
+    assert cli.main(["compare", base, one_shot, "--baseline", base]) == 3  # an error, not INCONCLUSIVE (2)
+    assert ("mmlu.cloze.acc: the baseline and the candidate ran the task differently (num_fewshot 0 vs 1); a paired "
+            "comparison needs runs with the same setup") in capsys.readouterr().err
+    assert cli.main(["compare", base, other_subset, "--baseline", base, "--tolerance", "mmlu=0.5"]) in (0, 2)
+    assert "mmlu.cloze.acc" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------- run index
 
 def test_run_index_records_and_filters(tmp_path):
@@ -354,7 +375,7 @@ def test_runs_marks_and_prunes_runs_whose_folders_are_gone(tmp_path, capsys, mon
     assert f"{(tmp_path / 'deleted').resolve()}  (folder gone)" in out and "1 run(s) listed have no folder" in out
     monkeypatch.setenv("EVALSUITE_INDEX", str(path))
     deleted = next(r.id for r in index.query() if r.run_dir.endswith("deleted"))
-    assert main(["compare", str(deleted), "1"]) == 2
+    assert main(["compare", str(deleted), "1"]) == 3
     assert f"run {deleted} of the run index: its folder {(tmp_path / 'deleted').resolve()} is gone" in \
         capsys.readouterr().err
     assert main(["runs", "--index", str(path), "--task", "mmlu", "--prune"]) == 0
