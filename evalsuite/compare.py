@@ -295,8 +295,14 @@ def run_setup(run: dict[str, Any]) -> dict[str, Any]:
     task = run.get("task", "")
     config = {k: v for k, v in (run.get("config") or {}).items() if k not in _SELECTION_KEYS.get(task, ())}
     data = run.get("data") if isinstance(run.get("data"), dict) else {}
-    return {"task": task, **config, "task_config_sha256": run.get("task_config_sha256"),
-            **{f"data.{k}": v for k, v in data.items() if k.endswith("sha256")}}
+    setup = {"task": task, **config, "task_config_sha256": run.get("task_config_sha256"),
+             **{f"data.{k}": v for k, v in data.items() if k.endswith("sha256")}}
+    metrics = run.get("metrics") or {}
+    if task == "mt-bench" and isinstance(metrics.get("judge"), dict):  # ratings of one judge compare
+        judge = metrics["judge"]
+        setup.update({"mode": metrics.get("mode"), **{f"judge.{k}": judge.get(k) for k in (
+            "model", "served", "recipe", "config_sha256") if k in judge}})
+    return setup
 
 
 def check_same_setup(base: Metric, cand: Metric) -> None:

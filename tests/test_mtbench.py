@@ -224,6 +224,27 @@ def test_a_reasoning_model_as_judge(tiny_chat_dir, tmp_path, capsys, monkeypatch
     assert run["metrics"]["judge"]["config_sha256"] != JudgeConfig.load().sha256  # another temperature, another judge
 
 
+def test_mt_bench_runs_compare_only_under_one_judge(tiny_chat, tmp_path):
+    """Two MT-Bench runs compare question by question when one judge rated both; ratings by another
+    judge (here the same model at another temperature: another judge configuration) are refused."""
+    from evalsuite.compare import Tolerance, compare_sides, side_from_run
+
+    job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=4))
+    backend = EngineBackend(tiny_chat)
+    with ScriptedJudge() as srv:
+        for name, temperature in (("a", None), ("b", None), ("hot", 1.0)):
+            judge = _judge(srv, tmp_path)
+            judge.config = judge.config.with_temperature(temperature)
+            run_mtbench(backend, job, tmp_path / name, judge, progress=False, calibration_limit=1)
+    a, b, hot = (side_from_run(tmp_path / n) for n in ("a", "b", "hot"))
+    (result,) = compare_sides(a, [b], {}, Tolerance(1.0))
+    (row,) = result.comparisons
+    assert row.metric == "mt_bench" and row.gain == 0.0 and row.verdict == "PASS"
+    with pytest.raises(ValueError, match=r"mt_bench: the baseline and the candidate ran the task differently "
+                                         r"\(judge.config_sha256 '[0-9a-f]{64}' vs '[0-9a-f]{64}'\)"):
+        compare_sides(a, [hot], {}, Tolerance(1.0))
+
+
 def test_failed_judgment_is_recorded_and_retried(tiny_chat, tmp_path):
     job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=4))
     backend = EngineBackend(tiny_chat)
