@@ -20,7 +20,16 @@ import pytest
 
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.backends.openai import OpenAIBackend
-from evalsuite.judge import Judge, JudgeConfig, JudgmentCache, auc, expected_rating, parse_pair_verdict, parse_rating
+from evalsuite.engine.requests import SamplingParams
+from evalsuite.judge import (
+    Judge,
+    JudgeConfig,
+    JudgmentCache,
+    auc,
+    expected_rating,
+    parse_pair_verdict,
+    parse_rating,
+)
 from evalsuite.runners.mtbench import (
     MTBenchConfig,
     format_summary,
@@ -119,9 +128,11 @@ class ScriptedJudge:
             def log_message(self, *a):
                 pass
 
-            def _send(self, code: int, body: dict):
+            def _send(self, code: int, body: dict, headers: dict | None = None):
                 data = json.dumps(body).encode()
                 self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -136,6 +147,8 @@ class ScriptedJudge:
                 fault = judge.faults.pop(0) if judge.faults else None
                 if isinstance(fault, int):
                     return self._send(fault, {"error": {"message": "scripted", "type": "x"}})
+                if isinstance(fault, tuple):  # (status, headers)
+                    return self._send(fault[0], {"error": {"message": "scripted", "type": "x"}}, fault[1])
                 if isinstance(fault, float):
                     time.sleep(fault)
                 if judge.reasoning and "max_tokens" in body:
@@ -243,6 +256,23 @@ def test_mt_bench_runs_compare_only_under_one_judge(tiny_chat, tmp_path):
     with pytest.raises(ValueError, match=r"mt_bench: the baseline and the candidate ran the task differently "
                                          r"\(judge.config_sha256 '[0-9a-f]{64}' vs '[0-9a-f]{64}'\)"):
         compare_sides(a, [hot], {}, Tolerance(1.0))
+
+
+def test_rate_limited_requests_wait_as_long_as_the_server_asks():
+    """A 429 or 503 that says how long to wait (Retry-After in seconds or as an HTTP date,
+    OpenAI's retry-after-ms) is retried after at least that long, capped at two minutes; without
+    one, after the exponential backoff."""
+    import email.utils
+
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    faults = [(429, {"retry-after": "7"}), (503, {"retry-after": date}), (429, {"retry-after-ms": "2500"}),
+              (429, {"retry-after": "86400"}), 429]
+    waits = []
+    with ScriptedJudge(faults=faults) as srv:
+        backend = OpenAIBackend(srv.base_url, "scripted", max_retries=5, backoff=0.001, sleep=waits.append)
+        (reply,) = backend.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
+    assert reply.text.startswith("Fine.") and srv.requests == 6
+    assert waits[0] == 7.0 and 27 < waits[1] <= 30 and waits[2] == 2.5 and waits[3] == 120.0 and waits[4] < 0.1
 
 
 def test_failed_judgment_is_recorded_and_retried(tiny_chat, tmp_path):

@@ -10,8 +10,9 @@ OpenAI itself, or ``evalsuite serve``), through the ``openai`` client.
   run starts (``check_loglikelihood``).
 * Generation goes to /v1/chat/completions for chat messages and /v1/completions for text.
 * Requests run ``concurrency`` at a time, each with a timeout; 429, 5xx, timeouts and connection
-  errors are retried with exponential backoff (the client's own retries are off, so the policy
-  here is the only one). A request that still fails becomes a ``Failure`` with its reason.
+  errors are retried with exponential backoff, or after the wait a 429 or 503 asks for
+  (``Retry-After``), whichever is longer (the client's own retries are off, so the policy here is
+  the only one). A request that still fails becomes a ``Failure`` with its reason.
 * The API key is read from an environment variable and never stored in a record.
 """
 
@@ -215,6 +216,7 @@ class OpenAIBackend(Backend):
         import openai
 
         for attempt in range(self.max_retries + 1):
+            asked = 0.0  # what the server asked us to wait (Retry-After)
             try:
                 reply = fn()
                 self._count(reply)
@@ -225,10 +227,11 @@ class OpenAIBackend(Backend):
                 reason = f"HTTP {e.status_code}: {_message(e)}"
                 if e.status_code != 429 and e.status_code < 500:
                     return Failure(reason)
+                asked = _retry_after(e.response.headers)
             except (ValueError, KeyError, TypeError, openai.APIResponseValidationError) as e:
                 reason = f"malformed reply: {type(e).__name__}: {e}"  # e.g. truncated JSON: retried
             if attempt < self.max_retries:
-                self._sleep(self.backoff * 2 ** attempt * (1 + random.random()))
+                self._sleep(max(self.backoff * 2 ** attempt * (1 + random.random()), asked))
         return Failure(f"{reason} (after {self.max_retries + 1} attempts)")
 
 
@@ -248,6 +251,29 @@ class OpenAIBackend(Backend):
                 return
             self._usage["prompt_tokens"] += int(field(usage, "prompt_tokens") or 0)
             self._usage["completion_tokens"] += int(field(usage, "completion_tokens") or 0)
+
+
+MAX_RETRY_AFTER = 120.0  # seconds: a longer wait asked for is capped (a run should not stall for hours)
+
+
+def _retry_after(headers) -> float:
+    """The wait a 429 or 503 asks for: ``retry-after-ms`` (OpenAI's), or ``Retry-After`` in seconds
+    or as an HTTP date (RFC 9110); 0 when there is none or it cannot be read."""
+    import email.utils
+
+    try:
+        if headers.get("retry-after-ms"):
+            return min(float(headers["retry-after-ms"]) / 1000, MAX_RETRY_AFTER)
+        value = headers.get("retry-after")
+        if not value:
+            return 0.0
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
 
 
 def _wants_max_completion_tokens(reason: str) -> bool:
