@@ -375,6 +375,9 @@ def test_mmlu_through_the_endpoint_gives_the_in_process_predictions(server, lm, 
     assert remote.run["status"] == "complete" and remote.run["backend"]["kind"] == "openai"
     assert remote.run["backend"]["base_url"] == url
     assert remote.run["recipe"] == {"name": "bf16"} and remote.run["model"]["name"] == "tiny"
+    # served by `evalsuite serve`: the run states where and how, as the local run does
+    for key in ("device", "device_name", "kernel_path"):
+        assert remote.run["backend"][key] == local.run["backend"][key] is not None
     recs = {}
     for name in ("local", "remote"):
         recs[name] = {(r["formulation"], r["id"]): r for r in map(json.loads, open(tmp_path / name / "samples.jsonl"))}

@@ -113,7 +113,10 @@ class OpenAIBackend(Backend):
             return dict(self._usage)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "openai", "base_url": redact_url(self.base_url), "model": self.model,
+        # where `evalsuite serve` serves it: its device and kernel path, as a local run states them
+        mine = self.model_card().get("evalsuite") or {}
+        where = {k: mine[k] for k in ("device", "device_name", "kernel_path") if k in mine}
+        return {"kind": "openai", "base_url": redact_url(self.base_url), "model": self.model, **where,
                 "served": self.model_card(), "concurrency": self.concurrency, "batch_size": self.batch_size,
                 "timeout": self.timeout,
                 "max_retries": self.max_retries}

@@ -22,10 +22,13 @@ def served_model(lm: LoadedModel, recipe: dict[str, Any], name: str | None = Non
         raise ValueError(f"model {lm.info.name!r} has no tokenizer; the server needs one")
     scheduler = Scheduler(lm.model, max_batch_size=max_batch_size, max_len=max_len,
                           max_prefill_tokens=max_prefill_tokens, prefix_cache=prefix_cache).start()
+    from ..bench import device_info, kernel_path
+
     info = dataclasses.asdict(lm.info)
+    device = str(lm.model.device)
     card = {"evalsuite": {"model": {k: info[k] for k in ("name", "source", "weights_sha256", "dtype")},
-                          "recipe": recipe, "device": str(lm.model.device),
-                          "prefix_cache": prefix_cache}}
+                          "recipe": recipe, "device": device, **device_info(device),
+                          "kernel_path": kernel_path(recipe, lm.model), "prefix_cache": prefix_cache}}
     return ServedModel(name or lm.info.name, lm.tokenizer, scheduler, card)
 
 
