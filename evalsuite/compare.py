@@ -305,6 +305,12 @@ def run_setup(run: dict[str, Any]) -> dict[str, Any]:
     return setup
 
 
+def run_selection(run: dict[str, Any]) -> dict[str, Any]:
+    """Which items a run ran: its config's item-selection keys (the rest is ``run_setup``)."""
+    keys = _SELECTION_KEYS.get(run.get("task", ""), set())
+    return {k: v for k, v in (run.get("config") or {}).items() if k in keys}
+
+
 def check_same_setup(base: Metric, cand: Metric) -> None:
     """Two sides ran a task the same way, or a ValueError naming what differs (a 5-shot baseline
     against a 0-shot candidate would credit the recipe with the prompt's effect). A key only one
@@ -346,6 +352,7 @@ def side_from_run(run_dir: str | Path) -> Side:
     metrics = extract(run, records)
     for m in metrics.values():
         m.setup = run_setup(run)
+    info[f"selection.{task}"] = run_selection(run)  # per task: a merged side keeps each of its runs'
     return Side(label, recipe, str(run_dir), metrics, info)
 
 

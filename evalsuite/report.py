@@ -246,6 +246,7 @@ def _meta(baseline: Side, candidates: list[Side], bench: BenchResult | None) -> 
 
     sides = [baseline, *candidates]
     return {"generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "baseline": baseline.label,
+            "setup": _setups(sides),
             "runs": [{"label": s.label, "source": s.source, "device": s.info.get("device"),
                       "kernel_path": s.info.get("kernel_path"), "weight_bytes": s.info.get("weight_bytes")}
                      for s in sides],
@@ -254,12 +255,47 @@ def _meta(baseline: Side, candidates: list[Side], bench: BenchResult | None) -> 
             "versions": package_versions()}
 
 
+def _setups(sides: list[Side]) -> dict[str, dict[str, Any]]:
+    """Per task the sides ran: the setup they share (compare refuses sides whose setups differ)
+    and which items each ran."""
+    out: dict[str, dict[str, Any]] = {}
+    for side in sides:
+        for m in side.metrics.values():
+            if m.setup and m.setup["task"] not in out:
+                out[m.setup["task"]] = {"shared": {k: v for k, v in m.setup.items() if k != "task"}, "selection": {}}
+    for task, entry in out.items():
+        for side in sides:
+            if f"selection.{task}" in side.info:
+                entry["selection"][side.label] = side.info[f"selection.{task}"]
+    return out
+
+
+def _setup_lines(setups: dict[str, dict[str, Any]]) -> list[str]:
+    def show(d: dict[str, Any]) -> str:
+        def value(k: str, v: Any) -> str:
+            return v[:12] if k.endswith("sha256") and isinstance(v, str) else json.dumps(v, default=str)
+        return ", ".join(f"{k} {value(k, v)}" for k, v in d.items() if v is not None) or "defaults"
+
+    lines = []
+    for task, entry in setups.items():
+        lines.append(f"- {task}: {show(entry['shared'])}")
+        selections = entry["selection"]
+        if len({json.dumps(v, sort_keys=True, default=str) for v in selections.values()}) == 1:
+            lines.append(f"  - items, every side: {show(next(iter(selections.values())))}")
+        else:
+            lines += [f"  - items, {label}: {show(v)}" for label, v in selections.items()]
+    return lines
+
+
 def _markdown(name, verdict, results, tables, plots, meta, extra_text) -> str:
     lines = [f"# {name}", "", f"Overall verdict: **{verdict}** (baseline: {meta['baseline']}). Generated "
              f"{meta['generated']}.", ""]
     if extra_text:
         lines += [extra_text, ""]
-    lines += [f"![accuracy vs throughput]({plots['accuracy_vs_throughput'].name})", "", "## Verdicts", ""]
+    lines += [f"![accuracy vs throughput]({plots['accuracy_vs_throughput'].name})", ""]
+    if meta["setup"]:
+        lines += ["## Setup", "", *_setup_lines(meta["setup"]), ""]
+    lines += ["## Verdicts", ""]
     v = tables["verdicts"]
     if not v.empty:
         cols = ["candidate", "metric", "baseline", "candidate_value", "gain", "ci_low", "ci_high", "tolerance",
@@ -303,6 +339,8 @@ def _html(name, verdict, tables, plots, meta, extra_text) -> str:
              f"{html.escape(meta['baseline'])}). Generated {meta['generated']}.</p>"]
     if extra_text:
         parts.append(f"<pre>{html.escape(extra_text)}</pre>")
+    if meta["setup"]:
+        parts.append("<h2>Setup</h2><pre>" + html.escape("\n".join(_setup_lines(meta["setup"]))) + "</pre>")
     for key, path in plots.items():
         parts.append(f"<h2>{html.escape(key.replace('_', ' '))}</h2>"
                      f"<img alt='{path.name}' data-file='{path.name}' src='{_png_data_uri(path)}'>")

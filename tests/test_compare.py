@@ -341,6 +341,14 @@ def test_runs_of_different_setups_are_not_compared(tiny_dir, tmp_path, capsys):
             "comparison needs runs with the same setup") in capsys.readouterr().err
     assert cli.main(["compare", base, other_subset, "--baseline", base, "--tolerance", "mmlu=0.5"]) in (0, 2)
     assert "mmlu.cloze.acc" in capsys.readouterr().out
+    # the report states the setup the sides share, and the items each ran
+    assert cli.main(["report", "r", base, other_subset, "--baseline", base, "--root", str(tmp_path)]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    task_file = json.loads(Path(base, "run.json").read_text())["task_config_sha256"][:12]
+    assert f"- mmlu: num_fewshot 0, data \"embedded\", task_config_sha256 {task_file}, data.sha256 9f954bf40f4d" in md
+    assert '  - items, bf16@zero: formulations ["cloze"], per_subject 4, seed 1234, subjects ["anatomy", "marketing"]' in md
+    assert '  - items, bf16@zero-more: formulations ["cloze"], per_subject 6, seed 7, subjects ["anatomy", "marketing"]' \
+        in md
 
 
 # ---------------------------------------------------------------------------------- run index
