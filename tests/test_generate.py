@@ -41,6 +41,30 @@ def test_greedy_matches_transformers(tiny, hf_tiny):
         assert g.finish_reason == "length"
 
 
+def test_qwen3_greedy_and_static_decode_match_transformers(tmp_path):
+    """Qwen3's q/k head norms on every path that writes or reads the KV cache: prefill, decode,
+    the static (graph-capturable) decode, several sequences at once."""
+    import transformers
+
+    from evalsuite.engine.load import load_folder
+
+    torch.manual_seed(5)
+    cfg = transformers.Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=256)
+    hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights large enough for confident greedy choices; norms that matter
+        for name, w in hf.named_parameters():
+            w.normal_(1, 0.5) if name.endswith(("q_norm.weight", "k_norm.weight")) else \
+                w.normal_(0, 0.15) if w.dim() == 2 else None
+    hf.save_pretrained(tmp_path)
+    model = load_folder(tmp_path, torch.float32)
+    want = [_hf_greedy(hf, p, 12) for p in PROMPTS]
+    for static in (False, True):
+        got = generate(model, PROMPTS, SamplingParams(max_new_tokens=12), max_batch_size=2, static=static)
+        assert [g.tokens for g in got] == want
+
+
 def test_batch_equals_single_and_in_flight_joining(tiny):
     params = SamplingParams(max_new_tokens=15)
     alone = [generate(tiny.model, [p], params)[0].tokens for p in PROMPTS]

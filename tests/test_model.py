@@ -28,7 +28,7 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral", "tied"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -41,6 +41,15 @@ def test_other_architectures_match_transformers(arch, tmp_path):
             for layer in hf.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    elif arch == "qwen3":  # q/k head norms; head_dim 32 with 4 heads: q is twice the hidden size
+        cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                       max_position_embeddings=256, tie_word_embeddings=True)
+        hf = transformers.Qwen3ForCausalLM(cfg)
+        with torch.no_grad():  # the norms start at one: make them matter
+            for layer in hf.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1, 0.5)
+                layer.self_attn.k_norm.weight.normal_(1, 0.5)
     elif arch == "mistral":
         cfg = transformers.MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
@@ -53,6 +62,8 @@ def test_other_architectures_match_transformers(arch, tmp_path):
     model = load_folder(tmp_path, torch.float32)
     tokens = torch.randint(0, 300, (2, 40))
     assert (model(tokens) - _hf_logits(hf, tokens)).abs().max().item() <= 1e-4
+    # the parameter count the planner uses is transformers' own
+    assert model.config.num_parameters() == sum(p.numel() for p in hf.parameters())
 
 
 def test_kv_cache_decode_equals_full_forward(tiny):

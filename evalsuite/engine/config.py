@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class UnsupportedModelError(ValueError):
@@ -42,6 +42,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE
     sliding_window: int | None = None  # Mistral; sequences longer than this are refused
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -81,7 +82,8 @@ class ModelConfig:
     def num_parameters(self, include_embeddings: bool = True) -> int:
         projections = sum(out * inp for _, out, inp in self.layer_projections())
         bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
-        body = self.num_layers * (projections + bias + 2 * self.hidden_size) + self.hidden_size
+        qk_norms = 2 * self.head_dim if self.qk_norm else 0
+        body = self.num_layers * (projections + bias + qk_norms + 2 * self.hidden_size) + self.hidden_size
         if not include_embeddings:
             return body
         emb = self.vocab_size * self.hidden_size
@@ -136,6 +138,7 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
             sliding_window=window,
             architecture=model_type,
         )

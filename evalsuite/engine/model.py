@@ -219,6 +219,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False, **kw)
+        # Qwen3 normalises each head of q and k (its own weight over head_dim) before RoPE
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_cache_quant: nn.Module | None = None
         self.v_cache_quant: nn.Module | None = None
         self.q_bmm_quant: nn.Module | None = None
@@ -240,7 +243,10 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = in_row_blocks(self._qkv, x, step.row_block).view(B, L, H + 2 * KV, D)
-        qk = apply_rope(qkv[:, :, :H + KV], cos, sin)
+        qk = qkv[:, :, :H + KV]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        qk = apply_rope(qk, cos, sin)
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
         if self.k_cache_quant is not None:
             k = self.k_cache_quant(k)
