@@ -29,6 +29,7 @@ sigma 0.5 for 0/1 tasks) and vLLM's lm-eval check (np.isclose with rtol 0.08 on 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from .stats import choice_distribution, kl_divergence, ratio_estimate
+
+log = logging.getLogger(__name__)
 
 KINDS = ("accuracy", "score", "lower_is_better")
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
@@ -338,6 +341,14 @@ def side_from_run(run_dir: str | Path) -> Side:
         latest[_record_key(r)] = r
     records = [r for r in latest.values() if "failed" not in r]
     task = run.get("task", "")
+    status = run.get("status")
+    if not run.get("metrics"):
+        raise ValueError(f"{run_dir}: the run has not finished (status {status!r}: stopped, or running now); "
+                         "its command, run again, resumes it")
+    if status != "complete":
+        failed = len(latest) - len(records)
+        log.warning("%s is %s (%d items failed): it is compared on the items it holds; its command, run again, "
+                    "retries the rest", run_dir, status, failed)
     extract = _EXTRACTORS.get(task)
     if extract is None:
         raise ValueError(f"{run_dir}: task {task!r} has no metric extractor; known: {', '.join(sorted(_EXTRACTORS))}")

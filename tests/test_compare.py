@@ -236,6 +236,18 @@ def test_compare_refuses_a_tolerance_or_side_that_decides_nothing(tmp_path, caps
     assert not (tmp_path / "r").exists()
 
 
+def test_unfinished_runs_are_named_and_incomplete_ones_compared_with_a_warning(tmp_path, capsys, caplog):
+    b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
+    c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20)
+    run = json.loads((c / "run.json").read_text())
+    (c / "run.json").write_text(json.dumps({**run, "status": "running", "metrics": None}))  # killed mid-run
+    assert cli.main(["compare", str(b), str(c)]) == 3
+    assert f"{c}: the run has not finished (status 'running'" in capsys.readouterr().err
+    (c / "run.json").write_text(json.dumps({**run, "status": "incomplete"}))  # some requests failed
+    assert cli.main(["compare", str(b), str(c)]) == 0
+    assert f"{c} is incomplete" in caplog.text and "compared on the items it holds" in caplog.text
+
+
 def test_compare_needs_a_metric_in_common(tmp_path, capsys):
     b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
     c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20, form="letter")  # cloze against letter
