@@ -115,6 +115,25 @@ def test_rolling_loglikelihood_scores_every_token_once(tiny, hf_tiny, max_length
         assert got == pytest.approx(_hf_logprob_of(hf_tiny, [model.prefix_token_id], tokens), abs=1e-3)
 
 
+def test_generate_until_takes_top_p_and_refuses_what_it_cannot_do(tiny):
+    """A task's top_p is honoured (a tiny top_p at a high temperature writes the greedy text);
+    settings the engine does not implement are refused unless neutral, or irrelevant because
+    decoding is greedy; never silently ignored."""
+    model = EvalsuiteLM(backend=EngineBackend(tiny))
+    greedy = generate_text(tiny.model, tiny.tokenizer, ["The quick"], SamplingParams(max_new_tokens=20))[0].text
+
+    def gen(**kw) -> str:
+        return model.generate_until([Instance("generate_until", {}, ("The quick", {"max_gen_toks": 20, **kw}), 0)])[0]
+
+    assert gen(do_sample=True, temperature=5.0, top_p=1e-6) == greedy
+    assert gen(do_sample=False, top_k=50, top_p=0.9) == greedy  # sampling-only settings, greedy decoding
+    assert gen(num_beams=1, repetition_penalty=1.0) == greedy  # neutral values
+    with pytest.raises(ValueError, match="settings num_beams=4 are not implemented by the engine.*num_beams=1"):
+        gen(num_beams=4)
+    with pytest.raises(ValueError, match="settings top_k=50 are not implemented"):
+        gen(do_sample=True, temperature=0.7, top_k=50)
+
+
 def test_generate_until_stops_and_caps_tokens(tiny):
     model = EvalsuiteLM(backend=EngineBackend(tiny))
     free = generate_text(tiny.model, tiny.tokenizer, ["The quick"], SamplingParams(max_new_tokens=20))[0].text

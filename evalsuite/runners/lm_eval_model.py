@@ -9,8 +9,9 @@ lm-eval's contracts, as its ``LM`` docstrings state them:
   * ``loglikelihood_rolling``: the whole string's log-likelihood in windows of at most the
     model's context, each token scored exactly once (lm-eval's own ``get_rolling_token_windows``
     and ``make_disjoint_window``);
-  * ``generate_until``: greedy (or the request's temperature) up to ``max_gen_toks`` new tokens,
-    cut before the first of the ``until`` strings.
+  * ``generate_until``: greedy (or the request's temperature and top_p) up to ``max_gen_toks``
+    new tokens, cut before the first of the ``until`` strings; other generation settings of a
+    task are refused unless neutral (``_check_generation_settings``).
 """
 
 from __future__ import annotations
@@ -107,8 +108,11 @@ class EvalsuiteLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
             temperature = float(kw.pop("temperature", 0.0)) if kw.pop("do_sample", None) is not False else 0.0
+            top_p = float(kw.pop("top_p", None) or 1.0)
+            _check_generation_settings(kw, sampling=temperature > 0)
             prompts.append(context)
-            params.append(SamplingParams(max_new_tokens=max_new, temperature=temperature))
+            params.append(SamplingParams(max_new_tokens=max_new, temperature=temperature,
+                                         top_p=top_p if temperature > 0 else 1.0))
             stops.append(until)
         # one engine call per distinct stop set keeps requests batched (lm-eval tasks share theirs)
         results: list[str | None] = [None] * len(requests)
@@ -118,6 +122,24 @@ class EvalsuiteLM(TemplateLM):
             for i, o in zip(idx, outs):
                 results[i] = o.text
         return results  # type: ignore[return-value]
+
+
+# Generation settings a task may give that the engine does not implement: ignored when decoding is
+# greedy if they only shape sampling, accepted anywhere at their neutral value, refused otherwise
+# (never silently ignored: they change what a model writes).
+SAMPLING_ONLY = {"top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+           "top_k": 0, "min_p": 0.0, "typical_p": 1.0}
+
+
+def _check_generation_settings(kw: dict[str, Any], sampling: bool) -> None:
+    refused = sorted(k for k, v in kw.items()
+                     if NEUTRAL.get(k, object()) != v and v is not None and (sampling or k not in SAMPLING_ONLY))
+    if refused:
+        raise ValueError(f"this task's generation settings {', '.join(f'{k}={kw[k]!r}' for k in refused)} are not "
+                         "implemented by the engine, which decodes greedily or samples with temperature and top_p; "
+                         f"neutral values ({', '.join(f'{k}={NEUTRAL[k]!r}' for k in refused if k in NEUTRAL)}) "
+                         "are accepted: set them in a copy of the task's YAML, or with lm-eval's --gen_kwargs")
 
 
 def _ok(results: list) -> list:
