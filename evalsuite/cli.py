@@ -632,7 +632,11 @@ def _run_harness(argv: list[str]) -> int:
     parser.add_argument("--fewshot-as-multiturn", action="store_true",
                         help="with --apply-chat-template: few-shot examples as earlier chat turns")
     parser.add_argument("--system-instruction", default=None, help="a system message before each prompt")
+    parser.add_argument("--gen-kwargs", default=None, metavar="KEY=VALUE,...",
+                        help="generation settings over the tasks' own, as lm-eval's --gen_kwargs "
+                             "(e.g. max_gen_toks=512,temperature=0)")
     opts = parser.parse_args(argv)
+    opts.gen_kwargs = _parse_gen_kwargs(opts.gen_kwargs)
     if opts.fewshot_as_multiturn and not opts.apply_chat_template:
         raise ValueError("--fewshot-as-multiturn needs --apply-chat-template (the turns are chat turns)")
     opts.task = list(dict.fromkeys(t.strip() for arg in opts.task for t in arg.split(",") if t.strip()))
@@ -663,11 +667,26 @@ def _run_harness(argv: list[str]) -> int:
                         {"dtype": opts.dtype, "recipe_config": overrides})
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
     result = run_lm_eval(backend, opts.task, out, limit=opts.limit, num_fewshot=opts.num_fewshot,
-                         include_path=opts.include_path, seed=opts.seed, manager=manager, chat=_harness_chat(opts))
+                         include_path=opts.include_path, seed=opts.seed, manager=manager, chat=_harness_chat(opts),
+                         gen_kwargs=opts.gen_kwargs)
     _index_run(out, result.run)
     print(format_lm_eval_summary(result.metrics))
     print(f"\nrecords: {out / 'samples.jsonl'}\nrun record: {out / 'run.json'}")
     return 0
+
+
+def _parse_gen_kwargs(text: str | None) -> dict | None:
+    """lm-eval's --gen_kwargs form, KEY=VALUE pairs separated by commas, values typed as lm-eval
+    types them; None when not given."""
+    if text is None:
+        return None
+    from lm_eval.utils import simple_parse_args_string
+
+    pairs = [p for p in text.split(",") if p.strip()]
+    if not pairs or any("=" not in p or not p.split("=", 1)[0].strip() for p in pairs):
+        raise ValueError(f"--gen-kwargs {text!r}; valid: KEY=VALUE pairs separated by commas, as lm-eval's "
+                         "--gen_kwargs (e.g. max_gen_toks=512,temperature=0)")
+    return simple_parse_args_string(text)
 
 
 def _check_chat_template(source: str) -> None:
@@ -696,7 +715,8 @@ class _HarnessJob:
 
     def identity(self) -> dict:
         return {"tasks": sorted(self.opts.task), "limit": self.opts.limit, "num_fewshot": self.opts.num_fewshot,
-                "seed": self.opts.seed, "task_files": self.task_files, **_harness_chat(self.opts).identity()}
+                "seed": self.opts.seed, "task_files": self.task_files, **_harness_chat(self.opts).identity(),
+                **({"gen_kwargs": self.opts.gen_kwargs} if self.opts.gen_kwargs else {})}
 
     def slug(self) -> str:
         return "-".join(sorted(self.opts.task))[:60]

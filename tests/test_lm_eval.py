@@ -436,6 +436,7 @@ def test_harness_chat_template_agrees_with_lm_evals_hf_model(tiny_chat_dir, tmp_
 
 
 @pytest.mark.parametrize("extra, msg", [
+    (["--gen-kwargs", "temperature"], "--gen-kwargs 'temperature'; valid: KEY=VALUE pairs separated by commas"),
     (["--fewshot-as-multiturn"], "--fewshot-as-multiturn needs --apply-chat-template"),
     (["--apply-chat-template"], "--apply-chat-template: the tokenizer of"),
 ])
@@ -446,3 +447,21 @@ def test_harness_chat_options_are_checked_before_a_model_loads(extra, msg, tiny_
     assert main(["run", "--harness", "lm-eval", "--task", "evalsuite_mmlu_anatomy", "--model", str(tiny_dir),
                  *extra]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_harness_gen_kwargs_reach_the_tasks_requests(tiny_dir, tmp_path, capsys):
+    """--gen-kwargs (lm-eval's form) is laid over the task's own generation settings, as lm-eval's
+    --gen_kwargs is, and is part of the run's identity."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in _DOCS[:3]))
+    (tasks / "tgen.yaml").write_text(_TASK_FILES["tgen.yaml"].replace("DATA", str(data)))
+    argv = ["run", "--harness", "lm-eval", "--task", "tgen", "--include-path", str(tasks), "--model", str(tiny_dir),
+            "--dtype", "float32", "--output", str(tmp_path / "run")]
+    assert main(argv + ["--gen-kwargs", "max_gen_toks=2,until=Q"]) == 0
+    records = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
+    assert all(r["arguments"][0][1] == {"until": "Q", "max_gen_toks": 2, "do_sample": False} for r in records)
+    capsys.readouterr()
+    assert main(argv) == 2  # the task's own settings: another run
+    assert "holds a run with a different configuration" in capsys.readouterr().err

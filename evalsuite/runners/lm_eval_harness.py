@@ -138,7 +138,7 @@ def _check_unchanged(store: RunStore, records: list[dict[str, Any]]) -> None:
 
 def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limit: float | None = None,
                 num_fewshot: int | None = None, include_path: str | None = None, seed: int = 1234,
-                manager=None, chat: ChatFormat = ChatFormat()) -> RunResult:
+                manager=None, chat: ChatFormat = ChatFormat(), gen_kwargs: dict[str, Any] | None = None) -> RunResult:
     """``manager``: from ``task_manager`` (built here when not given)."""
     import lm_eval
 
@@ -149,7 +149,7 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
     ident = backend.identity()
     identity = {"task": "lm-eval", "config": {"tasks": sorted(tasks), "limit": limit, "num_fewshot": num_fewshot,
                                               "seed": seed, "task_files": task_files_hash(include_path),
-                                              **chat.identity()},
+                                              **chat.identity(), **({"gen_kwargs": gen_kwargs} if gen_kwargs else {})},
                 "model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind")}
     config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     store = RunStore(out, identity, config_hash, key=lambda r: r["id"])
@@ -160,7 +160,8 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
         model=EvalsuiteLM(backend=backend), tasks=tasks, limit=limit, num_fewshot=num_fewshot, log_samples=True,
         task_manager=manager, use_cache=str(out / "lm_eval_cache"), random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed, apply_chat_template=chat.apply_chat_template,
-        fewshot_as_multiturn=chat.fewshot_as_multiturn, system_instruction=chat.system_instruction)
+        fewshot_as_multiturn=chat.fewshot_as_multiturn, system_instruction=chat.system_instruction,
+        gen_kwargs=gen_kwargs)
     records = []
     for task, samples in results["samples"].items():
         for s in samples:  # one per document and filter (a task with several filters logs each)
