@@ -28,6 +28,9 @@ def _run_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
     _model_options(g)
+    g.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help="variables for the model's chat template on every chat prompt, e.g. "
+                        "'{\"enable_thinking\": false}' (sent to an endpoint as vLLM and SGLang take them)")
     g = p.add_argument_group("endpoint (evaluate a model served elsewhere; --model is then its served id)")
     g.add_argument("--base-url", default=None,
                    help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, TensorRT-LLM, "
@@ -200,6 +203,7 @@ def _run(args: argparse.Namespace) -> int:
     runner.add_arguments(parser.add_argument_group(f"{args.task}"))
     opts = parser.parse_args(args.task_args)
     # Everything that can be checked without a model is checked first.
+    opts.chat_template_kwargs = _parse_template_kwargs(opts.chat_template_kwargs)
     job = runner.prepare(task, opts)
     if opts.base_url:
         backend = _endpoint_backend(opts)
@@ -215,8 +219,9 @@ def _run(args: argparse.Namespace) -> int:
 
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens,
-                                prefix_cache=not opts.no_prefix_cache)
-        name = run_name(lm.info.name, opts.recipe, args.task, job, {"dtype": opts.dtype, "recipe_config": overrides})
+                                prefix_cache=not opts.no_prefix_cache, chat_template_kwargs=opts.chat_template_kwargs)
+        name = run_name(lm.info.name, opts.recipe, args.task, job, {"dtype": opts.dtype, "recipe_config": overrides,
+                                                                     **_template_identity(opts)})
         label = f"model {lm.info.name} ({lm.info.dtype}), recipe {opts.recipe}"
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
     print(f"{label}, writing {out}", file=sys.stderr)
@@ -547,7 +552,8 @@ def _endpoint_backend(opts: argparse.Namespace):
             tokenizer = None  # the served id names nothing here; generative tasks need no tokenizer
     backend = OpenAIBackend(opts.base_url, opts.model, tokenizer=tokenizer, api_key_env=opts.api_key_env,
                             concurrency=opts.concurrency, batch_size=opts.prompts_per_request,
-                            timeout=opts.timeout, max_retries=opts.max_retries)
+                            timeout=opts.timeout, max_retries=opts.max_retries,
+                            chat_template_kwargs=opts.chat_template_kwargs)
     backend.model_card()  # fails now, with the served ids, if the model is not there
     return backend
 
@@ -637,6 +643,7 @@ def _run_harness(argv: list[str]) -> int:
                              "(e.g. max_gen_toks=512,temperature=0)")
     opts = parser.parse_args(argv)
     opts.gen_kwargs = _parse_gen_kwargs(opts.gen_kwargs)
+    opts.chat_template_kwargs = _parse_template_kwargs(opts.chat_template_kwargs)
     if opts.fewshot_as_multiturn and not opts.apply_chat_template:
         raise ValueError("--fewshot-as-multiturn needs --apply-chat-template (the turns are chat turns)")
     opts.task = list(dict.fromkeys(t.strip() for arg in opts.task for t in arg.split(",") if t.strip()))
@@ -662,9 +669,9 @@ def _run_harness(argv: list[str]) -> int:
 
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens,
-                                prefix_cache=not opts.no_prefix_cache)
+                                prefix_cache=not opts.no_prefix_cache, chat_template_kwargs=opts.chat_template_kwargs)
         name = run_name(lm.info.name, opts.recipe, "lm-eval", _HarnessJob(opts),
-                        {"dtype": opts.dtype, "recipe_config": overrides})
+                        {"dtype": opts.dtype, "recipe_config": overrides, **_template_identity(opts)})
     out = Path(opts.output) if opts.output else DEFAULT_REPORTS / name
     result = run_lm_eval(backend, opts.task, out, limit=opts.limit, num_fewshot=opts.num_fewshot,
                          include_path=opts.include_path, seed=opts.seed, manager=manager, chat=_harness_chat(opts),
@@ -673,6 +680,23 @@ def _run_harness(argv: list[str]) -> int:
     print(format_lm_eval_summary(result.metrics))
     print(f"\nrecords: {out / 'samples.jsonl'}\nrun record: {out / 'run.json'}")
     return 0
+
+
+def _parse_template_kwargs(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"--chat-template-kwargs {text!r}; valid: a JSON object of the chat template's variables, "
+                         "e.g. '{\"enable_thinking\": false}'")
+    return value
+
+
+def _template_identity(opts: argparse.Namespace) -> dict:
+    return {"chat_template_kwargs": opts.chat_template_kwargs} if opts.chat_template_kwargs else {}
 
 
 def _parse_gen_kwargs(text: str | None) -> dict | None:

@@ -299,7 +299,8 @@ def run_setup(run: dict[str, Any]) -> dict[str, Any]:
     config = {k: v for k, v in (run.get("config") or {}).items() if k not in _SELECTION_KEYS.get(task, ())}
     data = run.get("data") if isinstance(run.get("data"), dict) else {}
     setup = {"task": task, **config, "task_config_sha256": run.get("task_config_sha256"),
-             **{f"data.{k}": v for k, v in data.items() if k.endswith("sha256")}}
+             **{f"data.{k}": v for k, v in data.items() if k.endswith("sha256")},
+             "chat_template_kwargs": run.get("chat_template_kwargs")}  # how chat prompts were rendered
     metrics = run.get("metrics") or {}
     if task == "mt-bench" and isinstance(metrics.get("judge"), dict):  # ratings of one judge compare
         judge = metrics["judge"]

@@ -27,11 +27,13 @@ def _answer_logprobs(model: CausalLM, tokens: list[int], start: int) -> torch.Te
 
 
 def teacher_forced_divergence(base: CausalLM, cand: CausalLM, tokenizer,
-                              conversations: list[tuple[list[dict[str, str]], str]]) -> dict[str, Any]:
-    """``conversations``: (messages up to the user turn, the baseline's answer text)."""
+                              conversations: list[tuple[list[dict[str, str]], str]],
+                              template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``conversations``: (messages up to the user turn, the baseline's answer text), rendered
+    with the chat template's ``template_kwargs``."""
     total_kl, changed, tokens, per = 0.0, 0, 0, []
     for messages, answer in conversations:
-        prompt = encode_prompt(tokenizer, messages)
+        prompt = encode_prompt(tokenizer, messages, template_kwargs)
         ans = tokenizer.encode(answer, add_special_tokens=False)
         if not ans:
             continue
@@ -71,7 +73,9 @@ def divergence_for_run(backend, job, baseline_dir: str | Path) -> dict[str, Any]
         for t in (1, 2):
             if t in turns and (t == 1 or 1 in turns):
                 convs.append((conversation(q, [turns.get(1, "")], t), turns[t]))
-    out = teacher_forced_divergence(base_lm.model, backend.lm.model, backend.tokenizer, convs)
+    # the prompts as the baseline's answers were written to them: with its chat template switches
+    out = teacher_forced_divergence(base_lm.model, backend.lm.model, backend.tokenizer, convs,
+                                    run.get("chat_template_kwargs"))
     return {**out, "baseline_run": str(baseline_dir), "baseline_recipe": recipe["name"]}
 
 

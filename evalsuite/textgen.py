@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from .engine.generate import SamplingParams, generate
 from .engine.model import CausalLM
@@ -20,15 +21,18 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text)
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[Message]) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | Sequence[Message], template_kwargs: dict[str, Any] | None = None
+                  ) -> list[int]:
     """A plain string is encoded as is (``encode_text``); a list of chat messages goes through
-    the tokenizer's chat template with the generation prompt appended. The rendered template
+    the tokenizer's chat template with the generation prompt appended, and ``template_kwargs``
+    (the template's own switches, such as Qwen3's ``enable_thinking``). The rendered template
     already holds its special tokens, so it is encoded without adding more."""
     if isinstance(prompt, str):
         return encode_text(tokenizer, prompt)
     if tokenizer.chat_template is None:
         raise ValueError("this tokenizer has no chat template; pass a plain string prompt")
-    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False,
+                                         **(template_kwargs or {}))
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -41,7 +45,7 @@ def with_stop_tokens(params: SamplingParams, tokenizer) -> SamplingParams:
 def generate_text(model: CausalLM, tokenizer, prompts: Sequence[str | Sequence[Message]],
                   params: SamplingParams | Sequence[SamplingParams], stop: Sequence[str] = (), *,
                   max_batch_size: int = 64, max_prefill_tokens: int = 4096, progress=None,
-                  prefix_cache: bool = True) -> list[TextResult]:
+                  prefix_cache: bool = True, template_kwargs: dict[str, Any] | None = None) -> list[TextResult]:
     """Generate text (one ``params`` for all prompts, or one per prompt); the tokenizer's EOS ends
     a sequence, and so does any string in ``stop`` (the returned text is cut before it)."""
     if isinstance(params, SamplingParams):
@@ -49,7 +53,7 @@ def generate_text(model: CausalLM, tokenizer, prompts: Sequence[str | Sequence[M
     if len(params) != len(prompts):
         raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
     params = [with_stop_tokens(p, tokenizer) for p in params]
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, template_kwargs) for p in prompts]
     stops = [s for s in stop if s]
 
     def hit_stop(_index: int, tokens: list[int]) -> bool:

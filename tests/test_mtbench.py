@@ -275,6 +275,30 @@ def test_rate_limited_requests_wait_as_long_as_the_server_asks():
     assert waits[0] == 7.0 and 27 < waits[1] <= 30 and waits[2] == 2.5 and waits[3] == 120.0 and waits[4] < 0.1
 
 
+def test_chat_template_kwargs_are_part_of_a_run_and_of_its_setup(tiny_chat_dir, tmp_path, capsys):
+    """`--chat-template-kwargs` renders every answer's prompt with the template's switches, is
+    recorded with the run (another run folder than without), and runs rendered differently are
+    not compared; a value that is not a JSON object is refused before a model loads."""
+    from evalsuite import cli
+    from evalsuite.compare import Tolerance, compare_sides, side_from_run
+
+    with ScriptedJudge() as judge:
+        base = ["run", "mt-bench", "--model", str(tiny_chat_dir), "--dtype", "float32", "--questions", "2",
+                "--max-new-tokens", "4", "--judge-base-url", judge.base_url, "--judge-model", "scripted",
+                "--calibration-questions", "1", "--no-progress"]
+        assert cli.main(base + ["--chat-template-kwargs", "[1]"]) == 2
+        assert "--chat-template-kwargs '[1]'; valid: a JSON object" in capsys.readouterr().err
+        assert cli.main(base + ["--output", str(tmp_path / "plain")]) == 0
+        assert cli.main(base + ["--chat-template-kwargs", '{"enable_thinking": false}',
+                                "--output", str(tmp_path / "switched")]) == 0
+        assert cli.main(base + ["--output", str(tmp_path / "plain"), "--chat-template-kwargs", '{"x": 1}']) == 2
+        assert "holds a run with a different configuration" in capsys.readouterr().err
+    run = json.loads((tmp_path / "switched" / "run.json").read_text())
+    assert run["chat_template_kwargs"] == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="chat_template_kwargs None vs \\{'enable_thinking': False\\}"):
+        compare_sides(side_from_run(tmp_path / "plain"), [side_from_run(tmp_path / "switched")], {}, Tolerance(1.0))
+
+
 def test_failed_judgment_is_recorded_and_retried(tiny_chat, tmp_path):
     job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=4))
     backend = EngineBackend(tiny_chat)

@@ -557,3 +557,44 @@ def test_prefix_sharing_gives_the_in_process_scores_exactly(lm):
     want = score(lm.model, [ScoreRequest(tuple(ctx), tuple(a)) for a in answers])
     for g, w in zip(got, want):
         assert tuple(g.token_logprobs[len(ctx):]) == w.token_logprobs
+
+
+# ------------------------------------------------------------------ chat template switches
+
+THINKING_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>"
+                     "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template_locally_and_through_an_endpoint(tiny_chat_dir, tmp_path):
+    """A chat template's own switches (Qwen3's enable_thinking): the engine renders them, the
+    server takes them as vLLM does (`chat_template_kwargs` in the body), and the endpoint backend
+    sends them there: the same prompt tokens (counted by the tokenizer's own template) and the
+    same greedy reply either way; a malformed value is a 400."""
+    import shutil
+
+    from evalsuite.backends.engine import EngineBackend
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_chat_dir, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": THINKING_TEMPLATE}))
+    lm = load(str(folder), "float32")
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    off = {"enable_thinking": False}
+    rendered = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    assert rendered.endswith("<|assistant|><think></think>")
+    want = lm.tokenizer.encode(rendered, add_special_tokens=False)
+    assert encode_prompt(lm.tokenizer, msgs, off) == want != encode_prompt(lm.tokenizer, msgs)
+    params = SamplingParams(max_new_tokens=6)
+    local = EngineBackend(lm, chat_template_kwargs=off).generate([msgs], params)[0].text
+    with BackgroundServer(served_model(lm, {"name": "bf16"}, "m", max_len=256)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x")
+        reply = client.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0,
+                                               extra_body={"chat_template_kwargs": off})
+        assert reply.usage.prompt_tokens == len(want) and reply.choices[0].message.content == local
+        remote = OpenAIBackend(srv.base_url, "m", chat_template_kwargs=off).generate([msgs], params)[0].text
+        assert remote == local
+        bad = httpx.post(f"{srv.base_url}/chat/completions",
+                         json={"model": "m", "messages": msgs, "chat_template_kwargs": "off"})
+        assert bad.status_code == 400 and "chat_template_kwargs='off'" in bad.json()["error"]["message"]

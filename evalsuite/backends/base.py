@@ -36,6 +36,9 @@ class BackendError(RuntimeError):
 
 class Backend(ABC):
     tokenizer: Any  # a transformers tokenizer of the served model, or None where none is known
+    # the chat template's own switches (Qwen3's enable_thinking, ...) for every chat prompt; they
+    # change what the model writes, so a backend's identity holds them when set
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

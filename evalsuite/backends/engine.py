@@ -20,7 +20,8 @@ class EngineBackend(Backend):
     (engine.prefix); scoring has its own context sharing and is unaffected."""
 
     def __init__(self, lm: LoadedModel, recipe: dict[str, Any] | None = None, *, max_batch_size: int = 32,
-                 max_batch_tokens: int = 4096, prefix_cache: bool = True):
+                 max_batch_tokens: int = 4096, prefix_cache: bool = True,
+                 chat_template_kwargs: dict[str, Any] | None = None):
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError(f"batch_size={max_batch_size} and max_batch_tokens={max_batch_tokens} must be >= 1")
         self.lm = lm
@@ -28,9 +29,11 @@ class EngineBackend(Backend):
         self.recipe = recipe or {"name": "bf16"}
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.prefix_cache = prefix_cache
+        self.chat_template_kwargs = chat_template_kwargs or None
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "engine", "model": dataclasses.asdict(self.lm.info), "recipe": self.recipe}
+        return {"kind": "engine", "model": dataclasses.asdict(self.lm.info), "recipe": self.recipe,
+                **({"chat_template_kwargs": self.chat_template_kwargs} if self.chat_template_kwargs else {})}
 
     def describe(self) -> dict[str, Any]:
         from ..bench import device_info, kernel_path
@@ -60,4 +63,5 @@ class EngineBackend(Backend):
             raise BackendError(f"model {self.lm.info.name!r} has no tokenizer; generation needs one")
         return list(generate_text(self.lm.model, self.tokenizer, prompts, params, stop,
                                   max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_batch_tokens,
-                                  progress=progress, prefix_cache=self.prefix_cache))
+                                  progress=progress, prefix_cache=self.prefix_cache,
+                                  template_kwargs=self.chat_template_kwargs))

@@ -60,7 +60,8 @@ def check_base_url(url: str) -> None:
 class OpenAIBackend(Backend):
     def __init__(self, base_url: str, model: str, *, tokenizer: Any = None, api_key_env: str = DEFAULT_KEY_ENV,
                  concurrency: int = 8, batch_size: int = 8, timeout: float = 120.0, max_retries: int = 5,
-                 backoff: float = 0.5, sleep: Callable[[float], None] = time.sleep):
+                 backoff: float = 0.5, sleep: Callable[[float], None] = time.sleep,
+                 chat_template_kwargs: dict[str, Any] | None = None):
         import openai
 
         check_base_url(base_url)
@@ -83,6 +84,8 @@ class OpenAIBackend(Backend):
         # OpenAI's reasoning models refuse chat's max_tokens and want max_completion_tokens, which
         # older servers do not know: max_tokens until the endpoint asks for the other
         self._chat_max_key = "max_tokens"
+        # sent as vLLM and SGLang take them (`chat_template_kwargs` in the request body)
+        self.chat_template_kwargs = chat_template_kwargs or None
 
     # ------------------------------------------------------------------ identity
     def context_length(self) -> int | None:
@@ -106,7 +109,8 @@ class OpenAIBackend(Backend):
         card = self.model_card()
         mine = card.get("evalsuite") or {}  # evalsuite serve says which weights and recipe it serves
         return {"kind": "openai", "model": {"name": self.model, **(mine.get("model") or {})},
-                "recipe": mine.get("recipe") or {"name": "as served"}}
+                "recipe": mine.get("recipe") or {"name": "as served"},
+                **({"chat_template_kwargs": self.chat_template_kwargs} if self.chat_template_kwargs else {})}
 
     def usage(self) -> dict[str, int]:
         with self._usage_lock:
@@ -196,6 +200,8 @@ class OpenAIBackend(Backend):
     def _chat(self, messages: list, common: dict[str, Any]) -> Any:
         key = self._chat_max_key
         args = {**{k: v for k, v in common.items() if k != "max_tokens"}, key: common["max_tokens"]}
+        if self.chat_template_kwargs:
+            args["extra_body"] = {"chat_template_kwargs": self.chat_template_kwargs}
         reply = self._call(lambda: self.client.chat.completions.create(messages=messages, **args))
         if key == "max_tokens" and isinstance(reply, Failure) and _wants_max_completion_tokens(reply.reason):
             self._chat_max_key = "max_completion_tokens"

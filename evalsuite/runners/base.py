@@ -62,7 +62,20 @@ class Runner(ABC):
 def backend_identity(backend: Backend) -> dict[str, Any]:
     """The part of a run's identity that names what was evaluated (model, recipe, backend kind)."""
     ident = backend.identity()
-    return {"model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind")}
+    return {"model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind"),
+            **({"chat_template_kwargs": ident["chat_template_kwargs"]} if ident.get("chat_template_kwargs") else {})}
+
+
+def identity_hash(identity: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """The hash of what changes a run's scores: ``identity``'s ``keys``, and the chat template's
+    switches where a run sets them (absent otherwise, so that the hashes of runs without them
+    stay as they were)."""
+    import hashlib
+    import json
+
+    keys = keys + (("chat_template_kwargs",) if identity.get("chat_template_kwargs") else ())
+    blob = json.dumps({k: identity[k] for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def progress_bar(enabled: bool, unit: str):

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..backends.base import Backend
 from ..records import RunConflictError, RunStore, package_versions
-from .base import RunResult
+from .base import RunResult, backend_identity
 
 
 def task_manager(tasks: list[str], include_path: str | None = None):
@@ -146,11 +146,10 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
 
     out = Path(out_dir)
     manager = manager or task_manager(tasks, include_path)
-    ident = backend.identity()
     identity = {"task": "lm-eval", "config": {"tasks": sorted(tasks), "limit": limit, "num_fewshot": num_fewshot,
                                               "seed": seed, "task_files": task_files_hash(include_path),
                                               **chat.identity(), **({"gen_kwargs": gen_kwargs} if gen_kwargs else {})},
-                "model": ident.get("model"), "recipe": ident.get("recipe"), "backend_kind": ident.get("kind")}
+                **backend_identity(backend)}
     config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     store = RunStore(out, identity, config_hash, key=lambda r: r["id"])
     store.run["backend"] = backend.describe()

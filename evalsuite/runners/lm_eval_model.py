@@ -61,7 +61,8 @@ class EvalsuiteLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  **(self.backend.chat_template_kwargs or {}))
 
     @property
     def eot_token_id(self) -> int:

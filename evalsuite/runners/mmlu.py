@@ -24,7 +24,7 @@ from ..records import RunStore, package_versions
 from ..stats import accuracy_table
 from ..taskdef import Formulation, MultipleChoiceTask, load_task, parse_multiple_choice_task
 from . import register
-from .base import Job, Runner, RunResult, backend_identity, progress_bar
+from .base import Job, Runner, RunResult, backend_identity, identity_hash, progress_bar
 
 if TYPE_CHECKING:
     from ..engine.load import LoadedModel
@@ -383,8 +383,7 @@ def run_mmlu(backend: Backend | LoadedModel, job: MMLUJob | MMLUConfig, out_dir:
     if any(f.method == "loglikelihood" for f in forms):
         backend.check_loglikelihood()
     identity = {**job.identity(), **backend_identity(backend), "seed": cfg.seed, "questions": len(job.questions)}
-    config_hash = _sha(json.dumps({k: identity[k] for k in ("config", "task_config_sha256", "data", "model", "recipe")},
-                                  sort_keys=True, default=str))
+    config_hash = identity_hash(identity, ("config", "task_config_sha256", "data", "model", "recipe"))
     store = RunStore(out_dir, identity, config_hash, key=record_key)
     store.run["backend"] = backend.describe()
     store.run["versions"] = package_versions()

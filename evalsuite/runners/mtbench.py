@@ -33,7 +33,7 @@ from ..records import RunStore, package_versions
 from ..stats import mean_estimate
 from ..taskdef import TaskDefinitionError, fields_of, load_task
 from . import register
-from .base import Job, Runner, RunResult, backend_identity, progress_bar
+from .base import Job, Runner, RunResult, backend_identity, identity_hash, progress_bar
 
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 
@@ -222,7 +222,7 @@ def _too_long(backend: Backend, prompts: list) -> dict[int, str]:
         return {}
     out = {}
     for i, p in enumerate(prompts):
-        n = len(encode_prompt(backend.tokenizer, p))
+        n = len(encode_prompt(backend.tokenizer, p, backend.chat_template_kwargs))
         if n >= limit:
             out[i] = f"the prompt has {n} tokens; the model's context is {limit}"
     return out
@@ -380,9 +380,7 @@ def run_mtbench(backend: Backend, job: MTBenchJob, out_dir: str | Path, judge: J
                 calibration_limit: int | None = None, divergence: dict | None = None) -> RunResult:
     out_dir = Path(out_dir)
     identity = {**job.identity(), **backend_identity(backend), "questions": len(job.questions)}
-    config_hash = hashlib.sha256(json.dumps({k: identity[k] for k in ("config", "task_config_sha256", "data", "model",
-                                                                       "recipe")},
-                                            sort_keys=True, default=str).encode()).hexdigest()
+    config_hash = identity_hash(identity, ("config", "task_config_sha256", "data", "model", "recipe"))
     store = RunStore(out_dir, identity, config_hash, key=_key)
     store.run["backend"] = backend.describe()
     store.run["versions"] = package_versions()

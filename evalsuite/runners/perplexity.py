@@ -33,7 +33,7 @@ from ..records import RunStore, package_versions
 from ..stats import ratio_estimate
 from ..taskdef import TaskDefinitionError, fields_of, load_task
 from . import register
-from .base import Job, Runner, RunResult, backend_identity, progress_bar
+from .base import Job, Runner, RunResult, backend_identity, identity_hash, progress_bar
 
 Z95 = 1.959963984540054
 
@@ -209,9 +209,7 @@ def run_perplexity(backend: Backend, job: PerplexityJob, out_dir: str | Path, *,
     # Windows never exceed what the model takes (lm-eval's hf model uses the model's length too).
     window = min(job.max_length, backend.context_length() or job.max_length)
     identity = {**job.identity(), **backend_identity(backend), "window": window, "documents": len(job.documents)}
-    config_hash = hashlib.sha256(json.dumps({k: identity[k] for k in ("config", "task_config_sha256", "data",
-                                                                       "window", "model", "recipe")},
-                                            sort_keys=True, default=str).encode()).hexdigest()
+    config_hash = identity_hash(identity, ("config", "task_config_sha256", "data", "window", "model", "recipe"))
     store = RunStore(out_dir, identity, config_hash)
     store.run["backend"] = backend.describe()
     store.run["versions"] = package_versions()

@@ -430,8 +430,13 @@ async def _chat(served: ServedModel, body: dict, request: Request):
             for m in messages)):
         raise RequestError("messages must be a non-empty list of {role, content} objects with string values",
                            "messages")
+    template_kwargs = body.get("chat_template_kwargs")  # vLLM's and SGLang's extension: the template's switches
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise RequestError(f"chat_template_kwargs={template_kwargs!r}; valid: an object of the chat template's "
+                           "variables, e.g. {\"enable_thinking\": false}", "chat_template_kwargs")
     try:
-        prompt = encode_prompt(served.tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+        prompt = encode_prompt(served.tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages],
+                               template_kwargs)
     except Exception as e:  # a template that rejects the roles or their order
         raise RequestError(f"the chat template cannot render these messages: {e}", "messages") from None
     stops = _stops(body)
