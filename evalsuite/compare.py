@@ -297,6 +297,8 @@ def run_setup(run: dict[str, Any]) -> dict[str, Any]:
     are not item selection, the task file's hash and the data's hashes."""
     task = run.get("task", "")
     config = {k: v for k, v in (run.get("config") or {}).items() if k not in _SELECTION_KEYS.get(task, ())}
+    if task == "lm-eval":  # options a run records only when given: their absence is a setting too
+        config = {"chat": None, "gen_kwargs": None, **config}
     data = run.get("data") if isinstance(run.get("data"), dict) else {}
     setup = {"task": task, **config, "task_config_sha256": run.get("task_config_sha256"),
              **{f"data.{k}": v for k, v in data.items() if k.endswith("sha256")},

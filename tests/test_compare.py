@@ -363,6 +363,19 @@ def test_runs_of_different_setups_are_not_compared(tiny_dir, tmp_path, capsys):
         in md
 
 
+def test_an_lm_eval_run_with_a_chat_template_is_not_compared_with_a_plain_one():
+    """lm-eval runs record their chat format and --gen-kwargs only when given; a run without them
+    still differs from one with them."""
+    from evalsuite.compare import Metric, check_same_setup, run_setup
+
+    plain = {"task": "lm-eval", "config": {"tasks": ["t"], "num_fewshot": None, "seed": 1234, "task_files": "h"}}
+    chat = {**plain, "config": {**plain["config"], "chat": {"apply_chat_template": True}}}
+    metrics = [Metric("lm-eval.t.acc", "accuracy", 0.5, setup=run_setup(r)) for r in (plain, chat, plain)]
+    check_same_setup(metrics[0], metrics[2])
+    with pytest.raises(ValueError, match="ran the task differently \\(chat None vs \\{'apply_chat_template': True\\}\\)"):
+        check_same_setup(metrics[0], metrics[1])
+
+
 # ---------------------------------------------------------------------------------- run index
 
 def test_run_index_records_and_filters(tmp_path):
