@@ -2,9 +2,9 @@
 
 For every recipe: MMLU (letter and cloze) on a stratified subset and perplexity on a subset of
 the prose corpus; then the throughput benchmark; then the comparison against the official FP8
-recipe and the report with its plots. Each run lives in its own folder under the study's folder
-and resumes when the command is repeated; the benchmark is kept once written (--rebench redoes
-it). The defaults fit the embedded model on 2 CPU cores in about 15 minutes; ``--full`` is the
+recipe (or the recipe named by --baseline) and the report with its plots. Each run lives in its
+own folder under the study's folder and resumes when the command is repeated; the benchmark is
+kept once written (--rebench redoes it). The defaults fit the embedded model on 2 CPU cores in about 15 minutes; ``--full`` is the
 full-size study (every MMLU question, every paragraph, the note's lengths).
 """
 
@@ -36,13 +36,14 @@ class StudyPlan:
     perplexity_args: list[str]
     bench_args: list[str]
     mtbench_args: list[str] | None = None  # None: no MT-Bench part
+    baseline: str = "fp8-official"  # the recipe the others are compared with (the reference case's)
     device_args: list[str] = field(default_factory=list)  # an execution setting: not part of any run's folder
 
 
 def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_subject: int | None,
                per_article: int | None, root: Path, formulations: list[str] | None = None,
                mtbench_questions: int | None = None, mtbench_tokens: int | None = None,
-               device: str | None = None) -> StudyPlan:
+               device: str | None = None, baseline: str | None = None) -> StudyPlan:
     from .engine.options import check_device
     from .quant.api import get_recipe
 
@@ -53,8 +54,13 @@ def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_sub
                         ("--mt-bench", mtbench_questions), ("--mt-bench-tokens", mtbench_tokens)):
         if value is not None and value < 1:  # 0 would otherwise read as "the default" (or all 80 questions)
             raise ValueError(f"{flag} {value}: valid: an integer >= 1 (omit it for the default)")
-    if "fp8-official" not in recipes:
-        raise ValueError(f"--recipes {recipes}: the study compares against fp8-official; include it")
+    if baseline is None:
+        if "fp8-official" not in recipes:
+            raise ValueError(f"--recipes {recipes}: the study compares against fp8-official by default; include it, "
+                             f"or name the baseline with --baseline (one of {recipes})")
+        baseline = "fp8-official"
+    elif baseline not in recipes:
+        raise ValueError(f"--baseline {baseline}: not among --recipes {recipes}; valid: one of them")
     folder = root / name
     mmlu = ["--formulation", *(formulations or (["letter", "cloze"] if full else QUICK["formulations"]))]
     ppl: list[str] = []
@@ -74,7 +80,8 @@ def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_sub
         mtb = (["--questions", str(mtbench_questions)] if mtbench_questions else []) + \
             (["--max-new-tokens", str(mtbench_tokens)] if mtbench_tokens else []) + \
             ([] if full else ["--calibration-questions", "10"])  # the judge's calibration: 10 of 30 when quick
-    return StudyPlan(name, model, recipes, folder, mmlu, ppl, bench, mtb, ["--device", device] if device else [])
+    return StudyPlan(name, model, recipes, folder, mmlu, ppl, bench, mtb, baseline,
+                     ["--device", device] if device else [])
 
 
 def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, file=sys.stderr, flush=True)) -> int:
@@ -121,17 +128,18 @@ def run_study(plan: StudyPlan, *, rebench: bool = False, log=lambda m: print(m, 
     if rebench or not (bench_dir / "bench.json").is_file():
         t0 = time.perf_counter()
         rc = cli_main(["bench", "--model", plan.model, "--recipes", *plan.recipes, *plan.bench_args,
-                       *plan.device_args, "--output", str(bench_dir)])
+                       "--baseline", plan.baseline, *plan.device_args, "--output", str(bench_dir)])
         timings["bench"] = time.perf_counter() - t0
         if rc != 0:
             return rc
     t0 = time.perf_counter()
     rc = cli_main(["report", "report", *map(str, runs["mmlu"] + runs["perplexity"] + runs.get("mt-bench", [])),
-                   "--bench", str(bench_dir),
+                   "--bench", str(bench_dir), "--baseline", plan.baseline,
                    "--root", str(plan.folder)])
     timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     (plan.folder / "study.json").write_text(json.dumps({"model": plan.model, "recipes": plan.recipes,
+                                                        "baseline": plan.baseline,
                                                         "mmlu_args": plan.mmlu_args,
                                                         "perplexity_args": plan.perplexity_args,
                                                         "mtbench_args": plan.mtbench_args,

@@ -318,6 +318,26 @@ def test_study_runs_every_step_on_its_device(tmp_path, monkeypatch):
     for argv in calls[:-1]:
         assert argv[argv.index("--device") + 1] == "cpu", argv
     assert "--device" not in calls[-1]
+    # the default baseline is the reference case's; the benchmark's speedups and the report use it
+    assert [argv[argv.index("--baseline") + 1] for argv in calls[-2:]] == ["fp8-official"] * 2
+
+
+def test_study_baseline_is_any_of_its_recipes(tmp_path, monkeypatch):
+    """--baseline bf16: the report's verdicts and the benchmark's speedups are against BF16, and the
+    study needs no fp8-official run."""
+    from evalsuite.study import plan_study, run_study
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    (tmp_path / "s").mkdir()
+    plan = plan_study("s", "smollm2-135m", ["bf16", "int4-awq"], full=False, per_subject=None, per_article=None,
+                      root=tmp_path, baseline="bf16")
+    assert run_study(plan, log=lambda m: None) == 0
+    assert [argv[argv.index("--recipe") + 1] for argv in calls if argv[0] == "run"] == ["bf16"] * 2 + ["int4-awq"] * 2
+    bench, report = calls[-2:]
+    assert bench[0] == "bench" and bench[bench.index("--baseline") + 1] == "bf16"
+    assert report[0] == "report" and report[report.index("--baseline") + 1] == "bf16"
+    assert json.loads((tmp_path / "s" / "study.json").read_text())["baseline"] == "bf16"
 
 
 def test_side_from_run_weights_questions_by_subject_size(tmp_path):
