@@ -4,8 +4,9 @@ For every recipe: MMLU (letter and cloze) on a stratified subset and perplexity 
 the prose corpus; then the throughput benchmark; then the comparison against the official FP8
 recipe (or the recipe named by --baseline) and the report with its plots. Each run lives in its
 own folder under the study's folder and resumes when the command is repeated; the benchmark is
-kept once written (--rebench redoes it). The defaults fit the embedded model on 2 CPU cores in about 15 minutes; ``--full`` is the
-full-size study (every MMLU question, every paragraph, the note's lengths).
+kept once written (--rebench redoes it). The defaults fit the embedded model on 2 CPU cores in
+about 15 minutes; ``--full`` is the full-size study (every MMLU question, every paragraph, the
+note's lengths).
 """
 
 from __future__ import annotations
