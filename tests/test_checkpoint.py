@@ -44,6 +44,59 @@ def test_quantize_save_load_same_logits(recipe, dtype, tiny_dir, calib_file, tmp
     assert torch.equal(back.model(tokens), want)
 
 
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq", "int4-awq-asym"])
+def test_phi3_quantizes_as_the_llama_it_equals(recipe, calib_file, tmp_path, monkeypatch):
+    """Phi-3 stores q/k/v and gate/up fused. With full RoPE and no window it is a Llama with those
+    tensors split (as transformers' LlamaForCausalLM, loaded with them, confirms), so every recipe
+    must quantize both alike: the same quantized modules and logits (fp8-modelopt's one scale per
+    group is the scale of the fused tensor TensorRT-LLM and vLLM load for Phi-3); and the Phi-3
+    checkpoint saves and loads without calibrating again."""
+    import transformers
+
+    from .conftest import make_tokenizer
+
+    torch.manual_seed(3)
+    phi = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, rms_norm_eps=1e-5))
+    with torch.no_grad():
+        for w in phi.parameters():
+            w.normal_(0, 0.15) if w.dim() == 2 else None
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, rms_norm_eps=1e-5))
+    state = {}
+    for k, v in phi.state_dict().items():
+        if k.endswith("qkv_proj.weight"):
+            state.update(zip([k.replace("qkv", n) for n in "qkv"], v.split([64, 32, 32])))
+        elif k.endswith("gate_up_proj.weight"):
+            state.update(zip([k.replace("gate_up", n) for n in ("gate", "up")], v.chunk(2)))
+        else:
+            state[k] = v
+    llama.load_state_dict(state)
+    tokens = torch.randint(0, 400, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(phi(tokens).logits, llama(tokens).logits, atol=1e-5)
+    over = {} if recipe == "fp8-official" else {
+        "calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}}
+    if recipe.startswith("int4"):
+        over["block_size"] = 32
+    got = {}
+    for name, hf in (("phi3", phi), ("llama", llama)):
+        hf.save_pretrained(tmp_path / name)
+        make_tokenizer().save_pretrained(tmp_path / name)
+        lm = load(str(tmp_path / name), "float32")
+        got[name] = (lm, apply_recipe(lm, recipe, over), lm.model(tokens))
+    (lm, record, want), (llama_lm, _, llama_logits) = got["phi3"], got["llama"]
+    assert quantized_modules(lm.model) == quantized_modules(llama_lm.model)
+    assert "model.layers.1.mlp.gate_proj" in quantized_modules(lm.model)
+    assert (want - llama_logits).abs().max() <= 1e-4
+    out = save_quantized(lm, record, tmp_path / "q")
+    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
+    back, _ = load_quantized(out, "float32")
+    assert torch.equal(back.model(tokens), want)
+
+
 def test_low_bit_tensors_are_stored_low_bit(tiny_dir, tmp_path):
     from safetensors import safe_open
 

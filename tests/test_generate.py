@@ -41,18 +41,29 @@ def test_greedy_matches_transformers(tiny, hf_tiny):
         assert g.finish_reason == "length"
 
 
-def test_qwen3_greedy_and_static_decode_match_transformers(tmp_path):
-    """Qwen3's q/k head norms on every path that writes or reads the KV cache: prefill, decode,
-    the static (graph-capturable) decode, several sequences at once."""
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_other_architectures_greedy_and_static_decode_match_transformers(arch, tmp_path):
+    """Qwen3's q/k head norms, and Phi-3.5's LongRoPE (scaled cos/sin) on part of each head, on
+    every path that writes or reads the KV cache: prefill, decode, the static (graph-capturable)
+    decode, several sequences at once."""
     import transformers
 
     from evalsuite.engine.load import load_folder
 
     torch.manual_seed(5)
-    cfg = transformers.Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                   max_position_embeddings=256)
-    hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    if arch == "qwen3":
+        cfg = transformers.Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                       max_position_embeddings=256)
+        hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    else:
+        cfg = transformers.Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                      partial_rotary_factor=0.5, max_position_embeddings=1024,
+                                      original_max_position_embeddings=256,
+                                      rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+                                                    "long_factor": [5.0, 6.0, 7.0, 8.0]})
+        hf = transformers.Phi3ForCausalLM(cfg).eval()
     with torch.no_grad():  # weights large enough for confident greedy choices; norms that matter
         for name, w in hf.named_parameters():
             w.normal_(1, 0.5) if name.endswith(("q_norm.weight", "k_norm.weight")) else \

@@ -62,6 +62,15 @@ def test_unknown_architecture(tiny_dir, tmp_path):
         load_folder(d)
 
 
+def test_activation_other_than_silu_is_refused(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["hidden_act"] = "gelu_pytorch_tanh"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu_pytorch_tanh'.*valid: 'silu'"):
+        load_folder(d)
+
+
 def test_shape_mismatch(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())

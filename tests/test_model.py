@@ -28,7 +28,7 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "tied"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "phi3-longrope", "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -55,6 +55,18 @@ def test_other_architectures_match_transformers(arch, tmp_path):
                                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
                                          sliding_window=None)
         hf = transformers.MistralForCausalLM(cfg)
+    elif arch.startswith("phi3"):  # fused qkv_proj and gate_up_proj; a sliding window longer than the tokens
+        kw = {"sliding_window": 48} if arch == "phi3" else {  # Phi-3.5-mini's kind: LongRoPE, here on 3/4 of each head
+            "partial_rotary_factor": 0.75, "max_position_embeddings": 1024, "original_max_position_embeddings": 128,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(6)],
+                             "long_factor": [4.0 + i for i in range(6)]}}
+        cfg = transformers.Phi3Config(**{"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+                                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                         "max_position_embeddings": 256, "pad_token_id": 0, **kw})
+        hf = transformers.Phi3ForCausalLM(cfg)
+        with torch.no_grad():  # weights large enough that positions (and so RoPE) move the logits
+            for w in hf.parameters():
+                w.normal_(0, 0.2) if w.dim() == 2 else None
     else:
         hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True, rope_parameters=None,
                                                           rope_theta=500.0))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evalsuite.cli import main
-from evalsuite.engine.config import ModelConfig
+from evalsuite.engine.config import ModelConfig, rope_inv_freq
 from evalsuite.engine.load import load, read_config
 from evalsuite.plan import PLAN_RECIPES, deployed_weight_bytes, kv_bytes_per_token, plan
 from evalsuite.quant.api import apply_recipe
@@ -167,6 +167,49 @@ def test_plan_of_a_qwen2_config_counts_its_published_size(tmp_path):
     assert p.deployed_weight_bytes == 15_231_233_024
     # KV: 2 x 28 layers x 4 heads x 128 x 2 bytes = 57,344 B per token
     assert p.kv_bytes == 57_344 * 32768 and p.gpus == 1
+
+
+# microsoft/Phi-3.5-mini-instruct's config.json in its published (pre-transformers-5) layout: fused
+# projections, LongRoPE over 4,096 original positions stretched to 131,072; its 48 short and long
+# factors are stood in for by others of the same count (only their count matters here)
+PHI35_MINI_CONFIG = {
+    "architectures": ["Phi3ForCausalLM"], "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 8192,
+    "max_position_embeddings": 131072, "model_type": "phi3", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 32, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 16 for i in range(48)],
+                     "long_factor": [1.5 + i for i in range(48)]},
+    "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": False, "vocab_size": 32064}
+# microsoft/phi-4's: grouped KV heads, plain RoPE
+PHI4_CONFIG = {
+    "architectures": ["Phi3ForCausalLM"], "hidden_act": "silu", "hidden_size": 5120, "intermediate_size": 17920,
+    "max_position_embeddings": 16384, "model_type": "phi3", "num_attention_heads": 40, "num_hidden_layers": 40,
+    "num_key_value_heads": 10, "original_max_position_embeddings": 16384, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "rope_theta": 250000, "sliding_window": None, "tie_word_embeddings": False,
+    "vocab_size": 100352}
+
+
+@pytest.mark.parametrize("published", [PHI35_MINI_CONFIG, PHI4_CONFIG], ids=["phi-3.5-mini", "phi-4"])
+def test_phi3_configs_count_as_transformers_builds_them(published, tmp_path):
+    """Parameters as transformers' own Phi3ForCausalLM counts them (built on the meta device), the
+    planner's BF16 bytes twice that, and LongRoPE's attention factor as transformers computes it."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = transformers.Phi3Config(**published)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in transformers.Phi3ForCausalLM(hf_cfg).parameters())
+    cfg = ModelConfig.from_hf(published)
+    assert cfg.num_parameters() == n
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n
+    if published is PHI35_MINI_CONFIG:
+        inv_freq, attention = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg)
+        assert cfg.rope_scaling.attention_factor == pytest.approx(attention, rel=1e-12)
+        assert attention == pytest.approx(1.190238, abs=1e-6)  # sqrt(1 + ln 32 / ln 4096), by hand
+        assert torch.equal(rope_inv_freq(cfg), inv_freq)
+        assert cfg.context_limit[0] == 4096  # the long factors are not implemented
+    else:
+        assert cfg.rope_scaling is None and cfg.context_limit == (16384, "context")
 
 
 def test_kv_cache_splits_no_finer_than_by_kv_head():

@@ -49,8 +49,7 @@ class EngineBackend(Backend):
             raise BackendError(f"model {self.lm.info.name!r} has no tokenizer; log-likelihood tasks need one")
 
     def context_length(self) -> int:
-        config = self.lm.model.config
-        return min(config.max_position_embeddings, config.sliding_window or config.max_position_embeddings)
+        return self.lm.model.config.context_limit[0]
 
     def loglikelihood(self, requests: Sequence[ScoreRequest], progress: Progress | None = None
                       ) -> list[ScoreResult | Failure]:

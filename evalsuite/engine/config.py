@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 class UnsupportedModelError(ValueError):
@@ -28,6 +28,19 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class LongRope:
+    """Phi-3's LongRoPE (HF rope_type "longrope", formerly "su"): per-frequency factors, and cos/sin
+    scaled by ``attention_factor``. The short factors hold up to ``original_max_position_embeddings``
+    tokens; beyond, transformers switches every position to the long factors, which the engine does
+    not implement, so longer sequences are refused (``ModelConfig.context_limit``)."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    attention_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -39,11 +52,12 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
+    rope_scaling: RopeScaling | LongRope | None = None
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dimensions of each head
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE
-    sliding_window: int | None = None  # Mistral; sequences longer than this are refused
+    sliding_window: int | None = None  # Mistral, Phi-3; sequences longer than this are refused
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -58,9 +72,33 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} with head_dim {self.head_dim}: "
+                             "valid: a factor in (0, 1] that leaves an even number of rotated dimensions")
+        if isinstance(self.rope_scaling, LongRope):
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(self.rope_scaling, name)) != self.rotary_dim // 2:
+                    raise ValueError(f"longrope {name} holds {len(getattr(self.rope_scaling, name))} factors; "
+                                     f"the rotated dimensions need {self.rotary_dim // 2}")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unknown architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dimensions of each head RoPE rotates (transformers' int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def context_limit(self) -> tuple[int, str]:
+        """The longest sequence the engine runs as transformers does, and what sets it."""
+        limit, why = self.max_position_embeddings, "context"
+        if self.sliding_window and self.sliding_window < limit:
+            limit, why = self.sliding_window, "sliding window (not implemented)"
+        if isinstance(self.rope_scaling, LongRope) and self.rope_scaling.original_max_position_embeddings < limit:
+            limit, why = self.rope_scaling.original_max_position_embeddings, "LongRoPE short-factor range " \
+                "(the long factors are not implemented)"
+        return limit, why
 
     @property
     def q_size(self) -> int:
@@ -90,7 +128,12 @@ class ModelConfig:
         return body + emb * (1 if self.tie_word_embeddings else 2)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # added after runs were recorded: absent at its neutral value, so that the identities of
+        # those runs (the model's config is part of them) and their resumption stay as they were
+        if d["partial_rotary_factor"] == 1.0:
+            del d["partial_rotary_factor"]
+        return d
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -105,12 +148,30 @@ class ModelConfig:
                                "num_attention_heads") if k not in hf]
         if missing:
             raise UnsupportedModelError(f"config.json lacks {', '.join(missing)}, which a {model_type} model needs")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"config.json: hidden_act {act!r}; the engine's MLP is SwiGLU (valid: 'silu')")
         rope = dict(hf.get("rope_parameters") or {})
         legacy = hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = None
-        if rope_type == "llama3":
+        partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        max_len = hf.get("max_position_embeddings", 2048)
+        scaling: RopeScaling | LongRope | None = None
+        if rope_type in ("longrope", "su"):
+            src = {**legacy, **rope}
+            original = int(src.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                           or max_len)
+            # transformers' defaults: the factor from the two lengths, then sqrt(1 + ln f / ln original)
+            factor = src.get("factor") or max_len / original
+            attention = src.get("attention_factor")
+            if attention is None:
+                attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+            scaling = LongRope(tuple(map(float, src["short_factor"])), tuple(map(float, src["long_factor"])),
+                               float(attention), original)
+        elif rope_type == "llama3":
             src = {**legacy, **rope}
             scaling = RopeScaling(
                 factor=float(src["factor"]),
@@ -120,10 +181,10 @@ class ModelConfig:
             )
         elif rope_type != "default":
             raise UnsupportedModelError(
-                f"unsupported RoPE type {rope_type!r}; supported: 'default', 'llama3'")
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+                f"unsupported RoPE type {rope_type!r}; supported: 'default', 'llama3', 'longrope'")
+        # Qwen2/3 configs carry a window they switch off (use_sliding_window false); Mistral's and
+        # Phi-3's apply whenever set
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -132,10 +193,11 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=head_dim,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_len,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
+            partial_rotary_factor=partial,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",
@@ -174,8 +236,14 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor on cos and sin (LongRoPE's; 1 otherwise)."""
+    return cfg.rope_scaling.attention_factor if isinstance(cfg.rope_scaling, LongRope) else 1.0
+
+
 def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":
-    """Inverse RoPE frequencies in float32, with Llama 3 scaling when configured.
+    """Inverse RoPE frequencies in float32 for the rotated dimensions, with Llama 3 or LongRoPE
+    scaling when configured.
 
     The arithmetic follows transformers' float32 order of operations exactly: positions times
     these frequencies reach ~1e4 radians at long contexts, so a float64 computation would drift
@@ -183,9 +251,12 @@ def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":
     """
     import torch
 
-    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** exponents)
+    dim = cfg.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     s = cfg.rope_scaling
+    if isinstance(s, LongRope):  # the short factors (ModelConfig.context_limit)
+        return 1.0 / (torch.tensor(s.short_factor, dtype=torch.float32) * cfg.rope_theta ** exponents)
+    inv = 1.0 / (cfg.rope_theta ** exponents)
     if s is None:
         return inv
     old_len = s.original_max_position_embeddings

@@ -97,7 +97,7 @@ class DecodeBatch:
         self.static = model.device.type == "cuda" if static is None else static
         if self.static:  # whole blocks, so that batches of nearby lengths share one capture
             max_len = -(-max_len // STATIC_LEN_BLOCK) * STATIC_LEN_BLOCK
-        self.max_len = min(max_len, model.config.max_position_embeddings)
+        self.max_len = min(max_len, model.config.context_limit[0])
         self.running: list[Generation] = []
         self._key = None
         fingerprint = _weights_fingerprint(model)

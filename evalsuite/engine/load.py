@@ -157,7 +157,7 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
                     folder: Path | str = "state dict") -> CausalLM:
     """A CausalLM on the tensors of an HF-named state dict (taken as they are: same device, and
     shared, not copied)."""
-    state = dict(state)
+    state = _split_fused(cfg, dict(state))
     with torch.device("meta"):
         model = CausalLM(cfg, dtype)
     expected = set(model.state_dict())
@@ -180,6 +180,21 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
     model.requires_grad_(False)
     model.fuse_projections()
     return model.eval()
+
+
+def _split_fused(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Phi-3 stores q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (gate first);
+    the engine's modules are Llama's, so the fused tensors are split into their views."""
+    for key in [k for k in state if k.endswith((".qkv_proj.weight", ".gate_up_proj.weight"))]:
+        prefix, fused = key.rsplit(".", 2)[0], state.pop(key)
+        if key.endswith(".qkv_proj.weight"):
+            names, sizes = ("q_proj", "k_proj", "v_proj"), (cfg.q_size, cfg.kv_size, cfg.kv_size)
+        else:
+            names, sizes = ("gate_proj", "up_proj"), (cfg.intermediate_size, cfg.intermediate_size)
+        if fused.shape[0] != sum(sizes):
+            raise ModelLoadError(f"tensor {key} has {fused.shape[0]} rows, config.json implies {sum(sizes)}")
+        state.update({f"{prefix}.{n}.weight": part for n, part in zip(names, fused.split(sizes))})
+    return state
 
 
 def gguf_to_folder(gguf: Path, sha256: str | None = None) -> tuple[Path, dict[str, str]]:

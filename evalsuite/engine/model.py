@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache
-from .config import ModelConfig, rope_inv_freq
+from .config import ModelConfig, rope_attention_factor, rope_inv_freq
 from .linear import in_row_blocks, linear, matmul, project
 
 
@@ -165,7 +165,11 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (HF layout). x [B, L, heads, D]; cos/sin broadcast to [B or 1, L, 1, D]."""
+    """Rotate-half RoPE (HF layout). x [B, L, heads, D]; cos/sin broadcast to [B or 1, L, 1, R]:
+    the first R dimensions of each head rotate, the rest pass (partial RoPE, R < D)."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -462,18 +466,22 @@ class CausalLM(nn.Module):
             freqs = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"),
                                 rope_inv_freq(self.config).to("cpu"))
             emb = torch.cat((freqs, freqs), dim=-1)
-            # transformers computes cos/sin in float32, then casts to the activation dtype.
-            self._cos = emb.cos().to(self.dtype).to(self.device)
-            self._sin = emb.sin().to(self.dtype).to(self.device)
+            # transformers computes cos/sin in float32 (times LongRoPE's attention factor), then casts
+            # to the activation dtype.
+            cos, sin = emb.cos(), emb.sin()
+            factor = rope_attention_factor(self.config)
+            if factor != 1.0:
+                cos, sin = cos * factor, sin * factor
+            self._cos = cos.to(self.dtype).to(self.device)
+            self._sin = sin.to(self.dtype).to(self.device)
             self._rope_len = n
         return self._cos, self._sin
 
     def check_length(self, length: int) -> None:
-        limit = self.config.max_position_embeddings
-        if self.config.sliding_window:
-            limit = min(limit, self.config.sliding_window)
+        limit, why = self.config.context_limit
         if length > limit:
-            raise ValueError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens")
+            raise ValueError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens "
+                             f"(its {why})")
 
     def rope(self, step: Step) -> tuple[Tensor, Tensor]:
         """cos and sin at the step's positions, shaped to broadcast over its q/k [B, L, heads, D]."""

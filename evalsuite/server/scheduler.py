@@ -84,7 +84,7 @@ class Scheduler:
     def __init__(self, model: CausalLM, *, max_batch_size: int = 32, max_len: int = 2048,
                  max_prefill_tokens: int = 2048, prefix_cache: bool = True):
         self.model = model
-        self.max_len = min(max_len, model.config.max_position_embeddings)
+        self.max_len = min(max_len, model.config.context_limit[0])
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.batch = DecodeBatch(model, max_batch_size, self.max_len, prefix_cache=prefix_cache)
         self.inbox: queue.Queue = queue.Queue()
