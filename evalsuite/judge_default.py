@@ -61,8 +61,10 @@ def judge_for(args, backend=None) -> Iterator[Judge]:
     from .server.serve import BackgroundServer, served_model
 
     lm = load(EMBEDDED_JUDGE, "bfloat16", getattr(args, "device", None))  # where the evaluated model runs
-    served = served_model(lm, {"name": "bf16"}, f"{EMBEDDED_JUDGE}-judge", max_batch_size=32, max_len=8192,
-                          max_prefill_tokens=4096)
+    # as many KV cache slots as the client sends requests at once: more would sit empty (32 slots
+    # of 8,192 tokens held 6 GB; results do not depend on the batch)
+    served = served_model(lm, {"name": "bf16"}, f"{EMBEDDED_JUDGE}-judge", max_batch_size=args.judge_concurrency,
+                          max_len=8192, max_prefill_tokens=4096)
     with BackgroundServer(served) as srv:
         client = OpenAIBackend(srv.base_url, served.name, tokenizer=lm.tokenizer, concurrency=args.judge_concurrency,
                                timeout=1800)

@@ -598,3 +598,25 @@ def test_chat_template_kwargs_reach_the_template_locally_and_through_an_endpoint
         bad = httpx.post(f"{srv.base_url}/chat/completions",
                          json={"model": "m", "messages": msgs, "chat_template_kwargs": "off"})
         assert bad.status_code == 400 and "chat_template_kwargs='off'" in bad.json()["error"]["message"]
+
+
+def test_a_stopped_server_lets_its_model_and_kv_cache_go(chat_dir):
+    """A study runs one embedded judge server per MT-Bench run in one process: once a server
+    stops, nothing may keep its model and KV cache alive (FastAPI keeps every endpoint function
+    it has seen in a process-wide cache, so a handler closing over the model held them: 6 GB per
+    judge server, until the study's process ran out of memory)."""
+    import gc
+    import weakref
+
+    served = served_model(load(str(chat_dir), "float32"), {"name": "bf16"}, "tiny", max_batch_size=2, max_len=64)
+    with BackgroundServer(served) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
+        assert client.completions.create(model="tiny", prompt="The", max_tokens=2).choices[0].text is not None
+        assert client.chat.completions.create(model="tiny", max_tokens=2,
+                                              messages=[{"role": "user", "content": "Hi"}]).choices
+        assert httpx.get(srv.base_url.replace("/v1", "/health")).status_code == 200
+        assert client.models.list().data
+    gone = [weakref.ref(served.scheduler.model), weakref.ref(served)]
+    del served, srv, client
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]

@@ -75,6 +75,10 @@ def _error(e: RequestError) -> JSONResponse:
 
 
 def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
+    """The app serving ``served``. Its handlers find the model in ``app.state``, never in a closure:
+    FastAPI keeps every endpoint function it has seen in a process-wide cache, so a closure over
+    the model would keep its weights and KV cache alive after the server stops (a study runs one
+    embedded judge server per MT-Bench run in one process)."""
     app = FastAPI(title="evalsuite", docs_url=None, redoc_url=None)
     app.state.served = served
 
@@ -88,12 +92,14 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
         return await call_next(request)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        served = request.app.state.served
         s = served.scheduler
         return {"status": "ok", "model": served.name, "running": s.running, "waiting": len(s.waiting)}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        served = request.app.state.served
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
                                             "owned_by": "evalsuite", "max_model_len": served.scheduler.max_len,
                                             **served.card}]}
@@ -102,7 +108,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     async def completions(request: Request):
         try:
             body = await _body(request)
-            return _json(await _completions(served, body, request))
+            return _json(await _completions(request.app.state.served, body, request))
         except RequestError as e:
             return _error(e)
 
@@ -110,7 +116,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     async def chat(request: Request):
         try:
             body = await _body(request)
-            return _json(await _chat(served, body, request))
+            return _json(await _chat(request.app.state.served, body, request))
         except RequestError as e:
             return _error(e)
 
