@@ -7,9 +7,9 @@ on a grid of input/output lengths, at batch 1 (minimum latency) and at the best 
 batch sizes (maximum throughput). Prompts are seeded random tokens of exactly ISL tokens, and
 every sequence generates exactly OSL tokens (end-of-sequence ignored), so every recipe does the
 same work. Per row also: time to first token and inter-token latency percentiles (p50, p90, p99),
-the weights' resident bytes, the KV cache's bytes, the process's peak memory, the device and the
-kernel path (a real low-bit kernel or a simulation: on a CPU, simulated FP8 is slower than BF16,
-which says nothing about the deployed speed).
+the weights' resident bytes, the KV cache's bytes, the process's peak memory during the row, the
+device and the kernel path (a real low-bit kernel or a simulation: on a CPU, simulated FP8 is
+slower than BF16, which says nothing about the deployed speed).
 
 Through an endpoint (``--base-url``) the same grid runs as concurrent streaming requests
 (``ignore_eos``, as vLLM's and the suite's servers accept), timing what a client sees. The
@@ -129,9 +129,31 @@ def _random_prompts(vocab: int, n: int, isl: int, osl: int, seed: int) -> list[l
     return torch.randint(10, vocab - 10, (n, isl), generator=g).tolist()
 
 
+def _reset_peak_memory(device: str) -> None:
+    """Start a row's peak memory from the present: CUDA's allocator statistics; on Linux the
+    process's resident high-water mark (writing 5 to /proc/self/clear_refs resets VmHWM), so that
+    a row does not report what earlier work in the same process held (a study runs every step in
+    one process). Elsewhere the CPU peak stays the process's own since it started."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_memory(device: str) -> int:
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's high-water mark
 
 
@@ -145,8 +167,8 @@ def engine_row(lm, recipe: dict[str, Any], isl: int, osl: int, batch: int, *, se
     model.check_length(isl + osl)
     prompts = _random_prompts(model.config.vocab_size, batch, isl, osl, seed)
     params = SamplingParams(max_new_tokens=osl)  # greedy; no stop tokens: exactly osl tokens each
+    _reset_peak_memory(device)
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     gens = [Generation(p, params) for p in prompts]
     decode = DecodeBatch(model, batch, isl + osl, prefix_cache=False)  # every prompt prefilled whole

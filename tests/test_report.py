@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 
 import pandas as pd
 import pytest
+import torch
 
 from evalsuite import cli
 from evalsuite.bench import BenchResult, endpoint_row, engine_row, format_tables, percentiles
@@ -33,6 +35,19 @@ def test_engine_row_counts_every_token_and_includes_time_to_first_token(tiny):
     assert 0 < row.ttft_ms["p50"] <= row.seconds * 1e3
     assert row.itl_ms["p50"] > 0 and row.kv_cache_bytes > 0 and row.weight_bytes == tiny.model.resident_bytes()
     assert row.kernel_path and row.device.startswith("cpu")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resettable peak memory is Linux's")
+def test_engine_row_peak_memory_is_the_rows_own(tiny):
+    """A study benchmarks in the process that ran every evaluation before: a row's peak memory
+    is what the process held during the row, not its high-water mark since it started."""
+    import resource
+
+    big = torch.ones(1_500_000_000 // 4)  # 1.5 GB touched, then freed: the process's peak so far
+    del big
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = engine_row(tiny, {"name": "bf16"}, isl=12, osl=5, batch=3)
+    assert row.kv_cache_bytes < row.peak_memory_bytes < process_peak - 1_000_000_000
 
 
 def test_endpoint_row_streams_exactly_the_requested_tokens(tiny):
