@@ -41,11 +41,12 @@ def test_greedy_matches_transformers(tiny, hf_tiny):
         assert g.finish_reason == "length"
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "mistral-window"])
 def test_other_architectures_greedy_and_static_decode_match_transformers(arch, tmp_path):
-    """Qwen3's q/k head norms, and Phi-3.5's LongRoPE (scaled cos/sin) on part of each head, on
-    every path that writes or reads the KV cache: prefill, decode, the static (graph-capturable)
-    decode, several sequences at once."""
+    """Qwen3's q/k head norms, Phi-3.5's LongRoPE (scaled cos/sin) on part of each head, and a
+    sliding window that prompts and answers outgrow (transformers' generate keeps a sliding cache of
+    its own), on every path that writes or reads the KV cache: prefill, decode, the static
+    (graph-capturable) decode, several sequences at once."""
     import transformers
 
     from evalsuite.engine.load import load_folder
@@ -56,6 +57,11 @@ def test_other_architectures_greedy_and_static_decode_match_transformers(arch, t
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                        max_position_embeddings=256)
         hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    elif arch == "mistral-window":
+        cfg = transformers.MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         sliding_window=5)
+        hf = transformers.MistralForCausalLM(cfg).eval()
     else:
         cfg = transformers.Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,

@@ -28,7 +28,8 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "phi3-longrope", "tied"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "phi3",
+                                  "phi3-longrope", "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -50,13 +51,18 @@ def test_other_architectures_match_transformers(arch, tmp_path):
             for layer in hf.model.layers:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
-    elif arch == "mistral":
+    elif arch == "qwen2-window":  # a sliding window on the layers from max_window_layers on (here the second)
+        cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       use_sliding_window=True, sliding_window=12, max_window_layers=1)
+        hf = transformers.Qwen2ForCausalLM(cfg)
+    elif arch.startswith("mistral"):  # the window: each token sees its last 12 positions of the 40
         cfg = transformers.MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
-                                         sliding_window=None)
+                                         sliding_window=12 if arch == "mistral-window" else None)
         hf = transformers.MistralForCausalLM(cfg)
-    elif arch.startswith("phi3"):  # fused qkv_proj and gate_up_proj; a sliding window longer than the tokens
-        kw = {"sliding_window": 48} if arch == "phi3" else {  # Phi-3.5-mini's kind: LongRoPE, here on 3/4 of each head
+    elif arch.startswith("phi3"):  # fused qkv_proj and gate_up_proj; a sliding window shorter than the tokens
+        kw = {"sliding_window": 16} if arch == "phi3" else {  # Phi-3.5-mini's kind: LongRoPE, here on 3/4 of each head
             "partial_rotary_factor": 0.75, "max_position_embeddings": 1024, "original_max_position_embeddings": 128,
             "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(6)],
                              "long_factor": [4.0 + i for i in range(6)]}}
@@ -64,12 +70,13 @@ def test_other_architectures_match_transformers(arch, tmp_path):
                                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                          "max_position_embeddings": 256, "pad_token_id": 0, **kw})
         hf = transformers.Phi3ForCausalLM(cfg)
-        with torch.no_grad():  # weights large enough that positions (and so RoPE) move the logits
-            for w in hf.parameters():
-                w.normal_(0, 0.2) if w.dim() == 2 else None
     else:
         hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True, rope_parameters=None,
                                                           rope_theta=500.0))
+    if arch != "qwen2":
+        with torch.no_grad():  # weights large enough that positions (RoPE, the window) move the logits
+            for w in hf.parameters():
+                w.normal_(0, 0.2) if w.dim() == 2 else None
     hf.eval().save_pretrained(tmp_path)
     model = load_folder(tmp_path, torch.float32)
     tokens = torch.randint(0, 300, (2, 40))

@@ -44,6 +44,30 @@ def test_scores_match_transformers(tiny, hf_tiny):
         assert len(res.token_logprobs) == len(r.continuation)
 
 
+def test_scores_with_a_sliding_window_match_transformers(tmp_path):
+    """Every scoring path under a window the contexts outgrow: contexts prefilled alone, with their
+    continuation, and shared contexts extended by several continuations (the extension reads
+    the cached context through the window)."""
+    import transformers
+
+    from evalsuite.engine.load import load_folder
+
+    torch.manual_seed(4)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=10)).eval()
+    with torch.no_grad():
+        for w in hf.parameters():
+            w.normal_(0, 0.2) if w.dim() == 2 else None
+    hf.save_pretrained(tmp_path)
+    model = load_folder(tmp_path, torch.float32)
+    reqs = _requests(seed=3)
+    for r, res in zip(reqs, score(model, reqs, max_batch_tokens=128, max_batch_size=4)):
+        ref_lp, ref_greedy = _reference(hf, list(r.context), list(r.continuation))
+        assert res.logprob == pytest.approx(ref_lp, abs=1e-4)
+        assert res.is_greedy == ref_greedy
+
+
 def test_greedy_continuation_is_reported_greedy(tiny, hf_tiny):
     ctx = [5, 17, 33, 2, 90]
     with torch.no_grad():

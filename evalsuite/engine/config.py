@@ -57,7 +57,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE
-    sliding_window: int | None = None  # Mistral, Phi-3; sequences longer than this are refused
+    # Mistral, Phi-3, Qwen2/3 with use_sliding_window: a query attends to the last sliding_window
+    # positions (itself included), on the layers sliding_layers marks (None: every layer)
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] | None = None
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -75,6 +78,8 @@ class ModelConfig:
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
             raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} with head_dim {self.head_dim}: "
                              "valid: a factor in (0, 1] that leaves an even number of rotated dimensions")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"sliding_layers marks {len(self.sliding_layers)} layers; the model has {self.num_layers}")
         if isinstance(self.rope_scaling, LongRope):
             for name in ("short_factor", "long_factor"):
                 if len(getattr(self.rope_scaling, name)) != self.rotary_dim // 2:
@@ -89,12 +94,16 @@ class ModelConfig:
         """How many dimensions of each head RoPE rotates (transformers' int(head_dim * factor))."""
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer``, or None where it attends to every position."""
+        if not self.sliding_window or (self.sliding_layers is not None and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
+
     @property
     def context_limit(self) -> tuple[int, str]:
         """The longest sequence the engine runs as transformers does, and what sets it."""
         limit, why = self.max_position_embeddings, "context"
-        if self.sliding_window and self.sliding_window < limit:
-            limit, why = self.sliding_window, "sliding window (not implemented)"
         if isinstance(self.rope_scaling, LongRope) and self.rope_scaling.original_max_position_embeddings < limit:
             limit, why = self.rope_scaling.original_max_position_embeddings, "LongRoPE short-factor range " \
                 "(the long factors are not implemented)"
@@ -131,8 +140,9 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         # added after runs were recorded: absent at its neutral value, so that the identities of
         # those runs (the model's config is part of them) and their resumption stay as they were
-        if d["partial_rotary_factor"] == 1.0:
-            del d["partial_rotary_factor"]
+        for key, neutral in (("partial_rotary_factor", 1.0), ("sliding_layers", None)):
+            if d[key] == neutral:
+                del d[key]
         return d
 
     @classmethod
@@ -182,9 +192,15 @@ class ModelConfig:
         elif rope_type != "default":
             raise UnsupportedModelError(
                 f"unsupported RoPE type {rope_type!r}; supported: 'default', 'llama3', 'longrope'")
-        # Qwen2/3 configs carry a window they switch off (use_sliding_window false); Mistral's and
-        # Phi-3's apply whenever set
+        # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
+        # layer max_window_layers on; Mistral's and Phi-3's apply to every layer whenever set
         window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
+        layers = None
+        if window and hf.get("layer_types"):
+            layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
+        elif window and model_type in ("qwen2", "qwen3"):
+            first = hf.get("max_window_layers", hf["num_hidden_layers"])
+            layers = tuple(i >= first for i in range(hf["num_hidden_layers"]))
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -202,6 +218,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",
             sliding_window=window,
+            sliding_layers=layers,
             architecture=model_type,
         )
 

@@ -226,6 +226,9 @@ class Attention(nn.Module):
         # Qwen3 normalises each head of q and k (its own weight over head_dim) before RoPE
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        # a sliding window: each query attends to its last ``window`` positions (itself included),
+        # transformers' q - k < window; the cache keeps every position, the masks do the rest
+        self.window = cfg.layer_window(layer_idx)
         self.k_cache_quant: nn.Module | None = None
         self.v_cache_quant: nn.Module | None = None
         self.q_bmm_quant: nn.Module | None = None
@@ -268,6 +271,8 @@ class Attention(nn.Module):
             vc[idx, :, step.positions] = self._to_cache(v[:, :, 0], vc, self.v_cache_quant)
             outs = []
             for lo, hi, kv_len, mask in step.chunks:
+                if self.window is not None and kv_len > self.window:
+                    mask = self._windowed(step, lo, hi, kv_len, mask)
                 rows = slice(step.slot_start + lo, step.slot_start + hi)
                 k = self._from_cache(kc[rows, :, :kv_len], self.k_cache_quant, q.dtype)
                 v = self._from_cache(vc[rows, :, :kv_len], self.v_cache_quant, q.dtype)
@@ -279,6 +284,25 @@ class Attention(nn.Module):
 
     def _out(self, x: Tensor) -> Tensor:
         return project(self.o_proj, x)
+
+    def _windowed(self, step: Step, lo: int, hi: int, kv_len: int, mask: Tensor | None) -> Tensor:
+        """A decode chunk's mask [rows, 1, 1, kv_len] with this layer's window applied; made once
+        per step and window, shared by the layers that have it."""
+        key = ("window", self.window, lo)
+        if key not in step.derived:
+            positions = step.positions[lo:hi, None]
+            keys = torch.arange(kv_len, device=positions.device)
+            allowed = (keys > positions - self.window)[:, None, None, :]
+            step.derived[key] = allowed if mask is None else allowed & mask
+        return step.derived[key]
+
+    def _window_mask(self, queries: int, keys: int) -> Tensor:
+        """Causal attention within the window for ``queries`` queries at the last positions of
+        ``keys`` keys (a prefill, or an extend after keys - queries cached positions): True where
+        attention is allowed."""
+        q = torch.arange(keys - queries, keys)[:, None]
+        k = torch.arange(keys)[None, :]
+        return (k <= q) & (k > q - self.window)
 
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         """Causal attention of each packed sequence on its own; K/V written to its cache slot, or,
@@ -297,14 +321,20 @@ class Attention(nn.Module):
                     kc[slot, :, p:p + n] = self._to_cache(ks[0], kc, self.k_cache_quant)
                     vc[slot, :, p:p + n] = self._to_cache(vs[0], vc, self.v_cache_quant)
                 ks, vs = torch.cat([kp[None], ks], dim=2), torch.cat([vp[None], vs], dim=2)
-                allowed = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)  # query i: keys 0..p+i
+                if self.window is None:
+                    allowed = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)  # query i: keys 0..p+i
+                else:
+                    allowed = self._window_mask(n, p + n).to(q.device)
                 outs.append(self._attend(qs, ks, vs, False, allowed))
             else:
                 if step.cache is not None:
                     kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
                     kc[step.slot_start + i, :, :n] = self._to_cache(ks[0], kc, self.k_cache_quant)
                     vc[step.slot_start + i, :, :n] = self._to_cache(vs[0], vc, self.v_cache_quant)
-                outs.append(self._attend(qs, ks, vs, True, None))
+                if self.window is not None and n > self.window:
+                    outs.append(self._attend(qs, ks, vs, False, self._window_mask(n, n).to(q.device)))
+                else:
+                    outs.append(self._attend(qs, ks, vs, True, None))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -316,7 +346,8 @@ class Attention(nn.Module):
         cu, longest, slots, positions = step.packed_index()
         qt, kt, vt = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, heads, D]
         attend, kw = _varlen()
-        out = attend(qt, kt, vt, cu, cu, longest, longest, window_size=(-1, 0), **kw)
+        left = -1 if self.window is None else self.window - 1  # keys q - left .. q
+        out = attend(qt, kt, vt, cu, cu, longest, longest, window_size=(left, 0), **kw)
         if step.cache is not None:
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
             kc[slots, :, positions] = self._to_cache(kt, kc, self.k_cache_quant)
