@@ -44,6 +44,21 @@ def test_scores_match_transformers(tiny, hf_tiny):
         assert len(res.token_logprobs) == len(r.continuation)
 
 
+def test_log_probabilities_in_row_chunks_match_transformers(tiny, hf_tiny, monkeypatch):
+    """lm_head and log-softmax run on a few rows at a time (a perplexity batch's full-vocabulary
+    float32 log-probabilities would hold gigabytes): chunk boundaries inside a request's rows
+    change nothing."""
+    from evalsuite.engine import score as score_mod
+
+    monkeypatch.setattr(score_mod, "LOGIT_ROWS", 7)
+    reqs = _requests(seed=5)
+    reqs.append(ScoreRequest(tuple(range(1, 30)), tuple(range(30, 60))))  # folded: 30 rows in 5 chunks
+    for r, res in zip(reqs, score(tiny.model, reqs, max_batch_tokens=128, max_batch_size=4)):
+        ref_lp, ref_greedy = _reference(hf_tiny, list(r.context), list(r.continuation))
+        assert res.logprob == pytest.approx(ref_lp, abs=1e-4)
+        assert res.is_greedy == ref_greedy and len(res.token_logprobs) == len(r.continuation)
+
+
 def test_scores_with_a_sliding_window_match_transformers(tmp_path):
     """Every scoring path under a window the contexts outgrow: contexts prefilled alone, with their
     continuation, and shared contexts extended by several continuations (the extension reads

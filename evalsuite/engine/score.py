@@ -100,17 +100,44 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
         for (i, _), m in zip(extend, ext_lens):
             first_ext_row[i] = offset
             offset += m
-    logprobs = torch.log_softmax(model.logits(torch.cat(rows), float32=True, row_block=logit_block), dim=-1)
-    greedy = logprobs.argmax(dim=-1)
+    # every request's (row, target token) pairs, in request order
+    order, row_ids, targets = [], [], []
     for b, c in enumerate(contexts):
         for i in by_context[c]:
             cont = requests[i].continuation
-            if i in folded:
-                rid = torch.tensor([folded_row[i] + j for j in range(len(cont))], device=dev)
-            else:
-                rid = torch.tensor([b] + [first_ext_row[i] + j for j in range(len(cont) - 1)], device=dev)
-            target = torch.tensor(cont, device=dev)
-            token_lp = logprobs[rid, target].tolist()
-            # summed in float64, in order: what a client summing an endpoint's per-token values gets
-            results[i] = ScoreResult(logprob=sum(token_lp), is_greedy=bool((greedy[rid] == target).all()),
-                                     token_logprobs=tuple(token_lp))
+            first = folded_row[i] if i in folded else None
+            row_ids += [first + j for j in range(len(cont))] if first is not None else \
+                [b] + [first_ext_row[i] + j for j in range(len(cont) - 1)]
+            targets += cont
+            order.append(i)
+    token_lp, greedy = _target_logprobs(model, torch.cat(rows), torch.tensor(row_ids, device=dev),
+                                        torch.tensor(targets, device=dev), logit_block)
+    token_lp, greedy = token_lp.tolist(), greedy.tolist()
+    start = 0
+    for i in order:
+        n = len(requests[i].continuation)
+        lps = token_lp[start:start + n]
+        # summed in float64, in order: what a client summing an endpoint's per-token values gets
+        results[i] = ScoreResult(logprob=sum(lps), is_greedy=all(greedy[start:start + n]), token_logprobs=tuple(lps))
+        start += n
+
+
+LOGIT_ROWS = 1024  # rows of full-vocabulary log-probabilities held at once (a multiple of lm_head's row blocks)
+
+
+def _target_logprobs(model: CausalLM, hidden: torch.Tensor, row_ids: torch.Tensor, targets: torch.Tensor,
+                     logit_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets[k] | row row_ids[k]) and whether it is the row's argmax, in float32, from
+    ``LOGIT_ROWS`` rows of ``hidden`` at a time: a perplexity batch (two windows of 2,048 tokens)
+    would otherwise hold 4,096 x vocabulary float32 logits and as many log-probabilities at once
+    (4.2 GB with Llama 3's 128,256 tokens). Each row's numbers are its own (log-softmax is per row)."""
+    token_lp = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    greedy = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)
+    for lo in range(0, hidden.shape[0], LOGIT_ROWS):
+        logprobs = torch.log_softmax(model.logits(hidden[lo:lo + LOGIT_ROWS], float32=True, row_block=logit_block),
+                                     dim=-1)
+        pick = (row_ids >= lo) & (row_ids < lo + LOGIT_ROWS)
+        rows, want = row_ids[pick] - lo, targets[pick]
+        token_lp[pick] = logprobs[rows, want]
+        greedy[pick] = logprobs.argmax(dim=-1)[rows] == want
+    return token_lp, greedy
