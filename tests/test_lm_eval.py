@@ -311,29 +311,37 @@ def test_lm_eval_runs_of_two_models_compare_document_by_document(tiny_dir, tmp_p
     assert gains["lm-eval.tppl.word_perplexity"] == pytest.approx(-math.log(ppl["noisy"] / ppl["base"]), rel=1e-9)
 
 
-def test_unknown_builtin_task_names_are_refused_from_a_cached_index(tmp_path, monkeypatch):
-    """lm-eval's index of its ~14,000 built-in tasks takes seconds to build. The first unknown
-    name builds it and keeps the names; later ones are refused from them, with the closest names
-    (here a misspelt built-in), and build only the index of ours."""
+def test_builtin_tasks_come_from_a_cached_index_equal_to_lm_evals_own(tmp_path, monkeypatch):
+    """lm-eval's index of its ~14,000 built-in tasks takes 12-15 s to build. It is built once and
+    kept; later calls read it and index only ours. The manager made from it is the one lm-eval
+    builds itself: every entry (kind, file, parsed YAML, tags), ours over built-in names, and the
+    same task, group and tag lists. An unknown name is refused with the closest names."""
     from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import TaskIndex
 
     from evalsuite.runners import lm_eval_harness
+    from evalsuite.taskdef import TASKS_DIR
 
     monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
-    built = []
-
-    class Counting(TaskManager):
-        def __init__(self, *a, **k):
-            built.append(k.get("include_defaults", True))
-            super().__init__(*a, **k)
-
-    monkeypatch.setattr("lm_eval.tasks.TaskManager", Counting)
+    builds = []
+    real_build = TaskIndex.__dict__["build"]  # the staticmethod itself
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(lambda paths, **k: builds.append(list(paths)) or
+                                                         real_build.__func__(paths, **k)))
+    ours = tmp_path / "ours"  # an include path whose task shadows a built-in name
+    ours.mkdir()
+    (ours / "arc_easy.yaml").write_text(_TASK_FILES["tmc_a.yaml"].replace("tmc_a", "arc_easy"))
     for _ in range(2):
         with pytest.raises(KeyError, match="'hellaswg': did you mean 'hellaswag'"):
             lm_eval_harness.task_manager(["hellaswg", "evalsuite_mmlu"])
-    assert built == [False, True, False]  # ours, then the full index once; then ours alone
-    names = set(json.loads(lm_eval_harness._builtin_tasks_file().read_text()))
-    assert {"hellaswag", "mmlu", "gsm8k"} <= names and not any(n.startswith("evalsuite_") for n in names)
+        fast = lm_eval_harness.task_manager(["mmlu", "arc_easy"], str(ours))
+    builtin_builds = [p for p in builds if any(str(x).endswith("lm_eval/tasks") for x in p)]
+    assert len(builtin_builds) == 1  # once, then from the cache
+    monkeypatch.setattr(TaskIndex, "build", real_build)
+    full = TaskManager(include_path=[str(TASKS_DIR / "lm_eval"), str(ours)])
+    assert fast.task_index == full.task_index and len(full.task_index) > 10_000
+    assert fast.task_index["arc_easy"].yaml_path == ours / "arc_easy.yaml"
+    for names in ("all_tasks", "all_subtasks", "all_groups", "all_tags"):
+        assert getattr(fast, names) == getattr(full, names), names
 
 
 def test_an_edited_task_file_or_changed_data_is_not_resumed_into_old_records(tiny_dir, tmp_path, capsys):
@@ -361,6 +369,20 @@ def test_an_edited_task_file_or_changed_data_is_not_resumed_into_old_records(tin
     assert main(argv) == 2
     assert "4 documents differ from the ones recorded there (first: tmc_a/0)" in capsys.readouterr().err
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_task_whose_data_cannot_be_loaded_is_an_error_naming_it(tiny_dir, tmp_path, capsys):
+    """lm-eval raises whatever the datasets library does (here a missing data file; offline, the
+    hub unreachable): one line naming the task and the cause, exit 2, not a traceback."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tmc_a.yaml").write_text(_TASK_FILES["tmc_a.yaml"].replace("MC", str(tmp_path / "gone.jsonl")))
+    argv = ["run", "--harness", "lm-eval", "--task", "tmc_a", "--include-path", str(tasks),
+            "--model", str(tiny_dir), "--dtype", "float32", "--output", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "evalsuite: error: lm-eval could not load the tasks ['tmc_a']: FileNotFoundError" in err
+    assert "gone.jsonl" in err and "Traceback" not in err
 
 
 def _bos_tokenizer(template: str | None = None):

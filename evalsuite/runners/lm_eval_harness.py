@@ -26,10 +26,11 @@ from .base import RunResult, backend_identity
 
 def task_manager(tasks: list[str], include_path: str | None = None):
     """lm-eval's task index holding ``tasks``: its built-in tasks, ours (tasks/lm_eval: the offline
-    MMLU) and those in ``include_path``. A KeyError names the unknown ones, with the names closest
-    to each. Called before a model loads. Indexing lm-eval's thousands of built-in task files takes
-    seconds, so the tasks of ours and of the include path are looked up first, and a name in
-    neither is checked against the names of the built-in tasks, cached once per lm-eval install."""
+    MMLU) and those in ``include_path`` (which override built-in names, as in lm-eval). A KeyError
+    names the unknown ones, with the names closest to each. Called before a model loads. Parsing
+    lm-eval's ~14,000 built-in task files takes 12-15 s, so their index is built once per state of
+    those files and kept (``_builtin_index``); the tasks of ours and of the include path are
+    indexed on every call, and alone when they hold every task asked for."""
     from lm_eval.tasks import TaskManager
 
     from ..taskdef import TASKS_DIR
@@ -39,20 +40,14 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     missing = [t for t in tasks if t not in own.all_tasks]
     if not missing:
         return own
-    full = None
-    builtin = _cached_builtin_tasks()
-    if builtin is None:
-        # From the full index when no task file of the user's could shadow a built-in name
-        full = TaskManager(include_path=paths)
-        defaults = TaskManager() if include_path else full
-        builtin = _cache_builtin_tasks(set(defaults.all_tasks) - (set() if include_path else set(own.all_tasks)))
+    builtin = _builtin_index()
     unknown = [t for t in missing if t not in builtin]
     if unknown:
-        known = sorted(builtin | set(own.all_tasks))
+        known = sorted(set(builtin) | set(own.all_tasks))
         raise KeyError(f"unknown lm-eval tasks {unknown}{_suggestions(unknown, known)}; `lm-eval ls tasks` lists "
                        "lm-eval's (and ours, the offline MMLU: evalsuite_mmlu, evalsuite_mmlu_continuation and "
                        "their subjects)")
-    return full or TaskManager(include_path=paths)
+    return _with_builtins(own, builtin)
 
 
 def _suggestions(unknown: list[str], known: list[str]) -> str:
@@ -63,30 +58,58 @@ def _suggestions(unknown: list[str], known: list[str]) -> str:
     return f" ({'; '.join(said)})" if said else ""
 
 
-def _builtin_tasks_file() -> Path:
-    """One file per lm-eval install: its version and location (the built-in tasks ship with it)."""
+def _builtin_index() -> dict[str, Any]:
+    """lm-eval's index of its built-in tasks (``TaskIndex.build`` over lm_eval/tasks: name ->
+    entry with its parsed YAML), cached under a key of lm-eval's version and location and every
+    task file's path, size and modification time, so that an edited or added file (an editable
+    install) builds it anew."""
+    import pickle
+
     import lm_eval
+    from lm_eval.tasks._index import TaskIndex
 
     from ..assets import cache_dir
 
-    key = hashlib.sha256(f"{lm_eval.__version__}:{Path(lm_eval.__file__).resolve().parent}".encode()).hexdigest()
-    return cache_dir() / "lm_eval" / f"builtin-tasks-{key[:16]}.json"
-
-
-def _cached_builtin_tasks() -> frozenset[str] | None:
+    root = Path(lm_eval.__file__).resolve().parent / "tasks"
+    key = hashlib.sha256(f"{lm_eval.__version__}:{root}".encode())
+    for f in sorted(root.glob("**/*.yaml")):
+        st = f.stat()
+        key.update(f"\0{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    path = cache_dir() / "lm_eval" / f"builtin-index-{key.hexdigest()[:16]}.pickle"
     try:
-        return frozenset(json.loads(_builtin_tasks_file().read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-def _cache_builtin_tasks(names: set[str]) -> frozenset[str]:
-    path = _builtin_tasks_file()
+        return pickle.loads(path.read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+        pass
+    index = TaskIndex.build([root])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(sorted(names)))
+    tmp.write_bytes(pickle.dumps(index))
     tmp.replace(path)
-    return frozenset(names)
+    return index
+
+
+def _with_builtins(own, builtin: dict[str, Any]):
+    """``own`` (a TaskManager of our paths) holding the built-in tasks too, exactly as
+    ``TaskManager(include_path=paths)`` would build it: the built-in entries first, ours over
+    them. Sets what lm-eval's constructor derives from its index (tests/test_lm_eval.py compares
+    the two managers); an lm-eval whose manager keeps them elsewhere gets the full build."""
+    from collections import defaultdict
+
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
+
+    names = ("_index", "_all_tasks", "_all_subtasks", "_all_groups", "_all_tags")
+    if not all(hasattr(own, n) for n in names):
+        return TaskManager(include_path=own.include_path)
+    own._index = {**builtin, **own._index}
+    buckets = defaultdict(list)
+    for name, entry in own._index.items():
+        buckets[entry.kind].append(name)
+    own._all_tasks = sorted(own._index)
+    own._all_subtasks = sorted(buckets[Kind.TASK] + buckets[Kind.PY_TASK])
+    own._all_groups = sorted(buckets[Kind.GROUP])
+    own._all_tags = sorted(buckets[Kind.TAG])
+    return own
 
 
 @dataclass(frozen=True)
@@ -155,6 +178,7 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
     store.run["backend"] = backend.describe()
     store.run["versions"] = package_versions()
     t0 = time.perf_counter()
+    _name_loading_errors(manager, tasks)
     results = lm_eval.simple_evaluate(
         model=EvalsuiteLM(backend=backend), tasks=tasks, limit=limit, num_fewshot=num_fewshot, log_samples=True,
         task_manager=manager, use_cache=str(out / "lm_eval_cache"), random_seed=seed, numpy_random_seed=seed,
@@ -177,6 +201,31 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
     metrics = {**{t: metrics[t] for t in tasks if t in metrics}, **metrics}  # the tasks asked for first
     store.finish(metrics=metrics, timings={"lm-eval": time.perf_counter() - t0}, usage=backend.usage())
     return RunResult(out, metrics, store.run)
+
+
+class TaskLoadError(ValueError):
+    """lm-eval could not build a task: its data could not be fetched or read, or its config is bad."""
+
+
+def _name_loading_errors(manager, tasks: list[str]) -> None:
+    """A task whose data cannot be loaded (the hub unreachable, a missing file) fails inside
+    lm-eval with whatever the datasets library raises; this makes it one TaskLoadError naming
+    the tasks and the cause, printed as an error rather than a traceback."""
+    load = manager.load
+
+    def named(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except Exception as e:  # the datasets library and lm-eval's task code raise many types
+            text = f"{type(e).__name__}: {e}"
+            hint = ""
+            if isinstance(e, ConnectionError) or "Offline" in text or "Couldn't reach" in text:
+                hint = ("; lm-eval's built-in tasks download their data from the Hugging Face hub: with no network, "
+                        "put it in the datasets cache beforehand (HF_DATASETS_OFFLINE=1 then reads it from there), "
+                        "or run a task whose data is local (ours, or --include-path)")
+            raise TaskLoadError(f"lm-eval could not load the tasks {tasks}: {text}{hint}") from e
+
+    manager.load = named
 
 
 def format_lm_eval_summary(metrics: dict[str, Any]) -> str:
