@@ -296,12 +296,12 @@ class Attention(nn.Module):
             step.derived[key] = allowed if mask is None else allowed & mask
         return step.derived[key]
 
-    def _window_mask(self, queries: int, keys: int) -> Tensor:
+    def _window_mask(self, queries: int, keys: int, device: torch.device) -> Tensor:
         """Causal attention within the window for ``queries`` queries at the last positions of
         ``keys`` keys (a prefill, or an extend after keys - queries cached positions): True where
         attention is allowed."""
-        q = torch.arange(keys - queries, keys)[:, None]
-        k = torch.arange(keys)[None, :]
+        q = torch.arange(keys - queries, keys, device=device)[:, None]
+        k = torch.arange(keys, device=device)[None, :]
         return (k <= q) & (k > q - self.window)
 
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
@@ -324,7 +324,7 @@ class Attention(nn.Module):
                 if self.window is None:
                     allowed = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)  # query i: keys 0..p+i
                 else:
-                    allowed = self._window_mask(n, p + n).to(q.device)
+                    allowed = self._window_mask(n, p + n, q.device)
                 outs.append(self._attend(qs, ks, vs, False, allowed))
             else:
                 if step.cache is not None:
@@ -332,7 +332,7 @@ class Attention(nn.Module):
                     kc[step.slot_start + i, :, :n] = self._to_cache(ks[0], kc, self.k_cache_quant)
                     vc[step.slot_start + i, :, :n] = self._to_cache(vs[0], vc, self.v_cache_quant)
                 if self.window is not None and n > self.window:
-                    outs.append(self._attend(qs, ks, vs, False, self._window_mask(n, n).to(q.device)))
+                    outs.append(self._attend(qs, ks, vs, False, self._window_mask(n, n, q.device)))
                 else:
                     outs.append(self._attend(qs, ks, vs, True, None))
             start += n
