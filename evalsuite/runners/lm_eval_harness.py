@@ -76,10 +76,11 @@ def _builtin_index() -> dict[str, Any]:
         st = f.stat()
         key.update(f"\0{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     path = cache_dir() / "lm_eval" / f"builtin-index-{key.hexdigest()[:16]}.pickle"
-    try:
-        return pickle.loads(path.read_bytes())
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-        pass
+    if path.is_file():
+        try:
+            return pickle.loads(path.read_bytes())
+        except Exception:  # a truncated or foreign file: build the index again and replace it
+            pass
     index = TaskIndex.build([root])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
