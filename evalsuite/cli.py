@@ -659,11 +659,12 @@ def _run_harness(argv: list[str]) -> int:
     if not opts.base_url:
         overrides = parse_recipe_config(opts.recipe_config)
         check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device)
-    from .runners.lm_eval_harness import format_lm_eval_summary, run_lm_eval, task_manager
+    from .runners.lm_eval_harness import format_lm_eval_summary, load_tasks, run_lm_eval, task_manager
 
     manager = task_manager(opts.task, opts.include_path)  # unknown tasks are named before a model loads
     if opts.apply_chat_template:
         _check_chat_template(opts.tokenizer or opts.model if opts.base_url else opts.model)
+    load_tasks(manager, opts.task, opts.seed)  # and tasks whose data cannot be loaded (seconds, or a download)
     if opts.base_url:
         backend = _endpoint_backend(opts)
         name = run_name(opts.model, "endpoint", "lm-eval", _HarnessJob(opts), {"backend": backend.identity()})

@@ -371,9 +371,13 @@ def test_an_edited_task_file_or_changed_data_is_not_resumed_into_old_records(tin
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4
 
 
-def test_a_task_whose_data_cannot_be_loaded_is_an_error_naming_it(tiny_dir, tmp_path, capsys):
+def test_a_task_whose_data_cannot_be_loaded_is_an_error_naming_it(tiny_dir, tmp_path, capsys, monkeypatch):
     """lm-eval raises whatever the datasets library does (here a missing data file; offline, the
-    hub unreachable): one line naming the task and the cause, exit 2, not a traceback."""
+    hub unreachable): one line naming the task and the cause, exit 2, not a traceback, and
+    before the model loads."""
+    from evalsuite import models
+
+    monkeypatch.setattr(models, "load_model_and_recipe", lambda *a, **k: pytest.fail("the model loaded first"))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "tmc_a.yaml").write_text(_TASK_FILES["tmc_a.yaml"].replace("MC", str(tmp_path / "gone.jsonl")))

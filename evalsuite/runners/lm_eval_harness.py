@@ -179,7 +179,8 @@ def run_lm_eval(backend: Backend, tasks: list[str], out_dir: str | Path, *, limi
     store.run["backend"] = backend.describe()
     store.run["versions"] = package_versions()
     t0 = time.perf_counter()
-    _name_loading_errors(manager, tasks)
+    if not getattr(manager.load, "preloaded", False):
+        _name_loading_errors(manager, tasks)
     results = lm_eval.simple_evaluate(
         model=EvalsuiteLM(backend=backend), tasks=tasks, limit=limit, num_fewshot=num_fewshot, log_samples=True,
         task_manager=manager, use_cache=str(out / "lm_eval_cache"), random_seed=seed, numpy_random_seed=seed,
@@ -227,6 +228,39 @@ def _name_loading_errors(manager, tasks: list[str]) -> None:
             raise TaskLoadError(f"lm-eval could not load the tasks {tasks}: {text}{hint}") from e
 
     manager.load = named
+
+
+def load_tasks(manager, tasks: list[str], seed: int) -> None:
+    """Build lm-eval's task objects (their data read, or downloaded) before a model loads, so that
+    a task whose data cannot be had fails in seconds rather than after the model has loaded;
+    ``simple_evaluate`` then takes these objects from ``manager`` instead of building them again.
+    The global generators are seeded as ``simple_evaluate`` seeds them before it builds tasks, and
+    their states after building are given back when it asks, so any randomness a task's
+    construction draws leaves everything after it as it would have been."""
+    import random
+
+    import numpy as np
+    import torch
+
+    _name_loading_errors(manager, tasks)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    loaded = manager.load(list(tasks))
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    build = manager.load
+    pending = [loaded]
+
+    def load(task_list, *args, **kwargs):
+        if pending and list(task_list) == list(tasks):
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+            return pending.pop()
+        return build(task_list, *args, **kwargs)
+
+    load.preloaded = True  # errors are named already
+    manager.load = load
 
 
 def format_lm_eval_summary(metrics: dict[str, Any]) -> str:
