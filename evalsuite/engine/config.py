@@ -105,8 +105,8 @@ class ModelConfig:
         """The longest sequence the engine runs as transformers does, and what sets it."""
         limit, why = self.max_position_embeddings, "context"
         if isinstance(self.rope_scaling, LongRope) and self.rope_scaling.original_max_position_embeddings < limit:
-            limit, why = self.rope_scaling.original_max_position_embeddings, "LongRoPE short-factor range " \
-                "(the long factors are not implemented)"
+            limit, why = self.rope_scaling.original_max_position_embeddings, "LongRoPE short-factor range; " \
+                "the long factors are not implemented"
         return limit, why
 
     @property
