@@ -840,13 +840,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _list_models() -> int:
-    from .engine.config import PRESETS
+    from .engine.config import PRESETS, SUPPORTED_ARCHITECTURES
     from .engine.options import DEFAULT_MODEL, MODELS
 
     for name, asset in MODELS.items():
         mark = " (default)" if name == DEFAULT_MODEL else ""
         print(f"{name}{mark}: {asset.package}=={asset.version} {asset.path}")
-    print("\nalso accepted: an HF model folder (config.json + *.safetensors), a .gguf file, a hub id (online)")
+    print("\nalso accepted: an HF model folder (config.json + *.safetensors), a .gguf file, a hub id (online), "
+          f"of the model types {', '.join(SUPPORTED_ARCHITECTURES)}")
     print("architecture presets (random-init / planning): " + ", ".join(PRESETS))
     return 0
 

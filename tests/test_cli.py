@@ -39,7 +39,8 @@ def test_bad_formulation_and_fewshot(tiny_dir, tmp_path, capsys):
 
 
 def test_listings(capsys):
-    assert main(["models"]) == 0 and "smollm2-135m (default)" in capsys.readouterr().out
+    assert main(["models"]) == 0 and "smollm2-135m (default)" in (out := capsys.readouterr().out)
+    assert "of the model types llama, mistral, qwen2, qwen3, phi3" in out
     assert main(["tasks"]) == 0 and "letter, cloze, generative" in capsys.readouterr().out
     assert main(["recipes"]) == 0 and "bf16" in capsys.readouterr().out
 
