@@ -152,8 +152,13 @@ def _per_gpu_bytes(cfg: ModelConfig, weights: int, kv: int, n: int) -> float:
     return weights / n + kv / min(n, cfg.num_kv_heads)
 
 
-def _notes(cfg: ModelConfig, recipe: str, gpu: str, n: int) -> tuple[str, ...]:
+def _notes(cfg: ModelConfig, recipe: str, gpu: str, n: int, context: int) -> tuple[str, ...]:
     notes = []
+    windowed = [i for i in range(cfg.num_layers) if cfg.layer_window(i)]
+    if windowed and context > cfg.sliding_window:
+        notes.append(f"{len(windowed)} of the {cfg.num_layers} layers attend to the last {cfg.sliding_window} "
+                     f"tokens only: the KV cache is counted at the full context; an engine that keeps just the "
+                     f"window for those layers needs less")
     if n > 1 and cfg.num_heads % n:
         notes.append(f"tensor parallelism over {n} GPUs needs {n} to divide the {cfg.num_heads} attention "
                      "heads; split the layers instead (pipeline parallelism)")
@@ -188,4 +193,4 @@ def plan(model: str, recipe: str, gpu: str, context: int = 8192, batch: int = 1,
         n *= 2
         if n > max_gpus:
             raise ValueError(f"{model} / {recipe} needs more than {max_gpus} {gpu} GPUs")
-    return Plan(model, recipe, gpu, w, kv, n, _per_gpu_bytes(cfg, w, kv, n), capacity, _notes(cfg, recipe, gpu, n))
+    return Plan(model, recipe, gpu, w, kv, n, _per_gpu_bytes(cfg, w, kv, n), capacity, _notes(cfg, recipe, gpu, n, context))

@@ -236,3 +236,17 @@ def test_plan_notes_what_the_count_does_not_show():
     assert any("no FP8 tensor cores" in n for n in plan("llama-3.1-8b", "fp8-modelopt", "a100-80gb").notes)
     assert not plan("llama-3.1-8b", "fp8-modelopt", "l40s").notes
     assert not plan("llama-3.1-8b", "int4-awq", "a100-40gb").notes
+
+
+def test_plan_notes_a_sliding_window_shorter_than_the_context(tmp_path):
+    """Phi-3.5-mini's window (262,144) exceeds any context it takes: no note; Mistral-7B-v0.1's
+    4,096 does not at 32,768."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+        "sliding_window": 4096, "vocab_size": 32000}))
+    p = plan(str(tmp_path), "bf16", "h100", context=32768)
+    assert any("32 of the 32 layers attend to the last 4096 tokens only" in n for n in p.notes)
+    assert not any("window" in n for n in plan(str(tmp_path), "bf16", "h100", context=4096).notes)
+    (tmp_path / "config.json").write_text(json.dumps(PHI35_MINI_CONFIG))
+    assert not any("window" in n for n in plan(str(tmp_path), "bf16", "h100", context=131072).notes)
