@@ -193,4 +193,5 @@ def plan(model: str, recipe: str, gpu: str, context: int = 8192, batch: int = 1,
         n *= 2
         if n > max_gpus:
             raise ValueError(f"{model} / {recipe} needs more than {max_gpus} {gpu} GPUs")
-    return Plan(model, recipe, gpu, w, kv, n, _per_gpu_bytes(cfg, w, kv, n), capacity, _notes(cfg, recipe, gpu, n, context))
+    return Plan(model, recipe, gpu, w, kv, n, _per_gpu_bytes(cfg, w, kv, n), capacity,
+                _notes(cfg, recipe, gpu, n, context))
