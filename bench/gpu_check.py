@@ -39,7 +39,7 @@ from evalsuite.engine.config import ModelConfig  # noqa: E402
 from evalsuite.engine.generate import SamplingParams, generate  # noqa: E402
 from evalsuite.engine.linear import invariant_row_blocks  # noqa: E402
 from evalsuite.engine.load import LoadedModel, ModelInfo, from_state_dict, parse_device  # noqa: E402
-from evalsuite.engine.model import use_varlen  # noqa: E402
+from evalsuite.engine.model import _varlen, use_varlen  # noqa: E402
 from evalsuite.engine.score import ScoreRequest, score  # noqa: E402
 from evalsuite.quant.api import configured_recipe  # noqa: E402
 
@@ -198,6 +198,42 @@ def decode_rate(fn, n_tokens: int, device: torch.device) -> float:
     return n_tokens / timed(fn, device, 1)
 
 
+def window_semantics(device: torch.device, window: int = 16) -> None:
+    """Packed prefill passes a sliding window of w to varlen FlashAttention as window_size=(w - 1, 0).
+    That call on three packed sequences, against SDPA in float32 with transformers' mask (key k
+    visible to query q when k <= q and q - k < w), and against a mask one key wider: the first
+    must be at BF16 rounding, the second far larger (an off-by-one would swap them)."""
+    attend, kw = _varlen()
+    if device.type != "cuda" or attend is None:
+        print("sliding window: skipped (varlen FlashAttention runs on CUDA only)")
+        return
+    exact, wider = window_errors(attend, kw, device, window)
+    print(f"sliding window {window}, varlen window_size=({window - 1}, 0): relative error against float32 SDPA "
+          f"with transformers' mask {exact:.1e}; against a mask one key wider {wider:.1e} (must be far larger)")
+
+
+def window_errors(attend, kw: dict, device: torch.device, window: int) -> tuple[float, float]:
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    lens, heads, kv_heads, dim = [200, 37, 129], 8, 2, 64
+    total = sum(lens)
+    q, k, v = (torch.randn(total, h, dim, generator=gen).to(device, torch.bfloat16)
+               for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], device=device, dtype=torch.int32)
+    out = attend(q, k, v, cu, cu, max(lens), max(lens), window_size=(window - 1, 0), **kw).float()
+    worst = {window: 0.0, window + 1: 0.0}
+    for i, n in enumerate(lens):
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        qs, ks, vs = (t[rows].float().transpose(0, 1) for t in (q, k, v))
+        pos = torch.arange(n, device=device)
+        for width in worst:
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - width)
+            ref = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True).transpose(0, 1)
+            worst[width] = max(worst[width], ((out[rows] - ref).norm() / ref.norm()).item())
+    return worst[window], worst[window + 1]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default=None)
@@ -251,6 +287,7 @@ def main() -> None:
 
     for dtype in (torch.float32, torch.bfloat16):
         section(f"parity {str(dtype).split('.')[-1]}", lambda: parity(dtype))
+    section("sliding window", lambda: window_semantics(device))
 
     hf, eng = build_pair(cfg, torch.bfloat16, device)
     params = sum(t.numel() for t in hf.parameters())
