@@ -336,6 +336,10 @@ def test_builtin_tasks_come_from_a_cached_index_equal_to_lm_evals_own(tmp_path, 
         fast = lm_eval_harness.task_manager(["mmlu", "arc_easy"], str(ours))
     builtin_builds = [p for p in builds if any(str(x).endswith("lm_eval/tasks") for x in p)]
     assert len(builtin_builds) == 1  # once, then from the cache
+    with monkeypatch.context() as m:  # a misspelt name is refused from the names alone
+        m.setattr(lm_eval_harness, "_builtin_index", lambda path: pytest.fail("the whole index was read"))
+        with pytest.raises(KeyError, match="'arc_esay': did you mean 'arc_easy'"):
+            lm_eval_harness.task_manager(["arc_esay"])
     monkeypatch.setattr(TaskIndex, "build", real_build)
     full = TaskManager(include_path=[str(TASKS_DIR / "lm_eval"), str(ours)])
     assert fast.task_index == full.task_index and len(full.task_index) > 10_000

@@ -29,8 +29,8 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     MMLU) and those in ``include_path`` (which override built-in names, as in lm-eval). A KeyError
     names the unknown ones, with the names closest to each. Called before a model loads. Parsing
     lm-eval's ~14,000 built-in task files takes 12-15 s, so their index is built once per state of
-    those files and kept (``_builtin_index``); the tasks of ours and of the include path are
-    indexed on every call, and alone when they hold every task asked for."""
+    those files and kept, with its names apart (``_builtin_index``); the tasks of ours and of the
+    include path are indexed on every call, and alone when they hold every task asked for."""
     from lm_eval.tasks import TaskManager
 
     from ..taskdef import TASKS_DIR
@@ -40,14 +40,19 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     missing = [t for t in tasks if t not in own.all_tasks]
     if not missing:
         return own
-    builtin = _builtin_index()
-    unknown = [t for t in missing if t not in builtin]
+    path = _builtin_index_path()
+    builtin = None
+    names = _builtin_names(path)  # a misspelt name is refused without reading the whole index
+    if names is None:
+        builtin = _builtin_index(path)
+        names = frozenset(builtin)
+    unknown = [t for t in missing if t not in names]
     if unknown:
-        known = sorted(set(builtin) | set(own.all_tasks))
+        known = sorted(names | set(own.all_tasks))
         raise KeyError(f"unknown lm-eval tasks {unknown}{_suggestions(unknown, known)}; `lm-eval ls tasks` lists "
                        "lm-eval's (and ours, the offline MMLU: evalsuite_mmlu, evalsuite_mmlu_continuation and "
                        "their subjects)")
-    return _with_builtins(own, builtin)
+    return _with_builtins(own, builtin if builtin is not None else _builtin_index(path))
 
 
 def _suggestions(unknown: list[str], known: list[str]) -> str:
@@ -58,15 +63,11 @@ def _suggestions(unknown: list[str], known: list[str]) -> str:
     return f" ({'; '.join(said)})" if said else ""
 
 
-def _builtin_index() -> dict[str, Any]:
-    """lm-eval's index of its built-in tasks (``TaskIndex.build`` over lm_eval/tasks: name ->
-    entry with its parsed YAML), cached under a key of lm-eval's version and location and every
-    task file's path, size and modification time, so that an edited or added file (an editable
-    install) builds it anew."""
-    import pickle
-
+def _builtin_index_path() -> Path:
+    """Where lm-eval's index of its built-in tasks is kept: under a key of lm-eval's version and
+    location and every task file's path, size and modification time, so that an edited or added
+    file (an editable install) builds it anew."""
     import lm_eval
-    from lm_eval.tasks._index import TaskIndex
 
     from ..assets import cache_dir
 
@@ -75,17 +76,37 @@ def _builtin_index() -> dict[str, Any]:
     for f in sorted(root.glob("**/*.yaml")):
         st = f.stat()
         key.update(f"\0{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    path = cache_dir() / "lm_eval" / f"builtin-index-{key.hexdigest()[:16]}.pickle"
+    return cache_dir() / "lm_eval" / f"builtin-index-{key.hexdigest()[:16]}.pickle"
+
+
+def _builtin_names(path: Path) -> frozenset[str] | None:
+    """The built-in task names kept beside the index (None: not built yet)."""
+    try:
+        return frozenset(json.loads(path.with_suffix(".names.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _builtin_index(path: Path) -> dict[str, Any]:
+    """lm-eval's index of its built-in tasks (``TaskIndex.build`` over lm_eval/tasks: name ->
+    entry with its parsed YAML), read from ``path`` or built and kept there, with its names."""
+    import pickle
+
+    import lm_eval
+    from lm_eval.tasks._index import TaskIndex
+
     if path.is_file():
         try:
             return pickle.loads(path.read_bytes())
         except Exception:  # a truncated or foreign file: build the index again and replace it
             pass
-    index = TaskIndex.build([root])
+    index = TaskIndex.build([Path(lm_eval.__file__).resolve().parent / "tasks"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(pickle.dumps(index))
-    tmp.replace(path)
+    for target, data in ((path, pickle.dumps(index)),
+                         (path.with_suffix(".names.json"), json.dumps(sorted(index)).encode())):
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
     return index
 
 
