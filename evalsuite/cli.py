@@ -664,13 +664,14 @@ def _run_harness(argv: list[str]) -> int:
     manager = task_manager(opts.task, opts.include_path)  # unknown tasks are named before a model loads
     if opts.apply_chat_template:
         _check_chat_template(opts.tokenizer or opts.model if opts.base_url else opts.model)
-    load_tasks(manager, opts.task, opts.seed)  # and tasks whose data cannot be loaded (seconds, or a download)
     if opts.base_url:
-        backend = _endpoint_backend(opts)
+        backend = _endpoint_backend(opts)  # an unreachable endpoint is named before any data downloads
+        load_tasks(manager, opts.task, opts.seed)
         name = run_name(opts.model, "endpoint", "lm-eval", _HarnessJob(opts), {"backend": backend.identity()})
     else:
         from .backends.engine import EngineBackend  # torch: imported once the arguments are checked
 
+        load_tasks(manager, opts.task, opts.seed)  # tasks whose data cannot be loaded fail before the model loads
         lm, recipe = load_model_and_recipe(opts.model, opts.recipe, opts.dtype, overrides, opts.device)
         backend = EngineBackend(lm, recipe, max_batch_size=opts.batch_size, max_batch_tokens=opts.max_batch_tokens,
                                 prefix_cache=not opts.no_prefix_cache, chat_template_kwargs=opts.chat_template_kwargs)
