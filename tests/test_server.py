@@ -620,3 +620,23 @@ def test_a_stopped_server_lets_its_model_and_kv_cache_go(chat_dir):
     del served, srv, client
     gc.collect()
     assert [ref() for ref in gone] == [None, None]
+
+
+def test_nothing_listening_is_named_at_once_while_requests_still_retry_a_dropped_connection(lm):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    waits = []
+    backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", "tiny", tokenizer=lm.tokenizer, max_retries=5,
+                            sleep=waits.append)
+    with pytest.raises(BackendError) as err:
+        backend.model_card()
+    assert waits == []  # no backoff: before, six attempts took about 23 s to say the same
+    assert f"127.0.0.1:{port}/v1" in str(err.value) and "Connection refused" in str(err.value)
+    assert "is the server running" in str(err.value)
+    # a request of a run that loses its connection is retried with backoff, as before
+    req = ScoreRequest(tuple(lm.tokenizer.encode("Question: which?\nAnswer:")), (lm.tokenizer.encode(" A")[0],))
+    (failed,) = backend.loglikelihood([req])
+    assert len(waits) == 5 and "after 6 attempts" in failed.reason

@@ -95,9 +95,13 @@ class OpenAIBackend(Backend):
     def model_card(self) -> dict[str, Any]:
         """What /v1/models reports for the served model (an error if it is not served there)."""
         if self._card is None:
-            models = self._call(lambda: self.client.models.list())
+            # nothing listening is final at once (retrying it only delays the error); a server that
+            # answers 5xx or 429 while it starts, or one that times out, is retried as any request
+            models = self._call(lambda: self.client.models.list(), retry_refused=False)
             if isinstance(models, Failure):
-                raise BackendError(f"cannot list models at {redact_url(self.base_url)}: {models.reason}")
+                hint = ("; is the server running, and is this its API root (e.g. http://HOST:PORT/v1)?"
+                        if models.reason.startswith("APIConnectionError") else "")
+                raise BackendError(f"cannot list models at {redact_url(self.base_url)}: {models.reason}{hint}")
             cards = {m.id: m.model_dump() for m in models.data}
             if self.model not in cards:
                 raise BackendError(f"model {self.model!r} is not served at {redact_url(self.base_url)}; "
@@ -219,9 +223,10 @@ class OpenAIBackend(Backend):
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(run, items))
 
-    def _call(self, fn: Callable[[], T]) -> T | Failure:
+    def _call(self, fn: Callable[[], T], retry_refused: bool = True) -> T | Failure:
         """``fn()`` with retries on 429, 5xx, timeouts and connection errors (exponential backoff
-        with jitter); other errors and the last retryable one become a Failure."""
+        with jitter); other errors and the last retryable one become a Failure. With
+        ``retry_refused=False`` a connection error other than a timeout is final at once."""
         import openai
 
         for attempt in range(self.max_retries + 1):
@@ -230,8 +235,12 @@ class OpenAIBackend(Backend):
                 reply = fn()
                 self._count(reply)
                 return reply
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+            except openai.APITimeoutError as e:
                 reason = f"{type(e).__name__}: {e}"
+            except openai.APIConnectionError as e:
+                reason = f"{type(e).__name__}: {e}{_cause(e)}"
+                if not retry_refused:
+                    return Failure(f"{reason} (not retried)")
             except openai.APIStatusError as e:
                 reason = f"HTTP {e.status_code}: {_message(e)}"
                 if e.status_code != 429 and e.status_code < 500:
@@ -314,3 +323,12 @@ def _message(e) -> str:
         if isinstance(err, dict) and "message" in err:
             return str(err["message"])
     return str(e)
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost cause of a connection error, which the client's own message ("Connection
+    error.") leaves out: e.g. " ([Errno 111] Connection refused)"."""
+    inner = e
+    while inner.__cause__ is not None and inner.__cause__ is not inner:
+        inner = inner.__cause__
+    return f" ({inner})" if inner is not e and str(inner) else ""
