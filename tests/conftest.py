@@ -84,6 +84,35 @@ def tiny(tiny_dir):
     return load(str(tiny_dir), "float32")
 
 
+LONGROPE_ORIGINAL = 40  # the tiny Phi-3.5's original context: LongRoPE's long factors past it
+
+
+@pytest.fixture(scope="session")
+def longrope(tmp_path_factory):
+    """A tiny Phi-3.5 (LongRoPE over 40 original positions stretched to 256, on 3/4 of each head):
+    transformers' model (``hf``) and the engine's float32 copy (``model``)."""
+    import types
+
+    import transformers
+
+    from evalsuite.engine.load import load_folder
+
+    torch.manual_seed(6)
+    cfg = transformers.Phi3Config(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                  partial_rotary_factor=0.75, max_position_embeddings=256,
+                                  original_max_position_embeddings=LONGROPE_ORIGINAL,
+                                  rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(6)],
+                                                "long_factor": [4.0 + i for i in range(6)]})
+    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights large enough that positions (RoPE) move the logits and greedy choices
+        for w in hf.parameters():
+            w.normal_(0, 0.15) if w.dim() == 2 else None
+    path = tmp_path_factory.mktemp("longrope")
+    hf.save_pretrained(path)
+    return types.SimpleNamespace(hf=hf, model=load_folder(path, torch.float32), path=path)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from evalsuite.engine.load import load

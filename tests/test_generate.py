@@ -229,3 +229,33 @@ def test_prompt_too_long(tiny):
     batch = DecodeBatch(tiny.model, 1, 64)
     with pytest.raises(ValueError, match="leaves no room"):
         batch.add([Generation([1] * 64, SamplingParams())])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_generation_past_longropes_original_context_matches_transformers(longrope, static):
+    """transformers' generate rotates a prompt past LongRoPE's original context (40 positions
+    here) with the long factors, and when a shorter sequence reaches past it, drops the cache
+    and runs the whole sequence again with them. The engine gives the same greedy tokens, with
+    the prefix store: a short prompt reuses a short prompt's blocks, a long one reuses nothing."""
+    from evalsuite.engine.prefix import clear
+
+    from .conftest import LONGROPE_ORIGINAL as N
+
+    g = torch.Generator().manual_seed(8)
+
+    def tokens(n):
+        return torch.randint(1, 400, (n,), generator=g).tolist()
+
+    clear(longrope.model)
+    crosses, past, within = tokens(N - 4), tokens(N + 10), tokens(20)
+    first = [crosses, past, within]
+    params = SamplingParams(max_new_tokens=12)
+    got = generate(longrope.model, first, params, max_batch_size=2, static=static)
+    assert [x.tokens for x in got] == [_hf_greedy(longrope.hf, p, 12) for p in first]
+    second = [crosses + got[0].tokens[:4],  # 32 positions from the store, then past the original context
+              within + tokens(10),  # 16 from the store, all within it
+              crosses[:32] + tokens(10),  # long: the store's short blocks would be wrong
+              past + tokens(3)]  # long: nothing of the long prompt was stored
+    again = generate(longrope.model, second, params, max_batch_size=2, static=static)
+    assert [x.cached_tokens for x in again] == [32, 16, 0, 0]
+    assert [x.tokens for x in again] == [_hf_greedy(longrope.hf, p, 12) for p in second]

@@ -207,9 +207,13 @@ def test_phi3_configs_count_as_transformers_builds_them(published, tmp_path):
         assert cfg.rope_scaling.attention_factor == pytest.approx(attention, rel=1e-12)
         assert attention == pytest.approx(1.190238, abs=1e-6)  # sqrt(1 + ln 32 / ln 4096), by hand
         assert torch.equal(rope_inv_freq(cfg), inv_freq)
-        assert cfg.context_limit[0] == 4096  # the long factors are not implemented
+        # the long factors, which transformers uses past the original 4,096 positions
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, seq_len=4097)
+        assert torch.equal(rope_inv_freq(cfg, long=True), long_inv_freq)
+        assert not torch.equal(long_inv_freq, inv_freq)
+        assert not cfg.long_rope(4096) and cfg.long_rope(4097)
     else:
-        assert cfg.rope_scaling is None and cfg.context_limit == (16384, "context")
+        assert cfg.rope_scaling is None and not cfg.long_rope(16384)
 
 
 def test_kv_cache_splits_no_finer_than_by_kv_head():

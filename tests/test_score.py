@@ -140,3 +140,30 @@ def test_bf16_scores_are_bitwise_batch_invariant(tiny_dir):
     for size in (3, 32):
         batched = score(model, reqs, max_batch_size=size, max_batch_tokens=100_000)
         assert [r.logprob for r in batched] == pytest.approx([r.logprob for r in alone], abs=1e-5, rel=0)
+
+
+def test_scores_past_longropes_original_context_match_transformers(longrope):
+    """LongRoPE rotates a forward that reaches past the original context (40 positions here) with
+    its long factors, every position of it. Requests below, across and past it: contexts alone,
+    contexts shared by continuations that stay on their side, and by continuations that cross
+    (those must run whole: the context alone is rotated short)."""
+    from .conftest import LONGROPE_ORIGINAL as N
+
+    g = torch.Generator().manual_seed(7)
+
+    def tokens(n):
+        return tuple(torch.randint(1, 400, (n,), generator=g).tolist())
+
+    below, across, past = tokens(N - 6), tokens(N - 3), tokens(N + 9)
+    reqs = [ScoreRequest(below, tokens(3)), ScoreRequest(below, tokens(4)),  # shared, both within
+            ScoreRequest(across, tokens(2)), ScoreRequest(across, tokens(1)),  # one crosses, one stays
+            ScoreRequest(across, tokens(12)), ScoreRequest(past, tokens(5)), ScoreRequest(past, tokens(1)),
+            ScoreRequest(tokens(N + 30), tokens(20)), ScoreRequest(tokens(20), tokens(N))]
+    got = score(longrope.model, reqs, max_batch_tokens=128, max_batch_size=4)
+    for r, res in zip(reqs, got):
+        ref_lp, ref_greedy = _reference(longrope.hf, list(r.context), list(r.continuation))
+        assert res.logprob == pytest.approx(ref_lp, abs=1e-4), (len(r.context), len(r.continuation))
+        assert res.is_greedy == ref_greedy
+    # and the same numbers one request at a time
+    alone = [score(longrope.model, [r])[0].logprob for r in reqs]
+    assert alone == pytest.approx([res.logprob for res in got], abs=1e-5)

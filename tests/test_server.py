@@ -640,3 +640,22 @@ def test_nothing_listening_is_named_at_once_while_requests_still_retry_a_dropped
     req = ScoreRequest(tuple(lm.tokenizer.encode("Question: which?\nAnswer:")), (lm.tokenizer.encode(" A")[0],))
     (failed,) = backend.loglikelihood([req])
     assert len(waits) == 5 and "after 6 attempts" in failed.reason
+
+
+def test_prompt_logprobs_past_longropes_original_context_are_transformers(longrope):
+    """Prompts that share a context, some reaching past LongRoPE's original context (40 positions
+    here): a prompt that crosses it runs whole, not on its group's shorter prefix (which would
+    be rotated with the short factors), and every prompt gets transformers' log-probabilities."""
+    from evalsuite.server.scheduler import prompt_logprobs
+
+    from .conftest import LONGROPE_ORIGINAL as N
+
+    g = torch.Generator().manual_seed(9)
+    ctx = torch.randint(1, 400, (N - 10,), generator=g).tolist()
+    prompts = [ctx + torch.randint(1, 400, (n,), generator=g).tolist() for n in (3, 5, 14, 30)]
+    got = prompt_logprobs(longrope.model, prompts, [0] * len(prompts))
+    for tokens, lp in zip(prompts, got):
+        with torch.no_grad():
+            ref = torch.log_softmax(longrope.hf(torch.tensor([tokens])).logits[0].double(), dim=-1)
+        want = [float(ref[i - 1, tokens[i]]) for i in range(1, len(tokens))]
+        assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4), len(tokens)

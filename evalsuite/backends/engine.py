@@ -49,7 +49,7 @@ class EngineBackend(Backend):
             raise BackendError(f"model {self.lm.info.name!r} has no tokenizer; log-likelihood tasks need one")
 
     def context_length(self) -> int:
-        return self.lm.model.config.context_limit[0]
+        return self.lm.model.config.max_position_embeddings
 
     def loglikelihood(self, requests: Sequence[ScoreRequest], progress: Progress | None = None
                       ) -> list[ScoreResult | Failure]:

@@ -30,9 +30,12 @@ class RopeScaling:
 @dataclass(frozen=True)
 class LongRope:
     """Phi-3's LongRoPE (HF rope_type "longrope", formerly "su"): per-frequency factors, and cos/sin
-    scaled by ``attention_factor``. The short factors hold up to ``original_max_position_embeddings``
-    tokens; beyond, transformers switches every position to the long factors, which the engine does
-    not implement, so longer sequences are refused (``ModelConfig.context_limit``)."""
+    scaled by ``attention_factor``. A forward whose sequence reaches past
+    ``original_max_position_embeddings`` rotates every position it computes with the long factors,
+    one within it with the short ones (transformers decides per forward call, by its largest
+    position; ``CausalLM.rope`` per sequence). So a long prompt is rotated long throughout, and a
+    short prompt's answer switches to the long factors for its tokens past the original context
+    while the prompt's cached keys keep the short ones, as in transformers' ``generate``."""
 
     short_factor: tuple[float, ...]
     long_factor: tuple[float, ...]
@@ -100,14 +103,10 @@ class ModelConfig:
             return None
         return self.sliding_window
 
-    @property
-    def context_limit(self) -> tuple[int, str]:
-        """The longest sequence the engine runs as transformers does, and what sets it."""
-        limit, why = self.max_position_embeddings, "context"
-        if isinstance(self.rope_scaling, LongRope) and self.rope_scaling.original_max_position_embeddings < limit:
-            limit, why = self.rope_scaling.original_max_position_embeddings, "LongRoPE short-factor range; " \
-                "the long factors are not implemented"
-        return limit, why
+    def long_rope(self, length: int) -> bool:
+        """Whether a forward over a sequence of ``length`` positions rotates it with LongRoPE's
+        long factors (False for every other RoPE)."""
+        return isinstance(self.rope_scaling, LongRope) and length > self.rope_scaling.original_max_position_embeddings
 
     @property
     def q_size(self) -> int:
@@ -258,9 +257,9 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return cfg.rope_scaling.attention_factor if isinstance(cfg.rope_scaling, LongRope) else 1.0
 
 
-def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":
+def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> "torch.Tensor":
     """Inverse RoPE frequencies in float32 for the rotated dimensions, with Llama 3 or LongRoPE
-    scaling when configured.
+    scaling when configured (LongRoPE's long factors with ``long``).
 
     The arithmetic follows transformers' float32 order of operations exactly: positions times
     these frequencies reach ~1e4 radians at long contexts, so a float64 computation would drift
@@ -271,8 +270,9 @@ def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":
     dim = cfg.rotary_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     s = cfg.rope_scaling
-    if isinstance(s, LongRope):  # the short factors (ModelConfig.context_limit)
-        return 1.0 / (torch.tensor(s.short_factor, dtype=torch.float32) * cfg.rope_theta ** exponents)
+    if isinstance(s, LongRope):
+        factors = s.long_factor if long else s.short_factor
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * cfg.rope_theta ** exponents)
     inv = 1.0 / (cfg.rope_theta ** exponents)
     if s is None:
         return inv

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .config import LongRope
 from .linear import decode_kernels
 from .model import CausalLM, Step
 from .prefix import Block, PrefixStore, shares_a_block, store_for
@@ -97,7 +98,7 @@ class DecodeBatch:
         self.static = model.device.type == "cuda" if static is None else static
         if self.static:  # whole blocks, so that batches of nearby lengths share one capture
             max_len = -(-max_len // STATIC_LEN_BLOCK) * STATIC_LEN_BLOCK
-        self.max_len = min(max_len, model.config.context_limit[0])
+        self.max_len = min(max_len, model.config.max_position_embeddings)
         self.running: list[Generation] = []
         self._key = None
         fingerprint = _weights_fingerprint(model)
@@ -156,12 +157,20 @@ class DecodeBatch:
         self._admit(first)
         self._admit(later)
 
+    def _storable(self, length: int) -> bool:
+        """Whether K/V computed over ``length`` positions may enter or leave the prefix store: always
+        but with LongRoPE past the original context, where a sequence is rotated with the long
+        factors throughout (a later prompt that long is rotated from scratch, and a shorter one
+        needs the short factors)."""
+        return not self.model.config.long_rope(length)
+
     def _admit(self, gens: list[Generation]) -> None:
         """Prefill ``gens`` (the prefix store's blocks where they begin with some), into the slots
         after the running batch; sample each one's first token."""
         if not gens:
             return
-        matches = [self.prefixes.match(g.prompt) if self.prefixes is not None else ([], 0) for g in gens]
+        matches = [self.prefixes.match(g.prompt) if self.prefixes is not None and self._storable(len(g.prompt))
+                   else ([], 0) for g in gens]
         fresh = [g for g, (_, n) in zip(gens, matches) if n == 0]
         cont = [(g, blocks, n) for g, (blocks, n) in zip(gens, matches) if n > 0]
         logits = []
@@ -174,7 +183,8 @@ class DecodeBatch:
         gens = fresh + [g for g, _, _ in cont]
         if self.prefixes is not None:
             for i, g in enumerate(gens):
-                self.prefixes.save(g.prompt, self.cache, len(self.running) + i)
+                if self._storable(len(g.prompt)):
+                    self.prefixes.save(g.prompt, self.cache, len(self.running) + i)
         self.running.extend(gens)
         for g, t in zip(gens, sample(torch.cat(logits), gens)):
             self._append(g, t)
@@ -205,6 +215,7 @@ class DecodeBatch:
         """Advance every running, unfinished sequence by one token."""
         if not self.running:
             return
+        self._rotate_long()
         dev = self.model.device
         tokens = torch.tensor([[g.tokens[-1]] for g in self.running], device=dev)
         positions = torch.tensor([g.next_position for g in self.running], device=dev)
@@ -219,6 +230,21 @@ class DecodeBatch:
         for g, t in zip(self.running, sample(logits, self.running)):
             if g.finish_reason is None:
                 self._append(g, t)
+
+    def _rotate_long(self) -> None:
+        """LongRoPE: a sequence about to reach past the original context has its K/V computed
+        again with the long factors, its whole sequence in one prefill, as transformers'
+        ``generate`` drops the cache at that step and runs the sequence anew; from then on its
+        decode steps rotate long (``CausalLM.rope``)."""
+        rope = self.model.config.rope_scaling
+        if not isinstance(rope, LongRope):
+            return
+        dev = self.model.device
+        for i, g in enumerate(self.running):
+            if g.finish_reason is None and g.next_position == rope.original_max_position_embeddings:
+                seq = (g.prompt + g.tokens)[:g.next_position + 1]
+                tokens = torch.tensor(seq, device=dev).view(1, -1)
+                self.model.hidden(tokens, Step.for_prefill([len(seq)], self.cache, slot_start=i, device=dev))
 
     def _static_step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         n, slots = tokens.shape[0], self.cache.num_slots
@@ -279,7 +305,7 @@ class DecodeBatch:
         """Free ``g``'s slot; a finished sequence first leaves the K/V of the tokens it fed (all
         but the last sampled one, which no step has read yet) in the prefix store."""
         i = next(i for i, r in enumerate(self.running) if r is g)
-        if self.prefixes is not None and g.finish_reason is not None:
+        if self.prefixes is not None and g.finish_reason is not None and self._storable(g.next_position):
             self.prefixes.save((g.prompt + g.tokens)[:g.next_position], self.cache, i)
         last = len(self.running) - 1
         if i != last:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache
-from .config import ModelConfig, rope_attention_factor, rope_inv_freq
+from .config import LongRope, ModelConfig, rope_attention_factor, rope_inv_freq
 from .linear import in_row_blocks, linear, matmul, project
 
 
@@ -491,11 +491,16 @@ class CausalLM(nn.Module):
             layer.mlp.fuse()
 
     def _rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
+        """cos and sin for positions 0 .. n-1 (n >= ``length``); with LongRoPE, rows n .. 2n-1 hold
+        the long factors' (``rope``). On a GPU they cover the whole context from the first call:
+        captured decode graphs read them by address, so they are never reallocated there."""
         if length > self._rope_len or self._cos.device != self.device:
-            n = max(length, min(2 * self._rope_len, self.config.max_position_embeddings), 256)
+            limit = self.config.max_position_embeddings
+            n = limit if self.device.type == "cuda" else max(length, min(2 * self._rope_len, limit), 256)
+            long = (False, True) if isinstance(self.config.rope_scaling, LongRope) else (False,)
             # computed on the CPU (as transformers does it in float32), then moved: the same tables on any device
-            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"),
-                                rope_inv_freq(self.config).to("cpu"))
+            freqs = torch.cat([torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"),
+                                           rope_inv_freq(self.config, is_long).to("cpu")) for is_long in long])
             emb = torch.cat((freqs, freqs), dim=-1)
             # transformers computes cos/sin in float32 (times LongRoPE's attention factor), then casts
             # to the activation dtype.
@@ -509,20 +514,32 @@ class CausalLM(nn.Module):
         return self._cos, self._sin
 
     def check_length(self, length: int) -> None:
-        limit, why = self.config.context_limit
+        limit = self.config.max_position_embeddings
         if length > limit:
-            raise ValueError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens "
-                             f"(its {why})")
+            raise ValueError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens")
 
     def rope(self, step: Step) -> tuple[Tensor, Tensor]:
-        """cos and sin at the step's positions, shaped to broadcast over its q/k [B, L, heads, D]."""
+        """cos and sin at the step's positions, shaped to broadcast over its q/k [B, L, heads, D].
+
+        With LongRoPE a sequence that reaches past the original context in this step (a prefill
+        by its whole length, a decode row by its own position) is rotated with the long factors:
+        transformers' rule for one sequence, decided per sequence so that neighbours do not
+        change it."""
+        self.check_length(step.longest if step.prefill else step.kv_len)
+        cos, sin = self._rope_tables(step.longest if step.prefill else step.kv_len)
+        index = step.positions
+        if isinstance(self.config.rope_scaling, LongRope):
+            original = self.config.rope_scaling.original_max_position_embeddings
+            if step.prefill:  # each sequence by the length it reaches in this step
+                starts = step.prefix_lens or (0,) * len(step.seq_lens)
+                ends = torch.tensor([p + n for p, n in zip(starts, step.seq_lens)], device=index.device)
+                reach = torch.repeat_interleave(ends, torch.tensor(step.seq_lens, device=index.device))
+            else:
+                reach = step.positions + 1
+            index = index + self._rope_len * (reach > original)
         if step.prefill:
-            self.check_length(step.longest)
-            cos, sin = self._rope_tables(step.longest)
-            return cos[step.positions][:, None, :], sin[step.positions][:, None, :]
-        self.check_length(step.kv_len)
-        cos, sin = self._rope_tables(step.kv_len)
-        return cos[step.positions][:, None, None, :], sin[step.positions][:, None, None, :]
+            return cos[index][:, None, :], sin[index][:, None, :]
+        return cos[index][:, None, None, :], sin[index][:, None, None, :]
 
     def hidden(self, tokens: Tensor, step: Step) -> Tensor:
         """Final-normalised hidden states: [1, T, hidden] for a packed prefill, [B, 1, hidden] in decode."""

@@ -43,9 +43,13 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
     # window): the same forward an endpoint runs for the whole prompt, and no cache.
     by_context: dict[tuple[int, ...], list[int]] = {}
     folded: dict[int, int] = {}  # request index -> continuation tokens predicted inside its prefill
+    long_rope = model.config.long_rope
     for i, r in enumerate(requests):
         key = r.context
-        if shared[r.context] == 1 and len(r.continuation) > 1:
+        # LongRoPE rotates a forward by the length it reaches: a context below the original
+        # context whose continuation crosses it is not the same forward as the whole prompt
+        alone = long_rope(len(r.context)) != long_rope(len(r.context) + len(r.continuation) - 1)
+        if (shared[r.context] == 1 or alone) and len(r.continuation) > 1:
             key = r.context + r.continuation[:-1]
             folded[i] = len(r.continuation)
         by_context.setdefault(key, []).append(i)

@@ -84,7 +84,7 @@ class Scheduler:
     def __init__(self, model: CausalLM, *, max_batch_size: int = 32, max_len: int = 2048,
                  max_prefill_tokens: int = 2048, prefix_cache: bool = True):
         self.model = model
-        self.max_len = min(max_len, model.config.context_limit[0])
+        self.max_len = min(max_len, model.config.max_position_embeddings)
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.batch = DecodeBatch(model, max_batch_size, self.max_len, prefix_cache=prefix_cache)
         self.inbox: queue.Queue = queue.Queue()
@@ -290,7 +290,14 @@ def prompt_logprobs(model: CausalLM, prompts: list[list[int]], tops: list[int]) 
     (context, answer) pair gets the numbers the in-process scorer gives it. The API returns every
     position, so lm_head and the log-softmax run in float32 on every row, but on a shared
     prefix's rows once for the whole group."""
-    groups = prefix_groups(prompts)
+    groups = []
+    for plen, members in prefix_groups(prompts):
+        # LongRoPE rotates a forward by the length it reaches: a prompt that crosses the original
+        # context while its group's prefix does not runs whole, as its own group
+        apart = [i for i in members if model.config.long_rope(len(prompts[i])) != model.config.long_rope(plen)]
+        groups += [(len(prompts[i]), [i]) for i in apart]
+        if len(apart) < len(members):
+            groups.append((plen, [i for i in members if i not in apart]))
     prefixes = [prompts[members[0]][:plen] for plen, members in groups]
     lens = [len(p) for p in prefixes]
     device = model.device
