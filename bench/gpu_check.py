@@ -12,7 +12,8 @@ Prints, side by side and measured in this run:
     without the fixed GEMM row blocks that make scoring batch-invariant, and with half-size ones;
   * batch invariance: one prompt scored alone and among all (with and without the row blocks);
   * greedy decode at batch 1 and 64: engine against transformers' generate, and batch 1 against
-    the bandwidth floor (weight bytes / measured bandwidth);
+    the bandwidth floor (weight bytes / measured bandwidth); the tokens of decode with CUDA
+    graphs against the same static steps run eagerly (sequences joining and leaving: all identical);
   * every recipe (fp8-modelopt, fp8-official, int4-awq): scoring and batch-1 decode against BF16
     with its kernel path, and real kernel against simulation (relative logits error).
 Targets (docs/PERF.md) are printed beside each figure. Calibrating recipes calibrate on random
@@ -27,6 +28,7 @@ import gc
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -355,6 +357,29 @@ def main() -> None:
 
     for b in (1, big_batch):
         section(f"decode batch {b}", lambda: decode(b))
+
+    def graphs_against_eager() -> None:
+        # prompts of several lengths and answers of several lengths, so that sequences join as
+        # others finish and batch buckets are captured at different times; the same static steps
+        # with capture refused (each runs eagerly, the same kernels on the same shapes) must give
+        # the same tokens, bit for bit, or a graph replays stale buffers
+        import unittest.mock
+
+        ps = [torch.randint(2, cfg.vocab_size, (max(2, prompt_len >> (i % 3)),), generator=gen).tolist()
+              for i in range(12)]
+        params = [SamplingParams(max_new_tokens=max(1, new_tokens >> (i % 4))) for i in range(len(ps))]
+        graphs = [g.tokens for g in generate(eng, ps, params, max_batch_size=8, static=True)]
+        with unittest.mock.patch.object(torch.cuda, "CUDAGraph", side_effect=RuntimeError("capture refused")), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eng.__dict__.pop("_kept_decode", None)
+            eager = [g.tokens for g in generate(eng, ps, params, max_batch_size=8, static=True)]
+        same = sum(a == b for a, b in zip(graphs, eager))
+        what = "CUDA graphs" if device.type == "cuda" else "static steps (no graphs on this device)"
+        print(f"decode {what} against the same steps run eagerly: {same}/{len(ps)} sequences identical "
+              f"(target: all)")
+
+    section("decode graphs", graphs_against_eager)
     del hf
     gc.collect()
 

@@ -117,6 +117,7 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
         assert figure in text, text
     assert "FAILED" not in text, text
     assert "batch invariance: prompt 0 scored alone" in text and "(identical;" in text, text
+    assert "against the same steps run eagerly: " in text, text  # the figure that matters is a GPU's
     assert text.count("prompt 0 alone and among 16: identical") == 3, text  # each recipe's, real kernels
     f32 = float(text.split("parity float32: logits max |engine - transformers| = ")[1].split()[0])
     assert f32 <= 1e-3
