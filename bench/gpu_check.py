@@ -205,7 +205,7 @@ def window_semantics(device: torch.device, window: int = 16) -> None:
     That call on three packed sequences, against SDPA in float32 with transformers' mask (key k
     visible to query q when k <= q and q - k < w), and against a mask one key wider: the first
     must be at BF16 rounding, the second far larger (an off-by-one would swap them)."""
-    attend, kw = _varlen()
+    attend, kw, _ = _varlen()
     if device.type != "cuda" or attend is None:
         print("sliding window: skipped (varlen FlashAttention runs on CUDA only)")
         return

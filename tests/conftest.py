@@ -84,6 +84,26 @@ def tiny(tiny_dir):
     return load(str(tiny_dir), "float32")
 
 
+def tiny_gemma3(window: int = 8, vocab: int = TINY_VOCAB):
+    """transformers' Gemma 3 (text), tiny and random: sliding layers with their own RoPE base
+    around one full-attention layer with linear RoPE scaling, queries scaled by
+    query_pre_attn_scalar (24, not head_dim), norms and weights drawn large enough to matter."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=window, query_pre_attn_scalar=24,
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})
+    hf = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # the norms' weights start at zero (1 + w): make them matter too; embeddings
+        for name, w in hf.named_parameters():  # small, or sqrt(hidden) x them drowns the layers' output
+            w.normal_(0, 0.02 if "embed" in name else 0.15) if w.dim() == 2 else w.normal_(0, 0.5)
+    return hf
+
+
 LONGROPE_ORIGINAL = 40  # the tiny Phi-3.5's original context: LongRoPE's long factors past it
 
 

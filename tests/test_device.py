@@ -146,7 +146,7 @@ def test_packed_prefill_through_varlen_attention(tiny, monkeypatch):
     params = SamplingParams(max_new_tokens=6)
     want_scores = score(tiny.model, REQUESTS)
     want_tokens = [g.tokens for g in generate(tiny.model, prompts, params)]
-    monkeypatch.setattr(engine_model, "_varlen", lambda: (reference_varlen, {}))
+    monkeypatch.setattr(engine_model, "_varlen", lambda: (reference_varlen, {}, frozenset()))
     monkeypatch.setattr(engine_model, "use_varlen", lambda q: True)
     assert score(tiny.model, REQUESTS) == want_scores
     assert [g.tokens for g in generate(tiny.model, prompts, params)] == want_tokens

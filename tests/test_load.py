@@ -67,7 +67,7 @@ def test_activation_other_than_silu_is_refused(tiny_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["hidden_act"] = "gelu_pytorch_tanh"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu_pytorch_tanh'.*valid: 'silu'"):
+    with pytest.raises(UnsupportedModelError, match="hidden activation 'gelu_pytorch_tanh'.*valid: 'silu'"):
         load_folder(d)
 
 

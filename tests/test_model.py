@@ -29,7 +29,7 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "phi3",
-                                  "phi3-longrope", "tied"])
+                                  "phi3-longrope", "gemma3", "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -70,10 +70,14 @@ def test_other_architectures_match_transformers(arch, tmp_path):
                                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                          "max_position_embeddings": 256, "pad_token_id": 0, **kw})
         hf = transformers.Phi3ForCausalLM(cfg)
+    elif arch == "gemma3":  # its own norms, GeGLU, scaled embeddings and queries, per-layer RoPE, windows
+        from .conftest import tiny_gemma3
+
+        hf = tiny_gemma3(vocab=300)
     else:
         hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True, rope_parameters=None,
                                                           rope_theta=500.0))
-    if arch != "qwen2":
+    if arch not in ("qwen2", "gemma3"):
         with torch.no_grad():  # weights large enough that positions (RoPE, the window) move the logits
             for w in hf.parameters():
                 w.normal_(0, 0.2) if w.dim() == 2 else None

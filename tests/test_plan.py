@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evalsuite.cli import main
-from evalsuite.engine.config import ModelConfig, rope_inv_freq
+from evalsuite.engine.config import ModelConfig, UnsupportedModelError, rope_inv_freq
 from evalsuite.engine.load import load, read_config
 from evalsuite.plan import PLAN_RECIPES, deployed_weight_bytes, kv_bytes_per_token, plan
 from evalsuite.quant.api import apply_recipe
@@ -254,3 +254,53 @@ def test_plan_notes_a_sliding_window_shorter_than_the_context(tmp_path):
     assert not any("window" in n for n in plan(str(tmp_path), "bf16", "h100", context=4096).notes)
     (tmp_path / "config.json").write_text(json.dumps(PHI35_MINI_CONFIG))
     assert not any("window" in n for n in plan(str(tmp_path), "bf16", "h100", context=131072).notes)
+
+
+# google/gemma-3-1b-it's config.json in its published (transformers 4.50) layout: the sliding
+# layers' RoPE base beside the full layers', every sixth layer attending to all positions
+GEMMA3_1B_CONFIG = {
+    "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attn_logit_softcapping": None,
+    "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+    "intermediate_size": 6912, "max_position_embeddings": 32768, "model_type": "gemma3_text",
+    "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144}
+# the text model of google/gemma-3-4b-it: linear RoPE scaling on the full layers
+GEMMA3_4B_TEXT_CONFIG = {
+    **GEMMA3_1B_CONFIG, "hidden_size": 2560, "intermediate_size": 10240, "num_attention_heads": 8,
+    "num_hidden_layers": 34, "num_key_value_heads": 4, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+    "sliding_window": 1024, "vocab_size": 262208, "max_position_embeddings": 131072}
+
+
+@pytest.mark.parametrize("published", [GEMMA3_1B_CONFIG, GEMMA3_4B_TEXT_CONFIG], ids=["gemma-3-1b", "gemma-3-4b"])
+def test_gemma3_configs_read_as_transformers_reads_them(published, tmp_path):
+    """Parameters as transformers' Gemma3ForCausalLM counts them (on the meta device), which layers
+    slide, and each kind of layer's RoPE frequencies as transformers computes them."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = transformers.Gemma3TextConfig(**published)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in transformers.Gemma3ForCausalLM(hf_cfg).parameters())
+    cfg = ModelConfig.from_hf(published)
+    assert cfg.num_parameters() == n
+    assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in hf_cfg.layer_types)
+    assert cfg.sliding_layers.count(False) == published["num_hidden_layers"] // 6
+    full = hf_cfg.rope_parameters["full_attention"]
+    init = ROPE_INIT_FUNCTIONS[full["rope_type"]] if full["rope_type"] != "default" else \
+        transformers.models.gemma3.modeling_gemma3.Gemma3RotaryEmbedding.compute_default_rope_parameters
+    assert torch.equal(rope_inv_freq(cfg), init(hf_cfg, layer_type="full_attention")[0])
+    local = transformers.models.gemma3.modeling_gemma3.Gemma3RotaryEmbedding.compute_default_rope_parameters(
+        hf_cfg, layer_type="sliding_attention")[0]
+    assert torch.equal(rope_inv_freq(cfg, local=True), local)
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n
+
+
+def test_gemma2_and_bidirectional_gemma_are_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping 50.0"):
+        ModelConfig.from_hf({**GEMMA3_1B_CONFIG, "attn_logit_softcapping": 50.0})
+    with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention"):
+        ModelConfig.from_hf({**GEMMA3_1B_CONFIG, "use_bidirectional_attention": True})
+    with pytest.raises(UnsupportedModelError, match="'gelu_pytorch_tanh'"):
+        ModelConfig.from_hf({**GEMMA3_1B_CONFIG, "hidden_activation": "relu"})

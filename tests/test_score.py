@@ -59,21 +59,28 @@ def test_log_probabilities_in_row_chunks_match_transformers(tiny, hf_tiny, monke
         assert res.is_greedy == ref_greedy and len(res.token_logprobs) == len(r.continuation)
 
 
-def test_scores_with_a_sliding_window_match_transformers(tmp_path):
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_scores_with_a_sliding_window_match_transformers(arch, tmp_path):
     """Every scoring path under a window the contexts outgrow: contexts prefilled alone, with their
     continuation, and shared contexts extended by several continuations (the extension reads
-    the cached context through the window)."""
+    the cached context through the window). Gemma 3's windowed layers rotate with a RoPE base of
+    their own, and one layer in four sees every position."""
     import transformers
 
     from evalsuite.engine.load import load_folder
 
+    from .conftest import tiny_gemma3
+
     torch.manual_seed(4)
-    hf = transformers.MistralForCausalLM(transformers.MistralConfig(
-        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, sliding_window=10)).eval()
-    with torch.no_grad():
-        for w in hf.parameters():
-            w.normal_(0, 0.2) if w.dim() == 2 else None
+    if arch == "gemma3":
+        hf = tiny_gemma3(window=10)
+    else:
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, sliding_window=10)).eval()
+        with torch.no_grad():
+            for w in hf.parameters():
+                w.normal_(0, 0.2) if w.dim() == 2 else None
     hf.save_pretrained(tmp_path)
     model = load_folder(tmp_path, torch.float32)
     reqs = _requests(seed=3)

@@ -10,7 +10,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+# Gemma 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh GELU),
+# embeddings times sqrt(hidden_size), q/k head norms, and norms after attention and after the MLP
+# as well as before them
+GEMMA_ARCHITECTURES = ("gemma3_text",)
 
 
 class UnsupportedModelError(ValueError):
@@ -25,6 +29,13 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LinearRope:
+    """Positions divided by ``factor`` (HF rope_type "linear"; Gemma 3's full-attention layers)."""
+
+    factor: float
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,7 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | LongRope | None = None
+    rope_scaling: RopeScaling | LinearRope | LongRope | None = None
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dimensions of each head
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
@@ -64,6 +75,10 @@ class ModelConfig:
     # positions (itself included), on the layers sliding_layers marks (None: every layer)
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] | None = None
+    # Gemma 3: the sliding layers' RoPE base (unscaled; rope_theta and rope_scaling are the full
+    # layers'), and queries scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
+    local_rope_theta: float | None = None
+    attention_scale: float | None = None
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -103,6 +118,15 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    @property
+    def gemma(self) -> bool:
+        """Gemma's layer (``GEMMA_ARCHITECTURES``) rather than Llama's."""
+        return self.architecture in GEMMA_ARCHITECTURES
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` rotates with the sliding layers' own RoPE (Gemma 3)."""
+        return self.local_rope_theta is not None and self.layer_window(layer) is not None
+
     def long_rope(self, length: int) -> bool:
         """Whether a forward over a sequence of ``length`` positions rotates it with LongRoPE's
         long factors (False for every other RoPE)."""
@@ -129,7 +153,8 @@ class ModelConfig:
         projections = sum(out * inp for _, out, inp in self.layer_projections())
         bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
         qk_norms = 2 * self.head_dim if self.qk_norm else 0
-        body = self.num_layers * (projections + bias + qk_norms + 2 * self.hidden_size) + self.hidden_size
+        norms = (4 if self.gemma else 2) * self.hidden_size
+        body = self.num_layers * (projections + bias + qk_norms + norms) + self.hidden_size
         if not include_embeddings:
             return body
         emb = self.vocab_size * self.hidden_size
@@ -139,7 +164,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         # added after runs were recorded: absent at its neutral value, so that the identities of
         # those runs (the model's config is part of them) and their resumption stay as they were
-        for key, neutral in (("partial_rotary_factor", 1.0), ("sliding_layers", None)):
+        for key, neutral in (("partial_rotary_factor", 1.0), ("sliding_layers", None), ("local_rope_theta", None),
+                             ("attention_scale", None)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -157,18 +183,39 @@ class ModelConfig:
                                "num_attention_heads") if k not in hf]
         if missing:
             raise UnsupportedModelError(f"config.json lacks {', '.join(missing)}, which a {model_type} model needs")
-        act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"config.json: hidden_act {act!r}; the engine's MLP is SwiGLU (valid: 'silu')")
+        gemma = model_type in GEMMA_ARCHITECTURES
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        valid_act = ("gelu_pytorch_tanh", "gelu_tanh") if gemma else ("silu", "swish")
+        if act not in valid_act:
+            mlp = "GeGLU" if gemma else "SwiGLU"
+            raise UnsupportedModelError(f"config.json: hidden activation {act!r}; the engine's {model_type} MLP is "
+                                        f"{mlp} (valid: {valid_act[0]!r})")
         rope = dict(hf.get("rope_parameters") or {})
         legacy = hf.get("rope_scaling") or {}
+        local_theta = None
+        if gemma:
+            for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+                if hf.get(key) is not None:  # Gemma 2's
+                    raise UnsupportedModelError(f"config.json: {key} {hf[key]!r}; the engine runs Gemma 3's "
+                                                "layer, which caps no logits (valid: null)")
+            if hf.get("use_bidirectional_attention"):
+                raise UnsupportedModelError("config.json: use_bidirectional_attention true; the engine's "
+                                            "attention is causal (valid: false)")
+            # per layer type (transformers 5), or the full layers' base and scaling with the
+            # sliding layers' base beside them (4.x)
+            local = rope.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+            if local.get("rope_type", "default") != "default":
+                raise UnsupportedModelError(f"config.json: sliding layers' RoPE type {local['rope_type']!r}; "
+                                            "supported: 'default'")
+            local_theta = float(local["rope_theta"])
+            rope = dict(rope.get("full_attention") or {"rope_theta": hf.get("rope_theta", 1000000.0)})
         rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         max_len = hf.get("max_position_embeddings", 2048)
-        scaling: RopeScaling | LongRope | None = None
+        scaling: RopeScaling | LinearRope | LongRope | None = None
         if rope_type in ("longrope", "su"):
             src = {**legacy, **rope}
             original = int(src.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
@@ -188,15 +235,21 @@ class ModelConfig:
                 high_freq_factor=float(src["high_freq_factor"]),
                 original_max_position_embeddings=int(src["original_max_position_embeddings"]),
             )
+        elif rope_type == "linear":
+            scaling = LinearRope(float({**legacy, **rope}["factor"]))
         elif rope_type != "default":
             raise UnsupportedModelError(
-                f"unsupported RoPE type {rope_type!r}; supported: 'default', 'llama3', 'longrope'")
+                f"unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3', 'longrope'")
         # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
-        # layer max_window_layers on; Mistral's and Phi-3's apply to every layer whenever set
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
+        # layer max_window_layers on; Mistral's, Phi-3's and Gemma 3's apply whenever set
+        window = hf.get("sliding_window") if hf.get("use_sliding_window",
+                                                    model_type in ("mistral", "phi3", *GEMMA_ARCHITECTURES)) else None
         layers = None
         if window and hf.get("layer_types"):
             layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
+        elif window and gemma:  # 4.x: every sliding_window_pattern-th layer attends to all positions
+            pattern = hf.get("sliding_window_pattern", 6)
+            layers = tuple((i + 1) % pattern != 0 for i in range(hf["num_hidden_layers"]))
         elif window and model_type in ("qwen2", "qwen3"):
             first = hf.get("max_window_layers", hf["num_hidden_layers"])
             layers = tuple(i >= first for i in range(hf["num_hidden_layers"]))
@@ -213,11 +266,14 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=scaling,
             partial_rotary_factor=partial,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # transformers' defaults
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type == "qwen3" or gemma,
             sliding_window=window,
             sliding_layers=layers,
+            local_rope_theta=local_theta,
+            attention_scale=(float(hf["query_pre_attn_scalar"]) ** -0.5
+                             if gemma and hf.get("query_pre_attn_scalar", head_dim) != head_dim else None),
             architecture=model_type,
         )
 
@@ -257,9 +313,10 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return cfg.rope_scaling.attention_factor if isinstance(cfg.rope_scaling, LongRope) else 1.0
 
 
-def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> "torch.Tensor":
-    """Inverse RoPE frequencies in float32 for the rotated dimensions, with Llama 3 or LongRoPE
-    scaling when configured (LongRoPE's long factors with ``long``).
+def rope_inv_freq(cfg: ModelConfig, long: bool = False, local: bool = False) -> "torch.Tensor":
+    """Inverse RoPE frequencies in float32 for the rotated dimensions, with linear, Llama 3 or
+    LongRoPE scaling when configured (LongRoPE's long factors with ``long``); with ``local``, the
+    sliding layers' own (``local_rope_theta``, unscaled).
 
     The arithmetic follows transformers' float32 order of operations exactly: positions times
     these frequencies reach ~1e4 radians at long contexts, so a float64 computation would drift
@@ -269,7 +326,11 @@ def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> "torch.Tensor":
 
     dim = cfg.rotary_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if local:
+        return 1.0 / (cfg.local_rope_theta ** exponents)
     s = cfg.rope_scaling
+    if isinstance(s, LinearRope):
+        return 1.0 / (cfg.rope_theta ** exponents) / s.factor
     if isinstance(s, LongRope):
         factors = s.long_factor if long else s.short_factor
         return 1.0 / (torch.tensor(factors, dtype=torch.float32) * cfg.rope_theta ** exponents)

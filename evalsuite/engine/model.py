@@ -34,16 +34,17 @@ from .linear import in_row_blocks, linear, matmul, project
 
 
 @functools.cache
-def _varlen() -> tuple[Callable | None, dict]:
+def _varlen() -> tuple[Callable | None, dict, frozenset]:
     """FlashAttention over packed sequences (torch's CUDA builds) and the keywords this torch needs,
     imported on first use: the module pulls in torch._dynamo, seconds of import time the CPU
     path never needs. torch 2.11 takes fewer KV heads than query heads as is; 2.13 asks for
-    enable_gqa."""
+    enable_gqa. The third item names the keywords this torch's varlen_attn takes."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # pragma: no cover - older torch
-        return None, {}
-    return varlen_attn, {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+        return None, {}, frozenset()
+    params = frozenset(inspect.signature(varlen_attn).parameters)
+    return varlen_attn, {"enable_gqa": True} if "enable_gqa" in params else {}, params
 
 
 def use_varlen(q: Tensor) -> bool:
@@ -155,13 +156,29 @@ class Step:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None):
+    """Llama's RMSNorm (the normalised input rounded to its dtype, then times the weight), or with
+    ``plus_one`` Gemma's (times 1 + weight in float32, then rounded)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, plus_one: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(dim, dtype=dtype) if plus_one else torch.ones(dim, dtype=dtype),
+                                   requires_grad=False)
         self.eps = eps
+        self.plus_one = plus_one
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.plus_one:
+            normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    @torch.no_grad()
+    def fold(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Replace the per-channel factor the output is multiplied by (the weight, or Gemma's
+        1 + weight) with ``fn`` of it, computed in float32 (in place): how AWQ's scales are
+        folded into the norm before the projections they apply to."""
+        factor = fn(self.weight.float() + 1.0 if self.plus_one else self.weight.float())
+        self.weight.copy_((factor - 1.0 if self.plus_one else factor).to(self.weight.dtype))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -224,11 +241,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False, **kw)
         # Qwen3 normalises each head of q and k (its own weight over head_dim) before RoPE
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, cfg.gemma) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, cfg.gemma) if cfg.qk_norm else None
         # a sliding window: each query attends to its last ``window`` positions (itself included),
         # transformers' q - k < window; the cache keeps every position, the masks do the rest
         self.window = cfg.layer_window(layer_idx)
+        self.scale = cfg.attention_scale  # None: head_dim ** -0.5
+        self.local_rope = cfg.local_rope(layer_idx)  # rotates with the step's "local_rope" tables
         self.k_cache_quant: nn.Module | None = None
         self.v_cache_quant: nn.Module | None = None
         self.q_bmm_quant: nn.Module | None = None
@@ -253,6 +272,8 @@ class Attention(nn.Module):
         qk = qkv[:, :, :H + KV]
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        if self.local_rope:
+            cos, sin = step.derived["local_rope"]
         qk = apply_rope(qk, cos, sin)
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
         if self.k_cache_quant is not None:
@@ -278,7 +299,7 @@ class Attention(nn.Module):
                 v = self._from_cache(vc[rows, :, :kv_len], self.v_cache_quant, q.dtype)
                 qc = q[lo:hi]
                 outs.append(self._attend(qc, k, v, False, mask) if self._quantized
-                            else _decode_attention(qc, k, v, mask))
+                            else _decode_attention(qc, k, v, mask, self.scale))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return in_row_blocks(self._out, out.transpose(1, 2).reshape(B, L, H * D), step.row_block)
 
@@ -307,7 +328,8 @@ class Attention(nn.Module):
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         """Causal attention of each packed sequence on its own; K/V written to its cache slot, or,
         when extending, the cached prefix read in front of the sequence's own K/V."""
-        if not step.prefix_slots and not self._quantized and use_varlen(q):
+        if not step.prefix_slots and not self._quantized and use_varlen(q) and (
+                self.scale is None or "scale" in _varlen()[2]):
             return self._varlen_prefill(q, k, v, step)
         outs, start = [], 0
         for i, n in enumerate(step.seq_lens):
@@ -345,8 +367,10 @@ class Attention(nn.Module):
         with one indexed write."""
         cu, longest, slots, positions = step.packed_index()
         qt, kt, vt = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, heads, D]
-        attend, kw = _varlen()
+        attend, kw, _ = _varlen()
         left = -1 if self.window is None else self.window - 1  # keys q - left .. q
+        if self.scale is not None:
+            kw = {**kw, "scale": self.scale}
         out = attend(qt, kt, vt, cu, cu, longest, longest, window_size=(left, 0), **kw)
         if step.cache is not None:
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
@@ -377,7 +401,8 @@ class Attention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
         if self._quantized:
             return self._attend_explicit(q, k, v, causal, mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True,
+                                              scale=self.scale)
 
     def _attend_explicit(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
         """softmax(q·kᵀ/√d)·v with quantizers on both products' inputs (HF eager numerics); q
@@ -390,7 +415,7 @@ class Attention(nn.Module):
         KV, Lk = k.shape[1], k.shape[2]
         G = H // KV
         qg = q.reshape(B, KV, G * Lq, D)
-        scores = matmul(qg, k.transpose(-1, -2)).view(B, KV, G, Lq, Lk) * D ** -0.5
+        scores = matmul(qg, k.transpose(-1, -2)).view(B, KV, G, Lq, Lk) * (self.scale or D ** -0.5)
         if causal:  # a prefill that starts at position 0
             mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
         elif mask is not None:
@@ -404,7 +429,7 @@ class Attention(nn.Module):
         return out.view(B, H, Lq, D)
 
 
-def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
     """One query token per row against the cache, as one SDPA call with no GQA expansion: the
     H / KV query heads that share a KV head are that head's queries, all at the same position, so
     one mask row serves them. q [B, H, 1, D]; k, v [B, KV, Lk, D] (a strided view of the cache,
@@ -414,7 +439,8 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
     B, H, _, D = q.shape
     KV, Lk = k.shape[1], k.shape[2]
     m = None if mask is None else mask.reshape(B, 1, 1, Lk)
-    return F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=m).reshape(B, H, 1, D)
+    return F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=m,
+                                          scale=scale).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):
@@ -424,6 +450,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
         self._fused = None  # see _fuse
+        self.act = functools.partial(F.gelu, approximate="tanh") if cfg.gemma else F.silu
 
     def fuse(self) -> None:
         self._fused = _fuse([self.gate_proj, self.up_proj])
@@ -433,24 +460,43 @@ class MLP(nn.Module):
             gate, up = self._fused(x).chunk(2, dim=-1)
         else:
             gate, up = project(self.gate_proj, x), project(self.up_proj, x)
-        return project(self.down_proj, F.silu(gate) * up)
+        return project(self.down_proj, self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma)
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer_idx, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # Llama's norm before the MLP; in Gemma's layer, the one after attention (before the
+        # residual), with pre_feedforward_layernorm before the MLP and post_feedforward_layernorm after
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, dtype)
+        self.pre_feedforward_layernorm = norm() if cfg.gemma else None
+        self.post_feedforward_layernorm = norm() if cfg.gemma else None
+
+    @property
+    def mlp_norm(self) -> RMSNorm:
+        """The norm whose output the MLP reads (where AWQ folds the gate/up scale)."""
+        return self.pre_feedforward_layernorm or self.post_attention_layernorm
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+        x = self.attention_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, step))
         return in_row_blocks(self._feed_forward, x, step.row_block)
+
+    def attention_residual(self, x: Tensor, attention: Tensor) -> Tensor:
+        """The residual stream after attention's output is added (normalised first in Gemma's layer)."""
+        if self.pre_feedforward_layernorm is not None:
+            attention = self.post_attention_layernorm(attention)
+        return x + attention
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         """The row-wise rest of the layer: normalisation, MLP and residual."""
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out = self.mlp(self.mlp_norm(x))
+        if self.post_feedforward_layernorm is not None:
+            out = self.post_feedforward_layernorm(out)
+        return x + out
 
 
 class Decoder(nn.Module):
@@ -459,7 +505,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma)
 
 
 class CausalLM(nn.Module):
@@ -490,17 +536,27 @@ class CausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
+    def _rope_variants(self) -> list[Tensor]:
+        """The inverse frequencies the tables hold, in row-block order: the model's RoPE, then
+        LongRoPE's long factors, then the sliding layers' own base (Gemma 3), where configured."""
+        cfg = self.config
+        variants = [rope_inv_freq(cfg)]
+        if isinstance(cfg.rope_scaling, LongRope):
+            variants.append(rope_inv_freq(cfg, long=True))
+        if cfg.local_rope_theta is not None:
+            variants.append(rope_inv_freq(cfg, local=True))
+        return variants
+
     def _rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
-        """cos and sin for positions 0 .. n-1 (n >= ``length``); with LongRoPE, rows n .. 2n-1 hold
-        the long factors' (``rope``). On a GPU they cover the whole context from the first call:
+        """cos and sin for positions 0 .. n-1 (n >= ``length``) of each of ``_rope_variants``, one
+        block of n rows after the other. On a GPU they cover the whole context from the first call:
         captured decode graphs read them by address, so they are never reallocated there."""
         if length > self._rope_len or self._cos.device != self.device:
             limit = self.config.max_position_embeddings
             n = limit if self.device.type == "cuda" else max(length, min(2 * self._rope_len, limit), 256)
-            long = (False, True) if isinstance(self.config.rope_scaling, LongRope) else (False,)
             # computed on the CPU (as transformers does it in float32), then moved: the same tables on any device
-            freqs = torch.cat([torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"),
-                                           rope_inv_freq(self.config, is_long).to("cpu")) for is_long in long])
+            freqs = torch.cat([torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), inv_freq.to("cpu"))
+                               for inv_freq in self._rope_variants()])
             emb = torch.cat((freqs, freqs), dim=-1)
             # transformers computes cos/sin in float32 (times LongRoPE's attention factor), then casts
             # to the activation dtype.
@@ -524,9 +580,16 @@ class CausalLM(nn.Module):
         With LongRoPE a sequence that reaches past the original context in this step (a prefill
         by its whole length, a decode row by its own position) is rotated with the long factors:
         transformers' rule for one sequence, decided per sequence so that neighbours do not
-        change it."""
+        change it.
+
+        Gemma 3's sliding layers rotate with a base of their own: their cos and sin go to
+        ``step.derived["local_rope"]``, where those layers read them."""
         self.check_length(step.longest if step.prefill else step.kv_len)
         cos, sin = self._rope_tables(step.longest if step.prefill else step.kv_len)
+        shape = (slice(None), None) if step.prefill else (slice(None), None, None)
+        if self.config.local_rope_theta is not None:  # the last block of rows
+            local = step.positions + self._rope_len * (len(self._rope_variants()) - 1)
+            step.derived["local_rope"] = (cos[local][shape], sin[local][shape])
         index = step.positions
         if isinstance(self.config.rope_scaling, LongRope):
             original = self.config.rope_scaling.original_max_position_embeddings
@@ -537,9 +600,15 @@ class CausalLM(nn.Module):
             else:
                 reach = step.positions + 1
             index = index + self._rope_len * (reach > original)
-        if step.prefill:
-            return cos[index][:, None, :], sin[index][:, None, :]
-        return cos[index][:, None, None, :], sin[index][:, None, None, :]
+        return cos[index][shape], sin[index][shape]
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """The first layer's input: the tokens' embeddings (times sqrt(hidden_size), rounded to the
+        activation dtype, in Gemma)."""
+        x = self.model.embed_tokens(tokens)
+        if self.config.gemma:  # a Python number (exact in the dtype): no tensor made in a captured graph
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=self.dtype).item()
+        return x
 
     def hidden(self, tokens: Tensor, step: Step) -> Tensor:
         """Final-normalised hidden states: [1, T, hidden] for a packed prefill, [B, 1, hidden] in decode."""
@@ -550,7 +619,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"tokens ({tokens.device}) and positions ({step.positions.device}) must be on the "
                              f"model's device ({self.device})")
         cos, sin = self.rope(step)
-        x = self.model.embed_tokens(tokens)
+        x = self.embed(tokens)
         for layer in self.model.layers:
             x = layer(x, cos, sin, step)
         return self.model.norm(x)

@@ -125,13 +125,14 @@ def projections(model: CausalLM) -> list[tuple[nn.Module, str, str]]:
 
 def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
     """(norm, names of the projections that read its output) for every decoder layer: q/k/v after
-    input_layernorm, gate/up after post_attention_layernorm. Deployed engines run each group as one
-    GEMM, so a checkpoint's per-projection scales are made one per group on export or loading."""
+    input_layernorm, gate/up after the MLP's norm (``DecoderLayer.mlp_norm``: Llama's
+    post_attention_layernorm, Gemma's pre_feedforward_layernorm). Deployed engines run each group
+    as one GEMM, so a checkpoint's per-projection scales are made one per group on export or loading."""
     groups = []
     for name, layer in model.named_modules():
         if isinstance(layer, DecoderLayer):
             groups.append((layer.input_layernorm, [f"{name}.self_attn.{p}_proj" for p in "qkv"]))
-            groups.append((layer.post_attention_layernorm, [f"{name}.mlp.{p}_proj" for p in ("gate", "up")]))
+            groups.append((layer.mlp_norm, [f"{name}.mlp.{p}_proj" for p in ("gate", "up")]))
     return groups
 
 

@@ -12,7 +12,7 @@ Two passes over the corpus: the first collects x̄, the second scores every α o
 Then, by default (``resmooth=True``), the model takes the form Model Optimizer exports for
 deployment (TensorRT-LLM, vLLM): projections that read one input share one pre-quant scale so
 that they run as one GEMM and the scale can live in the norm before them.
-  q, k, v (after input_layernorm) and gate, up (after post_attention_layernorm): with each one's
+  q, k, v (after input_layernorm) and gate, up (after the MLP's norm): with each one's
   pre-quant scale p_i = 1/s_i, the group's p = mean_i p_i; each smoothed weight W·s_i, stored in
   the model's dtype, becomes W·s_i·p_i/p (in the model's dtype, as Model Optimizer computes it;
   unchanged where p_i = p) and is quantized anew (block absmax); the norm's weight is multiplied
@@ -135,7 +135,7 @@ def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
             if not torch.equal(p, mean):
                 w = weights[n]
                 weights[n] = w * p.to(w.dtype)[None, :] / mean.to(w.dtype)[None, :]
-        norm.weight.copy_((norm.weight.float() * mean).to(norm.weight.dtype))
+        norm.fold(lambda factor: factor * mean)
     return weights
 
 

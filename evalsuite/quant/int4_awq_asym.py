@@ -6,7 +6,7 @@ Layer by layer, on inputs that the unquantized model produces (as AutoAWQ's quan
    module that consumes them ("module2inspect"):
      q, k, v   after input_layernorm          scored on the attention block's output
      o         after v (only when v and o have the same shape, i.e. no grouped KV heads)
-     gate, up  after post_attention_layernorm scored on the MLP's output
+     gate, up  after the MLP's norm           scored on the MLP's output
      down      after up                       scored on down's output
    x̄ = per-channel mean |x|; w̄ = per-channel mean over the group's rows of |W| / (its block's
    absmax + 1e-6); for ratio r = 0, 1/20, ..., 19/20: s = clamp(x̄^r / (w̄^(1-r) + 1e-4), min=1e-4),
@@ -107,7 +107,7 @@ def _scale_groups(layer: DecoderLayer) -> list[tuple[str, nn.Module, list[str]]]
     groups = [("qkv", layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
     if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
         groups.append(("o", attn.v_proj, ["self_attn.o_proj"]))
-    groups += [("mlp", layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]),
+    groups += [("mlp", layer.mlp_norm, ["mlp.gate_proj", "mlp.up_proj"]),
                ("down", mlp.up_proj, ["mlp.down_proj"])]
     return groups
 
@@ -138,7 +138,7 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
         for x, cos, sin, step in batches:
             attn_in.append(layer.input_layernorm(x))
             attn_out.append(attn(attn_in[-1], cos, sin, step))
-            mlp_in.append(layer.post_attention_layernorm(x + attn_out[-1]))
+            mlp_in.append(layer.mlp_norm(layer.attention_residual(x, attn_out[-1])))
             mlp_out.append(mlp(mlp_in[-1]))
     finally:
         attn.o_proj, mlp.down_proj = o_proj, down_proj
@@ -196,7 +196,7 @@ def fold_scales(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, Tens
     weights with every scale applied; with those weights the layer computes what it did before."""
     for group, prev, _names in _scale_groups(layer):
         if not isinstance(prev, nn.Linear):
-            prev.weight.copy_((prev.weight.float() / found[f"{group}.scale"]).to(prev.weight.dtype))
+            prev.fold(lambda factor: factor / found[f"{group}.scale"])
     return _scaled_weights(layer, found)
 
 
@@ -206,7 +206,7 @@ def _layer_batches(model: CausalLM, sequences: list[list[int]], max_batch_tokens
     for b in token_batches(sequences, max_batch_tokens):
         step = Step.for_prefill([len(s) for s in b], device=model.device)
         tokens = torch.tensor([t for s in b for t in s], device=model.device).view(1, -1)
-        out.append((model.model.embed_tokens(tokens), *model.rope(step), step))
+        out.append((model.embed(tokens), *model.rope(step), step))
     return out
 
 
