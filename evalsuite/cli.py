@@ -848,7 +848,7 @@ def _list_models() -> int:
         mark = " (default)" if name == DEFAULT_MODEL else ""
         print(f"{name}{mark}: {asset.package}=={asset.version} {asset.path}")
     print("\nalso accepted: an HF model folder (config.json + *.safetensors), a .gguf file, a hub id (online), "
-          f"of the model types {', '.join(SUPPORTED_ARCHITECTURES)}")
+          f"of the model types {', '.join(SUPPORTED_ARCHITECTURES)} (and gemma3's text model)")
     print("architecture presets (random-init / planning): " + ", ".join(PRESETS))
     return 0
 

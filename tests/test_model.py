@@ -206,3 +206,40 @@ def test_llama31_rope_frequencies_match_transformers():
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     ours = rope_inv_freq(ModelConfig.from_name("llama-3.1-8b"))
     assert torch.equal(ours, ref)
+
+
+def test_gemma3_with_vision_loads_its_text_model(tmp_path):
+    """Gemma 3 from 4B up is published as a vision-language model (model_type gemma3): the text
+    model's config holds only what differs from transformers' defaults and its tensors sit under
+    language_model.*, beside a vision tower. The engine runs the text model; on text its logits
+    are transformers' Gemma3ForConditionalGeneration's."""
+    import json
+
+    import transformers
+
+    from evalsuite.engine.load import load_folder
+
+    torch.manual_seed(8)
+    text = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "sliding_window": 8,
+            "max_position_embeddings": 256, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "sliding_window_pattern": 2}  # the published (4.50) layout: layer 2 of 2 attends to all
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    hf = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+        eoi_token_index=298)).eval()
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            w.normal_(0, 0.02 if "embed" in name else 0.15) if w.dim() == 2 else w.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["text_config"] = text  # as published: the defaults left out
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    model = load_folder(tmp_path, torch.float32)
+    assert model.config.sliding_layers == (True, False) and model.config.local_rope_theta == 10000.0
+    tokens = torch.randint(0, 296, (2, 30))
+    with torch.no_grad():
+        want = hf(input_ids=tokens).logits
+    assert (model(tokens) - want).abs().max().item() <= 1e-4
+    assert model.config.num_parameters() == sum(p.numel() for p in hf.model.language_model.parameters())

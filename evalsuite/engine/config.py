@@ -174,11 +174,17 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a HF ``config.json`` dictionary (transformers 4.x or 5.x layout)."""
         model_type = hf.get("model_type")
+        if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):
+            # Gemma 3 with vision (4B and up): its text model, whose published config names only
+            # what differs from transformers' defaults (filled in here as transformers does)
+            from transformers import Gemma3TextConfig
+
+            return cls.from_hf({**Gemma3TextConfig(**hf["text_config"]).to_dict(), "model_type": "gemma3_text"})
         if model_type not in SUPPORTED_ARCHITECTURES:
             archs = hf.get("architectures")
             raise UnsupportedModelError(
                 f"unknown architecture: model_type={model_type!r} (architectures={archs}); "
-                f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and gemma3's text model)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
         if missing:

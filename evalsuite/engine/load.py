@@ -157,7 +157,7 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
                     folder: Path | str = "state dict") -> CausalLM:
     """A CausalLM on the tensors of an HF-named state dict (taken as they are: same device, and
     shared, not copied)."""
-    state = _split_fused(cfg, dict(state))
+    state = _split_fused(cfg, _text_model(dict(state), folder))
     with torch.device("meta"):
         model = CausalLM(cfg, dtype)
     expected = set(model.state_dict())
@@ -180,6 +180,32 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
     model.requires_grad_(False)
     model.fuse_projections()
     return model.eval()
+
+
+# where a vision-language checkpoint keeps its text model (Gemma 3 4B and up, as published and as
+# transformers 5 names it in memory), and the parts of it that are not the text model
+_TEXT_MODEL_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                        ("model.language_model.", "model."))
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _text_model(state: dict[str, torch.Tensor], folder: Path | str) -> dict[str, torch.Tensor]:
+    """The text model's tensors under the engine's names; a vision tower is left out (the engine
+    runs text)."""
+    vision = [k for k in state if k.startswith(_VISION_PREFIXES)]
+    if not vision:
+        return state
+    log.info("loading the text model of %s: its %d vision tensors are not used", folder, len(vision))
+    out = {}
+    for key, tensor in state.items():
+        if key.startswith(_VISION_PREFIXES):
+            continue
+        for old, new in _TEXT_MODEL_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = tensor
+    return out
 
 
 def _split_fused(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
