@@ -104,6 +104,25 @@ def tiny_gemma3(window: int = 8, vocab: int = TINY_VOCAB):
     return hf
 
 
+def tiny_gemma2(window: int = 8, vocab: int = TINY_VOCAB):
+    """transformers' Gemma 2, tiny and random, with eager attention (its scores capped at 50, here
+    at 2 so that the cap matters; logits at 30, here at 1.5): sliding and full layers alternating,
+    queries scaled by query_pre_attn_scalar (24, not head_dim)."""
+    import transformers
+
+    cfg = transformers.Gemma2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=window, query_pre_attn_scalar=24,
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        attn_logit_softcapping=2.0, final_logit_softcapping=1.5)
+    hf = transformers.Gemma2ForCausalLM(cfg).eval()
+    hf.config._attn_implementation = "eager"  # the reference for capped scores (SDPA would not cap them)
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            w.normal_(0, 0.02 if "embed" in name else 0.15) if w.dim() == 2 else w.normal_(0, 0.5)
+    return hf
+
+
 LONGROPE_ORIGINAL = 40  # the tiny Phi-3.5's original context: LongRoPE's long factors past it
 
 

@@ -229,25 +229,25 @@ def _drop_tensor(folder, name):
     save_file(state, str(folder / "model.safetensors"))
 
 
-@pytest.fixture()
-def gemma3_dir(tmp_path):
-    from .conftest import make_tokenizer, tiny_gemma3
+@pytest.fixture(params=["gemma2", "gemma3"])
+def gemma_dir(request, tmp_path):
+    from .conftest import make_tokenizer, tiny_gemma2, tiny_gemma3
 
     torch.manual_seed(7)
-    hf = tiny_gemma3()
-    hf.save_pretrained(tmp_path / "gemma3")
-    make_tokenizer().save_pretrained(tmp_path / "gemma3")
-    return tmp_path / "gemma3", hf
+    hf = (tiny_gemma2 if request.param == "gemma2" else tiny_gemma3)()
+    hf.save_pretrained(tmp_path / request.param)
+    make_tokenizer().save_pretrained(tmp_path / request.param)
+    return tmp_path / request.param, hf
 
 
-def test_gemma3_awq_scales_fold_into_its_norms(gemma3_dir, calib_file):
+def test_gemma_awq_scales_fold_into_its_norms(gemma_dir, calib_file):
     """Gemma's norms multiply by 1 + weight, and its MLP reads pre_feedforward_layernorm (its
     post_attention_layernorm follows attention). Both AWQ forms fold their scales into those
     norms: unquantized, the folded model still computes transformers' logits."""
     from evalsuite.quant.int4_awq import resmooth
     from evalsuite.quant.int4_awq_asym import Int4AutoAWQConfig, _layer_batches, fold_scales, search_layer
 
-    folder, hf = gemma3_dir
+    folder, hf = gemma_dir
     tokens = torch.randint(0, 400, (2, 30))
     with torch.no_grad():
         want = hf(tokens).logits
@@ -277,12 +277,12 @@ def test_gemma3_awq_scales_fold_into_its_norms(gemma3_dir, calib_file):
 
 
 @pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq", "int4-awq-asym"])
-def test_gemma3_quantizes_saves_and_loads(recipe, gemma3_dir, calib_file, tmp_path, monkeypatch):
-    """Every recipe on Gemma 3: its projections quantized, its logits moved but not lost (this
+def test_gemma_quantizes_saves_and_loads(recipe, gemma_dir, calib_file, tmp_path, monkeypatch):
+    """Every recipe on Gemma 2 and 3: its projections quantized, its logits moved but not lost (this
     tiny random model is sensitive: INT4 moves a Llama of the same shapes and weights by 40-55%
     too), and the checkpoint loads back to the same logits without calibrating again. That the
     AWQ scales fold into Gemma's norms correctly is the test above."""
-    folder, _ = gemma3_dir
+    folder, _ = gemma_dir
     tokens = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(1))
     lm = load(str(folder), "float32")
     before = lm.model(tokens)

@@ -297,10 +297,38 @@ def test_gemma3_configs_read_as_transformers_reads_them(published, tmp_path):
     assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n
 
 
-def test_gemma2_and_bidirectional_gemma_are_refused_by_name():
-    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping 50.0"):
-        ModelConfig.from_hf({**GEMMA3_1B_CONFIG, "attn_logit_softcapping": 50.0})
+def test_bidirectional_gemma_and_other_activations_are_refused_by_name():
     with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention"):
         ModelConfig.from_hf({**GEMMA3_1B_CONFIG, "use_bidirectional_attention": True})
     with pytest.raises(UnsupportedModelError, match="'gelu_pytorch_tanh'"):
         ModelConfig.from_hf({**GEMMA3_1B_CONFIG, "hidden_activation": "relu"})
+
+
+# google/gemma-2-9b-it's and gemma-2-27b-it's config.json as published (transformers 4.42): no
+# layer kinds named (every other layer slides), scores and logits capped; the 27B scales its
+# queries by 144 ** -0.5 with 128-dimensional heads
+GEMMA2_9B_CONFIG = {
+    "architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+    "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 3584, "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "gemma2",
+    "num_attention_heads": 16, "num_hidden_layers": 42, "num_key_value_heads": 8, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 256000}
+GEMMA2_27B_CONFIG = {
+    **GEMMA2_9B_CONFIG, "head_dim": 128, "hidden_size": 4608, "intermediate_size": 36864, "num_attention_heads": 32,
+    "num_hidden_layers": 46, "num_key_value_heads": 16, "query_pre_attn_scalar": 144}
+
+
+@pytest.mark.parametrize("published", [GEMMA2_9B_CONFIG, GEMMA2_27B_CONFIG], ids=["gemma-2-9b", "gemma-2-27b"])
+def test_gemma2_configs_read_as_transformers_reads_them(published):
+    import transformers
+
+    hf_cfg = transformers.Gemma2Config(**published)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in transformers.Gemma2ForCausalLM(hf_cfg).parameters())
+    cfg = ModelConfig.from_hf(published)
+    assert cfg.num_parameters() == n
+    assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in hf_cfg.layer_types)
+    assert cfg.sliding_layers[:2] == (True, False) and cfg.sliding_window == 4096
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)
+    assert cfg.attention_scale == (None if published is GEMMA2_9B_CONFIG else 144 ** -0.5)
+    assert not cfg.qk_norm and cfg.local_rope_theta is None and cfg.tie_word_embeddings

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
-# Gemma 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh GELU),
-# embeddings times sqrt(hidden_size), q/k head norms, and norms after attention and after the MLP
-# as well as before them
-GEMMA_ARCHITECTURES = ("gemma3_text",)
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+# Gemma 2's and 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh
+# GELU), embeddings times sqrt(hidden_size), and norms after attention and after the MLP as well as
+# before them; Gemma 2 caps attention scores and logits (tanh), Gemma 3 normalises q and k per head
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3_text")
 
 
 class UnsupportedModelError(ValueError):
@@ -79,6 +79,9 @@ class ModelConfig:
     # layers'), and queries scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
     local_rope_theta: float | None = None
     attention_scale: float | None = None
+    # Gemma 2: attention scores and final logits become cap * tanh(x / cap)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -165,7 +168,8 @@ class ModelConfig:
         # added after runs were recorded: absent at its neutral value, so that the identities of
         # those runs (the model's config is part of them) and their resumption stay as they were
         for key, neutral in (("partial_rotary_factor", 1.0), ("sliding_layers", None), ("local_rope_theta", None),
-                             ("attention_scale", None)):
+                             ("attention_scale", None), ("attn_logit_softcapping", None),
+                             ("final_logit_softcapping", None)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -180,6 +184,12 @@ class ModelConfig:
             from transformers import Gemma3TextConfig
 
             return cls.from_hf({**Gemma3TextConfig(**hf["text_config"]).to_dict(), "model_type": "gemma3_text"})
+        if model_type == "gemma2" and "layer_types" not in hf:
+            # published before transformers named each layer's kind: its defaults fill them in
+            # (every other layer slides, scores and logits capped at 50 and 30)
+            from transformers import Gemma2Config
+
+            return cls.from_hf({**Gemma2Config(**hf).to_dict(), "model_type": "gemma2"})
         if model_type not in SUPPORTED_ARCHITECTURES:
             archs = hf.get("architectures")
             raise UnsupportedModelError(
@@ -199,14 +209,10 @@ class ModelConfig:
         rope = dict(hf.get("rope_parameters") or {})
         legacy = hf.get("rope_scaling") or {}
         local_theta = None
-        if gemma:
-            for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-                if hf.get(key) is not None:  # Gemma 2's
-                    raise UnsupportedModelError(f"config.json: {key} {hf[key]!r}; the engine runs Gemma 3's "
-                                                "layer, which caps no logits (valid: null)")
-            if hf.get("use_bidirectional_attention"):
-                raise UnsupportedModelError("config.json: use_bidirectional_attention true; the engine's "
-                                            "attention is causal (valid: false)")
+        if gemma and hf.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("config.json: use_bidirectional_attention true; the engine's "
+                                        "attention is causal (valid: false)")
+        if model_type == "gemma3_text":
             # per layer type (transformers 5), or the full layers' base and scaling with the
             # sliding layers' base beside them (4.x)
             local = rope.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
@@ -253,7 +259,7 @@ class ModelConfig:
         layers = None
         if window and hf.get("layer_types"):
             layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
-        elif window and gemma:  # 4.x: every sliding_window_pattern-th layer attends to all positions
+        elif window and model_type == "gemma3_text":  # 4.x: every sliding_window_pattern-th layer sees all
             pattern = hf.get("sliding_window_pattern", 6)
             layers = tuple((i + 1) % pattern != 0 for i in range(hf["num_hidden_layers"]))
         elif window and model_type in ("qwen2", "qwen3"):
@@ -274,12 +280,14 @@ class ModelConfig:
             partial_rotary_factor=partial,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # transformers' defaults
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3" or gemma,
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             sliding_window=window,
             sliding_layers=layers,
             local_rope_theta=local_theta,
             attention_scale=(float(hf["query_pre_attn_scalar"]) ** -0.5
                              if gemma and hf.get("query_pre_attn_scalar", head_dim) != head_dim else None),
+            attn_logit_softcapping=_float_or_none(hf.get("attn_logit_softcapping")) if gemma else None,
+            final_logit_softcapping=_float_or_none(hf.get("final_logit_softcapping")) if gemma else None,
             architecture=model_type,
         )
 
@@ -312,6 +320,10 @@ PRESETS: dict[str, ModelConfig] = {
                                   num_heads=128, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
                                   rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
 }
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:

@@ -248,6 +248,7 @@ class Attention(nn.Module):
         self.window = cfg.layer_window(layer_idx)
         self.scale = cfg.attention_scale  # None: head_dim ** -0.5
         self.local_rope = cfg.local_rope(layer_idx)  # rotates with the step's "local_rope" tables
+        self.softcap = cfg.attn_logit_softcapping
         self.k_cache_quant: nn.Module | None = None
         self.v_cache_quant: nn.Module | None = None
         self.q_bmm_quant: nn.Module | None = None
@@ -298,7 +299,7 @@ class Attention(nn.Module):
                 k = self._from_cache(kc[rows, :, :kv_len], self.k_cache_quant, q.dtype)
                 v = self._from_cache(vc[rows, :, :kv_len], self.v_cache_quant, q.dtype)
                 qc = q[lo:hi]
-                outs.append(self._attend(qc, k, v, False, mask) if self._quantized
+                outs.append(self._attend(qc, k, v, False, mask) if self._explicit
                             else _decode_attention(qc, k, v, mask, self.scale))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return in_row_blocks(self._out, out.transpose(1, 2).reshape(B, L, H * D), step.row_block)
@@ -328,7 +329,7 @@ class Attention(nn.Module):
     def _prefill_attention(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         """Causal attention of each packed sequence on its own; K/V written to its cache slot, or,
         when extending, the cached prefix read in front of the sequence's own K/V."""
-        if not step.prefix_slots and not self._quantized and use_varlen(q) and (
+        if not step.prefix_slots and not self._explicit and use_varlen(q) and (
                 self.scale is None or "scale" in _varlen()[2]):
             return self._varlen_prefill(q, k, v, step)
         outs, start = [], 0
@@ -395,18 +396,21 @@ class Attention(nn.Module):
         return (x.float() * quant.scale).to(dtype)
 
     @property
-    def _quantized(self) -> bool:
-        return any(m is not None for m in (self.q_bmm_quant, self.k_bmm_quant, self.v_bmm_quant, self.softmax_quant))
+    def _explicit(self) -> bool:
+        """Whether attention runs as explicit products (HF eager): where a recipe quantizes their
+        inputs, or scores are capped (Gemma 2); else SDPA or FlashAttention."""
+        return self.softcap is not None or any(
+            m is not None for m in (self.q_bmm_quant, self.k_bmm_quant, self.v_bmm_quant, self.softmax_quant))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
-        if self._quantized:
+        if self._explicit:
             return self._attend_explicit(q, k, v, causal, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True,
                                               scale=self.scale)
 
     def _attend_explicit(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
-        """softmax(q·kᵀ/√d)·v with quantizers on both products' inputs (HF eager numerics); q
-        arrives quantized by ``q_bmm_quant`` already."""
+        """softmax(q·kᵀ/√d)·v with quantizers on both products' inputs (HF eager numerics), the
+        scores capped at ``softcap`` where set; q arrives quantized by ``q_bmm_quant`` already."""
         if self.k_bmm_quant is not None:
             k = self.k_bmm_quant(k)
         if self.v_bmm_quant is not None:
@@ -416,6 +420,8 @@ class Attention(nn.Module):
         G = H // KV
         qg = q.reshape(B, KV, G * Lq, D)
         scores = matmul(qg, k.transpose(-1, -2)).view(B, KV, G, Lq, Lk) * (self.scale or D ** -0.5)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if causal:  # a prefill that starts at position 0
             mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
         elif mask is not None:
@@ -628,15 +634,20 @@ class CausalLM(nn.Module):
         """lm_head on ``hidden``, in blocks of ``row_block`` rows when set (``linear.in_row_blocks``).
         With ``float32`` the product is computed and returned in float32: BF16 logits of magnitude
         16-32 are rounded to multiples of 0.125, coarse enough to flip close MMLU answers between
-        batch sizes, so scoring asks for float32 on the few rows it needs."""
+        batch sizes, so scoring asks for float32 on the few rows it needs. Gemma 2's logits are
+        capped: cap * tanh(logits / cap)."""
         if float32 and self.dtype != torch.float32:
             if type(self.lm_head) is nn.Linear:
                 weight = self.lm_head.weight
                 if hidden.device.type != "cpu":  # converted once, not per block (the CPU keeps a float32 copy)
                     weight = weight.float()
-                return in_row_blocks(lambda h: linear(h.float(), weight), hidden, row_block)
-            return in_row_blocks(lambda h: self.lm_head(h).float(), hidden, row_block)
-        return in_row_blocks(lambda h: project(self.lm_head, h), hidden, row_block)
+                out = in_row_blocks(lambda h: linear(h.float(), weight), hidden, row_block)
+            else:
+                out = in_row_blocks(lambda h: self.lm_head(h).float(), hidden, row_block)
+        else:
+            out = in_row_blocks(lambda h: project(self.lm_head, h), hidden, row_block)
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else torch.tanh(out / cap) * cap
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Full logits [B, L, vocab] for a batch of equal-length token rows, no cache."""
