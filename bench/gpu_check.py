@@ -6,6 +6,8 @@
 Prints, side by side and measured in this run:
   * the device's floors: copy bandwidth (bytes read + written / s) and the BF16 matmul rate;
   * logits parity, engine vs transformers, same weights, float32 and BF16 (max abs difference);
+  * the other families (Qwen3, Mistral's window, Phi-3.5's LongRoPE, Gemma 2 and 3), tiny and
+    random: float32 logits and greedy decode against transformers, BF16 logits;
   * scoring (MMLU-like prompts, one continuation token each): engine tokens/s against
     transformers scored as lm-eval's hf backend does (padded batches of 16 sorted by length,
     full-vocabulary logits, log-softmax), and the share of the BF16 FLOP floor; on a GPU also
@@ -236,6 +238,71 @@ def window_errors(attend, kw: dict, device: torch.device, window: int) -> tuple[
     return worst[window], worst[window + 1]
 
 
+# Tiny random models of the other families the engine runs, each with what it adds to Llama's
+# layer at sizes where it acts: windows of 16 and LongRoPE's original context of 48 positions
+# that 30-70-token prompts and their answers cross
+def _family_configs() -> dict:
+    import transformers as t
+
+    common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    gemma = dict(head_dim=32, sliding_window=16, query_pre_attn_scalar=24, bos_token_id=0, eos_token_id=0)
+    return {
+        "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config(**common, head_dim=64)),
+        "mistral-window": (t.MistralForCausalLM, t.MistralConfig(**common, sliding_window=16)),
+        "phi3-longrope": (t.Phi3ForCausalLM, t.Phi3Config(
+            **common, partial_rotary_factor=0.75, original_max_position_embeddings=48,
+            rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(12)],
+                          "long_factor": [3.0 + i for i in range(12)]})),
+        "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config(**common, **gemma)),
+        "gemma3": (t.Gemma3ForCausalLM, t.Gemma3TextConfig(
+            **common, **gemma, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})),
+    }
+
+
+def families(device: torch.device) -> None:
+    """Each family: engine against transformers on ``device``, float32 logits over 80 tokens and
+    greedy decode (the engine's CUDA graphs on a GPU), and the BF16 logits' relative difference
+    (packed prefill through varlen FlashAttention on a GPU)."""
+    for name, (model_class, hf_cfg) in _family_configs().items():
+        torch.manual_seed(0)
+        if name == "gemma2":
+            hf_cfg._attn_implementation = "eager"  # capped scores: transformers' eager attention only
+        with torch.device(device):
+            hf = model_class(hf_cfg).eval()
+        with torch.no_grad():  # norms drawn too (Gemma's multiply by 1 + weight, the others' by weight)
+            for pname, w in hf.named_parameters():
+                if w.dim() == 2:
+                    w.normal_(0, 0.02 if name.startswith("gemma") and "embed" in pname else 0.15)
+                else:
+                    w.normal_(0 if name.startswith("gemma") else 1, 0.3)
+        cfg = ModelConfig.from_hf(hf.config.to_dict())
+        state = {k: v.clone() for k, v in hf.state_dict().items()}
+        eng = from_state_dict(cfg, state, torch.float32)
+        gen = torch.Generator().manual_seed(1)
+        tokens = torch.randint(1, 512, (2, 80), generator=gen).to(device)
+        with torch.no_grad():
+            diff = (eng(tokens) - hf(tokens).logits).abs().max().item()
+        prompts = [torch.randint(1, 512, (n,), generator=gen).tolist() for n in (30, 45, 70)]
+        got = [g.tokens for g in generate(eng, prompts, SamplingParams(max_new_tokens=24), max_batch_size=2)]
+        want = []
+        for prompt in prompts:
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=24, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+            want.append(out[0, len(prompt):].tolist())
+        same = sum(a == b for a, b in zip(got, want))
+        hf16 = hf.to(torch.bfloat16)
+        eng16 = from_state_dict(cfg, {k: v.to(torch.bfloat16) for k, v in state.items()}, torch.bfloat16)
+        with torch.no_grad():
+            a, b = eng16(tokens).float(), hf16(tokens).logits.float()
+        rel = ((a - b).norm() / b.norm()).item()
+        print(f"family {name}: float32 logits max |engine - transformers| = {diff:.1e} (target <= 1e-3); greedy "
+              f"decode {same}/{len(prompts)} identical (target: all); bfloat16 logits relative {rel:.1e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default=None)
@@ -290,6 +357,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         section(f"parity {str(dtype).split('.')[-1]}", lambda: parity(dtype))
     section("sliding window", lambda: window_semantics(device))
+    section("families", lambda: families(device))
 
     hf, eng = build_pair(cfg, torch.bfloat16, device)
     params = sum(t.numel() for t in hf.parameters())
