@@ -31,10 +31,10 @@ part() {  # part NAME SECONDS command...
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/nvidia-smi.txt"
-part gpu_commands 300 env DEVICE=cuda WORK=/tmp/gpu_commands bash bench/gpu_commands.sh
+part gpu_commands 290 env DEVICE=cuda WORK=/tmp/gpu_commands bash bench/gpu_commands.sh
 # every step's whole log and run record come back too (small text files; the checkpoint stays)
 (cd /tmp/gpu_commands 2>/dev/null && find . \( -name '*.log' -o -name run.json \) -print0 \
     | tar czf "$OUT/gpu_commands_logs.tgz" --null -T -)
-part gpu_check 170 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
-part gpu_profile 110 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048
+part gpu_check 200 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
+part gpu_profile 90 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048
 exit $status
