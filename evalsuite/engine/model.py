@@ -594,7 +594,7 @@ class CausalLM(nn.Module):
         cos, sin = self._rope_tables(step.longest if step.prefill else step.kv_len)
         shape = (slice(None), None) if step.prefill else (slice(None), None, None)
         if self.config.local_rope_theta is not None:  # the last block of rows
-            local = step.positions + self._rope_len * (len(self._rope_variants()) - 1)
+            local = step.positions + (cos.shape[0] - self._rope_len)
             step.derived["local_rope"] = (cos[local][shape], sin[local][shape])
         index = step.positions
         if isinstance(self.config.rope_scaling, LongRope):
