@@ -194,7 +194,8 @@ class ModelConfig:
             archs = hf.get("architectures")
             raise UnsupportedModelError(
                 f"unknown architecture: model_type={model_type!r} (architectures={archs}); "
-                f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and gemma3's text model)")
+                f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and gemma3's text model); "
+                "a model the engine does not run can be evaluated where a server runs it (--base-url)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
         if missing:
