@@ -6,8 +6,8 @@
 Prints, side by side and measured in this run:
   * the device's floors: copy bandwidth (bytes read + written / s) and the BF16 matmul rate;
   * logits parity, engine vs transformers, same weights, float32 and BF16 (max abs difference);
-  * the other families (Qwen3, Mistral's window, Phi-3.5's LongRoPE, Gemma 2 and 3), tiny and
-    random: float32 logits and greedy decode against transformers, BF16 logits;
+  * the other families (Qwen3, Qwen3-MoE, Mistral's window, Phi-3.5's LongRoPE, Gemma 2 and 3),
+    tiny and random: float32 logits and greedy decode against transformers, BF16 logits;
   * scoring (MMLU-like prompts, one continuation token each): engine tokens/s against
     transformers scored as lm-eval's hf backend does (padded batches of 16 sorted by length,
     full-vocabulary logits, log-softmax), and the share of the BF16 FLOP floor; on a GPU also
@@ -249,6 +249,9 @@ def _family_configs() -> dict:
     gemma = dict(head_dim=32, sliding_window=16, query_pre_attn_scalar=24, bos_token_id=0, eos_token_id=0)
     return {
         "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config(**common, head_dim=64)),
+        "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig(
+            **common, head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+            norm_topk_prob=True)),
         "mistral-window": (t.MistralForCausalLM, t.MistralConfig(**common, sliding_window=16)),
         "phi3-longrope": (t.Phi3ForCausalLM, t.Phi3Config(
             **common, partial_rotary_factor=0.75, original_max_position_embeddings=48,
@@ -264,8 +267,8 @@ def _family_configs() -> dict:
 
 def families(device: torch.device) -> None:
     """Each family: engine against transformers on ``device``, float32 logits over 80 tokens and
-    greedy decode (the engine's CUDA graphs on a GPU), and the BF16 logits' relative difference
-    (packed prefill through varlen FlashAttention on a GPU)."""
+    greedy decode (the engine's CUDA graphs on a GPU, but for a mixture of experts), and the BF16
+    logits' relative difference (packed prefill through varlen FlashAttention on a GPU)."""
     for name, (model_class, hf_cfg) in _family_configs().items():
         torch.manual_seed(0)
         if name == "gemma2":
@@ -274,7 +277,7 @@ def families(device: torch.device) -> None:
             hf = model_class(hf_cfg).eval()
         with torch.no_grad():  # norms drawn too (Gemma's multiply by 1 + weight, the others' by weight)
             for pname, w in hf.named_parameters():
-                if w.dim() == 2:
+                if w.dim() >= 2:  # transformers 5 holds a layer's experts in 3-D tensors
                     w.normal_(0, 0.02 if name.startswith("gemma") and "embed" in pname else 0.15)
                 else:
                     w.normal_(0 if name.startswith("gemma") else 1, 0.3)

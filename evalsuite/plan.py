@@ -97,7 +97,7 @@ def check_recipe(recipe: str) -> None:
 
 # The projections whose AWQ pre-scale stays a run-time input scaling under int4-awq (the others
 # share one folded into their norm: int4_awq.resmooth).
-PRESCALED = ("self_attn.o_proj", "mlp.down_proj")
+PRESCALED = ("self_attn.o_proj", "down_proj")  # an expert's down_proj too
 
 
 def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> int:
@@ -109,14 +109,14 @@ def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> i
     blocks = -(-inp // INT4_BLOCK)
     codes_and_scales = out * blocks * INT4_BLOCK // 2 + 4 * out * blocks
     if recipe == "int4-awq":
-        return codes_and_scales + (2 * inp if name in PRESCALED else 0)
+        return codes_and_scales + (2 * inp if name.endswith(PRESCALED) else 0)
     if recipe == "int4-awq-asym":
         return codes_and_scales + -(-out * blocks // 2)
     return codes_and_scales  # int4-rtn
 
 
 def _is_quantized(recipe: str, layer: int, name: str, num_layers: int) -> bool:
-    if recipe == "bf16":
+    if recipe == "bf16" or name == "mlp.gate":  # a mixture of experts' router stays BF16
         return False
     if recipe == "fp8-official":
         return name.startswith("mlp.") and 0 < layer < num_layers - 1
@@ -127,7 +127,7 @@ def deployed_weight_bytes(cfg: ModelConfig, recipe: str) -> int:
     check_recipe(recipe)
     total = 2 * cfg.num_parameters()
     for layer in range(cfg.num_layers):
-        for name, out, inp in cfg.layer_projections():
+        for name, out, inp in cfg.layer_projections(layer):
             if _is_quantized(recipe, layer, name, cfg.num_layers):
                 total += _quantized_projection_bytes(recipe, name, out, inp) - 2 * out * inp
     if recipe == "fp8-modelopt":

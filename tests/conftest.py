@@ -123,6 +123,27 @@ def tiny_gemma2(window: int = 8, vocab: int = TINY_VOCAB):
     return hf
 
 
+def tiny_moe(arch: str = "qwen3_moe", window: int | None = None, vocab: int = TINY_VOCAB):
+    """transformers' Mixtral or Qwen3-MoE, tiny and random: 4 experts, 2 per token (Qwen3-MoE's
+    renormalised over the chosen, its second layer a dense MLP), weights large enough that the
+    router's choices and the experts matter."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2, pad_token_id=0)
+    if arch == "mixtral":
+        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **common, num_local_experts=4, sliding_window=window))
+    else:
+        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, num_experts=4, moe_intermediate_size=48, head_dim=16, norm_topk_prob=True,
+            mlp_only_layers=[1]))
+    with torch.no_grad():
+        for w in hf.parameters():
+            w.normal_(0, 0.15) if w.dim() >= 2 else None
+    return hf.eval()
+
+
 LONGROPE_ORIGINAL = 40  # the tiny Phi-3.5's original context: LongRoPE's long factors past it
 
 

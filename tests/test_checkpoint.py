@@ -298,3 +298,49 @@ def test_gemma_quantizes_saves_and_loads(recipe, gemma_dir, calib_file, tmp_path
     monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
     back, _ = load_quantized(out, "float32")
     assert torch.equal(back.model(tokens), want)
+
+
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-rtn"])
+def test_mixture_of_experts_quantizes_saves_and_loads(recipe, calib_file, tmp_path, monkeypatch):
+    """Qwen3-MoE: every expert's projections quantized as a dense MLP's (fp8-official's in the
+    inner layers only), the routers left in BF16 as Model Optimizer leaves them; the checkpoint
+    loads back to the same logits without calibrating again."""
+    from .conftest import make_tokenizer, tiny_moe
+
+    torch.manual_seed(9)
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    make_tokenizer().save_pretrained(tmp_path / "moe")
+    lm = load(str(tmp_path / "moe"), "float32")
+    over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
+        if recipe == "fp8-modelopt" else {}
+    if recipe.startswith("int4"):
+        over["block_size"] = 32
+    record = apply_recipe(lm, recipe, over)
+    names = quantized_modules(lm.model)
+    experts = {f"model.layers.{i}.mlp.experts.{e}.{p}_proj" for i in (0, 2, 3) for e in range(4)
+               for p in ("gate", "up", "down")}
+    assert not any(n.endswith("mlp.gate") for n in names)  # the routers
+    if recipe == "fp8-official":  # the FFN of the inner layers: layer 1's dense MLP, layer 2's experts
+        assert set(names) == {f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")} | {
+            n for n in experts if n.startswith("model.layers.2.")}
+    else:
+        assert experts <= set(names) and "model.layers.1.mlp.down_proj" in names
+    tokens = torch.randint(0, 400, (2, 20))
+    want = lm.model(tokens)
+    out = save_quantized(lm, record, tmp_path / "q")
+    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
+    back, _ = load_quantized(out, "float32")
+    assert torch.equal(back.model(tokens), want)
+
+
+@pytest.mark.parametrize("recipe", ["int4-awq", "int4-awq-asym"])
+def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(recipe, tmp_path, monkeypatch):
+    from .conftest import make_tokenizer, tiny_moe
+
+    tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
+    make_tokenizer().save_pretrained(tmp_path / "moe")
+    lm = load(str(tmp_path / "moe"), "float32")
+    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated")))
+    with pytest.raises(ValueError, match=f"recipe '{recipe}'.*mixture of experts.*valid for this model: bf16, "
+                                         "fp8-official, fp8-modelopt, int4-rtn"):
+        apply_recipe(lm, recipe, {"block_size": 32})

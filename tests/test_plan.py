@@ -332,3 +332,54 @@ def test_gemma2_configs_read_as_transformers_reads_them(published):
     assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)
     assert cfg.attention_scale == (None if published is GEMMA2_9B_CONFIG else 144 ** -0.5)
     assert not cfg.qk_norm and cfg.local_rope_theta is None and cfg.tie_word_embeddings
+
+
+# mistralai/Mixtral-8x7B-v0.1's and Qwen/Qwen3-30B-A3B's config.json as published
+MIXTRAL_8X7B_CONFIG = {
+    "architectures": ["MixtralForCausalLM"], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False, "vocab_size": 32000}
+QWEN3_30B_A3B_CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"], "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 40960, "mlp_only_layers": [],
+    "model_type": "qwen3_moe", "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32,
+    "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "use_sliding_window": False, "vocab_size": 151936}
+
+
+@pytest.mark.parametrize("published", [MIXTRAL_8X7B_CONFIG, QWEN3_30B_A3B_CONFIG], ids=["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_mixture_of_experts_configs_count_as_transformers_builds_them(published, tmp_path):
+    """Every expert's parameters and the routers' (transformers' own model, on the meta device);
+    the planner's BF16 bytes twice that."""
+    import transformers
+
+    model_class, config_class = {"mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig),
+                                 "qwen3_moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig)}[
+        published["model_type"]]
+    with torch.device("meta"):
+        hf = model_class(config_class(**published))
+    n = sum(p.numel() for p in hf.parameters())
+    routers = sum(p.numel() for name, p in hf.named_parameters() if name.endswith("mlp.gate.weight"))
+    cfg = ModelConfig.from_hf(published)
+    assert cfg.num_parameters() == n and routers > 0
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp8-official", "fp8-modelopt", "int4-rtn"])
+def test_planner_counts_what_a_mixture_of_experts_checkpoint_stores(recipe, calib_file, tmp_path):
+    """The same for Qwen3-MoE: each expert's projections quantized, the routers in BF16."""
+    from .conftest import make_tokenizer, tiny_moe
+
+    torch.manual_seed(9)
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    make_tokenizer().save_pretrained(tmp_path / "moe")
+    lm = load(str(tmp_path / "moe"), "bfloat16")
+    over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
+        if recipe == "fp8-modelopt" else {}
+    record = apply_recipe(lm, recipe, over)
+    out = save_quantized(lm, record, tmp_path / "q")
+    assert deployed_weight_bytes(read_config(tmp_path / "moe"), recipe) == _file_bytes(out) == \
+        checkpoint_bytes(lm.model)

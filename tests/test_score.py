@@ -59,7 +59,7 @@ def test_log_probabilities_in_row_chunks_match_transformers(tiny, hf_tiny, monke
         assert res.is_greedy == ref_greedy and len(res.token_logprobs) == len(r.continuation)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "mixtral"])
 def test_scores_with_a_sliding_window_match_transformers(arch, tmp_path):
     """Every scoring path under a window the contexts outgrow: contexts prefilled alone, with their
     continuation, and shared contexts extended by several continuations (the extension reads
@@ -69,11 +69,13 @@ def test_scores_with_a_sliding_window_match_transformers(arch, tmp_path):
 
     from evalsuite.engine.load import load_folder
 
-    from .conftest import tiny_gemma2, tiny_gemma3
+    from .conftest import tiny_gemma2, tiny_gemma3, tiny_moe
 
     torch.manual_seed(4)
     if arch.startswith("gemma"):
         hf = (tiny_gemma2 if arch == "gemma2" else tiny_gemma3)(window=10)
+    elif arch == "mixtral":  # each token's experts, with the window
+        hf = tiny_moe("mixtral", window=10)
     else:
         hf = transformers.MistralForCausalLM(transformers.MistralConfig(
             vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral",
+                           "qwen3_moe")
 # Gemma 2's and 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh
 # GELU), embeddings times sqrt(hidden_size), and norms after attention and after the MLP as well as
 # before them; Gemma 2 caps attention scores and logits (tanh), Gemma 3 normalises q and k per head
@@ -82,6 +83,14 @@ class ModelConfig:
     # Gemma 2: attention scores and final logits become cap * tanh(x / cap)
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # mixture of experts (Mixtral, Qwen3-MoE): on the layers moe_layers marks (None: every layer),
+    # a router picks experts_per_token of num_experts SwiGLU experts of moe_intermediate_size per
+    # token, weighted by their softmax probabilities (renormalised over the chosen with norm_topk_prob)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[bool, ...] | None = None
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -99,6 +108,11 @@ class ModelConfig:
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
             raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} with head_dim {self.head_dim}: "
                              "valid: a factor in (0, 1] that leaves an even number of rotated dimensions")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token {self.experts_per_token} of {self.num_experts} experts; valid: 1 to "
+                             f"{self.num_experts}")
+        if self.moe_layers is not None and len(self.moe_layers) != self.num_layers:
+            raise ValueError(f"moe_layers marks {len(self.moe_layers)} layers; the model has {self.num_layers}")
         if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
             raise ValueError(f"sliding_layers marks {len(self.sliding_layers)} layers; the model has {self.num_layers}")
         if isinstance(self.rope_scaling, LongRope):
@@ -120,6 +134,10 @@ class ModelConfig:
         if not self.sliding_window or (self.sliding_layers is not None and not self.sliding_layers[layer]):
             return None
         return self.sliding_window
+
+    def layer_moe(self, layer: int) -> bool:
+        """Whether decoder layer ``layer``'s MLP is a mixture of experts."""
+        return self.num_experts > 0 and (self.moe_layers is None or self.moe_layers[layer])
 
     @property
     def gemma(self) -> bool:
@@ -143,21 +161,27 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def layer_projections(self) -> tuple[tuple[str, int, int], ...]:
-        """(name, out_features, in_features) of one decoder layer's projections, in the names of
-        the model's modules. The one place the architecture's shapes are spelled out: parameter
-        counts and the planner's byte counts derive from it."""
+    def layer_projections(self, layer: int = 0) -> tuple[tuple[str, int, int], ...]:
+        """(name, out_features, in_features) of decoder layer ``layer``'s projections, in the names
+        of the model's modules (a mixture of experts: its router ``mlp.gate`` and each expert's).
+        The one place the architecture's shapes are spelled out: parameter counts and the
+        planner's byte counts derive from it."""
         h, i = self.hidden_size, self.intermediate_size
-        return (("self_attn.q_proj", self.q_size, h), ("self_attn.k_proj", self.kv_size, h),
-                ("self_attn.v_proj", self.kv_size, h), ("self_attn.o_proj", h, self.q_size),
-                ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i))
+        attention = (("self_attn.q_proj", self.q_size, h), ("self_attn.k_proj", self.kv_size, h),
+                     ("self_attn.v_proj", self.kv_size, h), ("self_attn.o_proj", h, self.q_size))
+        if not self.layer_moe(layer):
+            return attention + (("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i))
+        m = self.moe_intermediate_size
+        experts = tuple((f"mlp.experts.{e}.{name}", out, inp) for e in range(self.num_experts)
+                        for name, out, inp in (("gate_proj", m, h), ("up_proj", m, h), ("down_proj", h, m)))
+        return attention + (("mlp.gate", self.num_experts, h),) + experts
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
-        projections = sum(out * inp for _, out, inp in self.layer_projections())
         bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
         qk_norms = 2 * self.head_dim if self.qk_norm else 0
         norms = (4 if self.gemma else 2) * self.hidden_size
-        body = self.num_layers * (projections + bias + qk_norms + norms) + self.hidden_size
+        body = sum(sum(out * inp for _, out, inp in self.layer_projections(layer)) + bias + qk_norms + norms
+                   for layer in range(self.num_layers)) + self.hidden_size
         if not include_embeddings:
             return body
         emb = self.vocab_size * self.hidden_size
@@ -169,7 +193,8 @@ class ModelConfig:
         # those runs (the model's config is part of them) and their resumption stay as they were
         for key, neutral in (("partial_rotary_factor", 1.0), ("sliding_layers", None), ("local_rope_theta", None),
                              ("attention_scale", None), ("attn_logit_softcapping", None),
-                             ("final_logit_softcapping", None)):
+                             ("final_logit_softcapping", None), ("num_experts", 0), ("experts_per_token", 0),
+                             ("moe_intermediate_size", 0), ("norm_topk_prob", True), ("moe_layers", None)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -255,17 +280,28 @@ class ModelConfig:
                 f"unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3', 'longrope'")
         # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
         # layer max_window_layers on; Mistral's, Phi-3's and Gemma 3's apply whenever set
-        window = hf.get("sliding_window") if hf.get("use_sliding_window",
-                                                    model_type in ("mistral", "phi3", *GEMMA_ARCHITECTURES)) else None
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in (
+            "mistral", "mixtral", "phi3", *GEMMA_ARCHITECTURES)) else None
         layers = None
         if window and hf.get("layer_types"):
             layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
         elif window and model_type == "gemma3_text":  # 4.x: every sliding_window_pattern-th layer sees all
             pattern = hf.get("sliding_window_pattern", 6)
             layers = tuple((i + 1) % pattern != 0 for i in range(hf["num_hidden_layers"]))
-        elif window and model_type in ("qwen2", "qwen3"):
+        elif window and model_type in ("qwen2", "qwen3", "qwen3_moe"):
             first = hf.get("max_window_layers", hf["num_hidden_layers"])
             layers = tuple(i >= first for i in range(hf["num_hidden_layers"]))
+        moe: dict[str, Any] = {}
+        if model_type == "mixtral":
+            moe = dict(num_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
+                       moe_intermediate_size=hf["intermediate_size"])
+        elif model_type == "qwen3_moe" and (hf.get("num_experts") or hf.get("num_local_experts")):
+            # published configs say num_experts; transformers 5 writes num_local_experts
+            step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+            marks = tuple(i not in dense and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"]))
+            moe = dict(num_experts=hf.get("num_experts") or hf["num_local_experts"], experts_per_token=hf.get("num_experts_per_tok", 8),
+                       moe_intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob")),
+                       moe_layers=None if all(marks) else marks)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -281,7 +317,7 @@ class ModelConfig:
             partial_rotary_factor=partial,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # transformers' defaults
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=window,
             sliding_layers=layers,
             local_rope_theta=local_theta,
@@ -289,6 +325,7 @@ class ModelConfig:
                              if gemma and hf.get("query_pre_attn_scalar", head_dim) != head_dim else None),
             attn_logit_softcapping=_float_or_none(hf.get("attn_logit_softcapping")) if gemma else None,
             final_logit_softcapping=_float_or_none(hf.get("final_logit_softcapping")) if gemma else None,
+            **moe,
             architecture=model_type,
         )
 

@@ -95,7 +95,10 @@ class DecodeBatch:
     def __init__(self, model: CausalLM, max_batch_size: int, max_len: int, *, static: bool | None = None,
                  prefix_cache: bool = True):
         self.model = model
-        self.static = model.device.type == "cuda" if static is None else static
+        # a mixture of experts routes each step's tokens to experts in shapes known only then:
+        # no graph captures it, so its decode runs eagerly on a GPU too
+        capturable = model.config.num_experts == 0
+        self.static = model.device.type == "cuda" and capturable if static is None else static
         if self.static:  # whole blocks, so that batches of nearby lengths share one capture
             max_len = -(-max_len // STATIC_LEN_BLOCK) * STATIC_LEN_BLOCK
         self.max_len = min(max_len, model.config.max_position_embeddings)

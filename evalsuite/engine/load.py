@@ -157,7 +157,7 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
                     folder: Path | str = "state dict") -> CausalLM:
     """A CausalLM on the tensors of an HF-named state dict (taken as they are: same device, and
     shared, not copied)."""
-    state = _split_fused(cfg, _text_model(dict(state), folder))
+    state = _experts(_split_fused(cfg, _text_model(dict(state), folder)))
     with torch.device("meta"):
         model = CausalLM(cfg, dtype)
     expected = set(model.state_dict())
@@ -204,6 +204,35 @@ def _text_model(state: dict[str, torch.Tensor], folder: Path | str) -> dict[str,
             if key.startswith(old):
                 key = new + key[len(old):]
                 break
+        out[key] = tensor
+    return out
+
+
+_MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Experts under the engine's names (Qwen3-MoE's: ``mlp.gate`` routes, ``mlp.experts.E.*_proj``):
+    Mixtral's checkpoints name them ``block_sparse_moe.gate`` and ``block_sparse_moe.experts.E.w1``
+    (gate), ``w3`` (up), ``w2`` (down); transformers 5 holds every expert of a layer in one 3-D
+    ``mlp.experts.gate_up_proj`` (gate first) and ``mlp.experts.down_proj``."""
+    out = {}
+    for key, tensor in state.items():
+        if ".block_sparse_moe." in key:
+            key = key.replace(".block_sparse_moe.", ".mlp.")
+            parts = key.split(".")
+            if len(parts) > 2 and parts[-2] in _MIXTRAL_NAMES and parts[-4] == "experts":
+                parts[-2] = _MIXTRAL_NAMES[parts[-2]]
+                key = ".".join(parts)
+        if key.endswith(".mlp.experts.gate_up_proj") or key.endswith(".mlp.experts.down_proj"):
+            prefix, name = key.rsplit(".", 1)
+            for e, weight in enumerate(tensor.unbind(0)):
+                if name == "gate_up_proj":
+                    gate, up = weight.chunk(2, dim=0)
+                    out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = gate, up
+                else:
+                    out[f"{prefix}.{e}.down_proj.weight"] = weight
+            continue
         out[key] = tensor
     return out
 

@@ -450,11 +450,12 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
+        inner = intermediate_size or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, inner, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(cfg.hidden_size, inner, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(inner, cfg.hidden_size, bias=False, dtype=dtype)
         self._fused = None  # see _fuse
         self.act = functools.partial(F.gelu, approximate="tanh") if cfg.gemma else F.silu
 
@@ -469,6 +470,37 @@ class MLP(nn.Module):
         return project(self.down_proj, self.act(gate) * up)
 
 
+class SparseMoE(nn.Module):
+    """A mixture of experts (Mixtral, Qwen3-MoE): the router ``gate`` scores every expert per
+    token; the token goes through its ``experts_per_token`` most probable experts (softmax in
+    float32, renormalised over the chosen with ``norm_topk_prob``, then rounded to the activation
+    dtype), and their outputs, each times its weight, are summed in expert order (transformers'
+    order). A token's result depends on its own routing only: the same alone or in any batch."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
+        self.experts = nn.ModuleList(MLP(cfg, dtype, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+
+    def fuse(self) -> None:
+        for expert in self.experts:
+            expert.fuse()
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = project(self.gate, flat)
+        weights, chosen = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(logits.dtype)
+        out = torch.zeros_like(flat)
+        for e in torch.unique(chosen).tolist():
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, (self.experts[e](flat[token]) * weights[token, slot, None]).to(out.dtype))
+        return out.view_as(x)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
         super().__init__()
@@ -478,7 +510,7 @@ class DecoderLayer(nn.Module):
         # Llama's norm before the MLP; in Gemma's layer, the one after attention (before the
         # residual), with pre_feedforward_layernorm before the MLP and post_feedforward_layernorm after
         self.post_attention_layernorm = norm()
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = SparseMoE(cfg, dtype) if cfg.layer_moe(layer_idx) else MLP(cfg, dtype)
         self.pre_feedforward_layernorm = norm() if cfg.gemma else None
         self.post_feedforward_layernorm = norm() if cfg.gemma else None
 

@@ -28,7 +28,7 @@ from ..assets import cache_dir, read_utf8
 from ..engine.generate import SamplingParams
 from ..engine.linear import project
 from ..engine.load import LoadedModel
-from ..engine.model import CausalLM, DecoderLayer, Step
+from ..engine.model import CausalLM, DecoderLayer, SparseMoE, Step
 from ..textgen import generate_text
 from .configs import CalibrationSpec
 
@@ -114,13 +114,25 @@ ATTENTION_POINTS = ("k_cache_quant", "v_cache_quant", "q_bmm_quant")
 
 
 def projections(model: CausalLM) -> list[tuple[nn.Module, str, str]]:
-    """(parent, attribute, full name) of every plain linear projection except lm_head."""
+    """(parent, attribute, full name) of every plain linear projection except lm_head and the
+    routers of mixtures of experts (which Model Optimizer's and the deployed engines' recipes
+    leave unquantized: a router's few outputs pick the experts)."""
     out = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
-            if type(child) is nn.Linear and child is not model.lm_head:
+            router = isinstance(module, SparseMoE) and child_name == "gate"
+            if type(child) is nn.Linear and child is not model.lm_head and not router:
                 out.append((module, child_name, f"{name}.{child_name}".lstrip(".")))
     return out
+
+
+def check_dense(model: CausalLM, recipe: str) -> None:
+    """A recipe that folds scales into the norm before each MLP needs one MLP there: refuse a
+    mixture of experts (its experts share that norm), before any calibration."""
+    if any(isinstance(layer.mlp, SparseMoE) for layer in model.model.layers):
+        raise ValueError(f"recipe {recipe!r}: its scales fold into the norm before each layer's MLP, which a "
+                         f"mixture of experts shares between its experts ({model.config.architecture}); valid for "
+                         "this model: bf16, fp8-official, fp8-modelopt, int4-rtn")
 
 
 def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
@@ -132,7 +144,9 @@ def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
     for name, layer in model.named_modules():
         if isinstance(layer, DecoderLayer):
             groups.append((layer.input_layernorm, [f"{name}.self_attn.{p}_proj" for p in "qkv"]))
-            groups.append((layer.mlp_norm, [f"{name}.mlp.{p}_proj" for p in ("gate", "up")]))
+            mlps = [f"{name}.mlp.experts.{e}" for e in range(len(layer.mlp.experts))] \
+                if isinstance(layer.mlp, SparseMoE) else [f"{name}.mlp"]  # each expert's gate/up: one GEMM
+            groups += [(layer.mlp_norm, [f"{mlp}.{p}_proj" for p in ("gate", "up")]) for mlp in mlps]
     return groups
 
 

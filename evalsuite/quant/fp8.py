@@ -229,10 +229,11 @@ def apply_fp8_official(lm: LoadedModel, config: FP8OfficialConfig) -> None:
     model = lm.model
     for i in quantized_layers(len(model.model.layers), config):
         mlp = model.model.layers[i].mlp
-        for name in FFN_PROJECTIONS:
-            q = FP8RowwiseLinear.from_linear(getattr(mlp, name), config.activation_scale_ub)
-            q.use_kernel = config.kernel == "scaled_mm"
-            setattr(mlp, name, q)
+        for ffn in getattr(mlp, "experts", [mlp]):  # a mixture of experts: each expert's (not the router)
+            for name in FFN_PROJECTIONS:
+                q = FP8RowwiseLinear.from_linear(getattr(ffn, name), config.activation_scale_ub)
+                q.use_kernel = config.kernel == "scaled_mm"
+                setattr(ffn, name, q)
 
 
 @register_module

@@ -31,7 +31,7 @@ from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, Step
 from .api import handler
-from .calibrate import cached_tensors, token_batches
+from .calibrate import cached_tensors, check_dense, token_batches
 from .configs import INT4_KERNEL_MODES, Int4AutoAWQConfig
 from .int4 import Int4WeightOnlyLinear, int4_asym_quantize, int4_fake_quantize, pad_to_blocks
 
@@ -225,6 +225,7 @@ def search(model: CausalLM, sequences: list[list[int]], config: Int4AutoAWQConfi
 @torch.inference_mode()
 def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
     model = lm.model
+    check_dense(model, "int4-awq-asym")
     settings = {k: v for k, v in config.__dict__.items() if k not in ("calibration", "kernel")}
     found = cached_tensors(lm, config.calibration, "autoawq", settings,
                            lambda seqs: search(model, seqs, config))
