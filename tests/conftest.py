@@ -144,6 +144,15 @@ def tiny_moe(arch: str = "qwen3_moe", window: int | None = None, vocab: int = TI
     return hf.eval()
 
 
+@pytest.fixture()
+def qwen3_moe_dir(tmp_path):
+    """``tiny_moe("qwen3_moe")`` saved as an HF folder with the tiny tokenizer."""
+    torch.manual_seed(9)
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    make_tokenizer().save_pretrained(tmp_path / "moe")
+    return tmp_path / "moe"
+
+
 LONGROPE_ORIGINAL = 40  # the tiny Phi-3.5's original context: LongRoPE's long factors past it
 
 

@@ -301,16 +301,11 @@ def test_gemma_quantizes_saves_and_loads(recipe, gemma_dir, calib_file, tmp_path
 
 
 @pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-rtn"])
-def test_mixture_of_experts_quantizes_saves_and_loads(recipe, calib_file, tmp_path, monkeypatch):
+def test_mixture_of_experts_quantizes_saves_and_loads(recipe, qwen3_moe_dir, calib_file, tmp_path, monkeypatch):
     """Qwen3-MoE: every expert's projections quantized as a dense MLP's (fp8-official's in the
     inner layers only), the routers left in BF16 as Model Optimizer leaves them; the checkpoint
     loads back to the same logits without calibrating again."""
-    from .conftest import make_tokenizer, tiny_moe
-
-    torch.manual_seed(9)
-    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
-    make_tokenizer().save_pretrained(tmp_path / "moe")
-    lm = load(str(tmp_path / "moe"), "float32")
+    lm = load(str(qwen3_moe_dir), "float32")
     over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
         if recipe == "fp8-modelopt" else {}
     if recipe.startswith("int4"):

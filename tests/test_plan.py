@@ -349,7 +349,8 @@ QWEN3_30B_A3B_CONFIG = {
     "use_sliding_window": False, "vocab_size": 151936}
 
 
-@pytest.mark.parametrize("published", [MIXTRAL_8X7B_CONFIG, QWEN3_30B_A3B_CONFIG], ids=["mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("published", [MIXTRAL_8X7B_CONFIG, QWEN3_30B_A3B_CONFIG],
+                         ids=["mixtral-8x7b", "qwen3-30b-a3b"])
 def test_mixture_of_experts_configs_count_as_transformers_builds_them(published, tmp_path):
     """Every expert's parameters and the routers' (transformers' own model, on the meta device);
     the planner's BF16 bytes twice that."""
@@ -369,17 +370,12 @@ def test_mixture_of_experts_configs_count_as_transformers_builds_them(published,
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "fp8-official", "fp8-modelopt", "int4-rtn"])
-def test_planner_counts_what_a_mixture_of_experts_checkpoint_stores(recipe, calib_file, tmp_path):
+def test_planner_counts_what_a_mixture_of_experts_checkpoint_stores(recipe, qwen3_moe_dir, calib_file, tmp_path):
     """The same for Qwen3-MoE: each expert's projections quantized, the routers in BF16."""
-    from .conftest import make_tokenizer, tiny_moe
-
-    torch.manual_seed(9)
-    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
-    make_tokenizer().save_pretrained(tmp_path / "moe")
-    lm = load(str(tmp_path / "moe"), "bfloat16")
+    lm = load(str(qwen3_moe_dir), "bfloat16")
     over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
         if recipe == "fp8-modelopt" else {}
     record = apply_recipe(lm, recipe, over)
     out = save_quantized(lm, record, tmp_path / "q")
-    assert deployed_weight_bytes(read_config(tmp_path / "moe"), recipe) == _file_bytes(out) == \
+    assert deployed_weight_bytes(read_config(qwen3_moe_dir), recipe) == _file_bytes(out) == \
         checkpoint_bytes(lm.model)

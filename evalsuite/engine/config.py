@@ -299,7 +299,8 @@ class ModelConfig:
             # published configs say num_experts; transformers 5 writes num_local_experts
             step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
             marks = tuple(i not in dense and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"]))
-            moe = dict(num_experts=hf.get("num_experts") or hf["num_local_experts"], experts_per_token=hf.get("num_experts_per_tok", 8),
+            moe = dict(num_experts=hf.get("num_experts") or hf["num_local_experts"],
+                       experts_per_token=hf.get("num_experts_per_tok", 8),
                        moe_intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob")),
                        moe_layers=None if all(marks) else marks)
         return cls(
