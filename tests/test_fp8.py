@@ -443,3 +443,29 @@ def test_fp8_kv_cache_in_e4m3_gives_the_simulated_numbers(tiny_dir, calib_file):
     got = score(lm.model, requests), [g.tokens for g in generate(lm.model, prompts, params)]
     assert got == want
     assert DecodeBatch(lm.model, 2, 64).cache.nbytes() * 2 == bf16_bytes
+
+
+def test_fp8_modelopt_gives_a_layers_experts_one_input_scale(qwen3_moe_dir, calib_file, monkeypatch):
+    """A mixture of experts' deployed FP8 kernels take one activation scale per layer and
+    projection (the largest of the experts'); an expert that no calibration token reaches takes
+    it too, not a scale of zero (here expert 0 of layer 0: its statistics are zeroed as an
+    unrouted expert's are)."""
+    from evalsuite.quant import fp8
+
+    lm = load(str(qwen3_moe_dir), "float32")
+    real = fp8.calibrate
+    seen = {}
+
+    def calibrate_without_expert_0(lm, spec):
+        stats = dict(real(lm, spec))
+        stats.update({f"model.layers.0.mlp.experts.0.{p}.input": 0.0 for p in ("gate_proj", "up_proj", "down_proj")})
+        seen.update(stats)
+        return stats
+
+    monkeypatch.setattr(fp8, "calibrate", calibrate_without_expert_0)
+    apply_recipe(lm, "fp8-modelopt", {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}})
+    for i in (0, 2, 3):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            scales = [lm.model.get_submodule(f"model.layers.{i}.mlp.experts.{e}.{proj}").input_scale for e in range(4)]
+            top = max(seen[f"model.layers.{i}.mlp.experts.{e}.{proj}.input"] for e in range(4))
+            assert top > 0 and scales == pytest.approx([top / 448.0] * 4), (i, proj)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.load import LoadedModel
+from ..engine.model import CausalLM, SparseMoE
 from .api import handler, placement, register_module
 from .calibrate import calibrate, projections, shared_input_groups
 from .configs import FP8ModelOptConfig, FP8OfficialConfig
@@ -403,10 +404,25 @@ def place_kv_cache(lm: LoadedModel, config: dict) -> None:
         lm.model.cache_dtype = torch.float8_e4m3fn
 
 
+def experts_share_input_amax(model: CausalLM, stats: dict[str, float]) -> dict[str, float]:
+    """In a mixture of experts, every expert's projection of one kind (gate, up, down) takes the
+    largest input amax among the layer's experts: the deployed FP8 MoE kernels take one
+    activation scale per layer and projection (vLLM loads the max of the experts'), and an expert
+    no calibration token reached gets it too, as Model Optimizer's export gives it."""
+    stats = dict(stats)
+    for i, layer in enumerate(model.model.layers):
+        if isinstance(layer.mlp, SparseMoE):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                keys = [f"model.layers.{i}.mlp.experts.{e}.{proj}.input" for e in range(len(layer.mlp.experts))]
+                top = max(stats[k] for k in keys)
+                stats.update(dict.fromkeys(keys, top))
+    return stats
+
+
 @handler(FP8ModelOptConfig)
 def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
-    stats = calibrate(lm, config.calibration)
     model = lm.model
+    stats = experts_share_input_amax(model, calibrate(lm, config.calibration))
     dtype = model.lm_head.weight.dtype
     made = {}
     for parent, attr, name in projections(model):
