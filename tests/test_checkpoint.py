@@ -300,14 +300,14 @@ def test_gemma_quantizes_saves_and_loads(recipe, gemma_dir, calib_file, tmp_path
     assert torch.equal(back.model(tokens), want)
 
 
-@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-rtn"])
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq-asym", "int4-rtn"])
 def test_mixture_of_experts_quantizes_saves_and_loads(recipe, qwen3_moe_dir, calib_file, tmp_path, monkeypatch):
     """Qwen3-MoE: every expert's projections quantized as a dense MLP's (fp8-official's in the
     inner layers only), the routers left in BF16 as Model Optimizer leaves them; the checkpoint
     loads back to the same logits without calibrating again."""
     lm = load(str(qwen3_moe_dir), "float32")
     over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
-        if recipe == "fp8-modelopt" else {}
+        if recipe in ("fp8-modelopt", "int4-awq-asym") else {}
     if recipe.startswith("int4"):
         over["block_size"] = 32
     record = apply_recipe(lm, recipe, over)
@@ -328,7 +328,7 @@ def test_mixture_of_experts_quantizes_saves_and_loads(recipe, qwen3_moe_dir, cal
     assert torch.equal(back.model(tokens), want)
 
 
-@pytest.mark.parametrize("recipe", ["int4-awq", "int4-awq-asym"])
+@pytest.mark.parametrize("recipe", ["int4-awq"])
 def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(recipe, tmp_path, monkeypatch):
     from .conftest import make_tokenizer, tiny_moe
 
@@ -337,5 +337,60 @@ def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(recipe, tmp_
     lm = load(str(tmp_path / "moe"), "float32")
     monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated")))
     with pytest.raises(ValueError, match=f"recipe '{recipe}'.*mixture of experts.*valid for this model: bf16, "
-                                         "fp8-official, fp8-modelopt, int4-rtn"):
+                                         "fp8-official, fp8-modelopt, int4-awq-asym, int4-rtn"):
         apply_recipe(lm, recipe, {"block_size": 32})
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_autoawq_scales_fold_into_a_mixture_of_experts(arch, calib_file, tmp_path):
+    """AutoAWQ's form on a mixture of experts: one scale s for every expert's gate and up, folded
+    into the norm they all read, and each expert's down after its own up, searched on the tokens
+    routed to it. As AutoAWQ folds them, the router (not among the scaled projections) then reads
+    the norm's output divided by s with its weights untouched, so routing may change; each
+    expert computes on x / s what it computed on x. And the folded model's logits are what
+    transformers computes with the same weights."""
+    from evalsuite.quant.int4_awq_asym import Int4AutoAWQConfig, _layer_batches, fold_scales, search_layer
+
+    from .conftest import make_tokenizer, tiny_moe
+
+    torch.manual_seed(10)
+    hf = tiny_moe(arch)
+    hf.save_pretrained(tmp_path / arch)
+    make_tokenizer().save_pretrained(tmp_path / arch)
+    lm = load(str(tmp_path / arch), "float32")
+    model = lm.model
+    ids = lm.tokenizer.encode(calib_file.read_text())
+    batches = _layer_batches(model, [ids[i:i + 32] for i in range(0, 128, 32)])
+    x = torch.randn(50, 64)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            found = search_layer(layer, batches, Int4AutoAWQConfig(block_size=32))
+            batches = [(layer(h, c, s, st), c, s, st) for h, c, s, st in batches]
+            if not hasattr(layer.mlp, "experts"):
+                continue
+            assert {f"down.{e}.scale" for e in range(4)} <= set(found)
+            router, before = layer.mlp.gate.weight.clone(), [expert(x) for expert in layer.mlp.experts]
+            for name, w in fold_scales(layer, found).items():
+                layer.get_submodule(name).weight.copy_(w)
+            assert torch.equal(layer.mlp.gate.weight, router)
+            after = [expert(x / found["mlp.scale"]) for expert in layer.mlp.experts]
+            assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(after, before))
+    hf.load_state_dict(_as_transformers_holds_it(model.state_dict(), hf.state_dict()))
+    tokens = torch.randint(0, 400, (2, 30))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+
+
+def _as_transformers_holds_it(ours: dict, theirs: dict) -> dict:
+    """The engine's tensors under transformers 5's names: each layer's experts in one 3-D
+    gate_up_proj (gate first) and down_proj."""
+    out = {}
+    for key, value in theirs.items():
+        if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            prefix, what = key.rsplit(".", 1)
+            parts = ["gate_proj", "up_proj"] if what == "gate_up_proj" else ["down_proj"]
+            out[key] = torch.stack([torch.cat([ours[f"{prefix}.{e}.{p}.weight"] for p in parts])
+                                    for e in range(value.shape[0])])
+        else:
+            out[key] = ours[key] if key in ours else ours["model.embed_tokens.weight"]  # a tied lm_head
+    return out

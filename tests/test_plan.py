@@ -369,12 +369,12 @@ def test_mixture_of_experts_configs_count_as_transformers_builds_them(published,
     assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "fp8-official", "fp8-modelopt", "int4-rtn"])
+@pytest.mark.parametrize("recipe", ["bf16", "fp8-official", "fp8-modelopt", "int4-awq-asym", "int4-rtn"])
 def test_planner_counts_what_a_mixture_of_experts_checkpoint_stores(recipe, qwen3_moe_dir, calib_file, tmp_path):
     """The same for Qwen3-MoE: each expert's projections quantized, the routers in BF16."""
     lm = load(str(qwen3_moe_dir), "bfloat16")
     over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
-        if recipe == "fp8-modelopt" else {}
+        if recipe in ("fp8-modelopt", "int4-awq-asym") else {}
     record = apply_recipe(lm, recipe, over)
     out = save_quantized(lm, record, tmp_path / "q")
     assert deployed_weight_bytes(read_config(qwen3_moe_dir), recipe) == _file_bytes(out) == \

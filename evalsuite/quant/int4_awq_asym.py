@@ -8,6 +8,11 @@ Layer by layer, on inputs that the unquantized model produces (as AutoAWQ's quan
      o         after v (only when v and o have the same shape, i.e. no grouped KV heads)
      gate, up  after the MLP's norm           scored on the MLP's output
      down      after up                       scored on down's output
+   In a mixture of experts (AutoAWQ's Mixtral and Qwen3-MoE) the gate and up of every expert form
+   one group, scored on the whole mixture's output, and each expert's down is a group of its own,
+   on the tokens routed to it. The router is not among the scaled projections: once the scale is
+   folded into the norm, it reads the norm's output divided by s with its weights unchanged, as in
+   AutoAWQ's checkpoints.
    x̄ = per-channel mean |x|; w̄ = per-channel mean over the group's rows of |W| / (its block's
    absmax + 1e-6); for ratio r = 0, 1/20, ..., 19/20: s = clamp(x̄^r / (w̄^(1-r) + 1e-4), min=1e-4),
    divided by sqrt(max(s)·min(s)); the weights become Q(W·s)/s and the s with the least mean
@@ -29,9 +34,9 @@ from torch import Tensor, nn
 
 from ..engine.linear import project
 from ..engine.load import LoadedModel
-from ..engine.model import CausalLM, DecoderLayer, Step
+from ..engine.model import CausalLM, DecoderLayer, SparseMoE, Step
 from .api import handler
-from .calibrate import cached_tensors, check_dense, token_batches
+from .calibrate import cached_tensors, token_batches
 from .configs import INT4_KERNEL_MODES, Int4AutoAWQConfig
 from .int4 import Int4WeightOnlyLinear, int4_asym_quantize, int4_fake_quantize, pad_to_blocks
 
@@ -102,14 +107,24 @@ def search_clip(w: Tensor, x: Tensor, block_size: int, grid: int, max_shrink: fl
 
 
 def _scale_groups(layer: DecoderLayer) -> list[tuple[str, nn.Module, list[str]]]:
-    """(group name, the module whose output the scale multiplies, projections that read it)."""
+    """(group name, the module whose output the scale multiplies, projections that read it). A
+    mixture of experts (AutoAWQ's Mixtral and Qwen3-MoE): one scale for every expert's gate and
+    up, which read the same norm, and each expert's down after its own up."""
     attn, mlp = layer.self_attn, layer.mlp
     groups = [("qkv", layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
     if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
         groups.append(("o", attn.v_proj, ["self_attn.o_proj"]))
-    groups += [("mlp", layer.mlp_norm, ["mlp.gate_proj", "mlp.up_proj"]),
-               ("down", mlp.up_proj, ["mlp.down_proj"])]
-    return groups
+    if isinstance(mlp, SparseMoE):
+        experts = [f"mlp.experts.{e}" for e in range(len(mlp.experts))]
+        groups.append(("mlp", layer.mlp_norm, [f"{x}.{p}" for x in experts for p in ("gate_proj", "up_proj")]))
+        return groups + [(f"down.{e}", mlp.experts[e].up_proj, [f"{x}.down_proj"]) for e, x in enumerate(experts)]
+    return groups + [("mlp", layer.mlp_norm, ["mlp.gate_proj", "mlp.up_proj"]),
+                     ("down", mlp.up_proj, ["mlp.down_proj"])]
+
+
+def _projection_names(layer: DecoderLayer) -> list[str]:
+    """The layer's projections that the recipe quantizes (a mixture's router stays as it is)."""
+    return [n for n, m in layer.named_modules() if type(m) is nn.Linear and not n.endswith("mlp.gate")]
 
 
 class _Recorder(nn.Module):
@@ -129,10 +144,19 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
                  config: Int4AutoAWQConfig) -> dict[str, Tensor]:
     """Scales per group and clip values per projection for one layer (its weights are left as found)."""
     attn, mlp = layer.self_attn, layer.mlp
-    o_in: list[Tensor] = []
-    down_in: list[Tensor] = []
-    o_proj, down_proj = attn.o_proj, mlp.down_proj
-    attn.o_proj, mlp.down_proj = _Recorder(o_proj, o_in), _Recorder(down_proj, down_in)
+    # the inputs of o_proj and of each down_proj (and of each expert's gate, which its up shares:
+    # only the tokens routed to it)
+    recorded = [n for n in _projection_names(layer) if n.endswith(("o_proj", "down_proj"))
+                or (n.startswith("mlp.experts.") and n.endswith("gate_proj"))]
+    seen: dict[str, list[Tensor]] = {n: [] for n in recorded}
+    originals = {n: layer.get_submodule(n) for n in recorded}
+
+    def put(modules: dict[str, nn.Module]) -> None:
+        for n, m in modules.items():
+            parent, attr = n.rsplit(".", 1)
+            setattr(layer.get_submodule(parent), attr, m)
+
+    put({n: _Recorder(m, seen[n]) for n, m in originals.items()})
     attn_in, attn_out, mlp_in, mlp_out = [], [], [], []
     try:
         for x, cos, sin, step in batches:
@@ -141,35 +165,42 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
             mlp_in.append(layer.mlp_norm(layer.attention_residual(x, attn_out[-1])))
             mlp_out.append(mlp(mlp_in[-1]))
     finally:
-        attn.o_proj, mlp.down_proj = o_proj, down_proj
+        put(originals)
 
-    def probe(group: str):  # (inputs, forward(batch) with the current weights, reference outputs)
+    def inputs_of(name: str) -> list[Tensor]:
+        if name in seen:
+            return seen[name]
+        if name.startswith("mlp.experts."):  # up: its expert's gate's
+            return seen[name.rsplit(".", 1)[0] + ".gate_proj"]
+        return attn_in if name.startswith("self_attn.") else mlp_in
+
+    def probe(group: str, names: list[str]):  # (inputs, forward(batch) with the current weights, reference outputs)
         if group == "qkv":
             return attn_in, lambda b: attn(attn_in[b], *batches[b][1:]), attn_out
-        if group == "o":
-            return o_in, lambda b: project(attn.o_proj, o_in[b]), [project(attn.o_proj, x) for x in o_in]
         if group == "mlp":
             return mlp_in, lambda b: mlp(mlp_in[b]), mlp_out
-        return down_in, lambda b: project(mlp.down_proj, down_in[b]), [project(mlp.down_proj, x) for x in down_in]
+        module, xs = layer.get_submodule(names[0]), seen[names[0]]  # o_proj or a down_proj
+        return xs, lambda b: project(module, xs[b]), [project(module, x) for x in xs]
 
-    inputs = {"self_attn.q_proj": attn_in, "self_attn.o_proj": o_in, "mlp.gate_proj": mlp_in,
-              "mlp.down_proj": down_in}
     result: dict[str, Tensor] = {}
-    scaled_inputs = dict(inputs)
+    group_of: dict[str, str] = {}
     for group, _prev, names in _scale_groups(layer):
-        xs, forward, refs = probe(group)
-        s = search_scale([layer.get_submodule(n) for n in names], xs, forward, refs, config.block_size,
-                         config.n_grid)
+        xs, forward, refs = probe(group, names)
+        linears = [layer.get_submodule(n) for n in names]
+        if sum(x.numel() for x in xs):
+            s = search_scale(linears, xs, forward, refs, config.block_size, config.n_grid)
+        else:  # an expert no calibration token reached: nothing to weigh a scale by
+            s = torch.ones(linears[0].weight.shape[1], dtype=torch.float32, device=linears[0].weight.device)
         result[f"{group}.scale"] = s
-        scaled_inputs[names[0]] = [x.float() / s for x in xs]
+        group_of.update(dict.fromkeys(names, group))
     if config.clip:
-        weights = _scaled_weights(layer, result)
-        for name, w in weights.items():
-            if name.endswith(SKIP_CLIP):
+        for name, w in _scaled_weights(layer, result).items():
+            xs = inputs_of(name)
+            if name.endswith(SKIP_CLIP) or not sum(x.numel() for x in xs):
                 continue
-            key = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
-                   "mlp.up_proj": "mlp.gate_proj"}.get(name, name)
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in scaled_inputs[key]])
+            if name in group_of:  # the inputs the scaled weights see: divided by the group's s
+                xs = [x.float() / result[f"{group_of[name]}.scale"] for x in xs]
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
             result[f"{name}.clip"] = search_clip(w, x, config.block_size, config.clip_grid, config.max_shrink,
                                                  config.clip_tokens)
     return result
@@ -178,9 +209,7 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
 def _scaled_weights(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, Tensor]:
     """float32 copies of the layer's projection weights with the found scales applied (columns
     times s of their group, rows of a preceding linear divided by the next group's s)."""
-    weights = {n: layer.get_submodule(n).weight.detach().float().clone() for n in
-               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    weights = {n: layer.get_submodule(n).weight.detach().float().clone() for n in _projection_names(layer)}
     for group, prev, names in _scale_groups(layer):
         s = found[f"{group}.scale"]
         for n in names:
@@ -225,7 +254,6 @@ def search(model: CausalLM, sequences: list[list[int]], config: Int4AutoAWQConfi
 @torch.inference_mode()
 def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
     model = lm.model
-    check_dense(model, "int4-awq-asym")
     settings = {k: v for k, v in config.__dict__.items() if k not in ("calibration", "kernel")}
     found = cached_tensors(lm, config.calibration, "autoawq", settings,
                            lambda seqs: search(model, seqs, config))
@@ -238,7 +266,7 @@ def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
             linear = layer.get_submodule(name)
             codes, scale, zero = int4_asym_quantize(w, config.block_size)
             bias = None if linear.bias is None else linear.bias.detach()
-            parent, attr = name.split(".")
-            setattr(getattr(layer, parent), attr, Int4WeightOnlyLinear(
+            parent, attr = name.rsplit(".", 1)
+            setattr(layer.get_submodule(parent), attr, Int4WeightOnlyLinear(
                 codes, scale, w.shape[1], config.block_size, bias, None, linear.weight.dtype,
                 use_kernel=config.kernel != "off", zero_point=zero, kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))
