@@ -7,10 +7,12 @@ a registered name, an HF folder, a .gguf file, a hub id, or a quantized checkpoi
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .engine.options import check_device, check_dtype, source_kind
-from .quant.api import configured_recipe, is_quantized_checkpoint
+from .quant.api import check_recipe_fits, configured_recipe, is_quantized_checkpoint
 
 if TYPE_CHECKING:
     from .engine.load import LoadedModel
@@ -22,13 +24,27 @@ def check_model_args(source: str, recipe: str = "bf16", overrides: dict[str, Any
     names something loadable, the recipe exists with valid settings, a quantized checkpoint is not
     quantized again, dtype and device are spelled right. (Whether a CUDA device exists here is
     checked when torch is imported, still before the model loads.)"""
-    source_kind(source)
-    configured_recipe(recipe, overrides)
+    kind = source_kind(source)
+    config = configured_recipe(recipe, overrides).config
+    if kind == "folder" and (Path(source) / "config.json").is_file():
+        _check_fits(source, recipe, config)
     if is_quantized_checkpoint(source) and recipe != "bf16":
         raise ValueError(f"{source} is already quantized; run it with --recipe bf16 (no further change), "
                          f"not {recipe!r}")
     check_dtype(dtype)
     check_device(device)
+
+
+def _check_fits(folder: str, recipe: str, config: Any) -> None:
+    """The recipe against the architecture that ``folder``'s config.json describes (a config the
+    engine cannot read is reported when the model loads)."""
+    from .engine.config import ModelConfig, UnsupportedModelError
+
+    try:
+        cfg = ModelConfig.from_hf(json.loads((Path(folder) / "config.json").read_text()))
+    except (ValueError, KeyError, TypeError, UnsupportedModelError):
+        return
+    check_recipe_fits(recipe, config, any(cfg.layer_moe(i) for i in range(cfg.num_layers)), cfg.architecture)
 
 
 def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloat16",

@@ -334,10 +334,15 @@ def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(recipe, tmp_
 
     tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
     make_tokenizer().save_pretrained(tmp_path / "moe")
+    from evalsuite.models import check_model_args
+
+    refusal = f"recipe '{recipe}'.*mixture of experts.*valid for this model: bf16, fp8-official, fp8-modelopt, " \
+        "int4-awq-asym, int4-rtn"
+    with pytest.raises(ValueError, match=refusal):  # what a command checks before it loads the model
+        check_model_args(str(tmp_path / "moe"), recipe, {"block_size": 32})
     lm = load(str(tmp_path / "moe"), "float32")
     monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated")))
-    with pytest.raises(ValueError, match=f"recipe '{recipe}'.*mixture of experts.*valid for this model: bf16, "
-                                         "fp8-official, fp8-modelopt, int4-awq-asym, int4-rtn"):
+    with pytest.raises(ValueError, match=refusal):
         apply_recipe(lm, recipe, {"block_size": 32})
 
 

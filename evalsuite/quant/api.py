@@ -123,11 +123,23 @@ def configured_recipe(name: str, overrides: dict[str, Any] | None = None) -> Rec
     return dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **overrides))
 
 
+def check_recipe_fits(name: str, config: Any, mixture_of_experts: bool, architecture: str) -> None:
+    """A recipe that folds one scale per group of projections into the norm before each MLP
+    (int4-awq's resmoothing) needs one MLP there: a mixture of experts' experts all read that one
+    norm. (int4-awq-asym searches one scale for all the experts' gate and up, as AutoAWQ does.)"""
+    if mixture_of_experts and isinstance(config, Int4AWQConfig) and config.awq:
+        raise ValueError(f"recipe {name!r}: its scales fold into the norm before each layer's MLP, which a mixture "
+                         f"of experts shares between its experts ({architecture}); valid for this model: bf16, "
+                         "fp8-official, fp8-modelopt, int4-awq-asym, int4-rtn")
+
+
 def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply a recipe to ``lm.model`` in place; return the record that goes into every run.
 
     ``overrides`` replace fields of the recipe's config (``configured_recipe``)."""
     recipe = configured_recipe(name, overrides)
+    cfg = lm.model.config
+    check_recipe_fits(name, recipe.config, any(cfg.layer_moe(i) for i in range(cfg.num_layers)), cfg.architecture)
     _load_handlers()
     try:
         apply = HANDLERS[type(recipe.config)]

@@ -126,16 +126,6 @@ def projections(model: CausalLM) -> list[tuple[nn.Module, str, str]]:
     return out
 
 
-def check_dense(model: CausalLM, recipe: str) -> None:
-    """A recipe that folds one scale per projection's group into the norm before each MLP needs
-    one MLP there: refuse a mixture of experts (its experts share that norm), before any
-    calibration. (int4-awq-asym searches one scale for all the experts' gate and up, as AutoAWQ.)"""
-    if any(isinstance(layer.mlp, SparseMoE) for layer in model.model.layers):
-        raise ValueError(f"recipe {recipe!r}: its scales fold into the norm before each layer's MLP, which a "
-                         f"mixture of experts shares between its experts ({model.config.architecture}); valid for "
-                         "this model: bf16, fp8-official, fp8-modelopt, int4-awq-asym, int4-rtn")
-
-
 def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
     """(norm, names of the projections that read its output) for every decoder layer: q/k/v after
     input_layernorm, gate/up after the MLP's norm (``DecoderLayer.mlp_norm``: Llama's

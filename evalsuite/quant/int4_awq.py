@@ -31,7 +31,7 @@ from ..engine.linear import linear, project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM
 from .api import handler
-from .calibrate import cached, check_dense, projections, run_wrapped, shared_input_groups
+from .calibrate import cached, projections, run_wrapped, shared_input_groups
 from .configs import INT4_KERNEL_MODES, Int4AWQConfig
 from .int4 import Int4WeightOnlyLinear, int4_fake_quantize, pad_to_blocks
 
@@ -144,7 +144,6 @@ def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
     model = lm.model
     scales: dict[str, Tensor] = {}
     if config.awq:
-        check_dense(model, "int4-awq")
         settings = {"block_size": config.block_size, "alpha_steps": config.alpha_steps}
         found = cached(lm, config.calibration, "awq-lite", settings,
                        lambda seqs: search(lm, seqs, config.block_size, config.alpha_steps))
