@@ -169,6 +169,12 @@ def test_plan_of_a_qwen2_config_counts_its_published_size(tmp_path):
     assert p.kv_bytes == 57_344 * 32768 and p.gpus == 1
 
 
+def _on_meta(model_class, hf_config):
+    """transformers' own model of ``hf_config``, built on the meta device (shapes, no memory)."""
+    with torch.device("meta"):
+        return model_class(hf_config)
+
+
 # microsoft/Phi-3.5-mini-instruct's config.json in its published (pre-transformers-5) layout: fused
 # projections, LongRoPE over 4,096 original positions stretched to 131,072; its 48 short and long
 # factors are stood in for by others of the same count (only their count matters here)
@@ -196,8 +202,7 @@ def test_phi3_configs_count_as_transformers_builds_them(published, tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf_cfg = transformers.Phi3Config(**published)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in transformers.Phi3ForCausalLM(hf_cfg).parameters())
+    n = sum(p.numel() for p in _on_meta(transformers.Phi3ForCausalLM, hf_cfg).parameters())
     cfg = ModelConfig.from_hf(published)
     assert cfg.num_parameters() == n
     (tmp_path / "config.json").write_text(json.dumps(published))
@@ -280,8 +285,7 @@ def test_gemma3_configs_read_as_transformers_reads_them(published, tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf_cfg = transformers.Gemma3TextConfig(**published)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in transformers.Gemma3ForCausalLM(hf_cfg).parameters())
+    n = sum(p.numel() for p in _on_meta(transformers.Gemma3ForCausalLM, hf_cfg).parameters())
     cfg = ModelConfig.from_hf(published)
     assert cfg.num_parameters() == n
     assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in hf_cfg.layer_types)
@@ -323,8 +327,7 @@ def test_gemma2_configs_read_as_transformers_reads_them(published):
     import transformers
 
     hf_cfg = transformers.Gemma2Config(**published)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in transformers.Gemma2ForCausalLM(hf_cfg).parameters())
+    n = sum(p.numel() for p in _on_meta(transformers.Gemma2ForCausalLM, hf_cfg).parameters())
     cfg = ModelConfig.from_hf(published)
     assert cfg.num_parameters() == n
     assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in hf_cfg.layer_types)
@@ -359,8 +362,7 @@ def test_mixture_of_experts_configs_count_as_transformers_builds_them(published,
     model_class, config_class = {"mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig),
                                  "qwen3_moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig)}[
         published["model_type"]]
-    with torch.device("meta"):
-        hf = model_class(config_class(**published))
+    hf = _on_meta(model_class, config_class(**published))
     n = sum(p.numel() for p in hf.parameters())
     routers = sum(p.numel() for name, p in hf.named_parameters() if name.endswith("mlp.gate.weight"))
     cfg = ModelConfig.from_hf(published)
