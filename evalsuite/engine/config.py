@@ -45,9 +45,9 @@ class LongRope:
     scaled by ``attention_factor``. A forward whose sequence reaches past
     ``original_max_position_embeddings`` rotates every position it computes with the long factors,
     one within it with the short ones (transformers decides per forward call, by its largest
-    position; ``CausalLM.rope`` per sequence). So a long prompt is rotated long throughout, and a
-    short prompt's answer switches to the long factors for its tokens past the original context
-    while the prompt's cached keys keep the short ones, as in transformers' ``generate``."""
+    position; ``CausalLM.rope`` per sequence). A long prompt is rotated long throughout; a
+    generation that grows past the original context is computed again with the long factors at
+    that step (``DecodeBatch._rotate_long``), as transformers' ``generate`` drops its cache there."""
 
     short_factor: tuple[float, ...]
     long_factor: tuple[float, ...]
@@ -77,7 +77,7 @@ class ModelConfig:
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] | None = None
     # Gemma 3: the sliding layers' RoPE base (unscaled; rope_theta and rope_scaling are the full
-    # layers'), and queries scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
+    # layers'); Gemma 2 and 3: queries scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
     local_rope_theta: float | None = None
     attention_scale: float | None = None
     # Gemma 2: attention scores and final logits become cap * tanh(x / cap)
@@ -279,7 +279,7 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3', 'longrope'")
         # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
-        # layer max_window_layers on; Mistral's, Phi-3's and Gemma 3's apply whenever set
+        # layer max_window_layers on; Mistral's, Mixtral's, Phi-3's and Gemma's apply whenever set
         window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in (
             "mistral", "mixtral", "phi3", *GEMMA_ARCHITECTURES)) else None
         layers = None
