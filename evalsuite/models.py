@@ -44,7 +44,7 @@ def _check_fits(folder: str, recipe: str, config: Any) -> None:
         cfg = ModelConfig.from_hf(json.loads((Path(folder) / "config.json").read_text()))
     except (ValueError, KeyError, TypeError, UnsupportedModelError):
         return
-    check_recipe_fits(recipe, config, any(cfg.layer_moe(i) for i in range(cfg.num_layers)), cfg.architecture)
+    check_recipe_fits(recipe, config, cfg)
 
 
 def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloat16",

@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.config import PRESETS, ModelConfig
+from .engine.config import MOE_ROUTERS, PRESETS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> i
 
 
 def _is_quantized(recipe: str, layer: int, name: str, num_layers: int) -> bool:
-    if recipe == "bf16" or name == "mlp.gate":  # a mixture of experts' router stays BF16
+    if recipe == "bf16" or name in MOE_ROUTERS:  # a mixture of experts' routers stay BF16
         return False
     if recipe == "fp8-official":
         return name.startswith("mlp.") and 0 < layer < num_layers - 1

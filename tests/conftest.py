@@ -124,9 +124,10 @@ def tiny_gemma2(window: int = 8, vocab: int = TINY_VOCAB):
 
 
 def tiny_moe(arch: str = "qwen3_moe", window: int | None = None, vocab: int = TINY_VOCAB):
-    """transformers' Mixtral or Qwen3-MoE, tiny and random: 4 experts, 2 per token (Qwen3-MoE's
-    renormalised over the chosen, its second layer a dense MLP), weights large enough that the
-    router's choices and the experts matter."""
+    """transformers' Mixtral, Qwen2-MoE or Qwen3-MoE, tiny and random: 4 experts, 2 per token
+    (Qwen3-MoE's renormalised over the chosen, its second layer a dense MLP; Qwen2-MoE's not
+    renormalised, with a shared expert and qkv biases, its third layer dense), weights large
+    enough that the router's choices and the experts matter."""
     import transformers
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -134,6 +135,10 @@ def tiny_moe(arch: str = "qwen3_moe", window: int | None = None, vocab: int = TI
     if arch == "mixtral":
         hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
             **common, num_local_experts=4, sliding_window=window))
+    elif arch == "qwen2_moe":
+        hf = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **common, num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+            mlp_only_layers=[2]))
     else:
         hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
             **common, num_experts=4, moe_intermediate_size=48, head_dim=16, norm_topk_prob=True,
@@ -141,16 +146,29 @@ def tiny_moe(arch: str = "qwen3_moe", window: int | None = None, vocab: int = TI
     with torch.no_grad():
         for w in hf.parameters():
             w.normal_(0, 0.15) if w.dim() >= 2 else None
+            if arch == "qwen2_moe":  # qkv biases: nonzero
+                for layer in hf.model.layers:
+                    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                        proj.bias.normal_(0, 0.1)
     return hf.eval()
+
+
+def _moe_dir(arch: str, folder):
+    """``tiny_moe(arch)`` saved as an HF folder with the tiny tokenizer."""
+    torch.manual_seed(9)
+    tiny_moe(arch).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture()
 def qwen3_moe_dir(tmp_path):
-    """``tiny_moe("qwen3_moe")`` saved as an HF folder with the tiny tokenizer."""
-    torch.manual_seed(9)
-    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
-    make_tokenizer().save_pretrained(tmp_path / "moe")
-    return tmp_path / "moe"
+    return _moe_dir("qwen3_moe", tmp_path / "moe")
+
+
+@pytest.fixture()
+def qwen2_moe_dir(tmp_path):
+    return _moe_dir("qwen2_moe", tmp_path / "moe")
 
 
 LONGROPE_ORIGINAL = 40  # the tiny Phi-3.5's original context: LongRoPE's long factors past it

@@ -328,16 +328,46 @@ def test_mixture_of_experts_quantizes_saves_and_loads(recipe, qwen3_moe_dir, cal
     assert torch.equal(back.model(tokens), want)
 
 
-@pytest.mark.parametrize("recipe", ["int4-awq"])
-def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-rtn"])
+def test_shared_expert_is_quantized_as_a_dense_mlp(recipe, qwen2_moe_dir, calib_file, tmp_path, monkeypatch):
+    """Qwen2-MoE: the shared expert's projections are quantized as the experts' are (fp8-official:
+    in the inner layers only), its sigmoid gate and the router stay BF16 (Model Optimizer's
+    ``*mlp.shared_expert_gate.*`` exclusion); the checkpoint loads back to the same logits."""
+    lm = load(str(qwen2_moe_dir), "float32")
+    over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
+        if recipe == "fp8-modelopt" else {"block_size": 32} if recipe == "int4-rtn" else {}
+    record = apply_recipe(lm, recipe, over)
+    names = set(quantized_modules(lm.model))
+    layers = (1,) if recipe == "fp8-official" else (0, 1, 3)  # layer 2 is a dense MLP
+    shared = {f"model.layers.{i}.mlp.shared_expert.{p}_proj" for i in layers for p in ("gate", "up", "down")}
+    assert shared <= names
+    assert not any(n.endswith(("mlp.gate", "mlp.shared_expert_gate")) for n in names)  # the routers
+    assert any(n.startswith("model.layers.1.mlp.experts.3.") for n in names)
+    if recipe == "fp8-modelopt":  # the shared expert's gate and up: one weight scale (one GEMM deployed)
+        mlp = lm.model.model.layers[0].mlp.shared_expert
+        assert mlp.gate_proj.weight_scale == mlp.up_proj.weight_scale
+    tokens = torch.randint(0, 400, (2, 20))
+    want = lm.model(tokens)
+    out = save_quantized(lm, record, tmp_path / "q")
+    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
+    back, _ = load_quantized(out, "float32")
+    assert torch.equal(back.model(tokens), want)
+
+
+@pytest.mark.parametrize("arch, recipe", [("mixtral", "int4-awq"), ("qwen2_moe", "int4-awq"),
+                                          ("qwen2_moe", "int4-awq-asym")])
+def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(arch, recipe, tmp_path, monkeypatch):
+    """int4-awq on any mixture (its experts share the norm its scales fold into); int4-awq-asym
+    on a mixture with a shared expert (AutoAWQ folds two scales into that norm)."""
     from .conftest import make_tokenizer, tiny_moe
 
-    tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
+    tiny_moe(arch).save_pretrained(tmp_path / "moe")
     make_tokenizer().save_pretrained(tmp_path / "moe")
     from evalsuite.models import check_model_args
 
-    refusal = f"recipe '{recipe}'.*mixture of experts.*valid for this model: bf16, fp8-official, fp8-modelopt, " \
-        "int4-awq-asym, int4-rtn"
+    why = "shared expert's and the routed experts' scales" if recipe == "int4-awq-asym" else "mixture of experts"
+    fits = "int4-rtn" if arch == "qwen2_moe" else "int4-awq-asym, int4-rtn"
+    refusal = f"recipe '{recipe}'.*{why}.*valid for this model: bf16, fp8-official, fp8-modelopt, {fits}$"
     with pytest.raises(ValueError, match=refusal):  # what a command checks before it loads the model
         check_model_args(str(tmp_path / "moe"), recipe, {"block_size": 32})
     lm = load(str(tmp_path / "moe"), "float32")

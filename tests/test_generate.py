@@ -41,7 +41,8 @@ def test_greedy_matches_transformers(tiny, hf_tiny):
         assert g.finish_reason == "length"
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "phi3", "mistral-window", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "mistral-window", "gemma2", "gemma3", "mixtral", "qwen2_moe",
+                                  "qwen3_moe"])
 def test_other_architectures_greedy_and_static_decode_match_transformers(arch, tmp_path):
     """Qwen3's q/k head norms, Phi-3.5's LongRoPE (scaled cos/sin) on part of each head, and a
     sliding window that prompts and answers outgrow (transformers' generate keeps a sliding cache of
@@ -61,7 +62,7 @@ def test_other_architectures_greedy_and_static_decode_match_transformers(arch, t
         from .conftest import tiny_gemma3
 
         hf = tiny_gemma3(window=5, vocab=320)
-    elif arch in ("mixtral", "qwen3_moe"):
+    elif arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
         from .conftest import tiny_moe
 
         hf = tiny_moe(arch, window=5 if arch == "mixtral" else None, vocab=320)
@@ -83,7 +84,8 @@ def test_other_architectures_greedy_and_static_decode_match_transformers(arch, t
                                                     "long_factor": [5.0, 6.0, 7.0, 8.0]})
         hf = transformers.Phi3ForCausalLM(cfg).eval()
     with torch.no_grad():  # weights large enough for confident greedy choices; norms that matter
-        for name, w in hf.named_parameters() if not arch.startswith(("gemma", "mixtral", "qwen3_moe")) else ():
+        for name, w in hf.named_parameters() if not arch.startswith(("gemma", "mixtral", "qwen2_moe", "qwen3_moe")) \
+                else ():
             w.normal_(1, 0.5) if name.endswith(("q_norm.weight", "k_norm.weight")) else \
                 w.normal_(0, 0.15) if w.dim() == 2 else None
     hf.save_pretrained(tmp_path)

@@ -29,7 +29,8 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "phi3",
-                                  "phi3-longrope", "gemma2", "gemma3", "mixtral", "qwen3_moe", "tied"])
+                                  "phi3-longrope", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
+                                  "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -74,7 +75,7 @@ def test_other_architectures_match_transformers(arch, tmp_path):
         from .conftest import tiny_gemma3
 
         hf = tiny_gemma3(vocab=300)
-    elif arch in ("mixtral", "qwen3_moe"):  # mixtures of experts (Qwen3-MoE's with a dense layer among them)
+    elif arch in ("mixtral", "qwen2_moe", "qwen3_moe"):  # mixtures of experts (Qwen's with a dense layer among them)
         from .conftest import tiny_moe
 
         hf = tiny_moe(arch, vocab=300)
@@ -85,7 +86,7 @@ def test_other_architectures_match_transformers(arch, tmp_path):
     else:
         hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True, rope_parameters=None,
                                                           rope_theta=500.0))
-    if arch not in ("qwen2", "gemma2", "gemma3", "mixtral", "qwen3_moe"):
+    if arch not in ("qwen2", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"):
         with torch.no_grad():  # weights large enough that positions (RoPE, the window) move the logits
             for w in hf.parameters():
                 w.normal_(0, 0.2) if w.dim() == 2 else None

@@ -337,7 +337,7 @@ def test_gemma2_configs_read_as_transformers_reads_them(published):
     assert not cfg.qk_norm and cfg.local_rope_theta is None and cfg.tie_word_embeddings
 
 
-# mistralai/Mixtral-8x7B-v0.1's and Qwen/Qwen3-30B-A3B's config.json as published
+# mistralai/Mixtral-8x7B-v0.1's, Qwen/Qwen3-30B-A3B's and Qwen/Qwen1.5-MoE-A2.7B's config.json as published
 MIXTRAL_8X7B_CONFIG = {
     "architectures": ["MixtralForCausalLM"], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
     "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2,
@@ -350,16 +350,26 @@ QWEN3_30B_A3B_CONFIG = {
     "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
     "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
     "use_sliding_window": False, "vocab_size": 151936}
+QWEN15_MOE_A27B_CONFIG = {
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21, "model_type": "qwen2_moe",
+    "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936, "decoder_sparse_step": 1,
+    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
+    "num_experts": 60, "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001}
 
 
-@pytest.mark.parametrize("published", [MIXTRAL_8X7B_CONFIG, QWEN3_30B_A3B_CONFIG],
-                         ids=["mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("published", [MIXTRAL_8X7B_CONFIG, QWEN3_30B_A3B_CONFIG, QWEN15_MOE_A27B_CONFIG],
+                         ids=["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"])
 def test_mixture_of_experts_configs_count_as_transformers_builds_them(published, tmp_path):
     """Every expert's parameters and the routers' (transformers' own model, on the meta device);
     the planner's BF16 bytes twice that."""
     import transformers
 
     model_class, config_class = {"mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig),
+                                 "qwen2_moe": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig),
                                  "qwen3_moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig)}[
         published["model_type"]]
     hf = _on_meta(model_class, config_class(**published))
@@ -367,17 +377,26 @@ def test_mixture_of_experts_configs_count_as_transformers_builds_them(published,
     routers = sum(p.numel() for name, p in hf.named_parameters() if name.endswith("mlp.gate.weight"))
     cfg = ModelConfig.from_hf(published)
     assert cfg.num_parameters() == n and routers > 0
+    if published is QWEN15_MOE_A27B_CONFIG:  # 14.3B parameters, its model card says; qkv biases, no window
+        assert round(n / 1e9, 1) == 14.3 and cfg.qkv_bias and cfg.sliding_window is None
+        assert cfg.experts_per_token == 4 and not cfg.norm_topk_prob and cfg.moe_layers is None
     (tmp_path / "config.json").write_text(json.dumps(published))
     assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "fp8-official", "fp8-modelopt", "int4-awq-asym", "int4-rtn"])
-def test_planner_counts_what_a_mixture_of_experts_checkpoint_stores(recipe, qwen3_moe_dir, calib_file, tmp_path):
-    """The same for Qwen3-MoE: each expert's projections quantized, the routers in BF16."""
-    lm = load(str(qwen3_moe_dir), "bfloat16")
+@pytest.mark.parametrize("arch, recipe", [("qwen3_moe", r) for r in
+                                          ("bf16", "fp8-official", "fp8-modelopt", "int4-awq-asym", "int4-rtn")]
+                         + [("qwen2_moe", "fp8-modelopt"), ("qwen2_moe", "int4-rtn")])
+def test_planner_counts_what_a_mixture_of_experts_checkpoint_stores(arch, recipe, calib_file, tmp_path):
+    """The same for Qwen3-MoE and Qwen2-MoE: each expert's projections quantized (the shared
+    expert's too), the routers in BF16."""
+    from .conftest import _moe_dir
+
+    folder = _moe_dir(arch, tmp_path / arch)
+    lm = load(str(folder), "bfloat16")
     over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
         if recipe in ("fp8-modelopt", "int4-awq-asym") else {}
     record = apply_recipe(lm, recipe, over)
     out = save_quantized(lm, record, tmp_path / "q")
-    assert deployed_weight_bytes(read_config(qwen3_moe_dir), recipe) == _file_bytes(out) == \
+    assert deployed_weight_bytes(read_config(folder), recipe) == _file_bytes(out) == \
         checkpoint_bytes(lm.model)

@@ -11,11 +11,14 @@ if TYPE_CHECKING:
     import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral",
-                           "qwen3_moe")
+                           "qwen2_moe", "qwen3_moe")
 # Gemma 2's and 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh
 # GELU), embeddings times sqrt(hidden_size), and norms after attention and after the MLP as well as
 # before them; Gemma 2 caps attention scores and logits (tanh), Gemma 3 normalises q and k per head
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3_text")
+# A mixture of experts' routers (layer-relative names): the few-output projections that weigh the
+# experts. No recipe quantizes them, as Model Optimizer's, AutoAWQ's and the deployed engines' leave them.
+MOE_ROUTERS = ("mlp.gate", "mlp.shared_expert_gate")
 
 
 class UnsupportedModelError(ValueError):
@@ -83,14 +86,17 @@ class ModelConfig:
     # Gemma 2: attention scores and final logits become cap * tanh(x / cap)
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
-    # mixture of experts (Mixtral, Qwen3-MoE): on the layers moe_layers marks (None: every layer),
-    # a router picks experts_per_token of num_experts SwiGLU experts of moe_intermediate_size per
-    # token, weighted by their softmax probabilities (renormalised over the chosen with norm_topk_prob)
+    # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): on the layers moe_layers marks (None:
+    # every layer), a router picks experts_per_token of num_experts SwiGLU experts of
+    # moe_intermediate_size per token, weighted by their softmax probabilities (renormalised over
+    # the chosen with norm_topk_prob); Qwen2-MoE adds a shared expert of
+    # shared_expert_intermediate_size that every token goes through, weighted by a sigmoid gate
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     moe_layers: tuple[bool, ...] | None = None
+    shared_expert_intermediate_size: int = 0
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -163,7 +169,7 @@ class ModelConfig:
 
     def layer_projections(self, layer: int = 0) -> tuple[tuple[str, int, int], ...]:
         """(name, out_features, in_features) of decoder layer ``layer``'s projections, in the names
-        of the model's modules (a mixture of experts: its router ``mlp.gate`` and each expert's).
+        of the model's modules (a mixture of experts: its routers ``MOE_ROUTERS`` and each expert's).
         The one place the architecture's shapes are spelled out: parameter counts and the
         planner's byte counts derive from it."""
         h, i = self.hidden_size, self.intermediate_size
@@ -174,7 +180,11 @@ class ModelConfig:
         m = self.moe_intermediate_size
         experts = tuple((f"mlp.experts.{e}.{name}", out, inp) for e in range(self.num_experts)
                         for name, out, inp in (("gate_proj", m, h), ("up_proj", m, h), ("down_proj", h, m)))
-        return attention + (("mlp.gate", self.num_experts, h),) + experts
+        shared, n = (), self.shared_expert_intermediate_size
+        if n:
+            shared = (("mlp.shared_expert_gate", 1, h), ("mlp.shared_expert.gate_proj", n, h),
+                      ("mlp.shared_expert.up_proj", n, h), ("mlp.shared_expert.down_proj", h, n))
+        return attention + (("mlp.gate", self.num_experts, h),) + experts + shared
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
@@ -194,7 +204,8 @@ class ModelConfig:
         for key, neutral in (("partial_rotary_factor", 1.0), ("sliding_layers", None), ("local_rope_theta", None),
                              ("attention_scale", None), ("attn_logit_softcapping", None),
                              ("final_logit_softcapping", None), ("num_experts", 0), ("experts_per_token", 0),
-                             ("moe_intermediate_size", 0), ("norm_topk_prob", True), ("moe_layers", None)):
+                             ("moe_intermediate_size", 0), ("norm_topk_prob", True), ("moe_layers", None),
+                             ("shared_expert_intermediate_size", 0)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -291,18 +302,23 @@ class ModelConfig:
         elif window and model_type in ("qwen2", "qwen3", "qwen3_moe"):
             first = hf.get("max_window_layers", hf["num_hidden_layers"])
             layers = tuple(i >= first for i in range(hf["num_hidden_layers"]))
+        elif window and model_type == "qwen2_moe":  # transformers' rule: every other layer below max_window_layers
+            last = hf.get("max_window_layers", 28)
+            layers = tuple((i + 1) % 2 == 1 and i < last for i in range(hf["num_hidden_layers"]))
         moe: dict[str, Any] = {}
         if model_type == "mixtral":
             moe = dict(num_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
                        moe_intermediate_size=hf["intermediate_size"])
-        elif model_type == "qwen3_moe" and (hf.get("num_experts") or hf.get("num_local_experts")):
+        elif model_type in ("qwen2_moe", "qwen3_moe") and (hf.get("num_experts") or hf.get("num_local_experts")):
             # published configs say num_experts; transformers 5 writes num_local_experts
             step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
             marks = tuple(i not in dense and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"]))
             moe = dict(num_experts=hf.get("num_experts") or hf["num_local_experts"],
-                       experts_per_token=hf.get("num_experts_per_tok", 8),
+                       experts_per_token=hf.get("num_experts_per_tok", 4 if model_type == "qwen2_moe" else 8),
                        moe_intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob")),
                        moe_layers=None if all(marks) else marks)
+            if model_type == "qwen2_moe":
+                moe["shared_expert_intermediate_size"] = hf.get("shared_expert_intermediate_size", 5632)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -317,7 +333,8 @@ class ModelConfig:
             rope_scaling=scaling,
             partial_rotary_factor=partial,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # transformers' defaults
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("qkv_bias", True) if model_type == "qwen2_moe"
+                                                   else hf.get("attention_bias", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=window,
             sliding_layers=layers,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache
-from .config import LongRope, ModelConfig, rope_attention_factor, rope_inv_freq
+from .config import MOE_ROUTERS, LongRope, ModelConfig, rope_attention_factor, rope_inv_freq
 from .linear import in_row_blocks, linear, matmul, project
 
 
@@ -471,21 +471,34 @@ class MLP(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """A mixture of experts (Mixtral, Qwen3-MoE): the router ``gate`` scores every expert per
-    token; the token goes through its ``experts_per_token`` most probable experts (softmax in
-    float32, renormalised over the chosen with ``norm_topk_prob``, then rounded to the activation
-    dtype), and their outputs, each times its weight, are summed in expert order (transformers'
-    order). A token's result depends on its own routing only: the same alone or in any batch."""
+    """A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the router ``gate`` scores every
+    expert per token; the token goes through its ``experts_per_token`` most probable experts
+    (softmax in float32, renormalised over the chosen with ``norm_topk_prob``, then rounded to the
+    activation dtype), and their outputs, each times its weight, are summed in expert order
+    (transformers' order). Qwen2-MoE adds a ``shared_expert`` every token goes through, times
+    sigmoid(``shared_expert_gate``), added last. A token's result depends on its own routing only:
+    the same alone or in any batch."""
+
+    ROUTERS = tuple(name.removeprefix("mlp.") for name in MOE_ROUTERS)  # never quantized
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
         self.experts = nn.ModuleList(MLP(cfg, dtype, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.shared_expert = self.shared_expert_gate = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg, dtype, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
+
+    @property
+    def mlps(self) -> list[MLP]:
+        """Every expert's MLP, the shared expert's last (what a recipe quantizes as dense MLPs)."""
+        return [*self.experts, *([self.shared_expert] if self.shared_expert is not None else [])]
 
     def fuse(self) -> None:
-        for expert in self.experts:
-            expert.fuse()
+        for mlp in self.mlps:
+            mlp.fuse()
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -498,6 +511,8 @@ class SparseMoE(nn.Module):
         for e in torch.unique(chosen).tolist():
             token, slot = torch.where(chosen == e)
             out.index_add_(0, token, (self.experts[e](flat[token]) * weights[token, slot, None]).to(out.dtype))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(project(self.shared_expert_gate, flat)) * self.shared_expert(flat)
         return out.view_as(x)
 
 

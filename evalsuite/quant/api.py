@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .configs import FP8ModelOptConfig, FP8OfficialConfig, Int4AutoAWQConfig, Int4AWQConfig, Unquantized
 
 if TYPE_CHECKING:
+    from ..engine.config import ModelConfig
     from ..engine.load import LoadedModel
 
 
@@ -123,14 +124,24 @@ def configured_recipe(name: str, overrides: dict[str, Any] | None = None) -> Rec
     return dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **overrides))
 
 
-def check_recipe_fits(name: str, config: Any, mixture_of_experts: bool, architecture: str) -> None:
-    """A recipe that folds one scale per group of projections into the norm before each MLP
-    (int4-awq's resmoothing) needs one MLP there: a mixture of experts' experts all read that one
-    norm. (int4-awq-asym searches one scale for all the experts' gate and up, as AutoAWQ does.)"""
-    if mixture_of_experts and isinstance(config, Int4AWQConfig) and config.awq:
+def check_recipe_fits(name: str, config: Any, cfg: ModelConfig) -> None:
+    """Recipes whose scales fold into the norm before each MLP, against a mixture of experts.
+    int4-awq's resmoothing needs one MLP there: a mixture's experts all read that one norm.
+    int4-awq-asym searches one scale for all the experts' gate and up, as AutoAWQ does for Mixtral
+    and Qwen3-MoE; for a mixture with a shared expert (Qwen2-MoE) AutoAWQ searches a second scale
+    for the shared expert and folds both into that norm, so the deployed shared expert reads its
+    input divided by the routed experts' scale: a checkpoint this engine does not reproduce."""
+    if not any(cfg.layer_moe(i) for i in range(cfg.num_layers)):
+        return
+    shared = bool(cfg.shared_expert_intermediate_size)
+    fits = f"bf16, fp8-official, fp8-modelopt, {'' if shared else 'int4-awq-asym, '}int4-rtn"
+    if isinstance(config, Int4AWQConfig) and config.awq:
         raise ValueError(f"recipe {name!r}: its scales fold into the norm before each layer's MLP, which a mixture "
-                         f"of experts shares between its experts ({architecture}); valid for this model: bf16, "
-                         "fp8-official, fp8-modelopt, int4-awq-asym, int4-rtn")
+                         f"of experts shares between its experts ({cfg.architecture}); valid for this model: {fits}")
+    if shared and isinstance(config, Int4AutoAWQConfig):
+        raise ValueError(f"recipe {name!r}: AutoAWQ folds both the shared expert's and the routed experts' scales "
+                         f"into the one norm before the MLP ({cfg.architecture}), a checkpoint the engine does not "
+                         f"reproduce; valid for this model: {fits}")
 
 
 def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -139,7 +150,7 @@ def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = 
     ``overrides`` replace fields of the recipe's config (``configured_recipe``)."""
     recipe = configured_recipe(name, overrides)
     cfg = lm.model.config
-    check_recipe_fits(name, recipe.config, any(cfg.layer_moe(i) for i in range(cfg.num_layers)), cfg.architecture)
+    check_recipe_fits(name, recipe.config, cfg)
     _load_handlers()
     try:
         apply = HANDLERS[type(recipe.config)]

@@ -120,7 +120,7 @@ def projections(model: CausalLM) -> list[tuple[nn.Module, str, str]]:
     out = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
-            router = isinstance(module, SparseMoE) and child_name == "gate"
+            router = isinstance(module, SparseMoE) and child_name in SparseMoE.ROUTERS
             if type(child) is nn.Linear and child is not model.lm_head and not router:
                 out.append((module, child_name, f"{name}.{child_name}".lstrip(".")))
     return out
@@ -135,7 +135,8 @@ def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
     for name, layer in model.named_modules():
         if isinstance(layer, DecoderLayer):
             groups.append((layer.input_layernorm, [f"{name}.self_attn.{p}_proj" for p in "qkv"]))
-            mlps = [f"{name}.mlp.experts.{e}" for e in range(len(layer.mlp.experts))] \
+            mlps = [f"{name}.mlp.experts.{e}" for e in range(len(layer.mlp.experts))] + \
+                ([f"{name}.mlp.shared_expert"] if layer.mlp.shared_expert is not None else []) \
                 if isinstance(layer.mlp, SparseMoE) else [f"{name}.mlp"]  # each expert's gate/up: one GEMM
             groups += [(layer.mlp_norm, [f"{mlp}.{p}_proj" for p in ("gate", "up")]) for mlp in mlps]
     return groups

@@ -230,7 +230,7 @@ def apply_fp8_official(lm: LoadedModel, config: FP8OfficialConfig) -> None:
     model = lm.model
     for i in quantized_layers(len(model.model.layers), config):
         mlp = model.model.layers[i].mlp
-        for ffn in getattr(mlp, "experts", [mlp]):  # a mixture of experts: each expert's (not the router)
+        for ffn in mlp.mlps if isinstance(mlp, SparseMoE) else [mlp]:  # a mixture: each expert's (not the routers)
             for name in FFN_PROJECTIONS:
                 q = FP8RowwiseLinear.from_linear(getattr(ffn, name), config.activation_scale_ub)
                 q.use_kernel = config.kernel == "scaled_mm"

@@ -12,7 +12,8 @@ Layer by layer, on inputs that the unquantized model produces (as AutoAWQ's quan
    one group, scored on the whole mixture's output, and each expert's down is a group of its own,
    on the tokens routed to it. The router is not among the scaled projections: once the scale is
    folded into the norm, it reads the norm's output divided by s with its weights unchanged, as in
-   AutoAWQ's checkpoints.
+   AutoAWQ's checkpoints. (A mixture with a shared expert, Qwen2-MoE, is refused:
+   ``api.check_recipe_fits``.)
    x̄ = per-channel mean |x|; w̄ = per-channel mean over the group's rows of |W| / (its block's
    absmax + 1e-6); for ratio r = 0, 1/20, ..., 19/20: s = clamp(x̄^r / (w̄^(1-r) + 1e-4), min=1e-4),
    divided by sqrt(max(s)·min(s)); the weights become Q(W·s)/s and the s with the least mean
@@ -32,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..engine.config import MOE_ROUTERS
 from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, SparseMoE, Step
@@ -123,8 +125,8 @@ def _scale_groups(layer: DecoderLayer) -> list[tuple[str, nn.Module, list[str]]]
 
 
 def _projection_names(layer: DecoderLayer) -> list[str]:
-    """The layer's projections that the recipe quantizes (a mixture's router stays as it is)."""
-    return [n for n, m in layer.named_modules() if type(m) is nn.Linear and not n.endswith("mlp.gate")]
+    """The layer's projections that the recipe quantizes (a mixture's routers stay as they are)."""
+    return [n for n, m in layer.named_modules() if type(m) is nn.Linear and n not in MOE_ROUTERS]
 
 
 class _Recorder(nn.Module):
