@@ -249,6 +249,8 @@ def _family_configs() -> dict:
     gemma = dict(head_dim=32, sliding_window=16, query_pre_attn_scalar=24, bos_token_id=0, eos_token_id=0)
     return {
         "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config(**common, head_dim=64)),
+        "qwen3-yarn": (t.Qwen3ForCausalLM, t.Qwen3Config(**common, head_dim=64, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})),
         "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig(
             **common, head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
             norm_topk_prob=True)),

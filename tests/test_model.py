@@ -29,8 +29,8 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "phi3",
-                                  "phi3-longrope", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
-                                  "tied"])
+                                  "phi3-longrope", "qwen3-yarn", "gemma2", "gemma3", "mixtral", "qwen2_moe",
+                                  "qwen3_moe", "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -43,10 +43,12 @@ def test_other_architectures_match_transformers(arch, tmp_path):
             for layer in hf.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
-    elif arch == "qwen3":  # q/k head norms; head_dim 32 with 4 heads: q is twice the hidden size
+    elif arch in ("qwen3", "qwen3-yarn"):  # q/k head norms; head_dim 32 with 4 heads: q is twice the hidden size
+        yarn = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                    "original_max_position_embeddings": 64}} if arch == "qwen3-yarn" else {}
         cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                       max_position_embeddings=256, tie_word_embeddings=True)
+                                       max_position_embeddings=256, tie_word_embeddings=True, **yarn)
         hf = transformers.Qwen3ForCausalLM(cfg)
         with torch.no_grad():  # the norms start at one: make them matter
             for layer in hf.model.layers:
@@ -215,6 +217,34 @@ def test_llama31_rope_frequencies_match_transformers():
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     ours = rope_inv_freq(ModelConfig.from_name("llama-3.1-8b"))
     assert torch.equal(ours, ref)
+
+
+# Qwen3's long-context setting as its model cards give it, gpt-oss's (no truncation), DeepSeek's
+# (mscale over mscale_all_dim, factor from the two lengths), and a partial rotary head
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+     "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": None, "mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 16,
+     "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 8.0, "attention_factor": 1.25, "partial_rotary_factor": 0.5,
+     "original_max_position_embeddings": 8192}], ids=["qwen3", "gpt-oss", "mscale", "partial"])
+def test_yarn_rope_frequencies_and_factor_match_transformers(rope):
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from evalsuite.engine.config import rope_attention_factor, rope_inv_freq
+
+    config = dict(hidden_size=1024, num_attention_heads=8, head_dim=128, max_position_embeddings=131072,
+                  vocab_size=1000, num_hidden_layers=2, intermediate_size=256, num_key_value_heads=8)
+    hf = Qwen3Config(**config, rope_parameters={"rope_theta": 150000.0, **rope})
+    ref, attention = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    cfg = ModelConfig.from_hf({**config, "model_type": "qwen3", "rope_parameters": {"rope_theta": 150000.0, **rope}})
+    assert torch.equal(rope_inv_freq(cfg), ref)
+    assert rope_attention_factor(cfg) == pytest.approx(attention, rel=1e-12) and attention != 1.0
+    # the frequencies move only where the ramp says: the fastest kept, the slowest divided by the factor
+    base = 1.0 / (150000.0 ** (torch.arange(0, cfg.rotary_dim, 2).float() / cfg.rotary_dim))
+    assert ref[0] == base[0] and torch.allclose(ref[-1], base[-1] / cfg.rope_scaling.factor)
 
 
 def test_gemma3_with_vision_loads_its_text_model(tmp_path):

@@ -59,6 +59,22 @@ class LongRope:
 
 
 @dataclass(frozen=True)
+class YarnRope:
+    """YaRN (HF rope_type "yarn": Qwen2.5/3's long-context setting, gpt-oss): each frequency
+    between its original (extrapolated) and its value divided by ``factor`` (interpolated), by a
+    linear ramp over the dimensions whose wavelength fits between ``beta_fast`` and ``beta_slow``
+    rotations in ``original_max_position_embeddings`` positions (the range rounded outwards with
+    ``truncate``); cos and sin times ``attention_factor``. The same at every length."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+    attention_factor: float
+    truncate: bool
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -70,7 +86,7 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | LinearRope | LongRope | None = None
+    rope_scaling: RopeScaling | LinearRope | LongRope | YarnRope | None = None
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dimensions of each head
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
@@ -264,7 +280,7 @@ class ModelConfig:
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         max_len = hf.get("max_position_embeddings", 2048)
-        scaling: RopeScaling | LinearRope | LongRope | None = None
+        scaling: RopeScaling | LinearRope | LongRope | YarnRope | None = None
         if rope_type in ("longrope", "su"):
             src = {**legacy, **rope}
             original = int(src.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
@@ -286,9 +302,11 @@ class ModelConfig:
             )
         elif rope_type == "linear":
             scaling = LinearRope(float({**legacy, **rope}["factor"]))
+        elif rope_type == "yarn":
+            scaling = _yarn({**legacy, **rope}, hf, max_len)
         elif rope_type != "default":
             raise UnsupportedModelError(
-                f"unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3', 'longrope'")
+                f"unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3', 'longrope', 'yarn'")
         # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
         # layer max_window_layers on; Mistral's, Mixtral's, Phi-3's and Gemma's apply whenever set
         window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in (
@@ -382,9 +400,49 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _yarn(src: dict[str, Any], hf: dict[str, Any], max_len: int) -> YarnRope:
+    """YaRN's parameters with transformers' defaults: the factor from the two lengths, the
+    attention factor 0.1 ln(factor) + 1 (or DeepSeek's ratio of two such with mscale and
+    mscale_all_dim), betas 32 and 1, the correction range truncated."""
+    original = int(src.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                   or max_len)
+    factor = float(src.get("factor") or max_len / original)
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention = src.get("attention_factor")
+    if attention is None:
+        m, m_all = src.get("mscale"), src.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return YarnRope(factor, original, float(src.get("beta_fast") or 32), float(src.get("beta_slow") or 1),
+                    float(attention), bool(src.get("truncate", True)))
+
+
 def rope_attention_factor(cfg: ModelConfig) -> float:
-    """The factor on cos and sin (LongRoPE's; 1 otherwise)."""
-    return cfg.rope_scaling.attention_factor if isinstance(cfg.rope_scaling, LongRope) else 1.0
+    """The factor on cos and sin (LongRoPE's or YaRN's; 1 otherwise)."""
+    return cfg.rope_scaling.attention_factor if isinstance(cfg.rope_scaling, (LongRope, YarnRope)) else 1.0
+
+
+def _yarn_inv_freq(cfg: ModelConfig, s: YarnRope) -> "torch.Tensor":
+    """transformers' YaRN frequencies, in its float32 order of operations."""
+    import torch
+
+    dim, base = cfg.rotary_dim, cfg.rope_theta
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns ``rotations`` times in the original context
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # the share of each frequency kept as it was
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    return 1.0 / (s.factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
 
 
 def rope_inv_freq(cfg: ModelConfig, long: bool = False, local: bool = False) -> "torch.Tensor":
@@ -408,6 +466,8 @@ def rope_inv_freq(cfg: ModelConfig, long: bool = False, local: bool = False) -> 
     if isinstance(s, LongRope):
         factors = s.long_factor if long else s.short_factor
         return 1.0 / (torch.tensor(factors, dtype=torch.float32) * cfg.rope_theta ** exponents)
+    if isinstance(s, YarnRope):
+        return _yarn_inv_freq(cfg, s)
     inv = 1.0 / (cfg.rope_theta ** exponents)
     if s is None:
         return inv
