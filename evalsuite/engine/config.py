@@ -430,7 +430,7 @@ def _yarn_inv_freq(cfg: ModelConfig, s: YarnRope) -> "torch.Tensor":
 
     dim, base = cfg.rotary_dim, cfg.rope_theta
 
-    def correction_dim(rotations: float) -> float:  # the dimension that turns ``rotations`` times in the original context
+    def correction_dim(rotations: float) -> float:  # the dimension turning ``rotations`` times in the original context
         return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
