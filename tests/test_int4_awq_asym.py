@@ -129,6 +129,36 @@ def test_folding_preserves_the_function_and_clip_skips_q_k(tiny_dir, calib_file)
     assert torch.allclose(lm.model(tokens), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_folding_into_v_proj_divides_its_bias_too(calib_file, tmp_path):
+    """Qwen1.5's attention (model type qwen2): as many KV heads as query heads, so o's scale folds
+    into v_proj, whose rows carry a bias: divided by s with the weight's rows, the folded model
+    computes what transformers' does with the original weights."""
+    import transformers
+
+    from .conftest import make_tokenizer
+
+    torch.manual_seed(13)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256)).eval()
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            w.normal_(0, 0.5) if name.endswith("bias") else None
+    hf.save_pretrained(tmp_path / "q")
+    make_tokenizer().save_pretrained(tmp_path / "q")
+    lm = load(str(tmp_path / "q"), "float32")
+    batches = _calib_batches(lm, calib_file)
+    with torch.no_grad():
+        for layer in lm.model.model.layers:
+            found = search_layer(layer, batches, Int4AutoAWQConfig(block_size=32, clip=False))
+            assert "o.scale" in found and not torch.allclose(found["o.scale"], torch.ones_like(found["o.scale"]))
+            batches = [(layer(x, c, s, st), c, s, st) for x, c, s, st in batches]
+            for name, w in fold_scales(layer, found).items():
+                layer.get_submodule(name).weight.copy_(w)
+        tokens = torch.randint(0, 400, (2, 30))
+        assert (lm.model(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+
+
 def test_autoawq_recipe(tiny_dir, calib_file):
     lm = load(str(tiny_dir), "float32")
     tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])

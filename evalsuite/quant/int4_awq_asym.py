@@ -223,11 +223,16 @@ def _scaled_weights(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, 
 
 
 def fold_scales(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Divide the norms' weights by their group's s (in place) and return the projections' float32
-    weights with every scale applied; with those weights the layer computes what it did before."""
+    """Divide the norms' weights, and the biases of preceding linears (v_proj's in Qwen1.5's
+    attention, which has as many KV heads as query heads), by their group's s (in place), as
+    AutoAWQ's scale_ln_fcs and scale_fc_fc do; return the projections' float32 weights with every
+    scale applied. With those weights the layer computes what it did before."""
     for group, prev, _names in _scale_groups(layer):
+        s = found[f"{group}.scale"]
         if not isinstance(prev, nn.Linear):
-            prev.fold(lambda factor: factor / found[f"{group}.scale"])
+            prev.fold(lambda factor: factor / s)
+        elif prev.bias is not None:
+            prev.bias.copy_((prev.bias.float() / s).to(prev.bias.dtype))
     return _scaled_weights(layer, found)
 
 
