@@ -257,6 +257,8 @@ def _family_configs() -> dict:
         "qwen2_moe": (t.Qwen2MoeForCausalLM, t.Qwen2MoeConfig(
             **common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
             shared_expert_intermediate_size=128)),
+        "gpt_oss": (t.GptOssForCausalLM, t.GptOssConfig(
+            **common, head_dim=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=16, swiglu_limit=2.0)),
         "mistral-window": (t.MistralForCausalLM, t.MistralConfig(**common, sliding_window=16)),
         "phi3-longrope": (t.Phi3ForCausalLM, t.Phi3Config(
             **common, partial_rotary_factor=0.75, original_max_position_embeddings=48,

@@ -153,6 +153,26 @@ def tiny_moe(arch: str = "qwen3_moe", window: int | None = None, vocab: int = TI
     return hf.eval()
 
 
+def tiny_gpt_oss(window: int = 8, vocab: int = TINY_VOCAB):
+    """transformers' gpt-oss, tiny and random: 4 experts, 2 per token, sinks, biases everywhere,
+    every other layer sliding, YaRN over 64 original positions, the experts' clamp at 1.5; biases
+    and sinks drawn (they start at zero) and weights large enough that routing, clamps and sinks
+    matter."""
+    import transformers
+
+    cfg = transformers.GptOssConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=window,
+        max_position_embeddings=256, pad_token_id=0, swiglu_limit=1.5,  # gate and up reach it here
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})
+    hf = transformers.GptOssForCausalLM(cfg)
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            w.normal_(0, 0.15) if w.dim() >= 2 else w.normal_(0 if name.endswith(("bias", "sinks")) else 1, 0.3)
+    return hf.eval()
+
+
 def _moe_dir(arch: str, folder):
     """``tiny_moe(arch)`` saved as an HF folder with the tiny tokenizer."""
     torch.manual_seed(9)

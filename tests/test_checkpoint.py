@@ -329,6 +329,37 @@ def test_mixture_of_experts_quantizes_saves_and_loads(recipe, qwen3_moe_dir, cal
 
 
 @pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-rtn"])
+def test_gpt_oss_experts_quantize_with_their_biases_saves_and_loads(recipe, calib_file, tmp_path, monkeypatch):
+    """gpt-oss: every expert's projections and o_proj quantized with their biases kept (BF16 in a
+    deployed checkpoint), the routers and the sinks left as they are; the checkpoint loads back
+    to the same logits."""
+    from .conftest import make_tokenizer, tiny_gpt_oss
+
+    torch.manual_seed(12)
+    tiny_gpt_oss().save_pretrained(tmp_path / "g")
+    make_tokenizer().save_pretrained(tmp_path / "g")
+    lm = load(str(tmp_path / "g"), "float32")
+    sinks = lm.model.model.layers[1].self_attn.sinks.clone()
+    over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}} \
+        if recipe == "fp8-modelopt" else {"block_size": 32} if recipe == "int4-rtn" else {}
+    record = apply_recipe(lm, recipe, over)
+    names = set(quantized_modules(lm.model))
+    layers = (1, 2) if recipe == "fp8-official" else (0, 1, 2, 3)
+    assert {f"model.layers.{i}.mlp.experts.{e}.{p}_proj" for i in layers for e in range(4)
+            for p in ("gate", "up", "down")} <= names
+    assert not any(n.endswith("mlp.gate") for n in names)
+    expert = lm.model.model.layers[1].mlp.experts[3]
+    assert expert.down_proj.bias is not None and expert.down_proj.bias.abs().sum() > 0
+    assert torch.equal(lm.model.model.layers[1].self_attn.sinks, sinks)
+    tokens = torch.randint(0, 400, (2, 20))
+    want = lm.model(tokens)
+    out = save_quantized(lm, record, tmp_path / "q")
+    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
+    back, _ = load_quantized(out, "float32")
+    assert torch.equal(back.model(tokens), want)
+
+
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-rtn"])
 def test_shared_expert_is_quantized_as_a_dense_mlp(recipe, qwen2_moe_dir, calib_file, tmp_path, monkeypatch):
     """Qwen2-MoE: the shared expert's projections are quantized as the experts' are (fp8-official:
     in the inner layers only), its sigmoid gate and the router stay BF16 (Model Optimizer's
@@ -355,18 +386,21 @@ def test_shared_expert_is_quantized_as_a_dense_mlp(recipe, qwen2_moe_dir, calib_
 
 
 @pytest.mark.parametrize("arch, recipe", [("mixtral", "int4-awq"), ("qwen2_moe", "int4-awq"),
-                                          ("qwen2_moe", "int4-awq-asym")])
+                                          ("qwen2_moe", "int4-awq-asym"), ("gpt_oss", "int4-awq"),
+                                          ("gpt_oss", "int4-awq-asym")])
 def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(arch, recipe, tmp_path, monkeypatch):
     """int4-awq on any mixture (its experts share the norm its scales fold into); int4-awq-asym
-    on a mixture with a shared expert (AutoAWQ folds two scales into that norm)."""
-    from .conftest import make_tokenizer, tiny_moe
+    on a mixture with a shared expert (AutoAWQ folds two scales into that norm) and on gpt-oss
+    (its experts' clamps and up + 1 let no scale fold from up into down)."""
+    from .conftest import make_tokenizer, tiny_gpt_oss, tiny_moe
 
-    tiny_moe(arch).save_pretrained(tmp_path / "moe")
+    (tiny_gpt_oss() if arch == "gpt_oss" else tiny_moe(arch)).save_pretrained(tmp_path / "moe")
     make_tokenizer().save_pretrained(tmp_path / "moe")
     from evalsuite.models import check_model_args
 
-    why = "shared expert's and the routed experts' scales" if recipe == "int4-awq-asym" else "mixture of experts"
-    fits = "int4-rtn" if arch == "qwen2_moe" else "int4-awq-asym, int4-rtn"
+    why = {"qwen2_moe": "shared expert's and the routed experts' scales", "gpt_oss": "clamp gate and up"}.get(
+        arch) if recipe == "int4-awq-asym" else "mixture of experts"
+    fits = "int4-awq-asym, int4-rtn" if arch == "mixtral" else "int4-rtn"
     refusal = f"recipe '{recipe}'.*{why}.*valid for this model: bf16, fp8-official, fp8-modelopt, {fits}$"
     with pytest.raises(ValueError, match=refusal):  # what a command checks before it loads the model
         check_model_args(str(tmp_path / "moe"), recipe, {"block_size": 32})

@@ -114,7 +114,7 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
     for figure in ("floors: copy bandwidth", "parity float32", "parity bfloat16", "scoring 16 prompts",
                    "decode batch 1 (eager):", "decode batch 4 (eager):", "recipe fp8-modelopt:",
                    "recipe fp8-official:", "recipe int4-awq:", "fp8-modelopt / fp8-official",
-                   "family qwen3:", "family qwen3-yarn:", "family qwen3_moe:", "family qwen2_moe:",
+                   "family qwen3:", "family qwen3-yarn:", "family qwen3_moe:", "family qwen2_moe:", "family gpt_oss:",
                    "family mistral-window:",
                    "family phi3-longrope:",
                    "family gemma2:", "family gemma3:"):

@@ -337,7 +337,8 @@ def test_gemma2_configs_read_as_transformers_reads_them(published):
     assert not cfg.qk_norm and cfg.local_rope_theta is None and cfg.tie_word_embeddings
 
 
-# mistralai/Mixtral-8x7B-v0.1's, Qwen/Qwen3-30B-A3B's and Qwen/Qwen1.5-MoE-A2.7B's config.json as published
+# mistralai/Mixtral-8x7B-v0.1's, Qwen/Qwen3-30B-A3B's, Qwen/Qwen1.5-MoE-A2.7B's and
+# openai/gpt-oss-20b's config.json as published
 MIXTRAL_8X7B_CONFIG = {
     "architectures": ["MixtralForCausalLM"], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
     "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2,
@@ -359,10 +360,25 @@ QWEN15_MOE_A27B_CONFIG = {
     "use_cache": True, "use_sliding_window": False, "vocab_size": 151936, "decoder_sparse_step": 1,
     "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
     "num_experts": 60, "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001}
+GPT_OSS_20B_CONFIG = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+    "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096,
+    "initializer_range": 0.02, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+    "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                            "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                            "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088}
 
 
-@pytest.mark.parametrize("published", [MIXTRAL_8X7B_CONFIG, QWEN3_30B_A3B_CONFIG, QWEN15_MOE_A27B_CONFIG],
-                         ids=["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"])
+@pytest.mark.parametrize("published", [MIXTRAL_8X7B_CONFIG, QWEN3_30B_A3B_CONFIG, QWEN15_MOE_A27B_CONFIG,
+                                       GPT_OSS_20B_CONFIG],
+                         ids=["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "gpt-oss-20b"])
 def test_mixture_of_experts_configs_count_as_transformers_builds_them(published, tmp_path):
     """Every expert's parameters and the routers' (transformers' own model, on the meta device);
     the planner's BF16 bytes twice that."""
@@ -370,16 +386,21 @@ def test_mixture_of_experts_configs_count_as_transformers_builds_them(published,
 
     model_class, config_class = {"mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig),
                                  "qwen2_moe": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig),
+                                 "gpt_oss": (transformers.GptOssForCausalLM, transformers.GptOssConfig),
                                  "qwen3_moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig)}[
         published["model_type"]]
-    hf = _on_meta(model_class, config_class(**published))
+    hf = _on_meta(model_class, config_class(**{k: v for k, v in published.items() if k != "quantization_config"}))
     n = sum(p.numel() for p in hf.parameters())
-    routers = sum(p.numel() for name, p in hf.named_parameters() if name.endswith("mlp.gate.weight"))
+    routers = sum(p.numel() for name, p in hf.named_parameters() if name.endswith(("mlp.gate.weight",
+                                                                                   "mlp.router.weight")))
     cfg = ModelConfig.from_hf(published)
     assert cfg.num_parameters() == n and routers > 0
     if published is QWEN15_MOE_A27B_CONFIG:  # 14.3B parameters, its model card says; qkv biases, no window
         assert round(n / 1e9, 1) == 14.3 and cfg.qkv_bias and cfg.sliding_window is None
         assert cfg.experts_per_token == 4 and not cfg.norm_topk_prob and cfg.moe_layers is None
+    if published is GPT_OSS_20B_CONFIG:  # 21B parameters, its model card says; every other layer slides over 128
+        assert round(n / 1e9) == 21 and cfg.sliding_layers[:2] == (True, False) and cfg.sliding_window == 128
+        assert cfg.rope_scaling.factor == 32.0 and not cfg.rope_scaling.truncate and cfg.attention_sinks
     (tmp_path / "config.json").write_text(json.dumps(published))
     assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n
 

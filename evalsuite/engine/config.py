@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral",
-                           "qwen2_moe", "qwen3_moe")
+                           "qwen2_moe", "qwen3_moe", "gpt_oss")
 # Gemma 2's and 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh
 # GELU), embeddings times sqrt(hidden_size), and norms after attention and after the MLP as well as
 # before them; Gemma 2 caps attention scores and logits (tanh), Gemma 3 normalises q and k per head
@@ -90,6 +90,7 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dimensions of each head
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
+    o_bias: bool = False  # configs with attention_bias: o_proj's too (gpt-oss)
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE
     # Mistral, Phi-3, Qwen2/3 with use_sliding_window: a query attends to the last sliding_window
     # positions (itself included), on the layers sliding_layers marks (None: every layer)
@@ -113,6 +114,12 @@ class ModelConfig:
     norm_topk_prob: bool = True
     moe_layers: tuple[bool, ...] | None = None
     shared_expert_intermediate_size: int = 0
+    # gpt-oss: a learned logit per query head that joins each softmax over the keys and takes its
+    # share of the probability without a value ("attention sinks"); its experts' SwiGLU clamped at
+    # swiglu_limit, gate * sigmoid(swiglu_alpha * gate) * (up + 1) (see gpt_oss below)
+    attention_sinks: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -162,6 +169,13 @@ class ModelConfig:
         return self.num_experts > 0 and (self.moe_layers is None or self.moe_layers[layer])
 
     @property
+    def gpt_oss(self) -> bool:
+        """gpt-oss's layer: attention sinks, biases on every projection (router and experts too),
+        the router's softmax over the top-k logits only, experts' clamped SwiGLU, and RMSNorm's
+        weight applied in float32."""
+        return self.architecture == "gpt_oss"
+
+    @property
     def gemma(self) -> bool:
         """Gemma's layer (``GEMMA_ARCHITECTURES``) rather than Llama's."""
         return self.architecture in GEMMA_ARCHITECTURES
@@ -202,12 +216,19 @@ class ModelConfig:
                       ("mlp.shared_expert.up_proj", n, h), ("mlp.shared_expert.down_proj", h, n))
         return attention + (("mlp.gate", self.num_experts, h),) + experts + shared
 
+    def layer_biases(self, layer: int = 0) -> int:
+        """How many bias values (and gpt-oss's sinks) decoder layer ``layer`` holds."""
+        n = (self.q_size + 2 * self.kv_size if self.qkv_bias else 0) + (self.hidden_size if self.o_bias else 0)
+        n += self.num_heads if self.attention_sinks else 0
+        if self.gpt_oss and self.layer_moe(layer):  # the router's and every expert's projections
+            n += sum(out for name, out, _ in self.layer_projections(layer) if name.startswith("mlp."))
+        return n
+
     def num_parameters(self, include_embeddings: bool = True) -> int:
-        bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
         qk_norms = 2 * self.head_dim if self.qk_norm else 0
         norms = (4 if self.gemma else 2) * self.hidden_size
-        body = sum(sum(out * inp for _, out, inp in self.layer_projections(layer)) + bias + qk_norms + norms
-                   for layer in range(self.num_layers)) + self.hidden_size
+        body = sum(sum(out * inp for _, out, inp in self.layer_projections(layer)) + self.layer_biases(layer)
+                   + qk_norms + norms for layer in range(self.num_layers)) + self.hidden_size
         if not include_embeddings:
             return body
         emb = self.vocab_size * self.hidden_size
@@ -221,7 +242,8 @@ class ModelConfig:
                              ("attention_scale", None), ("attn_logit_softcapping", None),
                              ("final_logit_softcapping", None), ("num_experts", 0), ("experts_per_token", 0),
                              ("moe_intermediate_size", 0), ("norm_topk_prob", True), ("moe_layers", None),
-                             ("shared_expert_intermediate_size", 0)):
+                             ("shared_expert_intermediate_size", 0), ("o_bias", False), ("attention_sinks", False),
+                             ("swiglu_limit", None), ("swiglu_alpha", None)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -248,6 +270,13 @@ class ModelConfig:
                 f"unknown architecture: model_type={model_type!r} (architectures={archs}); "
                 f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and gemma3's text model); "
                 "a model the engine does not run can be evaluated where a server runs it (--base-url)")
+        method = (hf.get("quantization_config") or {}).get("quant_method")
+        if hf.get("quantization_config") and not (model_type == "gpt_oss" and method == "mxfp4"):
+            # its low-bit tensors and their scales would be read as plain weights
+            raise UnsupportedModelError(
+                f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
+                "weights (and gpt-oss's MXFP4 experts) and quantizes them with --recipe: load the unquantized "
+                "model, or evaluate this checkpoint where a server runs it (--base-url)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
         if missing:
@@ -310,7 +339,7 @@ class ModelConfig:
         # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
         # layer max_window_layers on; Mistral's, Mixtral's, Phi-3's and Gemma's apply whenever set
         window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in (
-            "mistral", "mixtral", "phi3", *GEMMA_ARCHITECTURES)) else None
+            "mistral", "mixtral", "phi3", "gpt_oss", *GEMMA_ARCHITECTURES)) else None
         layers = None
         if window and hf.get("layer_types"):
             layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
@@ -324,7 +353,12 @@ class ModelConfig:
             last = hf.get("max_window_layers", 28)
             layers = tuple((i + 1) % 2 == 1 and i < last for i in range(hf["num_hidden_layers"]))
         moe: dict[str, Any] = {}
-        if model_type == "mixtral":
+        if model_type == "gpt_oss":
+            moe = dict(num_experts=hf.get("num_local_experts", 128), moe_intermediate_size=hf["intermediate_size"],
+                       experts_per_token=hf.get("num_experts_per_tok") or hf.get("experts_per_token", 4),
+                       attention_sinks=True, swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                       swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)))
+        elif model_type == "mixtral":
             moe = dict(num_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
                        moe_intermediate_size=hf["intermediate_size"])
         elif model_type in ("qwen2_moe", "qwen3_moe") and (hf.get("num_experts") or hf.get("num_local_experts")):
@@ -352,7 +386,8 @@ class ModelConfig:
             partial_rotary_factor=partial,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # transformers' defaults
             qkv_bias=model_type == "qwen2" or bool(hf.get("qkv_bias", True) if model_type == "qwen2_moe"
-                                                   else hf.get("attention_bias", False)),
+                                                   else hf.get("attention_bias", model_type == "gpt_oss")),
+            o_bias=model_type not in ("qwen2", "qwen2_moe") and bool(hf.get("attention_bias", model_type == "gpt_oss")),
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=window,
             sliding_layers=layers,

@@ -144,7 +144,8 @@ def _read_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
             part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
         except (SafetensorError, RuntimeError, OSError, EOFError) as e:
             raise ModelLoadError(f"cannot read weights file {f}: {e} (the file is corrupt or truncated)") from None
-        state.update({k: v.to(dtype) for k, v in part.items()})
+        # integer tensors (gpt-oss's MXFP4 codes and exponents) as stored: from_state_dict decodes them
+        state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()})
     return state
 
 
@@ -157,7 +158,8 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
                     folder: Path | str = "state dict") -> CausalLM:
     """A CausalLM on the tensors of an HF-named state dict (taken as they are: same device, and
     shared, not copied)."""
-    state = _experts(_split_fused(cfg, _text_model(dict(state), folder)))
+    state = _split_fused(cfg, _text_model(dict(state), folder))
+    state = _gpt_oss_experts(state, dtype) if cfg.gpt_oss else _experts(state)
     with torch.device("meta"):
         model = CausalLM(cfg, dtype)
     expected = set(model.state_dict())
@@ -205,6 +207,56 @@ def _text_model(state: dict[str, torch.Tensor], folder: Path | str) -> dict[str,
                 key = new + key[len(old):]
                 break
         out[key] = tensor
+    return out
+
+
+# FP4 E2M1 by its 4-bit code: sign bit, 2 exponent bits, 1 mantissa bit (OCP Microscaling)
+_FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 as gpt-oss's checkpoints store it, decoded exactly (float32): ``blocks`` uint8
+    [..., G, 16] hold 32 FP4 codes per block of the last dimension, two per byte (the low nibble
+    first); ``scales`` uint8 [..., G] each block's power-of-two exponent, biased by 127. Returns
+    [..., G * 32]: with [experts, out, G, 16] blocks, each expert's weight as nn.Linear holds it.
+    Every value is an FP4 number times a power of two, so BF16 holds it exactly too."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise ModelLoadError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} and scales {tuple(scales.shape)} "
+                             f"{scales.dtype}: expected uint8 [..., G, 16] and uint8 [..., G]")
+    lut = torch.tensor(_FP4_E2M1, dtype=torch.float32, device=blocks.device)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()  # [..., G, 16, 2]: low nibble first
+    values = lut[codes].reshape(*blocks.shape[:-1], 32)
+    values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
+    return values.reshape(*blocks.shape[:-2], -1)
+
+
+def _gpt_oss_experts(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """gpt-oss's tensors under the engine's names: ``mlp.router`` routes (as ``mlp.gate``); each
+    layer's experts are 3-D, either as published (MXFP4 ``*_blocks`` and ``*_scales`` [experts,
+    out, ...], decoded here) or as transformers holds them unquantized ([experts, in, out]), with
+    gate and up interleaved along gate_up's outputs (gate the even ones) and biases beside them."""
+    out = {}
+    for key, tensor in state.items():
+        key = key.replace(".mlp.router.", ".mlp.gate.")
+        prefix, name = key.rsplit(".", 1)
+        if not prefix.endswith(".mlp.experts") or name.endswith("_scales"):
+            out[key] = tensor
+            continue
+        if name.endswith("_blocks"):
+            name = name.removesuffix("_blocks")
+            per_expert = mxfp4_dequantize(tensor, state[f"{prefix}.{name}_scales"]).to(dtype)
+        elif name.endswith("_bias"):
+            per_expert = tensor
+        else:
+            per_expert = tensor.transpose(1, 2)  # [experts, in, out] -> [experts, out, in]
+        kind = "bias" if name.endswith("_bias") else "weight"
+        proj = name.removesuffix("_bias")
+        for e, t in enumerate(per_expert.unbind(0)):
+            if proj == "gate_up_proj":
+                out[f"{prefix}.{e}.gate_proj.{kind}"] = t[0::2].contiguous()
+                out[f"{prefix}.{e}.up_proj.{kind}"] = t[1::2].contiguous()
+            else:
+                out[f"{prefix}.{e}.{proj}.{kind}"] = t.contiguous()
     return out
 
 

@@ -156,20 +156,22 @@ class Step:
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm (the normalised input rounded to its dtype, then times the weight), or with
-    ``plus_one`` Gemma's (times 1 + weight in float32, then rounded)."""
+    """Llama's RMSNorm (the normalised input rounded to its dtype, then times the weight), with
+    ``plus_one`` Gemma's (times 1 + weight in float32, then rounded), with ``float32_weight``
+    gpt-oss's (times the weight in float32, then rounded)."""
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, plus_one: bool = False):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, plus_one: bool = False,
+                 float32_weight: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim, dtype=dtype) if plus_one else torch.ones(dim, dtype=dtype),
                                    requires_grad=False)
         self.eps = eps
-        self.plus_one = plus_one
+        self.plus_one, self.float32_weight = plus_one, float32_weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.plus_one:
+        if self.plus_one or self.float32_weight:
             normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+            return (normed * (1.0 + self.weight.float() if self.plus_one else self.weight.float())).to(x.dtype)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
     @torch.no_grad()
@@ -239,7 +241,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias, **kw)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False, **kw)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias, **kw)
         # Qwen3 normalises each head of q and k (its own weight over head_dim) before RoPE
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, cfg.gemma) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, cfg.gemma) if cfg.qk_norm else None
@@ -249,6 +251,9 @@ class Attention(nn.Module):
         self.scale = cfg.attention_scale  # None: head_dim ** -0.5
         self.local_rope = cfg.local_rope(layer_idx)  # rotates with the step's "local_rope" tables
         self.softcap = cfg.attn_logit_softcapping
+        # gpt-oss: per query head, a logit that joins every softmax with no value behind it
+        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads, dtype=dtype), requires_grad=False) \
+            if cfg.attention_sinks else None
         self.k_cache_quant: nn.Module | None = None
         self.v_cache_quant: nn.Module | None = None
         self.q_bmm_quant: nn.Module | None = None
@@ -398,8 +403,9 @@ class Attention(nn.Module):
     @property
     def _explicit(self) -> bool:
         """Whether attention runs as explicit products (HF eager): where a recipe quantizes their
-        inputs, or scores are capped (Gemma 2); else SDPA or FlashAttention."""
-        return self.softcap is not None or any(
+        inputs, scores are capped (Gemma 2) or sinks join the softmax (gpt-oss); else SDPA or
+        FlashAttention."""
+        return self.softcap is not None or self.sinks is not None or any(
             m is not None for m in (self.q_bmm_quant, self.k_bmm_quant, self.v_bmm_quant, self.softmax_quant))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
@@ -410,7 +416,8 @@ class Attention(nn.Module):
 
     def _attend_explicit(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
         """softmax(q·kᵀ/√d)·v with quantizers on both products' inputs (HF eager numerics), the
-        scores capped at ``softcap`` where set; q arrives quantized by ``q_bmm_quant`` already."""
+        scores capped at ``softcap`` where set, each head's sink logit in the softmax where set;
+        q arrives quantized by ``q_bmm_quant`` already."""
         if self.k_bmm_quant is not None:
             k = self.k_bmm_quant(k)
         if self.v_bmm_quant is not None:
@@ -428,7 +435,11 @@ class Attention(nn.Module):
             mask = mask.view(B, 1, 1, mask.shape[-2], Lk)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if self.sinks is not None:  # the sink takes its share of each row's probability, then is dropped
+            sink = self.sinks.to(scores.dtype).view(1, KV, G, 1, 1).expand(B, KV, G, Lq, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :Lk]
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if self.softmax_quant is not None:
             probs = self.softmax_quant(probs)
         out = matmul(probs.to(v.dtype).view(B, KV, G * Lq, Lk), v)
@@ -450,14 +461,19 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
 
 
 class MLP(nn.Module):
+    """down(act(gate(x)) · up(x)): SwiGLU, Gemma's GeGLU, or gpt-oss's experts' (biases, gate and
+    up clamped at ``limit``, gate · sigmoid(alpha · gate) · (up + 1))."""
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, intermediate_size: int | None = None):
         super().__init__()
         inner = intermediate_size or cfg.intermediate_size
-        self.gate_proj = nn.Linear(cfg.hidden_size, inner, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(cfg.hidden_size, inner, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(inner, cfg.hidden_size, bias=False, dtype=dtype)
+        bias = cfg.gpt_oss
+        self.gate_proj = nn.Linear(cfg.hidden_size, inner, bias=bias, dtype=dtype)
+        self.up_proj = nn.Linear(cfg.hidden_size, inner, bias=bias, dtype=dtype)
+        self.down_proj = nn.Linear(inner, cfg.hidden_size, bias=bias, dtype=dtype)
         self._fused = None  # see _fuse
         self.act = functools.partial(F.gelu, approximate="tanh") if cfg.gemma else F.silu
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
 
     def fuse(self) -> None:
         self._fused = _fuse([self.gate_proj, self.up_proj])
@@ -467,6 +483,9 @@ class MLP(nn.Module):
             gate, up = self._fused(x).chunk(2, dim=-1)
         else:
             gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        if self.limit is not None:  # gpt-oss
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            return project(self.down_proj, (up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
         return project(self.down_proj, self.act(gate) * up)
 
 
@@ -483,9 +502,10 @@ class SparseMoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.gpt_oss, dtype=dtype)
         self.experts = nn.ModuleList(MLP(cfg, dtype, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.softmax_of_top_k = cfg.gpt_oss  # the softmax over the k largest logits, in their dtype
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg, dtype, cfg.shared_expert_intermediate_size)
@@ -503,10 +523,14 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         logits = project(self.gate, flat)
-        weights, chosen = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(logits.dtype)
+        if self.softmax_of_top_k:
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)
+            weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+        else:
+            weights, chosen = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights.to(logits.dtype)
         out = torch.zeros_like(flat)
         for e in torch.unique(chosen).tolist():
             token, slot = torch.where(chosen == e)
@@ -519,7 +543,7 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
         super().__init__()
-        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma)
+        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma, cfg.gpt_oss)
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer_idx, dtype)
         # Llama's norm before the MLP; in Gemma's layer, the one after attention (before the
@@ -558,7 +582,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma, cfg.gpt_oss)
 
 
 class CausalLM(nn.Module):

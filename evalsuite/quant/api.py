@@ -130,11 +130,17 @@ def check_recipe_fits(name: str, config: Any, cfg: ModelConfig) -> None:
     int4-awq-asym searches one scale for all the experts' gate and up, as AutoAWQ does for Mixtral
     and Qwen3-MoE; for a mixture with a shared expert (Qwen2-MoE) AutoAWQ searches a second scale
     for the shared expert and folds both into that norm, so the deployed shared expert reads its
-    input divided by the routed experts' scale: a checkpoint this engine does not reproduce."""
+    input divided by the routed experts' scale: a checkpoint this engine does not reproduce.
+    gpt-oss's experts clamp gate and up and add 1 to up, so no scale folds from up into down;
+    AutoAWQ has no form for it."""
     if not any(cfg.layer_moe(i) for i in range(cfg.num_layers)):
         return
     shared = bool(cfg.shared_expert_intermediate_size)
-    fits = f"bf16, fp8-official, fp8-modelopt, {'' if shared else 'int4-awq-asym, '}int4-rtn"
+    fits = f"bf16, fp8-official, fp8-modelopt, {'' if shared or cfg.gpt_oss else 'int4-awq-asym, '}int4-rtn"
+    if cfg.gpt_oss and isinstance(config, Int4AutoAWQConfig):
+        raise ValueError(f"recipe {name!r}: gpt-oss's experts clamp gate and up and add 1 to up, so a scale "
+                         f"cannot fold from up into down, and AutoAWQ has no form for them; valid for this model: "
+                         f"{fits}")
     if isinstance(config, Int4AWQConfig) and config.awq:
         raise ValueError(f"recipe {name!r}: its scales fold into the norm before each layer's MLP, which a mixture "
                          f"of experts shares between its experts ({cfg.architecture}); valid for this model: {fits}")
