@@ -104,6 +104,9 @@ def kernel_path(recipe: dict[str, Any], model) -> str:
     name, cfg = recipe.get("name", "bf16"), recipe.get("config") or {}
     dense = "BF16 GEMM" if model.device.type != "cpu" or cpu_has_native_bf16() else \
         "float32 GEMM rounded to BF16 (no BF16 instructions)"
+    if name == "nvfp4":  # no FP4 GEMM before Blackwell, none in torch's CPU build
+        return "NVFP4 simulated: E2M1 values times their E4M3 block scales in a float32 GEMM, times the tensor " \
+               "scales, rounded to the activation dtype"
     if not name.startswith(("fp8", "int4")):
         return dense
     fp8 = name.startswith("fp8")

@@ -41,12 +41,17 @@ class GPU:
     def has_fp8(self) -> bool:
         return self.compute_capability >= (8, 9)
 
+    @property
+    def has_fp4(self) -> bool:
+        return self.compute_capability >= (10, 0)
+
 
 GPUS = {
     "a100-40gb": GPU(40.0, (8, 0)), "a100-80gb": GPU(80.0, (8, 0)), "l40s": GPU(48.0, (8, 9)),
     "h100": GPU(80.0, (9, 0)), "h200": GPU(141.0, (9, 0)), "b200": GPU(180.0, (10, 0)),
 }
-PLAN_RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "int4-awq", "int4-rtn", "int4-awq-asym")
+PLAN_RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "nvfp4", "int4-awq", "int4-rtn", "int4-awq-asym")
+NVFP4_BLOCK = 16
 INT4_BLOCK = 128
 
 
@@ -106,6 +111,8 @@ def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> i
         return out * inp + 4 * out
     if recipe == "fp8-modelopt":
         return out * inp + 4 + 4
+    if recipe == "nvfp4":  # two E2M1 codes a byte, an E4M3 scale per block of 16, two float32 tensor scales
+        return out * inp // 2 + out * inp // NVFP4_BLOCK + 4 + 4
     blocks = -(-inp // INT4_BLOCK)
     codes_and_scales = out * blocks * INT4_BLOCK // 2 + 4 * out * blocks
     if recipe == "int4-awq":
@@ -132,11 +139,13 @@ def deployed_weight_bytes(cfg: ModelConfig, recipe: str) -> int:
                 total += _quantized_projection_bytes(recipe, name, out, inp) - 2 * out * inp
     if recipe == "fp8-modelopt":
         total += cfg.num_layers * 4 * 4  # K, V, q and softmax scales
+    if recipe == "nvfp4":
+        total += cfg.num_layers * 2 * 4  # K and V scales
     return total
 
 
 def kv_bytes_per_token(cfg: ModelConfig, recipe: str) -> int:
-    elem = 1 if recipe == "fp8-modelopt" else 2
+    elem = 1 if recipe in ("fp8-modelopt", "nvfp4") else 2
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
 
 
@@ -165,6 +174,10 @@ def _notes(cfg: ModelConfig, recipe: str, gpu: str, n: int, context: int) -> tup
     if n > cfg.num_kv_heads:
         notes.append(f"{n} GPUs exceed the {cfg.num_kv_heads} KV heads: each GPU holds one KV head, "
                      "replicated, and the KV cache counts that")
+    if recipe == "nvfp4" and not GPUS[gpu].has_fp4:
+        cc = ".".join(map(str, GPUS[gpu].compute_capability))
+        notes.append(f"{gpu} (sm {cc}) has no FP4 tensor cores (Blackwell, sm 10.0, has): the FP4 weights fit as "
+                     "counted, but no engine there runs the recipe's FP4 GEMMs")
     if recipe.startswith("fp8") and not GPUS[gpu].has_fp8:
         cc = ".".join(map(str, GPUS[gpu].compute_capability))
         notes.append(f"{gpu} (sm {cc}) has no FP8 tensor cores: the FP8 weights fit as counted, but run "

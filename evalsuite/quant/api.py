@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .configs import FP8ModelOptConfig, FP8OfficialConfig, Int4AutoAWQConfig, Int4AWQConfig, Unquantized
+from .configs import FP8ModelOptConfig, FP8OfficialConfig, Int4AutoAWQConfig, Int4AWQConfig, NVFP4Config, Unquantized
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
@@ -132,7 +132,14 @@ def check_recipe_fits(name: str, config: Any, cfg: ModelConfig) -> None:
     for the shared expert and folds both into that norm, so the deployed shared expert reads its
     input divided by the routed experts' scale: a checkpoint this engine does not reproduce.
     gpt-oss's experts clamp gate and up and add 1 to up, so no scale folds from up into down;
-    AutoAWQ has no form for it."""
+    AutoAWQ has no form for it. nvfp4's blocks of 16 need projections whose inputs they tile."""
+    if isinstance(config, NVFP4Config):
+        odd = sorted({f"{name} ({inp} inputs)" for i in range(cfg.num_layers)
+                      for name, _out, inp in cfg.layer_projections(i) if inp % 16})
+        if odd:
+            raise ValueError(f"recipe {name!r}: FP4 blocks of 16 along the input do not tile {', '.join(odd[:3])}; "
+                             "valid for this model: bf16, fp8-official, fp8-modelopt, int4-awq, int4-awq-asym, "
+                             "int4-rtn")
     if not any(cfg.layer_moe(i) for i in range(cfg.num_layers)):
         return
     shared = bool(cfg.shared_expert_intermediate_size)
@@ -177,7 +184,7 @@ def _unquantized(lm: LoadedModel, config: Unquantized) -> None:
 def _load_handlers() -> None:
     """Import the built-in recipe modules (they import torch, and register their handlers and
     module types on import)."""
-    from . import fp8, int4_awq, int4_awq_asym  # noqa: F401
+    from . import fp8, int4_awq, int4_awq_asym, nvfp4  # noqa: F401
 
 
 register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized()))
@@ -192,6 +199,12 @@ register(Recipe(
     "scales (max calibration), FP8 KV cache (static per-tensor K and V scales), static FP8 attention inputs; "
     "q/k/v and gate/up with one scale per group as TensorRT-LLM and vLLM load them fused",
     FP8ModelOptConfig()))
+register(Recipe(
+    "nvfp4",
+    "NVIDIA Model Optimizer NVFP4 (Blackwell): all linears but lm_head with FP4 E2M1 weights and inputs in "
+    "blocks of 16 with E4M3 block scales and a float32 scale per tensor (inputs: static tensor scale from max "
+    "calibration, dynamic block scales), FP8 KV cache; simulated (no FP4 tensor cores before sm_100)",
+    NVFP4Config()))
 register(Recipe("int4-awq", "NVIDIA Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4, blocks of "
                 "128 along the input, activation-aware per-channel scales searched over α, q/k/v and gate/up "
                 "resmoothed to one scale folded into the norm as exported for deployment; lm_head BF16",

@@ -89,6 +89,22 @@ class FP8ModelOptConfig:
         coerce_calibration(self)
 
 
+@dataclass(frozen=True)
+class NVFP4Config:
+    """Model Optimizer NVFP4 (NVFP4_DEFAULT_CFG, max calibration): every linear but lm_head with
+    FP4 weights and inputs in blocks of 16 (E4M3 block scales, a float32 scale per tensor), the
+    input's tensor scale static from calibration and its block scales dynamic; FP8 KV cache.
+    fused_scales: q/k/v and gate/up with one weight and one input tensor scale per group, as the
+    export unifies them for fused GEMMs; off, each projection keeps its own."""
+
+    fused_scales: bool = True
+    fp8_kv_cache: bool = True
+    calibration: CalibrationSpec = CalibrationSpec()
+
+    def __post_init__(self) -> None:
+        coerce_calibration(self)
+
+
 # --- INT4 ------------------------------------------------------------------------------------
 
 # Rows up to which the packed INT4 CPU kernel beats a BF16 matmul on the dequantized weight

@@ -1,0 +1,159 @@
+"""NVIDIA Model Optimizer NVFP4 (``nvfp4``): weights and activations in FP4, as Blackwell runs them.
+
+NVFP4 holds a tensor as FP4 E2M1 values (0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6) in blocks of 16
+along the input dimension; each block has an E4M3 scale, and the tensor one float32 scale s
+= amax / (6 · 448), so that the largest block scale lands near E4M3's 448. A block's E4M3 scale
+is its absmax / (6 · s) rounded to E4M3; each value x / (E4M3 scale · s) rounds to the nearest
+E2M1 value, ties to even (Model Optimizer's fake quantization and export round alike).
+
+Weights: s from the weight's absmax. Inputs: s from the absmax calibration saw (static), block
+scales from each token's values at run time (dynamic), as Model Optimizer's NVFP4_DEFAULT_CFG
+calibrates them and TensorRT-LLM and vLLM run them. The product is computed as the Blackwell
+GEMM computes it: the blocks' values times their E4M3 scales are exact in float32, their
+products accumulate in float32, and the two tensors' scales multiply the result once (the GEMM's
+alpha) before it is rounded to the activation dtype.
+
+Projections that a deploying engine fuses into one GEMM (q/k/v, gate/up, each expert's gate/up)
+share one weight scale and one input scale, the largest of the group's, as Model Optimizer's
+export unifies them; a mixture's experts share one input scale per projection, as with FP8.
+The KV cache is FP8 with static per-tensor scales (Model Optimizer's default ``fp8`` KV cache
+format); the attention products stay in the activation dtype. lm_head and the routers of
+mixtures of experts stay in BF16.
+
+No GPU before Blackwell (sm_100) has FP4 tensor cores: everywhere, the recipe runs this
+simulation, and run records say so.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.linear import linear
+from ..engine.load import LoadedModel
+from .api import handler, register_module
+from .calibrate import calibrate, projections, shared_input_groups
+from .configs import NVFP4Config
+from .fp8 import E4M3_MAX, FP8StaticQuantizer, experts_share_input_amax, kv_scale, round_e4m3
+
+FP4_MAX = 6.0
+BLOCK = 16
+# E2M1's magnitudes by code (the sign is the code's fourth bit), and the midpoints between them:
+# a midpoint between an odd and an even code rounds to the even one (0.25 -> 0, 0.75 -> 1, ...)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_MIDPOINTS_ROUNDING_UP = (0.75, 1.75, 3.5)
+
+
+def e2m1_codes(x: Tensor) -> Tensor:
+    """The 4-bit E2M1 code (bit 3 the sign) nearest to each value of float32 ``x``, ties to even,
+    saturating at ±6."""
+    a = x.abs().contiguous()
+    bounds = torch.tensor(_MIDPOINTS, device=x.device)
+    up = torch.tensor(_MIDPOINTS_ROUNDING_UP, device=x.device)
+    magnitude = torch.bucketize(a, bounds) + torch.isin(a, up)  # bucketize: a midpoint rounds down
+    return (magnitude + 8 * (x < 0)).to(torch.uint8)
+
+
+def e2m1_values(codes: Tensor) -> Tensor:
+    """float32 values of E2M1 codes."""
+    table = torch.tensor(E2M1 + tuple(-v for v in E2M1), device=codes.device)
+    return table[codes.long()]
+
+
+def global_scale(amax: float) -> float:
+    """The per-tensor scale: amax / (6 · 448), so that the largest block's E4M3 scale is 448."""
+    return amax / (FP4_MAX * E4M3_MAX)
+
+
+def quantize_blocks(x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``x`` [..., n] (n a multiple of 16) as NVFP4 with per-tensor ``scale``: E2M1 codes (uint8
+    [..., n]) and the blocks' E4M3 scales (float32 values [..., n / 16]). An all-zero block has
+    scale 0 and codes 0."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
+    block_scale = round_e4m3((blocks.abs().amax(dim=-1) / (FP4_MAX * scale)).clamp(max=E4M3_MAX))
+    step = (block_scale * scale)[..., None]
+    codes = e2m1_codes(blocks / torch.where(step > 0, step, torch.ones_like(step)))
+    return codes.reshape(x.shape), block_scale
+
+
+def block_values(codes: Tensor, block_scale: Tensor) -> Tensor:
+    """Each value times its block's E4M3 scale, float32 (exact): what the GEMM multiplies, the
+    per-tensor scale left out."""
+    values = e2m1_values(codes).reshape(*codes.shape[:-1], -1, BLOCK) * block_scale[..., None]
+    return values.reshape(codes.shape)
+
+
+@register_module
+class NVFP4Linear(nn.Module):
+    """A linear with NVFP4 weights and inputs: packed E2M1 codes, E4M3 block scales and the two
+    per-tensor scales (Model Optimizer's export names them ``weight_scale_2`` and ``input_scale``)."""
+
+    def __init__(self, codes: Tensor, block_scale: Tensor, weight_tensor_scale: float, input_scale: float,
+                 bias: Tensor | None, act_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.act_dtype = act_dtype
+        self.register_buffer("codes", codes.to(torch.uint8))
+        self.register_buffer("block_scale", block_scale.to(torch.float8_e4m3fn))  # exact: E4M3 values
+        self.register_buffer("weight_f32", block_values(self.codes, self.block_scale.float()), persistent=False)
+        self.weight_tensor_scale, self.input_scale = float(weight_tensor_scale), float(input_scale)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_amax: float, input_amax: float) -> "NVFP4Linear":
+        w = linear.weight.detach()
+        if w.shape[1] % BLOCK:
+            raise ValueError(f"nvfp4: a projection's {w.shape[1]} inputs are not a multiple of {BLOCK}")
+        scale = global_scale(weight_amax)
+        codes, block_scale = quantize_blocks(w, scale)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(codes, block_scale, scale, global_scale(input_amax), bias, w.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        codes, block_scale = quantize_blocks(x, self.input_scale)
+        y = linear(block_values(codes, block_scale), self.weight_f32)  # float32, batch-invariant on the CPU
+        y = y.mul_(self.input_scale * self.weight_tensor_scale).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def export(self) -> tuple[dict[str, Tensor], dict]:
+        packed = self.codes[:, 0::2] | (self.codes[:, 1::2] << 4)  # two codes a byte, the first in the low nibble
+        tensors = {"weight_packed": packed, "weight_scale": self.block_scale}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return tensors, {"weight_tensor_scale": self.weight_tensor_scale, "input_scale": self.input_scale}
+
+    @classmethod
+    def from_export(cls, t: dict[str, Tensor], attrs: dict, dtype: torch.dtype) -> "NVFP4Linear":
+        packed = t["weight_packed"]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        return cls(codes, t["weight_scale"].float(), attrs["weight_tensor_scale"], attrs["input_scale"], t.get("bias"),
+                   dtype)
+
+    def extra_repr(self) -> str:
+        out, inp = self.codes.shape
+        return f"in_features={inp}, out_features={out}, input_scale={self.input_scale:.6g}, " \
+               f"weight_tensor_scale={self.weight_tensor_scale:.6g}"
+
+
+@handler(NVFP4Config)
+@torch.inference_mode()
+def apply_nvfp4(lm: LoadedModel, config: NVFP4Config) -> None:
+    model = lm.model
+    stats = experts_share_input_amax(model, calibrate(lm, config.calibration))
+    found = projections(model)
+    weight_amax = {name: float(getattr(parent, attr).weight.detach().abs().max()) for parent, attr, name in found}
+    input_amax = {name: stats[f"{name}.input"] for _parent, _attr, name in found}
+    if config.fused_scales:  # one weight and one input scale per group a deploying engine fuses
+        for _norm, names in shared_input_groups(model):
+            for amax in (weight_amax, input_amax):
+                top = max(amax[n] for n in names)
+                amax.update(dict.fromkeys(names, top))
+    made = [(parent, attr, NVFP4Linear.from_linear(getattr(parent, attr), weight_amax[name], input_amax[name]))
+            for parent, attr, name in found]
+    for parent, attr, q in made:
+        setattr(parent, attr, q)
+    if config.fp8_kv_cache:
+        for i, layer in enumerate(model.model.layers):
+            a, key = layer.self_attn, f"model.layers.{i}"
+            a.k_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.k_cache_quant"], "simulate"))
+            a.v_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.v_cache_quant"], "simulate"))
