@@ -12,7 +12,7 @@ from evalsuite.engine.load import load
 from evalsuite.quant import calibrate as calib
 from evalsuite.quant.api import apply_recipe
 from evalsuite.quant.checkpoint import load_quantized, quantized_modules, save_quantized
-from evalsuite.quant.nvfp4 import NVFP4Linear, block_values, e2m1_codes, e2m1_values, quantize_blocks
+from evalsuite.quant.nvfp4 import NVFP4Linear, block_values, e2m1_codes, e2m1_values, quantize_blocks, round_e2m1
 
 
 def test_e2m1_rounds_to_nearest_ties_to_even():
@@ -20,8 +20,10 @@ def test_e2m1_rounds_to_nearest_ties_to_even():
     x = torch.tensor([0.0, 0.25, 0.26, 0.74, 0.75, 1.25, 1.3, 1.75, 2.5, 2.6, 3.5, 4.9, 5.0, 5.1, 7.0, 1e9,
                       -0.75, -5.0, -0.1])
     want = [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.5, 2.0, 2.0, 3.0, 4.0, 4.0, 4.0, 6.0, 6.0, 6.0, -1.0, -4.0, -0.0]
-    assert e2m1_values(e2m1_codes(x)).tolist() == want
-    assert e2m1_codes(torch.tensor([6.0, -6.0, -0.5])).tolist() == [7, 15, 9]  # bit 3: the sign
+    got = round_e2m1(x)
+    assert got.tolist() == want and torch.signbit(got[-1])
+    assert e2m1_codes(got).tolist() == [0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 6, 6, 6, 7, 7, 7, 10, 14, 8]  # bit 3: the sign
+    assert torch.equal(e2m1_values(e2m1_codes(got)), got)
 
 
 def test_block_scales_and_values_by_hand():
@@ -32,14 +34,14 @@ def test_block_scales_and_values_by_hand():
     x = torch.zeros(3, 16)
     x[0, :4] = torch.tensor([12.0, -3.0, 1.0, 0.1])
     x[1, :4] = torch.tensor([10.0, 5.0, 2.0, -1.0])
-    codes, scale = quantize_blocks(x.reshape(1, 48), 1.0)
+    fp4, scale = quantize_blocks(x.reshape(1, 48), 1.0)
     assert scale.tolist() == [[2.0, 1.625, 0.0]]
-    values = block_values(codes, scale).reshape(3, 16)
+    values = block_values(fp4, scale).reshape(3, 16)
     assert values[0, :4].tolist() == [12.0, -3.0, 1.0, 0.0]
     assert values[1, :4].tolist() == [6 * 1.625, 3 * 1.625, 1.625, -0.5 * 1.625]
     assert not values[2].any() and not values[:, 4:].any()
     # a tensor scale other than 1: the block scale is absmax / (6 s), saturating at E4M3's 448
-    codes, scale = quantize_blocks(torch.full((1, 16), 3.0), 3.0 / (6 * 448))
+    _, scale = quantize_blocks(torch.full((1, 16), 3.0), 3.0 / (6 * 448))
     assert scale.tolist() == [[448.0]]
 
 
@@ -129,3 +131,9 @@ def test_a_model_whose_projections_blocks_do_not_tile_is_refused_before_it_loads
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"do not tile mlp.down_proj \(168 inputs\); valid for this model: bf16"):
         check_model_args(str(tmp_path / "m"), "nvfp4", None)
+
+
+def test_an_all_zero_weight_or_input_stays_zero():
+    q = NVFP4Linear.from_linear(_linear(torch.zeros(4, 32)), 0.0, 0.0)
+    out = q(torch.zeros(2, 32))
+    assert not out.isnan().any() and not out.any()

@@ -38,21 +38,23 @@ from .fp8 import E4M3_MAX, FP8StaticQuantizer, experts_share_input_amax, kv_scal
 
 FP4_MAX = 6.0
 BLOCK = 16
-# E2M1's magnitudes by code (the sign is the code's fourth bit), and the midpoints between them:
-# a midpoint between an odd and an even code rounds to the even one (0.25 -> 0, 0.75 -> 1, ...)
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_MIDPOINTS_ROUNDING_UP = (0.75, 1.75, 3.5)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1's magnitudes by code; bit 3 of a code is the sign
 
 
-def e2m1_codes(x: Tensor) -> Tensor:
-    """The 4-bit E2M1 code (bit 3 the sign) nearest to each value of float32 ``x``, ties to even,
-    saturating at ±6."""
-    a = x.abs().contiguous()
-    bounds = torch.tensor(_MIDPOINTS, device=x.device)
-    up = torch.tensor(_MIDPOINTS_ROUNDING_UP, device=x.device)
-    magnitude = torch.bucketize(a, bounds) + torch.isin(a, up)  # bucketize: a midpoint rounds down
-    return (magnitude + 8 * (x < 0)).to(torch.uint8)
+def round_e2m1(x: Tensor) -> Tensor:
+    """The nearest E2M1 value to each element of float32 ``x``, ties to even, saturating at ±6.
+    E2M1 is evenly spaced within each binade (0.5 below 2, 1 below 4, then 2), so it is x rounded
+    to a multiple of its binade's spacing; torch.round rounds half to even, and a multiple of the
+    spacing is even where its code is: 0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 3.5 -> 4, 5 -> 4."""
+    a = x.abs()
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return a.div_(step).round_().mul_(step).clamp_(max=FP4_MAX).copysign_(x)
+
+
+def e2m1_codes(values: Tensor) -> Tensor:
+    """The 4-bit codes of E2M1 values (what ``round_e2m1`` gives; -0 has code 8)."""
+    magnitude = torch.bucketize(values.abs().contiguous(), torch.tensor(E2M1, device=values.device))
+    return (magnitude + 8 * torch.signbit(values)).to(torch.uint8)
 
 
 def e2m1_values(codes: Tensor) -> Tensor:
@@ -62,26 +64,26 @@ def e2m1_values(codes: Tensor) -> Tensor:
 
 
 def global_scale(amax: float) -> float:
-    """The per-tensor scale: amax / (6 · 448), so that the largest block's E4M3 scale is 448."""
-    return amax / (FP4_MAX * E4M3_MAX)
+    """The per-tensor scale: amax / (6 · 448), so that the largest block's E4M3 scale is 448
+    (floored, as Model Optimizer's kernel floors it, so that an all-zero tensor stays zero)."""
+    return max(amax / (FP4_MAX * E4M3_MAX), 1e-12)
 
 
 def quantize_blocks(x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``x`` [..., n] (n a multiple of 16) as NVFP4 with per-tensor ``scale``: E2M1 codes (uint8
-    [..., n]) and the blocks' E4M3 scales (float32 values [..., n / 16]). An all-zero block has
-    scale 0 and codes 0."""
+    """``x`` [..., n] (n a multiple of 16) as NVFP4 with per-tensor ``scale``: its E2M1 values
+    (float32 [..., n]) and the blocks' E4M3 scales (float32 values [..., n / 16]). An all-zero
+    block has scale 0 and values 0."""
     blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
     block_scale = round_e4m3((blocks.abs().amax(dim=-1) / (FP4_MAX * scale)).clamp(max=E4M3_MAX))
     step = (block_scale * scale)[..., None]
-    codes = e2m1_codes(blocks / torch.where(step > 0, step, torch.ones_like(step)))
-    return codes.reshape(x.shape), block_scale
+    values = round_e2m1(blocks / torch.where(step > 0, step, torch.ones_like(step)))
+    return values.reshape(x.shape), block_scale
 
 
-def block_values(codes: Tensor, block_scale: Tensor) -> Tensor:
-    """Each value times its block's E4M3 scale, float32 (exact): what the GEMM multiplies, the
-    per-tensor scale left out."""
-    values = e2m1_values(codes).reshape(*codes.shape[:-1], -1, BLOCK) * block_scale[..., None]
-    return values.reshape(codes.shape)
+def block_values(values: Tensor, block_scale: Tensor) -> Tensor:
+    """Each E2M1 value times its block's E4M3 scale, float32 (exact): what the GEMM multiplies,
+    the per-tensor scale left out."""
+    return (values.reshape(*values.shape[:-1], -1, BLOCK) * block_scale[..., None]).reshape(values.shape)
 
 
 @register_module
@@ -95,7 +97,8 @@ class NVFP4Linear(nn.Module):
         self.act_dtype = act_dtype
         self.register_buffer("codes", codes.to(torch.uint8))
         self.register_buffer("block_scale", block_scale.to(torch.float8_e4m3fn))  # exact: E4M3 values
-        self.register_buffer("weight_f32", block_values(self.codes, self.block_scale.float()), persistent=False)
+        weight = block_values(e2m1_values(self.codes), self.block_scale.float())
+        self.register_buffer("weight_f32", weight, persistent=False)
         self.weight_tensor_scale, self.input_scale = float(weight_tensor_scale), float(input_scale)
         self.bias = bias
 
@@ -105,13 +108,14 @@ class NVFP4Linear(nn.Module):
         if w.shape[1] % BLOCK:
             raise ValueError(f"nvfp4: a projection's {w.shape[1]} inputs are not a multiple of {BLOCK}")
         scale = global_scale(weight_amax)
-        codes, block_scale = quantize_blocks(w, scale)
+        values, block_scale = quantize_blocks(w, scale)
+        codes = e2m1_codes(values)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(codes, block_scale, scale, global_scale(input_amax), bias, w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        codes, block_scale = quantize_blocks(x, self.input_scale)
-        y = linear(block_values(codes, block_scale), self.weight_f32)  # float32, batch-invariant on the CPU
+        values, block_scale = quantize_blocks(x, self.input_scale)
+        y = linear(block_values(values, block_scale), self.weight_f32)  # float32, batch-invariant on the CPU
         y = y.mul_(self.input_scale * self.weight_tensor_scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -136,7 +140,7 @@ class NVFP4Linear(nn.Module):
 
 
 @handler(NVFP4Config)
-@torch.inference_mode()
+@torch.no_grad()
 def apply_nvfp4(lm: LoadedModel, config: NVFP4Config) -> None:
     model = lm.model
     stats = experts_share_input_amax(model, calibrate(lm, config.calibration))
