@@ -259,6 +259,9 @@ def _family_configs() -> dict:
             shared_expert_intermediate_size=128)),
         "gpt_oss": (t.GptOssForCausalLM, t.GptOssConfig(
             **common, head_dim=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=16, swiglu_limit=2.0)),
+        "granite": (t.GraniteForCausalLM, t.GraniteConfig(
+            **common, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 64,
+            logits_scaling=8.0)),
         "mistral-window": (t.MistralForCausalLM, t.MistralConfig(**common, sliding_window=16)),
         "phi3-longrope": (t.Phi3ForCausalLM, t.Phi3Config(
             **common, partial_rotary_factor=0.75, original_max_position_embeddings=48,

@@ -153,6 +153,21 @@ def tiny_moe(arch: str = "qwen3_moe", window: int | None = None, vocab: int = TI
     return hf.eval()
 
 
+def tiny_granite(vocab: int = TINY_VOCAB):
+    """transformers' Granite, tiny and random: its four multipliers away from 1 (embeddings x12,
+    sublayer outputs x0.22, attention scale 1/64, logits / 8) and MLP biases."""
+    import transformers
+
+    hf = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=1 / 64, logits_scaling=8.0, tie_word_embeddings=True, mlp_bias=True))
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            w.normal_(0, 0.2) if w.dim() == 2 else w.normal_(0 if name.endswith("bias") else 1, 0.3)
+    return hf.eval()
+
+
 def tiny_gpt_oss(window: int = 8, vocab: int = TINY_VOCAB):
     """transformers' gpt-oss, tiny and random: 4 experts, 2 per token, sinks, biases everywhere,
     every other layer sliding, YaRN over 64 original positions, the experts' clamp at 1.5; biases

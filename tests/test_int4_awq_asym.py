@@ -129,18 +129,24 @@ def test_folding_preserves_the_function_and_clip_skips_q_k(tiny_dir, calib_file)
     assert torch.allclose(lm.model(tokens), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_folding_into_v_proj_divides_its_bias_too(calib_file, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen1.5", "granite"])
+def test_folding_into_a_linear_divides_its_bias_too(arch, calib_file, tmp_path):
     """Qwen1.5's attention (model type qwen2): as many KV heads as query heads, so o's scale folds
-    into v_proj, whose rows carry a bias: divided by s with the weight's rows, the folded model
-    computes what transformers' does with the original weights."""
+    into v_proj, whose rows carry a bias; Granite with mlp_bias: down's scale folds into up_proj,
+    biased too (and its sublayer outputs scaled by the residual multiplier). Each bias divided by
+    s with the weight's rows, the folded model computes what transformers' does with the
+    original weights."""
     import transformers
 
-    from .conftest import make_tokenizer
+    from .conftest import make_tokenizer, tiny_granite
 
     torch.manual_seed(13)
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256)).eval()
+    if arch == "granite":
+        hf = tiny_granite(vocab=400)
+    else:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256)).eval()
     with torch.no_grad():
         for name, w in hf.named_parameters():
             w.normal_(0, 0.5) if name.endswith("bias") else None
@@ -151,7 +157,8 @@ def test_folding_into_v_proj_divides_its_bias_too(calib_file, tmp_path):
     with torch.no_grad():
         for layer in lm.model.model.layers:
             found = search_layer(layer, batches, Int4AutoAWQConfig(block_size=32, clip=False))
-            assert "o.scale" in found and not torch.allclose(found["o.scale"], torch.ones_like(found["o.scale"]))
+            group = "down.scale" if arch == "granite" else "o.scale"
+            assert group in found and not torch.allclose(found[group], torch.ones_like(found[group]))
             batches = [(layer(x, c, s, st), c, s, st) for x, c, s, st in batches]
             for name, w in fold_scales(layer, found).items():
                 layer.get_submodule(name).weight.copy_(w)

@@ -30,7 +30,7 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "phi3",
                                   "phi3-longrope", "qwen3-yarn", "gemma2", "gemma3", "mixtral", "qwen2_moe",
-                                  "qwen3_moe", "gpt_oss", "tied"])
+                                  "qwen3_moe", "gpt_oss", "granite", "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -89,10 +89,14 @@ def test_other_architectures_match_transformers(arch, tmp_path):
         from .conftest import tiny_gpt_oss
 
         hf = tiny_gpt_oss(vocab=300)
+    elif arch == "granite":  # embedding, residual, attention and logit multipliers; MLP biases
+        from .conftest import tiny_granite
+
+        hf = tiny_granite(vocab=300)
     else:
         hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True, rope_parameters=None,
                                                           rope_theta=500.0))
-    if arch not in ("qwen2", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"):
+    if arch not in ("qwen2", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granite"):
         with torch.no_grad():  # weights large enough that positions (RoPE, the window) move the logits
             for w in hf.parameters():
                 w.normal_(0, 0.2) if w.dim() == 2 else None

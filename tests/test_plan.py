@@ -421,3 +421,23 @@ def test_planner_counts_what_a_mixture_of_experts_checkpoint_stores(arch, recipe
     out = save_quantized(lm, record, tmp_path / "q")
     assert deployed_weight_bytes(read_config(folder), recipe) == _file_bytes(out) == \
         checkpoint_bytes(lm.model)
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_granite_counts_as_transformers_builds_it(mlp_bias, tmp_path):
+    """Granite 3.1 8B's shapes (tied embeddings, 49,155 tokens, 40 layers of 4,096 / 12,800) and
+    its multipliers, with and without MLP biases: transformers' own count on the meta device."""
+    import transformers
+
+    config = {"model_type": "granite", "hidden_size": 4096, "intermediate_size": 12800, "num_hidden_layers": 40,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 49155, "tie_word_embeddings": True,
+              "max_position_embeddings": 131072, "rope_theta": 10000000.0, "embedding_multiplier": 12.0,
+              "residual_multiplier": 0.22, "attention_multiplier": 0.0078125, "logits_scaling": 16.0,
+              "mlp_bias": mlp_bias, "rms_norm_eps": 1e-05}
+    cfg_class = {k: v for k, v in config.items() if k != "model_type"}
+    n = sum(p.numel() for p in _on_meta(transformers.GraniteForCausalLM,
+                                        transformers.GraniteConfig(**cfg_class)).parameters())
+    cfg = ModelConfig.from_hf(config)
+    assert cfg.num_parameters() == n and (cfg.attention_scale, cfg.logits_scaling) == (0.0078125, 16.0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral",
-                           "qwen2_moe", "qwen3_moe", "gpt_oss")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite",
+                           "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 # Gemma 2's and 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh
 # GELU), embeddings times sqrt(hidden_size), and norms after attention and after the MLP as well as
 # before them; Gemma 2 caps attention scores and logits (tanh), Gemma 3 normalises q and k per head
@@ -91,6 +91,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
     o_bias: bool = False  # configs with attention_bias: o_proj's too (gpt-oss)
+    mlp_bias: bool = False  # Llama's and Granite's mlp_bias: gate, up and down with biases
+    # Granite: embeddings times embedding_multiplier, each sublayer's output times
+    # residual_multiplier before the residual add, logits divided by logits_scaling (None: 1)
+    embedding_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE
     # Mistral, Phi-3, Qwen2/3 with use_sliding_window: a query attends to the last sliding_window
     # positions (itself included), on the layers sliding_layers marks (None: every layer)
@@ -222,6 +228,8 @@ class ModelConfig:
         n += self.num_heads if self.attention_sinks else 0
         if self.gpt_oss and self.layer_moe(layer):  # the router's and every expert's projections
             n += sum(out for name, out, _ in self.layer_projections(layer) if name.startswith("mlp."))
+        elif self.mlp_bias and not self.layer_moe(layer):
+            n += 2 * self.intermediate_size + self.hidden_size
         return n
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
@@ -243,7 +251,8 @@ class ModelConfig:
                              ("final_logit_softcapping", None), ("num_experts", 0), ("experts_per_token", 0),
                              ("moe_intermediate_size", 0), ("norm_topk_prob", True), ("moe_layers", None),
                              ("shared_expert_intermediate_size", 0), ("o_bias", False), ("attention_sinks", False),
-                             ("swiglu_limit", None), ("swiglu_alpha", None)):
+                             ("swiglu_limit", None), ("swiglu_alpha", None), ("mlp_bias", False),
+                             ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -393,7 +402,11 @@ class ModelConfig:
             sliding_layers=layers,
             local_rope_theta=local_theta,
             attention_scale=(float(hf["query_pre_attn_scalar"]) ** -0.5
-                             if gemma and hf.get("query_pre_attn_scalar", head_dim) != head_dim else None),
+                             if gemma and hf.get("query_pre_attn_scalar", head_dim) != head_dim else
+                             float(hf.get("attention_multiplier", 1.0)) if model_type == "granite" else None),
+            mlp_bias=model_type in ("llama", "granite") and bool(hf.get("mlp_bias", False)),
+            **({key: _float_or_none(hf.get(key)) for key in ("embedding_multiplier", "residual_multiplier",
+                                                            "logits_scaling")} if model_type == "granite" else {}),
             attn_logit_softcapping=_float_or_none(hf.get("attn_logit_softcapping")) if gemma else None,
             final_logit_softcapping=_float_or_none(hf.get("final_logit_softcapping")) if gemma else None,
             **moe,

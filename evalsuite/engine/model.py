@@ -467,7 +467,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, intermediate_size: int | None = None):
         super().__init__()
         inner = intermediate_size or cfg.intermediate_size
-        bias = cfg.gpt_oss
+        bias = cfg.gpt_oss or cfg.mlp_bias
         self.gate_proj = nn.Linear(cfg.hidden_size, inner, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(cfg.hidden_size, inner, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(inner, cfg.hidden_size, bias=bias, dtype=dtype)
@@ -552,6 +552,7 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg, dtype) if cfg.layer_moe(layer_idx) else MLP(cfg, dtype)
         self.pre_feedforward_layernorm = norm() if cfg.gemma else None
         self.post_feedforward_layernorm = norm() if cfg.gemma else None
+        self.residual_multiplier = cfg.residual_multiplier  # Granite: each sublayer's output times it
 
     @property
     def mlp_norm(self) -> RMSNorm:
@@ -566,6 +567,8 @@ class DecoderLayer(nn.Module):
         """The residual stream after attention's output is added (normalised first in Gemma's layer)."""
         if self.pre_feedforward_layernorm is not None:
             attention = self.post_attention_layernorm(attention)
+        if self.residual_multiplier is not None:
+            attention = attention * self.residual_multiplier
         return x + attention
 
     def _feed_forward(self, x: Tensor) -> Tensor:
@@ -573,6 +576,8 @@ class DecoderLayer(nn.Module):
         out = self.mlp(self.mlp_norm(x))
         if self.post_feedforward_layernorm is not None:
             out = self.post_feedforward_layernorm(out)
+        if self.residual_multiplier is not None:
+            out = out * self.residual_multiplier
         return x + out
 
 
@@ -681,10 +686,12 @@ class CausalLM(nn.Module):
 
     def embed(self, tokens: Tensor) -> Tensor:
         """The first layer's input: the tokens' embeddings (times sqrt(hidden_size), rounded to the
-        activation dtype, in Gemma)."""
+        activation dtype, in Gemma; times embedding_multiplier in Granite)."""
         x = self.model.embed_tokens(tokens)
         if self.config.gemma:  # a Python number (exact in the dtype): no tensor made in a captured graph
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=self.dtype).item()
+        if self.config.embedding_multiplier is not None:
+            x = x * self.config.embedding_multiplier
         return x
 
     def hidden(self, tokens: Tensor, step: Step) -> Tensor:
@@ -706,7 +713,7 @@ class CausalLM(nn.Module):
         With ``float32`` the product is computed and returned in float32: BF16 logits of magnitude
         16-32 are rounded to multiples of 0.125, coarse enough to flip close MMLU answers between
         batch sizes, so scoring asks for float32 on the few rows it needs. Gemma 2's logits are
-        capped: cap * tanh(logits / cap)."""
+        capped: cap * tanh(logits / cap); Granite's divided by logits_scaling."""
         if float32 and self.dtype != torch.float32:
             if type(self.lm_head) is nn.Linear:
                 weight = self.lm_head.weight
@@ -717,6 +724,8 @@ class CausalLM(nn.Module):
                 out = in_row_blocks(lambda h: self.lm_head(h).float(), hidden, row_block)
         else:
             out = in_row_blocks(lambda h: project(self.lm_head, h), hidden, row_block)
+        if self.config.logits_scaling is not None:  # Granite
+            out = out / self.config.logits_scaling
         cap = self.config.final_logit_softcapping
         return out if cap is None else torch.tanh(out / cap) * cap
 
