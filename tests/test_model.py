@@ -255,6 +255,43 @@ def test_yarn_rope_frequencies_and_factor_match_transformers(rope):
     assert ref[0] == base[0] and torch.allclose(ref[-1], base[-1] / cfg.rope_scaling.factor)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_mistral3_with_vision_loads_its_text_model(tied, tmp_path):
+    """Mistral Small 3.1 and later are published as vision-language models (model_type mistral3):
+    a Mistral text model under language_model.* beside a Pixtral vision tower, its lm_head tied
+    to the embeddings or not as the whole model's config says. The engine runs the text model; on
+    text its logits are transformers' Mistral3ForConditionalGeneration's."""
+    import json
+
+    import transformers
+
+    from evalsuite.engine.load import load_folder
+
+    torch.manual_seed(14)
+    text = {"model_type": "mistral", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "max_position_embeddings": 256, "rope_theta": 1000000000.0, "sliding_window": None}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 16, "head_dim": 16}
+    hf = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=299, tie_word_embeddings=tied)).eval()
+    with torch.no_grad():
+        for w in hf.parameters():
+            w.normal_(0, 0.15) if w.dim() == 2 else w.normal_(1, 0.3)
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "mistral3"
+    model = load_folder(tmp_path, torch.float32)
+    assert model.config.architecture == "mistral" and model.config.rope_theta == 1e9
+    tokens = torch.randint(0, 296, (2, 30))
+    with torch.no_grad():
+        want = hf(input_ids=tokens).logits
+    assert (model(tokens) - want).abs().max().item() <= 1e-4
+    assert model.config.tie_word_embeddings == tied
+    assert model.config.num_parameters() == sum(p.numel() for p in hf.model.language_model.parameters()) + \
+        (0 if tied else hf.lm_head.weight.numel())
+
+
 def test_gemma3_with_vision_loads_its_text_model(tmp_path):
     """Gemma 3 from 4B up is published as a vision-language model (model_type gemma3): the text
     model's config holds only what differs from transformers' defaults and its tensors sit under

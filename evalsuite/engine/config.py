@@ -267,6 +267,17 @@ class ModelConfig:
             from transformers import Gemma3TextConfig
 
             return cls.from_hf({**Gemma3TextConfig(**hf["text_config"]).to_dict(), "model_type": "gemma3_text"})
+        if model_type == "mistral3" and isinstance(hf.get("text_config"), dict):
+            # Mistral Small 3.1 and later (vision-language): its text model (a Mistral), resolved as
+            # transformers resolves it, tied or not as the whole model's config says
+            from transformers import Mistral3Config
+
+            full = Mistral3Config(**{k: v for k, v in hf.items() if k != "model_type"})
+            text = full.text_config.to_dict()
+            if text.get("model_type") not in SUPPORTED_ARCHITECTURES:
+                raise UnsupportedModelError(f"config.json: mistral3's text model {text.get('model_type')!r}; "
+                                            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            return cls.from_hf({**text, "tie_word_embeddings": full.tie_word_embeddings})
         if model_type == "gemma2" and "layer_types" not in hf:
             # published before transformers named each layer's kind: its defaults fill them in
             # (every other layer slides, scores and logits capped at 50 and 30)
@@ -277,7 +288,8 @@ class ModelConfig:
             archs = hf.get("architectures")
             raise UnsupportedModelError(
                 f"unknown architecture: model_type={model_type!r} (architectures={archs}); "
-                f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and gemma3's text model); "
+                f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and the text models of gemma3 and "
+                "mistral3); "
                 "a model the engine does not run can be evaluated where a server runs it (--base-url)")
         method = (hf.get("quantization_config") or {}).get("quant_method")
         if hf.get("quantization_config") and not (model_type == "gpt_oss" and method == "mxfp4"):
