@@ -327,3 +327,30 @@ def test_gemma3_with_vision_loads_its_text_model(tmp_path):
         want = hf(input_ids=tokens).logits
     assert (model(tokens) - want).abs().max().item() <= 1e-4
     assert model.config.num_parameters() == sum(p.numel() for p in hf.model.language_model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "gemma2"])
+def test_explicit_attention_in_query_chunks_computes_the_same(arch, monkeypatch):
+    """Explicit attention (gpt-oss's sinks, Gemma 2's capped scores) over a long prefill runs in
+    chunks of queries: the same logits as in one piece, windows and causal masks included, in a
+    plain prefill and in an extension of a cached prefix."""
+    from evalsuite.engine import model as engine_model
+    from evalsuite.engine.config import ModelConfig
+    from evalsuite.engine.load import from_state_dict
+
+    from .conftest import tiny_gemma2, tiny_gpt_oss
+
+    torch.manual_seed(15)
+    hf = tiny_gpt_oss(window=8, vocab=300) if arch == "gpt_oss" else tiny_gemma2(window=8, vocab=300)
+    model = from_state_dict(ModelConfig.from_hf(hf.config.to_dict()), dict(hf.state_dict()), torch.float32)
+    tokens = torch.randint(0, 300, (2, 40))
+    whole = model(tokens)
+    cache = KVCache(model.config, 2, 64, torch.float32)
+    model.hidden(tokens[:1, :25], Step.for_prefill([25], cache))
+    extended = model.logits(model.hidden(tokens[:1, 25:], Step.for_extend([15], cache, [0], [25])))
+    monkeypatch.setattr(engine_model, "EXPLICIT_SCORES", 4 * 40 * 3)  # 3 query rows at a time
+    # the same up to the products' summation order (float32 GEMMs of 3 rows and of 40 may sum apart)
+    assert torch.allclose(model(tokens), whole, atol=1e-5, rtol=0)
+    chunked = model.logits(model.hidden(tokens[:1, 25:], Step.for_extend([15], cache, [0], [25])))
+    assert torch.allclose(chunked, extended, atol=1e-5, rtol=0)
+    assert (extended[0] - whole[0, 25:]).abs().max() <= 1e-4  # the extension is the whole sequence's tail

@@ -54,6 +54,11 @@ def use_varlen(q: Tensor) -> bool:
 
 
 DECODE_CHUNK_ROWS = 16  # rows per decode attention call (Step.for_decode)
+# Explicit attention (Gemma 2, gpt-oss, quantized attention inputs) holds its scores: a prefill
+# whose scores would pass this many elements runs in query chunks that stay below it (each
+# query's row is computed alone either way): 2^27 float32 scores are 512 MiB, where gpt-oss-20b's
+# 64 heads over 8,192 tokens would need 16 GiB at once.
+EXPLICIT_SCORES = 1 << 27
 
 
 @dataclass
@@ -417,11 +422,23 @@ class Attention(nn.Module):
     def _attend_explicit(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
         """softmax(q·kᵀ/√d)·v with quantizers on both products' inputs (HF eager numerics), the
         scores capped at ``softcap`` where set, each head's sink logit in the softmax where set;
-        q arrives quantized by ``q_bmm_quant`` already."""
+        q arrives quantized by ``q_bmm_quant`` already. A long prefill runs in chunks of queries
+        (``EXPLICIT_SCORES``)."""
         if self.k_bmm_quant is not None:
             k = self.k_bmm_quant(k)
         if self.v_bmm_quant is not None:
             v = self.v_bmm_quant(v)
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        rows = max(1, EXPLICIT_SCORES // (B * H * Lk))
+        if Lq <= rows or (mask is not None and mask.dim() != 2):  # decode masks: one query per row
+            return self._explicit_scores(q, k, v, causal, mask)
+        if causal:
+            mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+        return torch.cat([self._explicit_scores(q[:, :, i:i + rows], k, v, False, mask[i:i + rows])
+                          for i in range(0, Lq, rows)], dim=2)
+
+    def _explicit_scores(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
         B, H, Lq, D = q.shape
         KV, Lk = k.shape[1], k.shape[2]
         G = H // KV
