@@ -21,6 +21,7 @@ import pytest
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.backends.openai import OpenAIBackend
 from evalsuite.engine.requests import SamplingParams
+from evalsuite.reasoning import split_reasoning
 from evalsuite.judge import (
     Judge,
     JudgeConfig,
@@ -121,6 +122,7 @@ class ScriptedJudge:
         self.reasoning = reasoning
         self.refused = 0
         self.limits: list[int] = []
+        self.bodies: list[dict] = []  # every chat request's body, as received
         self.reply = reply or (lambda user: f"Fine. Rating: [[{1 + int(hashlib.sha256(user.encode()).hexdigest(), 16) % 10}]]")
         judge = self
 
@@ -144,6 +146,7 @@ class ScriptedJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.requests += 1
+                judge.bodies.append(body)
                 fault = judge.faults.pop(0) if judge.faults else None
                 if isinstance(fault, int):
                     return self._send(fault, {"error": {"message": "scripted", "type": "x"}})
@@ -235,6 +238,57 @@ def test_a_reasoning_model_as_judge(tiny_chat_dir, tmp_path, capsys, monkeypatch
     assert run["metrics"]["parsed"]["n"] == 4
     assert set(srv.limits) == {2048} and len(srv.limits) == srv.requests - srv.refused
     assert run["metrics"]["judge"]["config_sha256"] != JudgeConfig.load().sha256  # another temperature, another judge
+
+
+@pytest.mark.parametrize("text, want", [
+    ("<think>Two and two.</think>\n\nFour.", ("Two and two.", "Four.")),
+    ("Two and two.\n</think>\n\nFour.", ("Two and two.", "Four.")),  # DeepSeek-R1: the template opened it
+    ("<think>Two and two, and then", ("Two and two, and then", None)),  # the budget ran out while thinking
+    ("Four.", ("", "Four.")),  # no thinking (Qwen3 with enable_thinking false)
+])
+def test_split_reasoning(text, want):
+    assert split_reasoning(text, "think") == want
+
+
+def test_a_reasoning_models_thinking_is_neither_judged_nor_sent_back(tmp_path, capsys):
+    """--reasoning-parser think: the answer a reasoning model gives after its thinking is what the
+    judge rates and what turn 2's conversation holds; the thinking is recorded beside it. A
+    thinking that never ends is an empty answer, recorded as such. The model is a scripted
+    OpenAI-compatible endpoint here; an unknown parser is refused before anything runs."""
+    from evalsuite import cli
+
+    calls = []
+
+    def think(user: str) -> str:
+        calls.append(user)
+        if len(calls) == 2:  # the second question's first turn: the budget runs out while thinking
+            return "<think>Let me see, and then"
+        return f"<think>Plan for {len(user)} characters.</think>\n\nAnswer to {user[:12]!r}."
+
+    job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=64, reasoning_parser="think"))
+    with ScriptedJudge(reply=think) as model, ScriptedJudge() as judge_srv:
+        backend = OpenAIBackend(model.base_url, "scripted", concurrency=1, max_retries=0)
+        res = run_mtbench(backend, job, tmp_path / "run", _judge(judge_srv, tmp_path), progress=False,
+                          calibration_limit=1)
+    assert res.run["status"] == "complete"
+    answers = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    answers = [r for r in answers if r["kind"] == "answer"]
+    unfinished = [r for r in answers if not r["answered"]]
+    assert len(answers) == 4 and len(unfinished) == 1
+    assert unfinished[0]["text"] == "" and unfinished[0]["reasoning"] == "Let me see, and then"
+    answered = [r for r in answers if r["answered"]]
+    assert all(r["text"].startswith("Answer to ") and r["reasoning"].startswith("Plan for ") for r in answered)
+    turn2 = [b["messages"] for b in model.bodies if len(b["messages"]) > 2]
+    assert len(turn2) == 2 and {m["content"][:10] for msgs in turn2 for m in msgs if m["role"] == "assistant"} \
+        == {"", "Answer to "}
+    judged = [b["messages"][-1]["content"] for b in judge_srv.bodies]
+    assert not any("<think>" in j or "Plan for " in j or "Let me see" in j for j in judged)
+    assert sum("Answer to " in j for j in judged) >= 3
+    assert job.identity()["config"]["reasoning_parser"] == "think"
+    assert "reasoning_parser" not in prepare_mtbench(MTBenchConfig(questions=2)).identity()["config"]
+    assert cli.main(["run", "mt-bench", "--model", "no-such-model", "--reasoning-parser", "harmonie",
+                     "--output", str(tmp_path / "x")]) == 2
+    assert "--reasoning-parser 'harmonie'; valid: think" in capsys.readouterr().err
 
 
 def test_mt_bench_runs_compare_only_under_one_judge(tiny_chat, tmp_path):

@@ -29,6 +29,7 @@ from ..assets import Asset
 from ..backends.base import Backend, Failure
 from ..engine.requests import SamplingParams
 from ..judge import Judge, calibrate, render_pair, render_single
+from ..reasoning import REASONING_PARSERS, split_reasoning
 from ..records import RunStore, package_versions
 from ..stats import mean_estimate
 from ..taskdef import TaskDefinitionError, fields_of, load_task
@@ -62,6 +63,9 @@ class MTBenchConfig:
     seed: int = 0
     mode: str = "single"  # single | pairwise
     baseline: str | None = None  # a run folder with answers (pairwise; and the divergence)
+    # a reasoning model's output: the answer is what follows its thinking (textgen.split_reasoning);
+    # the thinking is recorded beside it, never judged nor sent back in turn 2
+    reasoning_parser: str | None = None
 
     def validate(self) -> None:
         if self.questions is not None and self.questions < 1:
@@ -75,6 +79,8 @@ class MTBenchConfig:
             twice = sorted({c for c in self.categories if self.categories.count(c) > 1})
             if twice:  # the run's identity holds the list: the same run must not have two names
                 raise ValueError(f"--categories {twice}: given more than once; give each once")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"--reasoning-parser {self.reasoning_parser!r}; valid: {', '.join(REASONING_PARSERS)}")
         if self.mode not in ("single", "pairwise"):
             raise ValueError(f"--mode {self.mode!r}; valid: single, pairwise")
         if self.mode == "pairwise" and not self.baseline:
@@ -128,6 +134,8 @@ class MTBenchJob(Job):
         cfg = {**asdict(self.config), "max_new_tokens": self.max_new_tokens}
         cfg.pop("mode")  # judging settings do not change the answers (they are in judgment records)
         cfg.pop("baseline")
+        if cfg["reasoning_parser"] is None:  # added later: absent where unset, so earlier runs resume
+            cfg.pop("reasoning_parser")
         return {"task": self.task.name, "config": cfg, "task_config_sha256": self.task.config_hash(),
                 "data": {"questions_sha256": self.task.questions.sha256,
                          "reference_answers_sha256": self.task.reference_answers.sha256}}
@@ -207,9 +215,14 @@ def generate_answers(backend: Backend, job: MTBenchJob, store: RunStore, bar) ->
                     "temperature": float(job.task.temperatures[q["category"]])}
             if isinstance(out, Failure):
                 recs.append({**base, "failed": out.reason})
-            else:
-                recs.append({**base, "text": out.text, "new_tokens": len(out.tokens), "finish_reason": out.finish_reason,
-                             "tstamp": now})
+                continue
+            rec = {**base, "text": out.text, "new_tokens": len(out.tokens), "finish_reason": out.finish_reason,
+                   "tstamp": now}
+            if job.config.reasoning_parser:
+                reasoning, answer = split_reasoning(out.text, job.config.reasoning_parser)
+                # no answer when the thinking never ended: judged as the empty answer it is
+                rec.update(text=answer or "", reasoning=reasoning, answered=answer is not None)
+            recs.append(rec)
         store.append(recs)
         bar.update(len(todo))
 
@@ -516,6 +529,9 @@ class MTBenchRunner(Runner):
         parser.add_argument("--categories", nargs="+", default=None, help=f"restrict to: {', '.join(CATEGORIES)}")
         parser.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default FastChat's 1024)")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--reasoning-parser", default=None,
+                            help="for a reasoning model: judge only what follows its thinking, and send only that "
+                                 f"back in turn 2 ({', '.join(REASONING_PARSERS)}: <think>...</think>)")
         parser.add_argument("--mode", default="single", help="single (default) or pairwise (needs --baseline)")
         parser.add_argument("--baseline", default=None,
                             help="an mt-bench run folder: the answers pairwise grading compares against, and "
@@ -540,7 +556,7 @@ class MTBenchRunner(Runner):
     def prepare(self, task: MTBenchTask, args) -> MTBenchJob:
         cfg = MTBenchConfig(questions=args.questions, categories=tuple(args.categories) if args.categories else None,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, mode=args.mode,
-                            baseline=args.baseline)
+                            baseline=args.baseline, reasoning_parser=args.reasoning_parser)
         if bool(args.judge_base_url) != bool(args.judge_model):
             raise ValueError("--judge-base-url and --judge-model go together (an endpoint and the judge's id there)")
         if args.judge_rating not in (None, "parsed", "probability", "both"):
