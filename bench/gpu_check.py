@@ -262,6 +262,9 @@ def _family_configs() -> dict:
         "granite": (t.GraniteForCausalLM, t.GraniteConfig(
             **common, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 64,
             logits_scaling=8.0)),
+        "smollm3": (t.SmolLM3ForCausalLM, t.SmolLM3Config(
+            **common, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=16, bos_token_id=1,
+            eos_token_id=2)),
         "mistral-window": (t.MistralForCausalLM, t.MistralConfig(**common, sliding_window=16)),
         "phi3-longrope": (t.Phi3ForCausalLM, t.Phi3Config(
             **common, partial_rotary_factor=0.75, original_max_position_embeddings=48,

@@ -168,6 +168,22 @@ def tiny_granite(vocab: int = TINY_VOCAB):
     return hf.eval()
 
 
+def tiny_smollm3(window: int | None = None, vocab: int = TINY_VOCAB):
+    """transformers' SmolLM3, tiny and random: every other layer without RoPE (NoPE), those
+    layers sliding over ``window`` positions where given."""
+    import transformers
+
+    hf = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, no_rope_layer_interval=2,
+        use_sliding_window=window is not None, sliding_window=window, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2))
+    with torch.no_grad():
+        for w in hf.parameters():
+            w.normal_(0, 0.2) if w.dim() == 2 else w.normal_(1, 0.3)
+    return hf.eval()
+
+
 def tiny_gpt_oss(window: int = 8, vocab: int = TINY_VOCAB):
     """transformers' gpt-oss, tiny and random: 4 experts, 2 per token, sinks, biases everywhere,
     every other layer sliding, YaRN over 64 original positions, the experts' clamp at 1.5; biases

@@ -42,7 +42,7 @@ def test_greedy_matches_transformers(tiny, hf_tiny):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "phi3", "mistral-window", "gemma2", "gemma3", "mixtral", "qwen2_moe",
-                                  "qwen3_moe", "gpt_oss", "granite"])
+                                  "qwen3_moe", "gpt_oss", "granite", "smollm3"])
 def test_other_architectures_greedy_and_static_decode_match_transformers(arch, tmp_path):
     """Qwen3's q/k head norms, Phi-3.5's LongRoPE (scaled cos/sin) on part of each head, and a
     sliding window that prompts and answers outgrow (transformers' generate keeps a sliding cache of
@@ -78,6 +78,10 @@ def test_other_architectures_greedy_and_static_decode_match_transformers(arch, t
         from .conftest import tiny_granite
 
         hf = tiny_granite(vocab=320)
+    elif arch == "smollm3":
+        from .conftest import tiny_smollm3
+
+        hf = tiny_smollm3(window=5, vocab=320)
     elif arch == "mistral-window":
         cfg = transformers.MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -93,7 +97,7 @@ def test_other_architectures_greedy_and_static_decode_match_transformers(arch, t
         hf = transformers.Phi3ForCausalLM(cfg).eval()
     with torch.no_grad():  # weights large enough for confident greedy choices; norms that matter
         for name, w in hf.named_parameters() if not arch.startswith(("gemma", "mixtral", "qwen2_moe", "qwen3_moe",
-                                                                     "gpt_oss", "granite")) else ():
+                                                                     "gpt_oss", "granite", "smollm3")) else ():
             w.normal_(1, 0.5) if name.endswith(("q_norm.weight", "k_norm.weight")) else \
                 w.normal_(0, 0.15) if w.dim() == 2 else None
     hf.save_pretrained(tmp_path)

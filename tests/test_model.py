@@ -30,7 +30,7 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "phi3",
                                   "phi3-longrope", "qwen3-yarn", "gemma2", "gemma3", "mixtral", "qwen2_moe",
-                                  "qwen3_moe", "gpt_oss", "granite", "tied"])
+                                  "qwen3_moe", "gpt_oss", "granite", "smollm3", "smollm3-window", "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -93,10 +93,15 @@ def test_other_architectures_match_transformers(arch, tmp_path):
         from .conftest import tiny_granite
 
         hf = tiny_granite(vocab=300)
+    elif arch.startswith("smollm3"):  # every other layer without RoPE; those sliding over 12 in -window
+        from .conftest import tiny_smollm3
+
+        hf = tiny_smollm3(window=12 if arch == "smollm3-window" else None, vocab=300)
     else:
         hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True, rope_parameters=None,
                                                           rope_theta=500.0))
-    if arch not in ("qwen2", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granite"):
+    if arch not in ("qwen2", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granite") and \
+            not arch.startswith("smollm3"):
         with torch.no_grad():  # weights large enough that positions (RoPE, the window) move the logits
             for w in hf.parameters():
                 w.normal_(0, 0.2) if w.dim() == 2 else None
@@ -354,3 +359,17 @@ def test_explicit_attention_in_query_chunks_computes_the_same(arch, monkeypatch)
     chunked = model.logits(model.hidden(tokens[:1, 25:], Step.for_extend([15], cache, [0], [25])))
     assert torch.allclose(chunked, extended, atol=1e-5, rtol=0)
     assert (extended[0] - whole[0, 25:]).abs().max() <= 1e-4  # the extension is the whole sequence's tail
+
+
+def test_smollm3_without_its_layer_list_takes_transformers_default():
+    """A SmolLM3 config that leaves no_rope_layers out gets transformers' default: every fourth
+    layer without RoPE (and with use_sliding_window, those layers sliding)."""
+    from transformers import SmolLM3Config
+
+    config = {"model_type": "smollm3", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "use_sliding_window": True, "sliding_window": 16}
+    ref = SmolLM3Config(**{k: v for k, v in config.items() if k != "model_type"})
+    cfg = ModelConfig.from_hf(config)
+    assert cfg.rope_layers == tuple(bool(m) for m in ref.no_rope_layers) == (True, True, True, False) * 2
+    assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in ref.layer_types)

@@ -21,7 +21,6 @@ import pytest
 from evalsuite.backends.engine import EngineBackend
 from evalsuite.backends.openai import OpenAIBackend
 from evalsuite.engine.requests import SamplingParams
-from evalsuite.reasoning import split_reasoning
 from evalsuite.judge import (
     Judge,
     JudgeConfig,
@@ -31,6 +30,7 @@ from evalsuite.judge import (
     parse_pair_verdict,
     parse_rating,
 )
+from evalsuite.reasoning import split_reasoning
 from evalsuite.runners.mtbench import (
     MTBenchConfig,
     format_summary,

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite",
-                           "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+                           "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 # Gemma 2's and 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh
 # GELU), embeddings times sqrt(hidden_size), and norms after attention and after the MLP as well as
 # before them; Gemma 2 caps attention scores and logits (tanh), Gemma 3 normalises q and k per head
@@ -101,6 +101,8 @@ class ModelConfig:
     # Mistral, Phi-3, Qwen2/3 with use_sliding_window: a query attends to the last sliding_window
     # positions (itself included), on the layers sliding_layers marks (None: every layer)
     sliding_window: int | None = None
+    # SmolLM3: the layers rope_layers marks False attend without positions (NoPE); None: all rotate
+    rope_layers: tuple[bool, ...] | None = None
     sliding_layers: tuple[bool, ...] | None = None
     # Gemma 3: the sliding layers' RoPE base (unscaled; rope_theta and rope_scaling are the full
     # layers'); Gemma 2 and 3: queries scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
@@ -148,6 +150,8 @@ class ModelConfig:
                              f"{self.num_experts}")
         if self.moe_layers is not None and len(self.moe_layers) != self.num_layers:
             raise ValueError(f"moe_layers marks {len(self.moe_layers)} layers; the model has {self.num_layers}")
+        if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
+            raise ValueError(f"rope_layers marks {len(self.rope_layers)} layers; the model has {self.num_layers}")
         if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
             raise ValueError(f"sliding_layers marks {len(self.sliding_layers)} layers; the model has {self.num_layers}")
         if isinstance(self.rope_scaling, LongRope):
@@ -169,6 +173,10 @@ class ModelConfig:
         if not self.sliding_window or (self.sliding_layers is not None and not self.sliding_layers[layer]):
             return None
         return self.sliding_window
+
+    def layer_rope(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` rotates q and k (False: SmolLM3's NoPE layers)."""
+        return self.rope_layers is None or self.rope_layers[layer]
 
     def layer_moe(self, layer: int) -> bool:
         """Whether decoder layer ``layer``'s MLP is a mixture of experts."""
@@ -252,7 +260,8 @@ class ModelConfig:
                              ("moe_intermediate_size", 0), ("norm_topk_prob", True), ("moe_layers", None),
                              ("shared_expert_intermediate_size", 0), ("o_bias", False), ("attention_sinks", False),
                              ("swiglu_limit", None), ("swiglu_alpha", None), ("mlp_bias", False),
-                             ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None)):
+                             ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None),
+                             ("rope_layers", None)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -370,6 +379,9 @@ class ModelConfig:
         elif window and model_type in ("qwen2", "qwen3", "qwen3_moe"):
             first = hf.get("max_window_layers", hf["num_hidden_layers"])
             layers = tuple(i >= first for i in range(hf["num_hidden_layers"]))
+        elif window and model_type == "smollm3":  # transformers' rule: the NoPE layers slide
+            rotating = _rope_layers(hf)
+            layers = tuple(rotating is not None and not r for r in (rotating or [True] * hf["num_hidden_layers"]))
         elif window and model_type == "qwen2_moe":  # transformers' rule: every other layer below max_window_layers
             last = hf.get("max_window_layers", 28)
             layers = tuple((i + 1) % 2 == 1 and i < last for i in range(hf["num_hidden_layers"]))
@@ -416,7 +428,8 @@ class ModelConfig:
             attention_scale=(float(hf["query_pre_attn_scalar"]) ** -0.5
                              if gemma and hf.get("query_pre_attn_scalar", head_dim) != head_dim else
                              float(hf.get("attention_multiplier", 1.0)) if model_type == "granite" else None),
-            mlp_bias=model_type in ("llama", "granite") and bool(hf.get("mlp_bias", False)),
+            mlp_bias=model_type in ("llama", "granite", "smollm3") and bool(hf.get("mlp_bias", False)),
+            rope_layers=_rope_layers(hf) if model_type == "smollm3" else None,
             **({key: _float_or_none(hf.get(key)) for key in ("embedding_multiplier", "residual_multiplier",
                                                             "logits_scaling")} if model_type == "granite" else {}),
             attn_logit_softcapping=_float_or_none(hf.get("attn_logit_softcapping")) if gemma else None,
@@ -454,6 +467,17 @@ PRESETS: dict[str, ModelConfig] = {
                                   num_heads=128, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
                                   rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
 }
+
+
+def _rope_layers(hf: dict[str, Any]) -> tuple[bool, ...] | None:
+    """SmolLM3's no_rope_layers (1: the layer rotates), or transformers' default: every
+    no_rope_layer_interval-th layer (4th) without RoPE; None where every layer rotates."""
+    marks = hf.get("no_rope_layers")
+    if marks is None:
+        interval = hf.get("no_rope_layer_interval", 4)
+        marks = [int((i + 1) % interval != 0) for i in range(hf["num_hidden_layers"])]
+    layers = tuple(bool(m) for m in marks)
+    return None if all(layers) else layers
 
 
 def _float_or_none(value: Any) -> float | None:

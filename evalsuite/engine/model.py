@@ -255,6 +255,7 @@ class Attention(nn.Module):
         self.window = cfg.layer_window(layer_idx)
         self.scale = cfg.attention_scale  # None: head_dim ** -0.5
         self.local_rope = cfg.local_rope(layer_idx)  # rotates with the step's "local_rope" tables
+        self.rotates = cfg.layer_rope(layer_idx)  # False: a NoPE layer (SmolLM3), q and k as projected
         self.softcap = cfg.attn_logit_softcapping
         # gpt-oss: per query head, a logit that joins every softmax with no value behind it
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads, dtype=dtype), requires_grad=False) \
@@ -285,7 +286,8 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         if self.local_rope:
             cos, sin = step.derived["local_rope"]
-        qk = apply_rope(qk, cos, sin)
+        if self.rotates:
+            qk = apply_rope(qk, cos, sin)
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
         if self.k_cache_quant is not None:
             k = self.k_cache_quant(k)
