@@ -1,6 +1,8 @@
-"""A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2) in plain PyTorch.
+"""A compact decoder for Llama and the families built on its layer (``config.SUPPORTED_ARCHITECTURES``:
+Mistral, Qwen, Phi-3, Gemma 2 and 3, Granite, SmolLM3, and the mixtures of experts) in plain PyTorch.
 
-Parameter names match transformers' LlamaForCausalLM, so an HF state dict loads as is.
+Parameter names match transformers' models, so an HF state dict loads as is (``load`` renames the
+few that differ: fused or 3-D expert tensors, Phi-3's fused projections, gpt-oss's router).
 
 Hook points for quantization recipes, none of which needs a change here:
   * every projection is an ``nn.Linear`` submodule (q/k/v/o, gate/up/down, lm_head) and may be
@@ -509,13 +511,13 @@ class MLP(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the router ``gate`` scores every
-    expert per token; the token goes through its ``experts_per_token`` most probable experts
+    """A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss): the router ``gate`` scores
+    every expert per token; the token goes through its ``experts_per_token`` most probable experts
     (softmax in float32, renormalised over the chosen with ``norm_topk_prob``, then rounded to the
-    activation dtype), and their outputs, each times its weight, are summed in expert order
-    (transformers' order). Qwen2-MoE adds a ``shared_expert`` every token goes through, times
-    sigmoid(``shared_expert_gate``), added last. A token's result depends on its own routing only:
-    the same alone or in any batch."""
+    activation dtype; gpt-oss: the softmax of the top-k logits, in their dtype), and their
+    outputs, each times its weight, are summed in expert order (transformers' order). Qwen2-MoE
+    adds a ``shared_expert`` every token goes through, times sigmoid(``shared_expert_gate``),
+    added last. A token's result depends on its own routing only: the same alone or in any batch."""
 
     ROUTERS = tuple(name.removeprefix("mlp.") for name in MOE_ROUTERS)  # never quantized
 
