@@ -178,6 +178,8 @@ def projection_parity(model) -> str:
     from evalsuite.quant.int4 import Int4WeightOnlyLinear
 
     m = model.model.layers[1].mlp.down_proj
+    if not isinstance(m, (FP8StaticLinear, FP8RowwiseLinear, Int4WeightOnlyLinear)):
+        return f"n/a ({type(m).__name__}: no kernel)"
     x = torch.randn(64, m.in_features if hasattr(m, "in_features") else m.qweight.shape[1],
                     dtype=torch.bfloat16, device=model.device)
     with torch.no_grad():
@@ -193,8 +195,6 @@ def projection_parity(model) -> str:
                 real = m(x).float()
             with int4_rows(model, 0):
                 sim = m(x).float()
-        else:
-            return f"n/a ({type(m).__name__})"
     return f"{((real - sim).norm() / sim.norm()).item():.1e}"
 
 
@@ -470,7 +470,7 @@ def main() -> None:
     # ---- recipes: speed against BF16 and real kernel against simulation
     from evalsuite.bench import kernel_path
     from evalsuite.quant import calibrate
-    from evalsuite.quant.api import apply_recipe
+    from evalsuite.quant.api import apply_recipe, get_recipe
 
     seqs = torch.randint(2, cfg.vocab_size, (8 if q else 32, 64 if q else 256), generator=gen).tolist()
     calibrate.corpus = lambda lm, spec: seqs  # random weights calibrate on random tokens
@@ -493,6 +493,8 @@ def main() -> None:
             if kernel == "real":  # INT4: the kernel below 5 rows (the default), forced for the parity check
                 overrides = {"kernel": ("scaled_mm" if fp8_real else "off")} if name.startswith("fp8") else \
                     {"kernel": "auto"}
+            if not hasattr(get_recipe(name).config, "kernel"):  # nvfp4: simulated everywhere, no switch
+                overrides = {}
             record = apply_recipe(lm, name, {**overrides, **settings})
             with torch.no_grad(), int4_rows(model, None if kernel == "sim" else 1 << 62):
                 outs[kernel] = model(check).float()
