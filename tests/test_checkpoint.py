@@ -294,6 +294,14 @@ def test_gemma_quantizes_saves_and_loads(recipe, gemma_dir, calib_file, tmp_path
     want = lm.model(tokens)
     assert "model.layers.1.mlp.gate_proj" in quantized_modules(lm.model)
     assert 0 < (want - before).norm() < before.norm()
+    _assert_loads_back_the_same(lm, record, tmp_path, monkeypatch, tokens)
+
+
+def _assert_loads_back_the_same(lm, record: dict, tmp_path, monkeypatch, tokens=None) -> None:
+    """``lm``'s quantized checkpoint, saved and loaded back without calibrating again, gives the
+    logits ``lm`` gives."""
+    tokens = torch.randint(0, 400, (2, 20)) if tokens is None else tokens
+    want = lm.model(tokens)
     out = save_quantized(lm, record, tmp_path / "q")
     monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
     back, _ = load_quantized(out, "float32")
@@ -320,12 +328,7 @@ def test_mixture_of_experts_quantizes_saves_and_loads(recipe, qwen3_moe_dir, cal
             n for n in experts if n.startswith("model.layers.2.")}
     else:
         assert experts <= set(names) and "model.layers.1.mlp.down_proj" in names
-    tokens = torch.randint(0, 400, (2, 20))
-    want = lm.model(tokens)
-    out = save_quantized(lm, record, tmp_path / "q")
-    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
-    back, _ = load_quantized(out, "float32")
-    assert torch.equal(back.model(tokens), want)
+    _assert_loads_back_the_same(lm, record, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-rtn"])
@@ -351,12 +354,7 @@ def test_gpt_oss_experts_quantize_with_their_biases_saves_and_loads(recipe, cali
     expert = lm.model.model.layers[1].mlp.experts[3]
     assert expert.down_proj.bias is not None and expert.down_proj.bias.abs().sum() > 0
     assert torch.equal(lm.model.model.layers[1].self_attn.sinks, sinks)
-    tokens = torch.randint(0, 400, (2, 20))
-    want = lm.model(tokens)
-    out = save_quantized(lm, record, tmp_path / "q")
-    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
-    back, _ = load_quantized(out, "float32")
-    assert torch.equal(back.model(tokens), want)
+    _assert_loads_back_the_same(lm, record, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-rtn"])
@@ -377,12 +375,7 @@ def test_shared_expert_is_quantized_as_a_dense_mlp(recipe, qwen2_moe_dir, calib_
     if recipe == "fp8-modelopt":  # the shared expert's gate and up: one weight scale (one GEMM deployed)
         mlp = lm.model.model.layers[0].mlp.shared_expert
         assert mlp.gate_proj.weight_scale == mlp.up_proj.weight_scale
-    tokens = torch.randint(0, 400, (2, 20))
-    want = lm.model(tokens)
-    out = save_quantized(lm, record, tmp_path / "q")
-    monkeypatch.setattr(calib, "corpus", lambda *a: (_ for _ in ()).throw(AssertionError("calibrated on load")))
-    back, _ = load_quantized(out, "float32")
-    assert torch.equal(back.model(tokens), want)
+    _assert_loads_back_the_same(lm, record, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("arch, recipe", [("mixtral", "int4-awq"), ("qwen2_moe", "int4-awq"),
