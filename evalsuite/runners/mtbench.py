@@ -63,7 +63,7 @@ class MTBenchConfig:
     seed: int = 0
     mode: str = "single"  # single | pairwise
     baseline: str | None = None  # a run folder with answers (pairwise; and the divergence)
-    # a reasoning model's output: the answer is what follows its thinking (textgen.split_reasoning);
+    # a reasoning model's output: the answer is what follows its thinking (reasoning.split_reasoning);
     # the thinking is recorded beside it, never judged nor sent back in turn 2
     reasoning_parser: str | None = None
 
