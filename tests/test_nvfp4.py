@@ -114,6 +114,30 @@ def test_recipe_quantizes_every_projection_shares_fused_scales_and_round_trips(t
     assert torch.equal(back.model(tokens), after)
 
 
+def test_projections_with_shared_scales_run_as_one_product(tiny_dir, calib_file):
+    """With fused scales, q/k/v and gate/up quantize their input once and run one product each
+    (the modules' weights become views of it), computing what the separate projections compute;
+    with per-projection scales they stay apart."""
+    from evalsuite.quant.nvfp4 import FusedNVFP4
+
+    over = {"calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}}
+    lm = load(str(tiny_dir), "bfloat16")
+    apply_recipe(lm, "nvfp4", over)
+    attn, mlp = lm.model.model.layers[1].self_attn, lm.model.model.layers[1].mlp
+    assert isinstance(attn._fused, FusedNVFP4) and isinstance(mlp._fused, FusedNVFP4)
+    assert attn.v_proj.weight_f32.untyped_storage().data_ptr() == attn._fused.weight_f32.untyped_storage().data_ptr()
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox.")[:12]])
+    fused = lm.model(tokens).float()
+    for layer in lm.model.model.layers:
+        layer.self_attn._fused = layer.mlp._fused = None
+    separate = lm.model(tokens).float()
+    assert (fused - separate).norm() / separate.norm() < 1e-3
+    apart = load(str(tiny_dir), "bfloat16")
+    apply_recipe(apart, "nvfp4", {**over, "fused_scales": False})
+    assert apart.model.model.layers[1].self_attn._fused is None
+    assert apart.model.model.layers[1].mlp._fused is None
+
+
 def test_inputs_not_a_multiple_of_the_block_are_refused():
     with pytest.raises(ValueError, match="40 inputs are not a multiple of 16"):
         NVFP4Linear.from_linear(_linear(torch.randn(4, 40)), 1.0, 1.0)

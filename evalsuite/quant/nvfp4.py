@@ -102,6 +102,17 @@ class NVFP4Linear(nn.Module):
         self.weight_tensor_scale, self.input_scale = float(weight_tensor_scale), float(input_scale)
         self.bias = bias
 
+    @staticmethod
+    def fused(mods: list["NVFP4Linear"]) -> "FusedNVFP4 | None":
+        """One product for projections that read one input (q/k/v, gate/up) when they share both
+        tensor scales (``fused_scales``): the input is quantized once and one GEMM runs, as the
+        deploying engine runs them."""
+        first = mods[0]
+        key = (first.weight_tensor_scale, first.input_scale, first.act_dtype, first.bias is None)
+        same = all(type(m) is NVFP4Linear and
+                   (m.weight_tensor_scale, m.input_scale, m.act_dtype, m.bias is None) == key for m in mods)
+        return FusedNVFP4(mods) if same else None
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_amax: float, input_amax: float) -> "NVFP4Linear":
         w = linear.weight.detach()
@@ -114,10 +125,8 @@ class NVFP4Linear(nn.Module):
         return cls(codes, block_scale, scale, global_scale(input_amax), bias, w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        values, block_scale = quantize_blocks(x, self.input_scale)
-        y = linear(block_values(values, block_scale), self.weight_f32)  # float32, batch-invariant on the CPU
-        y = y.mul_(self.input_scale * self.weight_tensor_scale).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return _nvfp4_product(x, self.input_scale, self.weight_f32, self.input_scale * self.weight_tensor_scale,
+                              self.bias)
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
         packed = self.codes[:, 0::2] | (self.codes[:, 1::2] << 4)  # two codes a byte, the first in the low nibble
@@ -137,6 +146,39 @@ class NVFP4Linear(nn.Module):
         out, inp = self.codes.shape
         return f"in_features={inp}, out_features={out}, input_scale={self.input_scale:.6g}, " \
                f"weight_tensor_scale={self.weight_tensor_scale:.6g}"
+
+
+class FusedNVFP4:
+    """Projections of one input with shared tensor scales as one NVFP4 product over their
+    concatenated weights (the modules' own become views of it). Valid while the model holds these
+    modules with those weights (``valid_for``)."""
+
+    def __init__(self, mods: list[NVFP4Linear]):
+        first = mods[0]
+        self.mods = tuple(mods)
+        self.weight_f32 = torch.cat([m.weight_f32 for m in mods])
+        for m, w in zip(mods, self.weight_f32.split([m.weight_f32.shape[0] for m in mods])):
+            m.weight_f32 = w
+        self.views = tuple(m.weight_f32 for m in mods)
+        self.bias = None if first.bias is None else torch.cat([m.bias for m in mods])
+        self.input_scale, self.alpha = first.input_scale, first.input_scale * first.weight_tensor_scale
+
+    def valid_for(self, mods: list[nn.Module]) -> bool:
+        return len(mods) == len(self.mods) and all(
+            a is b and a.weight_f32 is v for a, b, v in zip(mods, self.mods, self.views))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _nvfp4_product(x, self.input_scale, self.weight_f32, self.alpha, self.bias)
+
+
+def _nvfp4_product(x: Tensor, input_scale: float, weight_f32: Tensor, alpha: float, bias: Tensor | None) -> Tensor:
+    """x quantized to NVFP4 (dynamic block scales under the static tensor scale), times the
+    weights' exact block values in float32, scaled once by alpha (the two tensor scales) and
+    rounded to x's dtype."""
+    values, block_scale = quantize_blocks(x, input_scale)
+    y = linear(block_values(values, block_scale), weight_f32)  # float32, batch-invariant on the CPU
+    y = y.mul_(alpha).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 @handler(NVFP4Config)
