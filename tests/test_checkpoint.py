@@ -394,7 +394,7 @@ def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(arch, recipe
     why = {"qwen2_moe": "shared expert's and the routed experts' scales", "gpt_oss": "clamp gate and up"}.get(
         arch) if recipe == "int4-awq-asym" else "mixture of experts"
     fits = "int4-awq-asym, int4-rtn" if arch == "mixtral" else "int4-rtn"
-    refusal = f"recipe '{recipe}'.*{why}.*valid for this model: bf16, fp8-official, fp8-modelopt, {fits}$"
+    refusal = f"recipe '{recipe}'.*{why}.*valid for this model: bf16, fp8-modelopt, fp8-official, {fits}, nvfp4$"
     with pytest.raises(ValueError, match=refusal):  # what a command checks before it loads the model
         check_model_args(str(tmp_path / "moe"), recipe, {"block_size": 32})
     lm = load(str(tmp_path / "moe"), "float32")

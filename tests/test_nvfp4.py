@@ -143,17 +143,28 @@ def test_inputs_not_a_multiple_of_the_block_are_refused():
         NVFP4Linear.from_linear(_linear(torch.randn(4, 40)), 1.0, 1.0)
 
 
-def test_a_model_whose_projections_blocks_do_not_tile_is_refused_before_it_loads(tiny_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_a_model_whose_projections_blocks_do_not_tile_is_refused_before_it_loads(arch, tiny_dir, tmp_path):
+    """The refusal lists the recipes that fit this model: for a mixture of experts, not int4-awq."""
     import json
     import shutil
 
     from evalsuite.models import check_model_args
 
-    shutil.copytree(tiny_dir, tmp_path / "m")
+    from .conftest import make_tokenizer, tiny_moe
+
+    if arch == "llama":
+        shutil.copytree(tiny_dir, tmp_path / "m")
+    else:
+        tiny_moe("mixtral").save_pretrained(tmp_path / "m")
+        make_tokenizer().save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["intermediate_size"] = 168  # down_proj's inputs: 10.5 blocks
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"do not tile mlp.down_proj \(168 inputs\); valid for this model: bf16"):
+    fits = "int4-awq-asym" if arch == "mixtral" else "int4-awq, int4-awq-asym"
+    down = "mlp.experts.0.down_proj" if arch == "mixtral" else "mlp.down_proj"
+    with pytest.raises(ValueError, match=rf"do not tile {down} \(168 inputs\).*; valid for this model: bf16, "
+                                         rf"fp8-modelopt, fp8-official, {fits}, int4-rtn$"):
         check_model_args(str(tmp_path / "m"), "nvfp4", None)
 
 

@@ -125,36 +125,40 @@ def configured_recipe(name: str, overrides: dict[str, Any] | None = None) -> Rec
 
 
 def check_recipe_fits(name: str, config: Any, cfg: ModelConfig) -> None:
-    """Recipes whose scales fold into the norm before each MLP, against a mixture of experts.
-    int4-awq's resmoothing needs one MLP there: a mixture's experts all read that one norm.
-    int4-awq-asym searches one scale for all the experts' gate and up, as AutoAWQ does for Mixtral
-    and Qwen3-MoE; for a mixture with a shared expert (Qwen2-MoE) AutoAWQ searches a second scale
-    for the shared expert and folds both into that norm, so the deployed shared expert reads its
-    input divided by the routed experts' scale: a checkpoint this engine does not reproduce.
-    gpt-oss's experts clamp gate and up and add 1 to up, so no scale folds from up into down;
-    AutoAWQ has no form for it. nvfp4's blocks of 16 need projections whose inputs they tile."""
+    """Refuse a recipe this model's shapes or structure rule out, naming why and the recipes that fit."""
+    reason = _misfit(config, cfg)
+    if reason:
+        fits = ", ".join(n for n, r in sorted(RECIPES.items()) if _misfit(r.config, cfg) is None)
+        raise ValueError(f"recipe {name!r}: {reason}; valid for this model: {fits}")
+
+
+def _misfit(config: Any, cfg: ModelConfig) -> str | None:
+    """Why a recipe cannot run on this model, or None.
+    nvfp4's blocks of 16 need projections whose inputs they tile.
+    The AWQ recipes' scales fold into the norm before each MLP. int4-awq's resmoothing needs one MLP
+    there: a mixture's experts all read that one norm. int4-awq-asym searches one scale for all the
+    experts' gate and up, as AutoAWQ does for Mixtral and Qwen3-MoE; for a mixture with a shared
+    expert (Qwen2-MoE) AutoAWQ searches a second scale for the shared expert and folds both into that
+    norm, so the deployed shared expert reads its input divided by the routed experts' scale: a
+    checkpoint this engine does not reproduce. gpt-oss's experts clamp gate and up and add 1 to up,
+    so no scale folds from up into down; AutoAWQ has no form for it."""
     if isinstance(config, NVFP4Config):
         odd = sorted({f"{name} ({inp} inputs)" for i in range(cfg.num_layers)
                       for name, _out, inp in cfg.layer_projections(i) if inp % 16})
         if odd:
-            raise ValueError(f"recipe {name!r}: FP4 blocks of 16 along the input do not tile {', '.join(odd[:3])}; "
-                             "valid for this model: bf16, fp8-official, fp8-modelopt, int4-awq, int4-awq-asym, "
-                             "int4-rtn")
+            return f"FP4 blocks of 16 along the input do not tile {', '.join(odd[:3])}"
     if not any(cfg.layer_moe(i) for i in range(cfg.num_layers)):
-        return
-    shared = bool(cfg.shared_expert_intermediate_size)
-    fits = f"bf16, fp8-official, fp8-modelopt, {'' if shared or cfg.gpt_oss else 'int4-awq-asym, '}int4-rtn"
+        return None
     if cfg.gpt_oss and isinstance(config, Int4AutoAWQConfig):
-        raise ValueError(f"recipe {name!r}: gpt-oss's experts clamp gate and up and add 1 to up, so a scale "
-                         f"cannot fold from up into down, and AutoAWQ has no form for them; valid for this model: "
-                         f"{fits}")
+        return ("gpt-oss's experts clamp gate and up and add 1 to up, so a scale cannot fold from up into down, and "
+                "AutoAWQ has no form for them")
     if isinstance(config, Int4AWQConfig) and config.awq:
-        raise ValueError(f"recipe {name!r}: its scales fold into the norm before each layer's MLP, which a mixture "
-                         f"of experts shares between its experts ({cfg.architecture}); valid for this model: {fits}")
-    if shared and isinstance(config, Int4AutoAWQConfig):
-        raise ValueError(f"recipe {name!r}: AutoAWQ folds both the shared expert's and the routed experts' scales "
-                         f"into the one norm before the MLP ({cfg.architecture}), a checkpoint the engine does not "
-                         f"reproduce; valid for this model: {fits}")
+        return (f"its scales fold into the norm before each layer's MLP, which a mixture of experts shares between "
+                f"its experts ({cfg.architecture})")
+    if cfg.shared_expert_intermediate_size and isinstance(config, Int4AutoAWQConfig):
+        return (f"AutoAWQ folds both the shared expert's and the routed experts' scales into the one norm before "
+                f"the MLP ({cfg.architecture}), a checkpoint the engine does not reproduce")
+    return None
 
 
 def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
