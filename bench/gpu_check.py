@@ -265,6 +265,12 @@ def _family_configs() -> dict:
         "smollm3": (t.SmolLM3ForCausalLM, t.SmolLM3Config(
             **common, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=16, bos_token_id=1,
             eos_token_id=2)),
+        "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config(**common, bos_token_id=1, eos_token_id=2)),
+        "olmo3": (t.Olmo3ForCausalLM, t.Olmo3Config(
+            **common, sliding_window=16, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 64}})),
         "mistral-window": (t.MistralForCausalLM, t.MistralConfig(**common, sliding_window=16)),
         "phi3-longrope": (t.Phi3ForCausalLM, t.Phi3Config(
             **common, partial_rotary_factor=0.75, original_max_position_embeddings=48,

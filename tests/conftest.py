@@ -168,6 +168,29 @@ def tiny_granite(vocab: int = TINY_VOCAB):
     return hf.eval()
 
 
+def tiny_olmo(arch: str = "olmo2", window: int | None = None, vocab: int = TINY_VOCAB):
+    """transformers' OLMo 2 or OLMo 3, tiny and random: norms after attention and the MLP only,
+    q and k normalised over all heads (their weights away from 1). OLMo 3: layers 0-2 slide over
+    ``window`` (default 12) with plain RoPE, layer 3 sees all with YaRN (attention factor != 1)."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    if arch == "olmo2":
+        hf = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**common, rope_theta=500.0))
+    else:
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                "full_attention": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 64}}
+        hf = transformers.Olmo3ForCausalLM(transformers.Olmo3Config(**common, sliding_window=window or 12,
+                                                                    rope_parameters=rope))
+    with torch.no_grad():
+        for w in hf.parameters():
+            w.normal_(0, 0.2) if w.dim() == 2 else w.normal_(1, 0.3)
+    return hf.eval()
+
+
 def tiny_smollm3(window: int | None = None, vocab: int = TINY_VOCAB):
     """transformers' SmolLM3, tiny and random: every other layer without RoPE (NoPE), those
     layers sliding over ``window`` positions where given."""

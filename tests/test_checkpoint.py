@@ -456,3 +456,60 @@ def _as_transformers_holds_it(ours: dict, theirs: dict) -> dict:
         else:
             out[key] = ours[key] if key in ours else ours["model.embed_tokens.weight"]  # a tied lm_head
     return out
+
+
+@pytest.fixture
+def olmo_dir(tmp_path):
+    from .conftest import make_tokenizer, tiny_olmo
+
+    torch.manual_seed(8)
+    tiny_olmo("olmo3", vocab=400).save_pretrained(tmp_path / "olmo")
+    make_tokenizer().save_pretrained(tmp_path / "olmo")
+    return tmp_path / "olmo"
+
+
+def test_olmo_awq_group_scale_stays_on_its_projections(olmo_dir):
+    """OLMo has no norm before q/k/v or gate/up for Model Optimizer's shared pre-quant scale to
+    fold into: each projection of a group scales its input by the group's scale at run time, and
+    its resmoothed weight times that scale is the original weight."""
+    from evalsuite.quant.int4_awq import resmooth
+
+    model = load(str(olmo_dir), "float32").model
+    g = torch.Generator().manual_seed(5)
+    mods = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
+    scales = {n: torch.exp(torch.randn(m.weight.shape[1], generator=g) * 0.5) for n, m in mods.items()}
+    own = dict(scales)
+    weights = resmooth(model, scales)
+    assert set(scales) == set(own)  # every projection keeps a run-time scale
+    for group in (["q", "k", "v"], ["gate", "up"]):
+        names = [f"model.layers.2.{'self_attn' if 'q' in group else 'mlp'}.{p}_proj" for p in group]
+        assert all(torch.equal(scales[n], scales[names[0]]) for n in names)
+        assert not torch.equal(scales[names[0]], own[names[0]])  # the group's, not the projection's own
+        for n in names:
+            torch.testing.assert_close(weights[n] / scales[n][None, :], mods[n].weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq", "nvfp4"])
+def test_olmo_quantizes_saves_and_loads(recipe, olmo_dir, calib_file, tmp_path, monkeypatch):
+    """OLMo 3 (post-norms only, q/k norms over all heads, windows): every recipe that fits quantizes
+    its projections, moves its logits without losing them, and loads back to the same logits;
+    int4-awq-asym is refused before the model loads (AutoAWQ folds into the norms OLMo lacks)."""
+    from evalsuite.models import check_model_args
+
+    with pytest.raises(ValueError, match=r"'int4-awq-asym'.*norm before them.*valid for this model: bf16, "
+                                         r"fp8-modelopt, fp8-official, int4-awq, int4-rtn, nvfp4$"):
+        check_model_args(str(olmo_dir), "int4-awq-asym", None)
+    tokens = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(1))
+    lm = load(str(olmo_dir), "float32")
+    before = lm.model(tokens)
+    over = {} if recipe == "fp8-official" else {
+        "calibration": {"source": str(calib_file), "num_samples": 2, "seq_len": 16}}
+    if recipe == "int4-awq":
+        over["block_size"] = 32
+    record = apply_recipe(lm, recipe, over)
+    want = lm.model(tokens)
+    quantized = set(quantized_modules(lm.model))  # fp8-official: the inner layers' MLPs only
+    assert "model.layers.1.mlp.gate_proj" in quantized
+    assert ("model.layers.1.self_attn.k_proj" in quantized) == (recipe != "fp8-official")
+    assert 0 < (want - before).norm() < before.norm()
+    _assert_loads_back_the_same(lm, record, tmp_path, monkeypatch, tokens)

@@ -115,8 +115,8 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
                    "decode batch 1 (eager):", "decode batch 4 (eager):", "recipe fp8-modelopt:",
                    "recipe fp8-official:", "recipe int4-awq:", "fp8-modelopt / fp8-official",
                    "family qwen3:", "family qwen3-yarn:", "family qwen3_moe:", "family qwen2_moe:", "family gpt_oss:",
-                   "family granite:", "family smollm3:", "family mistral-window:", "family phi3-longrope:",
-                   "family gemma2:", "family gemma3:"):
+                   "family granite:", "family smollm3:", "family olmo2:", "family olmo3:", "family mistral-window:",
+                   "family phi3-longrope:", "family gemma2:", "family gemma3:"):
         assert figure in text, text
     assert "FAILED" not in text, text
     assert "batch invariance: prompt 0 scored alone" in text and "(identical;" in text, text

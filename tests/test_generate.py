@@ -42,7 +42,7 @@ def test_greedy_matches_transformers(tiny, hf_tiny):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "phi3", "mistral-window", "gemma2", "gemma3", "mixtral", "qwen2_moe",
-                                  "qwen3_moe", "gpt_oss", "granite", "smollm3"])
+                                  "qwen3_moe", "gpt_oss", "granite", "smollm3", "olmo2", "olmo3"])
 def test_other_architectures_greedy_and_static_decode_match_transformers(arch, tmp_path):
     """Qwen3's q/k head norms, Phi-3.5's LongRoPE (scaled cos/sin) on part of each head, and a
     sliding window that prompts and answers outgrow (transformers' generate keeps a sliding cache of
@@ -82,6 +82,10 @@ def test_other_architectures_greedy_and_static_decode_match_transformers(arch, t
         from .conftest import tiny_smollm3
 
         hf = tiny_smollm3(window=5, vocab=320)
+    elif arch.startswith("olmo"):
+        from .conftest import tiny_olmo
+
+        hf = tiny_olmo(arch, window=5, vocab=320)
     elif arch == "mistral-window":
         cfg = transformers.MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -97,7 +101,7 @@ def test_other_architectures_greedy_and_static_decode_match_transformers(arch, t
         hf = transformers.Phi3ForCausalLM(cfg).eval()
     with torch.no_grad():  # weights large enough for confident greedy choices; norms that matter
         for name, w in hf.named_parameters() if not arch.startswith(("gemma", "mixtral", "qwen2_moe", "qwen3_moe",
-                                                                     "gpt_oss", "granite", "smollm3")) else ():
+                                                                     "gpt_oss", "granite", "smollm3", "olmo")) else ():
             w.normal_(1, 0.5) if name.endswith(("q_norm.weight", "k_norm.weight")) else \
                 w.normal_(0, 0.15) if w.dim() == 2 else None
     hf.save_pretrained(tmp_path)

@@ -30,7 +30,8 @@ def test_logits_match_transformers_float32(tiny, hf_tiny):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "phi3",
                                   "phi3-longrope", "qwen3-yarn", "gemma2", "gemma3", "mixtral", "qwen2_moe",
-                                  "qwen3_moe", "gpt_oss", "granite", "smollm3", "smollm3-window", "tied"])
+                                  "qwen3_moe", "gpt_oss", "granite", "smollm3", "smollm3-window", "olmo2", "olmo3",
+                                  "tied"])
 def test_other_architectures_match_transformers(arch, tmp_path):
     import transformers
 
@@ -97,11 +98,15 @@ def test_other_architectures_match_transformers(arch, tmp_path):
         from .conftest import tiny_smollm3
 
         hf = tiny_smollm3(window=12 if arch == "smollm3-window" else None, vocab=300)
+    elif arch.startswith("olmo"):  # post-norms only, q/k norms over all heads; OLMo 3: windows, YaRN on layer 3
+        from .conftest import tiny_olmo
+
+        hf = tiny_olmo(arch, vocab=300)
     else:
         hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True, rope_parameters=None,
                                                           rope_theta=500.0))
     if arch not in ("qwen2", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granite") and \
-            not arch.startswith("smollm3"):
+            not arch.startswith(("smollm3", "olmo")):
         with torch.no_grad():  # weights large enough that positions (RoPE, the window) move the logits
             for w in hf.parameters():
                 w.normal_(0, 0.2) if w.dim() == 2 else None
@@ -111,6 +116,27 @@ def test_other_architectures_match_transformers(arch, tmp_path):
     assert (model(tokens) - _hf_logits(hf, tokens)).abs().max().item() <= 1e-4
     # the parameter count the planner uses is transformers' own
     assert model.config.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("arch", ["granite", "gemma2", "gpt_oss", "olmo2"])
+def test_norms_round_as_transformers_in_bfloat16(arch, tmp_path):
+    """Where each norm rounds to BF16 decides its last bits: Llama's (Granite's) before the weight,
+    Gemma's after 1 + weight in float32, gpt-oss's and OLMo's after the weight in float32 (OLMo's
+    q/k norms over all heads too). Bit for bit against transformers' own modules."""
+    from . import conftest
+
+    hf = getattr(conftest, "tiny_olmo" if arch == "olmo2" else f"tiny_{arch}")(vocab=300).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    model = load_folder(tmp_path, torch.bfloat16)
+    pairs = [("post_attention_layernorm", 64), ("model.norm", 64)]
+    if arch == "olmo2":
+        pairs += [("self_attn.q_norm", 64), ("self_attn.k_norm", 32), ("post_feedforward_layernorm", 64)]
+    for name, width in pairs:
+        path = name if name.startswith("model.") else f"model.layers.1.{name}"
+        theirs, ours = hf.get_submodule(path), model.get_submodule(path)
+        assert not torch.all(theirs.weight == theirs.weight[0])  # drawn, not the initial ones or zeros
+        x = torch.randn(3, 7, width, generator=torch.Generator().manual_seed(0)).mul(4).to(torch.bfloat16)
+        assert torch.equal(ours(x), theirs(x)), name
 
 
 def test_kv_cache_decode_equals_full_forward(tiny):

@@ -441,3 +441,38 @@ def test_granite_counts_as_transformers_builds_it(mlp_bias, tmp_path):
     assert cfg.num_parameters() == n and (cfg.attention_scale, cfg.logits_scaling) == (0.0078125, 16.0)
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert plan(str(tmp_path), "bf16", "h100").deployed_weight_bytes == 2 * n
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
+def test_olmo_counts_as_transformers_builds_it(arch, tmp_path):
+    """OLMo 2 and 3 at 7B shapes (q/k norms over all heads: 2 x 4,096 weights a layer), configs in
+    transformers 4's layout: transformers' own count on the meta device. OLMo 3's one rope_theta
+    serves the sliding layers unscaled and, with rope_scaling (YaRN), the full layers, as
+    transformers' Olmo3Config resolves it; without layer_types three layers in four slide."""
+    import transformers
+
+    from evalsuite.engine.config import YarnRope
+
+    config = {"model_type": arch, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 100352,
+              "max_position_embeddings": 4096, "rope_theta": 500000.0, "rms_norm_eps": 1e-06,
+              "tie_word_embeddings": False}
+    if arch == "olmo3":
+        config.update(max_position_embeddings=65536, sliding_window=4096, rope_scaling={
+            "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192, "attention_factor": 1.2,
+            "beta_fast": 32.0, "beta_slow": 1.0})
+    classes = {"olmo2": (transformers.Olmo2ForCausalLM, transformers.Olmo2Config),
+               "olmo3": (transformers.Olmo3ForCausalLM, transformers.Olmo3Config)}[arch]
+    hf_config = classes[1](**{k: v for k, v in config.items() if k != "model_type"})
+    n = sum(p.numel() for p in _on_meta(classes[0], hf_config).parameters())
+    cfg = ModelConfig.from_hf(config)
+    assert cfg.num_parameters() == n
+    if arch == "olmo3":
+        full, sliding = hf_config.rope_parameters["full_attention"], hf_config.rope_parameters["sliding_attention"]
+        assert sliding["rope_type"] == "default" and cfg.local_rope_theta == sliding["rope_theta"] == 500000.0
+        assert isinstance(cfg.rope_scaling, YarnRope) and full["rope_type"] == "yarn"
+        assert (cfg.rope_scaling.factor, cfg.rope_scaling.attention_factor) == (full["factor"], 1.2)
+        assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in hf_config.layer_types)
+        assert sum(cfg.sliding_layers) == 24 and cfg.sliding_window == 4096
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert plan(str(tmp_path), "bf16", "h100", context=4096).deployed_weight_bytes == 2 * n

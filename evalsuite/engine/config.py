@@ -11,11 +11,15 @@ if TYPE_CHECKING:
     import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite",
-                           "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+                           "smollm3", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 # Gemma 2's and 3's layer: RMSNorm scaling by 1 + weight (in float32, then rounded), GeGLU (tanh
 # GELU), embeddings times sqrt(hidden_size), and norms after attention and after the MLP as well as
 # before them; Gemma 2 caps attention scores and logits (tanh), Gemma 3 normalises q and k per head
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3_text")
+# OLMo 2's and 3's layer: no norm before attention or the MLP, an RMSNorm on each one's output
+# before the residual add (its weight applied in float32); q and k each normalised over all their
+# heads at once, before RoPE. OLMo 3 slides over 3 layers in 4, those with RoPE unscaled.
+OLMO_ARCHITECTURES = ("olmo2", "olmo3")
 # A mixture of experts' routers (layer-relative names): the few-output projections that weigh the
 # experts. No recipe quantizes them, as Model Optimizer's, AutoAWQ's and the deployed engines' leave them.
 MOE_ROUTERS = ("mlp.gate", "mlp.shared_expert_gate")
@@ -97,15 +101,15 @@ class ModelConfig:
     embedding_multiplier: float | None = None
     residual_multiplier: float | None = None
     logits_scaling: float | None = None
-    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and k, before RoPE (OLMo: over all heads)
     # Mistral, Phi-3, Qwen2/3 with use_sliding_window: a query attends to the last sliding_window
     # positions (itself included), on the layers sliding_layers marks (None: every layer)
     sliding_window: int | None = None
     # SmolLM3: the layers rope_layers marks False attend without positions (NoPE); None: all rotate
     rope_layers: tuple[bool, ...] | None = None
     sliding_layers: tuple[bool, ...] | None = None
-    # Gemma 3: the sliding layers' RoPE base (unscaled; rope_theta and rope_scaling are the full
-    # layers'); Gemma 2 and 3: queries scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
+    # Gemma 3, OLMo 3: the sliding layers' RoPE base (unscaled; rope_theta and rope_scaling are the
+    # full layers'); Gemma 2 and 3: queries scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
     local_rope_theta: float | None = None
     attention_scale: float | None = None
     # Gemma 2: attention scores and final logits become cap * tanh(x / cap)
@@ -190,12 +194,18 @@ class ModelConfig:
         return self.architecture == "gpt_oss"
 
     @property
+    def olmo(self) -> bool:
+        """OLMo's layer (``OLMO_ARCHITECTURES``): norms after attention and the MLP only, q and k
+        normalised over all heads."""
+        return self.architecture in OLMO_ARCHITECTURES
+
+    @property
     def gemma(self) -> bool:
         """Gemma's layer (``GEMMA_ARCHITECTURES``) rather than Llama's."""
         return self.architecture in GEMMA_ARCHITECTURES
 
     def local_rope(self, layer: int) -> bool:
-        """Whether decoder layer ``layer`` rotates with the sliding layers' own RoPE (Gemma 3)."""
+        """Whether decoder layer ``layer`` rotates with the sliding layers' own RoPE (Gemma 3, OLMo 3)."""
         return self.local_rope_theta is not None and self.layer_window(layer) is not None
 
     def long_rope(self, length: int) -> bool:
@@ -241,7 +251,7 @@ class ModelConfig:
         return n
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
-        qk_norms = 2 * self.head_dim if self.qk_norm else 0
+        qk_norms = (self.q_size + self.kv_size if self.olmo else 2 * self.head_dim) if self.qk_norm else 0
         norms = (4 if self.gemma else 2) * self.hidden_size
         body = sum(sum(out * inp for _, out, inp in self.layer_projections(layer)) + self.layer_biases(layer)
                    + qk_norms + norms for layer in range(self.num_layers)) + self.hidden_size
@@ -324,15 +334,19 @@ class ModelConfig:
         if gemma and hf.get("use_bidirectional_attention"):
             raise UnsupportedModelError("config.json: use_bidirectional_attention true; the engine's "
                                         "attention is causal (valid: false)")
-        if model_type == "gemma3_text":
+        if model_type in ("gemma3_text", "olmo3"):
             # per layer type (transformers 5), or the full layers' base and scaling with the
-            # sliding layers' base beside them (4.x)
-            local = rope.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+            # sliding layers' base beside them (4.x; OLMo 3's one base for both, scaled on the full
+            # layers only)
+            default_theta = 1000000.0 if model_type == "gemma3_text" else 500000.0
+            local_default = hf.get("rope_local_base_freq", 10000.0) if model_type == "gemma3_text" else \
+                hf.get("rope_theta", default_theta)
+            local = rope.get("sliding_attention") or {"rope_theta": local_default}
             if local.get("rope_type", "default") != "default":
                 raise UnsupportedModelError(f"config.json: sliding layers' RoPE type {local['rope_type']!r}; "
                                             "supported: 'default'")
             local_theta = float(local["rope_theta"])
-            rope = dict(rope.get("full_attention") or {"rope_theta": hf.get("rope_theta", 1000000.0)})
+            rope = dict(rope.get("full_attention") or {"rope_theta": hf.get("rope_theta", default_theta)})
         rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
@@ -369,12 +383,12 @@ class ModelConfig:
         # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
         # layer max_window_layers on; Mistral's, Mixtral's, Phi-3's and Gemma's apply whenever set
         window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in (
-            "mistral", "mixtral", "phi3", "gpt_oss", *GEMMA_ARCHITECTURES)) else None
+            "mistral", "mixtral", "phi3", "gpt_oss", "olmo3", *GEMMA_ARCHITECTURES)) else None
         layers = None
         if window and hf.get("layer_types"):
             layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
-        elif window and model_type == "gemma3_text":  # 4.x: every sliding_window_pattern-th layer sees all
-            pattern = hf.get("sliding_window_pattern", 6)
+        elif window and model_type in ("gemma3_text", "olmo3"):  # every pattern-th layer sees all (Gemma 3 4.x)
+            pattern = hf.get("sliding_window_pattern", 6) if model_type == "gemma3_text" else 4
             layers = tuple((i + 1) % pattern != 0 for i in range(hf["num_hidden_layers"]))
         elif window and model_type in ("qwen2", "qwen3", "qwen3_moe"):
             first = hf.get("max_window_layers", hf["num_hidden_layers"])
@@ -421,7 +435,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or bool(hf.get("qkv_bias", True) if model_type == "qwen2_moe"
                                                    else hf.get("attention_bias", model_type == "gpt_oss")),
             o_bias=model_type not in ("qwen2", "qwen2_moe") and bool(hf.get("attention_bias", model_type == "gpt_oss")),
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", *OLMO_ARCHITECTURES),
             sliding_window=window,
             sliding_layers=layers,
             local_rope_theta=local_theta,

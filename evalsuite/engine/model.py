@@ -179,7 +179,9 @@ class RMSNorm(nn.Module):
         if self.plus_one or self.float32_weight:
             normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
             return (normed * (1.0 + self.weight.float() if self.plus_one else self.weight.float())).to(x.dtype)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # not F.rms_norm(x, ..., weight), which multiplies by the weight before rounding (one
+        # rounding where transformers and vLLM's kernel round twice)
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype) * self.weight
 
     @torch.no_grad()
     def fold(self, fn: Callable[[Tensor], Tensor]) -> None:
@@ -249,9 +251,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **kw)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias, **kw)
-        # Qwen3 normalises each head of q and k (its own weight over head_dim) before RoPE
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, cfg.gemma) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, cfg.gemma) if cfg.qk_norm else None
+        # Qwen3 normalises each head of q and k (its own weight over head_dim) before RoPE; OLMo
+        # normalises all of q's heads at once, and all of k's
+        self.qk_norm_heads = not cfg.olmo
+        q_dim, k_dim = (cfg.head_dim, cfg.head_dim) if self.qk_norm_heads else (cfg.q_size, cfg.kv_size)
+        self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, dtype, cfg.gemma, cfg.olmo) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, dtype, cfg.gemma, cfg.olmo) if cfg.qk_norm else None
         # a sliding window: each query attends to its last ``window`` positions (itself included),
         # transformers' q - k < window; the cache keeps every position, the masks do the rest
         self.window = cfg.layer_window(layer_idx)
@@ -284,8 +289,11 @@ class Attention(nn.Module):
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = in_row_blocks(self._qkv, x, step.row_block).view(B, L, H + 2 * KV, D)
         qk = qkv[:, :, :H + KV]
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_heads:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        elif self.q_norm is not None:
+            q, k = self.q_norm(qk[:, :, :H].flatten(2)), self.k_norm(qk[:, :, H:].flatten(2))
+            qk = torch.cat([q, k], dim=2).view(B, L, H + KV, D)
         if self.local_rope:
             cos, sin = step.derived["local_rope"]
         if self.rotates:
@@ -564,29 +572,42 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
         super().__init__()
-        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma, cfg.gpt_oss)
-        self.input_layernorm = norm()
+        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma, cfg.gpt_oss or cfg.olmo)
+        self.input_layernorm = None if cfg.olmo else norm()  # OLMo: attention reads the residual stream
         self.self_attn = Attention(cfg, layer_idx, dtype)
-        # Llama's norm before the MLP; in Gemma's layer, the one after attention (before the
-        # residual), with pre_feedforward_layernorm before the MLP and post_feedforward_layernorm after
+        # Llama's norm before the MLP; in Gemma's and OLMo's layer, the one after attention (before
+        # the residual add), with post_feedforward_layernorm after the MLP and (Gemma)
+        # pre_feedforward_layernorm before it
         self.post_attention_layernorm = norm()
+        self.attention_post_norm = cfg.gemma or cfg.olmo
         self.mlp = SparseMoE(cfg, dtype) if cfg.layer_moe(layer_idx) else MLP(cfg, dtype)
         self.pre_feedforward_layernorm = norm() if cfg.gemma else None
-        self.post_feedforward_layernorm = norm() if cfg.gemma else None
+        self.post_feedforward_layernorm = norm() if cfg.gemma or cfg.olmo else None
         self.residual_multiplier = cfg.residual_multiplier  # Granite: each sublayer's output times it
 
     @property
-    def mlp_norm(self) -> RMSNorm:
-        """The norm whose output the MLP reads (where AWQ folds the gate/up scale)."""
-        return self.pre_feedforward_layernorm or self.post_attention_layernorm
+    def mlp_norm(self) -> RMSNorm | None:
+        """The norm whose output the MLP reads (where AWQ folds the gate/up scale); None in OLMo's
+        layer, whose MLP reads the residual stream."""
+        if self.attention_post_norm:
+            return self.pre_feedforward_layernorm
+        return self.post_attention_layernorm
+
+    def attention_input(self, x: Tensor) -> Tensor:
+        return x if self.input_layernorm is None else self.input_layernorm(x)
+
+    def mlp_input(self, x: Tensor) -> Tensor:
+        norm = self.mlp_norm
+        return x if norm is None else norm(x)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Step) -> Tensor:
-        x = self.attention_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, step))
+        x = self.attention_residual(x, self.self_attn(self.attention_input(x), cos, sin, step))
         return in_row_blocks(self._feed_forward, x, step.row_block)
 
     def attention_residual(self, x: Tensor, attention: Tensor) -> Tensor:
-        """The residual stream after attention's output is added (normalised first in Gemma's layer)."""
-        if self.pre_feedforward_layernorm is not None:
+        """The residual stream after attention's output is added (normalised first in Gemma's and
+        OLMo's layer)."""
+        if self.attention_post_norm:
             attention = self.post_attention_layernorm(attention)
         if self.residual_multiplier is not None:
             attention = attention * self.residual_multiplier
@@ -594,7 +615,7 @@ class DecoderLayer(nn.Module):
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         """The row-wise rest of the layer: normalisation, MLP and residual."""
-        out = self.mlp(self.mlp_norm(x))
+        out = self.mlp(self.mlp_input(x))
         if self.post_feedforward_layernorm is not None:
             out = self.post_feedforward_layernorm(out)
         if self.residual_multiplier is not None:
@@ -608,7 +629,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma, cfg.gpt_oss)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.gemma, cfg.gpt_oss or cfg.olmo)
 
 
 class CausalLM(nn.Module):
@@ -639,15 +660,17 @@ class CausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
-    def _rope_variants(self) -> list[Tensor]:
-        """The inverse frequencies the tables hold, in row-block order: the model's RoPE, then
-        LongRoPE's long factors, then the sliding layers' own base (Gemma 3), where configured."""
+    def _rope_variants(self) -> list[tuple[Tensor, float]]:
+        """The inverse frequencies the tables hold and the factor on their cos and sin, in
+        row-block order: the model's RoPE, then LongRoPE's long factors, then the sliding layers'
+        own unscaled RoPE (Gemma 3, OLMo 3), where configured."""
         cfg = self.config
-        variants = [rope_inv_freq(cfg)]
+        factor = rope_attention_factor(cfg)  # LongRoPE's or YaRN's
+        variants = [(rope_inv_freq(cfg), factor)]
         if isinstance(cfg.rope_scaling, LongRope):
-            variants.append(rope_inv_freq(cfg, long=True))
+            variants.append((rope_inv_freq(cfg, long=True), factor))
         if cfg.local_rope_theta is not None:
-            variants.append(rope_inv_freq(cfg, local=True))
+            variants.append((rope_inv_freq(cfg, local=True), 1.0))
         return variants
 
     def _rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
@@ -658,15 +681,16 @@ class CausalLM(nn.Module):
             limit = self.config.max_position_embeddings
             n = limit if self.device.type == "cuda" else max(length, min(2 * self._rope_len, limit), 256)
             # computed on the CPU (as transformers does it in float32), then moved: the same tables on any device
-            freqs = torch.cat([torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), inv_freq.to("cpu"))
-                               for inv_freq in self._rope_variants()])
-            emb = torch.cat((freqs, freqs), dim=-1)
-            # transformers computes cos/sin in float32 (times LongRoPE's attention factor), then casts
-            # to the activation dtype.
-            cos, sin = emb.cos(), emb.sin()
-            factor = rope_attention_factor(self.config)
-            if factor != 1.0:
-                cos, sin = cos * factor, sin * factor
+            # transformers computes cos/sin in float32 (times LongRoPE's or YaRN's attention factor),
+            # then casts to the activation dtype
+            cos, sin = [], []
+            for inv_freq, factor in self._rope_variants():
+                freqs = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), inv_freq.to("cpu"))
+                emb = torch.cat((freqs, freqs), dim=-1)
+                c, s = emb.cos(), emb.sin()
+                cos.append(c * factor if factor != 1.0 else c)
+                sin.append(s * factor if factor != 1.0 else s)
+            cos, sin = torch.cat(cos), torch.cat(sin)
             self._cos = cos.to(self.dtype).to(self.device)
             self._sin = sin.to(self.dtype).to(self.device)
             self._rope_len = n

@@ -141,12 +141,16 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     expert (Qwen2-MoE) AutoAWQ searches a second scale for the shared expert and folds both into that
     norm, so the deployed shared expert reads its input divided by the routed experts' scale: a
     checkpoint this engine does not reproduce. gpt-oss's experts clamp gate and up and add 1 to up,
-    so no scale folds from up into down; AutoAWQ has no form for it."""
+    so no scale folds from up into down; AutoAWQ has no form for it. AutoAWQ folds every q/k/v and
+    gate/up scale into the norm before them, which OLMo's layer does not have."""
     if isinstance(config, NVFP4Config):
         odd = sorted({f"{name} ({inp} inputs)" for i in range(cfg.num_layers)
                       for name, _out, inp in cfg.layer_projections(i) if inp % 16})
         if odd:
             return f"FP4 blocks of 16 along the input do not tile {', '.join(odd[:3])}"
+    if cfg.olmo and isinstance(config, Int4AutoAWQConfig):
+        return (f"AutoAWQ folds its q/k/v and gate/up scales into the norm before them, and {cfg.architecture}'s "
+                f"layer has none there")
     if not any(cfg.layer_moe(i) for i in range(cfg.num_layers)):
         return None
     if cfg.gpt_oss and isinstance(config, Int4AutoAWQConfig):

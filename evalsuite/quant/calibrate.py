@@ -129,8 +129,9 @@ def projections(model: CausalLM) -> list[tuple[nn.Module, str, str]]:
 def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
     """(norm, names of the projections that read its output) for every decoder layer: q/k/v after
     input_layernorm, gate/up after the MLP's norm (``DecoderLayer.mlp_norm``: Llama's
-    post_attention_layernorm, Gemma's pre_feedforward_layernorm). Deployed engines run each group
-    as one GEMM, so a checkpoint's per-projection scales are made one per group on export or loading."""
+    post_attention_layernorm, Gemma's pre_feedforward_layernorm); the norm is None in OLMo's layer,
+    whose q/k/v and gate/up read the residual stream. Deployed engines run each group as one GEMM,
+    so a checkpoint's per-projection scales are made one per group on export or loading."""
     groups = []
     for name, layer in model.named_modules():
         if isinstance(layer, DecoderLayer):

@@ -16,7 +16,8 @@ that they run as one GEMM and the scale can live in the norm before them.
   pre-quant scale p_i = 1/s_i, the group's p = mean_i p_i; each smoothed weight W·s_i, stored in
   the model's dtype, becomes W·s_i·p_i/p (in the model's dtype, as Model Optimizer computes it;
   unchanged where p_i = p) and is quantized anew (block absmax); the norm's weight is multiplied
-  by p (rounded to its dtype) and the projections keep no run-time input scaling;
+  by p (rounded to its dtype) and the projections keep no run-time input scaling (OLMo, with no
+  norm before them: each scales its input by p at run time, as Model Optimizer's pre-quant scale);
   o_proj and down_proj keep their own s, applied to their input at run time.
 ``resmooth=False`` keeps every projection's own s at run time (x / s) and quantizes W·s in
 float32: the model as calibrated, before export.
@@ -122,7 +123,8 @@ def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
     smoothed weight W·s in its dtype, those of a shared-input group resmoothed to the group's
     mean pre-quant scale, which is folded into the norm before them (in place). Returns the
     weights to quantize by projection name; the names of the groups' projections leave
-    ``scales`` (no run-time scaling is left for them)."""
+    ``scales`` (no run-time scaling is left for them), or, where no norm precedes them (OLMo),
+    take the group's shared scale."""
     modules = dict(model.named_modules())
     weights = {}
     for name, s in scales.items():
@@ -135,7 +137,10 @@ def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
             if not torch.equal(p, mean):
                 w = weights[n]
                 weights[n] = w * p.to(w.dtype)[None, :] / mean.to(w.dtype)[None, :]
-        norm.fold(lambda factor: factor * mean)
+        if norm is None:
+            scales.update({n: 1.0 / mean for n in names})  # one tensor each: saved apart
+        else:
+            norm.fold(lambda factor: factor * mean)
     return weights
 
 

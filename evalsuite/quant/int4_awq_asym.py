@@ -162,9 +162,9 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
     attn_in, attn_out, mlp_in, mlp_out = [], [], [], []
     try:
         for x, cos, sin, step in batches:
-            attn_in.append(layer.input_layernorm(x))
+            attn_in.append(layer.attention_input(x))
             attn_out.append(attn(attn_in[-1], cos, sin, step))
-            mlp_in.append(layer.mlp_norm(layer.attention_residual(x, attn_out[-1])))
+            mlp_in.append(layer.mlp_input(layer.attention_residual(x, attn_out[-1])))
             mlp_out.append(mlp(mlp_in[-1]))
     finally:
         put(originals)
