@@ -11,11 +11,14 @@ engine's form until transformers' two roundings were adopted):
     the whole vocabulary;
   * the share of positions whose top token agrees;
   * the mean |difference| of the log-probability of the text's next token.
+The yardstick, in the same run: transformers against itself with every linear's input channels
+permuted (the same sums in another order, as another correct BF16 kernel would add them).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -33,6 +36,19 @@ from evalsuite.taskdef import load_task  # noqa: E402
 
 def one_rounding(self, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def permuted(hf: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``hf`` whose linears add their products in another order: weight columns and
+    inputs permuted alike (lm_head shares the embedding and stays as it is)."""
+    other = copy.deepcopy(hf)
+    g = torch.Generator().manual_seed(0)
+    for name, mod in other.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            perm = torch.randperm(mod.in_features, generator=g)
+            mod.weight.data = mod.weight.data[:, perm].contiguous()
+            mod.register_forward_pre_hook(lambda _m, args, perm=perm: (args[0][..., perm],))
+    return other
 
 
 def figures(logits: list[torch.Tensor], want: list[torch.Tensor], tokens: list[torch.Tensor]) -> str:
@@ -63,6 +79,8 @@ def main() -> None:
     tokens = [torch.tensor(lm.tokenizer.encode(d.text)[:args.max_tokens]) for d in list(firsts.values())[:args.docs]]
     with torch.no_grad():
         want = [hf(t[None]).logits[0].float() for t in tokens]
+        hf_other = permuted(hf)
+        floor = [hf_other(t[None]).logits[0].float() for t in tokens]
         ours = [lm.model(t[None])[0].float() for t in tokens]
         adopted = engine_model.RMSNorm.forward
         engine_model.RMSNorm.forward = one_rounding
@@ -74,6 +92,7 @@ def main() -> None:
           "transformers")
     print(f"engine, RMSNorm rounded as transformers: {figures(ours, want, tokens)}")
     print(f"engine, RMSNorm as F.rms_norm with the weight: {figures(before, want, tokens)}")
+    print(f"yardstick, transformers with its linears' input channels permuted: {figures(floor, want, tokens)}")
 
 
 if __name__ == "__main__":
