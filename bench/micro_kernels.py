@@ -9,9 +9,12 @@ alternative in the same run (medians of repeated calls):
   * the packed INT4 kernel against a BF16 product on the dequantized weight at 1 to 64 rows: the
     crossover behind configs.KERNEL_MAX_ROWS;
   * the explicit attention path's two products (quantized attention, fp8-modelopt) for one
-    SmolLM2 layer at 512 tokens: torch's BF16 matmul against the engine's ``matmul``.
+    SmolLM2 layer at 512 tokens: torch's BF16 matmul against the engine's ``matmul``;
+  * RMSNorm in BF16 over 4,096 SmolLM2 rows, in three forms: ``F.rms_norm`` with the weight
+    (one rounding), transformers' two roundings through a float32 copy, and the engine's
+    (``F.rms_norm`` without the weight, then times it: transformers' values, checked here).
 
-    python bench/micro_kernels.py [--reps 20] [--only attention]
+    python bench/micro_kernels.py [--reps 20] [--only attention|norm]
 """
 
 from __future__ import annotations
@@ -110,10 +113,25 @@ def attention_products(reps: int) -> None:
         print(f"  {name:8s} {native:8.2f} {engine:8.2f}  {native / engine:5.1f}x")
 
 
+def norms(reps: int) -> None:
+    x = (torch.randn(4096, 576) * 4).bfloat16()
+    w = torch.randn(576).bfloat16()
+    forms = {"F.rms_norm with the weight": lambda: F.rms_norm(x, w.shape, w, 1e-5),
+             "transformers' (float32 copy)": lambda: (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True)
+                                                                              + 1e-5)).to(torch.bfloat16) * w,
+             "the engine's": lambda: F.rms_norm(x, w.shape, None, 1e-5) * w}
+    same = torch.equal(forms["the engine's"](), forms["transformers' (float32 copy)"]())
+    times = {name: median_ms(fn, reps) for name, fn in forms.items()}
+    engine = times["the engine's"]
+    print(f"RMSNorm, BF16, 4096 x 576: ms ({'the engine equals' if same else 'the engine DIFFERS from'} transformers)")
+    for name, t in times.items():
+        print(f"  {name:30s} {t:7.2f}  {t / engine:5.2f}x the engine's")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--only", choices=("attention",), default=None)
+    p.add_argument("--only", choices=("attention", "norm"), default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -122,7 +140,10 @@ def main() -> None:
             e4m3(args.reps)
             fp8_product(args.reps)
             int4_crossover(args.reps)
-        attention_products(args.reps)
+        if args.only in (None, "attention"):
+            attention_products(args.reps)
+        if args.only in (None, "norm"):
+            norms(args.reps)
 
 
 if __name__ == "__main__":
