@@ -168,9 +168,11 @@ class ScriptedJudge:
                         "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}})
                 judge.limits.append(body.get("max_completion_tokens") or body.get("max_tokens"))
                 user = body["messages"][-1]["content"]
+                reply = judge.reply(user)  # the content, or the message's fields and a finish_reason
+                message = {"role": "assistant", **(reply if isinstance(reply, dict) else {"content": reply})}
+                finish = message.pop("finish_reason", "stop")
                 self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": judge.reply(user)}}],
+                                 "choices": [{"index": 0, "finish_reason": finish, "message": message}],
                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -250,6 +252,71 @@ def test_split_reasoning(text, want):
     assert split_reasoning(text, "think") == want
 
 
+# gpt-oss's replies in the harmony format (openai/harmony's documentation): the prompt ends with
+# <|start|>assistant, so a reply opens on its first message's channel
+ANALYSIS = "<|channel|>analysis<|message|>User asks 2 + 2. Simple arithmetic.<|end|>"
+
+
+@pytest.mark.parametrize("text, want", [
+    (ANALYSIS + "<|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|return|>",
+     ("User asks 2 + 2. Simple arithmetic.", "2 + 2 = 4.")),
+    ("<|channel|>analysis<|message|>User asks 2 + 2, so", ("User asks 2 + 2, so", None)),  # budget ran out thinking
+    (ANALYSIS + "<|start|>assistant<|channel|>fin", ("User asks 2 + 2. Simple arithmetic.", None)),  # in a header
+    (ANALYSIS + "<|start|>assistant<|channel|>final<|message|>2 + 2", ("User asks 2 + 2. Simple arithmetic.",
+                                                                      "2 + 2")),  # cut inside the answer
+    ("<|channel|>final<|message|>4.<|return|>", ("", "4.")),  # reasoning effort low: no analysis
+    (ANALYSIS + "<|start|>assistant<|channel|>commentary to=functions.add <|constrain|>json<|message|>"
+     '{"a": 2, "b": 2}<|call|>', ("User asks 2 + 2. Simple arithmetic.\n\n{\"a\": 2, \"b\": 2}", None)),
+    ("2 + 2 = 4.", ("", "2 + 2 = 4.")),  # split by the endpoint already
+])
+def test_split_harmony(text, want):
+    assert split_reasoning(text, "harmony") == want
+
+
+def test_harmony_markers_are_read_from_the_engines_tokens():
+    """harmony's markers are special tokens, which the decoded text drops: the answer is split
+    from the tokens decoded with them kept (a real tokenizer with gpt-oss's markers added)."""
+    from evalsuite.engine.requests import TextResult
+    from evalsuite.runners.mtbench import _split_answer
+
+    from .conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|channel|>", "<|message|>", "<|end|>",
+                                                          "<|return|>"]})
+    reply = ANALYSIS + "<|start|>assistant<|channel|>final<|message|>4.<|return|>"
+    ids = tok.encode(reply, add_special_tokens=False)
+    out = TextResult(tok.decode(ids, skip_special_tokens=True), ids, "stop")
+    assert "<|channel|>" not in out.text and "final" in out.text  # what the plain text holds
+    assert _split_answer(out, "harmony", tok) == ("User asks 2 + 2. Simple arithmetic.", "4.")
+    assert _split_answer(out, None, tok) is None  # no parser: the text as decoded
+
+
+def test_an_endpoints_own_split_is_recorded(tmp_path):
+    """An endpoint that splits the reasoning itself (vLLM with a reasoning parser) returns the answer
+    as the content and the thinking apart: the answer is judged, the thinking recorded; an empty
+    answer cut by the token budget was still thinking, recorded as not answered."""
+    calls = []
+
+    def split(user: str) -> dict:
+        calls.append(user)
+        if len(calls) == 2:
+            return {"content": None, "reasoning_content": "Still weighing", "finish_reason": "length"}
+        return {"content": f"Answer to {user[:12]!r}.", "reasoning": "Plan."}
+
+    job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=64))
+    with ScriptedJudge(reply=split) as model, ScriptedJudge() as judge_srv:
+        backend = OpenAIBackend(model.base_url, "scripted", concurrency=1, max_retries=0)
+        res = run_mtbench(backend, job, tmp_path / "run", _judge(judge_srv, tmp_path), progress=False,
+                          calibration_limit=1)
+    assert res.run["status"] == "complete"
+    answers = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    answers = [r for r in answers if r["kind"] == "answer"]
+    assert [(r["reasoning"], r["answered"]) for r in answers].count(("Still weighing", False)) == 1
+    assert sum(r["reasoning"] == "Plan." and r["answered"] and r["text"].startswith("Answer to ")
+               for r in answers) == 3
+
+
 def test_a_reasoning_models_thinking_is_neither_judged_nor_sent_back(tmp_path, capsys):
     """--reasoning-parser think: the answer a reasoning model gives after its thinking is what the
     judge rates and what turn 2's conversation holds; the thinking is recorded beside it. A
@@ -288,7 +355,7 @@ def test_a_reasoning_models_thinking_is_neither_judged_nor_sent_back(tmp_path, c
     assert "reasoning_parser" not in prepare_mtbench(MTBenchConfig(questions=2)).identity()["config"]
     assert cli.main(["run", "mt-bench", "--model", "no-such-model", "--reasoning-parser", "harmonie",
                      "--output", str(tmp_path / "x")]) == 2
-    assert "--reasoning-parser 'harmonie'; valid: think" in capsys.readouterr().err
+    assert "--reasoning-parser 'harmonie'; valid: think, harmony" in capsys.readouterr().err
 
 
 def test_mt_bench_runs_compare_only_under_one_judge(tiny_chat, tmp_path):

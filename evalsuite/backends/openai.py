@@ -197,7 +197,10 @@ class OpenAIBackend(Backend):
             if isinstance(reply, Failure):
                 return reply
             c = reply.choices[0]
-            return TextResult(c.message.content or "", [], c.finish_reason or "length")
+            # vLLM with a reasoning parser returns the thinking apart: "reasoning_content", later "reasoning"
+            reasoning = getattr(c.message, "reasoning_content", None) or getattr(c.message, "reasoning", None)
+            return TextResult(c.message.content or "", [], c.finish_reason or "length",
+                              reasoning if isinstance(reasoning, str) else None)
 
         return self._map(one, list(zip(prompts, params)), progress)
 

@@ -52,3 +52,4 @@ class TextResult:
     text: str
     tokens: list[int]
     finish_reason: str
+    reasoning: str | None = None  # the thinking an endpoint returned apart from the answer

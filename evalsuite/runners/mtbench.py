@@ -29,7 +29,7 @@ from ..assets import Asset
 from ..backends.base import Backend, Failure
 from ..engine.requests import SamplingParams
 from ..judge import Judge, calibrate, render_pair, render_single
-from ..reasoning import REASONING_PARSERS, split_reasoning
+from ..reasoning import REASONING_PARSERS, needs_special_tokens, split_reasoning
 from ..records import RunStore, package_versions
 from ..stats import mean_estimate
 from ..taskdef import TaskDefinitionError, fields_of, load_task
@@ -218,13 +218,29 @@ def generate_answers(backend: Backend, job: MTBenchJob, store: RunStore, bar) ->
                 continue
             rec = {**base, "text": out.text, "new_tokens": len(out.tokens), "finish_reason": out.finish_reason,
                    "tstamp": now}
-            if job.config.reasoning_parser:
-                reasoning, answer = split_reasoning(out.text, job.config.reasoning_parser)
-                # no answer when the thinking never ended: judged as the empty answer it is
+            split = _split_answer(out, job.config.reasoning_parser, backend.tokenizer)
+            if split is not None:  # no answer when the thinking never ended: judged as the empty answer it is
+                reasoning, answer = split
                 rec.update(text=answer or "", reasoning=reasoning, answered=answer is not None)
             recs.append(rec)
         store.append(recs)
         bar.update(len(todo))
+
+
+def _split_answer(out, parser: str | None, tokenizer) -> tuple[str, str | None] | None:
+    """(thinking, answer) of a reasoning model's output, or None for another model's: split by
+    ``parser`` (harmony's markers read from the engine's tokens), or by the endpoint (vLLM with a
+    reasoning parser returns the thinking apart; an empty answer cut by the token budget was still
+    thinking)."""
+    if out.reasoning is not None:
+        unfinished = not out.text.strip() and out.finish_reason == "length"
+        return out.reasoning, None if unfinished else out.text
+    if parser:
+        text = out.text
+        if needs_special_tokens(parser) and out.tokens and tokenizer is not None:
+            text = tokenizer.decode(out.tokens, skip_special_tokens=False)
+        return split_reasoning(text, parser)
+    return None
 
 
 def _too_long(backend: Backend, prompts: list) -> dict[int, str]:
@@ -530,8 +546,8 @@ class MTBenchRunner(Runner):
         parser.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default FastChat's 1024)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--reasoning-parser", default=None,
-                            help="for a reasoning model: judge only what follows its thinking, and send only that "
-                                 f"back in turn 2 ({', '.join(REASONING_PARSERS)}: <think>...</think>)")
+                            help="for a reasoning model: judge only its answer, not its thinking, and send only that "
+                                 "back in turn 2 (think: what follows </think>; harmony: gpt-oss's final channel)")
         parser.add_argument("--mode", default="single", help="single (default) or pairwise (needs --baseline)")
         parser.add_argument("--baseline", default=None,
                             help="an mt-bench run folder: the answers pairwise grading compares against, and "
