@@ -137,7 +137,7 @@ def main() -> None:
                       f"from the eager step {diff:.2e}", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on to the next batch size
                 print(f"batch {b}: compiled step FAILED: {type(e).__name__}: {e}", flush=True)
-        del batch
+        batch = None
         model.__dict__.pop("_kept_decode", None)
         torch.cuda.empty_cache()
 

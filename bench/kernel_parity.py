@@ -23,12 +23,12 @@ import argparse
 from pathlib import Path
 
 import torch
+from recipes_mmlu import records_by_formulation  # bench/, next to this script
 
 from evalsuite.models import load_model_and_recipe
 from evalsuite.runners.mmlu import MMLUConfig, load_mmlu, render_context, run_mmlu, select
 from evalsuite.stats import paired_changes
 from evalsuite.taskdef import load_task
-from recipes_mmlu import records_by_formulation  # bench/, next to this script
 
 # recipe -> (simulated setting, real setting) of its ``kernel`` option
 PATHS = {

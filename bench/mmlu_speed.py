@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from evalsuite.engine.load import MODELS, gguf_to_folder, load
-from evalsuite.runners.mmlu import (MMLUConfig, choice_texts, encode_choices, load_mmlu, render_context, run_mmlu,
-                                    select)
+from evalsuite.runners.mmlu import MMLUConfig, choice_texts, encode_choices, load_mmlu, render_context, run_mmlu, select
 from evalsuite.taskdef import load_task
 
 TASK_YAML = """task: evalsuite_mmlu_bench

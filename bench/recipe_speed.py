@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams
 from evalsuite.assets import cache_dir
 from evalsuite.cli import parse_recipe_spec
+from evalsuite.engine.generate import DecodeBatch, Generation, SamplingParams
 from evalsuite.engine.load import load
 from evalsuite.models import load_model_and_recipe
 from evalsuite.quant import calibrate
