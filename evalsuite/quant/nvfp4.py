@@ -37,6 +37,7 @@ from .configs import NVFP4Config
 from .fp8 import E4M3_MAX, FP8StaticQuantizer, experts_share_input_amax, kv_scale, round_e4m3
 
 FP4_MAX = 6.0
+E4M3_SMALLEST = 2.0 ** -9  # E4M3's smallest subnormal
 BLOCK = 16
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1's magnitudes by code; bit 3 of a code is the sign
 
@@ -69,12 +70,17 @@ def global_scale(amax: float) -> float:
     return max(amax / (FP4_MAX * E4M3_MAX), 1e-12)
 
 
-def quantize_blocks(x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def quantize_blocks(x: Tensor, scale: float, weights: bool = False) -> tuple[Tensor, Tensor]:
     """``x`` [..., n] (n a multiple of 16) as NVFP4 with per-tensor ``scale``: its E2M1 values
-    (float32 [..., n]) and the blocks' E4M3 scales (float32 values [..., n / 16]). An all-zero
-    block has scale 0 and values 0."""
+    (float32 [..., n]) and the blocks' E4M3 scales (float32 values [..., n / 16]).
+    Activations, as the deployed kernel quantizes them: a block whose scale rounds below E4M3's
+    smallest value has scale 0 and values 0. ``weights``, as Model Optimizer's export stores them:
+    an all-zero block has scale 1, every other at least 2^-9 (E4M3's smallest value)."""
     blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
-    block_scale = round_e4m3((blocks.abs().amax(dim=-1) / (FP4_MAX * scale)).clamp(max=E4M3_MAX))
+    raw = blocks.abs().amax(dim=-1) / (FP4_MAX * scale)
+    if weights:
+        raw = torch.where(raw == 0, 1.0, raw).clamp(min=E4M3_SMALLEST)
+    block_scale = round_e4m3(raw.clamp(max=E4M3_MAX))
     step = (block_scale * scale)[..., None]
     values = round_e2m1(blocks / torch.where(step > 0, step, torch.ones_like(step)))
     return values.reshape(x.shape), block_scale
@@ -119,7 +125,7 @@ class NVFP4Linear(nn.Module):
         if w.shape[1] % BLOCK:
             raise ValueError(f"nvfp4: a projection's {w.shape[1]} inputs are not a multiple of {BLOCK}")
         scale = global_scale(weight_amax)
-        values, block_scale = quantize_blocks(w, scale)
+        values, block_scale = quantize_blocks(w, scale, weights=True)
         codes = e2m1_codes(values)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(codes, block_scale, scale, global_scale(input_amax), bias, w.dtype)

@@ -1,0 +1,191 @@
+"""The Model Optimizer recipes against NVIDIA Model Optimizer itself (nvidia-modelopt, pinned in
+scripts/reference.txt), run on the CPU on the same transformers model and calibration tokens:
+
+* fp8-modelopt (each projection its own scales) is FP8_DEFAULT_CFG + FP8_KV_CFG calibrated by max;
+* int4-awq with ``resmooth=false`` is INT4_AWQ_CFG's awq_lite search, and its default (exported)
+  form is what Model Optimizer's HF checkpoint export writes: the same codes, block scales, norms
+  and pre-quant scales;
+* nvfp4's weight and activation codes and scales are those of Model Optimizer's NVFP4 tensor
+  quantizer (NVFP4QTensor, what its export runs).
+
+What Model Optimizer runs only on CUDA is not compared here: its NVFP4 fake quantization in a
+forward (dynamic blocks) and its FP8 attention (the softmax quantizer needs its Triton kernel).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+from evalsuite.engine.load import load
+from evalsuite.quant import calibrate as calib
+from evalsuite.quant.api import apply_recipe
+from evalsuite.quant.configs import CalibrationSpec
+
+with warnings.catch_warnings():  # it warns that it was not tested with this transformers
+    warnings.simplefilter("ignore")
+    import modelopt.torch.quantization as mtq
+
+
+@pytest.fixture
+def pair(tiny_dir, calib_file):
+    """(transformers' model, the engine's, the calibration spec, its token sequences, probe
+    tokens), both float32 from one folder. Four sequences of 16 tokens: Model Optimizer averages
+    per forward call and the engine per token, which agree for calls of one length."""
+    from transformers import LlamaForCausalLM
+
+    spec = {"source": str(calib_file), "num_samples": 4, "seq_len": 16}
+    lm = load(str(tiny_dir), "float32")
+    seqs = calib.corpus(lm, CalibrationSpec(**spec))
+    assert [len(s) for s in seqs] == [16] * 4
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
+    return hf, lm, spec, seqs, tokens
+
+
+def _modelopt(hf, cfg: dict, seqs) -> torch.Tensor:
+    """``hf`` quantized in place by Model Optimizer, calibrated on ``seqs`` one call each."""
+    def forward_loop(model):
+        for s in seqs:
+            model(torch.tensor([s]))
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        mtq.quantize(hf, cfg, forward_loop)
+    return hf
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _int4_awq_cfg(block: int) -> dict:
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"] = {-1: block, "type": "static"}
+    return cfg
+
+
+def test_fp8_modelopt_is_model_optimizers_fp8(pair):
+    hf, lm, spec, seqs, tokens = pair
+    with torch.no_grad():
+        unquantized = hf(tokens).logits
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg["quant_cfg"] = cfg["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
+    _modelopt(hf, cfg, seqs)
+    apply_recipe(lm, "fp8-modelopt", {"calibration": spec, "fused_scales": False, "quantize_attention": False})
+    for i, layer in enumerate(lm.model.model.layers):
+        theirs = hf.model.layers[i]
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+            ours, ref = layer.get_submodule(name), theirs.get_submodule(name)
+            assert ours.input_scale == pytest.approx(ref.input_quantizer.amax.item() / 448, rel=1e-6), name
+            assert ours.weight_scale == pytest.approx(ref.weight_quantizer.amax.item() / 448, rel=1e-6), name
+        for kv in "kv":  # the KV cache: K after RoPE, and V
+            ref_scale = getattr(theirs.self_attn, f"{kv}_bmm_quantizer").amax.item() / 448
+            assert getattr(layer.self_attn, f"{kv}_cache_quant").scale == pytest.approx(ref_scale, rel=1e-6)
+    with torch.no_grad():
+        theirs, ours = hf(tokens).logits, lm.model(tokens)
+    assert _rel(theirs, unquantized) > 0.05  # FP8 moved this model's logits ...
+    assert _rel(ours, theirs) < 1e-5  # ... and the engine moved them as Model Optimizer did
+
+
+def test_int4_awq_is_model_optimizers_awq_lite(pair):
+    hf, lm, spec, seqs, tokens = pair
+    with torch.no_grad():
+        unquantized = hf(tokens).logits
+    _modelopt(hf, _int4_awq_cfg(32), seqs)
+    apply_recipe(lm, "int4-awq", {"calibration": spec, "block_size": 32, "resmooth": False, "kernel": "off"})
+    for name, ref in hf.named_modules():
+        if name.startswith("model.layers.") and name.endswith("_proj"):
+            ours = lm.model.get_submodule(name)
+            # Model Optimizer multiplies the input by its pre-quant scale; the engine divides by s
+            torch.testing.assert_close(1 / ours.input_scale, ref.input_quantizer.pre_quant_scale, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        theirs, ours = hf(tokens).logits, lm.model(tokens)
+    assert _rel(theirs, unquantized) > 0.05
+    assert _rel(ours, theirs) < 1e-5
+
+
+def _unpack_modelopt_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Model Optimizer's W4A16_AWQ weight [out / 2, in] uint8: rows 2j (low nibble) and 2j + 1
+    (high nibble), two's complement (quant_utils.pack_int4_in_uint8)."""
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).to(torch.int16)  # [out / 2, 2, in]
+    signed = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+    return signed.reshape(-1, packed.shape[1]).to(torch.int8)
+
+
+def test_int4_awq_export_form_is_model_optimizers_checkpoint(pair, tmp_path):
+    """The default int4-awq (resmooth=true) is the model Model Optimizer's HF export writes: q/k/v's
+    and gate/up's shared pre-quant scale folded into the norm before them, every projection's
+    INT4 codes and block scales, o_proj's and down_proj's own pre-quant scales."""
+    from modelopt.torch.export import export_hf_checkpoint
+    from safetensors.torch import load_file
+
+    hf, lm, spec, seqs, _ = pair
+    _modelopt(hf, _int4_awq_cfg(32), seqs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(hf, export_dir=tmp_path / "exported")
+    quant = json.loads((tmp_path / "exported" / "hf_quant_config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["group_size"], quant["has_zero_point"]) == ("W4A16_AWQ", 32, False)
+    tensors = load_file(tmp_path / "exported" / "model.safetensors")
+    apply_recipe(lm, "int4-awq", {"calibration": spec, "block_size": 32, "kernel": "off"})
+    compared = 0
+    for key, value in tensors.items():
+        if not key.startswith("model.layers."):
+            continue
+        module_name, _, what = key.rpartition(".")
+        ours = lm.model.get_submodule(module_name)
+        if key.endswith("layernorm.weight"):
+            torch.testing.assert_close(ours.weight, value, rtol=1e-6, atol=0)
+        elif what == "weight":
+            assert torch.equal(ours.codes, _unpack_modelopt_int4(value)), key
+        elif what == "weight_scale":
+            torch.testing.assert_close(ours.scale, value, rtol=1e-6, atol=0)
+        elif what == "pre_quant_scale":
+            assert key.endswith(("o_proj.pre_quant_scale", "down_proj.pre_quant_scale"))
+            torch.testing.assert_close(1 / ours.input_scale, value, rtol=1e-6, atol=0)
+        else:
+            continue
+        compared += 1
+    layers = lm.model.config.num_layers
+    assert compared == layers * (2 + 7 * 2 + 2)  # two norms, 7 projections' codes and scales, two pre-quant scales
+
+
+def test_nvfp4_codes_and_scales_are_model_optimizers():
+    """Weights (per-tensor scale from their absmax) and activations (the calibrated tensor scale,
+    block scales from each token) through Model Optimizer's NVFP4QTensor and the engine's
+    quantizer: the same packed E2M1 codes and E4M3 block scales, exact ties, a zero block and
+    blocks at E4M3's smallest scale included (activations are kept clear of that floor, where
+    the deployed kernel, which zeroes such a block, and the export's tensor quantizer differ)."""
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    from evalsuite.quant.nvfp4 import NVFP4Linear, e2m1_codes, global_scale, quantize_blocks
+
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(48, 64, generator=g) * torch.exp(torch.randn(48, 1, generator=g))).bfloat16()
+    weight[0, :16] = 0  # an all-zero block (scale 1 in the checkpoint) and blocks whose scales would
+    weight[1, 16:32] *= 1e-5  # round below E4M3's smallest value (2^-9 there, and some of its values nonzero)
+    weight[2, 32:48] *= 3e-6
+    linear = torch.nn.Linear(64, 48, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    linear.weight.copy_(weight)
+    ours, _ = NVFP4Linear.from_linear(linear, float(weight.abs().max()), 1.0).export()
+    ref, block_scale, tensor_scale = NVFP4QTensor.quantize(weight, 16)
+    assert tensor_scale.item() == pytest.approx(global_scale(float(weight.abs().max())), rel=1e-7)
+    assert torch.equal(ours["weight_packed"], ref._quantized_data)
+    assert torch.equal(ours["weight_scale"].view(torch.uint8), block_scale.view(torch.uint8))
+    # activations: one row of ties (each value a midpoint between E2M1 neighbours, block scale 2 at
+    # tensor scale 0.5, so the values reach the rounding as they are) and random rows
+    ties = torch.tensor([[6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0,
+                          0.0]])
+    for x, scale in ((ties, 0.5), (torch.randn(5, 64, generator=g).bfloat16() * 3, 0.02)):
+        values, blocks = quantize_blocks(x, scale)
+        ref, ref_blocks, _ = NVFP4QTensor.quantize(x, 16, weights_scaling_factor_2=torch.tensor(scale))
+        codes = e2m1_codes(values)
+        assert torch.equal(codes[..., 0::2] | (codes[..., 1::2] << 4), ref._quantized_data)
+        assert torch.equal(blocks.to(torch.float8_e4m3fn).view(torch.uint8), ref_blocks.view(torch.uint8))
