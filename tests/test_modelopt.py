@@ -1,7 +1,8 @@
 """The Model Optimizer recipes against NVIDIA Model Optimizer itself (nvidia-modelopt, pinned in
 scripts/reference.txt), run on the CPU on the same transformers model and calibration tokens:
 
-* fp8-modelopt (each projection its own scales) is FP8_DEFAULT_CFG + FP8_KV_CFG calibrated by max;
+* fp8-modelopt (each projection its own scales) is FP8_DEFAULT_CFG + FP8_KV_CFG calibrated by max,
+  and its default form holds what Model Optimizer's HF export writes for it;
 * int4-awq with ``resmooth=false`` is INT4_AWQ_CFG's awq_lite search, and its default (exported)
   form is what Model Optimizer's HF checkpoint export writes: the same codes, block scales, norms
   and pre-quant scales;
@@ -92,6 +93,49 @@ def test_fp8_modelopt_is_model_optimizers_fp8(pair):
         theirs, ours = hf(tokens).logits, lm.model(tokens)
     assert _rel(theirs, unquantized) > 0.05  # FP8 moved this model's logits ...
     assert _rel(ours, theirs) < 1e-5  # ... and the engine moved them as Model Optimizer did
+
+
+def test_fp8_modelopt_holds_model_optimizers_fp8_checkpoint(pair, tmp_path):
+    """What Model Optimizer's HF export writes for FP8: each projection's E4M3 weight and weight
+    scale (the engine's with ``fused_scales=false``, byte for byte), one input scale for q/k/v and
+    one for gate/up, the largest of the group's, and K and V cache scales amax / 448 (the
+    engine's default form: ``fused_scales`` and ``kv_scale_mode=simulate``)."""
+    from modelopt.torch.export import export_hf_checkpoint
+    from safetensors.torch import load_file
+
+    hf, lm, spec, seqs, _ = pair
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg["quant_cfg"] = cfg["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
+    _modelopt(hf, cfg, seqs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(hf, export_dir=tmp_path / "exported")
+    quant = json.loads((tmp_path / "exported" / "hf_quant_config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["kv_cache_quant_algo"]) == ("FP8", "FP8")
+    tensors = load_file(tmp_path / "exported" / "model.safetensors")
+    apart = load(str(lm.folder), "float32")
+    apply_recipe(apart, "fp8-modelopt", {"calibration": spec, "fused_scales": False})
+    apply_recipe(lm, "fp8-modelopt", {"calibration": spec})
+    compared = 0
+    for key, value in tensors.items():
+        module_name, _, what = key.rpartition(".")
+        if not key.startswith("model.layers.") or what not in ("weight", "weight_scale", "input_scale", "k_scale",
+                                                                "v_scale"):
+            continue
+        if what in ("k_scale", "v_scale"):
+            attention = lm.model.get_submodule(module_name.rpartition(".")[0])
+            assert getattr(attention, f"{what[0]}_cache_quant").scale == pytest.approx(value.item(), rel=1e-6), key
+        elif what == "input_scale":
+            assert lm.model.get_submodule(module_name).input_scale == pytest.approx(value.item(), rel=1e-6), key
+        elif what == "weight_scale":
+            assert apart.model.get_submodule(module_name).weight_scale == pytest.approx(value.item(), rel=1e-6), key
+        elif value.dtype == torch.float8_e4m3fn:
+            assert torch.equal(apart.model.get_submodule(module_name).qweight.view(torch.uint8),
+                               value.view(torch.uint8)), key
+        else:
+            continue
+        compared += 1
+    assert compared == lm.model.config.num_layers * (7 * 3 + 2)
 
 
 def test_int4_awq_is_model_optimizers_awq_lite(pair):

@@ -71,8 +71,9 @@ class FP8OfficialConfig:
 class FP8ModelOptConfig:
     """Model Optimizer FP8: every linear but lm_head; FP8 KV cache; static FP8 attention inputs.
 
-    kv_scale_mode: ``simulate`` uses amax / 448 for K and V; ``deploy`` floors those scales at 1.0
-    as Model Optimizer's checkpoint export does (its issue #20: all-1.0 KV scales).
+    kv_scale_mode: ``simulate`` uses amax / 448 for K and V, as Model Optimizer's HF checkpoint
+    export writes them; ``deploy`` floors those scales at 1.0, as its TensorRT-LLM checkpoint
+    export does (``get_kv_cache_scaling_factor``; its issue #20: all-1.0 KV scales).
     fused_scales: q/k/v and gate/up as a deploying engine loads them into one GEMM each
     (``fp8.requantize_fused``); off, every projection keeps its own scales (the model as calibrated)."""
 
