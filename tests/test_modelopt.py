@@ -5,7 +5,7 @@ scripts/reference.txt), run on the CPU on the same transformers model and calibr
   and its default form holds what Model Optimizer's HF export writes for it;
 * int4-awq with ``resmooth=false`` is INT4_AWQ_CFG's awq_lite search, and its default (exported)
   form is what Model Optimizer's HF checkpoint export writes: the same codes, block scales, norms
-  and pre-quant scales;
+  and pre-quant scales, for Llama's, Gemma's and OLMo's norms;
 * nvfp4's weight and activation codes and scales are those of Model Optimizer's NVFP4 tensor
   quantizer (NVFP4QTensor, what its export runs).
 
@@ -163,15 +163,30 @@ def _unpack_modelopt_int4(packed: torch.Tensor) -> torch.Tensor:
     return signed.reshape(-1, packed.shape[1]).to(torch.int8)
 
 
-def test_int4_awq_export_form_is_model_optimizers_checkpoint(pair, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "olmo2"])
+def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, calib_file, tmp_path):
     """The default int4-awq (resmooth=true) is the model Model Optimizer's HF export writes: q/k/v's
-    and gate/up's shared pre-quant scale folded into the norm before them, every projection's
-    INT4 codes and block scales, o_proj's and down_proj's own pre-quant scales."""
+    and gate/up's shared pre-quant scale folded into the norm before them (Gemma's multiplies by
+    1 + weight; OLMo has none there, and each projection of the group keeps that shared scale),
+    every projection's INT4 codes and block scales, o_proj's and down_proj's own pre-quant scales."""
     from modelopt.torch.export import export_hf_checkpoint
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    hf, lm, spec, seqs, _ = pair
-    _modelopt(hf, _int4_awq_cfg(32), seqs)
+    from .conftest import make_tokenizer, tiny_gemma2, tiny_olmo
+
+    folder = tiny_dir
+    if arch != "llama":
+        torch.manual_seed(0)
+        folder = tmp_path / arch
+        (tiny_gemma2(vocab=400) if arch == "gemma2" else tiny_olmo(arch, vocab=400)).save_pretrained(folder)
+        make_tokenizer().save_pretrained(folder)
+    spec = {"source": str(calib_file), "num_samples": 4, "seq_len": 16}
+    lm = load(str(folder), "float32")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if arch == "gemma2":
+        hf.config._attn_implementation = "eager"  # its capped scores
+    _modelopt(hf, _int4_awq_cfg(32), calib.corpus(lm, CalibrationSpec(**spec)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_hf_checkpoint(hf, export_dir=tmp_path / "exported")
@@ -179,26 +194,32 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(pair, tmp_path):
     assert (quant["quant_algo"], quant["group_size"], quant["has_zero_point"]) == ("W4A16_AWQ", 32, False)
     tensors = load_file(tmp_path / "exported" / "model.safetensors")
     apply_recipe(lm, "int4-awq", {"calibration": spec, "block_size": 32, "kernel": "off"})
-    compared = 0
+    compared = {"norm": 0, "codes": 0, "scale": 0, "pre_quant_scale": 0}
     for key, value in tensors.items():
         if not key.startswith("model.layers."):
             continue
         module_name, _, what = key.rpartition(".")
         ours = lm.model.get_submodule(module_name)
-        if key.endswith("layernorm.weight"):
-            torch.testing.assert_close(ours.weight, value, rtol=1e-6, atol=0)
+        if key.endswith("norm.weight"):
+            torch.testing.assert_close(ours.weight, value, rtol=1e-5, atol=1e-6)  # Gemma: (1 + w) · p - 1
+            compared["norm"] += 1
         elif what == "weight":
             assert torch.equal(ours.codes, _unpack_modelopt_int4(value)), key
+            compared["codes"] += 1
         elif what == "weight_scale":
             torch.testing.assert_close(ours.scale, value, rtol=1e-6, atol=0)
+            compared["scale"] += 1
         elif what == "pre_quant_scale":
-            assert key.endswith(("o_proj.pre_quant_scale", "down_proj.pre_quant_scale"))
             torch.testing.assert_close(1 / ours.input_scale, value, rtol=1e-6, atol=0)
-        else:
-            continue
-        compared += 1
+            compared["pre_quant_scale"] += 1
     layers = lm.model.config.num_layers
-    assert compared == layers * (2 + 7 * 2 + 2)  # two norms, 7 projections' codes and scales, two pre-quant scales
+    norms = {"llama": 2, "gemma2": 4, "olmo2": 4}[arch]  # OLMo's: after attention and MLP, and q/k's
+    scaled_inputs = 7 if arch == "olmo2" else 2  # where no norm precedes, every projection keeps one
+    assert compared == {"norm": norms * layers, "codes": 7 * layers, "scale": 7 * layers,
+                        "pre_quant_scale": scaled_inputs * layers}
+    if arch == "olmo2":  # one scale for the group, the mean of theirs, as the engine keeps it
+        attention = lm.model.model.layers[0].self_attn
+        assert torch.equal(attention.q_proj.input_scale, attention.v_proj.input_scale)
 
 
 def test_nvfp4_codes_and_scales_are_model_optimizers():
