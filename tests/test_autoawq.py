@@ -25,9 +25,8 @@ from evalsuite.quant.api import apply_recipe
 from evalsuite.quant.configs import CalibrationSpec
 from evalsuite.quant.int4_awq_asym import search_clip
 
-with warnings.catch_warnings():  # it announces its deprecation on import
-    warnings.simplefilter("ignore")
-    from awq import AutoAWQForCausalLM
+with warnings.catch_warnings():  # its import shows every DeprecationWarning from then on (and its own
+    from awq import AutoAWQForCausalLM  # notice, once); the context puts the filters back
     from awq.quantize.quantizer import AwqQuantizer
 
 
