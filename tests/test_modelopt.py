@@ -2,7 +2,8 @@
 scripts/reference.txt), run on the CPU on the same transformers model and calibration tokens:
 
 * fp8-modelopt (each projection its own scales) is FP8_DEFAULT_CFG + FP8_KV_CFG calibrated by max,
-  and its default form holds what Model Optimizer's HF export writes for it;
+  and its default form holds what Model Optimizer's HF export writes for it; on a mixture of
+  experts its scales are those of Model Optimizer's fused experts;
 * int4-awq with ``resmooth=false`` is INT4_AWQ_CFG's awq_lite search, and its default (exported)
   form is what Model Optimizer's HF checkpoint export writes: the same codes, block scales, norms
   and pre-quant scales, for Llama's, Gemma's and OLMo's norms;
@@ -93,6 +94,44 @@ def test_fp8_modelopt_is_model_optimizers_fp8(pair):
         theirs, ours = hf(tokens).logits, lm.model(tokens)
     assert _rel(theirs, unquantized) > 0.05  # FP8 moved this model's logits ...
     assert _rel(ours, theirs) < 1e-5  # ... and the engine moved them as Model Optimizer did
+
+
+def test_fp8_modelopt_scales_of_a_mixture_of_experts_are_model_optimizers(calib_file, tmp_path):
+    """Qwen3-MoE, whose experts transformers holds as 3-D tensors, which Model Optimizer quantizes as
+    fused experts: one input scale per projection for all of a layer's experts (the largest, as
+    the engine gives them), a weight scale per expert for gate and up together (the engine's
+    gate/up scale shared as one GEMM) and one for down; the router left unquantized."""
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import make_tokenizer, tiny_moe
+
+    torch.manual_seed(0)
+    folder = tmp_path / "moe"
+    tiny_moe("qwen3_moe", vocab=400).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    spec = {"source": str(calib_file), "num_samples": 4, "seq_len": 16}
+    lm = load(str(folder), "float32")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    _modelopt(hf, cfg, calib.corpus(lm, CalibrationSpec(**spec)))
+    apply_recipe(lm, "fp8-modelopt", {"calibration": spec, "quantize_attention": False})
+    checked = 0
+    for i, layer in enumerate(lm.model.model.layers):
+        theirs = hf.model.layers[i].mlp
+        if not hasattr(theirs, "experts"):  # the dense layer
+            continue
+        assert not hasattr(theirs.gate, "input_quantizer") or not theirs.gate.input_quantizer.is_enabled
+        e = theirs.experts
+        for n, ours in enumerate(layer.mlp.experts):
+            assert ours.gate_proj.input_scale == ours.up_proj.input_scale == \
+                pytest.approx(e.gate_up_proj_input_quantizer.amax.item() / 448, rel=1e-6)
+            assert ours.down_proj.input_scale == pytest.approx(e.down_proj_input_quantizer.amax.item() / 448, rel=1e-6)
+            assert ours.gate_proj.weight_scale == ours.up_proj.weight_scale == \
+                pytest.approx(e.gate_up_proj_weight_quantizers[n].amax.item() / 448, rel=1e-6)
+            assert ours.down_proj.weight_scale == \
+                pytest.approx(e.down_proj_weight_quantizers[n].amax.item() / 448, rel=1e-6)
+            checked += 1
+    assert checked == 4 * (lm.model.config.num_layers - 1)
 
 
 def test_fp8_modelopt_holds_model_optimizers_fp8_checkpoint(pair, tmp_path):
