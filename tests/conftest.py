@@ -153,6 +153,15 @@ def tiny_moe(arch: str = "qwen3_moe", window: int | None = None, vocab: int = TI
     return hf.eval()
 
 
+def fused_and_separate(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s float logits with q/k/v and gate/up run as the recipe fused them, then with
+    every projection run apart (the fusions dropped)."""
+    fused = model(tokens).float()
+    for layer in model.model.layers:
+        layer.self_attn._fused = layer.mlp._fused = None
+    return fused, model(tokens).float()
+
+
 def tiny_granite(vocab: int = TINY_VOCAB):
     """transformers' Granite, tiny and random: its four multipliers away from 1 (embeddings x12,
     sublayer outputs x0.22, attention scale 1/64, logits / 8) and MLP biases."""

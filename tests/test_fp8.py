@@ -20,7 +20,7 @@ from evalsuite.quant.fp8 import (
     round_e4m3,
 )
 
-from .conftest import needs_cpu_rowwise_scaled_mm
+from .conftest import fused_and_separate, needs_cpu_rowwise_scaled_mm
 
 # (input, nearest E4M3 value) worked out by hand from the format: 3 mantissa bits, bias 7,
 # subnormal step 2^-9, max 448, ties to the even mantissa.
@@ -404,10 +404,7 @@ def test_fp8_projections_with_shared_scales_run_fused(tiny_dir, calib_file, kern
     assert isinstance(attn._fused, FusedFP8) and isinstance(mlp._fused, FusedFP8)
     assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn._fused.inner.qweight.untyped_storage().data_ptr()
     tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox.")[:12]])
-    fused = lm.model(tokens).float()
-    for layer in lm.model.model.layers:
-        layer.self_attn._fused = layer.mlp._fused = None
-    separate = lm.model(tokens).float()
+    fused, separate = fused_and_separate(lm.model, tokens)
     assert (fused - separate).norm() / separate.norm() < 1e-3
     apart = load(str(tiny_dir), "bfloat16")
     apply_recipe(apart, "fp8-modelopt", {**over, "fused_scales": False})

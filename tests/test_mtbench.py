@@ -292,6 +292,19 @@ def test_harmony_markers_are_read_from_the_engines_tokens():
     assert _split_answer(out, None, tok) is None  # no parser: the text as decoded
 
 
+def _answers_of_a_scripted_model(reply, config: MTBenchConfig, tmp_path) -> tuple:
+    """MT-Bench run against a scripted model endpoint answering with ``reply`` and a scripted
+    judge: (the answer records, the model's server, the judge's server, the job)."""
+    job = prepare_mtbench(config)
+    with ScriptedJudge(reply=reply) as model, ScriptedJudge() as judge_srv:
+        backend = OpenAIBackend(model.base_url, "scripted", concurrency=1, max_retries=0)
+        res = run_mtbench(backend, job, tmp_path / "run", _judge(judge_srv, tmp_path), progress=False,
+                          calibration_limit=1)
+    assert res.run["status"] == "complete"
+    records = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "answer"], model, judge_srv, job
+
+
 def test_an_endpoints_own_split_is_recorded(tmp_path):
     """An endpoint that splits the reasoning itself (vLLM with a reasoning parser) returns the answer
     as the content and the thinking apart: the answer is judged, the thinking recorded; an empty
@@ -304,14 +317,7 @@ def test_an_endpoints_own_split_is_recorded(tmp_path):
             return {"content": None, "reasoning_content": "Still weighing", "finish_reason": "length"}
         return {"content": f"Answer to {user[:12]!r}.", "reasoning": "Plan."}
 
-    job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=64))
-    with ScriptedJudge(reply=split) as model, ScriptedJudge() as judge_srv:
-        backend = OpenAIBackend(model.base_url, "scripted", concurrency=1, max_retries=0)
-        res = run_mtbench(backend, job, tmp_path / "run", _judge(judge_srv, tmp_path), progress=False,
-                          calibration_limit=1)
-    assert res.run["status"] == "complete"
-    answers = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
-    answers = [r for r in answers if r["kind"] == "answer"]
+    answers, *_ = _answers_of_a_scripted_model(split, MTBenchConfig(questions=2, max_new_tokens=64), tmp_path)
     assert [(r["reasoning"], r["answered"]) for r in answers].count(("Still weighing", False)) == 1
     assert sum(r["reasoning"] == "Plan." and r["answered"] and r["text"].startswith("Answer to ")
                for r in answers) == 3
@@ -332,14 +338,8 @@ def test_a_reasoning_models_thinking_is_neither_judged_nor_sent_back(tmp_path, c
             return "<think>Let me see, and then"
         return f"<think>Plan for {len(user)} characters.</think>\n\nAnswer to {user[:12]!r}."
 
-    job = prepare_mtbench(MTBenchConfig(questions=2, max_new_tokens=64, reasoning_parser="think"))
-    with ScriptedJudge(reply=think) as model, ScriptedJudge() as judge_srv:
-        backend = OpenAIBackend(model.base_url, "scripted", concurrency=1, max_retries=0)
-        res = run_mtbench(backend, job, tmp_path / "run", _judge(judge_srv, tmp_path), progress=False,
-                          calibration_limit=1)
-    assert res.run["status"] == "complete"
-    answers = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
-    answers = [r for r in answers if r["kind"] == "answer"]
+    config = MTBenchConfig(questions=2, max_new_tokens=64, reasoning_parser="think")
+    answers, model, judge_srv, job = _answers_of_a_scripted_model(think, config, tmp_path)
     unfinished = [r for r in answers if not r["answered"]]
     assert len(answers) == 4 and len(unfinished) == 1
     assert unfinished[0]["text"] == "" and unfinished[0]["reasoning"] == "Let me see, and then"

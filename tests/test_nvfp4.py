@@ -14,6 +14,8 @@ from evalsuite.quant.api import apply_recipe
 from evalsuite.quant.checkpoint import load_quantized, quantized_modules, save_quantized
 from evalsuite.quant.nvfp4 import NVFP4Linear, block_values, e2m1_codes, e2m1_values, quantize_blocks, round_e2m1
 
+from .conftest import fused_and_separate
+
 
 def test_e2m1_rounds_to_nearest_ties_to_even():
     # midpoints go to the value whose mantissa bit is 0 (0, 1, 2, 4 and 6 even; 0.5, 1.5, 3 odd)
@@ -127,10 +129,7 @@ def test_projections_with_shared_scales_run_as_one_product(tiny_dir, calib_file)
     assert isinstance(attn._fused, FusedNVFP4) and isinstance(mlp._fused, FusedNVFP4)
     assert attn.v_proj.weight_f32.untyped_storage().data_ptr() == attn._fused.weight_f32.untyped_storage().data_ptr()
     tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox.")[:12]])
-    fused = lm.model(tokens).float()
-    for layer in lm.model.model.layers:
-        layer.self_attn._fused = layer.mlp._fused = None
-    separate = lm.model(tokens).float()
+    fused, separate = fused_and_separate(lm.model, tokens)
     assert (fused - separate).norm() / separate.norm() < 1e-3
     apart = load(str(tiny_dir), "bfloat16")
     apply_recipe(apart, "nvfp4", {**over, "fused_scales": False})
