@@ -685,12 +685,11 @@ class CausalLM(nn.Module):
             # transformers computes cos/sin in float32 (times LongRoPE's or YaRN's attention factor),
             # then casts to the activation dtype
             cos, sin = [], []
-            for inv_freq, factor in self._rope_variants():
+            for inv_freq, factor in self._rope_variants():  # times 1.0 where there is no factor: exact
                 freqs = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), inv_freq.to("cpu"))
                 emb = torch.cat((freqs, freqs), dim=-1)
-                c, s = emb.cos(), emb.sin()
-                cos.append(c * factor if factor != 1.0 else c)
-                sin.append(s * factor if factor != 1.0 else s)
+                cos.append(emb.cos() * factor)
+                sin.append(emb.sin() * factor)
             cos, sin = torch.cat(cos), torch.cat(sin)
             self._cos = cos.to(self.dtype).to(self.device)
             self._sin = sin.to(self.dtype).to(self.device)
