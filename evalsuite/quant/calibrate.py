@@ -195,7 +195,8 @@ def _forward(model: CausalLM, batch: list[list[int]]) -> None:
 # What wrote a sampled corpus besides the model and the spec: the engine's sampler and decode
 # numerics. A change to either writes another corpus, so the cached corpus and every statistic
 # computed on it are keyed by this. 2: inverse-transform sampling, decode attention by SDPA in row chunks.
-SAMPLED_CORPUS_VERSION = 2
+# 3: RMSNorm rounded as transformers rounds it (before the weight).
+SAMPLED_CORPUS_VERSION = 3
 
 
 def _cache_path(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, suffix: str) -> Path:
