@@ -9,6 +9,7 @@ model loads, and bench/gpu_check.py runs on the CPU as a smoke test.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from evalsuite.engine.generate import SamplingParams, generate
 from evalsuite.engine.score import ScoreRequest, score
 
+from . import conftest
 from .conftest import needs_cpu_rowwise_scaled_mm
 
 REQUESTS = [ScoreRequest((1, 2, 3, 4), (5, 6)), ScoreRequest((1, 2, 3, 4), (7,)), ScoreRequest((9, 8), (7, 6, 5)),
@@ -58,6 +60,48 @@ def test_server_scoring_and_calibration_follow_the_device(tiny):
     got = _on_meta_default(lambda: prompt_logprobs(tiny.model, seqs, [2, 2, 2]))
     assert [g.token_logprobs for g in got] == [w.token_logprobs for w in want]
     assert _on_meta_default(lambda: collect_amax(tiny.model, seqs)) == collect_amax(tiny.model, seqs)
+
+
+FAMILIES = {  # each family's own code: its RoPE tables, embedding scale, windows, sinks, experts
+    "gemma3": lambda: conftest.tiny_gemma3(), "olmo3": lambda: conftest.tiny_olmo("olmo3"),
+    "gpt_oss": lambda: conftest.tiny_gpt_oss(), "qwen3_moe": lambda: conftest.tiny_moe("qwen3_moe"),
+    "smollm3": lambda: conftest.tiny_smollm3(window=8), "granite": lambda: conftest.tiny_granite(),
+}
+
+
+@pytest.mark.parametrize("family, recipe", [
+    ("gemma3", "int4-awq-asym"), ("olmo3", "int4-awq"), ("gpt_oss", "fp8-modelopt"), ("qwen3_moe", "int4-awq-asym"),
+    ("smollm3", "nvfp4"), ("granite", "fp8-official"), ("phi3-longrope", "int4-awq"),
+])
+def test_each_family_and_recipe_make_their_tensors_on_the_models_device(family, recipe, longrope, calib_file,
+                                                                         tmp_path, monkeypatch):
+    """A fresh model's whole life under the "meta" default device: the recipe's calibration
+    (the model's first forwards: tables made on first use are made then), scoring, and dynamic
+    and static decode give what the same steps give on the CPU without it, calibrated anew."""
+    from evalsuite.engine.load import load
+    from evalsuite.quant.api import apply_recipe, get_recipe
+    from evalsuite.quant.configs import calibrates
+
+    path = tmp_path / family
+    if family == "phi3-longrope":
+        shutil.copytree(longrope.path, path)
+    else:
+        torch.manual_seed(0)
+        FAMILIES[family]().save_pretrained(path)
+    conftest.make_tokenizer().save_pretrained(path)  # calibration reads its text through it
+    over = {"calibration": {"source": str(calib_file)}} if calibrates(get_recipe(recipe).config) else None
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    params = [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=0.9, seed=3)]
+
+    def life(cache: str):
+        monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / cache))  # no statistics shared between the two
+        lm = load(str(path), "float32")
+        apply_recipe(lm, recipe, over)
+        return (score(lm.model, REQUESTS), [g.tokens for g in generate(lm.model, prompts, params)],
+                [g.tokens for g in generate(lm.model, prompts, params, static=True)])
+
+    on_meta = _on_meta_default(lambda: life("meta"))
+    assert on_meta == life("plain")
 
 
 @pytest.mark.parametrize("device, message", [

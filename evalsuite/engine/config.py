@@ -537,9 +537,9 @@ def _yarn_inv_freq(cfg: ModelConfig, s: YarnRope) -> "torch.Tensor":
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp  # the share of each frequency kept as it was
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
     return 1.0 / (s.factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
 
 
@@ -550,12 +550,13 @@ def rope_inv_freq(cfg: ModelConfig, long: bool = False, local: bool = False) -> 
 
     The arithmetic follows transformers' float32 order of operations exactly: positions times
     these frequencies reach ~1e4 radians at long contexts, so a float64 computation would drift
-    from the reference by more than the parity tolerance.
+    from the reference by more than the parity tolerance. On the CPU whatever torch's default
+    device: the tables are made there and moved to the model's device.
     """
     import torch
 
     dim = cfg.rotary_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     if local:
         return 1.0 / (cfg.local_rope_theta ** exponents)
     s = cfg.rope_scaling
@@ -563,7 +564,7 @@ def rope_inv_freq(cfg: ModelConfig, long: bool = False, local: bool = False) -> 
         return 1.0 / (cfg.rope_theta ** exponents) / s.factor
     if isinstance(s, LongRope):
         factors = s.long_factor if long else s.short_factor
-        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * cfg.rope_theta ** exponents)
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * cfg.rope_theta ** exponents)
     if isinstance(s, YarnRope):
         return _yarn_inv_freq(cfg, s)
     inv = 1.0 / (cfg.rope_theta ** exponents)

@@ -734,7 +734,7 @@ class CausalLM(nn.Module):
         activation dtype, in Gemma; times embedding_multiplier in Granite)."""
         x = self.model.embed_tokens(tokens)
         if self.config.gemma:  # a Python number (exact in the dtype): no tensor made in a captured graph
-            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=self.dtype).item()
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=self.dtype, device="cpu").item()
         if self.config.embedding_multiplier is not None:
             x = x * self.config.embedding_multiplier
         return x
