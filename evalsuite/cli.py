@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
         label = f"endpoint {backend.describe()['base_url']}, model {opts.model}"
     else:
         overrides = parse_recipe_config(opts.recipe_config)
-        check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device)
+        check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device, needs_tokenizer=True)
         if opts.batch_size < 1 or opts.max_batch_tokens < 1:
             raise ValueError(f"--batch-size {opts.batch_size} and --max-batch-tokens {opts.max_batch_tokens}: "
                              "both must be >= 1")
@@ -595,7 +595,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .models import check_model_args, load_model_and_recipe
 
     overrides = parse_recipe_config(args.recipe_config)
-    check_model_args(args.model, args.recipe, overrides, args.dtype, args.device)
+    check_model_args(args.model, args.recipe, overrides, args.dtype, args.device, needs_tokenizer=True)
     for key in ("max_batch_size", "max_model_len", "max_prefill_tokens"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
@@ -658,7 +658,7 @@ def _run_harness(argv: list[str]) -> int:
         raise ValueError(f"--include-path {opts.include_path!r}: not a folder (of lm-eval task YAMLs)")
     if not opts.base_url:
         overrides = parse_recipe_config(opts.recipe_config)
-        check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device)
+        check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device, needs_tokenizer=True)
     from .runners.lm_eval_harness import format_lm_eval_summary, load_tasks, run_lm_eval, task_manager
 
     manager = task_manager(opts.task, opts.include_path)  # unknown tasks are named before a model loads
@@ -801,7 +801,8 @@ def _check_lm_eval_model_args(argv: list[str]) -> None:
 
     overrides = parse_recipe_config([f"{k}={v}" for k, v in args.items() if k not in _LM_EVAL_ENGINE_ARGS])
     check_model_args(args.get("model", "smollm2-135m"), args.get("recipe", "bf16"), overrides or None,
-                     args.get("dtype", "bfloat16"), _option(argv, "--device") or args.get("device"))
+                     args.get("dtype", "bfloat16"), _option(argv, "--device") or args.get("device"),
+                     needs_tokenizer=True)
 
 
 def _quantize(args: argparse.Namespace) -> int:

@@ -11,28 +11,46 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine.options import check_device, check_dtype, source_kind
-from .quant.api import check_recipe_fits, configured_recipe, is_quantized_checkpoint
+from .engine.options import TOKENIZER_FILES, check_device, check_dtype, has_tokenizer_files, source_kind
+from .quant.api import all_recipes, check_recipe_fits, configured_recipe, is_quantized_checkpoint
+from .quant.configs import calibrates
 
 if TYPE_CHECKING:
     from .engine.load import LoadedModel
 
 
 def check_model_args(source: str, recipe: str = "bf16", overrides: dict[str, Any] | None = None,
-                     dtype: str = "bfloat16", device: str | None = None) -> None:
+                     dtype: str = "bfloat16", device: str | None = None, needs_tokenizer: bool = False) -> None:
     """Every check that needs neither torch nor a model, for a command to make first: the source
     names something loadable, the recipe exists with valid settings, a quantized checkpoint is not
-    quantized again, dtype and device are spelled right. (Whether a CUDA device exists here is
-    checked when torch is imported, still before the model loads.)"""
+    quantized again, dtype and device are spelled right, a folder holds the tokenizer that the
+    command (``needs_tokenizer``: it reads or writes text) or the recipe's calibration needs.
+    (Whether a CUDA device exists here is checked when torch is imported, still before the model
+    loads.)"""
     kind = source_kind(source)
     config = configured_recipe(recipe, overrides).config
     if kind == "folder" and (Path(source) / "config.json").is_file():
         _check_fits(source, recipe, config)
+    if kind == "folder" and not has_tokenizer_files(source):
+        _check_tokenizer_needs(source, recipe, config, needs_tokenizer)
     if is_quantized_checkpoint(source) and recipe != "bf16":
         raise ValueError(f"{source} is already quantized; run it with --recipe bf16 (no further change), "
                          f"not {recipe!r}")
     check_dtype(dtype)
     check_device(device)
+
+
+def _check_tokenizer_needs(folder: str, recipe: str, config: Any, needs_tokenizer: bool) -> None:
+    """A folder without a tokenizer serves only commands and recipes that read no text."""
+    files = ", ".join(TOKENIZER_FILES)
+    if needs_tokenizer:
+        raise ValueError(f"{folder} holds no tokenizer (none of {files}), and this command reads and writes "
+                         "text; valid: a model folder with its tokenizer's files")
+    if calibrates(config):
+        plain = [name for name, r in all_recipes().items() if not calibrates(r.config)]
+        raise ValueError(f"recipe {recipe!r} calibrates on text, and {folder} holds no tokenizer (none of {files}); "
+                         f"valid: a model folder with its tokenizer's files, or a recipe that does not calibrate: "
+                         f"{', '.join(plain)}")
 
 
 def _check_fits(folder: str, recipe: str, config: Any) -> None:

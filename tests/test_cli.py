@@ -6,6 +6,8 @@ import pytest
 
 from evalsuite.cli import main
 
+from .conftest import tiny_hf_config
+
 
 def test_run_mmlu_on_folder_model(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
@@ -144,6 +146,17 @@ BAD_ARGUMENTS = [
     (["gate", "no-such-gate.yaml"], 3, "gate file no-such-gate.yaml does not exist"),
     (["gate", "no-such-gate.yaml", "--device", "gpu"], 3, "--device 'gpu' is not a device"),
     (["plan", "--recipe", "fp9"], 2, "unknown recipe 'fp9' for planning"),
+    # a model folder without a tokenizer: refused by what needs text, before it loads
+    (["quantize", "--model", "no-tokenizer", "--recipe", "int4-awq", "--output", "q"], 2,
+     "recipe 'int4-awq' calibrates on text, and no-tokenizer holds no tokenizer (none of tokenizer.json, "
+     "tokenizer.model, tokenizer_config.json); valid: a model folder with its tokenizer's files, or a recipe that "
+     "does not calibrate: bf16, fp8-official, int4-rtn"),
+    (["run", "perplexity", "--model", "no-tokenizer"], 2, "no-tokenizer holds no tokenizer (none of tokenizer.json"),
+    (["run", "--harness", "lm-eval", "--task", "mmlu", "--model", "no-tokenizer"], 2,
+     "no-tokenizer holds no tokenizer (none of tokenizer.json"),
+    (["lm-eval", "--model", "evalsuite", "--model_args", "model=no-tokenizer", "--tasks", "x"], 2,
+     "no-tokenizer holds no tokenizer"),
+    (["serve", "--model", "no-tokenizer"], 2, "no-tokenizer holds no tokenizer"),
 ]
 
 
@@ -168,6 +181,8 @@ print(json.dumps({"results": out, "imported": heavy}))
     (tmp_path / "a-file").write_text("not a checkpoint\n")  # what quantize --output must not overwrite
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "a-folder" / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "no-tokenizer").mkdir()  # a model folder as transformers' save_pretrained writes one
+    (tmp_path / "no-tokenizer" / "config.json").write_text(json.dumps(tiny_hf_config().to_dict()))
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(BAD_ARGUMENTS)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr

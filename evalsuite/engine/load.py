@@ -21,7 +21,7 @@ import torch
 from ..assets import cache_dir, file_sha256
 from .config import ModelConfig
 from .model import CausalLM
-from .options import DEFAULT_MODEL, MODELS, ModelLoadError, check_device, check_dtype, source_kind
+from .options import DEFAULT_MODEL, MODELS, ModelLoadError, check_device, check_dtype, has_tokenizer_files, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def resolve_source(source: str) -> tuple[Path, dict[str, str] | None, str]:
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not has_tokenizer_files(folder):
         return None
     return AutoTokenizer.from_pretrained(str(folder))
 

@@ -41,6 +41,14 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"--device {device!r} is not a device; valid: cpu, cuda, cuda:N")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Whether an HF model folder holds a tokenizer (any of ``TOKENIZER_FILES``)."""
+    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
 def source_kind(source: str) -> str:
     """How ``source`` loads: "registered" (a name in MODELS), "gguf" (a .gguf file), "folder" (an
     HF model folder) or "hub" (org/name). Nothing is read or downloaded."""

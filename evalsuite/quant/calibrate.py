@@ -60,6 +60,8 @@ def token_batches(sequences: list[list[int]], max_tokens: int = 4096) -> list[li
 def corpus(lm: LoadedModel, spec: CalibrationSpec) -> list[list[int]]:
     """Token sequences to calibrate on. The sampled corpus is cached on disk per model weights and
     spec (writing it costs minutes on a CPU; every recipe that calibrates shares it)."""
+    if lm.tokenizer is None:  # the commands refuse such a folder before loading it (models.check_model_args)
+        raise ValueError(f"model {lm.info.name!r} has no tokenizer; calibration reads text through it")
     if spec.source == "sampled":
         path = _cache_path(lm, spec, "corpus", {}, ".json")
         try:

@@ -30,6 +30,11 @@ class CalibrationSpec:
             read_utf8(self.source, "calibration source")  # checked here, before a model loads
 
 
+def calibrates(config) -> bool:
+    """Whether applying a recipe config reads calibration text (int4-rtn's, AWQ's without AWQ, does not)."""
+    return hasattr(config, "calibration") and getattr(config, "awq", True)
+
+
 def coerce_calibration(config) -> None:
     """In a recipe config's ``__post_init__``: a ``calibration`` given as a dict (from a run record
     or a ``--recipe-config`` override) becomes a validated CalibrationSpec."""
