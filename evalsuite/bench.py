@@ -107,6 +107,9 @@ def kernel_path(recipe: dict[str, Any], model) -> str:
     if name == "nvfp4":  # no FP4 GEMM before Blackwell, none in torch's CPU build
         return "NVFP4 simulated: E2M1 values times their E4M3 block scales in a float32 GEMM, times the tensor " \
                "scales, rounded to the activation dtype"
+    if name == "fp8-block":  # torch's block-scaled FP8 GEMM is not wired: simulated on every device
+        return "FP8 block-scaled simulated: E4M3 values times their input-group and weight-tile scales in a " \
+               "float32 GEMM, rounded to the activation dtype"
     if not name.startswith(("fp8", "int4")):
         return dense
     fp8 = name.startswith("fp8")

@@ -50,8 +50,10 @@ GPUS = {
     "a100-40gb": GPU(40.0, (8, 0)), "a100-80gb": GPU(80.0, (8, 0)), "l40s": GPU(48.0, (8, 9)),
     "h100": GPU(80.0, (9, 0)), "h200": GPU(141.0, (9, 0)), "b200": GPU(180.0, (10, 0)),
 }
-PLAN_RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "nvfp4", "int4-awq", "int4-rtn", "int4-awq-asym")
+PLAN_RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "fp8-block", "nvfp4", "int4-awq", "int4-rtn",
+                "int4-awq-asym")
 NVFP4_BLOCK = 16
+FP8_BLOCK = 128
 INT4_BLOCK = 128
 
 
@@ -111,6 +113,8 @@ def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> i
         return out * inp + 4 * out
     if recipe == "fp8-modelopt":
         return out * inp + 4 + 4
+    if recipe == "fp8-block":  # a float32 scale per tile of 128 x 128
+        return out * inp + 4 * -(-out // FP8_BLOCK) * -(-inp // FP8_BLOCK)
     if recipe == "nvfp4":  # two E2M1 codes a byte, an E4M3 scale per block of 16, two float32 tensor scales
         return out * inp // 2 + out * inp // NVFP4_BLOCK + 4 + 4
     blocks = -(-inp // INT4_BLOCK)

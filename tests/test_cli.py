@@ -22,7 +22,7 @@ def test_run_mmlu_on_folder_model(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["run", "mmlu", "--recipe", "fp9"], "unknown recipe 'fp9'; valid: bf16, fp8-modelopt, fp8-official"),
+    (["run", "mmlu", "--recipe", "fp9"], "unknown recipe 'fp9'; valid: bf16, fp8-block, fp8-modelopt, fp8-official"),
     (["run", "nope"], "unknown task 'nope'; valid: mmlu"),
     (["run", "mmlu", "--model", "nope"], "unknown model 'nope'"),
     (["run", "mmlu", "--dtype", "int3"], "unknown dtype 'int3'; valid: bfloat16"),
@@ -150,7 +150,7 @@ BAD_ARGUMENTS = [
     (["quantize", "--model", "no-tokenizer", "--recipe", "int4-awq", "--output", "q"], 2,
      "recipe 'int4-awq' calibrates on text, and no-tokenizer holds no tokenizer (none of tokenizer.json, "
      "tokenizer.model, tokenizer_config.json); valid: a model folder with its tokenizer's files, or a recipe that "
-     "does not calibrate: bf16, fp8-official, int4-rtn"),
+     "does not calibrate: bf16, fp8-block, fp8-official, int4-rtn"),
     (["run", "perplexity", "--model", "no-tokenizer"], 2, "no-tokenizer holds no tokenizer (none of tokenizer.json"),
     (["run", "--harness", "lm-eval", "--task", "mmlu", "--model", "no-tokenizer"], 2,
      "no-tokenizer holds no tokenizer (none of tokenizer.json"),

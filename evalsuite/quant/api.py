@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .configs import FP8ModelOptConfig, FP8OfficialConfig, Int4AutoAWQConfig, Int4AWQConfig, NVFP4Config, Unquantized
+from .configs import (
+    FP8BlockConfig,
+    FP8ModelOptConfig,
+    FP8OfficialConfig,
+    Int4AutoAWQConfig,
+    Int4AWQConfig,
+    NVFP4Config,
+    Unquantized,
+)
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
@@ -192,7 +200,7 @@ def _unquantized(lm: LoadedModel, config: Unquantized) -> None:
 def _load_handlers() -> None:
     """Import the built-in recipe modules (they import torch, and register their handlers and
     module types on import)."""
-    from . import fp8, int4_awq, int4_awq_asym, nvfp4  # noqa: F401
+    from . import fp8, fp8_block, int4_awq, int4_awq_asym, nvfp4  # noqa: F401
 
 
 register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized()))
@@ -207,6 +215,12 @@ register(Recipe(
     "scales (max calibration), FP8 KV cache (static per-tensor K and V scales), static FP8 attention inputs; "
     "q/k/v and gate/up with one scale per group as TensorRT-LLM and vLLM load them fused",
     FP8ModelOptConfig()))
+register(Recipe(
+    "fp8-block",
+    "fine-grained FP8 as DeepSeek-V3's and Qwen3's FP8 checkpoints carry it: all linears but lm_head with E4M3 "
+    "weights in 128x128 tiles (a float32 scale each), inputs quantized per token in groups of 128 at run time "
+    "(dynamic, no calibration); KV cache and attention in the activation dtype; simulated",
+    FP8BlockConfig()))
 register(Recipe(
     "nvfp4",
     "NVIDIA Model Optimizer NVFP4 (Blackwell): all linears but lm_head with FP4 E2M1 weights and inputs in "

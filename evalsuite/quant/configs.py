@@ -96,6 +96,20 @@ class FP8ModelOptConfig:
 
 
 @dataclass(frozen=True)
+class FP8BlockConfig:
+    """Fine-grained FP8, as DeepSeek-V3's and Qwen3's published FP8 checkpoints carry it
+    (``quant_method: fp8``, ``weight_block_size``): every linear but lm_head with E4M3 weights in
+    tiles of block_size x block_size, a float32 scale each, and inputs quantized at run time per
+    token in groups of block_size (dynamic: no calibration)."""
+
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size}; valid: an integer >= 1 (the checkpoints use 128)")
+
+
+@dataclass(frozen=True)
 class NVFP4Config:
     """Model Optimizer NVFP4 (NVFP4_DEFAULT_CFG, max calibration): every linear but lm_head with
     FP4 weights and inputs in blocks of 16 (E4M3 block scales, a float32 scale per tensor), the

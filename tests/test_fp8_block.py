@@ -1,0 +1,153 @@
+"""fp8-block: weight tiles against transformers' fine-grained FP8 quantizer (the one that writes
+``quant_method: fp8`` checkpoints), input groups against hand-computed values, the product against
+the kernel's per-group sum written out in float64, and the recipe on the tiny model."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from evalsuite.engine.load import load
+from evalsuite.quant.api import apply_recipe
+from evalsuite.quant.checkpoint import load_quantized, quantized_modules, save_quantized
+from evalsuite.quant.fp8_block import FP8BlockLinear, FusedFP8Block, quantize_input, quantize_weight, weight_values
+
+from .conftest import fused_and_separate
+
+
+def _weight_with_every_kind_of_tile() -> torch.Tensor:
+    """[384, 256]: tiles of very different ranges, one all zero, values that land between E4M3 codes."""
+    torch.manual_seed(0)
+    w = torch.randn(384, 256)
+    w[:128, :128] *= 1e-3
+    w[128:256, 128:] *= 50
+    w[256:, :128] = 0
+    return w.to(torch.bfloat16)
+
+
+def test_weight_tiles_are_transformers_fine_grained_fp8_quantizer_s():
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    w = _weight_with_every_kind_of_tile()
+    quantizer = Fp8Quantize(types.SimpleNamespace(quantization_config=types.SimpleNamespace(
+        weight_block_size=[128, 128], scale_fmt=None)))
+    ref = quantizer.convert({"layer.weight": w})
+    codes, scale = quantize_weight(w, 128)
+    assert ref["layer.weight"].dtype == codes.dtype == torch.float8_e4m3fn
+    assert torch.equal(codes.view(torch.uint8), ref["layer.weight"].view(torch.uint8))  # every code, bit for bit
+    assert torch.equal(scale, ref["layer.weight_scale_inv"])
+    assert scale[2, 0] == 1.0 and scale.shape == (3, 2)  # the all-zero tile
+    assert len(set(scale.flatten().tolist())) == 6
+
+
+def test_dequantized_weight_is_transformers_own():
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    w = _weight_with_every_kind_of_tile()
+    codes, scale = quantize_weight(w, 128)
+    assert torch.equal(weight_values(codes, scale, 128), _dequantize_fp8_weight(codes, scale, [128, 128],
+                                                                                torch.float32))
+
+
+def test_partial_tiles_take_the_scale_of_what_they_hold():
+    """150 x 200 in tiles of 128: the edge tiles' scales come from their own values."""
+    torch.manual_seed(1)
+    w = torch.randn(150, 200)
+    w[128:, 128:] *= 0.01  # the corner tile: small values, its own small scale
+    codes, scale = quantize_weight(w, 128)
+    assert codes.shape == (150, 200) and scale.shape == (2, 2)
+    for (r, c), (rows, cols) in {(0, 0): (slice(0, 128), slice(0, 128)), (1, 1): (slice(128, 150), slice(128, 200)),
+                                 (0, 1): (slice(0, 128), slice(128, 200))}.items():
+        amax = w[rows, cols].abs().max()
+        assert scale[r, c] == 1.0 / (448.0 / amax)
+    back = weight_values(codes, scale, 128)
+    # within half an E4M3 step of each value: 2^-4 relative, or 2^-10 x the tile's scale among subnormals
+    subnormal_step = weight_values(torch.ones_like(codes), scale, 128) * 2 ** -10
+    assert ((back - w).abs() <= torch.maximum(w.abs() * 2 ** -4, subnormal_step) * (1 + 1e-6)).all()
+
+
+def test_input_groups_by_hand():
+    """Groups of 4 along the input: absmax / 448 per group, x / scale rounded to E4M3 (3 mantissa
+    bits: spacing 0.25 between 2 and 4), an all-zero group zero, the partial last group on its own."""
+    x = torch.tensor([[448.0, 1.0, -3.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7, -0.35]])
+    got = quantize_input(x, 4)
+    # group 1: scale 1 -> 448, 1, -3.25, 0; group 2: zero; group 3 (0.7, -0.35): scale 0.7 / 448,
+    # -0.35 / scale = -224 exactly
+    want = torch.tensor([[448.0, 1.0, -3.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7, -0.35]])
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    y = torch.tensor([[1.0, 0.01, 0.003, 100.0]])  # scale 100 / 448
+    got = quantize_input(y, 4)[0]
+    s = 100.0 / 448.0
+    assert got[3] == pytest.approx(100.0, rel=1e-6)
+    assert got[0] == pytest.approx(4.5 * s, rel=1e-6)  # 4.48 -> 4.5 (spacing 0.5 in [4, 8))
+    assert got[1] == pytest.approx(11 * 2 ** -8 * s, rel=1e-6)  # 0.0448 -> 11 x 2^-8 (spacing 2^-8 in [2^-5, 2^-4))
+    assert got[2] == pytest.approx(7 * 2 ** -9 * s, rel=1e-6)  # 0.01344 -> 7 x 2^-9: a subnormal
+
+
+def test_linear_is_the_kernels_per_group_sum():
+    """y = sum over groups g of (E4M3 x_g . E4M3 w_g) x scale_x[g] x scale_w[tile, g], in float64
+    here, from the codes and scales the quantizers give."""
+    torch.manual_seed(2)
+    w, x = torch.randn(200, 300), torch.randn(5, 300) * torch.logspace(-2, 2, 300)
+    q = FP8BlockLinear.from_linear(_linear(w), 128)
+    codes, scale = q.qweight.double(), q.weight_scale_inv.double()
+    want = torch.zeros(5, 200, dtype=torch.float64)
+    for g in range(3):
+        cols = slice(128 * g, min(128 * (g + 1), 300))
+        xs = x[:, cols].abs().amax(dim=1, keepdim=True) / 448.0
+        xq = (x[:, cols] / xs).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+        part = xq @ codes[:, cols].T
+        w_scale = scale[:, g].repeat_interleave(128)[:200]
+        want += part * xs.double() * w_scale[None, :]
+    got = q(x).double()
+    magnitude = x.double().abs() @ w.double().abs().T  # the float32 sums' rounding is relative to this
+    assert ((got - want).abs() <= 1e-6 * magnitude).all()
+    assert (got - x.double() @ w.double().T).abs().max() > 1e-2  # quantized: not the exact product
+
+
+def _linear(w: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    return lin.requires_grad_(False)
+
+
+def test_recipe_quantizes_every_projection_fuses_and_round_trips(tiny_dir, tmp_path):
+    lm = load(str(tiny_dir), "float32")
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
+    before = lm.model(tokens)
+    record = apply_recipe(lm, "fp8-block")
+    names = quantized_modules(lm.model)
+    assert len(names) == 7 * len(lm.model.model.layers) and "lm_head" not in names
+    assert set(names.values()) == {"FP8BlockLinear"}
+    attn, mlp = lm.model.model.layers[0].self_attn, lm.model.model.layers[0].mlp
+    assert attn.k_cache_quant is None and attn.q_bmm_quant is None  # attention and cache as they were
+    assert isinstance(attn._fused, FusedFP8Block) and isinstance(mlp._fused, FusedFP8Block)
+    after = lm.model(tokens)
+    assert 1e-4 < (after - before).norm() / before.norm() < 0.5
+    x = torch.randn(1, 7, lm.model.config.hidden_size)
+    one = attn._fused(x)  # the input's groups do not depend on the projection: the same sums, in another order
+    apart = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    assert (one - apart).abs().max() <= 1e-5 * apart.abs().max()
+    fused, separate = fused_and_separate(lm.model, tokens)  # through the layers, an ulp may flip a later rounding
+    assert (fused - separate).norm() / separate.norm() < 1e-3
+    out = save_quantized(lm, record, tmp_path / "q")
+    back, back_record = load_quantized(out, "float32")
+    assert back_record["name"] == "fp8-block" and torch.equal(back.model(tokens), after)
+
+
+def test_a_mixture_keeps_its_routers(qwen3_moe_dir):
+    lm = load(str(qwen3_moe_dir), "float32")
+    apply_recipe(lm, "fp8-block")
+    names = quantized_modules(lm.model)
+    assert "model.layers.0.mlp.experts.3.down_proj" in names and "model.layers.0.mlp.gate" not in names
+    tokens = torch.tensor([[5, 9, 2, 7, 1, 8]])
+    assert torch.isfinite(lm.model(tokens)).all()
+
+
+def test_bad_block_size_is_refused_before_a_model_loads():
+    from evalsuite.quant.api import configured_recipe
+
+    with pytest.raises(ValueError, match="block_size=0; valid: an integer >= 1"):
+        configured_recipe("fp8-block", {"block_size": 0})
