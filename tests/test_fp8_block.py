@@ -4,6 +4,7 @@ the kernel's per-group sum written out in float64, and the recipe on the tiny mo
 
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
@@ -151,3 +152,103 @@ def test_bad_block_size_is_refused_before_a_model_loads():
 
     with pytest.raises(ValueError, match="block_size=0; valid: an integer >= 1"):
         configured_recipe("fp8-block", {"block_size": 0})
+
+
+def _fp8_checkpoints(root):
+    """A tiny Llama whose projections 128 tiles (hidden 128, four heads of 32, MLP 256) saved
+    twice: unquantized, and as a fine-grained FP8 checkpoint is published, every projection's
+    E4M3 weight and ``weight_scale_inv`` written by transformers' quantizer."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    from .conftest import make_tokenizer, tiny_hf_config
+
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(tiny_hf_config(hidden_size=128, intermediate_size=256, num_key_value_heads=4,
+                                         num_hidden_layers=2)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1) if p.dim() == 2 else None
+    plain, fp8 = root / "plain", root / "fp8"
+    hf.save_pretrained(plain)
+    quantizer = Fp8Quantize(types.SimpleNamespace(quantization_config=types.SimpleNamespace(
+        weight_block_size=[128, 128], scale_fmt=None)))
+    state = {}
+    for key, tensor in hf.state_dict().items():
+        projection = key.endswith("_proj.weight")
+        state.update(quantizer.convert({key: tensor}) if projection else {key: tensor.contiguous()})
+    fp8.mkdir()
+    save_file(state, str(fp8 / "model.safetensors"))
+    config = json.loads((plain / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    for folder in (plain, fp8):
+        make_tokenizer().save_pretrained(folder)
+    return hf, plain, fp8
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory):
+    return _fp8_checkpoints(tmp_path_factory.mktemp("fp8-published"))
+
+
+def test_a_published_fine_grained_fp8_checkpoint_runs_as_published(fp8_checkpoints, monkeypatch):
+    """Loaded with fp8-block, the published codes and scales are the model's (nothing quantized
+    again): the same logits as the recipe applied to the unquantized model, since the recipe's
+    quantizer is transformers'; and with the inputs left unquantized, transformers' own model on
+    that checkpoint (it dequantizes the weights on a CPU)."""
+    import transformers
+
+    from evalsuite.models import load_model_and_recipe
+    from evalsuite.quant import fp8_block
+
+    _hf, plain, fp8 = fp8_checkpoints
+    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(4))
+    published, record = load_model_and_recipe(str(fp8), "fp8-block", "float32")
+    assert record["name"] == "fp8-block" and published.model.config.fp8_block == 128
+    mods = quantized_modules(published.model)
+    assert len(mods) == 14 and set(mods.values()) == {"FP8BlockLinear"}
+    ours, _ = load_model_and_recipe(str(plain), "fp8-block", "float32")
+    assert torch.equal(published.model(tokens), ours.model(tokens))
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(fp8), dtype=torch.float32).eval()
+    assert ref.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # dequantized on the CPU
+    with torch.no_grad():
+        want = ref(tokens).logits
+    monkeypatch.setattr(fp8_block, "quantize_input", lambda x, block: x.float())
+    assert (published.model(tokens) - want).abs().max() <= 1e-4
+
+
+def test_a_published_fp8_checkpoint_refuses_other_recipes_before_it_loads(fp8_checkpoints, monkeypatch):
+    from evalsuite.models import check_model_args
+
+    _hf, _plain, fp8 = fp8_checkpoints
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=r"recipe 'bf16': the checkpoint is published in fine-grained FP8 .*128 x "
+                                         r"128 tiles.*; valid for this model: fp8-block$"):
+        check_model_args(str(fp8), "bf16")
+    with pytest.raises(ValueError, match=r"block_size=64, and the checkpoint's tiles are 128 x 128; valid: "
+                                         r"block_size=128"):
+        check_model_args(str(fp8), "fp8-block", {"block_size": 64})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"activation_scheme": "static"}, "activation_scheme 'static'"),
+    ({"weight_block_size": [128, 64]}, "weight_block_size [128, 64]"),
+    ({"scale_fmt": "ue8m0"}, "scale_fmt 'ue8m0'"),
+])
+def test_other_fp8_checkpoints_are_refused_naming_what_differs(change, message):
+    from evalsuite.engine.config import ModelConfig, UnsupportedModelError
+
+    from .conftest import tiny_hf_config
+
+    hf = tiny_hf_config().to_dict()
+    hf["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                 "weight_block_size": [128, 128], **change}
+    refusal = rf"FP8 checkpoint with .*{re.escape(message)}.*weight_block_size \[n, n\]"
+    with pytest.raises(UnsupportedModelError, match=refusal):
+        ModelConfig.from_hf(hf)

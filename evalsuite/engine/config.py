@@ -132,6 +132,10 @@ class ModelConfig:
     attention_sinks: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
+    # a fine-grained FP8 checkpoint as DeepSeek-V3 and Qwen3 publish them (quant_method fp8,
+    # weight_block_size [n, n], dynamic activations): the tile n its linears' E4M3 weights are
+    # scaled in; they load as published (recipe fp8-block), a linear without scales stays as stored
+    fp8_block: int | None = None
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -271,7 +275,7 @@ class ModelConfig:
                              ("shared_expert_intermediate_size", 0), ("o_bias", False), ("attention_sinks", False),
                              ("swiglu_limit", None), ("swiglu_alpha", None), ("mlp_bias", False),
                              ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None),
-                             ("rope_layers", None)):
+                             ("rope_layers", None), ("fp8_block", None)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -310,8 +314,10 @@ class ModelConfig:
                 f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and the text models of gemma3 and "
                 "mistral3); "
                 "a model the engine does not run can be evaluated where a server runs it (--base-url)")
-        method = (hf.get("quantization_config") or {}).get("quant_method")
-        if hf.get("quantization_config") and not (model_type == "gpt_oss" and method == "mxfp4"):
+        quant = hf.get("quantization_config") or {}
+        method = quant.get("quant_method")
+        fp8_block = _fp8_block(quant) if method == "fp8" else None
+        if quant and fp8_block is None and not (model_type == "gpt_oss" and method == "mxfp4"):
             # its low-bit tensors and their scales would be read as plain weights
             raise UnsupportedModelError(
                 f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
@@ -449,6 +455,7 @@ class ModelConfig:
             attn_logit_softcapping=_float_or_none(hf.get("attn_logit_softcapping")) if gemma else None,
             final_logit_softcapping=_float_or_none(hf.get("final_logit_softcapping")) if gemma else None,
             **moe,
+            fp8_block=fp8_block,
             architecture=model_type,
         )
 
@@ -520,6 +527,25 @@ def _yarn(src: dict[str, Any], hf: dict[str, Any], max_len: int) -> YarnRope:
 def rope_attention_factor(cfg: ModelConfig) -> float:
     """The factor on cos and sin (LongRoPE's or YaRN's; 1 otherwise)."""
     return cfg.rope_scaling.attention_factor if isinstance(cfg.rope_scaling, (LongRope, YarnRope)) else 1.0
+
+
+def _fp8_block(quant: dict[str, Any]) -> int:
+    """The tile of a fine-grained FP8 checkpoint (``quant_method: fp8``), which loads as published:
+    E4M3 weights in square tiles with float32 scales, inputs quantized per token group at run time.
+    Another FP8 form is refused, naming what differs."""
+    block = quant.get("weight_block_size")
+    valid = {"activation_scheme": ("dynamic",), "fmt": ("e4m3",), "scale_fmt": (None, "float32")}
+    differs = {k: quant.get(k, v[0]) for k, v in valid.items() if quant.get(k, v[0]) not in v}
+    square = isinstance(block, list) and len(block) == 2 and block[0] == block[1] and isinstance(block[0], int) \
+        and block[0] > 0
+    if not square or differs:
+        raise UnsupportedModelError(
+            f"config.json: an FP8 checkpoint with weight_block_size {block!r}"
+            + "".join(f", {k} {v!r}" for k, v in differs.items())
+            + "; the engine loads fine-grained FP8 as DeepSeek-V3 and Qwen3 publish it (weight_block_size [n, n], "
+            "activation_scheme dynamic, fmt e4m3, float32 scales): load the unquantized model and name the recipe, "
+            "or evaluate this checkpoint where a server runs it (--base-url)")
+    return block[0]
 
 
 def _yarn_inv_freq(cfg: ModelConfig, s: YarnRope) -> "torch.Tensor":

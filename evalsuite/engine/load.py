@@ -144,9 +144,15 @@ def _read_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
             part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
         except (SafetensorError, RuntimeError, OSError, EOFError) as e:
             raise ModelLoadError(f"cannot read weights file {f}: {e} (the file is corrupt or truncated)") from None
-        # integer tensors (gpt-oss's MXFP4 codes and exponents) as stored: from_state_dict decodes them
-        state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()})
+        # as stored: integer tensors (gpt-oss's MXFP4 codes and exponents), E4M3 weights and their
+        # float32 tile scales (fine-grained FP8); from_state_dict decodes or keeps them
+        state.update({k: v.to(dtype) if v.is_floating_point() and not _stored_as_is(k, v) else v
+                      for k, v in part.items()})
     return state
+
+
+def _stored_as_is(key: str, tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale_inv")
 
 
 def load_folder(folder: Path, dtype: torch.dtype = torch.bfloat16) -> CausalLM:
@@ -160,6 +166,7 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
     shared, not copied)."""
     state = _split_fused(cfg, _text_model(dict(state), folder))
     state = _gpt_oss_experts(state, dtype) if cfg.gpt_oss else _experts(state)
+    tiles = _fp8_tiles(cfg, state, dtype, folder)
     with torch.device("meta"):
         model = CausalLM(cfg, dtype)
     expected = set(model.state_dict())
@@ -180,8 +187,51 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.requires_grad_(False)
+    if tiles:
+        from ..quant.fp8_block import FP8BlockLinear  # the recipe's module: the checkpoint as published
+
+        for name, (codes, scale) in tiles.items():
+            parent, attr = name.rsplit(".", 1)
+            bias = model.get_submodule(name).bias
+            setattr(model.get_submodule(parent), attr, FP8BlockLinear(codes, scale, cfg.fp8_block, bias, dtype))
     model.fuse_projections()
     return model.eval()
+
+
+def _fp8_tiles(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+               folder: Path | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A fine-grained FP8 checkpoint's projections: each E4M3 ``weight`` beside its float32
+    ``weight_scale_inv`` (one per tile of the weight), taken out by projection name, and its
+    place in ``state`` held by the decoded weight, so that the model builds as for any other
+    checkpoint (from_state_dict then swaps in the FP8 modules). A projection the publisher left
+    unquantized has no scales and stays as stored."""
+    if cfg.fp8_block is None:
+        return {}
+    from ..quant.fp8_block import weight_values
+
+    block, tiles = cfg.fp8_block, {}
+    for key in [k for k in state if k.endswith(".weight_scale_inv")]:
+        name, scale = key.removesuffix(".weight_scale_inv"), state.pop(key)
+        codes = state.get(f"{name}.weight")
+        if codes is None or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
+            raise ModelLoadError(f"{key} in {folder} scales no 2-D E4M3 weight ({name}.weight: "
+                                 f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
+        if name == "lm_head" or name.endswith("embed_tokens"):
+            raise ModelLoadError(f"{name} in {folder} is stored in FP8; the engine runs lm_head and the embeddings "
+                                 "as published checkpoints keep them, in the model's dtype")
+        shape = (-(-codes.shape[0] // block), -(-codes.shape[1] // block))
+        if tuple(scale.shape) != shape:
+            raise ModelLoadError(f"{key} in {folder} has shape {tuple(scale.shape)}; the tiles of {block} x {block} "
+                                 f"of a {tuple(codes.shape)} weight need {shape}")
+        tiles[name] = (codes, scale.float())
+        state[f"{name}.weight"] = weight_values(codes, scale.float(), block).to(dtype)
+    if not tiles:
+        raise ModelLoadError(f"config.json in {folder} declares fine-grained FP8, and no weight there has a "
+                             "weight_scale_inv")
+    stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
+    if stray:
+        raise ModelLoadError(f"{len(stray)} E4M3 tensors in {folder} have no weight_scale_inv, e.g. {stray[:3]}")
+    return tiles
 
 
 # where a vision-language checkpoint keeps its text model (Gemma 3 4B and up, as published and as

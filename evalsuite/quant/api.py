@@ -150,7 +150,16 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     norm, so the deployed shared expert reads its input divided by the routed experts' scale: a
     checkpoint this engine does not reproduce. gpt-oss's experts clamp gate and up and add 1 to up,
     so no scale folds from up into down; AutoAWQ has no form for it. AutoAWQ folds every q/k/v and
-    gate/up scale into the norm before them, which OLMo's layer does not have."""
+    gate/up scale into the norm before them, which OLMo's layer does not have.
+    A fine-grained FP8 checkpoint as published runs as such: fp8-block, with its tile size."""
+    if cfg.fp8_block is not None:
+        if not isinstance(config, FP8BlockConfig):
+            return (f"the checkpoint is published in fine-grained FP8 (E4M3 weights in {cfg.fp8_block} x "
+                    f"{cfg.fp8_block} tiles), which runs as published; load the unquantized model for other recipes")
+        if config.block_size != cfg.fp8_block:
+            return (f"block_size={config.block_size}, and the checkpoint's tiles are {cfg.fp8_block} x "
+                    f"{cfg.fp8_block}; valid: block_size={cfg.fp8_block}")
+        return None
     if isinstance(config, NVFP4Config):
         odd = sorted({f"{name} ({inp} inputs)" for i in range(cfg.num_layers)
                       for name, _out, inp in cfg.layer_projections(i) if inp % 16})

@@ -18,6 +18,10 @@ the values it holds, as the kernels mask them.
 Every linear but lm_head and the routers of mixtures of experts; the KV cache and the attention
 products stay in the activation dtype, as in those checkpoints.
 
+Published checkpoints of this form (config.json ``quant_method: fp8``, ``weight_block_size [n, n]``)
+load as published: their codes and tile scales become these modules (``engine.load``), and the
+recipe quantizes nothing more.
+
 Simulated on every device: the inputs' E4M3 values times their group scales meet the weights'
 E4M3 values times their tile scales (both float32) in one float32 GEMM. That is the kernel's sum,
 up to float32 rounding order. Run records say so.
@@ -157,6 +161,10 @@ def _product(x: Tensor, weight_f32: Tensor, block: int, bias: Tensor | None) -> 
 @handler(FP8BlockConfig)
 @torch.no_grad()
 def apply_fp8_block(lm: LoadedModel, config: FP8BlockConfig) -> None:
+    """Quantize every projection; a checkpoint published in this form loaded as it is (its
+    projections without scales, which the publisher kept, stay as they are)."""
+    if lm.model.config.fp8_block is not None:
+        return
     made = [(parent, attr, FP8BlockLinear.from_linear(getattr(parent, attr), config.block_size))
             for parent, attr, _name in projections(lm.model)]
     for parent, attr, q in made:
