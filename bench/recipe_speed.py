@@ -102,9 +102,9 @@ def main() -> None:
     p.add_argument("--only", choices=("eval", "awq", "decode"), default=None)
     args = p.parse_args()
     if args.only in (None, "eval"):
-        times = eval_times(["bf16", "fp8-modelopt", "fp8-official", "nvfp4"], args.per_subject, args.reps)
+        times = eval_times(["bf16", "fp8-modelopt", "fp8-official", "fp8-block", "nvfp4"], args.per_subject, args.reps)
         med = {r: statistics.median(v) for r, v in times.items()}
-        for r in ("fp8-modelopt", "fp8-official", "nvfp4"):
+        for r in ("fp8-modelopt", "fp8-official", "fp8-block", "nvfp4"):
             print(f"MMLU letter ({args.per_subject}/subject), median of {args.reps}: bf16 {med['bf16']:.1f} s, "
                   f"{r} {med[r]:.1f} s -> {med[r] / med['bf16']:.2f}x (target for fp8-modelopt <= 1.3x); "
                   f"per-rep ratios {[round(f / b, 2) for b, f in zip(times['bf16'], times[r])]}")
