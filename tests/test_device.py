@@ -66,12 +66,13 @@ FAMILIES = {  # each family's own code: its RoPE tables, embedding scale, window
     "gemma3": lambda: conftest.tiny_gemma3(), "olmo3": lambda: conftest.tiny_olmo("olmo3"),
     "gpt_oss": lambda: conftest.tiny_gpt_oss(), "qwen3_moe": lambda: conftest.tiny_moe("qwen3_moe"),
     "smollm3": lambda: conftest.tiny_smollm3(window=8), "granite": lambda: conftest.tiny_granite(),
+    "mixtral": lambda: conftest.tiny_moe("mixtral", window=8),
 }
 
 
 @pytest.mark.parametrize("family, recipe", [
     ("gemma3", "int4-awq-asym"), ("olmo3", "int4-awq"), ("gpt_oss", "fp8-modelopt"), ("qwen3_moe", "int4-awq-asym"),
-    ("smollm3", "nvfp4"), ("granite", "fp8-official"), ("phi3-longrope", "int4-awq"),
+    ("smollm3", "nvfp4"), ("granite", "fp8-official"), ("phi3-longrope", "int4-awq"), ("mixtral", "fp8-block"),
 ])
 def test_each_family_and_recipe_make_their_tensors_on_the_models_device(family, recipe, longrope, calib_file,
                                                                          tmp_path, monkeypatch):
