@@ -88,6 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="apply a recipe and save the quantized checkpoint")
     _model_options(qz)
     qz.add_argument("--output", required=True, help="folder for config.json, model.safetensors, quantization.json")
+    qz.add_argument("--format", choices=["evalsuite", "hf"], default="evalsuite",
+                    help="evalsuite: the engine's checkpoint (any recipe, loads back as saved); hf: the form the "
+                         "recipe's published checkpoints take, for vLLM, SGLang and transformers (fp8-block)")
 
     from .plan import GPUS, PLAN_RECIPES
 
@@ -810,8 +813,10 @@ def _quantize(args: argparse.Namespace) -> int:
 
     overrides = parse_recipe_config(args.recipe_config)
     check_model_args(args.model, args.recipe, overrides, args.dtype, args.device)
-    from .quant.api import QUANT_FILE  # the registry: no torch
+    from .quant.api import QUANT_FILE, check_hf_export  # the registry: no torch
 
+    if args.format == "hf":
+        check_hf_export(args.recipe)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out}: a file is there; valid: a new folder, an empty one, or a quantized "
@@ -819,10 +824,10 @@ def _quantize(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not (out / QUANT_FILE).is_file():
         raise ValueError(f"--output {out}: the folder holds files that are no quantized checkpoint; valid: a new "
                          "folder, an empty one, or a quantized checkpoint folder to replace")
-    from .quant.checkpoint import quantized_modules, save_quantized  # torch: once the arguments are checked
+    from .quant.checkpoint import quantized_modules, save_hf, save_quantized  # torch: once the arguments are checked
 
     lm, recipe = load_model_and_recipe(args.model, args.recipe, args.dtype, overrides, args.device)
-    out = save_quantized(lm, recipe, out)
+    out = (save_hf if args.format == "hf" else save_quantized)(lm, recipe, out)
     print(f"{len(quantized_modules(lm.model))} quantized modules, recipe {recipe['name']}: {out}")
     return 0
 

@@ -252,3 +252,54 @@ def test_other_fp8_checkpoints_are_refused_naming_what_differs(change, message):
     refusal = rf"FP8 checkpoint with .*{re.escape(message)}.*weight_block_size \[n, n\]"
     with pytest.raises(UnsupportedModelError, match=refusal):
         ModelConfig.from_hf(hf)
+
+
+def test_quantize_format_hf_writes_the_published_form(fp8_checkpoints, tmp_path):
+    """``quantize --format hf`` on the unquantized model writes what transformers' quantizer wrote
+    for the published checkpoint, tensor for tensor, with its quantization_config."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from evalsuite.cli import main
+
+    _hf, plain, fp8 = fp8_checkpoints
+    out = tmp_path / "hf"
+    argv = ["quantize", "--model", str(plain), "--recipe", "fp8-block", "--dtype", "float32", "--format", "hf",
+            "--output", str(out)]
+    assert main(argv) == 0
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(fp8 / "model.safetensors"))
+    assert set(got) == set(want) and any(t.dtype == torch.float8_e4m3fn for t in want.values())
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((fp8 / "config.json").read_text())["quantization_config"]
+
+
+def test_quantize_format_hf_of_a_mixture_loads_back_as_published(qwen3_moe_dir, tmp_path):
+    """transformers saves Qwen3-MoE's experts one by one, as its checkpoints hold them: the export
+    keeps those names, its routers unquantized, and loads back as published to the same logits."""
+    from evalsuite.cli import main
+    from evalsuite.models import load_model_and_recipe
+
+    out = tmp_path / "hf"
+    assert main(["quantize", "--model", str(qwen3_moe_dir), "--recipe", "fp8-block", "--dtype", "float32",
+                 "--format", "hf", "--output", str(out)]) == 0
+    tokens = torch.tensor([[5, 9, 2, 7, 1, 8, 3]])
+    ours, _ = load_model_and_recipe(str(qwen3_moe_dir), "fp8-block", "float32")
+    published, _ = load_model_and_recipe(str(out), "fp8-block", "float32")
+    names = quantized_modules(published.model)
+    assert "model.layers.0.mlp.experts.3.up_proj" in names and "model.layers.0.mlp.gate" not in names
+    assert torch.equal(published.model(tokens), ours.model(tokens))
+
+
+def test_quantize_format_hf_refuses_a_family_whose_checkpoint_names_differ(longrope, tmp_path, capsys):
+    """Phi-3's checkpoints fuse q/k/v and gate/up, which the engine splits: no export under its names."""
+    from evalsuite.cli import main
+
+    argv = ["quantize", "--model", str(longrope.path), "--recipe", "fp8-block", "--format", "hf", "--output",
+            str(tmp_path / "hf")]
+    assert main(argv) == 2
+    assert "under other names than its checkpoint (e.g. ['model.layers.0.mlp.gate_proj.weight'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -84,7 +84,7 @@ def load(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "bfloat16",
     folder, hashes, name = resolve_source(source)
     model = load_folder(folder, dtype).to(device)
     if hashes is None:
-        hashes = {p.name: file_sha256(p) for p in _weight_files(folder)}
+        hashes = {p.name: file_sha256(p) for p in weight_files(folder)}
     tokenizer = load_tokenizer(folder)
     info = ModelInfo(name=name, source=str(source), weights_sha256=hashes, dtype=str(dtype).split(".")[-1],
                      config=model.config.to_dict())
@@ -114,7 +114,7 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     return files or sorted(folder.glob("pytorch_model*.bin"))
 
@@ -135,7 +135,7 @@ def _read_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = _weight_files(folder)
+    files = weight_files(folder)
     if not files:
         raise ModelLoadError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
     state: dict[str, torch.Tensor] = {}

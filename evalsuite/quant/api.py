@@ -98,6 +98,17 @@ def module_types() -> dict[str, type]:
     return dict(MODULE_TYPES)
 
 
+# recipes whose quantized model ``quantize --format hf`` writes as their published checkpoints are
+# written (checkpoint.save_hf), for the engines that serve those
+HF_EXPORTS = ("fp8-block",)
+
+
+def check_hf_export(recipe: str) -> None:
+    if recipe not in HF_EXPORTS:
+        raise ValueError(f"--format hf: recipe {recipe!r} has no HF export here; valid: {', '.join(HF_EXPORTS)} "
+                         "(or --format evalsuite, the engine's own checkpoint)")
+
+
 QUANT_FILE = "quantization.json"  # marks a folder as a checkpoint that ``checkpoint.save_quantized`` wrote
 
 

@@ -17,9 +17,18 @@ import torch
 from torch import nn
 
 from ..assets import file_sha256
-from ..engine.load import LoadedModel, ModelInfo, ModelLoadError, load_tokenizer, parse_device, parse_dtype, read_config
+from ..engine.load import (
+    LoadedModel,
+    ModelInfo,
+    ModelLoadError,
+    load_tokenizer,
+    parse_device,
+    parse_dtype,
+    read_config,
+    weight_files,
+)
 from ..engine.model import CausalLM
-from .api import QUANT_FILE, module_types, place
+from .api import QUANT_FILE, check_hf_export, module_types, place
 
 
 class CheckpointError(ModelLoadError):
@@ -61,6 +70,60 @@ def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     # safetensors writes its file readable by the owner only; the folder is meant to be shared and
     # served, so the weights take the mode every other file here got from the umask
     shutil.copymode(out / QUANT_FILE, out / "model.safetensors")
+    return out
+
+
+def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
+    """The quantized model in the form its published checkpoints take, which vLLM, SGLang and
+    transformers load (the recipes in ``api.HF_EXPORTS``): for fp8-block, each projection's E4M3 ``weight`` beside
+    its float32 ``weight_scale_inv``, every other tensor under its name in the source checkpoint,
+    and config.json's ``quantization_config``. The engine's names must be the source checkpoint's:
+    families whose checkpoints fuse or stack projections (Phi-3, mixtures of experts) are refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .fp8_block import FP8BlockLinear
+
+    check_hf_export(recipe["name"])
+    if lm.folder is None:
+        raise ValueError(f"model {lm.info.name!r} was not loaded from a folder; its config.json is unknown")
+    model = lm.model
+    tensors: dict[str, torch.Tensor] = {}
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, FP8BlockLinear)}
+    for name, module in quantized.items():
+        tensors[f"{name}.weight"] = module.qweight.contiguous()
+        tensors[f"{name}.weight_scale_inv"] = module.weight_scale_inv.contiguous()
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().contiguous()
+    prefixes = tuple(f"{n}." for n in quantized)
+    for key, value in model.state_dict().items():
+        if not key.startswith(prefixes) and not (key == "lm_head.weight" and model.config.tie_word_embeddings):
+            tensors[key] = value.detach().clone().contiguous()
+    source = set()
+    for f in weight_files(Path(lm.folder)):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as st:
+                source.update(st.keys())
+        else:
+            source.update(torch.load(f, weights_only=True, mmap=True, map_location="cpu"))
+    renamed = sorted(k.removesuffix("_scale_inv") for k in tensors if k.removesuffix("_scale_inv") not in source)
+    if renamed:
+        raise ValueError(f"--format hf: the engine holds {model.config.architecture}'s weights under other names than "
+                         f"its checkpoint (e.g. {renamed[:3]}), which an HF export must keep; valid: --format "
+                         "evalsuite")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((Path(lm.folder) / "config.json").read_text())
+    block = recipe["config"]["block_size"]
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in ("generation_config.json",):
+        if (Path(lm.folder) / extra).is_file():
+            shutil.copy(Path(lm.folder) / extra, out / extra)
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(str(out))
+    shutil.copymode(out / "config.json", out / "model.safetensors")
     return out
 
 
