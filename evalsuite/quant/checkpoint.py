@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,11 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
         raise ValueError(f"--format hf: the engine holds {model.config.architecture}'s weights under other names than "
                          f"its checkpoint (e.g. {renamed[:3]}), which an HF export must keep; valid: --format "
                          "evalsuite")
+    block = recipe["config"]["block_size"]
+    _warn_vllm_tiles(model.config, block)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((Path(lm.folder) / "config.json").read_text())
-    block = recipe["config"]["block_size"]
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": [block, block]}
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -125,6 +127,19 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
         lm.tokenizer.save_pretrained(str(out))
     shutil.copymode(out / "config.json", out / "model.safetensors")
     return out
+
+
+def _warn_vllm_tiles(cfg, block: int) -> None:
+    """vLLM runs q/k/v and gate/up as one GEMM each and refuses block-scaled weights whose tiles
+    would straddle two of them (``validate_fp8_block_shape``: every part but the last a multiple of
+    the tile): say so where the export will not load there."""
+    gate = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
+    odd = {name: size for name, size in (("q", cfg.q_size), ("k", cfg.kv_size), ("gate", gate)) if size % block}
+    if odd:
+        sizes = ", ".join(f"{name} {size}" for name, size in odd.items())
+        warnings.warn(f"vLLM fuses q/k/v and gate/up and needs q's, k's and gate's output sizes to be multiples of "
+                      f"the {block} x {block} tiles; this model's {sizes} are not, so vLLM will refuse the export "
+                      "(the engine and transformers load it)", stacklevel=2)
 
 
 def load_quantized(folder: str | Path, dtype: str | torch.dtype = "bfloat16",
