@@ -76,10 +76,11 @@ def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
 
 def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     """The quantized model in the form its published checkpoints take, which vLLM, SGLang and
-    transformers load (the recipes in ``api.HF_EXPORTS``): for fp8-block, each projection's E4M3 ``weight`` beside
-    its float32 ``weight_scale_inv``, every other tensor under its name in the source checkpoint,
-    and config.json's ``quantization_config``. The engine's names must be the source checkpoint's:
-    families whose checkpoints fuse or stack projections (Phi-3, mixtures of experts) are refused."""
+    transformers load (the recipes in ``api.HF_EXPORTS``): for fp8-block, each projection's E4M3
+    ``weight`` beside its float32 ``weight_scale_inv``, every other tensor under its name in the
+    source checkpoint, and config.json's ``quantization_config``. The engine's names must be the
+    source checkpoint's: a checkpoint that fuses projections the engine splits (Phi-3's q/k/v) or
+    stacks a mixture's experts is refused."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -107,7 +108,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
                 source.update(st.keys())
         else:
             source.update(torch.load(f, weights_only=True, mmap=True, map_location="cpu"))
-    renamed = sorted(k.removesuffix("_scale_inv") for k in tensors if k.removesuffix("_scale_inv") not in source)
+    renamed = sorted(k for k in tensors if k not in source and not k.endswith(".weight_scale_inv"))
     if renamed:
         raise ValueError(f"--format hf: the engine holds {model.config.architecture}'s weights under other names than "
                          f"its checkpoint (e.g. {renamed[:3]}), which an HF export must keep; valid: --format "
@@ -120,9 +121,8 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": [block, block]}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    for extra in ("generation_config.json",):
-        if (Path(lm.folder) / extra).is_file():
-            shutil.copy(Path(lm.folder) / extra, out / extra)
+    if (Path(lm.folder) / "generation_config.json").is_file():
+        shutil.copy(Path(lm.folder) / "generation_config.json", out / "generation_config.json")
     if lm.tokenizer is not None:
         lm.tokenizer.save_pretrained(str(out))
     shutil.copymode(out / "config.json", out / "model.safetensors")
