@@ -45,12 +45,10 @@ def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_sub
                per_article: int | None, root: Path, formulations: list[str] | None = None,
                mtbench_questions: int | None = None, mtbench_tokens: int | None = None,
                device: str | None = None, baseline: str | None = None) -> StudyPlan:
-    from .engine.options import check_device
-    from .quant.api import get_recipe
+    from .models import check_model_args
 
-    for r in recipes:
-        get_recipe(r)
-    check_device(device)
+    for r in recipes:  # every recipe against the model before the first run: none fails halfway through
+        check_model_args(model, r, None, "bfloat16", device, needs_tokenizer=True)
     for flag, value in (("--per-subject", per_subject), ("--per-article", per_article),
                         ("--mt-bench", mtbench_questions), ("--mt-bench-tokens", mtbench_tokens)):
         if value is not None and value < 1:  # 0 would otherwise read as "the default" (or all 80 questions)

@@ -159,6 +159,10 @@ BAD_ARGUMENTS = [
     (["lm-eval", "--model", "evalsuite", "--model_args", "model=no-tokenizer", "--tasks", "x"], 2,
      "no-tokenizer holds no tokenizer"),
     (["serve", "--model", "no-tokenizer"], 2, "no-tokenizer holds no tokenizer"),
+    # a study checks every recipe against the model before its first run
+    (["study", "--model", "no-tokenizer", "--recipes", "fp8-official", "bf16"], 2, "no-tokenizer holds no tokenizer"),
+    (["study", "--model", "olmo", "--recipes", "fp8-official", "int4-awq-asym"], 2,
+     "recipe 'int4-awq-asym': AutoAWQ folds its q/k/v and gate/up scales into the norm before them"),
 ]
 
 
@@ -185,6 +189,11 @@ print(json.dumps({"results": out, "imported": heavy}))
     (tmp_path / "a-folder" / "notes.txt").write_text("not a checkpoint\n")
     (tmp_path / "no-tokenizer").mkdir()  # a model folder as transformers' save_pretrained writes one
     (tmp_path / "no-tokenizer" / "config.json").write_text(json.dumps(tiny_hf_config().to_dict()))
+    from transformers import Olmo2Config
+
+    (tmp_path / "olmo").mkdir()
+    (tmp_path / "olmo" / "config.json").write_text(json.dumps(Olmo2Config(num_hidden_layers=2).to_dict()))
+    (tmp_path / "olmo" / "tokenizer_config.json").write_text("{}")  # a tokenizer there: only the recipe misfits
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(BAD_ARGUMENTS)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
