@@ -63,7 +63,7 @@ def quantize_weight(w: Tensor, block: int) -> tuple[Tensor, Tensor]:
     amax = tiles.abs().amax(dim=(1, 3))  # [row tiles, col tiles]
     factor = torch.where(amax > 0, E4M3_MAX / torch.where(amax > 0, amax, 1.0), 1.0)
     codes = (tiles * factor[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    codes = codes.view(rows * block, -1)[:out, :inp]
+    codes = codes.view(rows * block, -1)[:out, :inp].contiguous()  # the padding not kept
     return codes, (1.0 / factor).float()
 
 
