@@ -264,6 +264,21 @@ def test_run_dir_refuses_a_different_config(tiny, tmp_path):
         run_mmlu(tiny, MMLUConfig(formulations=("letter",), seed=9, **SMALL), tmp_path / "run", progress=False)
 
 
+def test_run_dir_refuses_a_run_written_by_an_engine_of_other_numerics(tiny, tmp_path, monkeypatch):
+    """Scores an engine of other numerics wrote (before a change that moves them) are not resumed
+    into the same run: the folder is refused as another configuration's."""
+    import evalsuite.backends.engine as engine_backend
+
+    cfg = MMLUConfig(formulations=("letter",), **SMALL)
+    monkeypatch.setattr(engine_backend, "NUMERICS_VERSION", engine_backend.NUMERICS_VERSION - 1)
+    run_mmlu(tiny, cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="different configuration"):
+        run_mmlu(tiny, cfg, tmp_path / "run", progress=False)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["model"]["numerics"] == engine_backend.NUMERICS_VERSION - 1  # the record says which wrote it
+
+
 @pytest.mark.parametrize("text,target,prediction,correct", [
     (" B", 1, 1, True),                 # the usual answer: a space, then the letter
     ("B", 2, 1, False),

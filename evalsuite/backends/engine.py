@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..engine.load import LoadedModel
+from ..engine.options import NUMERICS_VERSION
 from ..engine.requests import Message, SamplingParams, ScoreRequest, ScoreResult, TextResult
 from ..engine.score import score
 from ..textgen import generate_text
@@ -32,7 +33,8 @@ class EngineBackend(Backend):
         self.chat_template_kwargs = chat_template_kwargs or None
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "engine", "model": dataclasses.asdict(self.lm.info), "recipe": self.recipe,
+        model = {**dataclasses.asdict(self.lm.info), "numerics": NUMERICS_VERSION}  # what computes the scores too
+        return {"kind": "engine", "model": model, "recipe": self.recipe,
                 **({"chat_template_kwargs": self.chat_template_kwargs} if self.chat_template_kwargs else {})}
 
     def describe(self) -> dict[str, Any]:

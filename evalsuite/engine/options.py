@@ -41,6 +41,12 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"--device {device!r} is not a device; valid: cpu, cuda, cuda:N")
 
 
+# The engine's numerics, by version: bumped when a change moves its numbers (the same model,
+# recipe and task scoring otherwise). Part of every engine run's identity, so that a run folder an
+# engine of other numerics wrote is not resumed into a mix of the two. 1: until RMSNorm rounded as
+# transformers does (2026-11-29); 2: since.
+NUMERICS_VERSION = 2
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from ..engine.load import LoadedModel
+from ..engine.options import NUMERICS_VERSION
 from .app import ServedModel, create_app
 from .scheduler import Scheduler
 
@@ -26,7 +27,8 @@ def served_model(lm: LoadedModel, recipe: dict[str, Any], name: str | None = Non
 
     info = dataclasses.asdict(lm.info)
     device = str(lm.model.device)
-    card = {"evalsuite": {"model": {k: info[k] for k in ("name", "source", "weights_sha256", "dtype")},
+    model = {**{k: info[k] for k in ("name", "source", "weights_sha256", "dtype")}, "numerics": NUMERICS_VERSION}
+    card = {"evalsuite": {"model": model,
                           "recipe": recipe, "device": device, **device_info(device),
                           "kernel_path": kernel_path(recipe, lm.model), "prefix_cache": prefix_cache}}
     return ServedModel(name or lm.info.name, lm.tokenizer, scheduler, card)
