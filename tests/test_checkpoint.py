@@ -196,7 +196,8 @@ def test_deployed_weight_bytes_by_hand(tiny_dir):
     (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:200]),
      "corrupt or truncated"),
     (lambda d: _edit_meta(d, lambda m: m["modules"]["model.layers.1.mlp.up_proj"].update(type="FP4Linear")),
-     "module model.layers.1.mlp.up_proj has unknown quantized type 'FP4Linear'; known: FP8BlockLinear, FP8RowwiseLinear"),
+     "module model.layers.1.mlp.up_proj has unknown quantized type 'FP4Linear'; known: FP8BlockLinear, "
+     "FP8RowwiseLinear"),
     (lambda d: _edit_meta(d, lambda m: m["modules"].update({"model.layers.9.mlp.up_proj":
                                                           m["modules"]["model.layers.1.mlp.up_proj"]})),
      "quantized module model.layers.9.mlp.up_proj does not exist"),
