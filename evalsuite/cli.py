@@ -813,10 +813,16 @@ def _quantize(args: argparse.Namespace) -> int:
 
     overrides = parse_recipe_config(args.recipe_config)
     check_model_args(args.model, args.recipe, overrides, args.dtype, args.device)
-    from .quant.api import QUANT_FILE, check_hf_export  # the registry: no torch
+    from .engine.options import source_kind
+    from .models import folder_config
+    from .quant.api import QUANT_FILE, check_hf_export, configured_recipe, hf_export_misfit  # the registry: no torch
 
     if args.format == "hf":
         check_hf_export(args.recipe)
+        cfg = folder_config(args.model) if source_kind(args.model) == "folder" else None
+        misfit = cfg and hf_export_misfit(args.recipe, configured_recipe(args.recipe, overrides).config.block_size, cfg)
+        if misfit:
+            raise ValueError(f"--format hf: {misfit}")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out}: a file is there; valid: a new folder, an empty one, or a quantized "

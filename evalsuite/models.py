@@ -11,7 +11,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine.options import TOKENIZER_FILES, check_device, check_dtype, has_tokenizer_files, source_kind
+from .engine.options import (
+    TOKENIZER_FILES,
+    ModelLoadError,
+    check_device,
+    check_dtype,
+    has_tokenizer_files,
+    source_kind,
+    with_quant_config,
+)
 from .quant.api import all_recipes, check_recipe_fits, configured_recipe, is_quantized_checkpoint
 from .quant.configs import calibrates
 
@@ -29,10 +37,12 @@ def check_model_args(source: str, recipe: str = "bf16", overrides: dict[str, Any
     loads.)"""
     kind = source_kind(source)
     config = configured_recipe(recipe, overrides).config
-    if kind == "folder" and (Path(source) / "config.json").is_file():
-        _check_fits(source, recipe, config)
+    cfg = folder_config(source) if kind == "folder" and (Path(source) / "config.json").is_file() else None
+    if cfg is not None:
+        check_recipe_fits(recipe, config, cfg)
     if kind == "folder" and not has_tokenizer_files(source):
-        _check_tokenizer_needs(source, recipe, config, needs_tokenizer)
+        published = cfg is not None and cfg.published_recipe is not None  # runs as published: no calibration
+        _check_tokenizer_needs(source, recipe, calibrates(config) and not published, needs_tokenizer)
     if is_quantized_checkpoint(source) and recipe != "bf16":
         raise ValueError(f"{source} is already quantized; run it with --recipe bf16 (no further change), "
                          f"not {recipe!r}")
@@ -40,29 +50,29 @@ def check_model_args(source: str, recipe: str = "bf16", overrides: dict[str, Any
     check_device(device)
 
 
-def _check_tokenizer_needs(folder: str, recipe: str, config: Any, needs_tokenizer: bool) -> None:
+def _check_tokenizer_needs(folder: str, recipe: str, calibrating: bool, needs_tokenizer: bool) -> None:
     """A folder without a tokenizer serves only commands and recipes that read no text."""
     files = ", ".join(TOKENIZER_FILES)
     if needs_tokenizer:
         raise ValueError(f"{folder} holds no tokenizer (none of {files}), and this command reads and writes "
                          "text; valid: a model folder with its tokenizer's files")
-    if calibrates(config):
+    if calibrating:
         plain = [name for name, r in all_recipes().items() if not calibrates(r.config)]
         raise ValueError(f"recipe {recipe!r} calibrates on text, and {folder} holds no tokenizer (none of {files}); "
                          f"valid: a model folder with its tokenizer's files, or a recipe that does not calibrate: "
                          f"{', '.join(plain)}")
 
 
-def _check_fits(folder: str, recipe: str, config: Any) -> None:
-    """The recipe against the architecture that ``folder``'s config.json describes (a config the
-    engine cannot read is reported when the model loads)."""
+def folder_config(folder: str):
+    """The ModelConfig of ``folder``'s config.json, or None where the engine cannot read it (that
+    is reported when the model loads)."""
     from .engine.config import ModelConfig, UnsupportedModelError
 
     try:
-        cfg = ModelConfig.from_hf(json.loads((Path(folder) / "config.json").read_text()))
-    except (ValueError, KeyError, TypeError, UnsupportedModelError):
-        return
-    check_recipe_fits(recipe, config, cfg)
+        return ModelConfig.from_hf(with_quant_config(json.loads((Path(folder) / "config.json").read_text()),
+                                                     Path(folder)))
+    except (ValueError, KeyError, TypeError, UnsupportedModelError, ModelLoadError):
+        return None
 
 
 def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloat16",

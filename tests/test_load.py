@@ -171,18 +171,24 @@ def test_gpt_oss_mxfp4_experts_decode_as_transformers_does(tmp_path):
     assert torch.equal(bf16.down_proj.weight.float(), ours.down_proj.weight)
 
 
-def test_quantized_checkpoints_other_than_gpt_oss_mxfp4_and_fine_grained_fp8_are_refused(tiny_dir, tmp_path):
+def test_quantized_checkpoints_of_forms_the_engine_does_not_load_are_refused(tiny_dir, tmp_path):
     """A checkpoint quantized by another tool holds low-bit tensors and scales the engine would
     otherwise read as plain weights: refused, naming its method and what to do instead. One that
-    declares fine-grained FP8 but holds no FP8 weights is refused too (it would run unquantized
-    under the recipe's name)."""
+    declares a form the engine loads as published but holds none of its tensors is refused too
+    (it would run unquantized under the recipe's name)."""
     d = _copy(tiny_dir, tmp_path / "m")
     config = json.loads((d / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="quant_method 'awq'.*--recipe.*--base-url"):
+    with pytest.raises(UnsupportedModelError, match="quant_method 'gptq'.*--recipe.*--base-url"):
         load_folder(d)
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="declares fine-grained FP8, and no weight there has a weight_scale_inv"):
-        load_folder(d)
+    for quant, message in (({"quant_method": "fp8", "weight_block_size": [128, 128]},
+                            "declares fine-grained FP8, and no weight there has a weight_scale_inv"),
+                           ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True},
+                            "declares AWQ, and no linear there has a qweight"),
+                           ({"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "FP8"},
+                            "declares Model Optimizer's FP8, and no weight there has a weight_scale")):
+        config["quantization_config"] = quant
+        (d / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelLoadError, match=message):
+            load_folder(d)

@@ -293,3 +293,90 @@ def test_nvfp4_codes_and_scales_are_model_optimizers():
         codes = e2m1_codes(values)
         assert torch.equal(codes[..., 0::2] | (codes[..., 1::2] << 4), ref._quantized_data)
         assert torch.equal(blocks.to(torch.float8_e4m3fn).view(torch.uint8), ref_blocks.view(torch.uint8))
+
+
+def _modelopt_fp8_export(pair, folder):
+    """Model Optimizer's FP8 (+ FP8 KV cache) of the pair's model, calibrated on its sequences and
+    saved by Model Optimizer's HF export, with the tokenizer beside it."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    hf, lm, _spec, seqs, _ = pair
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg["quant_cfg"] = cfg["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
+    _modelopt(hf, cfg, seqs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(hf, export_dir=folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_published_model_optimizer_fp8_checkpoint_runs_as_published(pair, tmp_path):
+    """Model Optimizer's own FP8 checkpoint, loaded with fp8-modelopt: its E4M3 weights, weight,
+    input and K/V scales are the model's (nothing calibrated), so it computes what the recipe
+    computes on the unquantized model (whose scales test_fp8_modelopt_holds_model_optimizers_fp8_
+    checkpoint checks against that export), in the default fused form and with every projection
+    its own weight scale. Without quantization_config in config.json, hf_quant_config.json says
+    the same (as NVIDIA's earlier checkpoints have it)."""
+    from evalsuite.models import load_model_and_recipe
+    from evalsuite.quant.checkpoint import quantized_modules
+
+    _hf, lm, spec, _seqs, tokens = pair
+    exported = _modelopt_fp8_export(pair, tmp_path / "exported")
+    config = json.loads((exported / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    for fused in (True, False):
+        settings = {"quantize_attention": False, "fused_scales": fused}
+        published, record = load_model_and_recipe(str(exported), "fp8-modelopt", "float32", settings)
+        assert record["name"] == "fp8-modelopt" and published.model.config.modelopt_fp8
+        assert set(quantized_modules(published.model).values()) == {"FP8StaticLinear", "FP8StaticQuantizer"}
+        assert published.model.model.layers[1].self_attn.v_cache_quant is not None
+        ours, _ = load_model_and_recipe(str(lm.folder), "fp8-modelopt", "float32", {**settings, "calibration": spec})
+        if not fused:  # the export keeps each projection's weight scale but gives q/k/v one input scale
+            for layer in ours.model.model.layers:
+                for group in (("q", "k", "v"), ("gate", "up")):
+                    mods = [layer.get_submodule(f"{'self_attn' if g in 'qkv' else 'mlp'}.{g}_proj") for g in group]
+                    for m in mods:
+                        m.input_scale = max(x.input_scale for x in mods)
+                        m.input_scale_t.fill_(m.input_scale)
+        with torch.no_grad():
+            want = ours.model(tokens)
+        assert _rel(published.model(tokens), want) < 1e-6, fused
+    del config["quantization_config"]
+    (exported / "config.json").write_text(json.dumps(config))
+    earlier, _ = load_model_and_recipe(str(exported), "fp8-modelopt", "float32", {"quantize_attention": False})
+    assert earlier.model.config.modelopt_fp8
+
+
+def test_a_published_model_optimizer_fp8_checkpoint_refuses_other_settings_before_it_loads(pair, tmp_path,
+                                                                                         monkeypatch):
+    from evalsuite.engine.config import ModelConfig, UnsupportedModelError
+    from evalsuite.models import check_model_args
+
+    exported = _modelopt_fp8_export(pair, tmp_path / "exported")
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=r"recipe 'fp8-modelopt': quantize_attention=true, and the checkpoint carries "
+                                         r"no scale for attention's FP8 query inputs.*valid: quantize_attention=false"):
+        check_model_args(str(exported), "fp8-modelopt")
+    with pytest.raises(ValueError, match=r"recipe 'int4-awq': the checkpoint is published in Model Optimizer's FP8"):
+        check_model_args(str(exported), "int4-awq")
+    hf = json.loads((exported / "config.json").read_text())
+    for algo, kv in (("NVFP4", "FP8"), ("FP8", None)):
+        hf["quantization_config"] = {"quant_method": "modelopt", "quant_algo": algo, "kv_cache_quant_algo": kv}
+        with pytest.raises(UnsupportedModelError, match=rf"Model Optimizer checkpoint with quant_algo '{algo}' and KV "
+                                                         rf"cache {kv!r}; the engine loads Model Optimizer's FP8"):
+            ModelConfig.from_hf(hf)
+
+
+def test_e4m3_weights_without_a_declared_form_are_refused(pair, tmp_path):
+    """Model Optimizer's export with neither quantization_config nor hf_quant_config.json: E4M3
+    tensors whose scaling nothing declares are refused, not read as weights."""
+    from evalsuite.engine.load import ModelLoadError, load
+
+    exported = _modelopt_fp8_export(pair, tmp_path / "exported")
+    config = json.loads((exported / "config.json").read_text())
+    del config["quantization_config"]
+    (exported / "config.json").write_text(json.dumps(config))
+    (exported / "hf_quant_config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"tensors in .* are E4M3 .*declares no quantization_config"):
+        load(str(exported), "float32")

@@ -136,6 +136,14 @@ class ModelConfig:
     # weight_block_size [n, n], dynamic activations): the tile n its linears' E4M3 weights are
     # scaled in; they load as published (recipe fp8-block), a linear without scales stays as stored
     fp8_block: int | None = None
+    # an AutoAWQ checkpoint in its GEMM form (quant_method awq, version gemm, 4 bits, zero point):
+    # the group size of its INT4 weights, which load as published (recipe int4-awq-asym); a linear
+    # without qweight stays as stored
+    awq_group: int | None = None
+    # a Model Optimizer FP8 checkpoint (quant_method modelopt, quant_algo FP8, FP8 KV cache): E4M3
+    # weights with static per-tensor weight and input scales, K and V cache scales; they load as
+    # published (recipe fp8-modelopt)
+    modelopt_fp8: bool = False
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -185,6 +193,16 @@ class ModelConfig:
     def layer_rope(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` rotates q and k (False: SmolLM3's NoPE layers)."""
         return self.rope_layers is None or self.rope_layers[layer]
+
+    @property
+    def published_recipe(self) -> str | None:
+        """The recipe a published low-bit checkpoint of this config runs as (it loads as published
+        and calibrates nothing), or None for unquantized weights."""
+        if self.fp8_block is not None:
+            return "fp8-block"
+        if self.awq_group is not None:
+            return "int4-awq-asym"
+        return "fp8-modelopt" if self.modelopt_fp8 else None
 
     def layer_moe(self, layer: int) -> bool:
         """Whether decoder layer ``layer``'s MLP is a mixture of experts."""
@@ -275,7 +293,8 @@ class ModelConfig:
                              ("shared_expert_intermediate_size", 0), ("o_bias", False), ("attention_sinks", False),
                              ("swiglu_limit", None), ("swiglu_alpha", None), ("mlp_bias", False),
                              ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None),
-                             ("rope_layers", None), ("fp8_block", None)):
+                             ("rope_layers", None), ("fp8_block", None), ("awq_group", None),
+                             ("modelopt_fp8", False)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -317,11 +336,16 @@ class ModelConfig:
         quant = hf.get("quantization_config") or {}
         method = quant.get("quant_method")
         fp8_block = _fp8_block(quant) if method == "fp8" else None
-        if quant and fp8_block is None and not (model_type == "gpt_oss" and method == "mxfp4"):
+        awq_group = _awq_gemm(quant) if method == "awq" else None
+        modelopt_fp8 = method == "modelopt" and _modelopt_fp8(quant)
+        published = fp8_block is not None or awq_group is not None or modelopt_fp8
+        if quant and not published and not (model_type == "gpt_oss" and method == "mxfp4"):
             # its low-bit tensors and their scales would be read as plain weights
             raise UnsupportedModelError(
                 f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
-                "weights (and gpt-oss's MXFP4 experts) and quantizes them with --recipe: load the unquantized "
+                "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form and Model Optimizer's FP8, "
+                "and quantizes with "
+                "--recipe: load the unquantized "
                 "model, or evaluate this checkpoint where a server runs it (--base-url)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
@@ -456,6 +480,8 @@ class ModelConfig:
             final_logit_softcapping=_float_or_none(hf.get("final_logit_softcapping")) if gemma else None,
             **moe,
             fp8_block=fp8_block,
+            awq_group=awq_group,
+            modelopt_fp8=modelopt_fp8,
             architecture=model_type,
         )
 
@@ -546,6 +572,43 @@ def _fp8_block(quant: dict[str, Any]) -> int:
             "activation_scheme dynamic, fmt e4m3, float32 scales): load the unquantized model and name the recipe, "
             "or evaluate this checkpoint where a server runs it (--base-url)")
     return block[0]
+
+
+def _awq_gemm(quant: dict[str, Any]) -> int:
+    """The group size of an AutoAWQ checkpoint in its GEMM form (``quant_method: awq``), which
+    loads as published: zero-point INT4 codes packed eight to an int32, FP16 scales per group.
+    Another AWQ form (GEMV, Marlin, other bit widths, no zero point) is refused, naming what differs."""
+    group = quant.get("group_size", quant.get("q_group_size"))
+    valid = {"bits": (4,), "zero_point": (True,), "version": ("gemm",)}
+    found = {"bits": quant.get("bits", quant.get("w_bit")), "zero_point": quant.get("zero_point"),
+             "version": str(quant.get("version", "gemm")).lower()}
+    differs = {k: v for k, v in found.items() if v not in valid[k]}
+    if differs or not isinstance(group, int) or isinstance(group, bool) or group <= 0:
+        raise UnsupportedModelError(
+            f"config.json: an AWQ checkpoint with group_size {group!r}"
+            + "".join(f", {k} {v!r}" for k, v in differs.items())
+            + "; the engine loads AutoAWQ's GEMM form (bits 4, zero_point true, version gemm, a group_size "
+            ">= 1): load the unquantized model and name the recipe, or evaluate this checkpoint where a server "
+            "runs it (--base-url)")
+    return group
+
+
+def _modelopt_fp8(quant: dict[str, Any]) -> bool:
+    """A Model Optimizer checkpoint (``quant_method: modelopt``, as config.json's quantization_config
+    or its hf_quant_config.json says) loads as published when it is its FP8 (``quant_algo: FP8``)
+    with an FP8 KV cache, the form of ``fp8-modelopt``; another algorithm or KV cache is refused."""
+    algo = quant.get("quant_algo")
+    kv = quant.get("kv_cache_quant_algo")
+    scheme = quant.get("kv_cache_scheme")
+    if isinstance(scheme, dict) and (scheme.get("type"), scheme.get("num_bits")) == ("float", 8):
+        kv = "FP8"
+    if algo != "FP8" or kv != "FP8":
+        raise UnsupportedModelError(
+            f"config.json: a Model Optimizer checkpoint with quant_algo {algo!r} and KV cache {kv!r}; the engine "
+            "loads Model Optimizer's FP8 with an FP8 KV cache (quant_algo FP8, kv_cache_quant_algo FP8), the form "
+            "of --recipe fp8-modelopt: load the unquantized model and name the recipe, or evaluate this checkpoint "
+            "where a server runs it (--base-url)")
+    return True
 
 
 def _yarn_inv_freq(cfg: ModelConfig, s: YarnRope) -> "torch.Tensor":

@@ -21,7 +21,16 @@ import torch
 from ..assets import cache_dir, file_sha256
 from .config import ModelConfig
 from .model import CausalLM
-from .options import DEFAULT_MODEL, MODELS, ModelLoadError, check_device, check_dtype, has_tokenizer_files, source_kind
+from .options import (
+    DEFAULT_MODEL,
+    MODELS,
+    ModelLoadError,
+    check_device,
+    check_dtype,
+    has_tokenizer_files,
+    source_kind,
+    with_quant_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +137,7 @@ def read_config(folder: Path) -> ModelConfig:
         hf = json.loads(path.read_text())
     except ValueError as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
-    return ModelConfig.from_hf(hf)
+    return ModelConfig.from_hf(with_quant_config(hf, folder))
 
 
 def _read_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -144,15 +153,17 @@ def _read_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
             part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
         except (SafetensorError, RuntimeError, OSError, EOFError) as e:
             raise ModelLoadError(f"cannot read weights file {f}: {e} (the file is corrupt or truncated)") from None
-        # as stored: integer tensors (gpt-oss's MXFP4 codes and exponents), E4M3 weights and their
-        # float32 tile scales (fine-grained FP8); from_state_dict decodes or keeps them
+        # as stored: integer tensors (gpt-oss's MXFP4 codes and exponents, AutoAWQ's packed INT4),
+        # E4M3 weights and every scale; from_state_dict decodes or keeps them
         state.update({k: v.to(dtype) if v.is_floating_point() and not _stored_as_is(k, v) else v
                       for k, v in part.items()})
     return state
 
 
 def _stored_as_is(key: str, tensor: torch.Tensor) -> bool:
-    return tensor.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale_inv")
+    """Low-bit weights and their scales (weight_scale, input_scale, k_scale, weight_scale_inv,
+    AutoAWQ's scales), which the published forms' modules read at their stored precision."""
+    return tensor.dtype == torch.float8_e4m3fn or key.endswith(("_scale", "_scale_inv", ".scales"))
 
 
 def load_folder(folder: Path, dtype: torch.dtype = torch.bfloat16) -> CausalLM:
@@ -163,13 +174,16 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.bfloat16) -> CausalLM:
 def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
                     folder: Path | str = "state dict") -> CausalLM:
     """A CausalLM on the tensors of an HF-named state dict (taken as they are: same device, and
-    shared, not copied)."""
+    shared, not copied). A published low-bit checkpoint's quantized projections become the
+    modules of the recipe that computes their form (``quant.published``)."""
+    from ..quant.published import take
+
     state = _split_fused(cfg, _text_model(dict(state), folder))
     state = _gpt_oss_experts(state, dtype) if cfg.gpt_oss else _experts(state)
-    tiles = _fp8_tiles(cfg, state, dtype, folder)
+    published = take(cfg, state, dtype, folder)
     with torch.device("meta"):
         model = CausalLM(cfg, dtype)
-    expected = set(model.state_dict())
+    expected = set(model.state_dict()) - {f"{name}.weight" for name in published}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
@@ -187,51 +201,17 @@ def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: tor
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.requires_grad_(False)
-    if tiles:
-        from ..quant.fp8_block import FP8BlockLinear  # the recipe's module: the checkpoint as published
-
-        for name, (codes, scale) in tiles.items():
-            parent, attr = name.rsplit(".", 1)
-            bias = model.get_submodule(name).bias
-            setattr(model.get_submodule(parent), attr, FP8BlockLinear(codes, scale, cfg.fp8_block, bias, dtype))
+    for name, build in published.items():  # the publisher's codes and scales as the recipe's modules
+        parent_name, attr = name.rsplit(".", 1)
+        try:
+            parent = model.get_submodule(parent_name)
+            current = getattr(parent, attr)
+        except AttributeError:
+            raise ModelLoadError(f"{folder} quantizes {name}, which a model of this config.json does not have") \
+                from None
+        setattr(parent, attr, build(current))
     model.fuse_projections()
     return model.eval()
-
-
-def _fp8_tiles(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-               folder: Path | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A fine-grained FP8 checkpoint's projections: each E4M3 ``weight`` beside its float32
-    ``weight_scale_inv`` (one per tile of the weight), taken out by projection name, and its
-    place in ``state`` held by the decoded weight, so that the model builds as for any other
-    checkpoint (from_state_dict then swaps in the FP8 modules). A projection the publisher left
-    unquantized has no scales and stays as stored."""
-    if cfg.fp8_block is None:
-        return {}
-    from ..quant.fp8_block import weight_values
-
-    block, tiles = cfg.fp8_block, {}
-    for key in [k for k in state if k.endswith(".weight_scale_inv")]:
-        name, scale = key.removesuffix(".weight_scale_inv"), state.pop(key)
-        codes = state.get(f"{name}.weight")
-        if codes is None or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
-            raise ModelLoadError(f"{key} in {folder} scales no 2-D E4M3 weight ({name}.weight: "
-                                 f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
-        if name == "lm_head" or name.endswith("embed_tokens"):
-            raise ModelLoadError(f"{name} in {folder} is stored in FP8; the engine runs lm_head and the embeddings "
-                                 "as published checkpoints keep them, in the model's dtype")
-        shape = (-(-codes.shape[0] // block), -(-codes.shape[1] // block))
-        if tuple(scale.shape) != shape:
-            raise ModelLoadError(f"{key} in {folder} has shape {tuple(scale.shape)}; the tiles of {block} x {block} "
-                                 f"of a {tuple(codes.shape)} weight need {shape}")
-        tiles[name] = (codes, scale.float())
-        state[f"{name}.weight"] = weight_values(codes, scale.float(), block).to(dtype)
-    if not tiles:
-        raise ModelLoadError(f"config.json in {folder} declares fine-grained FP8, and no weight there has a "
-                             "weight_scale_inv")
-    stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
-    if stray:
-        raise ModelLoadError(f"{len(stray)} E4M3 tensors in {folder} have no weight_scale_inv, e.g. {stray[:3]}")
-    return tiles
 
 
 # where a vision-language checkpoint keeps its text model (Gemma 3 4B and up, as published and as

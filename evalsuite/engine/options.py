@@ -6,8 +6,10 @@ before torch is imported or a model is read. ``load`` itself checks the same way
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from ..assets import SMOLLM2_GGUF, Asset
 
@@ -74,3 +76,17 @@ def source_kind(source: str) -> str:
         return "hub"
     raise ModelLoadError(f"unknown model {source!r}: not a registered name ({', '.join(MODELS)}), "
                          f"not an existing folder or .gguf file, not a hub id (org/name)")
+
+
+def with_quant_config(hf: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """config.json's dictionary; where it names no quantization, Model Optimizer's
+    hf_quant_config.json beside it (its checkpoints published before config.json carried it)
+    supplies ``quantization_config``, as vLLM reads it."""
+    path = folder / "hf_quant_config.json"
+    if hf.get("quantization_config") or not path.is_file():
+        return hf
+    try:
+        quant = json.loads(path.read_text()).get("quantization") or {}
+    except (ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{path} is not a JSON object with a 'quantization' entry: {e}") from None
+    return {**hf, "quantization_config": {"quant_method": "modelopt", **quant}}

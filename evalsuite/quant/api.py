@@ -10,6 +10,7 @@ points) and returns the record every run stores: name, description and the full 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,13 +101,35 @@ def module_types() -> dict[str, type]:
 
 # recipes whose quantized model ``quantize --format hf`` writes as their published checkpoints are
 # written (checkpoint.save_hf), for the engines that serve those
-HF_EXPORTS = ("fp8-block",)
+HF_EXPORTS = ("fp8-block", "int4-awq-asym")
 
 
 def check_hf_export(recipe: str) -> None:
     if recipe not in HF_EXPORTS:
         raise ValueError(f"--format hf: recipe {recipe!r} has no HF export here; valid: {', '.join(HF_EXPORTS)} "
                          "(or --format evalsuite, the engine's own checkpoint)")
+
+
+def hf_export_misfit(recipe: str, block_size: int, cfg: ModelConfig) -> str | None:
+    """Why the model's shapes have no HF export of ``recipe`` with this block size, or None.
+    AutoAWQ's GEMM form holds whole groups along every input and packs outputs in eights."""
+    from ..engine.config import MOE_ROUTERS  # no torch
+
+    if recipe != "int4-awq-asym":
+        return None
+    shapes = {(name, out, inp) for i in range(cfg.num_layers) for name, out, inp in cfg.layer_projections(i)
+              if name not in MOE_ROUTERS}
+    odd_in = sorted({f"{name} ({inp} inputs)" for name, _out, inp in shapes if inp % block_size})
+    odd_out = sorted({f"{name} ({out} outputs)" for name, out, _inp in shapes if out % 8})
+    if odd_out:
+        return f"AutoAWQ's GEMM form packs outputs in eights, and {', '.join(odd_out[:3])} are not"
+    if odd_in:
+        common = math.gcd(*(inp for _name, _out, inp in shapes))
+        valid = [g for g in (256, 128, 64, 32, 16) if common % g == 0]
+        return (f"AutoAWQ's GEMM form holds whole groups of block_size={block_size} along every input, and "
+                f"{', '.join(odd_in[:3])} are not; valid: "
+                + (", ".join(f"--recipe-config block_size={g}" for g in valid) if valid else "no block size here"))
+    return None
 
 
 QUANT_FILE = "quantization.json"  # marks a folder as a checkpoint that ``checkpoint.save_quantized`` wrote
@@ -148,7 +171,7 @@ def check_recipe_fits(name: str, config: Any, cfg: ModelConfig) -> None:
     reason = _misfit(config, cfg)
     if reason:
         fits = ", ".join(n for n, r in sorted(RECIPES.items()) if _misfit(r.config, cfg) is None)
-        raise ValueError(f"recipe {name!r}: {reason}; valid for this model: {fits}")
+        raise ValueError(f"recipe {name!r}: {reason}" + (f"; valid for this model: {fits}" if fits else ""))
 
 
 def _misfit(config: Any, cfg: ModelConfig) -> str | None:
@@ -162,7 +185,25 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     checkpoint this engine does not reproduce. gpt-oss's experts clamp gate and up and add 1 to up,
     so no scale folds from up into down; AutoAWQ has no form for it. AutoAWQ folds every q/k/v and
     gate/up scale into the norm before them, which OLMo's layer does not have.
-    A fine-grained FP8 checkpoint as published runs as such: fp8-block, with its tile size."""
+    A published low-bit checkpoint runs as published, with the recipe of its form and its block:
+    fine-grained FP8 as fp8-block, AutoAWQ's GEMM form as int4-awq-asym, Model Optimizer's FP8 as
+    fp8-modelopt without FP8 attention inputs (its export carries no scale for the queries)."""
+    if cfg.modelopt_fp8:
+        if not isinstance(config, FP8ModelOptConfig):
+            return ("the checkpoint is published in Model Optimizer's FP8 (per-tensor E4M3 weight and input scales, "
+                    "FP8 KV cache), which runs as published; load the unquantized model for other recipes")
+        if config.quantize_attention:
+            return ("quantize_attention=true, and the checkpoint carries no scale for attention's FP8 query inputs "
+                    "(Model Optimizer's export writes the K and V cache scales); valid: quantize_attention=false")
+        return None
+    if cfg.awq_group is not None:
+        if not isinstance(config, Int4AutoAWQConfig):
+            return (f"the checkpoint is published in AutoAWQ's INT4 GEMM form (groups of {cfg.awq_group}), which runs "
+                    "as published; load the unquantized model for other recipes")
+        if config.block_size != cfg.awq_group:
+            return (f"block_size={config.block_size}, and the checkpoint's groups are of {cfg.awq_group}; valid: "
+                    f"block_size={cfg.awq_group}")
+        return None
     if cfg.fp8_block is not None:
         if not isinstance(config, FP8BlockConfig):
             return (f"the checkpoint is published in fine-grained FP8 (E4M3 weights in {cfg.fp8_block} x "

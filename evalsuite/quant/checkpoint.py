@@ -29,7 +29,7 @@ from ..engine.load import (
     weight_files,
 )
 from ..engine.model import CausalLM
-from .api import QUANT_FILE, check_hf_export, module_types, place
+from .api import QUANT_FILE, check_hf_export, hf_export_misfit, module_types, place
 
 
 class CheckpointError(ModelLoadError):
@@ -76,31 +76,28 @@ def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
 
 def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     """The quantized model in the form its published checkpoints take, which vLLM, SGLang and
-    transformers load (the recipes in ``api.HF_EXPORTS``): for fp8-block, each projection's E4M3
-    ``weight`` beside its float32 ``weight_scale_inv``, every other tensor under its name in the
-    source checkpoint, and config.json's ``quantization_config``. The engine's names must be the
-    source checkpoint's: a checkpoint that fuses projections the engine splits (Phi-3's q/k/v) or
-    stacks a mixture's experts is refused."""
+    transformers load (the recipes in ``api.HF_EXPORTS``; the forms in ``published``):
+    fp8-block: each projection's E4M3 ``weight`` beside its float32 ``weight_scale_inv``;
+    int4-awq-asym: AutoAWQ's GEMM form, ``qweight`` and ``qzeros`` packed eight to an int32 and
+    FP16 ``scales`` (the engine's codes and zero points, its float32 scales rounded to FP16);
+    every other tensor under its name in the source checkpoint, and config.json's
+    ``quantization_config``. The engine's names must be the source checkpoint's: a checkpoint that
+    fuses projections the engine splits (Phi-3's q/k/v) or stacks a mixture's experts is refused."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from .fp8_block import FP8BlockLinear
+    from .int4 import Int4WeightOnlyLinear
+    from .published import awq_pack
 
     check_hf_export(recipe["name"])
     if lm.folder is None:
         raise ValueError(f"model {lm.info.name!r} was not loaded from a folder; its config.json is unknown")
-    model = lm.model
-    tensors: dict[str, torch.Tensor] = {}
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, FP8BlockLinear)}
-    for name, module in quantized.items():
-        tensors[f"{name}.weight"] = module.qweight.contiguous()
-        tensors[f"{name}.weight_scale_inv"] = module.weight_scale_inv.contiguous()
-        if module.bias is not None:
-            tensors[f"{name}.bias"] = module.bias.detach().contiguous()
-    prefixes = tuple(f"{n}." for n in quantized)
-    for key, value in model.state_dict().items():
-        if not key.startswith(prefixes) and not (key == "lm_head.weight" and model.config.tie_word_embeddings):
-            tensors[key] = value.detach().clone().contiguous()
+    model, config = lm.model, recipe["config"]
+    misfit = hf_export_misfit(recipe["name"], config["block_size"], model.config)
+    if misfit:
+        raise ValueError(f"--format hf: {misfit}")
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, (FP8BlockLinear, Int4WeightOnlyLinear))}
     source = set()
     for f in weight_files(Path(lm.folder)):
         if f.suffix == ".safetensors":
@@ -108,19 +105,38 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
                 source.update(st.keys())
         else:
             source.update(torch.load(f, weights_only=True, mmap=True, map_location="cpu"))
-    renamed = sorted(k for k in tensors if k not in source and not k.endswith(".weight_scale_inv"))
+    prefixes = tuple(f"{n}." for n in quantized)
+    plain = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(prefixes) and not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    renamed = sorted(k for k in [*plain, *(f"{n}.weight" for n in quantized)] if k not in source)
     if renamed:
         raise ValueError(f"--format hf: the engine holds {model.config.architecture}'s weights under other names than "
                          f"its checkpoint (e.g. {renamed[:3]}), which an HF export must keep; valid: --format "
                          "evalsuite")
-    block = recipe["config"]["block_size"]
-    _warn_vllm_tiles(model.config, block)
+    tensors = {k: v.detach().clone().contiguous() for k, v in plain.items()}
+    for name, m in quantized.items():
+        if isinstance(m, FP8BlockLinear):
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = m.qweight, m.weight_scale_inv
+        else:  # [in, out] as AutoAWQ lays them out
+            tensors[f"{name}.qweight"] = awq_pack((m.codes.to(torch.int16) + 8).t())
+            tensors[f"{name}.qzeros"] = awq_pack(m.zero_point.t())
+            tensors[f"{name}.scales"] = m.scale.t().to(torch.float16)
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach()
+    block = config["block_size"]
+    if recipe["name"] == "fp8-block":
+        _warn_vllm_tiles(model.config, block)
+        quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                        "weight_block_size": [block, block]}
+    else:  # what AutoAWQ writes (its Mixtral keeps the routers, "gate", unquantized)
+        quantization = {"quant_method": "awq", "zero_point": True, "group_size": block, "bits": 4, "version": "gemm",
+                        "modules_to_not_convert": ["gate"] if model.config.architecture == "mixtral" else None}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((Path(lm.folder) / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [block, block]}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf_config = json.loads((Path(lm.folder) / "config.json").read_text())
+    hf_config["quantization_config"] = quantization
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     if (Path(lm.folder) / "generation_config.json").is_file():
         shutil.copy(Path(lm.folder) / "generation_config.json", out / "generation_config.json")
     if lm.tokenizer is not None:

@@ -419,9 +419,35 @@ def experts_share_input_amax(model: CausalLM, stats: dict[str, float]) -> dict[s
     return stats
 
 
+def _as_published(model: CausalLM, config: FP8ModelOptConfig) -> None:
+    """A checkpoint published in Model Optimizer's FP8 (loaded by ``published``: its codes and
+    scales are the modules already) as the recipe's settings deploy it: the kernel setting, q/k/v
+    and gate/up requantized to one scale per group (``fused_scales``), the K and V scales floored
+    at 1 for ``kv_scale_mode=deploy``."""
+    dtype = model.lm_head.weight.dtype
+    for m in model.modules():
+        if isinstance(m, FP8StaticLinear):
+            m.use_kernel = config.kernel == "scaled_mm"
+    if config.fused_scales:
+        for _norm, names in shared_input_groups(model):
+            mods = [model.get_submodule(n) for n in names]
+            if all(isinstance(m, FP8StaticLinear) for m in mods):
+                for n, r in zip(names, requantize_fused(mods, dtype)):
+                    parent, attr = n.rsplit(".", 1)
+                    setattr(model.get_submodule(parent), attr, r)
+    if config.kv_scale_mode == "deploy":
+        for layer in model.model.layers:
+            for kv in ("k_cache_quant", "v_cache_quant"):
+                q = getattr(layer.self_attn, kv)
+                setattr(layer.self_attn, kv, FP8StaticQuantizer(max(q.scale, 1.0)))
+
+
 @handler(FP8ModelOptConfig)
 def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
     model = lm.model
+    if model.config.modelopt_fp8:
+        _as_published(model, config)
+        return
     stats = experts_share_input_amax(model, calibrate(lm, config.calibration))
     dtype = model.lm_head.weight.dtype
     made = {}

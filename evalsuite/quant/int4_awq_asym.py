@@ -261,6 +261,14 @@ def search(model: CausalLM, sequences: list[list[int]], config: Int4AutoAWQConfi
 @torch.inference_mode()
 def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
     model = lm.model
+    if model.config.awq_group is not None:  # published in this form: its codes as they are, on this device's path
+        for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, Int4WeightOnlyLinear)]:
+            parent, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), attr, Int4WeightOnlyLinear(
+                m.codes, m.scale, m.in_features, m.block_size, m.bias, None, m.weight.dtype,
+                use_kernel=config.kernel != "off", zero_point=m.zero_point,
+                kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))
+        return
     settings = {k: v for k, v in config.__dict__.items() if k not in ("calibration", "kernel")}
     found = cached_tensors(lm, config.calibration, "autoawq", settings,
                            lambda seqs: search(model, seqs, config))
