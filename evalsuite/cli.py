@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -820,7 +821,8 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.format == "hf":
         check_hf_export(args.recipe)
         cfg = folder_config(args.model) if source_kind(args.model) == "folder" else None
-        misfit = cfg and hf_export_misfit(args.recipe, configured_recipe(args.recipe, overrides).config.block_size, cfg)
+        misfit = hf_export_misfit(args.recipe, dataclasses.asdict(configured_recipe(args.recipe, overrides).config),
+                                  cfg)
         if misfit:
             raise ValueError(f"--format hf: {misfit}")
     out = Path(args.output)

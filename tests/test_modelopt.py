@@ -380,3 +380,52 @@ def test_e4m3_weights_without_a_declared_form_are_refused(pair, tmp_path):
     (exported / "hf_quant_config.json").unlink()
     with pytest.raises(ModelLoadError, match=r"tensors in .* are E4M3 .*declares no quantization_config"):
         load(str(exported), "float32")
+
+
+def test_quantize_format_hf_writes_model_optimizers_fp8_checkpoint(pair, tmp_path):
+    """``quantize --format hf`` with fp8-modelopt writes what Model Optimizer's HF export writes:
+    with ``fused_scales=false`` every tensor of its export (E4M3 weights byte for byte, the weight,
+    group input and K/V scales), its config.json quantization_config and hf_quant_config.json but
+    for the producer; the default (fused) export loads back as published to the recipe's logits."""
+    from safetensors.torch import load_file
+
+    from evalsuite.cli import main
+    from evalsuite.models import load_model_and_recipe
+
+    _hf, lm, spec, _seqs, tokens = pair
+    theirs = _modelopt_fp8_export(pair, tmp_path / "theirs")
+    common = ["quantize", "--model", str(lm.folder), "--recipe", "fp8-modelopt", "--dtype", "float32", "--format",
+              "hf", "--recipe-config", f"calibration={json.dumps(spec)}", "quantize_attention=false"]
+    assert main([*common, "fused_scales=false", "--output", str(tmp_path / "apart")]) == 0
+    got, want = load_file(tmp_path / "apart" / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        if value.dtype == torch.float8_e4m3fn:
+            assert torch.equal(got[key].view(torch.uint8), value.view(torch.uint8)), key
+        else:
+            torch.testing.assert_close(got[key], value, rtol=1e-6, atol=0)
+    for name in ("config.json", "hf_quant_config.json"):
+        ours, ref = (json.loads((folder / name).read_text()) for folder in (tmp_path / "apart", theirs))
+        quant = (lambda c: c["quantization_config"]) if name == "config.json" else (lambda c: c)
+        assert quant(ours).pop("producer")["name"] == "evalsuite"
+        quant(ref).pop("producer")
+        assert quant(ours) == quant(ref), name
+    assert main([*common, "--output", str(tmp_path / "fused")]) == 0
+    published, _ = load_model_and_recipe(str(tmp_path / "fused"), "fp8-modelopt", "float32",
+                                         {"quantize_attention": False})
+    ours, _ = load_model_and_recipe(str(lm.folder), "fp8-modelopt", "float32",
+                                    {"quantize_attention": False, "calibration": spec})
+    with torch.no_grad():
+        assert _rel(published.model(tokens), ours.model(tokens)) < 1e-6
+
+
+def test_quantize_format_hf_refuses_fp8_attention_before_loading(tiny_dir, tmp_path, monkeypatch, capsys):
+    from evalsuite.cli import main
+
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8-modelopt", "--format", "hf", "--output",
+                 str(tmp_path / "hf")]) == 2
+    assert "cannot hold quantize_attention=true; valid: --recipe-config quantize_attention=false" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -101,7 +101,7 @@ def module_types() -> dict[str, type]:
 
 # recipes whose quantized model ``quantize --format hf`` writes as their published checkpoints are
 # written (checkpoint.save_hf), for the engines that serve those
-HF_EXPORTS = ("fp8-block", "int4-awq-asym")
+HF_EXPORTS = ("fp8-block", "fp8-modelopt", "int4-awq-asym")
 
 
 def check_hf_export(recipe: str) -> None:
@@ -110,13 +110,18 @@ def check_hf_export(recipe: str) -> None:
                          "(or --format evalsuite, the engine's own checkpoint)")
 
 
-def hf_export_misfit(recipe: str, block_size: int, cfg: ModelConfig) -> str | None:
-    """Why the model's shapes have no HF export of ``recipe`` with this block size, or None.
-    AutoAWQ's GEMM form holds whole groups along every input and packs outputs in eights."""
+def hf_export_misfit(recipe: str, settings: dict[str, Any], cfg: ModelConfig | None) -> str | None:
+    """Why the model has no HF export of ``recipe`` with these settings (the recipe config's
+    fields), or None. Model Optimizer's FP8 form has no scale for FP8 attention inputs; AutoAWQ's
+    GEMM form holds whole groups along every input and packs outputs in eights."""
     from ..engine.config import MOE_ROUTERS  # no torch
 
-    if recipe != "int4-awq-asym":
+    if recipe == "fp8-modelopt" and settings["quantize_attention"]:
+        return ("Model Optimizer's FP8 checkpoint form has no scale for attention's FP8 query inputs, so it cannot "
+                "hold quantize_attention=true; valid: --recipe-config quantize_attention=false")
+    if recipe != "int4-awq-asym" or cfg is None:  # the shapes: where a folder's config.json says them
         return None
+    block_size = settings["block_size"]
     shapes = {(name, out, inp) for i in range(cfg.num_layers) for name, out, inp in cfg.layer_projections(i)
               if name not in MOE_ROUTERS}
     odd_in = sorted({f"{name} ({inp} inputs)" for name, _out, inp in shapes if inp % block_size})

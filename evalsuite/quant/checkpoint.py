@@ -80,24 +80,28 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     fp8-block: each projection's E4M3 ``weight`` beside its float32 ``weight_scale_inv``;
     int4-awq-asym: AutoAWQ's GEMM form, ``qweight`` and ``qzeros`` packed eight to an int32 and
     FP16 ``scales`` (the engine's codes and zero points, its float32 scales rounded to FP16);
+    fp8-modelopt: Model Optimizer's HF export, each projection's E4M3 ``weight`` with scalar
+    ``weight_scale`` and ``input_scale`` (one per q/k/v and gate/up group, the largest, as its
+    export writes them), ``k_proj.k_scale`` and ``v_proj.v_scale``, and hf_quant_config.json;
     every other tensor under its name in the source checkpoint, and config.json's
     ``quantization_config``. The engine's names must be the source checkpoint's: a checkpoint that
     fuses projections the engine splits (Phi-3's q/k/v) or stacks a mixture's experts is refused."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from .fp8 import FP8StaticLinear
     from .fp8_block import FP8BlockLinear
     from .int4 import Int4WeightOnlyLinear
-    from .published import awq_pack
 
     check_hf_export(recipe["name"])
     if lm.folder is None:
         raise ValueError(f"model {lm.info.name!r} was not loaded from a folder; its config.json is unknown")
     model, config = lm.model, recipe["config"]
-    misfit = hf_export_misfit(recipe["name"], config["block_size"], model.config)
+    misfit = hf_export_misfit(recipe["name"], config, model.config)
     if misfit:
         raise ValueError(f"--format hf: {misfit}")
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, (FP8BlockLinear, Int4WeightOnlyLinear))}
+    kinds = (FP8BlockLinear, Int4WeightOnlyLinear, FP8StaticLinear)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
     source = set()
     for f in weight_files(Path(lm.folder)):
         if f.suffix == ".safetensors":
@@ -113,26 +117,13 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
         raise ValueError(f"--format hf: the engine holds {model.config.architecture}'s weights under other names than "
                          f"its checkpoint (e.g. {renamed[:3]}), which an HF export must keep; valid: --format "
                          "evalsuite")
-    tensors = {k: v.detach().clone().contiguous() for k, v in plain.items()}
-    for name, m in quantized.items():
-        if isinstance(m, FP8BlockLinear):
-            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = m.qweight, m.weight_scale_inv
-        else:  # [in, out] as AutoAWQ lays them out
-            tensors[f"{name}.qweight"] = awq_pack((m.codes.to(torch.int16) + 8).t())
-            tensors[f"{name}.qzeros"] = awq_pack(m.zero_point.t())
-            tensors[f"{name}.scales"] = m.scale.t().to(torch.float16)
-        if m.bias is not None:
-            tensors[f"{name}.bias"] = m.bias.detach()
-    block = config["block_size"]
-    if recipe["name"] == "fp8-block":
-        _warn_vllm_tiles(model.config, block)
-        quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                        "weight_block_size": [block, block]}
-    else:  # what AutoAWQ writes (its Mixtral keeps the routers, "gate", unquantized)
-        quantization = {"quant_method": "awq", "zero_point": True, "group_size": block, "bits": 4, "version": "gemm",
-                        "modules_to_not_convert": ["gate"] if model.config.architecture == "mixtral" else None}
+    tensors = {k: v.detach() for k, v in plain.items()} | _published_tensors(model, quantized)
+    quantization, hf_quant = _quantization_config(recipe["name"], config, model, tensors)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+    if hf_quant is not None:
+        (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4))
+    # copies: q/k/v's and gate/up's fused FP8 weights are views of one tensor, which safetensors refuses
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     hf_config = json.loads((Path(lm.folder) / "config.json").read_text())
     hf_config["quantization_config"] = quantization
@@ -143,6 +134,68 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
         lm.tokenizer.save_pretrained(str(out))
     shutil.copymode(out / "config.json", out / "model.safetensors")
     return out
+
+
+def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Each quantized projection's tensors in its recipe's published form."""
+    from .calibrate import shared_input_groups
+    from .fp8 import FP8StaticLinear
+    from .fp8_block import FP8BlockLinear
+    from .published import awq_pack
+
+    group_input = {n: max(model.get_submodule(g).input_scale for g in names)  # one input scale per fused group
+                   for _norm, names in shared_input_groups(model) for n in names
+                   if all(isinstance(model.get_submodule(g), FP8StaticLinear) for g in names)}
+    tensors = {}
+    for name, m in quantized.items():
+        if isinstance(m, FP8BlockLinear):
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = m.qweight, m.weight_scale_inv
+        elif isinstance(m, FP8StaticLinear):
+            tensors[f"{name}.weight"] = m.qweight
+            tensors[f"{name}.weight_scale"] = torch.tensor(m.weight_scale, dtype=torch.float32)
+            tensors[f"{name}.input_scale"] = torch.tensor(group_input.get(name, m.input_scale), dtype=torch.float32)
+        else:  # [in, out] as AutoAWQ lays them out
+            tensors[f"{name}.qweight"] = awq_pack((m.codes.to(torch.int16) + 8).t())
+            tensors[f"{name}.qzeros"] = awq_pack(m.zero_point.t())
+            tensors[f"{name}.scales"] = m.scale.t().to(torch.float16)
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach()
+    return tensors
+
+
+def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
+                         tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """config.json's ``quantization_config`` for the recipe's published form, and Model
+    Optimizer's hf_quant_config.json (None for the other forms); Model Optimizer's K and V cache
+    scales join ``tensors``."""
+    if recipe == "fp8-block":
+        block = config["block_size"]
+        _warn_vllm_tiles(model.config, block)
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [block, block]}, None
+    if recipe == "int4-awq-asym":  # what AutoAWQ writes (its Mixtral keeps the routers, "gate", unquantized)
+        return {"quant_method": "awq", "zero_point": True, "group_size": config["block_size"], "bits": 4,
+                "version": "gemm",
+                "modules_to_not_convert": ["gate"] if model.config.architecture == "mixtral" else None}, None
+    for i, layer in enumerate(model.model.layers):  # what Model Optimizer's export writes
+        for kv in "kv":
+            tensors[f"model.layers.{i}.self_attn.{kv}_proj.{kv}_scale"] = torch.tensor(
+                getattr(layer.self_attn, f"{kv}_cache_quant").scale, dtype=torch.float32)
+    kept = ["lm_head", "model.embed_tokens"] + sorted(
+        n for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head")
+    fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
+    producer = {"name": "evalsuite", "version": _version()}
+    quantization = {"config_groups": {"group_0": {"input_activations": fp8, "weights": fp8, "targets": ["Linear"]}},
+                    "ignore": kept, "quant_algo": "FP8", "kv_cache_scheme": fp8, "producer": producer,
+                    "quant_method": "modelopt"}
+    return quantization, {"producer": producer, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
+                                                                 "exclude_modules": kept}}
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("evalsuite")
 
 
 def _warn_vllm_tiles(cfg, block: int) -> None:
