@@ -2,7 +2,7 @@
 # Every command that takes --device, end to end on one device, with a small random model (its
 # numbers mean nothing; the point is that each command runs there): run mmlu (three
 # formulations; BF16, FP8 with torch._scaled_mm, INT4 AWQ), a gate, run perplexity, quantize and
-# run the quantized checkpoint, lm-eval tasks (run --harness lm-eval, and lm-eval's own command line),
+# run the quantized checkpoint, export Model Optimizer's FP8 and AutoAWQ's form and run them as published, lm-eval tasks (run --harness lm-eval, and lm-eval's own command line),
 # bench, study (runs, benchmark and report), serve, and through the server: MMLU over the endpoint and MT-Bench answered on the
 # device and judged by the server with the openai client.
 #
@@ -79,6 +79,18 @@ step perplexity "${run[@]}" perplexity --model "$MODEL" --recipe bf16 "${common[
 step quantize $EVALSUITE quantize --model "$MODEL" --recipe int4-awq --device "$DEVICE" --output "$WORK/int4-awq-checkpoint"
 step mmlu-quantized-checkpoint "${run[@]}" mmlu --model "$WORK/int4-awq-checkpoint" "${common[@]}" --num-fewshot 1 \
     --per-subject 1 --output "$WORK/mmlu-quantized-checkpoint"
+# the published forms: exported on the device, then loaded as published and run there (Model
+# Optimizer's FP8 through torch._scaled_mm; AutoAWQ's GEMM form through tinygemm)
+mo=(--recipe fp8-modelopt --recipe-config quantize_attention=false 'kernel="scaled_mm"')
+step export-fp8-modelopt $EVALSUITE quantize --model "$MODEL" "${mo[@]}" --device "$DEVICE" --format hf \
+    --output "$WORK/fp8-modelopt-hf"
+step mmlu-published-fp8-modelopt "${run[@]}" mmlu --model "$WORK/fp8-modelopt-hf" "${mo[@]}" "${common[@]}" \
+    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-fp8-modelopt"
+awq=(--recipe int4-awq-asym --recipe-config block_size=64)
+step export-int4-awq-asym $EVALSUITE quantize --model "$MODEL" "${awq[@]}" --device "$DEVICE" --format hf \
+    --output "$WORK/int4-awq-asym-hf"
+step mmlu-published-int4-awq-asym "${run[@]}" mmlu --model "$WORK/int4-awq-asym-hf" "${awq[@]}" "${common[@]}" \
+    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int4-awq-asym"
 if "$PYTHON" -c "import lm_eval.evaluator, lm_eval.tasks" >"$WORK/lm-eval-import.log" 2>&1; then
     step lm-eval-harness "${run[@]}" --harness lm-eval --task evalsuite_mmlu_continuation_anatomy --limit 3 \
         --model "$MODEL" --device "$DEVICE" --output "$WORK/lm-eval-harness"

@@ -33,6 +33,13 @@ E4M3_MAX = 448.0
 MIN_SCALE = 1.0 / (E4M3_MAX * 512.0)
 
 
+def float32(value: float) -> float:
+    """``value`` rounded to float32: static scales are float32 wherever they are deployed (in the
+    checkpoint, in the kernel's scale operands), and the product of two such scales, exact in a
+    Python float, rounds to float32 as the kernel's does."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
 def round_e4m3(x: Tensor) -> Tensor:
     """Nearest E4M3 value of each element (saturating at ±448), as float32, through torch's cast."""
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
@@ -243,7 +250,7 @@ class FP8StaticQuantizer(nn.Module):
 
     def __init__(self, scale: float):
         super().__init__()
-        self.scale = float(scale)
+        self.scale = float32(scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return quantize_e4m3(x, self.scale).mul_(self.scale).to(x.dtype)
@@ -270,7 +277,7 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
         self.act_dtype = act_dtype  # the inputs' and outputs' dtype
         self.register_buffer("qweight", qweight.to(torch.float8_e4m3fn))  # what the kernel and checkpoint hold
         self.register_buffer("qweight_f32", qweight.float(), persistent=False)  # the simulated matmul's copy
-        self.weight_scale, self.input_scale = float(weight_scale), float(input_scale)
+        self.weight_scale, self.input_scale = float32(weight_scale), float32(input_scale)
         # the kernel's scale operands, kept on the model's device (never built per call), each in
         # its own allocation: cuBLASLt refuses a scale pointer that is not 16-byte aligned
         dev = self.qweight.device
