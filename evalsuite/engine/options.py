@@ -46,8 +46,8 @@ def check_device(device: str | None) -> None:
 # The engine's numerics, by version: bumped when a change moves its numbers (the same model,
 # recipe and task scoring otherwise). Part of every engine run's identity, so that a run folder an
 # engine of other numerics wrote is not resumed into a mix of the two. 1: until RMSNorm rounded as
-# transformers does (2026-11-29); 2: until static FP8 scales (fp8-modelopt's) were held in float32,
-# as checkpoints and kernels hold them (2026-11-29); 3: since.
+# transformers does (2026-11-29); 2: until static per-tensor scales (fp8-modelopt's, nvfp4's) were
+# held in float32, as checkpoints and kernels hold them (2026-11-29); 3: since.
 NUMERICS_VERSION = 3
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

@@ -374,8 +374,9 @@ class FusedFP8:
 
 
 def static_scale(amax: float) -> float:
-    """Per-tensor scale from a calibrated absmax: amax / 448 (floored so a zero amax stays usable)."""
-    return max(amax / E4M3_MAX, MIN_SCALE)
+    """Per-tensor scale from a calibrated absmax: amax / 448 (floored so a zero amax stays usable),
+    in float32."""
+    return float32(max(amax / E4M3_MAX, MIN_SCALE))
 
 
 def kv_scale(amax: float, mode: str) -> float:

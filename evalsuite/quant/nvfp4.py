@@ -34,7 +34,7 @@ from ..engine.load import LoadedModel
 from .api import handler, register_module
 from .calibrate import calibrate, projections, shared_input_groups
 from .configs import NVFP4Config
-from .fp8 import E4M3_MAX, FP8StaticQuantizer, experts_share_input_amax, kv_scale, round_e4m3
+from .fp8 import E4M3_MAX, FP8StaticQuantizer, experts_share_input_amax, float32, kv_scale, round_e4m3
 
 FP4_MAX = 6.0
 E4M3_SMALLEST = 2.0 ** -9  # E4M3's smallest subnormal
@@ -66,8 +66,9 @@ def e2m1_values(codes: Tensor) -> Tensor:
 
 def global_scale(amax: float) -> float:
     """The per-tensor scale: amax / (6 · 448), so that the largest block's E4M3 scale is 448
-    (floored, as Model Optimizer's kernel floors it, so that an all-zero tensor stays zero)."""
-    return max(amax / (FP4_MAX * E4M3_MAX), 1e-12)
+    (floored, as Model Optimizer's kernel floors it, so that an all-zero tensor stays zero), in
+    float32 as Model Optimizer computes and exports it."""
+    return float32(max(amax / (FP4_MAX * E4M3_MAX), 1e-12))
 
 
 def quantize_blocks(x: Tensor, scale: float, weights: bool = False) -> tuple[Tensor, Tensor]:
@@ -105,7 +106,7 @@ class NVFP4Linear(nn.Module):
         self.register_buffer("block_scale", block_scale.to(torch.float8_e4m3fn))  # exact: E4M3 values
         weight = block_values(e2m1_values(self.codes), self.block_scale.float())
         self.register_buffer("weight_f32", weight, persistent=False)
-        self.weight_tensor_scale, self.input_scale = float(weight_tensor_scale), float(input_scale)
+        self.weight_tensor_scale, self.input_scale = float32(weight_tensor_scale), float32(input_scale)
         self.bias = bias
 
     @staticmethod
