@@ -79,18 +79,6 @@ step perplexity "${run[@]}" perplexity --model "$MODEL" --recipe bf16 "${common[
 step quantize $EVALSUITE quantize --model "$MODEL" --recipe int4-awq --device "$DEVICE" --output "$WORK/int4-awq-checkpoint"
 step mmlu-quantized-checkpoint "${run[@]}" mmlu --model "$WORK/int4-awq-checkpoint" "${common[@]}" --num-fewshot 1 \
     --per-subject 1 --output "$WORK/mmlu-quantized-checkpoint"
-# the published forms: exported on the device, then loaded as published and run there (Model
-# Optimizer's FP8 through torch._scaled_mm; AutoAWQ's GEMM form through tinygemm)
-mo=(--recipe fp8-modelopt --recipe-config quantize_attention=false 'kernel="scaled_mm"')
-step export-fp8-modelopt $EVALSUITE quantize --model "$MODEL" "${mo[@]}" --device "$DEVICE" --format hf \
-    --output "$WORK/fp8-modelopt-hf"
-step mmlu-published-fp8-modelopt "${run[@]}" mmlu --model "$WORK/fp8-modelopt-hf" "${mo[@]}" "${common[@]}" \
-    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-fp8-modelopt"
-awq=(--recipe int4-awq-asym --recipe-config block_size=64)
-step export-int4-awq-asym $EVALSUITE quantize --model "$MODEL" "${awq[@]}" --device "$DEVICE" --format hf \
-    --output "$WORK/int4-awq-asym-hf"
-step mmlu-published-int4-awq-asym "${run[@]}" mmlu --model "$WORK/int4-awq-asym-hf" "${awq[@]}" "${common[@]}" \
-    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int4-awq-asym"
 if "$PYTHON" -c "import lm_eval.evaluator, lm_eval.tasks" >"$WORK/lm-eval-import.log" 2>&1; then
     step lm-eval-harness "${run[@]}" --harness lm-eval --task evalsuite_mmlu_continuation_anatomy --limit 3 \
         --model "$MODEL" --device "$DEVICE" --output "$WORK/lm-eval-harness"
@@ -122,6 +110,20 @@ step mt-bench "${run[@]}" mt-bench --model "$MODEL" --recipe bf16 "${common[@]}"
     --calibration-questions 2 --output "$WORK/mt-bench"
 kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
 grep -E "device|cuda|Traceback|Error" "$WORK/serve.log" | head -n 5 | sed 's/^/    serve: /'
+
+# the published forms, last (newest; a time limit that cuts the script short cuts them first):
+# exported on the device, then loaded as published and run there (Model Optimizer's FP8 through
+# torch._scaled_mm; AutoAWQ's GEMM form through tinygemm)
+mo=(--recipe fp8-modelopt --recipe-config quantize_attention=false 'kernel="scaled_mm"')
+step export-fp8-modelopt $EVALSUITE quantize --model "$MODEL" "${mo[@]}" --device "$DEVICE" --format hf \
+    --output "$WORK/fp8-modelopt-hf"
+step mmlu-published-fp8-modelopt "${run[@]}" mmlu --model "$WORK/fp8-modelopt-hf" "${mo[@]}" "${common[@]}" \
+    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-fp8-modelopt"
+awq=(--recipe int4-awq-asym --recipe-config block_size=64)
+step export-int4-awq-asym $EVALSUITE quantize --model "$MODEL" "${awq[@]}" --device "$DEVICE" --format hf \
+    --output "$WORK/int4-awq-asym-hf"
+step mmlu-published-int4-awq-asym "${run[@]}" mmlu --model "$WORK/int4-awq-asym-hf" "${awq[@]}" "${common[@]}" \
+    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int4-awq-asym"
 
 [ ${#skipped[@]} -eq 0 ] || echo "skipped steps: ${skipped[*]}"
 if [ ${#failed[@]} -gt 0 ]; then
