@@ -17,8 +17,8 @@ nothing is quantized again.
       -> fp8-modelopt's ``FP8StaticLinear`` and ``FP8StaticQuantizer``
 
 A projection the publisher left unquantized (lm_head, a mixture's routers) has no such tensors
-and loads as stored. ``take`` runs inside the engine's loader; ``checkpoint.save_hf`` writes
-fine-grained FP8 and AutoAWQ's form (``awq_pack``).
+and loads as stored. ``take`` runs inside the engine's loader; ``checkpoint.save_hf`` writes the
+same three forms (``awq_pack``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ Builder = Callable[[nn.Module | None], nn.Module]
 
 def take(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, folder: Path | str) -> dict[str, Builder]:
     """Take a published checkpoint's quantized tensors out of ``state`` (names as the engine
-    holds them): for each quantized projection, by name, what builds its module. {} for a
-    checkpoint that is not quantized."""
+    holds them): for each quantized projection (and Model Optimizer's KV-cache quantizers), by
+    name, what builds its module. {} for a checkpoint that is not quantized."""
     if cfg.fp8_block is not None:
         return _fp8_tiles(cfg.fp8_block, state, dtype, folder)
     if cfg.awq_group is not None:
