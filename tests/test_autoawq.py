@@ -212,6 +212,7 @@ def test_a_published_autoawq_checkpoint_runs_as_published(autoawq_checkpoint):
     check_model_args(str(awq), "int4-awq-asym", {"block_size": 32})  # no tokenizer needed: no calibration
     lm, record = load_model_and_recipe(str(awq), "int4-awq-asym", "float32", {"block_size": 32, "kernel": "off"})
     assert record["name"] == "int4-awq-asym" and lm.model.config.awq_group == 32
+    assert record["published"].endswith("nothing was calibrated or quantized")
     assert set(quantized_modules(lm.model).values()) == {"Int4WeightOnlyLinear"}
     state = load_file(str(awq / "model.safetensors"))
     decoded = _autoawq_decode(state, 32)

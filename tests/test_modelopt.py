@@ -328,7 +328,7 @@ def test_a_published_model_optimizer_fp8_checkpoint_runs_as_published(pair, tmp_
     for fused in (True, False):
         settings = {"quantize_attention": False, "fused_scales": fused}
         published, record = load_model_and_recipe(str(exported), "fp8-modelopt", "float32", settings)
-        assert record["name"] == "fp8-modelopt" and published.model.config.modelopt_fp8
+        assert record["name"] == "fp8-modelopt" and published.model.config.modelopt_fp8 and "published" in record
         assert set(quantized_modules(published.model).values()) == {"FP8StaticLinear", "FP8StaticQuantizer"}
         assert published.model.model.layers[1].self_attn.v_cache_quant is not None
         ours, _ = load_model_and_recipe(str(lm.folder), "fp8-modelopt", "float32", {**settings, "calibration": spec})

@@ -254,6 +254,9 @@ def apply_recipe(lm: LoadedModel, name: str, overrides: dict[str, Any] | None = 
     apply(lm, recipe.config)
     lm.model.fuse_projections()  # the recipe's modules may fuse (q/k/v, gate/up) where they can
     record = recipe.record()
+    if cfg.published_recipe is not None:  # the calibration settings in the record went unused
+        record["published"] = (f"the checkpoint's own codes and scales, in {cfg.published_recipe}'s published form: "
+                               "nothing was calibrated or quantized")
     place(lm, record)
     return record
 
