@@ -16,6 +16,7 @@ which through 30 layers moves as many cloze answers as FP8 itself does (docs/PER
 from __future__ import annotations
 
 import functools
+import struct
 import warnings
 
 import torch
@@ -37,7 +38,7 @@ def float32(value: float) -> float:
     """``value`` rounded to float32: static scales are float32 wherever they are deployed (in the
     checkpoint, in the kernel's scale operands), and the product of two such scales, exact in a
     Python float, rounds to float32 as the kernel's does."""
-    return float(torch.tensor(value, dtype=torch.float32))
+    return struct.unpack("f", struct.pack("f", value))[0]  # no tensor: whatever torch's default device
 
 
 def round_e4m3(x: Tensor) -> Tensor:
