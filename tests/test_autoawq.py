@@ -30,9 +30,9 @@ with warnings.catch_warnings():  # its import shows every DeprecationWarning fro
     from awq.quantize.quantizer import AwqQuantizer
 
 
-@pytest.fixture
-def llama_dir(tmp_path):
-    """A Llama whose projections' outputs are multiples of 64, as AutoAWQ's clip search needs."""
+def _llama(folder):
+    """A Llama whose projections' outputs are multiples of 64, as AutoAWQ's clip search needs,
+    saved with the tiny tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .conftest import make_tokenizer
@@ -44,9 +44,14 @@ def llama_dir(tmp_path):
     with torch.no_grad():
         for w in hf.parameters():
             w.normal_(0, 0.15) if w.dim() == 2 else w.normal_(1, 0.3)
-    hf.eval().save_pretrained(tmp_path / "llama")
-    make_tokenizer().save_pretrained(tmp_path / "llama")
-    return tmp_path / "llama"
+    hf.eval().save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    return _llama(tmp_path / "llama")
 
 
 def _autoawq(folder, seqs, monkeypatch) -> tuple:
@@ -146,20 +151,10 @@ def autoawq_checkpoint(tmp_path_factory):
     checkpoints are published: config.json's quantization_config and model.safetensors, no tokenizer."""
     import json
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from .conftest import make_tokenizer
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("autoawq")
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True, pad_token_id=0))
-    with torch.no_grad():
-        for w in hf.parameters():
-            w.normal_(0, 0.15) if w.dim() == 2 else w.normal_(1, 0.3)
-    hf.eval().save_pretrained(root / "plain")
-    make_tokenizer().save_pretrained(root / "plain")
+    _llama(root / "plain")
     seqs = [[(7 * i + 3 * j) % 397 + 2 for j in range(16)] for i in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -139,19 +139,13 @@ def test_fp8_modelopt_holds_model_optimizers_fp8_checkpoint(pair, tmp_path):
     scale (the engine's with ``fused_scales=false``, byte for byte), one input scale for q/k/v and
     one for gate/up, the largest of the group's, and K and V cache scales amax / 448 (the
     engine's default form: ``fused_scales`` and ``kv_scale_mode=simulate``)."""
-    from modelopt.torch.export import export_hf_checkpoint
     from safetensors.torch import load_file
 
-    hf, lm, spec, seqs, _ = pair
-    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
-    cfg["quant_cfg"] = cfg["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
-    _modelopt(hf, cfg, seqs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_hf_checkpoint(hf, export_dir=tmp_path / "exported")
-    quant = json.loads((tmp_path / "exported" / "hf_quant_config.json").read_text())["quantization"]
+    _hf, lm, spec, _seqs, _ = pair
+    exported = _modelopt_fp8_export(pair, tmp_path / "exported")
+    quant = json.loads((exported / "hf_quant_config.json").read_text())["quantization"]
     assert (quant["quant_algo"], quant["kv_cache_quant_algo"]) == ("FP8", "FP8")
-    tensors = load_file(tmp_path / "exported" / "model.safetensors")
+    tensors = load_file(exported / "model.safetensors")
     apart = load(str(lm.folder), "float32")
     apply_recipe(apart, "fp8-modelopt", {"calibration": spec, "fused_scales": False})
     apply_recipe(lm, "fp8-modelopt", {"calibration": spec})
