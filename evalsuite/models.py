@@ -24,6 +24,7 @@ from .quant.api import all_recipes, check_recipe_fits, configured_recipe, is_qua
 from .quant.configs import calibrates
 
 if TYPE_CHECKING:
+    from .engine.config import ModelConfig
     from .engine.load import LoadedModel
 
 
@@ -63,7 +64,7 @@ def _check_tokenizer_needs(folder: str, recipe: str, calibrating: bool, needs_to
                          f"{', '.join(plain)}")
 
 
-def folder_config(folder: str):
+def folder_config(folder: str) -> ModelConfig | None:
     """The ModelConfig of ``folder``'s config.json, or None where the engine cannot read it (that
     is reported when the model loads)."""
     from .engine.config import ModelConfig, UnsupportedModelError
