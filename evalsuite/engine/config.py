@@ -344,8 +344,7 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
                 "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form and Model Optimizer's FP8, "
-                "and quantizes with "
-                "--recipe: load the unquantized "
+                "and quantizes with --recipe: load the unquantized "
                 "model, or evaluate this checkpoint where a server runs it (--base-url)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]

@@ -196,7 +196,8 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     if cfg.modelopt_fp8:
         if not isinstance(config, FP8ModelOptConfig):
             return ("the checkpoint is published in Model Optimizer's FP8 (per-tensor E4M3 weight and input scales, "
-                    "FP8 KV cache), which runs as published; load the unquantized model for other recipes")
+                    "FP8 KV cache), which runs as published (--recipe fp8-modelopt --recipe-config "
+                    "quantize_attention=false); load the unquantized model for other recipes")
         if config.quantize_attention:
             return ("quantize_attention=true, and the checkpoint carries no scale for attention's FP8 query inputs "
                     "(Model Optimizer's export writes the K and V cache scales); valid: quantize_attention=false")
@@ -204,7 +205,8 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     if cfg.awq_group is not None:
         if not isinstance(config, Int4AutoAWQConfig):
             return (f"the checkpoint is published in AutoAWQ's INT4 GEMM form (groups of {cfg.awq_group}), which runs "
-                    "as published; load the unquantized model for other recipes")
+                    f"as published (--recipe int4-awq-asym --recipe-config block_size={cfg.awq_group}); load the "
+                    "unquantized model for other recipes")
         if config.block_size != cfg.awq_group:
             return (f"block_size={config.block_size}, and the checkpoint's groups are of {cfg.awq_group}; valid: "
                     f"block_size={cfg.awq_group}")
