@@ -881,7 +881,7 @@ def _list_recipes() -> int:
 
     for name, r in all_recipes().items():
         print(f"{name}: {r.description}")
-        settings = r.record()["config"]
+        settings = dataclasses.asdict(r.config)
         if settings:
             print("  --recipe-config defaults: " + " ".join(
                 f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in settings.items()))

@@ -201,10 +201,15 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, cal
     """The default int4-awq (resmooth=true) is the model Model Optimizer's HF export writes: q/k/v's
     and gate/up's shared pre-quant scale folded into the norm before them (Gemma's multiplies by
     1 + weight; OLMo has none there, and each projection of the group keeps that shared scale),
-    every projection's INT4 codes and block scales, o_proj's and down_proj's own pre-quant scales."""
+    every projection's INT4 codes and block scales, o_proj's and down_proj's own pre-quant scales;
+    for Llama with an FP8 KV cache (``fp8_kv_cache``, hf_ptq's default), its K and V scales too.
+    That checkpoint, loaded as published (its inputs scaled by its pre_quant_scale, nothing
+    calibrated), computes the recipe's logits."""
     from modelopt.torch.export import export_hf_checkpoint
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    from evalsuite.models import load_model_and_recipe
 
     from .conftest import make_tokenizer, tiny_gemma2, tiny_olmo
 
@@ -215,19 +220,25 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, cal
         (tiny_gemma2(vocab=400) if arch == "gemma2" else tiny_olmo(arch, vocab=400)).save_pretrained(folder)
         make_tokenizer().save_pretrained(folder)
     spec = {"source": str(calib_file), "num_samples": 4, "seq_len": 16}
+    kv = arch == "llama"
     lm = load(str(folder), "float32")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if arch == "gemma2":
         hf.config._attn_implementation = "eager"  # its capped scores
-    _modelopt(hf, _int4_awq_cfg(32), calib.corpus(lm, CalibrationSpec(**spec)))
+    cfg = _int4_awq_cfg(32)
+    if kv:
+        cfg["quant_cfg"] = cfg["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
+    _modelopt(hf, cfg, calib.corpus(lm, CalibrationSpec(**spec)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_hf_checkpoint(hf, export_dir=tmp_path / "exported")
     quant = json.loads((tmp_path / "exported" / "hf_quant_config.json").read_text())["quantization"]
     assert (quant["quant_algo"], quant["group_size"], quant["has_zero_point"]) == ("W4A16_AWQ", 32, False)
+    assert quant["kv_cache_quant_algo"] == ("FP8" if kv else None)
     tensors = load_file(tmp_path / "exported" / "model.safetensors")
-    apply_recipe(lm, "int4-awq", {"calibration": spec, "block_size": 32, "kernel": "off"})
-    compared = {"norm": 0, "codes": 0, "scale": 0, "pre_quant_scale": 0}
+    settings = {"block_size": 32, "kernel": "off", "fp8_kv_cache": kv}
+    apply_recipe(lm, "int4-awq", {**settings, "calibration": spec})
+    compared = {"norm": 0, "codes": 0, "scale": 0, "pre_quant_scale": 0, "kv": 0}
     for key, value in tensors.items():
         if not key.startswith("model.layers."):
             continue
@@ -245,14 +256,23 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, cal
         elif what == "pre_quant_scale":
             torch.testing.assert_close(1 / ours.input_scale, value, rtol=1e-6, atol=0)
             compared["pre_quant_scale"] += 1
+        elif what in ("k_scale", "v_scale"):
+            quantizer = getattr(lm.model.get_submodule(module_name.rsplit(".", 1)[0]), f"{what[0]}_cache_quant")
+            assert quantizer.scale == pytest.approx(value.item(), rel=1e-6), key
+            compared["kv"] += 1
     layers = lm.model.config.num_layers
     norms = {"llama": 2, "gemma2": 4, "olmo2": 4}[arch]  # OLMo's: after attention and MLP, and q/k's
     scaled_inputs = 7 if arch == "olmo2" else 2  # where no norm precedes, every projection keeps one
     assert compared == {"norm": norms * layers, "codes": 7 * layers, "scale": 7 * layers,
-                        "pre_quant_scale": scaled_inputs * layers}
+                        "pre_quant_scale": scaled_inputs * layers, "kv": 2 * layers if kv else 0}
     if arch == "olmo2":  # one scale for the group, the mean of theirs, as the engine keeps it
         attention = lm.model.model.layers[0].self_attn
         assert torch.equal(attention.q_proj.input_scale, attention.v_proj.input_scale)
+    published, record = load_model_and_recipe(str(tmp_path / "exported"), "int4-awq", "float32", settings)
+    assert published.model.config.modelopt == "W4A16_AWQ" and "published" in record
+    tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
+    with torch.no_grad():
+        assert _rel(published.model(tokens), lm.model(tokens)) < 1e-6
 
 
 def test_nvfp4_codes_and_scales_are_model_optimizers():
@@ -292,10 +312,16 @@ def test_nvfp4_codes_and_scales_are_model_optimizers():
 def _modelopt_fp8_export(pair, folder):
     """Model Optimizer's FP8 (+ FP8 KV cache) of the pair's model, calibrated on its sequences and
     saved by Model Optimizer's HF export, with the tokenizer beside it."""
+    return _modelopt_export(pair, mtq.FP8_DEFAULT_CFG, folder)
+
+
+def _modelopt_export(pair, cfg: dict, folder):
+    """The pair's model quantized by Model Optimizer with ``cfg`` + its FP8 KV cache, calibrated on
+    the pair's sequences and saved by its HF export, with the tokenizer beside it."""
     from modelopt.torch.export import export_hf_checkpoint
 
     hf, lm, _spec, seqs, _ = pair
-    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg = copy.deepcopy(cfg)
     cfg["quant_cfg"] = cfg["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]
     _modelopt(hf, cfg, seqs)
     with warnings.catch_warnings():
@@ -322,7 +348,7 @@ def test_a_published_model_optimizer_fp8_checkpoint_runs_as_published(pair, tmp_
     for fused in (True, False):
         settings = {"quantize_attention": False, "fused_scales": fused}
         published, record = load_model_and_recipe(str(exported), "fp8-modelopt", "float32", settings)
-        assert record["name"] == "fp8-modelopt" and published.model.config.modelopt_fp8 and "published" in record
+        assert record["name"] == "fp8-modelopt" and published.model.config.modelopt == "FP8" and "published" in record
         assert set(quantized_modules(published.model).values()) == {"FP8StaticLinear", "FP8StaticQuantizer"}
         assert published.model.model.layers[1].self_attn.v_cache_quant is not None
         ours, _ = load_model_and_recipe(str(lm.folder), "fp8-modelopt", "float32", {**settings, "calibration": spec})
@@ -339,7 +365,7 @@ def test_a_published_model_optimizer_fp8_checkpoint_runs_as_published(pair, tmp_
     del config["quantization_config"]
     (exported / "config.json").write_text(json.dumps(config))
     earlier, _ = load_model_and_recipe(str(exported), "fp8-modelopt", "float32", {"quantize_attention": False})
-    assert earlier.model.config.modelopt_fp8
+    assert earlier.model.config.modelopt == "FP8"
 
 
 def test_a_published_model_optimizer_fp8_checkpoint_refuses_other_settings_before_it_loads(pair, tmp_path,
@@ -349,16 +375,17 @@ def test_a_published_model_optimizer_fp8_checkpoint_refuses_other_settings_befor
 
     exported = _modelopt_fp8_export(pair, tmp_path / "exported")
     monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(ValueError, match=r"recipe 'fp8-modelopt': quantize_attention=true, and the checkpoint carries "
-                                         r"no scale for attention's FP8 query inputs.*valid: quantize_attention=false"):
+    with pytest.raises(ValueError, match=r"recipe 'fp8-modelopt': quantize_attention=true, and the checkpoint holds "
+                                         r"Model Optimizer's FP8 with an FP8 KV cache \(no scale for attention's FP8 "
+                                         r"query inputs\); valid: quantize_attention=false"):
         check_model_args(str(exported), "fp8-modelopt")
     with pytest.raises(ValueError, match=r"recipe 'int4-awq': the checkpoint is published in Model Optimizer's FP8"):
         check_model_args(str(exported), "int4-awq")
     hf = json.loads((exported / "config.json").read_text())
-    for algo, kv in (("NVFP4", "FP8"), ("FP8", None)):
+    for algo, kv in (("W4A8_AWQ", "FP8"), ("FP8", None), ("MIXED_PRECISION", None)):
         hf["quantization_config"] = {"quant_method": "modelopt", "quant_algo": algo, "kv_cache_quant_algo": kv}
-        with pytest.raises(UnsupportedModelError, match=rf"Model Optimizer checkpoint with quant_algo '{algo}' and KV "
-                                                         rf"cache {kv!r}; the engine loads Model Optimizer's FP8"):
+        with pytest.raises(UnsupportedModelError, match=rf"Model Optimizer checkpoint with quant_algo '{algo}', KV "
+                                                         rf"cache {kv!r}.*; the engine loads Model Optimizer's FP8"):
             ModelConfig.from_hf(hf)
 
 
@@ -423,3 +450,84 @@ def test_quantize_format_hf_refuses_fp8_attention_before_loading(tiny_dir, tmp_p
     assert "cannot hold quantize_attention=true; valid: --recipe-config quantize_attention=false" in \
         capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_nvfp4_is_model_optimizers_nvfp4_checkpoint_and_runs_it_as_published(pair, tmp_path):
+    """Model Optimizer's NVFP4 (NVFP4_DEFAULT_CFG + FP8 KV cache) exported by its HF export, the
+    form of NVIDIA's *-FP4 checkpoints: the default nvfp4 holds every tensor of it (packed E2M1
+    codes and E4M3 block scales byte for byte, each group's shared weight and input tensor scales,
+    the K and V scales), and that checkpoint, loaded as published (nothing calibrated), computes
+    the recipe's logits."""
+    from safetensors.torch import load_file
+
+    from evalsuite.models import load_model_and_recipe
+    from evalsuite.quant.checkpoint import quantized_modules
+
+    _hf, lm, spec, _seqs, tokens = pair
+    exported = _modelopt_export(pair, mtq.NVFP4_DEFAULT_CFG, tmp_path / "exported")
+    ours, _ = load_model_and_recipe(str(lm.folder), "nvfp4", "float32", {"calibration": spec})
+    compared = dict.fromkeys(("weight", "weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale"), 0)
+    for key, value in load_file(exported / "model.safetensors").items():
+        module_name, _, what = key.rpartition(".")
+        if what not in compared or not module_name.endswith("_proj"):  # lm_head, embeddings, norms: as stored
+            continue
+        if what in ("k_scale", "v_scale"):
+            attention = ours.model.get_submodule(module_name.rsplit(".", 1)[0])
+            # activations: the engine's and transformers' float32 forwards round alike to about 1e-7
+            assert getattr(attention, f"{what[0]}_cache_quant").scale == pytest.approx(value.item(), rel=1e-6), key
+        else:
+            exported_form, attrs = ours.model.get_submodule(module_name).export()
+            mine = {"weight": exported_form["weight_packed"], "weight_scale": exported_form["weight_scale"],
+                    "weight_scale_2": attrs["weight_tensor_scale"], "input_scale": attrs["input_scale"]}[what]
+            if what == "input_scale":
+                assert mine == pytest.approx(value.item(), rel=1e-6), key
+            elif what == "weight_scale_2":
+                assert mine == value.item(), key
+            else:
+                assert mine.dtype == value.dtype and torch.equal(mine.view(torch.uint8), value.view(torch.uint8)), key
+        compared[what] += 1
+    layers = lm.model.config.num_layers
+    assert compared == {"weight": 7 * layers, "weight_scale": 7 * layers, "weight_scale_2": 7 * layers,
+                        "input_scale": 7 * layers, "k_scale": layers, "v_scale": layers}
+    published, record = load_model_and_recipe(str(exported), "nvfp4", "float32")
+    assert published.model.config.modelopt == "NVFP4" and "published" in record
+    assert set(quantized_modules(published.model).values()) == {"NVFP4Linear", "FP8StaticQuantizer"}
+    with torch.no_grad():
+        want = ours.model(tokens)
+        assert _rel(want, lm.model(tokens)) > 0.05  # NVFP4 moves them
+        assert _rel(published.model(tokens), want) < 1e-6
+
+
+@pytest.mark.parametrize("algo, kv, recipe, settings, message", [
+    ("NVFP4", "FP8", "nvfp4", {"fused_scales": False},
+     r"fused_scales=false, and the checkpoint holds Model Optimizer's NVFP4 with an FP8 KV cache \(one weight and one "
+     r"input scale per q/k/v and gate/up\); valid: fused_scales=true"),
+    ("NVFP4", None, "nvfp4", {}, r"fp8_kv_cache=true, .*NVFP4 with no FP8 KV cache; valid: fp8_kv_cache=false"),
+    ("NVFP4", "FP8", "fp8-modelopt", {}, r"the checkpoint is published in Model Optimizer's NVFP4 with an FP8 KV "
+     r"cache, which runs as published \(--recipe nvfp4 --recipe-config fp8_kv_cache=true\)"),
+    ("W4A16_AWQ", "FP8", "int4-rtn", {}, r"the checkpoint is published in Model Optimizer's W4A16_AWQ in groups of 64 "
+     r"with an FP8 KV cache, which runs as published \(--recipe int4-awq --recipe-config block_size=64 "
+     r"fp8_kv_cache=true\)"),
+    ("W4A16_AWQ", "FP8", "int4-awq", {"block_size": 64, "resmooth": False},
+     r"resmooth=false, fp8_kv_cache=false, and the checkpoint holds .*; valid: resmooth=true fp8_kv_cache=true"),
+    ("W4A16_AWQ", None, "int4-awq", {}, r"block_size=128, and the checkpoint holds Model Optimizer's W4A16_AWQ in "
+     r"groups of 64 with no FP8 KV cache; valid: block_size=64"),
+])
+def test_published_model_optimizer_checkpoints_refuse_other_settings_before_loading(
+        tiny_dir, tmp_path, monkeypatch, algo, kv, recipe, settings, message):
+    """NVFP4 and W4A16_AWQ checkpoints (their form in hf_quant_config.json, as NVIDIA's earlier
+    checkpoints carry it) run with their recipe and the settings they hold, and nothing else."""
+    from evalsuite.models import check_model_args
+
+    folder = tmp_path / "published"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_dir / "config.json").read_text())
+    quant = {"quant_algo": algo, "kv_cache_quant_algo": kv, "group_size": 64 if algo == "W4A16_AWQ" else 16,
+             "exclude_modules": ["lm_head"]}
+    (folder / "hf_quant_config.json").write_text(json.dumps({"quantization": quant}))
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=rf"recipe '{recipe}': {message}"):
+        check_model_args(str(folder), recipe, settings)
+    fits = {"NVFP4": "nvfp4", "W4A16_AWQ": "int4-awq"}[algo]
+    check_model_args(str(folder), fits, {"fp8_kv_cache": kv == "FP8"} | ({"block_size": 64} if fits == "int4-awq"
+                                                                           else {}))

@@ -23,6 +23,8 @@ OLMO_ARCHITECTURES = ("olmo2", "olmo3")
 # A mixture of experts' routers (layer-relative names): the few-output projections that weigh the
 # experts. No recipe quantizes them, as Model Optimizer's, AutoAWQ's and the deployed engines' leave them.
 MOE_ROUTERS = ("mlp.gate", "mlp.shared_expert_gate")
+# Model Optimizer's checkpoint forms (its quant_algo) that load as published, and the recipe of each
+MODELOPT_RECIPES = {"FP8": "fp8-modelopt", "NVFP4": "nvfp4", "W4A16_AWQ": "int4-awq"}
 
 
 class UnsupportedModelError(ValueError):
@@ -140,10 +142,13 @@ class ModelConfig:
     # the group size of its INT4 weights, which load as published (recipe int4-awq-asym); a linear
     # without qweight stays as stored
     awq_group: int | None = None
-    # a Model Optimizer FP8 checkpoint (quant_method modelopt, quant_algo FP8, FP8 KV cache): E4M3
-    # weights with static per-tensor weight and input scales, K and V cache scales; they load as
-    # published (recipe fp8-modelopt)
-    modelopt_fp8: bool = False
+    # a Model Optimizer checkpoint (quant_method modelopt, in config.json or hf_quant_config.json),
+    # which loads as published: its quant_algo (MODELOPT_RECIPES: FP8 -> fp8-modelopt, NVFP4 ->
+    # nvfp4, W4A16_AWQ -> int4-awq), W4A16_AWQ's group size, and whether its KV cache is FP8 (K and
+    # V scales beside k_proj and v_proj)
+    modelopt: str | None = None
+    modelopt_group: int | None = None
+    modelopt_fp8_kv: bool = False
     architecture: str = "llama"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -202,7 +207,7 @@ class ModelConfig:
             return "fp8-block"
         if self.awq_group is not None:
             return "int4-awq-asym"
-        return "fp8-modelopt" if self.modelopt_fp8 else None
+        return MODELOPT_RECIPES.get(self.modelopt)
 
     def layer_moe(self, layer: int) -> bool:
         """Whether decoder layer ``layer``'s MLP is a mixture of experts."""
@@ -294,7 +299,7 @@ class ModelConfig:
                              ("swiglu_limit", None), ("swiglu_alpha", None), ("mlp_bias", False),
                              ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None),
                              ("rope_layers", None), ("fp8_block", None), ("awq_group", None),
-                             ("modelopt_fp8", False)):
+                             ("modelopt", None), ("modelopt_group", None), ("modelopt_fp8_kv", False)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -337,13 +342,14 @@ class ModelConfig:
         method = quant.get("quant_method")
         fp8_block = _fp8_block(quant) if method == "fp8" else None
         awq_group = _awq_gemm(quant) if method == "awq" else None
-        modelopt_fp8 = method == "modelopt" and _modelopt_fp8(quant)
-        published = fp8_block is not None or awq_group is not None or modelopt_fp8
+        modelopt, modelopt_group, modelopt_fp8_kv = _modelopt(quant) if method == "modelopt" else (None, None, False)
+        published = fp8_block is not None or awq_group is not None or modelopt is not None
         if quant and not published and not (model_type == "gpt_oss" and method == "mxfp4"):
             # its low-bit tensors and their scales would be read as plain weights
             raise UnsupportedModelError(
                 f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
-                "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form and Model Optimizer's FP8, "
+                "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form and Model Optimizer's "
+                "FP8, NVFP4 and INT4 AWQ, "
                 "and quantizes with --recipe: load the unquantized "
                 "model, or evaluate this checkpoint where a server runs it (--base-url)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -480,7 +486,9 @@ class ModelConfig:
             **moe,
             fp8_block=fp8_block,
             awq_group=awq_group,
-            modelopt_fp8=modelopt_fp8,
+            modelopt=modelopt,
+            modelopt_group=modelopt_group,
+            modelopt_fp8_kv=modelopt_fp8_kv,
             architecture=model_type,
         )
 
@@ -592,22 +600,32 @@ def _awq_gemm(quant: dict[str, Any]) -> int:
     return group
 
 
-def _modelopt_fp8(quant: dict[str, Any]) -> bool:
+def _modelopt(quant: dict[str, Any]) -> tuple[str, int | None, bool]:
     """A Model Optimizer checkpoint (``quant_method: modelopt``, as config.json's quantization_config
-    or its hf_quant_config.json says) loads as published when it is its FP8 (``quant_algo: FP8``)
-    with an FP8 KV cache, the form of ``fp8-modelopt``; another algorithm or KV cache is refused."""
+    or its hf_quant_config.json says) loads as published in the forms of its recipes here: FP8 with
+    an FP8 KV cache (``fp8-modelopt``), NVFP4 (``nvfp4``) and W4A16_AWQ without zero points
+    (``int4-awq``), the last two with an FP8 KV cache or none. Returns (quant_algo, W4A16_AWQ's
+    group size, FP8 KV cache); another algorithm or KV cache is refused."""
     algo = quant.get("quant_algo")
     kv = quant.get("kv_cache_quant_algo")
     scheme = quant.get("kv_cache_scheme")
     if isinstance(scheme, dict) and (scheme.get("type"), scheme.get("num_bits")) == ("float", 8):
         kv = "FP8"
-    if algo != "FP8" or kv != "FP8":
+    group = quant.get("group_size")  # W4A16_AWQ's: hf_quant_config.json's (config.json's form has none)
+    awq_group = isinstance(group, int) and not isinstance(group, bool) and group > 0
+    fits = algo in MODELOPT_RECIPES and kv in ("FP8", None) and (algo != "FP8" or kv == "FP8") and \
+        (algo != "W4A16_AWQ" or (awq_group and not quant.get("has_zero_point", False)))
+    if not fits:
         raise UnsupportedModelError(
-            f"config.json: a Model Optimizer checkpoint with quant_algo {algo!r} and KV cache {kv!r}; the engine "
-            "loads Model Optimizer's FP8 with an FP8 KV cache (quant_algo FP8, kv_cache_quant_algo FP8), the form "
-            "of --recipe fp8-modelopt: load the unquantized model and name the recipe, or evaluate this checkpoint "
-            "where a server runs it (--base-url)")
-    return True
+            f"config.json: a Model Optimizer checkpoint with quant_algo {algo!r}, KV cache {kv!r}"
+            + (f", group_size {group!r}, has_zero_point {quant.get('has_zero_point', False)!r}"
+               if algo == "W4A16_AWQ" else "")
+            + "; the engine loads Model Optimizer's FP8 with an FP8 KV cache (--recipe fp8-modelopt), NVFP4 "
+            "(--recipe nvfp4) and W4A16_AWQ without zero points, with its group_size (hf_quant_config.json holds it; "
+            "--recipe int4-awq), the last two with an FP8 KV "
+            "cache or none: load the unquantized model and name the recipe, or evaluate this checkpoint where a "
+            "server runs it (--base-url)")
+    return algo, group if algo == "W4A16_AWQ" else None, kv == "FP8"
 
 
 def _yarn_inv_freq(cfg: ModelConfig, s: YarnRope) -> "torch.Tensor":

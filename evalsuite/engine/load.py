@@ -162,8 +162,9 @@ def _read_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 def _stored_as_is(key: str, tensor: torch.Tensor) -> bool:
     """Low-bit weights and their scales (weight_scale, input_scale, k_scale, weight_scale_inv,
-    AutoAWQ's scales), which the published forms' modules read at their stored precision."""
-    return tensor.dtype == torch.float8_e4m3fn or key.endswith(("_scale", "_scale_inv", ".scales"))
+    NVFP4's weight_scale_2, pre_quant_scale, AutoAWQ's scales), which the published forms' modules
+    read at their stored precision."""
+    return tensor.dtype == torch.float8_e4m3fn or key.endswith(("_scale", "_scale_inv", "_scale_2", ".scales"))
 
 
 def load_folder(folder: Path, dtype: torch.dtype = torch.bfloat16) -> CausalLM:

@@ -80,14 +80,16 @@ def source_kind(source: str) -> str:
 
 
 def with_quant_config(hf: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """config.json's dictionary; where it names no quantization, Model Optimizer's
-    hf_quant_config.json beside it (its checkpoints published before config.json carried it)
-    supplies ``quantization_config``, as vLLM reads it."""
+    """config.json's dictionary with Model Optimizer's hf_quant_config.json beside it read in, as
+    vLLM reads it: where config.json names no quantization (checkpoints published before
+    config.json carried it), it supplies ``quantization_config``; where config.json names Model
+    Optimizer's, it supplies what that form leaves out (W4A16_AWQ's group size)."""
     path = folder / "hf_quant_config.json"
-    if hf.get("quantization_config") or not path.is_file():
+    current = hf.get("quantization_config")
+    if (current and current.get("quant_method") != "modelopt") or not path.is_file():
         return hf
     try:
         quant = json.loads(path.read_text()).get("quantization") or {}
     except (ValueError, AttributeError) as e:
         raise ModelLoadError(f"{path} is not a JSON object with a 'quantization' entry: {e}") from None
-    return {**hf, "quantization_config": {"quant_method": "modelopt", **quant}}
+    return {**hf, "quantization_config": {"quant_method": "modelopt", **quant, **(current or {})}}

@@ -10,6 +10,7 @@ points) and returns the record every run stores: name, description and the full 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,13 @@ class Recipe:
     config: Any  # a frozen dataclass, validated in its __post_init__; its type selects the handler
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "config": dataclasses.asdict(self.config)}
+        config = dataclasses.asdict(self.config)
+        # settings added after runs were recorded: absent at their neutral value, so that those runs'
+        # identities (the record is part of them) and their resumption stay as they were
+        for key, neutral in getattr(self.config, "ADDED_SETTINGS", {}).items():
+            if config[key] == neutral:
+                del config[key]
+        return {"name": self.name, "description": self.description, "config": config}
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -191,17 +198,10 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     so no scale folds from up into down; AutoAWQ has no form for it. AutoAWQ folds every q/k/v and
     gate/up scale into the norm before them, which OLMo's layer does not have.
     A published low-bit checkpoint runs as published, with the recipe of its form and its block:
-    fine-grained FP8 as fp8-block, AutoAWQ's GEMM form as int4-awq-asym, Model Optimizer's FP8 as
-    fp8-modelopt without FP8 attention inputs (its export carries no scale for the queries)."""
-    if cfg.modelopt_fp8:
-        if not isinstance(config, FP8ModelOptConfig):
-            return ("the checkpoint is published in Model Optimizer's FP8 (per-tensor E4M3 weight and input scales, "
-                    "FP8 KV cache), which runs as published (--recipe fp8-modelopt --recipe-config "
-                    "quantize_attention=false); load the unquantized model for other recipes")
-        if config.quantize_attention:
-            return ("quantize_attention=true, and the checkpoint carries no scale for attention's FP8 query inputs "
-                    "(Model Optimizer's export writes the K and V cache scales); valid: quantize_attention=false")
-        return None
+    fine-grained FP8 as fp8-block, AutoAWQ's GEMM form as int4-awq-asym, Model Optimizer's forms as
+    its recipes here with the settings that form holds (``_modelopt_misfit``)."""
+    if cfg.modelopt is not None:
+        return _modelopt_misfit(config, cfg)
     if cfg.awq_group is not None:
         if not isinstance(config, Int4AutoAWQConfig):
             return (f"the checkpoint is published in AutoAWQ's INT4 GEMM form (groups of {cfg.awq_group}), which runs "
@@ -238,6 +238,39 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     if cfg.shared_expert_intermediate_size and isinstance(config, Int4AutoAWQConfig):
         return (f"AutoAWQ folds both the shared expert's and the routed experts' scales into the one norm before "
                 f"the MLP ({cfg.architecture}), a checkpoint the engine does not reproduce")
+    return None
+
+
+def _modelopt_misfit(config: Any, cfg: ModelConfig) -> str | None:
+    """Why a recipe with these settings does not run a checkpoint published in Model Optimizer's
+    form ``cfg.modelopt``, or None: the form's recipe, with the settings the checkpoint holds.
+    FP8's export has no scale for FP8 attention inputs; NVFP4's unifies q/k/v's and gate/up's
+    scales (``fused_scales``); W4A16_AWQ's is int4-awq's resmoothed form in its group size; a KV
+    cache is FP8 as the checkpoint says."""
+    kv_word = "an FP8 KV cache" if cfg.modelopt_fp8_kv else "no FP8 KV cache"
+    if cfg.modelopt == "FP8":
+        wanted, types = "--recipe fp8-modelopt --recipe-config quantize_attention=false", FP8ModelOptConfig
+        settings = {"quantize_attention": False}
+    elif cfg.modelopt == "NVFP4":
+        wanted, types = f"--recipe nvfp4 --recipe-config fp8_kv_cache={str(cfg.modelopt_fp8_kv).lower()}", NVFP4Config
+        settings = {"fused_scales": True, "fp8_kv_cache": cfg.modelopt_fp8_kv}
+    else:
+        wanted = (f"--recipe int4-awq --recipe-config block_size={cfg.modelopt_group} "
+                  f"fp8_kv_cache={str(cfg.modelopt_fp8_kv).lower()}")
+        types = Int4AWQConfig
+        settings = {"awq": True, "resmooth": True, "block_size": cfg.modelopt_group,
+                    "fp8_kv_cache": cfg.modelopt_fp8_kv}
+    form = f"Model Optimizer's {cfg.modelopt}" + (f" in groups of {cfg.modelopt_group}" if cfg.modelopt_group else "")
+    if not isinstance(config, types) or (types is Int4AWQConfig and not config.awq):
+        return (f"the checkpoint is published in {form} with {kv_word}, which runs as published ({wanted}); load the "
+                "unquantized model for other recipes")
+    differs = {k: getattr(config, k) for k, v in settings.items() if getattr(config, k) != v}
+    if differs:
+        return (", ".join(f"{k}={json.dumps(v)}" for k, v in differs.items())
+                + f", and the checkpoint holds {form} with {kv_word}"
+                + (" (no scale for attention's FP8 query inputs)" if "quantize_attention" in differs else "")
+                + ("" if "fused_scales" not in differs else " (one weight and one input scale per q/k/v and gate/up)")
+                + "; valid: " + " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items() if k in differs))
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from ..assets import read_utf8
 
@@ -143,7 +144,9 @@ def check_kernel_mode(kernel: str) -> None:
 @dataclass(frozen=True)
 class Int4AWQConfig:
     """Model Optimizer INT4 AWQ (awq_lite): weight-only symmetric INT4 [-8, 7], blocks of 128 along
-    the input dimension, every linear but lm_head; ``awq=False`` gives plain INT4 rounding."""
+    the input dimension, every linear but lm_head; ``awq=False`` gives plain INT4 rounding.
+    fp8_kv_cache: K and V cached in FP8 with static per-tensor scales from max calibration, as
+    Model Optimizer's checkpoints made with an FP8 KV cache (its hf_ptq's default) run."""
 
     block_size: int = 128
     awq: bool = True
@@ -151,6 +154,8 @@ class Int4AWQConfig:
     calibration: CalibrationSpec = CalibrationSpec()
     kernel: str = "auto"  # torch's packed INT4 kernel (CPU; tinygemm on CUDA): auto (decode-sized calls), always, off
     resmooth: bool = True  # the exported form: q/k/v and gate/up share a scale, folded into the norm
+    fp8_kv_cache: bool = False
+    ADDED_SETTINGS: ClassVar[dict[str, object]] = {"fp8_kv_cache": False}  # Recipe.record leaves them out there
 
     def __post_init__(self) -> None:
         check_kernel_mode(self.kernel)

@@ -454,7 +454,7 @@ def _as_published(model: CausalLM, config: FP8ModelOptConfig) -> None:
 @handler(FP8ModelOptConfig)
 def apply_fp8_modelopt(lm: LoadedModel, config: FP8ModelOptConfig) -> None:
     model = lm.model
-    if model.config.modelopt_fp8:
+    if model.config.modelopt == "FP8":
         _as_published(model, config)
         return
     stats = experts_share_input_amax(model, calibrate(lm, config.calibration))

@@ -147,7 +147,9 @@ class PackedInt4:
 
 @register_module
 class Int4WeightOnlyLinear(nn.Module):
-    """INT4 weights (block scales, optional zero points), BF16 inputs; optional AWQ input pre-scale (x / s).
+    """INT4 weights (block scales, optional zero points), BF16 inputs; optional AWQ input scaling:
+    the recipes' x / s (``input_scale``), or a published checkpoint's x · p (``pre_quant_scale``,
+    Model Optimizer's, as its deployed kernels multiply).
 
     Two paths compute the same product: ``simulated`` multiplies by the dequantized weight (the
     reference), ``kernel`` runs torch's packed INT4 kernel for the device (``PackedInt4``:
@@ -158,7 +160,8 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def __init__(self, codes: Tensor, scale: Tensor, in_features: int, block_size: int, bias: Tensor | None,
                  input_scale: Tensor | None, dtype: torch.dtype, use_kernel: bool = False,
-                 zero_point: Tensor | None = None, kernel_max_rows: int = KERNEL_MAX_ROWS):
+                 zero_point: Tensor | None = None, kernel_max_rows: int = KERNEL_MAX_ROWS,
+                 pre_quant_scale: Tensor | None = None):
         super().__init__()
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
@@ -166,6 +169,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.in_features, self.block_size = in_features, block_size
         self.bias = bias
         self.register_buffer("input_scale", input_scale)  # AWQ: inputs are divided by this
+        self.register_buffer("pre_quant_scale", pre_quant_scale)  # or multiplied by this
         # the simulated path multiplies by the dequantized weight, built once
         self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size, zero_point)
                              .to(dtype), persistent=False)
@@ -181,7 +185,7 @@ class Int4WeightOnlyLinear(nn.Module):
         """One product for projections that read one input (q/k/v, gate/up), when none has an AWQ
         pre-scale (each would divide the input by its own) and they agree on layout and path."""
         first = mods[0]
-        same = all(type(m) is Int4WeightOnlyLinear and m.input_scale is None and
+        same = all(type(m) is Int4WeightOnlyLinear and m.input_scale is None and m.pre_quant_scale is None and
                    (m.in_features, m.block_size, m.use_kernel, m.kernel_max_rows, m.weight.dtype,
                     m.zero_point is None, m.bias is None) ==
                    (first.in_features, first.block_size, first.use_kernel, first.kernel_max_rows, first.weight.dtype,
@@ -212,6 +216,8 @@ class Int4WeightOnlyLinear(nn.Module):
             tensors["packed_zero_point"] = pack_nibbles(F.pad(flat, (0, flat.numel() % 2)).view(1, -1))
         if self.input_scale is not None:
             tensors["input_scale"] = self.input_scale
+        if self.pre_quant_scale is not None:
+            tensors["pre_quant_scale"] = self.pre_quant_scale
         if self.bias is not None:
             tensors["bias"] = self.bias
         return tensors, {"in_features": self.in_features, "block_size": self.block_size, "use_kernel": self.kernel_asked,
@@ -225,17 +231,20 @@ class Int4WeightOnlyLinear(nn.Module):
             zero = (unpack_nibbles(t["packed_zero_point"])[0, :n] + 8).to(torch.uint8).view_as(t["scale"])
         return cls(unpack_nibbles(t["packed_codes"]), t["scale"], attrs["in_features"], attrs["block_size"],
                    t.get("bias"), t.get("input_scale"), dtype, attrs["use_kernel"], zero,
-                   attrs.get("kernel_max_rows", KERNEL_MAX_ROWS))
+                   attrs.get("kernel_max_rows", KERNEL_MAX_ROWS), t.get("pre_quant_scale"))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
         y, self.last_path = _product(x, self.weight, self.bias, self.kernel, self.kernel_max_rows)
         return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.codes.shape[0]}, block_size={self.block_size}, "
-                f"awq={self.input_scale is not None}, zero_point={self.zero_point is not None}")
+                f"awq={self.input_scale is not None or self.pre_quant_scale is not None}, "
+                f"zero_point={self.zero_point is not None}")
 
 
 class FusedInt4:

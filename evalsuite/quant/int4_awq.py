@@ -32,8 +32,9 @@ from ..engine.linear import linear, project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM
 from .api import handler
-from .calibrate import cached, projections, run_wrapped, shared_input_groups
+from .calibrate import cached, calibrate, projections, run_wrapped, shared_input_groups
 from .configs import INT4_KERNEL_MODES, Int4AWQConfig
+from .fp8 import FP8StaticQuantizer, kv_scale
 from .int4 import Int4WeightOnlyLinear, int4_fake_quantize, pad_to_blocks
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
@@ -147,6 +148,16 @@ def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
 @handler(Int4AWQConfig)
 def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
     model = lm.model
+    if model.config.modelopt == "W4A16_AWQ":  # published in this form: its codes as they are, on this device's path
+        for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, Int4WeightOnlyLinear)]:
+            parent, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), attr, Int4WeightOnlyLinear(
+                m.codes, m.scale, m.in_features, m.block_size, m.bias, None, m.weight.dtype,
+                use_kernel=config.kernel != "off", kernel_max_rows=INT4_KERNEL_MODES[config.kernel],
+                pre_quant_scale=m.pre_quant_scale))
+        return
+    # K and V scales from the model as it is, before any weight is quantized (max calibration)
+    stats = calibrate(lm, config.calibration) if config.fp8_kv_cache else {}
     scales: dict[str, Tensor] = {}
     if config.awq:
         settings = {"block_size": config.block_size, "alpha_steps": config.alpha_steps}
@@ -162,3 +173,8 @@ def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
         setattr(parent, attr, Int4WeightOnlyLinear.from_linear(
             linear, config.block_size, scales.get(name), use_kernel=config.kernel != "off",
             kernel_max_rows=INT4_KERNEL_MODES[config.kernel], weight=weights.get(name)))
+    if config.fp8_kv_cache:
+        for i, layer in enumerate(model.model.layers):
+            a, key = layer.self_attn, f"model.layers.{i}"
+            a.k_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.k_cache_quant"], "simulate"))
+            a.v_cache_quant = FP8StaticQuantizer(kv_scale(stats[f"{key}.v_cache_quant"], "simulate"))

@@ -192,6 +192,8 @@ def _nvfp4_product(x: Tensor, input_scale: float, weight_f32: Tensor, alpha: flo
 @torch.no_grad()
 def apply_nvfp4(lm: LoadedModel, config: NVFP4Config) -> None:
     model = lm.model
+    if model.config.modelopt == "NVFP4":  # published in this form: its modules and K and V scales are loaded
+        return
     stats = experts_share_input_amax(model, calibrate(lm, config.calibration))
     found = projections(model)
     weight_amax = {name: float(getattr(parent, attr).weight.detach().abs().max()) for parent, attr, name in found}

@@ -10,15 +10,23 @@ nothing is quantized again.
   [in / g, out / 8], eight 4-bit values to an int32 in AutoAWQ's interleaved order (``AWQ_ORDER``),
   and FP16 ``scales`` [in / g, out]; w = (q - z)·scale
       -> int4-awq-asym's ``Int4WeightOnlyLinear`` (codes q - 8, zero points z, float32 scales)
-  Model Optimizer's FP8 (``quant_method: modelopt``, ``quant_algo: FP8`` with an FP8 KV cache, in
-  config.json or hf_quant_config.json; NVIDIA's *-FP8 checkpoints): an E4M3 ``weight`` with scalar
-  float32 ``weight_scale`` and ``input_scale``, and K and V cache scales (``k_proj.k_scale`` and
-  ``v_proj.v_scale``, or ``self_attn.k_scale`` and ``v_scale``)
-      -> fp8-modelopt's ``FP8StaticLinear`` and ``FP8StaticQuantizer``
+  Model Optimizer's checkpoints (``quant_method: modelopt``, in config.json or hf_quant_config.json),
+  with K and V cache scales where their KV cache is FP8 (``k_proj.k_scale`` and ``v_proj.v_scale``,
+  or ``self_attn.k_scale`` and ``v_scale``; -> ``FP8StaticQuantizer``):
+    FP8 (NVIDIA's *-FP8): an E4M3 ``weight`` with scalar float32 ``weight_scale`` and ``input_scale``
+      -> fp8-modelopt's ``FP8StaticLinear``
+    NVFP4 (NVIDIA's *-FP4): ``weight`` uint8 [out, in / 2], two E2M1 codes a byte (the even input in
+    the low nibble), E4M3 ``weight_scale`` [out, in / 16] per block, scalar float32 ``weight_scale_2``
+    (the weight's tensor scale) and ``input_scale`` (the input's)
+      -> nvfp4's ``NVFP4Linear``
+    W4A16_AWQ: ``weight`` uint8 [out / 2, in], two signed INT4 codes a byte (the even output row in
+    the low nibble), ``weight_scale`` [out, in / g] per block, ``pre_quant_scale`` [in] where the
+    input is scaled at run time (the rest is folded into the norm before); w = q·scale
+      -> int4-awq's ``Int4WeightOnlyLinear`` (x · pre_quant_scale, as its deployed kernels scale)
 
 A projection the publisher left unquantized (lm_head, a mixture's routers) has no such tensors
-and loads as stored. ``take`` runs inside the engine's loader; ``checkpoint.save_hf`` writes the
-same three forms (``awq_pack``).
+and loads as stored. ``take`` runs inside the engine's loader; ``checkpoint.save_hf`` writes these
+forms (``awq_pack``, ``modelopt_int4_pack``).
 """
 
 from __future__ import annotations
@@ -48,13 +56,13 @@ def take(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, folder:
         return _fp8_tiles(cfg.fp8_block, state, dtype, folder)
     if cfg.awq_group is not None:
         return _awq_gemm(cfg.awq_group, state, dtype, folder)
-    if cfg.modelopt_fp8:
-        return _modelopt_fp8(state, dtype, folder)
+    if cfg.modelopt is not None:
+        return _modelopt(cfg, state, dtype, folder)
     stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
     if stray:
         raise ModelLoadError(f"{len(stray)} tensors in {folder} are E4M3 (e.g. {stray[:3]}), and config.json declares "
-                             "no quantization_config that says how they are scaled; valid: an FP8 form the engine "
-                             "loads as published (fine-grained FP8, Model Optimizer's FP8) or unquantized weights")
+                             "no quantization_config that says how they are scaled; valid: a form the engine loads "
+                             "as published (fine-grained FP8, Model Optimizer's FP8 or NVFP4) or unquantized weights")
     return {}
 
 
@@ -162,6 +170,113 @@ def _awq_gemm(group: int, state: dict[str, Tensor], dtype: torch.dtype, folder: 
     return built
 
 
+def _modelopt(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, folder: Path | str) -> dict[str, Builder]:
+    """The quantized linears of Model Optimizer's form ``cfg.modelopt``, and the K and V cache
+    scales where its KV cache is FP8."""
+    if cfg.modelopt == "FP8":
+        built = _modelopt_fp8(state, dtype, folder)
+    elif cfg.modelopt == "NVFP4":
+        built = _modelopt_nvfp4(state, dtype, folder)
+    else:
+        built = _modelopt_int4(cfg.modelopt_group, state, dtype, folder)
+    if not built:
+        raise ModelLoadError(f"config.json in {folder} declares Model Optimizer's {cfg.modelopt}, and no weight there "
+                             "has a weight_scale")
+    if cfg.modelopt_fp8_kv:
+        built.update(_modelopt_kv_scales(state, built, folder))
+    stray = [k for k, v in state.items() if v.dtype in (torch.float8_e4m3fn, torch.uint8)]
+    if stray:
+        raise ModelLoadError(f"{len(stray)} low-bit tensors in {folder} have no weight_scale beside them, e.g. "
+                             f"{stray[:3]}")
+    return built
+
+
+def _scalar(name: str, part: str, tensor: Tensor | None, folder: Path | str, form: str) -> float:
+    if tensor is None or tensor.numel() != 1:
+        raise ModelLoadError(f"{name}.{part} in {folder} is {None if tensor is None else tuple(tensor.shape)}; Model "
+                             f"Optimizer's {form} has one {part} (a float32 number) per linear")
+    return float(tensor)
+
+
+def _checked(name: str, part: str, tensor: Tensor | None, dtype: torch.dtype | None, shape: tuple[int, ...],
+             folder: Path | str, form: str) -> Tensor:
+    """``tensor`` of ``shape`` and ``dtype`` (None: any floating point), else a ModelLoadError naming both."""
+    fits = tensor is not None and tuple(tensor.shape) == shape and \
+        (tensor.dtype == dtype if dtype is not None else tensor.is_floating_point())
+    if not fits:
+        found = None if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+        raise ModelLoadError(f"{name}.{part} in {folder} is {found}; Model Optimizer's {form} needs "
+                             f"{shape} {dtype or 'floating point'} there")
+    return tensor
+
+
+def _modelopt_nvfp4(state: dict[str, Tensor], dtype: torch.dtype, folder: Path | str) -> dict[str, Builder]:
+    """Each packed E2M1 ``weight`` with its E4M3 block scales, its tensor scale ``weight_scale_2``
+    and its input's tensor scale ``input_scale``."""
+    from .nvfp4 import BLOCK, NVFP4Linear
+
+    built: dict[str, Builder] = {}
+    for key in [k for k in state if k.endswith(".weight_scale_2")]:
+        name = key.removesuffix(".weight_scale_2")
+        _refuse_embeddings(name, "NVFP4", folder)
+        packed = state.pop(f"{name}.weight", None)
+        if packed is None or packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] * 2 % BLOCK:
+            raise ModelLoadError(f"{key} in {folder} scales no NVFP4 weight ({name}.weight: "
+                                 f"{None if packed is None else (tuple(packed.shape), packed.dtype)}; valid: uint8 "
+                                 f"[out, in / 2], in a multiple of {BLOCK})")
+        out, inputs = packed.shape[0], packed.shape[1] * 2
+        blocks = _checked(name, "weight_scale", state.pop(f"{name}.weight_scale", None), torch.float8_e4m3fn,
+                          (out, inputs // BLOCK), folder, "NVFP4")
+        tensor_scale = _scalar(name, "weight_scale_2", state.pop(key), folder, "NVFP4")
+        input_scale = _scalar(name, "input_scale", state.pop(f"{name}.input_scale", None), folder, "NVFP4")
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(out, inputs)  # the low nibble first
+        built[name] = _replacing(name, (out, inputs), folder,
+                                 lambda bias, codes=codes, blocks=blocks.float(), ts=tensor_scale, xs=input_scale:
+                                 NVFP4Linear(codes, blocks, ts, xs, bias, dtype))
+    return built
+
+
+def modelopt_int4_pack(codes: Tensor) -> Tensor:
+    """Signed INT4 codes [out, in] (out even) as Model Optimizer's W4A16_AWQ weight: uint8
+    [out / 2, in], row 2j in the low nibble and row 2j + 1 in the high, two's complement."""
+    nibbles = codes.to(torch.uint8) & 0x0F
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def modelopt_int4_unpack(packed: Tensor) -> Tensor:
+    """uint8 [out / 2, in] in Model Optimizer's W4A16_AWQ order -> signed codes [out, in] (int8)."""
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).to(torch.int8)  # [out / 2, 2, in]
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles).reshape(-1, packed.shape[1])
+
+
+def _modelopt_int4(group: int, state: dict[str, Tensor], dtype: torch.dtype,
+                   folder: Path | str) -> dict[str, Builder]:
+    """Each packed INT4 ``weight`` with its block ``weight_scale`` (groups of ``group`` inputs) and,
+    where its input is scaled at run time, its ``pre_quant_scale``."""
+    from .int4 import Int4WeightOnlyLinear
+
+    built: dict[str, Builder] = {}
+    for key in [k for k in state if k.endswith(".weight_scale")]:
+        name = key.removesuffix(".weight_scale")
+        _refuse_embeddings(name, "INT4", folder)
+        packed = state.pop(f"{name}.weight", None)
+        if packed is None or packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] % group:
+            raise ModelLoadError(f"{key} scales no W4A16_AWQ weight in {folder} ({name}.weight: "
+                                 f"{None if packed is None else (tuple(packed.shape), packed.dtype)}; valid: uint8 "
+                                 f"[out / 2, in], in whole groups of {group})")
+        out, inputs = packed.shape[0] * 2, packed.shape[1]
+        scale = _checked(name, "weight_scale", state.pop(key), None, (out, inputs // group), folder, "W4A16_AWQ")
+        pre = state.pop(f"{name}.pre_quant_scale", None)
+        if pre is not None:
+            pre = _checked(name, "pre_quant_scale", pre, None, (inputs,), folder, "W4A16_AWQ").to(dtype)
+        codes = modelopt_int4_unpack(packed)
+        built[name] = _replacing(name, (out, inputs), folder,
+                                 lambda bias, codes=codes, scale=scale.float(), pre=pre, inputs=inputs:
+                                 Int4WeightOnlyLinear(codes, scale, inputs, group, bias, None, dtype,
+                                                      pre_quant_scale=pre))
+    return built
+
+
 # Model Optimizer's names for the K and V cache scales: on k_proj and v_proj (its HF export), or on
 # the attention (vLLM's own name for them, which its other exporters write)
 _KV_SCALES = {".k_proj.k_scale": "k_cache_quant", ".v_proj.v_scale": "v_cache_quant", ".k_scale": "k_cache_quant",
@@ -169,9 +284,9 @@ _KV_SCALES = {".k_proj.k_scale": "k_cache_quant", ".v_proj.v_scale": "v_cache_qu
 
 
 def _modelopt_fp8(state: dict[str, Tensor], dtype: torch.dtype, folder: Path | str) -> dict[str, Builder]:
-    """Each E4M3 ``weight`` with its scalar ``weight_scale`` and ``input_scale``, and each
-    attention's K and V cache scales, as Model Optimizer's HF export writes them."""
-    from .fp8 import FP8StaticLinear, FP8StaticQuantizer
+    """Each E4M3 ``weight`` with its scalar ``weight_scale`` and ``input_scale``, as Model
+    Optimizer's HF export writes them."""
+    from .fp8 import FP8StaticLinear
 
     built: dict[str, Builder] = {}
     for key in [k for k in state if k.endswith(".weight_scale")]:
@@ -190,23 +305,25 @@ def _modelopt_fp8(state: dict[str, Tensor], dtype: torch.dtype, folder: Path | s
         built[name] = _replacing(name, tuple(codes.shape), folder,
                                  lambda bias, codes=codes, ws=float(weight_scale), xs=float(input_scale):
                                  FP8StaticLinear(codes, ws, xs, bias, dtype))
+    return built
+
+
+def _modelopt_kv_scales(state: dict[str, Tensor], built: dict[str, Builder], folder: Path | str) -> dict[str, Builder]:
+    """Each attention's K and V cache scales, one for every attention whose projections are quantized."""
+    from .fp8 import FP8StaticQuantizer
+
+    made: dict[str, Builder] = {}
     for key in [k for k in state if k.endswith(tuple(_KV_SCALES))]:
         suffix = next(s for s in _KV_SCALES if key.endswith(s))
         attention = key.removesuffix(suffix)
         scale = state.pop(key)
         if scale.numel() != 1:
             raise ModelLoadError(f"{key} in {folder} has shape {tuple(scale.shape)}; a KV-cache scale is one number")
-        built[f"{attention}.{_KV_SCALES[suffix]}"] = lambda _none, scale=float(scale): FP8StaticQuantizer(scale)
-    if not any(name.endswith("_proj") for name in built):
-        raise ModelLoadError(f"config.json in {folder} declares Model Optimizer's FP8, and no weight there has a "
-                             "weight_scale")
+        made[f"{attention}.{_KV_SCALES[suffix]}"] = lambda _none, scale=float(scale): FP8StaticQuantizer(scale)
     attentions = {n.rsplit(".", 1)[0] for n in built if n.endswith(("q_proj", "k_proj", "v_proj"))}
     missing = sorted(f"{a}.{kv}" for a in attentions for kv in ("k_cache_quant", "v_cache_quant")
-                     if f"{a}.{kv}" not in built)
+                     if f"{a}.{kv}" not in made)
     if missing:
         raise ModelLoadError(f"{folder} declares an FP8 KV cache and has no scale for {missing[:2]} (k_proj.k_scale, "
                              "v_proj.v_scale)")
-    stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
-    if stray:
-        raise ModelLoadError(f"{len(stray)} E4M3 tensors in {folder} have no weight_scale, e.g. {stray[:3]}")
-    return built
+    return made
