@@ -91,7 +91,8 @@ def _build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--output", required=True, help="folder for config.json, model.safetensors, quantization.json")
     qz.add_argument("--format", choices=["evalsuite", "hf"], default="evalsuite",
                     help="evalsuite: the engine's checkpoint (any recipe, loads back as saved); hf: the form the "
-                         "recipe's published checkpoints take, for vLLM, SGLang and transformers (fp8-block)")
+                         "recipe's published checkpoints take, for vLLM, SGLang, TensorRT-LLM and transformers "
+                         "(fp8-block, fp8-modelopt, int4-awq, int4-awq-asym, nvfp4)")
 
     from .plan import GPUS, PLAN_RECIPES
 

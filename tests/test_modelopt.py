@@ -273,6 +273,9 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, cal
     tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
     with torch.no_grad():
         assert _rel(published.model(tokens), lm.model(tokens)) < 1e-6
+    if kv:  # quantize --format hf writes that checkpoint
+        _assert_quantize_format_hf_writes(tmp_path / "exported", folder, "int4-awq",
+                                          {**settings, "calibration": spec}, tmp_path / "ours")
 
 
 def test_nvfp4_codes_and_scales_are_model_optimizers():
@@ -441,6 +444,53 @@ def test_quantize_format_hf_writes_model_optimizers_fp8_checkpoint(pair, tmp_pat
         assert _rel(published.model(tokens), ours.model(tokens)) < 1e-6
 
 
+def _assert_quantize_format_hf_writes(theirs, source, recipe: str, settings: dict, out) -> None:
+    """``quantize --format hf`` of ``source`` with ``recipe`` writes Model Optimizer's export
+    ``theirs``: the same tensors (low-bit ones byte for byte; scales of the calibrated activations
+    and AWQ's to 1e-6, where the engine's and transformers' float32 forwards round apart), the same
+    config.json quantization_config and hf_quant_config.json but for the producer."""
+    from safetensors.torch import load_file
+
+    from evalsuite.cli import main
+
+    assert main(["quantize", "--model", str(source), "--recipe", recipe, "--dtype", "float32", "--format", "hf",
+                 "--output", str(out), "--recipe-config", *(f"{k}={json.dumps(v)}" for k, v in settings.items())]) == 0
+    got, want = load_file(out / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        if value.dtype in (torch.uint8, torch.float8_e4m3fn):
+            assert torch.equal(got[key].view(torch.uint8), value.view(torch.uint8)), key
+        else:
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+    for name in ("config.json", "hf_quant_config.json"):
+        ours, ref = (json.loads((folder / name).read_text()) for folder in (out, theirs))
+        quant = (lambda c: c["quantization_config"]) if name == "config.json" else (lambda c: c)
+        assert quant(ours).pop("producer")["name"] == "evalsuite"
+        quant(ref).pop("producer")
+        assert quant(ours) == quant(ref), name
+
+
+@pytest.mark.parametrize("recipe, settings, message", [
+    ("nvfp4", ["fused_scales=false"], "NVFP4 checkpoint form gives q/k/v and gate/up one weight and one input scale "
+     "each, so it cannot hold fused_scales=false; valid: --recipe-config fused_scales=true"),
+    ("int4-awq", ["block_size=32", "resmooth=false"], "so it cannot hold resmooth=false; valid: --recipe-config "
+     "resmooth=true"),
+    ("int4-awq", [], "W4A16_AWQ form holds whole groups of block_size=128 along every input, and mlp.down_proj (160 "
+     "inputs), mlp.gate_proj (64 inputs), mlp.up_proj (64 inputs) are not; valid: --recipe-config block_size=32, "
+     "--recipe-config block_size=16"),
+])
+def test_quantize_format_hf_refuses_what_model_optimizers_forms_cannot_hold_before_loading(
+        tiny_dir, tmp_path, monkeypatch, capsys, recipe, settings, message):
+    from evalsuite.cli import main
+
+    monkeypatch.setattr("evalsuite.engine.load.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["quantize", "--model", str(tiny_dir), "--recipe", recipe, "--format", "hf", "--output",
+                 str(tmp_path / "hf"), *(["--recipe-config", *settings] if settings else [])]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_quantize_format_hf_refuses_fp8_attention_before_loading(tiny_dir, tmp_path, monkeypatch, capsys):
     from evalsuite.cli import main
 
@@ -489,6 +539,7 @@ def test_nvfp4_is_model_optimizers_nvfp4_checkpoint_and_runs_it_as_published(pai
     layers = lm.model.config.num_layers
     assert compared == {"weight": 7 * layers, "weight_scale": 7 * layers, "weight_scale_2": 7 * layers,
                         "input_scale": 7 * layers, "k_scale": layers, "v_scale": layers}
+    _assert_quantize_format_hf_writes(exported, lm.folder, "nvfp4", {"calibration": spec}, tmp_path / "ours")
     published, record = load_model_and_recipe(str(exported), "nvfp4", "float32")
     assert published.model.config.modelopt == "NVFP4" and "published" in record
     assert set(quantized_modules(published.model).values()) == {"NVFP4Linear", "FP8StaticQuantizer"}

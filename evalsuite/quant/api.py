@@ -108,7 +108,7 @@ def module_types() -> dict[str, type]:
 
 # recipes whose quantized model ``quantize --format hf`` writes as their published checkpoints are
 # written (checkpoint.save_hf), for the engines that serve those
-HF_EXPORTS = ("fp8-block", "fp8-modelopt", "int4-awq-asym")
+HF_EXPORTS = ("fp8-block", "fp8-modelopt", "int4-awq", "int4-awq-asym", "nvfp4")
 
 
 def check_hf_export(recipe: str) -> None:
@@ -119,26 +119,36 @@ def check_hf_export(recipe: str) -> None:
 
 def hf_export_misfit(recipe: str, settings: dict[str, Any], cfg: ModelConfig | None) -> str | None:
     """Why the model has no HF export of ``recipe`` with these settings (the recipe config's
-    fields), or None. Model Optimizer's FP8 form has no scale for FP8 attention inputs; AutoAWQ's
-    GEMM form holds whole groups along every input and packs outputs in eights."""
+    fields), or None. Model Optimizer's FP8 form has no scale for FP8 attention inputs; its NVFP4
+    form gives q/k/v and gate/up one weight and one input scale, and its W4A16_AWQ form is the
+    resmoothed model, packs output rows in pairs and holds whole groups along every input;
+    AutoAWQ's GEMM form holds whole groups along every input and packs outputs in eights."""
     from ..engine.config import MOE_ROUTERS  # no torch
 
     if recipe == "fp8-modelopt" and settings["quantize_attention"]:
         return ("Model Optimizer's FP8 checkpoint form has no scale for attention's FP8 query inputs, so it cannot "
                 "hold quantize_attention=true; valid: --recipe-config quantize_attention=false")
-    if recipe != "int4-awq-asym" or cfg is None:  # the shapes: where a folder's config.json says them
+    if recipe == "nvfp4" and not settings["fused_scales"]:
+        return ("Model Optimizer's NVFP4 checkpoint form gives q/k/v and gate/up one weight and one input scale each, "
+                "so it cannot hold fused_scales=false; valid: --recipe-config fused_scales=true")
+    if recipe == "int4-awq" and not settings["resmooth"]:
+        return ("Model Optimizer's W4A16_AWQ checkpoint form holds the model as its export resmooths it (q/k/v's and "
+                "gate/up's scales folded into the norm), so it cannot hold resmooth=false; valid: --recipe-config "
+                "resmooth=true")
+    if recipe not in ("int4-awq", "int4-awq-asym") or cfg is None:  # the shapes: where a folder's config.json says
         return None
+    form, rows = ("AutoAWQ's GEMM form", 8) if recipe == "int4-awq-asym" else ("Model Optimizer's W4A16_AWQ form", 2)
     block_size = settings["block_size"]
     shapes = {(name, out, inp) for i in range(cfg.num_layers) for name, out, inp in cfg.layer_projections(i)
               if name not in MOE_ROUTERS}
     odd_in = sorted({f"{name} ({inp} inputs)" for name, _out, inp in shapes if inp % block_size})
-    odd_out = sorted({f"{name} ({out} outputs)" for name, out, _inp in shapes if out % 8})
+    odd_out = sorted({f"{name} ({out} outputs)" for name, out, _inp in shapes if out % rows})
     if odd_out:
-        return f"AutoAWQ's GEMM form packs outputs in eights, and {', '.join(odd_out[:3])} are not"
+        return f"{form} packs outputs in {'eights' if rows == 8 else 'pairs'}, and {', '.join(odd_out[:3])} are not"
     if odd_in:
         common = math.gcd(*(inp for _name, _out, inp in shapes))
         valid = [g for g in (256, 128, 64, 32, 16) if common % g == 0]
-        return (f"AutoAWQ's GEMM form holds whole groups of block_size={block_size} along every input, and "
+        return (f"{form} holds whole groups of block_size={block_size} along every input, and "
                 f"{', '.join(odd_in[:3])} are not; valid: "
                 + (", ".join(f"--recipe-config block_size={g}" for g in valid) if valid else "no block size here"))
     return None

@@ -83,6 +83,12 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     fp8-modelopt: Model Optimizer's HF export, each projection's E4M3 ``weight`` with scalar
     ``weight_scale`` and ``input_scale`` (one per q/k/v and gate/up group, the largest, as its
     export writes them), ``k_proj.k_scale`` and ``v_proj.v_scale``, and hf_quant_config.json;
+    nvfp4: Model Optimizer's NVFP4, each projection's packed E2M1 ``weight``, E4M3 ``weight_scale``
+    per block, float32 ``weight_scale_2`` and ``input_scale``, the K and V scales where the KV cache
+    is FP8;
+    int4-awq: Model Optimizer's W4A16_AWQ, each projection's INT4 ``weight`` (output rows packed in
+    pairs), ``weight_scale`` per block and, where it scales its input, ``pre_quant_scale`` (1 / s,
+    in the model's dtype), the K and V scales where the KV cache is FP8;
     every other tensor under its name in the source checkpoint, and config.json's
     ``quantization_config``. The engine's names must be the source checkpoint's: a checkpoint that
     fuses projections the engine splits (Phi-3's q/k/v) or stacks a mixture's experts is refused."""
@@ -92,6 +98,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     from .fp8 import FP8StaticLinear
     from .fp8_block import FP8BlockLinear
     from .int4 import Int4WeightOnlyLinear
+    from .nvfp4 import NVFP4Linear
 
     check_hf_export(recipe["name"])
     if lm.folder is None:
@@ -100,7 +107,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     misfit = hf_export_misfit(recipe["name"], config, model.config)
     if misfit:
         raise ValueError(f"--format hf: {misfit}")
-    kinds = (FP8BlockLinear, Int4WeightOnlyLinear, FP8StaticLinear)
+    kinds = (FP8BlockLinear, Int4WeightOnlyLinear, FP8StaticLinear, NVFP4Linear)
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
     source = set()
     for f in weight_files(Path(lm.folder)):
@@ -141,7 +148,8 @@ def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module]) -> dict
     from .calibrate import shared_input_groups
     from .fp8 import FP8StaticLinear
     from .fp8_block import FP8BlockLinear
-    from .published import awq_pack
+    from .nvfp4 import NVFP4Linear
+    from .published import awq_pack, modelopt_int4_pack
 
     group_input = {n: max(model.get_submodule(g).input_scale for g in names)  # one input scale per fused group
                    for _norm, names in shared_input_groups(model) for n in names
@@ -154,6 +162,17 @@ def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module]) -> dict
             tensors[f"{name}.weight"] = m.qweight
             tensors[f"{name}.weight_scale"] = torch.tensor(m.weight_scale, dtype=torch.float32)
             tensors[f"{name}.input_scale"] = torch.tensor(group_input.get(name, m.input_scale), dtype=torch.float32)
+        elif isinstance(m, NVFP4Linear):
+            exported, attrs = m.export()
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = exported["weight_packed"], m.block_scale
+            tensors[f"{name}.weight_scale_2"] = torch.tensor(attrs["weight_tensor_scale"], dtype=torch.float32)
+            tensors[f"{name}.input_scale"] = torch.tensor(attrs["input_scale"], dtype=torch.float32)
+        elif m.zero_point is None:  # Model Optimizer's W4A16_AWQ
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = modelopt_int4_pack(m.codes), m.scale
+            if m.pre_quant_scale is not None:  # loaded as published
+                tensors[f"{name}.pre_quant_scale"] = m.pre_quant_scale
+            elif m.input_scale is not None:  # the recipe divides by s; the checkpoint multiplies by 1 / s
+                tensors[f"{name}.pre_quant_scale"] = (1 / m.input_scale.float()).to(m.input_scale.dtype)
         else:  # [in, out] as AutoAWQ lays them out
             tensors[f"{name}.qweight"] = awq_pack((m.codes.to(torch.int16) + 8).t())
             tensors[f"{name}.qzeros"] = awq_pack(m.zero_point.t())
@@ -177,19 +196,31 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
         return {"quant_method": "awq", "zero_point": True, "group_size": config["block_size"], "bits": 4,
                 "version": "gemm",
                 "modules_to_not_convert": ["gate"] if model.config.architecture == "mixtral" else None}, None
-    for i, layer in enumerate(model.model.layers):  # what Model Optimizer's export writes
-        for kv in "kv":
-            tensors[f"model.layers.{i}.self_attn.{kv}_proj.{kv}_scale"] = torch.tensor(
-                getattr(layer.self_attn, f"{kv}_cache_quant").scale, dtype=torch.float32)
+    # what Model Optimizer's export writes
+    kv = recipe == "fp8-modelopt" or config.get("fp8_kv_cache", False)
+    if kv:
+        for i, layer in enumerate(model.model.layers):
+            for name in "kv":
+                tensors[f"model.layers.{i}.self_attn.{name}_proj.{name}_scale"] = torch.tensor(
+                    getattr(layer.self_attn, f"{name}_cache_quant").scale, dtype=torch.float32)
     kept = ["lm_head", "model.embed_tokens"] + sorted(
         n for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head")
     fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
+    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
     producer = {"name": "evalsuite", "version": _version()}
-    quantization = {"config_groups": {"group_0": {"input_activations": fp8, "weights": fp8, "targets": ["Linear"]}},
-                    "ignore": kept, "quant_algo": "FP8", "kv_cache_scheme": fp8, "producer": producer,
-                    "quant_method": "modelopt"}
-    return quantization, {"producer": producer, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
-                                                                 "exclude_modules": kept}}
+    algo = {"fp8-modelopt": "FP8", "nvfp4": "NVFP4", "int4-awq": "W4A16_AWQ"}[recipe]
+    quantization = {"ignore": kept, "quant_algo": algo} | ({"kv_cache_scheme": fp8} if kv else {}) | \
+        {"producer": producer, "quant_method": "modelopt"}
+    hf_quant = {"quant_algo": algo, "kv_cache_quant_algo": "FP8" if kv else None}
+    if algo != "W4A16_AWQ":  # config.json's form of W4A16_AWQ has no config groups, and so no group size
+        both = fp8 if algo == "FP8" else fp4
+        quantization = {"config_groups": {"group_0": {"input_activations": both, "weights": both,
+                                                      "targets": ["Linear"]}}} | quantization
+    if algo == "NVFP4":
+        hf_quant["group_size"] = 16
+    if algo == "W4A16_AWQ":
+        hf_quant |= {"group_size": config["block_size"], "has_zero_point": False, "pre_quant_scale": True}
+    return quantization, {"producer": producer, "quantization": hf_quant | {"exclude_modules": kept}}
 
 
 def _version() -> str:
