@@ -239,3 +239,13 @@ def test_resmooth_folds_one_scale_per_group_into_the_norm(tiny_dir):
             if n not in scales:  # o_proj and down_proj: W·s would need its input divided by s
                 mods[n].weight.copy_(w)
     torch.testing.assert_close(model(tokens), want, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_awq_records_keep_their_identity_without_an_fp8_kv_cache():
+    """fp8_kv_cache came after int4-awq runs were recorded: at its default the record is the one
+    those runs hold (so they resume), and only a run that asks for it records it."""
+    from evalsuite.quant.api import configured_recipe
+
+    before = ["block_size", "awq", "alpha_steps", "calibration", "kernel", "resmooth"]
+    assert list(configured_recipe("int4-awq").record()["config"]) == before
+    assert configured_recipe("int4-awq", {"fp8_kv_cache": True}).record()["config"]["fp8_kv_cache"] is True

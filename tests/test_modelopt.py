@@ -273,7 +273,12 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, cal
     tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
     with torch.no_grad():
         assert _rel(published.model(tokens), lm.model(tokens)) < 1e-6
-    if kv:  # quantize --format hf writes that checkpoint
+    if kv:  # the engine's own checkpoint holds it (pre_quant_scale, K and V scales); --format hf writes it
+        from evalsuite.quant.checkpoint import load_quantized, save_quantized
+
+        back, _ = load_quantized(save_quantized(published, record, tmp_path / "saved"), "float32")
+        with torch.no_grad():
+            assert torch.equal(back.model(tokens), published.model(tokens))
         _assert_quantize_format_hf_writes(tmp_path / "exported", folder, "int4-awq",
                                           {**settings, "calibration": spec}, tmp_path / "ours")
 

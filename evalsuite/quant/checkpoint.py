@@ -63,6 +63,8 @@ def save_quantized(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
         tensors[key] = value.detach().clone().contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(lm.folder / "config.json", out / "config.json")
+    if (lm.folder / "hf_quant_config.json").is_file():  # a Model Optimizer checkpoint's form, part of its config
+        shutil.copy(lm.folder / "hf_quant_config.json", out / "hf_quant_config.json")
     if lm.tokenizer is not None:
         lm.tokenizer.save_pretrained(str(out))
     (out / QUANT_FILE).write_text(json.dumps({"recipe": recipe, "source": {"name": lm.info.name,
