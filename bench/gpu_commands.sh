@@ -124,6 +124,16 @@ step export-int4-awq-asym $EVALSUITE quantize --model "$MODEL" "${awq[@]}" --dev
     --output "$WORK/int4-awq-asym-hf"
 step mmlu-published-int4-awq-asym "${run[@]}" mmlu --model "$WORK/int4-awq-asym-hf" "${awq[@]}" "${common[@]}" \
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int4-awq-asym"
+# Model Optimizer's W4A16_AWQ (tinygemm, inputs times pre_quant_scale, FP8 KV cache) and NVFP4 (simulated)
+mo_awq=(--recipe int4-awq --recipe-config block_size=64 fp8_kv_cache=true)
+step export-int4-awq $EVALSUITE quantize --model "$MODEL" "${mo_awq[@]}" --device "$DEVICE" --format hf \
+    --output "$WORK/int4-awq-hf"
+step mmlu-published-int4-awq "${run[@]}" mmlu --model "$WORK/int4-awq-hf" "${mo_awq[@]}" "${common[@]}" \
+    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int4-awq"
+step export-nvfp4 $EVALSUITE quantize --model "$MODEL" --recipe nvfp4 --device "$DEVICE" --format hf \
+    --output "$WORK/nvfp4-hf"
+step mmlu-published-nvfp4 "${run[@]}" mmlu --model "$WORK/nvfp4-hf" --recipe nvfp4 "${common[@]}" \
+    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-nvfp4"
 
 [ ${#skipped[@]} -eq 0 ] || echo "skipped steps: ${skipped[*]}"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -24,6 +24,16 @@ CORPUS = [
 ]
 
 
+def on_meta_default(fn):
+    """``fn()`` with torch's default device set to "meta": a tensor made without the model's
+    device lands there, and the first operation mixing it with the CPU model fails."""
+    torch.set_default_device("meta")
+    try:
+        return fn()
+    finally:
+        torch.set_default_device(None)
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

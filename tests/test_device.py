@@ -21,18 +21,10 @@ from evalsuite.engine.generate import SamplingParams, generate
 from evalsuite.engine.score import ScoreRequest, score
 
 from . import conftest
-from .conftest import needs_cpu_rowwise_scaled_mm
+from .conftest import needs_cpu_rowwise_scaled_mm, on_meta_default
 
 REQUESTS = [ScoreRequest((1, 2, 3, 4), (5, 6)), ScoreRequest((1, 2, 3, 4), (7,)), ScoreRequest((9, 8), (7, 6, 5)),
             ScoreRequest((3,), (4, 5, 6, 7))]
-
-
-def _on_meta_default(fn):
-    torch.set_default_device("meta")
-    try:
-        return fn()
-    finally:
-        torch.set_default_device(None)
 
 
 def test_scoring_and_generation_make_every_tensor_on_the_models_device(tiny):
@@ -40,15 +32,15 @@ def test_scoring_and_generation_make_every_tensor_on_the_models_device(tiny):
     params = [SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=5, temperature=0.9, seed=3)]
     want_scores = score(tiny.model, REQUESTS)
     want_tokens = [g.tokens for g in generate(tiny.model, prompts, params)]
-    got_scores = _on_meta_default(lambda: score(tiny.model, REQUESTS))
-    got_tokens = _on_meta_default(lambda: [g.tokens for g in generate(tiny.model, prompts, params)])
+    got_scores = on_meta_default(lambda: score(tiny.model, REQUESTS))
+    got_tokens = on_meta_default(lambda: [g.tokens for g in generate(tiny.model, prompts, params)])
     assert got_scores == want_scores and got_tokens == want_tokens
     # the static decode path (what a CUDA graph captures) too
-    static = _on_meta_default(lambda: [g.tokens for g in generate(tiny.model, prompts, params, static=True)])
+    static = on_meta_default(lambda: [g.tokens for g in generate(tiny.model, prompts, params, static=True)])
     assert static == want_tokens
     # tokens on another device are refused with the reason, not silently moved
     with pytest.raises(ValueError, match=r"must be on the model's device \(cpu\)"):
-        _on_meta_default(lambda: tiny.model(torch.tensor([[1, 2, 3]])))
+        on_meta_default(lambda: tiny.model(torch.tensor([[1, 2, 3]])))
 
 
 def test_server_scoring_and_calibration_follow_the_device(tiny):
@@ -57,9 +49,9 @@ def test_server_scoring_and_calibration_follow_the_device(tiny):
 
     seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [7, 8]]
     want = prompt_logprobs(tiny.model, seqs, [2, 2, 2])
-    got = _on_meta_default(lambda: prompt_logprobs(tiny.model, seqs, [2, 2, 2]))
+    got = on_meta_default(lambda: prompt_logprobs(tiny.model, seqs, [2, 2, 2]))
     assert [g.token_logprobs for g in got] == [w.token_logprobs for w in want]
-    assert _on_meta_default(lambda: collect_amax(tiny.model, seqs)) == collect_amax(tiny.model, seqs)
+    assert on_meta_default(lambda: collect_amax(tiny.model, seqs)) == collect_amax(tiny.model, seqs)
 
 
 FAMILIES = {  # each family's own code: its RoPE tables, embedding scale, windows, sinks, experts
@@ -101,7 +93,7 @@ def test_each_family_and_recipe_make_their_tensors_on_the_models_device(family, 
         return (score(lm.model, REQUESTS), [g.tokens for g in generate(lm.model, prompts, params)],
                 [g.tokens for g in generate(lm.model, prompts, params, static=True)])
 
-    on_meta = _on_meta_default(lambda: life("meta"))
+    on_meta = on_meta_default(lambda: life("meta"))
     assert on_meta == life("plain")
 
 

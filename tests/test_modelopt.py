@@ -28,6 +28,8 @@ from evalsuite.quant import calibrate as calib
 from evalsuite.quant.api import apply_recipe
 from evalsuite.quant.configs import CalibrationSpec
 
+from .conftest import on_meta_default
+
 with warnings.catch_warnings():  # it warns that it was not tested with this transformers
     warnings.simplefilter("ignore")
     import modelopt.torch.quantization as mtq
@@ -268,11 +270,12 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, cal
     if arch == "olmo2":  # one scale for the group, the mean of theirs, as the engine keeps it
         attention = lm.model.model.layers[0].self_attn
         assert torch.equal(attention.q_proj.input_scale, attention.v_proj.input_scale)
-    published, record = load_model_and_recipe(str(tmp_path / "exported"), "int4-awq", "float32", settings)
+    published, record = on_meta_default(  # a tensor made off the model's device fails there
+        lambda: load_model_and_recipe(str(tmp_path / "exported"), "int4-awq", "float32", settings))
     assert published.model.config.modelopt == "W4A16_AWQ" and "published" in record
     tokens = torch.tensor([lm.tokenizer.encode("The lazy dog jumps over the quick brown fox. " * 3)[:30]])
     with torch.no_grad():
-        assert _rel(published.model(tokens), lm.model(tokens)) < 1e-6
+        assert _rel(on_meta_default(lambda: published.model(tokens)), lm.model(tokens)) < 1e-6
     if kv:  # the engine's own checkpoint holds it (pre_quant_scale, K and V scales); --format hf writes it
         from evalsuite.quant.checkpoint import load_quantized, save_quantized
 
@@ -545,13 +548,14 @@ def test_nvfp4_is_model_optimizers_nvfp4_checkpoint_and_runs_it_as_published(pai
     assert compared == {"weight": 7 * layers, "weight_scale": 7 * layers, "weight_scale_2": 7 * layers,
                         "input_scale": 7 * layers, "k_scale": layers, "v_scale": layers}
     _assert_quantize_format_hf_writes(exported, lm.folder, "nvfp4", {"calibration": spec}, tmp_path / "ours")
-    published, record = load_model_and_recipe(str(exported), "nvfp4", "float32")
+    # loaded and run under the "meta" default device, where a tensor made off the model's device fails
+    published, record = on_meta_default(lambda: load_model_and_recipe(str(exported), "nvfp4", "float32"))
     assert published.model.config.modelopt == "NVFP4" and "published" in record
     assert set(quantized_modules(published.model).values()) == {"NVFP4Linear", "FP8StaticQuantizer"}
     with torch.no_grad():
         want = ours.model(tokens)
         assert _rel(want, lm.model(tokens)) > 0.05  # NVFP4 moves them
-        assert _rel(published.model(tokens), want) < 1e-6
+        assert _rel(on_meta_default(lambda: published.model(tokens)), want) < 1e-6
 
 
 @pytest.mark.parametrize("algo, kv, recipe, settings, message", [
