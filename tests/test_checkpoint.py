@@ -245,7 +245,7 @@ def test_gemma_awq_scales_fold_into_its_norms(gemma_dir, calib_file):
     """Gemma's norms multiply by 1 + weight, and its MLP reads pre_feedforward_layernorm (its
     post_attention_layernorm follows attention). Both AWQ forms fold their scales into those
     norms: unquantized, the folded model still computes transformers' logits."""
-    from evalsuite.quant.int4_awq import resmooth
+    from evalsuite.quant.int4_awq import smoothed
     from evalsuite.quant.int4_awq_asym import Int4AutoAWQConfig, _layer_batches, fold_scales, search_layer
 
     folder, hf = gemma_dir
@@ -256,9 +256,10 @@ def test_gemma_awq_scales_fold_into_its_norms(gemma_dir, calib_file):
     model = load(str(folder), "float32").model
     g = torch.Generator().manual_seed(5)
     mods = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
-    scales = {n: torch.exp(torch.randn(m.weight.shape[1], generator=g) * 0.5) for n, m in mods.items()}
+    pre = {n: torch.exp(torch.randn(m.weight.shape[1], generator=g) * 0.5) for n, m in mods.items()}
+    weights, scales = smoothed(model, pre, resmooth=True)
     with torch.no_grad():
-        for n, w in resmooth(model, scales).items():
+        for n, w in weights.items():
             if n not in scales:  # o_proj and down_proj keep a run-time scale: left as they were
                 mods[n].weight.copy_(w)
         assert (model(tokens) - want).abs().max() <= 1e-4
@@ -474,21 +475,20 @@ def test_olmo_awq_group_scale_stays_on_its_projections(olmo_dir):
     """OLMo has no norm before q/k/v or gate/up for Model Optimizer's shared pre-quant scale to
     fold into: each projection of a group scales its input by the group's scale at run time, and
     its resmoothed weight times that scale is the original weight."""
-    from evalsuite.quant.int4_awq import resmooth
+    from evalsuite.quant.int4_awq import smoothed
 
     model = load(str(olmo_dir), "float32").model
     g = torch.Generator().manual_seed(5)
     mods = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
-    scales = {n: torch.exp(torch.randn(m.weight.shape[1], generator=g) * 0.5) for n, m in mods.items()}
-    own = dict(scales)
-    weights = resmooth(model, scales)
+    own = {n: torch.exp(torch.randn(m.weight.shape[1], generator=g) * 0.5) for n, m in mods.items()}
+    weights, scales = smoothed(model, own, resmooth=True)
     assert set(scales) == set(own)  # every projection keeps a run-time scale
     for group in (["q", "k", "v"], ["gate", "up"]):
         names = [f"model.layers.2.{'self_attn' if 'q' in group else 'mlp'}.{p}_proj" for p in group]
         assert all(torch.equal(scales[n], scales[names[0]]) for n in names)
         assert not torch.equal(scales[names[0]], own[names[0]])  # the group's, not the projection's own
         for n in names:
-            torch.testing.assert_close(weights[n] / scales[n][None, :], mods[n].weight, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(weights[n] * scales[n][None, :], mods[n].weight, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq", "nvfp4"])

@@ -69,13 +69,20 @@ def test_awq_beats_plain_rounding_on_outlier_channels():
     assert alphas(10)[best] > 0  # the activation term matters here
 
 
-def test_int4_linear_applies_awq_prescale():
-    lin = nn.Linear(4, 1, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[7.0, -3.5, 0.4, 14.0]]))
-    s = torch.tensor([1.0, 2.0, 1.0, 0.5])
-    q = Int4WeightOnlyLinear.from_linear(lin, block_size=4, awq_scale=s)
-    # W·s = [7, -7, 0.4, 7] -> scale 1 -> codes [7, -7, 0, 7]; y = (x / s) · codes
+def test_int4_linear_applies_awq_prescale(tiny_dir):
+    """The recipe's smoothing of a projection by hand: W / p = [7, -7, 0.4, 7] -> block scale 1 ->
+    codes [7, -7, 0, 7]; y = (x · p) · codes."""
+    from evalsuite.quant.int4_awq import smoothed
+
+    model = load(str(tiny_dir), "float32").model
+    lin = nn.Linear(4, 1, bias=False).requires_grad_(False)
+    lin.weight.copy_(torch.tensor([[7.0, -3.5, 0.4, 14.0]]))
+    model.model.layers[0].self_attn.o_proj = lin  # o_proj: no group, no norm to fold into
+    p = torch.tensor([1.0, 0.5, 1.0, 2.0])
+    weights, scales = smoothed(model, {"model.layers.0.self_attn.o_proj": p}, resmooth=False)
+    name = "model.layers.0.self_attn.o_proj"
+    q = Int4WeightOnlyLinear.from_linear(lin, block_size=4, weight=weights[name], pre_quant_scale=scales[name])
+    assert q.codes.tolist() == [[7, -7, 0, 7]]
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert q(x).item() == pytest.approx(1 * 7 + 1 * -7 + 3 * 0 + 8 * 7)
 
@@ -104,7 +111,7 @@ def test_int4_rtn_recipe_weights_are_the_documented_rounding(tiny_dir):
     record = apply_recipe(lm, "int4-rtn", {"block_size": 32})
     assert record["config"]["awq"] is False
     mods = {n: m for n, m in lm.model.named_modules() if n.endswith("_proj")}
-    assert len(mods) == 21 and all(isinstance(m, Int4WeightOnlyLinear) and m.input_scale is None
+    assert len(mods) == 21 and all(isinstance(m, Int4WeightOnlyLinear) and m.pre_quant_scale is None
                                    for m in mods.values())
     assert type(lm.model.lm_head) is nn.Linear
     for name, w in originals.items():
@@ -167,10 +174,10 @@ def test_int4_kernel_paths_and_awq_prescale():
     always = module(True, rows=INT4_KERNEL_MODES["always"])
     assert_within_bf16_rounding(always(x), x, w)
     assert always.last_path == "kernel"
-    # AWQ: the input is divided by the pre-scale before the product (powers of two: exact)
-    s = 2.0 ** torch.randint(-1, 2, (256,), generator=torch.Generator().manual_seed(3)).float()
-    always.input_scale = s.bfloat16()
-    assert_within_bf16_rounding(always(x[:2]), (x[:2].double() / s.double()).bfloat16(), w)
+    # AWQ: the input is multiplied by the pre-quant scale before the product (powers of two: exact)
+    p = 2.0 ** torch.randint(-1, 2, (256,), generator=torch.Generator().manual_seed(3)).float()
+    always.pre_quant_scale = p.bfloat16()
+    assert_within_bf16_rounding(always(x[:2]), (x[:2].double() * p.double()).bfloat16(), w)
 
 
 def test_unscaled_int4_projections_fuse_and_match_unfused(tiny_dir, calib_file):
@@ -200,16 +207,16 @@ def test_unscaled_int4_projections_fuse_and_match_unfused(tiny_dir, calib_file):
     apply_recipe(resmoothed, "int4-awq", over)
     resmoothed.model(tokens)
     attn = resmoothed.model.model.layers[0].self_attn
-    assert isinstance(attn._fused, FusedInt4) and attn.q_proj.input_scale is None
-    assert attn.o_proj.input_scale is not None  # o_proj keeps its own pre-scale
+    assert isinstance(attn._fused, FusedInt4) and attn.q_proj.pre_quant_scale is None
+    assert attn.o_proj.pre_quant_scale is not None  # o_proj keeps its own pre-scale
 
 
 def test_resmooth_folds_one_scale_per_group_into_the_norm(tiny_dir):
     """Model Optimizer's export: q/k/v (and gate/up) end with weights W / p̄ and their norm with
-    weight γ·p̄, p̄ the mean of the projections' pre-quant scales 1/s (written out here as that
-    closed form); o_proj and down_proj keep W·s and their scale. Unquantized, the model computes
-    what it did."""
-    from evalsuite.quant.int4_awq import resmooth
+    weight γ·p̄, p̄ the mean of the projections' pre-quant scales p (written out here as that
+    closed form); o_proj and down_proj keep W / p and their p. Unquantized, with each of those
+    multiplying its input by its p, the model computes what it did."""
+    from evalsuite.quant.int4_awq import smoothed
 
     lm = load(str(tiny_dir), "float32")
     model = lm.model
@@ -217,26 +224,26 @@ def test_resmooth_folds_one_scale_per_group_into_the_norm(tiny_dir):
     want = model(tokens)
     g = torch.Generator().manual_seed(5)
     mods = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
-    scales = {n: torch.exp(torch.randn(m.weight.shape[1], generator=g) * 0.5) for n, m in mods.items()}
-    given = dict(scales)
+    pre = {n: torch.exp(torch.randn(m.weight.shape[1], generator=g) * 0.5) for n, m in mods.items()}
     norms = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("layernorm")}
-    weights = resmooth(model, scales)
+    weights, scales = smoothed(model, pre, resmooth=True)
     assert sorted(scales) == sorted(n for n in mods if n.endswith(("o_proj", "down_proj")))
     for layer in range(len(model.model.layers)):
         for norm, names in ((f"model.layers.{layer}.input_layernorm", ["self_attn.q_proj", "self_attn.k_proj",
                                                                        "self_attn.v_proj"]),
                             (f"model.layers.{layer}.post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"])):
             names = [f"model.layers.{layer}.{n}" for n in names]
-            p_mean = sum(1.0 / given[n].double() for n in names) / len(names)
+            p_mean = sum(pre[n].double() for n in names) / len(names)
             torch.testing.assert_close(model.get_submodule(norm).weight.double(), norms[norm].double() * p_mean,
                                        rtol=1e-6, atol=0)
             for n in names:
                 torch.testing.assert_close(weights[n].double(), mods[n].weight.double() / p_mean, rtol=1e-5, atol=1e-7)
     for n in scales:
-        torch.testing.assert_close(weights[n], mods[n].weight * given[n][None, :], rtol=1e-6, atol=0)
+        assert torch.equal(scales[n], pre[n])
+        torch.testing.assert_close(weights[n], mods[n].weight / pre[n][None, :], rtol=1e-6, atol=0)
     with torch.no_grad():
         for n, w in weights.items():
-            if n not in scales:  # o_proj and down_proj: W·s would need its input divided by s
+            if n not in scales:  # o_proj and down_proj: W / p would need its input multiplied by p
                 mods[n].weight.copy_(w)
     torch.testing.assert_close(model(tokens), want, rtol=1e-4, atol=1e-4)
 

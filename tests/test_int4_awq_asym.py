@@ -176,7 +176,7 @@ def test_autoawq_recipe(tiny_dir, calib_file):
     assert record["config"]["n_grid"] == 20 and record["config"]["block_size"] == 32
     mods = {n: m for n, m in lm.model.named_modules() if n.endswith("_proj")}
     assert len(mods) == 21 and all(isinstance(m, Int4WeightOnlyLinear) for m in mods.values())
-    assert all(m.zero_point is not None and m.input_scale is None for m in mods.values())  # scales are folded
+    assert all(m.zero_point is not None and m.pre_quant_scale is None for m in mods.values())  # scales are folded
     assert type(lm.model.lm_head) is nn.Linear
     assert not torch.equal(lm.model.model.layers[0].input_layernorm.weight, norms[0])
     out = lm.model(tokens)

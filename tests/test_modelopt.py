@@ -182,8 +182,7 @@ def test_int4_awq_is_model_optimizers_awq_lite(pair):
     for name, ref in hf.named_modules():
         if name.startswith("model.layers.") and name.endswith("_proj"):
             ours = lm.model.get_submodule(name)
-            # Model Optimizer multiplies the input by its pre-quant scale; the engine divides by s
-            torch.testing.assert_close(1 / ours.input_scale, ref.input_quantizer.pre_quant_scale, rtol=1e-6, atol=0)
+            torch.testing.assert_close(ours.pre_quant_scale, ref.input_quantizer.pre_quant_scale, rtol=1e-6, atol=0)
     with torch.no_grad():
         theirs, ours = hf(tokens).logits, lm.model(tokens)
     assert _rel(theirs, unquantized) > 0.05
@@ -256,7 +255,7 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, cal
             torch.testing.assert_close(ours.scale, value, rtol=1e-6, atol=0)
             compared["scale"] += 1
         elif what == "pre_quant_scale":
-            torch.testing.assert_close(1 / ours.input_scale, value, rtol=1e-6, atol=0)
+            torch.testing.assert_close(ours.pre_quant_scale, value, rtol=1e-6, atol=0)
             compared["pre_quant_scale"] += 1
         elif what in ("k_scale", "v_scale"):
             quantizer = getattr(lm.model.get_submodule(module_name.rsplit(".", 1)[0]), f"{what[0]}_cache_quant")
@@ -269,7 +268,7 @@ def test_int4_awq_export_form_is_model_optimizers_checkpoint(arch, tiny_dir, cal
                         "pre_quant_scale": scaled_inputs * layers, "kv": 2 * layers if kv else 0}
     if arch == "olmo2":  # one scale for the group, the mean of theirs, as the engine keeps it
         attention = lm.model.model.layers[0].self_attn
-        assert torch.equal(attention.q_proj.input_scale, attention.v_proj.input_scale)
+        assert torch.equal(attention.q_proj.pre_quant_scale, attention.v_proj.pre_quant_scale)
     published, record = on_meta_default(  # a tensor made off the model's device fails there
         lambda: load_model_and_recipe(str(tmp_path / "exported"), "int4-awq", "float32", settings))
     assert published.model.config.modelopt == "W4A16_AWQ" and "published" in record

@@ -47,8 +47,10 @@ def check_device(device: str | None) -> None:
 # recipe and task scoring otherwise). Part of every engine run's identity, so that a run folder an
 # engine of other numerics wrote is not resumed into a mix of the two. 1: until RMSNorm rounded as
 # transformers does (2026-11-29); 2: until static per-tensor scales (fp8-modelopt's, nvfp4's) were
-# held in float32, as checkpoints and kernels hold them (2026-11-29); 3: since.
-NUMERICS_VERSION = 3
+# held in float32, as checkpoints and kernels hold them (2026-11-29); 3: until int4-awq multiplied
+# its inputs by the pre-quant scale p in the model's dtype, as Model Optimizer and its deployed
+# kernels do, instead of dividing by s = 1/p (2026-11-29); 4: since.
+NUMERICS_VERSION = 4
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

@@ -29,6 +29,7 @@ from ..engine.generate import SamplingParams
 from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer, SparseMoE, Step
+from ..engine.options import NUMERICS_VERSION
 from ..textgen import generate_text
 from .configs import CalibrationSpec
 
@@ -202,8 +203,10 @@ SAMPLED_CORPUS_VERSION = 3
 
 
 def _cache_path(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, suffix: str) -> Path:
+    # the engine's numerics too: the forwards that collect the statistics, and the searches that
+    # score candidates, compute what that version computes
     key = {"weights": lm.info.weights_sha256, "dtype": lm.info.dtype, "spec": spec.__dict__,
-           "file": _file_hash(spec.source), "kind": kind, "settings": settings}
+           "file": _file_hash(spec.source), "kind": kind, "settings": settings, "numerics": NUMERICS_VERSION}
     if spec.source == "sampled":
         key["sampler"] = SAMPLED_CORPUS_VERSION
     key_src = json.dumps(key, sort_keys=True)

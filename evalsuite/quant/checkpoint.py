@@ -89,8 +89,8 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     per block, float32 ``weight_scale_2`` and ``input_scale``, the K and V scales where the KV cache
     is FP8;
     int4-awq: Model Optimizer's W4A16_AWQ, each projection's INT4 ``weight`` (output rows packed in
-    pairs), ``weight_scale`` per block and, where it scales its input, ``pre_quant_scale`` (1 / s,
-    in the model's dtype), the K and V scales where the KV cache is FP8;
+    pairs), ``weight_scale`` per block and, where it scales its input, ``pre_quant_scale`` (in the
+    model's dtype), the K and V scales where the KV cache is FP8;
     every other tensor under its name in the source checkpoint, and config.json's
     ``quantization_config``. The engine's names must be the source checkpoint's: a checkpoint that
     fuses projections the engine splits (Phi-3's q/k/v) or stacks a mixture's experts is refused."""
@@ -171,10 +171,8 @@ def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module]) -> dict
             tensors[f"{name}.input_scale"] = torch.tensor(attrs["input_scale"], dtype=torch.float32)
         elif m.zero_point is None:  # Model Optimizer's W4A16_AWQ
             tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = modelopt_int4_pack(m.codes), m.scale
-            if m.pre_quant_scale is not None:  # loaded as published
+            if m.pre_quant_scale is not None:
                 tensors[f"{name}.pre_quant_scale"] = m.pre_quant_scale
-            elif m.input_scale is not None:  # the recipe divides by s; the checkpoint multiplies by 1 / s
-                tensors[f"{name}.pre_quant_scale"] = (1 / m.input_scale.float()).to(m.input_scale.dtype)
         else:  # [in, out] as AutoAWQ lays them out
             tensors[f"{name}.qweight"] = awq_pack((m.codes.to(torch.int16) + 8).t())
             tensors[f"{name}.qzeros"] = awq_pack(m.zero_point.t())

@@ -147,9 +147,9 @@ class PackedInt4:
 
 @register_module
 class Int4WeightOnlyLinear(nn.Module):
-    """INT4 weights (block scales, optional zero points), BF16 inputs; optional AWQ input scaling:
-    the recipes' x / s (``input_scale``), or a published checkpoint's x · p (``pre_quant_scale``,
-    Model Optimizer's, as its deployed kernels multiply).
+    """INT4 weights (block scales, optional zero points), BF16 inputs; optional AWQ input scaling
+    x · p (``pre_quant_scale``, in the activation dtype, as Model Optimizer's AWQ and the kernels
+    that deploy it multiply).
 
     Two paths compute the same product: ``simulated`` multiplies by the dequantized weight (the
     reference), ``kernel`` runs torch's packed INT4 kernel for the device (``PackedInt4``:
@@ -159,17 +159,15 @@ class Int4WeightOnlyLinear(nn.Module):
     device that has one). ``last_path`` says which ran."""
 
     def __init__(self, codes: Tensor, scale: Tensor, in_features: int, block_size: int, bias: Tensor | None,
-                 input_scale: Tensor | None, dtype: torch.dtype, use_kernel: bool = False,
-                 zero_point: Tensor | None = None, kernel_max_rows: int = KERNEL_MAX_ROWS,
-                 pre_quant_scale: Tensor | None = None):
+                 pre_quant_scale: Tensor | None, dtype: torch.dtype, use_kernel: bool = False,
+                 zero_point: Tensor | None = None, kernel_max_rows: int = KERNEL_MAX_ROWS):
         super().__init__()
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)  # asymmetric form only
         self.in_features, self.block_size = in_features, block_size
         self.bias = bias
-        self.register_buffer("input_scale", input_scale)  # AWQ: inputs are divided by this
-        self.register_buffer("pre_quant_scale", pre_quant_scale)  # or multiplied by this
+        self.register_buffer("pre_quant_scale", pre_quant_scale)  # AWQ: inputs are multiplied by this
         # the simulated path multiplies by the dequantized weight, built once
         self.register_buffer("weight", int4_block_dequantize(codes, scale, in_features, block_size, zero_point)
                              .to(dtype), persistent=False)
@@ -185,7 +183,7 @@ class Int4WeightOnlyLinear(nn.Module):
         """One product for projections that read one input (q/k/v, gate/up), when none has an AWQ
         pre-scale (each would divide the input by its own) and they agree on layout and path."""
         first = mods[0]
-        same = all(type(m) is Int4WeightOnlyLinear and m.input_scale is None and m.pre_quant_scale is None and
+        same = all(type(m) is Int4WeightOnlyLinear and m.pre_quant_scale is None and
                    (m.in_features, m.block_size, m.use_kernel, m.kernel_max_rows, m.weight.dtype,
                     m.zero_point is None, m.bias is None) ==
                    (first.in_features, first.block_size, first.use_kernel, first.kernel_max_rows, first.weight.dtype,
@@ -193,19 +191,15 @@ class Int4WeightOnlyLinear(nn.Module):
         return FusedInt4(mods) if same else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 128, awq_scale: Tensor | None = None,
-                    use_kernel: bool = False, kernel_max_rows: int = KERNEL_MAX_ROWS, weight: Tensor | None = None):
-        """Quantize ``weight`` (default: the linear's weight, times ``awq_scale`` in float32 when
-        given); ``awq_scale`` also becomes the run-time input scaling."""
-        w = linear.weight.detach()
-        if weight is not None:
-            w = weight
-        elif awq_scale is not None:
-            w = w.float() * awq_scale[None, :]
+    def from_linear(cls, linear: nn.Linear, block_size: int = 128, use_kernel: bool = False,
+                    kernel_max_rows: int = KERNEL_MAX_ROWS, weight: Tensor | None = None,
+                    pre_quant_scale: Tensor | None = None):
+        """Quantize ``weight`` (default: the linear's weight; AWQ passes it smoothed), the input
+        multiplied by ``pre_quant_scale`` at run time where given."""
+        w = linear.weight.detach() if weight is None else weight
         codes, scale = int4_block_quantize(w, block_size)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(codes, scale, w.shape[1], block_size, bias,
-                   None if awq_scale is None else awq_scale.to(linear.weight.dtype), linear.weight.dtype, use_kernel,
+        return cls(codes, scale, w.shape[1], block_size, bias, pre_quant_scale, linear.weight.dtype, use_kernel,
                    kernel_max_rows=kernel_max_rows)
 
     def export(self) -> tuple[dict[str, Tensor], dict]:
@@ -214,8 +208,6 @@ class Int4WeightOnlyLinear(nn.Module):
         if self.zero_point is not None:  # 4 bits each as well, flattened (a row may hold an odd number)
             flat = self.zero_point.flatten().to(torch.int8) - 8
             tensors["packed_zero_point"] = pack_nibbles(F.pad(flat, (0, flat.numel() % 2)).view(1, -1))
-        if self.input_scale is not None:
-            tensors["input_scale"] = self.input_scale
         if self.pre_quant_scale is not None:
             tensors["pre_quant_scale"] = self.pre_quant_scale
         if self.bias is not None:
@@ -229,13 +221,13 @@ class Int4WeightOnlyLinear(nn.Module):
         if "packed_zero_point" in t:
             n = t["scale"].numel()
             zero = (unpack_nibbles(t["packed_zero_point"])[0, :n] + 8).to(torch.uint8).view_as(t["scale"])
+        pre = t.get("pre_quant_scale")
+        if pre is None and "input_scale" in t:  # saved before the scale multiplied (it divided by s = 1 / p)
+            pre = (1 / t["input_scale"].float()).to(t["input_scale"].dtype)
         return cls(unpack_nibbles(t["packed_codes"]), t["scale"], attrs["in_features"], attrs["block_size"],
-                   t.get("bias"), t.get("input_scale"), dtype, attrs["use_kernel"], zero,
-                   attrs.get("kernel_max_rows", KERNEL_MAX_ROWS), t.get("pre_quant_scale"))
+                   t.get("bias"), pre, dtype, attrs["use_kernel"], zero, attrs.get("kernel_max_rows", KERNEL_MAX_ROWS))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_scale is not None:
-            x = x / self.input_scale
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         y, self.last_path = _product(x, self.weight, self.bias, self.kernel, self.kernel_max_rows)
@@ -243,8 +235,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.codes.shape[0]}, block_size={self.block_size}, "
-                f"awq={self.input_scale is not None or self.pre_quant_scale is not None}, "
-                f"zero_point={self.zero_point is not None}")
+                f"awq={self.pre_quant_scale is not None}, zero_point={self.zero_point is not None}")
 
 
 class FusedInt4:

@@ -4,23 +4,29 @@ Per projection, from calibration inputs x and weight W [out, in]:
   x̄ = per-input-channel mean |x| over calibration tokens;
   w̄ = per-input-channel mean over output rows of |W| / (its block's absmax);
   s(α) = x̄^α / w̄^(1-α), clamped to [1e-4, 1e4], divided by sqrt(max(s)·min(s));
-  for α = 0, 0.1, ..., 1 the layer is evaluated as (x / s) · Q(W·s)ᵀ, Q = block INT4 fake
-  quantization, and the α with the least mean squared error against x·Wᵀ is kept.
+  for α = 0, 0.1, ..., 1 the layer is evaluated as (x · p) · Q(W·s)ᵀ with the pre-quant scale
+  p = 1/s, Q = block INT4 fake quantization, p, s and W·s in the model's dtype (as awq_lite
+  computes them), and the α with the least mean squared error against x·Wᵀ is kept.
 Two passes over the corpus: the first collects x̄, the second scores every α on the same inputs
-(the model runs unquantized in both, as awq_lite does).
+(the model runs unquantized in both, as awq_lite does). The kept α's p = 1/s (float32) is the
+projection's pre-quant scale: its weight becomes W / p in float32, rounded to the model's dtype,
+and its input is multiplied by p (in the model's dtype) at run time, as Model Optimizer's
+quantized model and the kernels that deploy it compute (x · p, not x / s: in BF16 the two differ
+in the last bit of about a quarter of the values, which moved SmolLM2-135M's word perplexity by
+0.5%; docs/RESULTS.md).
 
 Then, by default (``resmooth=True``), the model takes the form Model Optimizer exports for
 deployment (TensorRT-LLM, vLLM): projections that read one input share one pre-quant scale so
 that they run as one GEMM and the scale can live in the norm before them.
   q, k, v (after input_layernorm) and gate, up (after the MLP's norm): with each one's
-  pre-quant scale p_i = 1/s_i, the group's p = mean_i p_i; each smoothed weight W·s_i, stored in
-  the model's dtype, becomes W·s_i·p_i/p (in the model's dtype, as Model Optimizer computes it;
-  unchanged where p_i = p) and is quantized anew (block absmax); the norm's weight is multiplied
-  by p (rounded to its dtype) and the projections keep no run-time input scaling (OLMo, with no
-  norm before them: each scales its input by p at run time, as Model Optimizer's pre-quant scale);
-  o_proj and down_proj keep their own s, applied to their input at run time.
-``resmooth=False`` keeps every projection's own s at run time (x / s) and quantizes W·s in
-float32: the model as calibrated, before export.
+  pre-quant scale p_i (in the model's dtype, as Model Optimizer holds it), the group's p = mean_i
+  p_i (in that dtype); each smoothed weight becomes W_i·p_i/p (computed in float32, rounded to the
+  model's dtype; unchanged where p_i = p) and is quantized anew (block absmax); the norm's weight
+  is multiplied by p (rounded to its dtype) and the projections keep no run-time input scaling
+  (OLMo, with no norm before them: each multiplies its input by p at run time); o_proj and
+  down_proj keep their own p, applied to their input at run time.
+``resmooth=False`` keeps every projection's own p at run time: the model as calibrated, before
+export. ``fp8_kv_cache`` adds static K and V scales from max calibration on the unquantized model.
 """
 
 from __future__ import annotations
@@ -91,13 +97,13 @@ class _AlphaSearch(nn.Module):
 
     def _candidate(self, s: Tensor) -> Tensor:
         w = self.inner.weight.detach()
-        return int4_fake_quantize(w.float() * s[None, :], self.block_size).to(w.dtype)
+        return int4_fake_quantize(w * s.to(w.dtype)[None, :], self.block_size)
 
     def forward(self, x: Tensor) -> Tensor:
         ref = project(self.inner, x)
         for i, s in enumerate(self.scales):
             qw = self.qweights[i] if self.qweights is not None else self._candidate(s)
-            out = linear(x / s.to(x.dtype), qw, self.inner.bias)
+            out = linear(x * (1 / s).to(x.dtype), qw, self.inner.bias)
             self.errors[i] += float((out.float() - ref.float()).pow(2).sum())
         return ref
 
@@ -119,30 +125,32 @@ def search(lm: LoadedModel, sequences: list[list[int]], block_size: int, steps: 
     return out
 
 
-def resmooth(model: CausalLM, scales: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Model Optimizer's export of AWQ scales (see the module docstring): every projection's
-    smoothed weight W·s in its dtype, those of a shared-input group resmoothed to the group's
-    mean pre-quant scale, which is folded into the norm before them (in place). Returns the
-    weights to quantize by projection name; the names of the groups' projections leave
-    ``scales`` (no run-time scaling is left for them), or, where no norm precedes them (OLMo),
-    take the group's shared scale."""
+def smoothed(model: CausalLM, pre: dict[str, Tensor], resmooth: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The AWQ-smoothed weights to quantize and the run-time pre-quant scales, by projection name,
+    from the float32 pre-quant scales ``pre`` (p = 1/s), as Model Optimizer computes them (see the
+    module docstring): each weight W / p rounded to its dtype, each p rounded to that dtype; with
+    ``resmooth``, Model Optimizer's export: a shared-input group's weights resmoothed to the mean
+    of their p, which is folded into the norm before them (in place), so the group keeps no
+    run-time scale (or, where no norm precedes it, as OLMo's, each takes that mean)."""
     modules = dict(model.named_modules())
-    weights = {}
-    for name, s in scales.items():
+    weights, scales = {}, {}
+    for name, p in pre.items():
         w = modules[name].weight.detach()
-        weights[name] = (w.float() * s[None, :]).to(w.dtype)
+        weights[name] = (w.float() * (1.0 / p)[None, :]).to(w.dtype)
+        scales[name] = p.to(w.dtype)
+    if not resmooth:
+        return weights, scales
     for norm, names in shared_input_groups(model):
-        pre = [1.0 / scales.pop(n) for n in names]
-        mean = torch.stack(pre).mean(dim=0)
-        for n, p in zip(names, pre):
+        group = [scales.pop(n) for n in names]
+        mean = torch.stack(group).mean(dim=0)
+        for n, p in zip(names, group):
             if not torch.equal(p, mean):
-                w = weights[n]
-                weights[n] = w * p.to(w.dtype)[None, :] / mean.to(w.dtype)[None, :]
+                weights[n] = (weights[n].float() * p.float() / mean.float()).to(weights[n].dtype)
         if norm is None:
-            scales.update({n: 1.0 / mean for n in names})  # one tensor each: saved apart
+            scales.update({n: mean.clone() for n in names})  # one tensor each: saved apart
         else:
-            norm.fold(lambda factor: factor * mean)
-    return weights
+            norm.fold(lambda factor: factor * mean.float())
+    return weights, scales
 
 
 @handler(Int4AWQConfig)
@@ -152,13 +160,12 @@ def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
         for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, Int4WeightOnlyLinear)]:
             parent, attr = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), attr, Int4WeightOnlyLinear(
-                m.codes, m.scale, m.in_features, m.block_size, m.bias, None, m.weight.dtype,
-                use_kernel=config.kernel != "off", kernel_max_rows=INT4_KERNEL_MODES[config.kernel],
-                pre_quant_scale=m.pre_quant_scale))
+                m.codes, m.scale, m.in_features, m.block_size, m.bias, m.pre_quant_scale, m.weight.dtype,
+                use_kernel=config.kernel != "off", kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))
         return
     # K and V scales from the model as it is, before any weight is quantized (max calibration)
     stats = calibrate(lm, config.calibration) if config.fp8_kv_cache else {}
-    scales: dict[str, Tensor] = {}
+    pre: dict[str, Tensor] = {}  # each projection's pre-quant scale p = 1/s, float32
     if config.awq:
         settings = {"block_size": config.block_size, "alpha_steps": config.alpha_steps}
         found = cached(lm, config.calibration, "awq-lite", settings,
@@ -166,13 +173,13 @@ def apply_int4(lm: LoadedModel, config: Int4AWQConfig) -> None:
         for parent, attr, name in projections(model):
             w_mean = weight_channel_mean(getattr(parent, attr).weight.detach(), config.block_size)
             f = found[name]
-            scales[name] = awq_scale(torch.tensor(f["x_mean"], device=w_mean.device), w_mean, f["alpha"])
-    weights = resmooth(model, scales) if config.awq and config.resmooth else {}
+            pre[name] = 1.0 / awq_scale(torch.tensor(f["x_mean"], device=w_mean.device), w_mean, f["alpha"])
+    weights, scales = smoothed(model, pre, config.awq and config.resmooth)
     for parent, attr, name in projections(model):
-        linear = getattr(parent, attr)
         setattr(parent, attr, Int4WeightOnlyLinear.from_linear(
-            linear, config.block_size, scales.get(name), use_kernel=config.kernel != "off",
-            kernel_max_rows=INT4_KERNEL_MODES[config.kernel], weight=weights.get(name)))
+            getattr(parent, attr), config.block_size, use_kernel=config.kernel != "off",
+            kernel_max_rows=INT4_KERNEL_MODES[config.kernel], weight=weights.get(name),
+            pre_quant_scale=scales.get(name)))
     if config.fp8_kv_cache:
         for i, layer in enumerate(model.model.layers):
             a, key = layer.self_attn, f"model.layers.{i}"

@@ -272,8 +272,7 @@ def _modelopt_int4(group: int, state: dict[str, Tensor], dtype: torch.dtype,
         codes = modelopt_int4_unpack(packed)
         built[name] = _replacing(name, (out, inputs), folder,
                                  lambda bias, codes=codes, scale=scale.float(), pre=pre, inputs=inputs:
-                                 Int4WeightOnlyLinear(codes, scale, inputs, group, bias, None, dtype,
-                                                      pre_quant_scale=pre))
+                                 Int4WeightOnlyLinear(codes, scale, inputs, group, bias, pre, dtype))
     return built
 
 
