@@ -142,6 +142,10 @@ class ModelConfig:
     # the group size of its INT4 weights, which load as published (recipe int4-awq-asym); a linear
     # without qweight stays as stored
     awq_group: int | None = None
+    # a checkpoint in Meta's FP8 form (quant_method fbgemm_fp8, Llama 3.1's *-FP8: E4M3 weights with a
+    # float32 scale per output row, inputs quantized per token at run time with scales bounded by
+    # activation_scale_ub), which loads as published (recipe fp8-official): that bound
+    fbgemm_fp8_ub: float | None = None
     # a Model Optimizer checkpoint (quant_method modelopt, in config.json or hf_quant_config.json),
     # which loads as published: its quant_algo (MODELOPT_RECIPES: FP8 -> fp8-modelopt, NVFP4 ->
     # nvfp4, W4A16_AWQ -> int4-awq), W4A16_AWQ's group size, and whether its KV cache is FP8 (K and
@@ -207,6 +211,8 @@ class ModelConfig:
             return "fp8-block"
         if self.awq_group is not None:
             return "int4-awq-asym"
+        if self.fbgemm_fp8_ub is not None:
+            return "fp8-official"
         return MODELOPT_RECIPES.get(self.modelopt)
 
     def layer_moe(self, layer: int) -> bool:
@@ -299,7 +305,8 @@ class ModelConfig:
                              ("swiglu_limit", None), ("swiglu_alpha", None), ("mlp_bias", False),
                              ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None),
                              ("rope_layers", None), ("fp8_block", None), ("awq_group", None),
-                             ("modelopt", None), ("modelopt_group", None), ("modelopt_fp8_kv", False)):
+                             ("fbgemm_fp8_ub", None), ("modelopt", None), ("modelopt_group", None),
+                             ("modelopt_fp8_kv", False)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -342,14 +349,16 @@ class ModelConfig:
         method = quant.get("quant_method")
         fp8_block = _fp8_block(quant) if method == "fp8" else None
         awq_group = _awq_gemm(quant) if method == "awq" else None
+        fbgemm_fp8_ub = _fbgemm_fp8(quant) if method == "fbgemm_fp8" else None
         modelopt, modelopt_group, modelopt_fp8_kv = _modelopt(quant) if method == "modelopt" else (None, None, False)
-        published = fp8_block is not None or awq_group is not None or modelopt is not None
+        published = fp8_block is not None or awq_group is not None or fbgemm_fp8_ub is not None or \
+            modelopt is not None
         if quant and not published and not (model_type == "gpt_oss" and method == "mxfp4"):
             # its low-bit tensors and their scales would be read as plain weights
             raise UnsupportedModelError(
                 f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
-                "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form and Model Optimizer's "
-                "FP8, NVFP4 and INT4 AWQ, "
+                "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form, Meta's FP8 "
+                "(fbgemm_fp8) and Model Optimizer's FP8, NVFP4 and INT4 AWQ, "
                 "and quantizes with --recipe: load the unquantized "
                 "model, or evaluate this checkpoint where a server runs it (--base-url)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -486,6 +495,7 @@ class ModelConfig:
             **moe,
             fp8_block=fp8_block,
             awq_group=awq_group,
+            fbgemm_fp8_ub=fbgemm_fp8_ub,
             modelopt=modelopt,
             modelopt_group=modelopt_group,
             modelopt_fp8_kv=modelopt_fp8_kv,
@@ -598,6 +608,16 @@ def _awq_gemm(quant: dict[str, Any]) -> int:
             ">= 1): load the unquantized model and name the recipe, or evaluate this checkpoint where a server "
             "runs it (--base-url)")
     return group
+
+
+def _fbgemm_fp8(quant: dict[str, Any]) -> float:
+    """The input scales' bound of a checkpoint in Meta's FP8 form (``quant_method: fbgemm_fp8``;
+    transformers' FbgemmFp8Config, whose default is 1200), which loads as published."""
+    ub = quant.get("activation_scale_ub", 1200.0)
+    if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not ub > 0:
+        raise UnsupportedModelError(f"config.json: an fbgemm_fp8 checkpoint with activation_scale_ub {ub!r}; valid: "
+                                    "a number > 0 (Meta's checkpoints hold 1200.0)")
+    return float(ub)
 
 
 def _modelopt(quant: dict[str, Any]) -> tuple[str, int | None, bool]:

@@ -108,7 +108,7 @@ def module_types() -> dict[str, type]:
 
 # recipes whose quantized model ``quantize --format hf`` writes as their published checkpoints are
 # written (checkpoint.save_hf), for the engines that serve those
-HF_EXPORTS = ("fp8-block", "fp8-modelopt", "int4-awq", "int4-awq-asym", "nvfp4")
+HF_EXPORTS = ("fp8-block", "fp8-modelopt", "fp8-official", "int4-awq", "int4-awq-asym", "nvfp4")
 
 
 def check_hf_export(recipe: str) -> None:
@@ -208,10 +208,21 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     so no scale folds from up into down; AutoAWQ has no form for it. AutoAWQ folds every q/k/v and
     gate/up scale into the norm before them, which OLMo's layer does not have.
     A published low-bit checkpoint runs as published, with the recipe of its form and its block:
-    fine-grained FP8 as fp8-block, AutoAWQ's GEMM form as int4-awq-asym, Model Optimizer's forms as
+    fine-grained FP8 as fp8-block, AutoAWQ's GEMM form as int4-awq-asym, Meta's FP8 (fbgemm_fp8) as
+    fp8-official with the checkpoint's activation_scale_ub, Model Optimizer's forms as
     its recipes here with the settings that form holds (``_modelopt_misfit``)."""
     if cfg.modelopt is not None:
         return _modelopt_misfit(config, cfg)
+    if cfg.fbgemm_fp8_ub is not None:
+        wanted = f"--recipe fp8-official --recipe-config activation_scale_ub={cfg.fbgemm_fp8_ub:g}"
+        if not isinstance(config, FP8OfficialConfig):
+            return (f"the checkpoint is published in Meta's FP8 (fbgemm_fp8: E4M3 weights with a scale per output row, "
+                    f"inputs per token), which runs as published ({wanted}); load the unquantized model for other "
+                    "recipes")
+        if config.activation_scale_ub != cfg.fbgemm_fp8_ub:
+            return (f"activation_scale_ub={config.activation_scale_ub:g}, and the checkpoint's input scales are "
+                    f"bounded by {cfg.fbgemm_fp8_ub:g}; valid: activation_scale_ub={cfg.fbgemm_fp8_ub:g}")
+        return None
     if cfg.awq_group is not None:
         if not isinstance(config, Int4AutoAWQConfig):
             return (f"the checkpoint is published in AutoAWQ's INT4 GEMM form (groups of {cfg.awq_group}), which runs "

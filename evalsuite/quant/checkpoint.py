@@ -80,6 +80,9 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     """The quantized model in the form its published checkpoints take, which vLLM, SGLang and
     transformers load (the recipes in ``api.HF_EXPORTS``; the forms in ``published``):
     fp8-block: each projection's E4M3 ``weight`` beside its float32 ``weight_scale_inv``;
+    fp8-official: Meta's FP8 (fbgemm_fp8), each FFN projection's E4M3 ``weight`` beside its float32
+    ``weight_scale`` [out, 1], ``activation_scale_ub`` and ``modules_to_not_convert`` (every other
+    linear) in config.json;
     int4-awq-asym: AutoAWQ's GEMM form, ``qweight`` and ``qzeros`` packed eight to an int32 and
     FP16 ``scales`` (the engine's codes and zero points, its float32 scales rounded to FP16);
     fp8-modelopt: Model Optimizer's HF export, each projection's E4M3 ``weight`` with scalar
@@ -97,7 +100,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .fp8 import FP8StaticLinear
+    from .fp8 import FP8RowwiseLinear, FP8StaticLinear
     from .fp8_block import FP8BlockLinear
     from .int4 import Int4WeightOnlyLinear
     from .nvfp4 import NVFP4Linear
@@ -109,7 +112,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     misfit = hf_export_misfit(recipe["name"], config, model.config)
     if misfit:
         raise ValueError(f"--format hf: {misfit}")
-    kinds = (FP8BlockLinear, Int4WeightOnlyLinear, FP8StaticLinear, NVFP4Linear)
+    kinds = (FP8BlockLinear, Int4WeightOnlyLinear, FP8StaticLinear, NVFP4Linear, FP8RowwiseLinear)
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
     source = set()
     for f in weight_files(Path(lm.folder)):
@@ -148,7 +151,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
 def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Each quantized projection's tensors in its recipe's published form."""
     from .calibrate import shared_input_groups
-    from .fp8 import FP8StaticLinear
+    from .fp8 import FP8RowwiseLinear, FP8StaticLinear
     from .fp8_block import FP8BlockLinear
     from .nvfp4 import NVFP4Linear
     from .published import awq_pack, modelopt_int4_pack
@@ -164,6 +167,8 @@ def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module]) -> dict
             tensors[f"{name}.weight"] = m.qweight
             tensors[f"{name}.weight_scale"] = torch.tensor(m.weight_scale, dtype=torch.float32)
             tensors[f"{name}.input_scale"] = torch.tensor(group_input.get(name, m.input_scale), dtype=torch.float32)
+        elif isinstance(m, FP8RowwiseLinear):
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = m.qweight, m.weight_scale[:, None]
         elif isinstance(m, NVFP4Linear):
             exported, attrs = m.export()
             tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = exported["weight_packed"], m.block_scale
@@ -192,6 +197,9 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
         _warn_vllm_tiles(model.config, block)
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": [block, block]}, None
+    if recipe == "fp8-official":  # what transformers' FbgemmFp8Config writes, as Meta's *-FP8 configs hold it
+        return {"quant_method": "fbgemm_fp8", "activation_scale_ub": config["activation_scale_ub"],
+                "modules_to_not_convert": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)}, None
     if recipe == "int4-awq-asym":  # what AutoAWQ writes (its Mixtral keeps the routers, "gate", unquantized)
         return {"quant_method": "awq", "zero_point": True, "group_size": config["block_size"], "bits": 4,
                 "version": "gemm",

@@ -15,6 +15,7 @@ which through 30 layers moves as many cloze answers as FP8 itself does (docs/PER
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 import warnings
@@ -233,16 +234,47 @@ def quantized_layers(num_layers: int, config: FP8OfficialConfig) -> list[int]:
     return list(range(num_layers))
 
 
-@handler(FP8OfficialConfig)
-def apply_fp8_official(lm: LoadedModel, config: FP8OfficialConfig) -> None:
-    model = lm.model
+def _ffn_projections(model: CausalLM, config: FP8OfficialConfig) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every projection the recipe quantizes: the FFN's, in its layers."""
+    found = []
     for i in quantized_layers(len(model.model.layers), config):
         mlp = model.model.layers[i].mlp
         for ffn in mlp.mlps if isinstance(mlp, SparseMoE) else [mlp]:  # a mixture: each expert's (not the routers)
-            for name in FFN_PROJECTIONS:
-                q = FP8RowwiseLinear.from_linear(getattr(ffn, name), config.activation_scale_ub)
-                q.use_kernel = config.kernel == "scaled_mm"
-                setattr(ffn, name, q)
+            found += [(ffn, name) for name in FFN_PROJECTIONS]
+    return found
+
+
+@handler(FP8OfficialConfig)
+def apply_fp8_official(lm: LoadedModel, config: FP8OfficialConfig) -> None:
+    model = lm.model
+    if model.config.fbgemm_fp8_ub is not None:  # published in this form (Meta's *-FP8): its modules are loaded
+        _check_published_rows(model, config)
+        for m in model.modules():
+            if isinstance(m, FP8RowwiseLinear):
+                m.use_kernel = config.kernel == "scaled_mm"
+        return
+    for ffn, name in _ffn_projections(model, config):
+        q = FP8RowwiseLinear.from_linear(getattr(ffn, name), config.activation_scale_ub)
+        q.use_kernel = config.kernel == "scaled_mm"
+        setattr(ffn, name, q)
+
+
+def _check_published_rows(model: CausalLM, config: FP8OfficialConfig) -> None:
+    """A checkpoint in Meta's FP8 form runs as fp8-official only where its FP8 projections are the
+    recipe's (the FFN's, in the layers ``skip_first_and_last_layers`` says): otherwise the run
+    record would name a recipe the checkpoint is not."""
+    held = {id(m) for m in model.modules() if isinstance(m, FP8RowwiseLinear)}
+    if held == {id(getattr(ffn, name)) for ffn, name in _ffn_projections(model, config)}:
+        return
+    other = dataclasses.replace(config, skip_first_and_last_layers=not config.skip_first_and_last_layers)
+    fits = held == {id(getattr(ffn, name)) for ffn, name in _ffn_projections(model, other)}
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, FP8RowwiseLinear))
+    skip, other_skip = (str(c.skip_first_and_last_layers).lower() for c in (config, other))
+    raise ValueError(
+        f"recipe 'fp8-official': the checkpoint holds {len(names)} FP8 projections ({', '.join(names[:3])}, ...), "
+        f"not the FFN projections of the layers skip_first_and_last_layers={skip} quantizes; valid: "
+        + (f"--recipe-config skip_first_and_last_layers={other_skip}" if fits
+           else "none (evaluate this checkpoint where a server runs it, --base-url)"))
 
 
 @register_module

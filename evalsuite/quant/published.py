@@ -10,6 +10,10 @@ nothing is quantized again.
   [in / g, out / 8], eight 4-bit values to an int32 in AutoAWQ's interleaved order (``AWQ_ORDER``),
   and FP16 ``scales`` [in / g, out]; w = (q - z)·scale
       -> int4-awq-asym's ``Int4WeightOnlyLinear`` (codes q - 8, zero points z, float32 scales)
+  Meta's FP8 (``quant_method: fbgemm_fp8``; Llama 3.1's *-FP8, as transformers' FbgemmFp8Linear
+  holds it): an E4M3 ``weight`` with a float32 ``weight_scale`` [out, 1] per output row, inputs
+  quantized per token at run time with scales bounded by config.json's ``activation_scale_ub``
+      -> fp8-official's ``FP8RowwiseLinear``
   Model Optimizer's checkpoints (``quant_method: modelopt``, in config.json or hf_quant_config.json),
   with K and V cache scales where their KV cache is FP8 (``k_proj.k_scale`` and ``v_proj.v_scale``,
   or ``self_attn.k_scale`` and ``v_scale``; -> ``FP8StaticQuantizer``):
@@ -56,13 +60,16 @@ def take(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, folder:
         return _fp8_tiles(cfg.fp8_block, state, dtype, folder)
     if cfg.awq_group is not None:
         return _awq_gemm(cfg.awq_group, state, dtype, folder)
+    if cfg.fbgemm_fp8_ub is not None:
+        return _fbgemm_rows(cfg.fbgemm_fp8_ub, state, dtype, folder)
     if cfg.modelopt is not None:
         return _modelopt(cfg, state, dtype, folder)
     stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
     if stray:
         raise ModelLoadError(f"{len(stray)} tensors in {folder} are E4M3 (e.g. {stray[:3]}), and config.json declares "
                              "no quantization_config that says how they are scaled; valid: a form the engine loads "
-                             "as published (fine-grained FP8, Model Optimizer's FP8 or NVFP4) or unquantized weights")
+                             "as published (fine-grained FP8, Meta's FP8, Model Optimizer's FP8 or NVFP4) or "
+                             "unquantized weights")
     return {}
 
 
@@ -112,6 +119,32 @@ def _fp8_tiles(block: int, state: dict[str, Tensor], dtype: torch.dtype, folder:
     stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
     if stray:
         raise ModelLoadError(f"{len(stray)} E4M3 tensors in {folder} have no weight_scale_inv, e.g. {stray[:3]}")
+    return built
+
+
+def _fbgemm_rows(bound: float, state: dict[str, Tensor], dtype: torch.dtype,
+                 folder: Path | str) -> dict[str, Builder]:
+    """Each E4M3 ``weight`` beside its per-row ``weight_scale`` [out, 1]."""
+    from .fp8 import FP8RowwiseLinear
+
+    built: dict[str, Builder] = {}
+    for key in [k for k in state if k.endswith(".weight_scale")]:
+        name, scale = key.removesuffix(".weight_scale"), state.pop(key)
+        codes = state.pop(f"{name}.weight", None)
+        if codes is None or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
+            raise ModelLoadError(f"{key} in {folder} scales no 2-D E4M3 weight ({name}.weight: "
+                                 f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
+        _refuse_embeddings(name, "FP8", folder)
+        if not scale.is_floating_point() or tuple(scale.shape) not in ((codes.shape[0], 1), (codes.shape[0],)):
+            raise ModelLoadError(f"{key} in {folder} is {tuple(scale.shape)} {scale.dtype}; Meta's FP8 has one scale "
+                                 f"per output row of the {tuple(codes.shape)} weight: ({codes.shape[0]}, 1)")
+        built[name] = _replacing(name, tuple(codes.shape), folder, lambda bias, codes=codes, scale=scale.float():
+                                 FP8RowwiseLinear(codes, scale.reshape(-1), bias, bound, dtype))
+    if not built:
+        raise ModelLoadError(f"config.json in {folder} declares fbgemm_fp8, and no weight there has a weight_scale")
+    stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
+    if stray:
+        raise ModelLoadError(f"{len(stray)} E4M3 tensors in {folder} have no weight_scale, e.g. {stray[:3]}")
     return built
 
 
