@@ -17,6 +17,8 @@ import torch
 from evalsuite.cli import main
 from evalsuite.models import check_model_args, load_model_and_recipe
 
+from .conftest import on_meta_default
+
 UB = 1200.0
 
 
@@ -63,11 +65,12 @@ def test_a_published_fbgemm_fp8_checkpoint_runs_as_published(tiny_dir, exported)
     quantized again): the recipe's logits on the unquantized model, on either product path."""
     tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
     ours, _ = load_model_and_recipe(str(tiny_dir), "fp8-official", "float32")
-    published, record = load_model_and_recipe(str(exported), "fp8-official", "float32")
+    # loaded and run under the "meta" default device, where a tensor made off the model's device fails
+    published, record = on_meta_default(lambda: load_model_and_recipe(str(exported), "fp8-official", "float32"))
     assert published.model.config.fbgemm_fp8_ub == UB and "published" in record
     with torch.no_grad():
         want = ours.model(tokens)
-        assert torch.equal(published.model(tokens), want)
+        assert torch.equal(on_meta_default(lambda: published.model(tokens)), want)
         assert (want - load_model_and_recipe(str(tiny_dir), "bf16", "float32")[0].model(tokens)).abs().max() > 1e-2
 
 
