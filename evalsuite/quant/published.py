@@ -95,6 +95,24 @@ def _refuse_embeddings(name: str, form: str, folder: Path | str) -> None:
                              "as published checkpoints keep them, in the model's dtype")
 
 
+def _e4m3_weight(state: dict[str, Tensor], name: str, key: str, folder: Path | str) -> Tensor:
+    """The 2-D E4M3 ``weight`` that ``key`` (a scale of ``name``) scales, taken out of ``state``."""
+    codes = state.pop(f"{name}.weight", None)
+    if codes is None or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
+        raise ModelLoadError(f"{key} in {folder} scales no 2-D E4M3 weight ({name}.weight: "
+                             f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
+    _refuse_embeddings(name, "FP8", folder)
+    return codes
+
+
+def _refuse_unscaled(state: dict[str, Tensor], scale: str, folder: Path | str,
+                     low_bit: tuple[torch.dtype, ...] = (torch.float8_e4m3fn,)) -> None:
+    """Low-bit tensors left in ``state`` once every scaled weight is taken have no scale."""
+    stray = [k for k, v in state.items() if v.dtype in low_bit]
+    if stray:
+        raise ModelLoadError(f"{len(stray)} low-bit tensors in {folder} have no {scale} beside them, e.g. {stray[:3]}")
+
+
 def _fp8_tiles(block: int, state: dict[str, Tensor], dtype: torch.dtype, folder: Path | str) -> dict[str, Builder]:
     """Each E4M3 ``weight`` beside its float32 ``weight_scale_inv`` (one per tile)."""
     from .fp8_block import FP8BlockLinear
@@ -102,11 +120,7 @@ def _fp8_tiles(block: int, state: dict[str, Tensor], dtype: torch.dtype, folder:
     built: dict[str, Builder] = {}
     for key in [k for k in state if k.endswith(".weight_scale_inv")]:
         name, scale = key.removesuffix(".weight_scale_inv"), state.pop(key)
-        codes = state.pop(f"{name}.weight", None)
-        if codes is None or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
-            raise ModelLoadError(f"{key} in {folder} scales no 2-D E4M3 weight ({name}.weight: "
-                                 f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
-        _refuse_embeddings(name, "FP8", folder)
+        codes = _e4m3_weight(state, name, key, folder)
         shape = (-(-codes.shape[0] // block), -(-codes.shape[1] // block))
         if tuple(scale.shape) != shape:
             raise ModelLoadError(f"{key} in {folder} has shape {tuple(scale.shape)}; the tiles of {block} x {block} "
@@ -116,9 +130,7 @@ def _fp8_tiles(block: int, state: dict[str, Tensor], dtype: torch.dtype, folder:
     if not built:
         raise ModelLoadError(f"config.json in {folder} declares fine-grained FP8, and no weight there has a "
                              "weight_scale_inv")
-    stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
-    if stray:
-        raise ModelLoadError(f"{len(stray)} E4M3 tensors in {folder} have no weight_scale_inv, e.g. {stray[:3]}")
+    _refuse_unscaled(state, "weight_scale_inv", folder)
     return built
 
 
@@ -130,11 +142,7 @@ def _fbgemm_rows(bound: float, state: dict[str, Tensor], dtype: torch.dtype,
     built: dict[str, Builder] = {}
     for key in [k for k in state if k.endswith(".weight_scale")]:
         name, scale = key.removesuffix(".weight_scale"), state.pop(key)
-        codes = state.pop(f"{name}.weight", None)
-        if codes is None or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
-            raise ModelLoadError(f"{key} in {folder} scales no 2-D E4M3 weight ({name}.weight: "
-                                 f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
-        _refuse_embeddings(name, "FP8", folder)
+        codes = _e4m3_weight(state, name, key, folder)
         if not scale.is_floating_point() or tuple(scale.shape) not in ((codes.shape[0], 1), (codes.shape[0],)):
             raise ModelLoadError(f"{key} in {folder} is {tuple(scale.shape)} {scale.dtype}; Meta's FP8 has one scale "
                                  f"per output row of the {tuple(codes.shape)} weight: ({codes.shape[0]}, 1)")
@@ -142,9 +150,7 @@ def _fbgemm_rows(bound: float, state: dict[str, Tensor], dtype: torch.dtype,
                                  FP8RowwiseLinear(codes, scale.reshape(-1), bias, bound, dtype))
     if not built:
         raise ModelLoadError(f"config.json in {folder} declares fbgemm_fp8, and no weight there has a weight_scale")
-    stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
-    if stray:
-        raise ModelLoadError(f"{len(stray)} E4M3 tensors in {folder} have no weight_scale, e.g. {stray[:3]}")
+    _refuse_unscaled(state, "weight_scale", folder)
     return built
 
 
@@ -217,10 +223,7 @@ def _modelopt(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, fo
                              "has a weight_scale")
     if cfg.modelopt_fp8_kv:
         built.update(_modelopt_kv_scales(state, built, folder))
-    stray = [k for k, v in state.items() if v.dtype in (torch.float8_e4m3fn, torch.uint8)]
-    if stray:
-        raise ModelLoadError(f"{len(stray)} low-bit tensors in {folder} have no weight_scale beside them, e.g. "
-                             f"{stray[:3]}")
+    _refuse_unscaled(state, "weight_scale", folder, (torch.float8_e4m3fn, torch.uint8))
     return built
 
 
@@ -324,11 +327,7 @@ def _modelopt_fp8(state: dict[str, Tensor], dtype: torch.dtype, folder: Path | s
     for key in [k for k in state if k.endswith(".weight_scale")]:
         name = key.removesuffix(".weight_scale")
         weight_scale, input_scale = state.pop(key), state.pop(f"{name}.input_scale", None)
-        codes = state.pop(f"{name}.weight", None)
-        if codes is None or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
-            raise ModelLoadError(f"{key} in {folder} scales no 2-D E4M3 weight ({name}.weight: "
-                                 f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
-        _refuse_embeddings(name, "FP8", folder)
+        codes = _e4m3_weight(state, name, key, folder)
         if input_scale is None or weight_scale.numel() != 1 or input_scale.numel() != 1:
             raise ModelLoadError(
                 f"{name} in {folder} has weight_scale {tuple(weight_scale.shape)} and input_scale "
