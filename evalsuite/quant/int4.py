@@ -181,7 +181,7 @@ class Int4WeightOnlyLinear(nn.Module):
     @staticmethod
     def fused(mods: list["Int4WeightOnlyLinear"]) -> "FusedInt4 | None":
         """One product for projections that read one input (q/k/v, gate/up), when none has an AWQ
-        pre-scale (each would divide the input by its own) and they agree on layout and path."""
+        pre-quant scale (each would multiply the input by its own) and they agree on layout and path."""
         first = mods[0]
         same = all(type(m) is Int4WeightOnlyLinear and m.pre_quant_scale is None and
                    (m.in_features, m.block_size, m.use_kernel, m.kernel_max_rows, m.weight.dtype,
