@@ -194,6 +194,33 @@ def test_packing_is_autoawqs():
     assert torch.equal(awq_pack(awq_unpack(packed.qzeros)), packed.qzeros)
 
 
+def test_the_recipes_quantized_projection_is_autoawqs_gemm_module():
+    """int4-awq-asym's last step, on weights already scaled and clipped, is AutoAWQ's: its
+    quantizer (float32, as its float32 models run it) and WQLinear_GEMM.from_linear, which stores
+    FP16 scales and recomputes the codes against them, hold the codes, zero points and scales of
+    the recipe's projection, and so its weights."""
+    from awq.modules.linear.gemm import WQLinear_GEMM
+
+    from evalsuite.quant.configs import Int4AutoAWQConfig
+    from evalsuite.quant.int4 import int4_asym_quantize
+    from evalsuite.quant.int4_awq_asym import quantized_linear
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(128, 64, bias=False)
+    w = torch.randn(64, 128) * torch.rand(64, 1) + torch.randn(64, 1) * 0.3  # rows of many ranges and offsets
+    quantizer = AwqQuantizer.__new__(AwqQuantizer)
+    quantizer.w_bit, quantizer.group_size, quantizer.zero_point = 4, 32, True
+    linear.weight.data, scales, zeros = quantizer.pseudo_quantize_tensor(w.clone())
+    packed = WQLinear_GEMM.from_linear(linear, 4, 32, scales=scales.t().contiguous(), zeros=zeros.t().contiguous())
+    ((q, z, s, weight),) = _autoawq_decode({"p.qweight": packed.qweight, "p.qzeros": packed.qzeros,
+                                            "p.scales": packed.scales}, 32).values()
+    ours = quantized_linear(w, None, torch.float32, Int4AutoAWQConfig(block_size=32, kernel="off"))
+    assert torch.equal(ours.codes.long() + 8, q.long()) and torch.equal(ours.zero_point.long(), z.long())
+    assert s.dtype == torch.float16 and torch.equal(ours.scale, s.float())
+    assert torch.equal(ours.weight, weight)
+    assert not torch.equal(int4_asym_quantize(w, 32)[1], s.float())  # the FP16 rounding is not a no-op here
+
+
 def test_a_published_autoawq_checkpoint_runs_as_published(autoawq_checkpoint):
     """AutoAWQ's own checkpoint, loaded with int4-awq-asym: its codes, zero points and FP16 scales
     are the model's (nothing quantized again), so the logits are transformers' on the weights
@@ -288,12 +315,13 @@ def test_quantize_format_hf_writes_autoawqs_gemm_form(autoawq_checkpoint, tmp_pa
     for name, (q, z, s, _weight) in _autoawq_decode(state, 32).items():
         m = ours.model.get_submodule(name)
         assert torch.equal(m.codes.long() + 8, q.long()) and torch.equal(m.zero_point.long(), z.long()), name
-        assert s.dtype == torch.float16 and torch.equal(s, m.scale.half()), name
+        assert s.dtype == torch.float16 and torch.equal(s.float(), m.scale), name  # the recipe's FP16 scales
     published, _ = load_model_and_recipe(str(out), "int4-awq-asym", "float32", {"block_size": 32, "kernel": "off"})
     tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = _transformers_on(plain, state, 32)(tokens).logits
-    assert (published.model(tokens) - want).abs().max() <= 1e-4
+        assert (published.model(tokens) - want).abs().max() <= 1e-4
+        assert torch.equal(published.model(tokens), ours.model(tokens))  # the export is the recipe's model
 
 
 def test_quantize_format_hf_refuses_groups_the_inputs_do_not_hold_before_loading(tiny_dir, tmp_path, monkeypatch,

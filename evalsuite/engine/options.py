@@ -49,8 +49,9 @@ def check_device(device: str | None) -> None:
 # transformers does (2026-11-29); 2: until static per-tensor scales (fp8-modelopt's, nvfp4's) were
 # held in float32, as checkpoints and kernels hold them (2026-11-29); 3: until int4-awq multiplied
 # its inputs by the pre-quant scale p in the model's dtype, as Model Optimizer and its deployed
-# kernels do, instead of dividing by s = 1/p (2026-11-29); 4: since.
-NUMERICS_VERSION = 4
+# kernels do, instead of dividing by s = 1/p (2026-11-29); 4: until int4-awq-asym held its block
+# scales in FP16, as AutoAWQ's checkpoints and kernels hold them (2026-11-29); 5: since.
+NUMERICS_VERSION = 5
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

@@ -84,7 +84,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     ``weight_scale`` [out, 1], ``activation_scale_ub`` and ``modules_to_not_convert`` (every other
     linear) in config.json;
     int4-awq-asym: AutoAWQ's GEMM form, ``qweight`` and ``qzeros`` packed eight to an int32 and
-    FP16 ``scales`` (the engine's codes and zero points, its float32 scales rounded to FP16);
+    FP16 ``scales`` (the recipe's codes, zero points and scales, which are FP16 values);
     fp8-modelopt: Model Optimizer's HF export, each projection's E4M3 ``weight`` with scalar
     ``weight_scale`` and ``input_scale`` (one per q/k/v and gate/up group, the largest, as its
     export writes them), ``k_proj.k_scale`` and ``v_proj.v_scale``, and hf_quant_config.json;

@@ -23,7 +23,11 @@ Layer by layer, on inputs that the unquantized model produces (as AutoAWQ's quan
 3. Clip search for every projection but q and k (their errors pass through q·kᵀ): per output row
    and block, the clip max|w|·(1 - i/20) for i = 0..9 with the least mean squared error of that
    block's partial products on up to 512 calibration tokens (inputs divided by s as well).
-4. Zero-point INT4 quantization, blocks of 128 (see ``int4``).
+4. Zero-point INT4 quantization, blocks of 128 (see ``int4``), with the block scales rounded to
+   FP16 after the codes and zero points are found: AutoAWQ's GEMM form stores FP16 scales
+   (``WQLinear_GEMM.from_linear``), which every AWQ kernel reads. from_linear recomputes the codes
+   against them, round(((q - z)·s + z·s) / s16) = round(q·s / s16), which gives q back: for every
+   scale above FP16's smallest normal value (6.1e-5) s16 is within a relative 2^-11 of s, and q ≤ 15.
 """
 
 from __future__ import annotations
@@ -279,9 +283,15 @@ def apply_autoawq(lm: LoadedModel, config: Int4AutoAWQConfig) -> None:
                 limit = mine[f"{name}.clip"].repeat_interleave(config.block_size, dim=1)[:, :w.shape[1]]
                 w = torch.clamp(w, -limit, limit)
             linear = layer.get_submodule(name)
-            codes, scale, zero = int4_asym_quantize(w, config.block_size)
-            bias = None if linear.bias is None else linear.bias.detach()
             parent, attr = name.rsplit(".", 1)
-            setattr(layer.get_submodule(parent), attr, Int4WeightOnlyLinear(
-                codes, scale, w.shape[1], config.block_size, bias, None, linear.weight.dtype,
-                use_kernel=config.kernel != "off", zero_point=zero, kernel_max_rows=INT4_KERNEL_MODES[config.kernel]))
+            setattr(layer.get_submodule(parent), attr, quantized_linear(w, linear.bias, linear.weight.dtype, config))
+
+
+def quantized_linear(w: Tensor, bias: Tensor | None, dtype: torch.dtype,
+                     config: Int4AutoAWQConfig) -> Int4WeightOnlyLinear:
+    """The projection AutoAWQ's GEMM form holds for float32 weights ``w`` (scaled and clipped):
+    zero-point codes and FP16 block scales (step 4 of the module's docstring)."""
+    codes, scale, zero = int4_asym_quantize(w, config.block_size)
+    return Int4WeightOnlyLinear(codes, scale.half().float(), w.shape[1], config.block_size,
+                                None if bias is None else bias.detach(), None, dtype, use_kernel=config.kernel != "off",
+                                zero_point=zero, kernel_max_rows=INT4_KERNEL_MODES[config.kernel])
