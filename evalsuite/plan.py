@@ -50,7 +50,7 @@ GPUS = {
     "a100-40gb": GPU(40.0, (8, 0)), "a100-80gb": GPU(80.0, (8, 0)), "l40s": GPU(48.0, (8, 9)),
     "h100": GPU(80.0, (9, 0)), "h200": GPU(141.0, (9, 0)), "b200": GPU(180.0, (10, 0)),
 }
-PLAN_RECIPES = ("bf16", "fp8-official", "fp8-modelopt", "fp8-block", "nvfp4", "int4-awq", "int4-rtn",
+PLAN_RECIPES = ("bf16", "fp8-official", "fp8-dynamic", "fp8-modelopt", "fp8-block", "nvfp4", "int4-awq", "int4-rtn",
                 "int4-awq-asym")
 NVFP4_BLOCK = 16
 FP8_BLOCK = 128
@@ -109,7 +109,7 @@ PRESCALED = ("self_attn.o_proj", "down_proj")  # an expert's down_proj too
 
 def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> int:
     """Bytes of one quantized projection's weight and scales (its bias, if any, stays BF16)."""
-    if recipe == "fp8-official":
+    if recipe in ("fp8-official", "fp8-dynamic"):  # a float32 scale per output row, as the kernels hold it
         return out * inp + 4 * out
     if recipe == "fp8-modelopt":
         return out * inp + 4 + 4

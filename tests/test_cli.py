@@ -22,7 +22,8 @@ def test_run_mmlu_on_folder_model(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["run", "mmlu", "--recipe", "fp9"], "unknown recipe 'fp9'; valid: bf16, fp8-block, fp8-modelopt, fp8-official"),
+    (["run", "mmlu", "--recipe", "fp9"],
+     "unknown recipe 'fp9'; valid: bf16, fp8-block, fp8-dynamic, fp8-modelopt, fp8-official"),
     (["run", "nope"], "unknown task 'nope'; valid: mmlu"),
     (["run", "mmlu", "--model", "nope"], "unknown model 'nope'"),
     (["run", "mmlu", "--dtype", "int3"], "unknown dtype 'int3'; valid: bfloat16"),
@@ -140,8 +141,8 @@ BAD_ARGUMENTS = [
     (["report", "../r", "no-such-run", "other"], 2, "report name '../r': valid: a folder name"),
     (["quantize", "--output", "a-file"], 2, "--output a-file: a file is there"),
     (["quantize", "--recipe", "int4-rtn", "--format", "hf", "--output", "x"], 2,
-     "--format hf: recipe 'int4-rtn' has no HF export here; valid: fp8-block, fp8-modelopt, fp8-official, int4-awq, "
-     "int4-awq-asym, nvfp4"),
+     "--format hf: recipe 'int4-rtn' has no HF export here; valid: fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, "
+     "int4-awq, int4-awq-asym, nvfp4"),
     (["quantize", "--output", "a-folder"], 2, "--output a-folder: the folder holds files that are no quantized"),
     (["runs", "--index", "no-such-dir/index.sqlite"], 2, "--index no-such-dir/index.sqlite: no run index there"),
     (["compare", "no-such-run", "other"], 3, "'no-such-run' is neither a run folder"),
@@ -153,7 +154,7 @@ BAD_ARGUMENTS = [
     (["quantize", "--model", "no-tokenizer", "--recipe", "int4-awq", "--output", "q"], 2,
      "recipe 'int4-awq' calibrates on text, and no-tokenizer holds no tokenizer (none of tokenizer.json, "
      "tokenizer.model, tokenizer_config.json); valid: a model folder with its tokenizer's files, or a recipe that "
-     "does not calibrate: bf16, fp8-block, fp8-official, int4-rtn"),
+     "does not calibrate: bf16, fp8-block, fp8-dynamic, fp8-official, int4-rtn"),
     (["run", "perplexity", "--model", "no-tokenizer"], 2, "no-tokenizer holds no tokenizer (none of tokenizer.json"),
     (["run", "--harness", "lm-eval", "--task", "mmlu", "--model", "no-tokenizer"], 2,
      "no-tokenizer holds no tokenizer (none of tokenizer.json"),

@@ -58,13 +58,14 @@ FAMILIES = {  # each family's own code: its RoPE tables, embedding scale, window
     "gemma3": lambda: conftest.tiny_gemma3(), "olmo3": lambda: conftest.tiny_olmo("olmo3"),
     "gpt_oss": lambda: conftest.tiny_gpt_oss(), "qwen3_moe": lambda: conftest.tiny_moe("qwen3_moe"),
     "smollm3": lambda: conftest.tiny_smollm3(window=8), "granite": lambda: conftest.tiny_granite(),
-    "mixtral": lambda: conftest.tiny_moe("mixtral", window=8),
+    "mixtral": lambda: conftest.tiny_moe("mixtral", window=8), "qwen2_moe": lambda: conftest.tiny_moe("qwen2_moe"),
 }
 
 
 @pytest.mark.parametrize("family, recipe", [
     ("gemma3", "int4-awq-asym"), ("olmo3", "int4-awq"), ("gpt_oss", "fp8-modelopt"), ("qwen3_moe", "int4-awq-asym"),
     ("smollm3", "nvfp4"), ("granite", "fp8-official"), ("phi3-longrope", "int4-awq"), ("mixtral", "fp8-block"),
+    ("qwen2_moe", "fp8-dynamic"),
 ])
 def test_each_family_and_recipe_make_their_tensors_on_the_models_device(family, recipe, longrope, calib_file,
                                                                          tmp_path, monkeypatch):
@@ -113,6 +114,7 @@ def test_bad_device_fails_before_any_model_loads(device, message, capsys, monkey
     ("int4-rtn", {"kernel": "auto"}, "INT4 packed kernel (_weight_int4pack_mm) for <= 4 rows, dequantized GEMM above"),
     pytest.param("fp8-official", {"kernel": "scaled_mm"}, "FP8 torch._scaled_mm", marks=needs_cpu_rowwise_scaled_mm),
     ("fp8-official", {}, "FP8 simulated: E4M3 values dequantized, "),
+    pytest.param("fp8-dynamic", {"kernel": "scaled_mm"}, "FP8 torch._scaled_mm", marks=needs_cpu_rowwise_scaled_mm),
 ])
 def test_run_record_states_the_device_and_kernel_path(tiny_dir, recipe, config, path):
     from evalsuite.backends.engine import EngineBackend

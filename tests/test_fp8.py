@@ -127,7 +127,7 @@ def test_fp8_official_layer_selection(tiny_dir):
 
 
 def test_unknown_recipe_lists_valid():
-    with pytest.raises(KeyError, match="valid: bf16, fp8-block, fp8-modelopt, fp8-official"):
+    with pytest.raises(KeyError, match="valid: bf16, fp8-block, fp8-dynamic, fp8-modelopt, fp8-official"):
         get_recipe("fp8")
 
 

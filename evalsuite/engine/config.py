@@ -146,6 +146,10 @@ class ModelConfig:
     # float32 scale per output row, inputs quantized per token at run time with scales bounded by
     # activation_scale_ub), which loads as published (recipe fp8-official): that bound
     fbgemm_fp8_ub: float | None = None
+    # a checkpoint in llm-compressor's FP8_DYNAMIC form (quant_method compressed-tensors, format
+    # float-quantized; Red Hat's *-FP8-dynamic: E4M3 weights with a scale per output channel, inputs
+    # quantized per token at run time, unbounded), which loads as published (recipe fp8-dynamic)
+    compressed_fp8: bool = False
     # a Model Optimizer checkpoint (quant_method modelopt, in config.json or hf_quant_config.json),
     # which loads as published: its quant_algo (MODELOPT_RECIPES: FP8 -> fp8-modelopt, NVFP4 ->
     # nvfp4, W4A16_AWQ -> int4-awq), W4A16_AWQ's group size, and whether its KV cache is FP8 (K and
@@ -213,6 +217,8 @@ class ModelConfig:
             return "int4-awq-asym"
         if self.fbgemm_fp8_ub is not None:
             return "fp8-official"
+        if self.compressed_fp8:
+            return "fp8-dynamic"
         return MODELOPT_RECIPES.get(self.modelopt)
 
     def layer_moe(self, layer: int) -> bool:
@@ -305,8 +311,8 @@ class ModelConfig:
                              ("swiglu_limit", None), ("swiglu_alpha", None), ("mlp_bias", False),
                              ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None),
                              ("rope_layers", None), ("fp8_block", None), ("awq_group", None),
-                             ("fbgemm_fp8_ub", None), ("modelopt", None), ("modelopt_group", None),
-                             ("modelopt_fp8_kv", False)):
+                             ("fbgemm_fp8_ub", None), ("compressed_fp8", False), ("modelopt", None),
+                             ("modelopt_group", None), ("modelopt_fp8_kv", False)):
             if d[key] == neutral:
                 del d[key]
         return d
@@ -350,15 +356,17 @@ class ModelConfig:
         fp8_block = _fp8_block(quant) if method == "fp8" else None
         awq_group = _awq_gemm(quant) if method == "awq" else None
         fbgemm_fp8_ub = _fbgemm_fp8(quant) if method == "fbgemm_fp8" else None
+        compressed_fp8 = _compressed_fp8(quant) if method == "compressed-tensors" else False
         modelopt, modelopt_group, modelopt_fp8_kv = _modelopt(quant) if method == "modelopt" else (None, None, False)
         published = fp8_block is not None or awq_group is not None or fbgemm_fp8_ub is not None or \
-            modelopt is not None
+            compressed_fp8 or modelopt is not None
         if quant and not published and not (model_type == "gpt_oss" and method == "mxfp4"):
             # its low-bit tensors and their scales would be read as plain weights
             raise UnsupportedModelError(
                 f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
                 "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form, Meta's FP8 "
-                "(fbgemm_fp8) and Model Optimizer's FP8, NVFP4 and INT4 AWQ, "
+                "(fbgemm_fp8), llm-compressor's FP8_DYNAMIC (compressed-tensors) and Model Optimizer's FP8, NVFP4 "
+                "and INT4 AWQ, "
                 "and quantizes with --recipe: load the unquantized "
                 "model, or evaluate this checkpoint where a server runs it (--base-url)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -496,6 +504,7 @@ class ModelConfig:
             fp8_block=fp8_block,
             awq_group=awq_group,
             fbgemm_fp8_ub=fbgemm_fp8_ub,
+            compressed_fp8=compressed_fp8,
             modelopt=modelopt,
             modelopt_group=modelopt_group,
             modelopt_fp8_kv=modelopt_fp8_kv,
@@ -618,6 +627,54 @@ def _fbgemm_fp8(quant: dict[str, Any]) -> float:
         raise UnsupportedModelError(f"config.json: an fbgemm_fp8 checkpoint with activation_scale_ub {ub!r}; valid: "
                                     "a number > 0 (Meta's checkpoints hold 1200.0)")
     return float(ub)
+
+
+# llm-compressor's FP8_DYNAMIC scheme as compressed-tensors writes it: the settings that differ
+# from these are named when a checkpoint is refused
+COMPRESSED_FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
+                          "group_size": None}
+COMPRESSED_FP8_INPUTS = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True,
+                         "group_size": None}
+
+
+def _compressed_fp8(quant: dict[str, Any]) -> bool:
+    """A compressed-tensors checkpoint (``quant_method: compressed-tensors``) loads as published in
+    llm-compressor's FP8_DYNAMIC form: format float-quantized, one config group targeting Linear,
+    weights E4M3 per output channel, inputs E4M3 per token (dynamic), no KV cache scheme. Another
+    scheme (INT8, W4A16, static or per-tensor FP8, FP8 KV cache, several groups) is refused,
+    naming what differs."""
+    groups = quant.get("config_groups") or {}
+    differs = []
+    if quant.get("format") != "float-quantized":
+        differs.append(f"format {quant.get('format')!r}")
+    if quant.get("kv_cache_scheme") is not None:
+        differs.append(f"kv_cache_scheme {quant.get('kv_cache_scheme')!r}")
+    if len(groups) != 1:
+        differs.append(f"{len(groups)} config groups")
+    for group in list(groups.values())[:1]:
+        group = group if isinstance(group, dict) else {}
+        if group.get("targets") != ["Linear"]:
+            differs.append(f"targets {group.get('targets')!r}")
+        if group.get("format", "float-quantized") != "float-quantized":
+            differs.append(f"group format {group.get('format')!r}")
+        if group.get("output_activations") is not None:
+            differs.append("output_activations quantized")
+        for part, want in (("weights", COMPRESSED_FP8_WEIGHTS), ("input_activations", COMPRESSED_FP8_INPUTS)):
+            args = group.get(part)
+            if not isinstance(args, dict):
+                differs.append(f"{part} {args!r}")
+                continue
+            differs += [f"{part} {k} {args.get(k, v)!r}" for k, v in want.items() if args.get(k, v) != v]
+            if args.get("block_structure") is not None:
+                differs.append(f"{part} block_structure {args['block_structure']!r}")
+    if differs:
+        raise UnsupportedModelError(
+            f"config.json: a compressed-tensors checkpoint with {', '.join(differs)}; the engine loads "
+            "llm-compressor's FP8_DYNAMIC (format float-quantized, no KV cache scheme, one config group targeting "
+            "Linear: weights 8-bit float per channel, static; input_activations 8-bit float per token, dynamic) "
+            "with --recipe fp8-dynamic: load the unquantized model and name the recipe, or evaluate this checkpoint "
+            "where a server runs it (--base-url)")
+    return True
 
 
 def _modelopt(quant: dict[str, Any]) -> tuple[str, int | None, bool]:

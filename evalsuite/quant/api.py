@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .configs import (
     FP8BlockConfig,
+    FP8DynamicConfig,
     FP8ModelOptConfig,
     FP8OfficialConfig,
     Int4AutoAWQConfig,
@@ -108,7 +109,7 @@ def module_types() -> dict[str, type]:
 
 # recipes whose quantized model ``quantize --format hf`` writes as their published checkpoints are
 # written (checkpoint.save_hf), for the engines that serve those
-HF_EXPORTS = ("fp8-block", "fp8-modelopt", "fp8-official", "int4-awq", "int4-awq-asym", "nvfp4")
+HF_EXPORTS = ("fp8-block", "fp8-dynamic", "fp8-modelopt", "fp8-official", "int4-awq", "int4-awq-asym", "nvfp4")
 
 
 def check_hf_export(recipe: str) -> None:
@@ -209,7 +210,8 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     gate/up scale into the norm before them, which OLMo's layer does not have.
     A published low-bit checkpoint runs as published, with the recipe of its form and its block:
     fine-grained FP8 as fp8-block, AutoAWQ's GEMM form as int4-awq-asym, Meta's FP8 (fbgemm_fp8) as
-    fp8-official with the checkpoint's activation_scale_ub, Model Optimizer's forms as
+    fp8-official with the checkpoint's activation_scale_ub, llm-compressor's FP8_DYNAMIC as
+    fp8-dynamic, Model Optimizer's forms as
     its recipes here with the settings that form holds (``_modelopt_misfit``)."""
     if cfg.modelopt is not None:
         return _modelopt_misfit(config, cfg)
@@ -222,6 +224,12 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
         if config.activation_scale_ub != cfg.fbgemm_fp8_ub:
             return (f"activation_scale_ub={config.activation_scale_ub:g}, and the checkpoint's input scales are "
                     f"bounded by {cfg.fbgemm_fp8_ub:g}; valid: activation_scale_ub={cfg.fbgemm_fp8_ub:g}")
+        return None
+    if cfg.compressed_fp8:
+        if not isinstance(config, FP8DynamicConfig):
+            return ("the checkpoint is published in compressed-tensors' FP8_DYNAMIC form (llm-compressor: E4M3 weights "
+                    "with a scale per output channel, inputs per token), which runs as published (--recipe "
+                    "fp8-dynamic); load the unquantized model for other recipes")
         return None
     if cfg.awq_group is not None:
         if not isinstance(config, Int4AutoAWQConfig):
@@ -334,6 +342,12 @@ register(Recipe(
     "Meta Llama 3.1 FP8 (fbgemm_fp8): FFN weights row-wise E4M3, activations per token dynamic "
     "(scale bound 1200), not in the first and last layers; attention, embeddings, lm_head, KV cache BF16",
     FP8OfficialConfig()))
+register(Recipe(
+    "fp8-dynamic",
+    "llm-compressor FP8_DYNAMIC (compressed-tensors, Red Hat's *-FP8-dynamic checkpoints): all linears but "
+    "lm_head with E4M3 weights and a static scale per output channel, inputs quantized per token at run time "
+    "(dynamic, unbounded, no calibration); KV cache and attention in the activation dtype",
+    FP8DynamicConfig()))
 register(Recipe(
     "fp8-modelopt",
     "NVIDIA Model Optimizer FP8: all linears but lm_head with static per-tensor E4M3 weight and input "

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..assets import file_sha256
+from ..engine.config import COMPRESSED_FP8_INPUTS, COMPRESSED_FP8_WEIGHTS
 from ..engine.load import (
     LoadedModel,
     ModelInfo,
@@ -83,6 +84,9 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     fp8-official: Meta's FP8 (fbgemm_fp8), each FFN projection's E4M3 ``weight`` beside its float32
     ``weight_scale`` [out, 1], ``activation_scale_ub`` and ``modules_to_not_convert`` (every other
     linear) in config.json;
+    fp8-dynamic: llm-compressor's FP8_DYNAMIC as compressed-tensors writes it (format
+    float-quantized), each projection's E4M3 ``weight`` beside its ``weight_scale`` [out, 1] in the
+    model's dtype, the linears left unquantized in ``ignore``;
     int4-awq-asym: AutoAWQ's GEMM form, ``qweight`` and ``qzeros`` packed eight to an int32 and
     FP16 ``scales`` (the recipe's codes, zero points and scales, which are FP16 values);
     fp8-modelopt: Model Optimizer's HF export, each projection's E4M3 ``weight`` with scalar
@@ -200,6 +204,18 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
     if recipe == "fp8-official":  # what transformers' FbgemmFp8Config writes, as Meta's *-FP8 configs hold it
         return {"quant_method": "fbgemm_fp8", "activation_scale_ub": config["activation_scale_ub"],
                 "modules_to_not_convert": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)}, None
+    if recipe == "fp8-dynamic":  # what compressed-tensors' float-quantized compressor writes for FP8_DYNAMIC
+        dtype = model.model.embed_tokens.weight.dtype  # its scales are the weights' dtype, where the recipe's are exact
+        for key in [k for k in tensors if k.endswith(".weight_scale")]:
+            tensors[key] = tensors[key].to(dtype)
+        weights, inputs = (dict(COMPRESSED_FP8_WEIGHTS), dict(COMPRESSED_FP8_INPUTS))
+        group = {"format": "float-quantized", "input_activations": inputs, "output_activations": None,
+                 "targets": ["Linear"], "weights": weights}
+        return {"config_groups": {"group_0": group}, "format": "float-quantized", "global_compression_ratio": None,
+                "ignore": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
+                "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
+                "quantization_status": "compressed",
+                "sparsity_config": {}, "transform_config": {}}, None
     if recipe == "int4-awq-asym":  # what AutoAWQ writes (its Mixtral keeps the routers, "gate", unquantized)
         return {"quant_method": "awq", "zero_point": True, "group_size": config["block_size"], "bits": 4,
                 "version": "gemm",

@@ -74,6 +74,18 @@ class FP8OfficialConfig:
 
 
 @dataclass(frozen=True)
+class FP8DynamicConfig:
+    """llm-compressor's FP8_DYNAMIC scheme (compressed-tensors; Red Hat's *-FP8-dynamic models):
+    every linear but lm_head (and a mixture's routers) with E4M3 weights and a static scale per
+    output channel, inputs quantized per token at run time without a bound."""
+
+    kernel: str = "off"  # off: simulated in BF16 (the reference); scaled_mm: torch._scaled_mm where it runs
+
+    def __post_init__(self) -> None:
+        check_fp8_kernel(self.kernel)
+
+
+@dataclass(frozen=True)
 class FP8ModelOptConfig:
     """Model Optimizer FP8: every linear but lm_head; FP8 KV cache; static FP8 attention inputs.
 

@@ -1,6 +1,6 @@
-"""FP8 E4M3 numerics and two FP8 recipes, simulated in BF16: Meta's official Llama 3.1 recipe
-(fbgemm_fp8) and NVIDIA Model Optimizer's (static per-tensor scales, FP8 KV cache, static FP8
-attention).
+"""FP8 E4M3 numerics and three FP8 recipes, simulated in BF16: Meta's official Llama 3.1 recipe
+(fbgemm_fp8), llm-compressor's FP8_DYNAMIC (the same row-wise product on every linear, unbounded)
+and NVIDIA Model Optimizer's (static per-tensor scales, FP8 KV cache, static FP8 attention).
 
 E4M3: largest finite value 448, round to nearest even, subnormals down to 2^-9. Values are always
 clamped to ±448 before the cast: torch's cast of out-of-range values differs between versions and
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import struct
 import warnings
 
@@ -28,7 +29,7 @@ from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, SparseMoE
 from .api import handler, placement, register_module
 from .calibrate import calibrate, projections, shared_input_groups
-from .configs import FP8ModelOptConfig, FP8OfficialConfig
+from .configs import FP8DynamicConfig, FP8ModelOptConfig, FP8OfficialConfig
 
 E4M3_MAX = 448.0
 # fbgemm's floor on a per-token scale, so an all-zero (or tiny) token never divides by zero.
@@ -275,6 +276,56 @@ def _check_published_rows(model: CausalLM, config: FP8OfficialConfig) -> None:
         f"not the FFN projections of the layers skip_first_and_last_layers={skip} quantizes; valid: "
         + (f"--recipe-config skip_first_and_last_layers={other_skip}" if fits
            else "none (evaluate this checkpoint where a server runs it, --base-url)"))
+
+
+def channel_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """llm-compressor's FP8 weight per output channel, in compressed-tensors' arithmetic (its
+    ``calculate_qparams`` and ``quantize``): scale = row absmax / 448 in the weight's dtype (an
+    all-zero row takes that dtype's eps), codes = E4M3(w / scale) with the quotient rounded to the
+    weight's dtype first, as its division of two such tensors rounds. Returns the E4M3 codes and
+    the scales [out, 1] in the weight's dtype, the tensors its checkpoints hold."""
+    w = w.detach()
+    scale = (w.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).to(w.dtype)
+    scale = torch.where(scale == 0, torch.finfo(w.dtype).eps, scale)
+    codes = (w.float() / scale.float()).to(w.dtype).float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+@handler(FP8DynamicConfig)
+@torch.no_grad()
+def apply_fp8_dynamic(lm: LoadedModel, config: FP8DynamicConfig) -> None:
+    """Every projection row-wise FP8 with unbounded per-token inputs, as vLLM runs llm-compressor's
+    FP8_DYNAMIC checkpoints (per-token scales in float32, floored at 1 / (448 · 512)); a checkpoint
+    published in that form loaded as it is, if its FP8 projections are the recipe's."""
+    model = lm.model
+    if model.config.compressed_fp8:
+        _check_published_scope(model)
+    else:
+        for parent, attr, _name in projections(model):
+            linear = getattr(parent, attr)
+            codes, scale = channel_weight(linear.weight)
+            bias = None if linear.bias is None else linear.bias.detach()
+            setattr(parent, attr, FP8RowwiseLinear(codes, scale.float().view(-1), bias, math.inf, linear.weight.dtype))
+    for m in model.modules():
+        if isinstance(m, FP8RowwiseLinear):
+            m.use_kernel = config.kernel == "scaled_mm"
+
+
+def _check_published_scope(model: CausalLM) -> None:
+    """A checkpoint in llm-compressor's FP8_DYNAMIC form runs as fp8-dynamic only where its FP8
+    projections are the recipe's (every linear but lm_head and a mixture's routers): its ignore
+    list may keep others out, and the run record would name a recipe the checkpoint is not."""
+    held = [n for n, m in model.named_modules() if isinstance(m, FP8RowwiseLinear)]
+    plain = [name for _parent, _attr, name in projections(model)]
+    kept = {id(model.lm_head)} | {id(getattr(m, r)) for m in model.modules() if isinstance(m, SparseMoE)
+                                  for r in SparseMoE.ROUTERS if isinstance(getattr(m, r, None), nn.Module)}
+    extra = [n for n in held if id(model.get_submodule(n)) in kept]
+    if plain or extra:
+        what = [f"leaves {', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''} unquantized"] if plain else []
+        what += [f"quantizes {', '.join(extra[:3])}"] if extra else []
+        raise ValueError(f"recipe 'fp8-dynamic': the checkpoint holds {len(held)} FP8 projections and "
+                         f"{' and '.join(what)}, where the recipe quantizes every linear but lm_head and a mixture's "
+                         "routers; valid: none (evaluate this checkpoint where a server runs it, --base-url)")
 
 
 @register_module

@@ -14,6 +14,10 @@ nothing is quantized again.
   holds it): an E4M3 ``weight`` with a float32 ``weight_scale`` [out, 1] per output row, inputs
   quantized per token at run time with scales bounded by config.json's ``activation_scale_ub``
       -> fp8-official's ``FP8RowwiseLinear``
+  llm-compressor's FP8_DYNAMIC (``quant_method: compressed-tensors``, format float-quantized; Red
+  Hat's *-FP8-dynamic): the same tensors, the ``weight_scale`` [out, 1] in the model's dtype, inputs
+  quantized per token without a bound
+      -> fp8-dynamic's ``FP8RowwiseLinear``
   Model Optimizer's checkpoints (``quant_method: modelopt``, in config.json or hf_quant_config.json),
   with K and V cache scales where their KV cache is FP8 (``k_proj.k_scale`` and ``v_proj.v_scale``,
   or ``self_attn.k_scale`` and ``v_scale``; -> ``FP8StaticQuantizer``):
@@ -35,6 +39,7 @@ forms (``awq_pack``, ``modelopt_int4_pack``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,7 +66,9 @@ def take(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, folder:
     if cfg.awq_group is not None:
         return _awq_gemm(cfg.awq_group, state, dtype, folder)
     if cfg.fbgemm_fp8_ub is not None:
-        return _fbgemm_rows(cfg.fbgemm_fp8_ub, state, dtype, folder)
+        return _fp8_rows(cfg.fbgemm_fp8_ub, "Meta's FP8 (fbgemm_fp8)", state, dtype, folder)
+    if cfg.compressed_fp8:
+        return _fp8_rows(math.inf, "llm-compressor's FP8_DYNAMIC", state, dtype, folder)
     if cfg.modelopt is not None:
         return _modelopt(cfg, state, dtype, folder)
     stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
@@ -134,9 +141,10 @@ def _fp8_tiles(block: int, state: dict[str, Tensor], dtype: torch.dtype, folder:
     return built
 
 
-def _fbgemm_rows(bound: float, state: dict[str, Tensor], dtype: torch.dtype,
-                 folder: Path | str) -> dict[str, Builder]:
-    """Each E4M3 ``weight`` beside its per-row ``weight_scale`` [out, 1]."""
+def _fp8_rows(bound: float, form: str, state: dict[str, Tensor], dtype: torch.dtype,
+              folder: Path | str) -> dict[str, Builder]:
+    """Each E4M3 ``weight`` beside its per-row ``weight_scale`` [out, 1]; inputs per token,
+    their scales bounded by ``bound``."""
     from .fp8 import FP8RowwiseLinear
 
     built: dict[str, Builder] = {}
@@ -144,12 +152,12 @@ def _fbgemm_rows(bound: float, state: dict[str, Tensor], dtype: torch.dtype,
         name, scale = key.removesuffix(".weight_scale"), state.pop(key)
         codes = _e4m3_weight(state, name, key, folder)
         if not scale.is_floating_point() or tuple(scale.shape) not in ((codes.shape[0], 1), (codes.shape[0],)):
-            raise ModelLoadError(f"{key} in {folder} is {tuple(scale.shape)} {scale.dtype}; Meta's FP8 has one scale "
+            raise ModelLoadError(f"{key} in {folder} is {tuple(scale.shape)} {scale.dtype}; {form} has one scale "
                                  f"per output row of the {tuple(codes.shape)} weight: ({codes.shape[0]}, 1)")
         built[name] = _replacing(name, tuple(codes.shape), folder, lambda bias, codes=codes, scale=scale.float():
                                  FP8RowwiseLinear(codes, scale.reshape(-1), bias, bound, dtype))
     if not built:
-        raise ModelLoadError(f"config.json in {folder} declares fbgemm_fp8, and no weight there has a weight_scale")
+        raise ModelLoadError(f"config.json in {folder} declares {form}, and no weight there has a weight_scale")
     _refuse_unscaled(state, "weight_scale", folder)
     return built
 
