@@ -24,7 +24,7 @@ import torch
 from evalsuite.cli import main
 from evalsuite.models import check_model_args, load_model_and_recipe
 
-from .conftest import on_meta_default
+from .conftest import fused_and_separate, needs_cpu_rowwise_scaled_mm, on_meta_default
 
 ct = pytest.importorskip("compressed_tensors")  # a pinned test dependency (scripts/reference.txt)
 
@@ -225,3 +225,28 @@ def test_a_checkpoint_that_leaves_other_projections_unquantized_is_refused_namin
     with pytest.raises(ValueError, match=rf"recipe 'fp8-dynamic': the checkpoint holds 20 FP8 projections.*"
                                          rf"{re.escape(name)} unquantized"):
         load_model_and_recipe(str(theirs), "fp8-dynamic", "float32")
+
+
+@pytest.mark.parametrize("recipe, kernel", [("fp8-dynamic", "off"), ("fp8-official", "off"),
+                                            pytest.param("fp8-dynamic", "scaled_mm", marks=needs_cpu_rowwise_scaled_mm)])
+def test_row_wise_projections_of_one_input_run_as_one_product(tiny_dir, recipe, kernel):
+    """q/k/v and gate/up with per-row scales run as one FP8 product each (the modules' tensors become
+    views of it; each token's input quantized once), and compute what the projections compute
+    apart: float32 logits equal to float32 rounding, and every token's prediction the same."""
+    from evalsuite.engine.load import load
+    from evalsuite.quant.api import apply_recipe
+    from evalsuite.quant.fp8 import FusedFP8Rows
+
+    lm = load(str(tiny_dir), "float32")
+    apply_recipe(lm, recipe, {"kernel": kernel})
+    attn, mlp = lm.model.model.layers[1].self_attn, lm.model.model.layers[1].mlp
+    assert isinstance(mlp._fused, FusedFP8Rows) and mlp.up_proj.weight_scale.data_ptr() != \
+        mlp.gate_proj.weight_scale.data_ptr()
+    assert mlp.up_proj.qweight.untyped_storage().data_ptr() == mlp._fused.inner.qweight.untyped_storage().data_ptr()
+    assert isinstance(attn._fused, FusedFP8Rows) == (recipe == "fp8-dynamic")  # fp8-official leaves attention BF16
+    assert mlp._fused.valid_for([mlp.gate_proj, mlp.up_proj])  # what the layer asks before it runs the fused product
+    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused, separate = fused_and_separate(lm.model, tokens)
+    assert (fused - separate).abs().max() <= 1e-4 * separate.abs().max()
+    assert torch.equal(fused.argmax(-1), separate.argmax(-1))

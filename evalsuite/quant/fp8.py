@@ -189,6 +189,16 @@ class FP8RowwiseLinear(_KernelSwitch, nn.Module):
         self.bias = bias
         self.activation_scale_ub = activation_scale_ub
 
+    @staticmethod
+    def fused(mods: list["FP8RowwiseLinear"]) -> "FusedFP8Rows | None":
+        """One GEMM for projections that read one input (q/k/v, gate/up), when they share the
+        input's bound and the kernel setting: each output row keeps its own scale, and each token's
+        input would be quantized alike for every one of them, so the product is the same."""
+        first = mods[0]
+        same = all(type(m) is FP8RowwiseLinear and (m.activation_scale_ub, m.use_kernel, m.bias is None) ==
+                   (first.activation_scale_ub, first.use_kernel, first.bias is None) for m in mods)
+        return FusedFP8Rows(mods) if same else None
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation_scale_ub: float) -> "FP8RowwiseLinear":
         w = linear.weight.detach()
@@ -220,6 +230,33 @@ class FP8RowwiseLinear(_KernelSwitch, nn.Module):
     def extra_repr(self) -> str:
         out, inp = self.qweight.shape
         return f"in_features={inp}, out_features={out}, activation_scale_ub={self.activation_scale_ub}"
+
+
+class FusedFP8Rows:
+    """Row-wise FP8 projections of one input as one FP8RowwiseLinear over their concatenated
+    weights and row scales (each token's input quantized once); the modules' tensors become views
+    of it. Valid while the model holds these modules with those weights and kernel setting."""
+
+    def __init__(self, mods: list[FP8RowwiseLinear]):
+        first = mods[0]
+        bias = None if first.bias is None else torch.cat([m.bias for m in mods])
+        self.inner = FP8RowwiseLinear(torch.cat([m.qweight for m in mods]), torch.cat([m.weight_scale for m in mods]),
+                                      bias, first.activation_scale_ub, first.act_dtype)
+        self.inner.use_kernel = first.kernel_asked
+        rows = [m.qweight.shape[0] for m in mods]
+        for name in ("qweight", "weight_scale") + (() if self.inner.use_kernel else ("qweight_f32",)):
+            for m, view in zip(mods, getattr(self.inner, name).split(rows)):
+                setattr(m, name, view)
+        self.mods = tuple(mods)
+        self.views = tuple(m.qweight for m in mods)
+
+    def valid_for(self, mods: list[nn.Module]) -> bool:
+        return len(mods) == len(self.mods) and all(
+            a is b and a.qweight is v and a.use_kernel == self.inner.use_kernel
+            for a, b, v in zip(mods, self.mods, self.views))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.inner(x)
 
 
 def _with_bias(tensors: dict[str, Tensor], bias: Tensor | None) -> dict[str, Tensor]:
