@@ -227,8 +227,10 @@ def test_a_checkpoint_that_leaves_other_projections_unquantized_is_refused_namin
         load_model_and_recipe(str(theirs), "fp8-dynamic", "float32")
 
 
-@pytest.mark.parametrize("recipe, kernel", [("fp8-dynamic", "off"), ("fp8-official", "off"),
-                                            pytest.param("fp8-dynamic", "scaled_mm", marks=needs_cpu_rowwise_scaled_mm)])
+@pytest.mark.parametrize("recipe, kernel", [
+    ("fp8-dynamic", "off"), ("fp8-official", "off"),
+    pytest.param("fp8-dynamic", "scaled_mm", marks=needs_cpu_rowwise_scaled_mm),
+])
 def test_row_wise_projections_of_one_input_run_as_one_product(tiny_dir, recipe, kernel):
     """q/k/v and gate/up with per-row scales run as one FP8 product each (the modules' tensors become
     views of it; each token's input quantized once), and compute what the projections compute
