@@ -171,6 +171,30 @@ class _KernelSwitch:
             self.qweight_f32 = self.qweight.float()
 
 
+class _FusedFP8:
+    """Projections of one input (q/k/v, gate/up) as one FP8 linear, ``inner``, over their
+    concatenated weights; the modules' tensors named in ``names`` (and the simulation's float32
+    weights) become views of its. Valid while the model holds these modules with those weights and
+    kernel setting (``valid_for``)."""
+
+    def __init__(self, inner: nn.Module, mods: list[nn.Module], names: tuple[str, ...]):
+        self.inner = inner
+        rows = [m.qweight.shape[0] for m in mods]
+        for name in names + (() if inner.use_kernel else ("qweight_f32",)):
+            for m, view in zip(mods, getattr(inner, name).split(rows)):
+                setattr(m, name, view)
+        self.mods = tuple(mods)
+        self.views = tuple(m.qweight for m in mods)
+
+    def valid_for(self, mods: list[nn.Module]) -> bool:
+        return len(mods) == len(self.mods) and all(
+            a is b and a.qweight is v and a.use_kernel == self.inner.use_kernel
+            for a, b, v in zip(mods, self.mods, self.views))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
 @register_module
 class FP8RowwiseLinear(_KernelSwitch, nn.Module):
     """fbgemm_fp8 linear: E4M3 weights with one static scale per output channel; each input token
@@ -232,31 +256,17 @@ class FP8RowwiseLinear(_KernelSwitch, nn.Module):
         return f"in_features={inp}, out_features={out}, activation_scale_ub={self.activation_scale_ub}"
 
 
-class FusedFP8Rows:
+class FusedFP8Rows(_FusedFP8):
     """Row-wise FP8 projections of one input as one FP8RowwiseLinear over their concatenated
-    weights and row scales (each token's input quantized once); the modules' tensors become views
-    of it. Valid while the model holds these modules with those weights and kernel setting."""
+    weights and row scales: each token's input quantized once."""
 
     def __init__(self, mods: list[FP8RowwiseLinear]):
         first = mods[0]
         bias = None if first.bias is None else torch.cat([m.bias for m in mods])
-        self.inner = FP8RowwiseLinear(torch.cat([m.qweight for m in mods]), torch.cat([m.weight_scale for m in mods]),
-                                      bias, first.activation_scale_ub, first.act_dtype)
-        self.inner.use_kernel = first.kernel_asked
-        rows = [m.qweight.shape[0] for m in mods]
-        for name in ("qweight", "weight_scale") + (() if self.inner.use_kernel else ("qweight_f32",)):
-            for m, view in zip(mods, getattr(self.inner, name).split(rows)):
-                setattr(m, name, view)
-        self.mods = tuple(mods)
-        self.views = tuple(m.qweight for m in mods)
-
-    def valid_for(self, mods: list[nn.Module]) -> bool:
-        return len(mods) == len(self.mods) and all(
-            a is b and a.qweight is v and a.use_kernel == self.inner.use_kernel
-            for a, b, v in zip(mods, self.mods, self.views))
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.inner(x)
+        inner = FP8RowwiseLinear(torch.cat([m.qweight for m in mods]), torch.cat([m.weight_scale for m in mods]),
+                                 bias, first.activation_scale_ub, first.act_dtype)
+        inner.use_kernel = first.kernel_asked
+        super().__init__(inner, mods, ("qweight", "weight_scale"))
 
 
 def _with_bias(tensors: dict[str, Tensor], bias: Tensor | None) -> dict[str, Tensor]:
@@ -465,33 +475,17 @@ class FP8StaticLinear(_KernelSwitch, nn.Module):
                f"weight_scale={self.weight_scale:.6g}"
 
 
-class FusedFP8:
-    """Projections of one input with shared scales as one FP8 linear over their concatenated
-    weights; the modules' weights become views of it. Valid while the model holds these modules
-    with those weights and kernel setting (``valid_for``)."""
+class FusedFP8(_FusedFP8):
+    """Projections of one input with shared scales as one FP8StaticLinear over their concatenated
+    weights."""
 
     def __init__(self, mods: list[FP8StaticLinear]):
         first = mods[0]
         bias = None if first.bias is None else torch.cat([m.bias for m in mods])
-        self.inner = FP8StaticLinear(torch.cat([m.qweight for m in mods]), first.weight_scale, first.input_scale, bias,
-                                     first.act_dtype)
-        self.inner.use_kernel = first.use_kernel
-        rows = [m.qweight.shape[0] for m in mods]
-        for m, q in zip(mods, self.inner.qweight.split(rows)):
-            m.qweight = q
-        if not first.use_kernel:
-            for m, w in zip(mods, self.inner.qweight_f32.split(rows)):
-                m.qweight_f32 = w
-        self.mods = tuple(mods)
-        self.views = tuple(m.qweight for m in mods)
-
-    def valid_for(self, mods: list[nn.Module]) -> bool:
-        return len(mods) == len(self.mods) and all(
-            a is b and a.qweight is v and a.use_kernel == self.inner.use_kernel
-            for a, b, v in zip(mods, self.mods, self.views))
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.inner(x)
+        inner = FP8StaticLinear(torch.cat([m.qweight for m in mods]), first.weight_scale, first.input_scale, bias,
+                                first.act_dtype)
+        inner.use_kernel = first.use_kernel
+        super().__init__(inner, mods, ("qweight",))
 
 
 def static_scale(amax: float) -> float:
