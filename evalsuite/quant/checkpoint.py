@@ -208,14 +208,12 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
         dtype = model.model.embed_tokens.weight.dtype  # its scales are the weights' dtype, where the recipe's are exact
         for key in [k for k in tensors if k.endswith(".weight_scale")]:
             tensors[key] = tensors[key].to(dtype)
-        weights, inputs = (dict(COMPRESSED_FP8_WEIGHTS), dict(COMPRESSED_FP8_INPUTS))
-        group = {"format": "float-quantized", "input_activations": inputs, "output_activations": None,
-                 "targets": ["Linear"], "weights": weights}
+        group = {"format": "float-quantized", "input_activations": dict(COMPRESSED_FP8_INPUTS),
+                 "output_activations": None, "targets": ["Linear"], "weights": dict(COMPRESSED_FP8_WEIGHTS)}
         return {"config_groups": {"group_0": group}, "format": "float-quantized", "global_compression_ratio": None,
                 "ignore": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
                 "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
-                "quantization_status": "compressed",
-                "sparsity_config": {}, "transform_config": {}}, None
+                "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {}}, None
     if recipe == "int4-awq-asym":  # what AutoAWQ writes (its Mixtral keeps the routers, "gate", unquantized)
         return {"quant_method": "awq", "zero_point": True, "group_size": config["block_size"], "bits": 4,
                 "version": "gemm",
