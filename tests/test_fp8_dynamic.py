@@ -7,10 +7,10 @@ Checked: the weight codes and scales of every projection are those compressed-te
 calls it, then its ``quantize``), byte for byte in BF16 and float32; ``quantize --format hf`` writes,
 tensor for tensor and config for config, what compressed-tensors' own compressor writes for the
 same model; transformers, with compressed-tensors, loads that export and computes the recipe's
-logits in float32 (its forward quantizes each token's input as the recipe does); the engine loads
-the export as published and computes the recipe's logits exactly. In BF16 compressed-tensors'
-forward takes each token's scale in BF16; the recipe takes it in float32 as vLLM's kernel does
-(``dynamic_per_token_scaled_fp8_quant``), so BF16 logits are not compared with its forward.
+product in every projection, in float32 (its forward quantizes each token's input as the recipe
+does); the engine loads compressed-tensors' own checkpoint as published and computes the recipe's
+logits exactly. In BF16 compressed-tensors' forward takes each token's scale in BF16; the recipe
+takes it in float32 as vLLM's kernel does, so BF16 products are not compared with its forward.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from evalsuite.cli import main
 from evalsuite.models import check_model_args, load_model_and_recipe
 
 from .conftest import fused_and_separate, needs_cpu_rowwise_scaled_mm, on_meta_default
-
-ct = pytest.importorskip("compressed_tensors")  # a pinned test dependency (scripts/reference.txt)
 
 
 def _fp8_dynamic_args():
@@ -53,7 +51,7 @@ def test_weight_codes_and_scales_are_compressed_tensors(dtype):
     torch.manual_seed(0)
     w = (torch.randn(48, 96) * torch.rand(48, 1) * 3).to(dtype)
     w[5] = 0  # a zero row: compressed-tensors gives it its dtype's eps as scale
-    w[7, 3] = 1e-30 if dtype == torch.float32 else 0
+    w[7, 3] = 1e-30 if dtype == torch.float32 else 0  # a tiny value beside the row's largest
     codes, scale = channel_weight(w)
     want_codes, want_scale = _their_weight(w)
     assert scale.dtype == dtype and torch.equal(scale, want_scale)
@@ -69,7 +67,10 @@ def _their_export(plain_dir, out, dtype):
     quantization config applied to transformers' model, each weight's scale from calculate_qparams,
     then its float-quantized compressor, as llm-compressor's oneshot saves it."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
     from transformers import AutoModelForCausalLM
 
