@@ -92,7 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--format", choices=["evalsuite", "hf"], default="evalsuite",
                     help="evalsuite: the engine's checkpoint (any recipe, loads back as saved); hf: the form the "
                          "recipe's published checkpoints take, for vLLM, SGLang, TensorRT-LLM and transformers "
-                         "(fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, int4-awq, int4-awq-asym, nvfp4)")
+                         "(fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, int4-awq, int4-awq-asym, int4-gptq, "
+                         "nvfp4)")
 
     from .plan import GPUS, PLAN_RECIPES
 

@@ -13,7 +13,8 @@ holds the two equal). Everything a recipe leaves alone is BF16, a tied embedding
                  channel (q/k/v and gate/up have theirs folded into the norm before them);
   int4-rtn       the same without the pre-scale;
   int4-awq-asym  as int4-rtn plus a 4-bit zero point per block (AutoAWQ's layout; the AWQ scales
-                 are folded into the weights).
+                 are folded into the weights);
+  int4-gptq      as int4-rtn (GPTQ changes the codes, not their layout).
 The engine keeps INT4 block scales in float32; deployed INT4 kernels hold them in 16 bits, which
 would save 2 bytes per 128 weights (under 1%).
 KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes per element, per token.
@@ -51,7 +52,7 @@ GPUS = {
     "h100": GPU(80.0, (9, 0)), "h200": GPU(141.0, (9, 0)), "b200": GPU(180.0, (10, 0)),
 }
 PLAN_RECIPES = ("bf16", "fp8-official", "fp8-dynamic", "fp8-modelopt", "fp8-block", "nvfp4", "int4-awq", "int4-rtn",
-                "int4-awq-asym")
+                "int4-awq-asym", "int4-gptq")
 NVFP4_BLOCK = 16
 FP8_BLOCK = 128
 INT4_BLOCK = 128
@@ -123,7 +124,7 @@ def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> i
         return codes_and_scales + (2 * inp if name.endswith(PRESCALED) else 0)
     if recipe == "int4-awq-asym":
         return codes_and_scales + -(-out * blocks // 2)
-    return codes_and_scales  # int4-rtn
+    return codes_and_scales  # int4-rtn, int4-gptq
 
 
 def _is_quantized(recipe: str, layer: int, name: str, num_layers: int) -> bool:

@@ -180,7 +180,7 @@ def test_a_published_fp8_dynamic_checkpoint_refuses_other_recipes_before_it_load
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"format": "pack-quantized"}, "format 'pack-quantized'"),
+    ({"format": "marlin-24"}, "format 'marlin-24'"),
     ({"kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
                           "symmetric": True}}, "kv_cache_scheme"),
     ({"group_0.weights.strategy": "tensor"}, "weights strategy 'tensor'"),

@@ -41,6 +41,7 @@ LLAMA_8B_BYTES = {
     # and gate/up have theirs folded into the norms)
     "int4-awq": 32 * (109_051_904 + 6_815_744 + 36_864) + 2_101_878_784,
     "int4-rtn": 32 * (109_051_904 + 6_815_744) + 2_101_878_784,
+    "int4-gptq": 32 * (109_051_904 + 6_815_744) + 2_101_878_784,  # GPTQ moves codes, not their layout
     # + a 4-bit zero point per block: 1,703,936 / 2 = 851,968 B per layer
     "int4-awq-asym": 32 * (109_051_904 + 6_815_744 + 851_968) + 2_101_878_784,
 }

@@ -150,6 +150,10 @@ class ModelConfig:
     # float-quantized; Red Hat's *-FP8-dynamic: E4M3 weights with a scale per output channel, inputs
     # quantized per token at run time, unbounded), which loads as published (recipe fp8-dynamic)
     compressed_fp8: bool = False
+    # a checkpoint in llm-compressor's W4A16 form (quant_method compressed-tensors, format
+    # pack-quantized; Red Hat's *-quantized.w4a16: symmetric INT4 weights in groups, inputs
+    # unquantized), which loads as published (recipe int4-gptq): its group size
+    compressed_int4: int | None = None
     # a Model Optimizer checkpoint (quant_method modelopt, in config.json or hf_quant_config.json),
     # which loads as published: its quant_algo (MODELOPT_RECIPES: FP8 -> fp8-modelopt, NVFP4 ->
     # nvfp4, W4A16_AWQ -> int4-awq), W4A16_AWQ's group size, and whether its KV cache is FP8 (K and
@@ -219,6 +223,8 @@ class ModelConfig:
             return "fp8-official"
         if self.compressed_fp8:
             return "fp8-dynamic"
+        if self.compressed_int4 is not None:
+            return "int4-gptq"
         return MODELOPT_RECIPES.get(self.modelopt)
 
     def layer_moe(self, layer: int) -> bool:
@@ -311,7 +317,8 @@ class ModelConfig:
                              ("swiglu_limit", None), ("swiglu_alpha", None), ("mlp_bias", False),
                              ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None),
                              ("rope_layers", None), ("fp8_block", None), ("awq_group", None),
-                             ("fbgemm_fp8_ub", None), ("compressed_fp8", False), ("modelopt", None),
+                             ("fbgemm_fp8_ub", None), ("compressed_fp8", False), ("compressed_int4", None),
+                             ("modelopt", None),
                              ("modelopt_group", None), ("modelopt_fp8_kv", False)):
             if d[key] == neutral:
                 del d[key]
@@ -356,18 +363,18 @@ class ModelConfig:
         fp8_block = _fp8_block(quant) if method == "fp8" else None
         awq_group = _awq_gemm(quant) if method == "awq" else None
         fbgemm_fp8_ub = _fbgemm_fp8(quant) if method == "fbgemm_fp8" else None
-        compressed_fp8 = _compressed_fp8(quant) if method == "compressed-tensors" else False
+        compressed_fp8, compressed_int4 = _compressed_tensors(quant) if method == "compressed-tensors" else \
+            (False, None)
         modelopt, modelopt_group, modelopt_fp8_kv = _modelopt(quant) if method == "modelopt" else (None, None, False)
         published = fp8_block is not None or awq_group is not None or fbgemm_fp8_ub is not None or \
-            compressed_fp8 or modelopt is not None
+            compressed_fp8 or compressed_int4 is not None or modelopt is not None
         if quant and not published and not (model_type == "gpt_oss" and method == "mxfp4"):
             # its low-bit tensors and their scales would be read as plain weights
             raise UnsupportedModelError(
                 f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
                 "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form, Meta's FP8 "
-                "(fbgemm_fp8), llm-compressor's FP8_DYNAMIC (compressed-tensors) and Model Optimizer's FP8, NVFP4 "
-                "and INT4 AWQ, "
-                "and quantizes with --recipe: load the unquantized "
+                "(fbgemm_fp8), llm-compressor's FP8_DYNAMIC and W4A16 (compressed-tensors) and Model Optimizer's "
+                "FP8, NVFP4 and INT4 AWQ, and quantizes with --recipe: load the unquantized "
                 "model, or evaluate this checkpoint where a server runs it (--base-url)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
@@ -505,6 +512,7 @@ class ModelConfig:
             awq_group=awq_group,
             fbgemm_fp8_ub=fbgemm_fp8_ub,
             compressed_fp8=compressed_fp8,
+            compressed_int4=compressed_int4,
             modelopt=modelopt,
             modelopt_group=modelopt_group,
             modelopt_fp8_kv=modelopt_fp8_kv,
@@ -629,52 +637,72 @@ def _fbgemm_fp8(quant: dict[str, Any]) -> float:
     return float(ub)
 
 
-# llm-compressor's FP8_DYNAMIC scheme as compressed-tensors writes it: the settings that differ
-# from these are named when a checkpoint is refused
+# llm-compressor's FP8_DYNAMIC and W4A16 schemes as compressed-tensors writes them: the settings
+# that differ from these are named when a checkpoint is refused
 COMPRESSED_FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
                           "group_size": None}
 COMPRESSED_FP8_INPUTS = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True,
                          "group_size": None}
+COMPRESSED_INT4_WEIGHTS = {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True, "dynamic": False}
+COMPRESSED_FORMS = {"float-quantized": (COMPRESSED_FP8_WEIGHTS, COMPRESSED_FP8_INPUTS),
+                    "pack-quantized": (COMPRESSED_INT4_WEIGHTS, None)}
 
 
-def _compressed_fp8(quant: dict[str, Any]) -> bool:
+def _compressed_tensors(quant: dict[str, Any]) -> tuple[bool, int | None]:
     """A compressed-tensors checkpoint (``quant_method: compressed-tensors``) loads as published in
-    llm-compressor's FP8_DYNAMIC form: format float-quantized, one config group targeting Linear,
-    weights E4M3 per output channel, inputs E4M3 per token (dynamic), no KV cache scheme. Another
-    scheme (INT8, W4A16, static or per-tensor FP8, FP8 KV cache, several groups) is refused,
+    llm-compressor's FP8_DYNAMIC form (format float-quantized: weights E4M3 per output channel,
+    inputs E4M3 per token, dynamic) or its W4A16 form (format pack-quantized: weights symmetric
+    INT4 in groups, inputs unquantized, no g_idx), with one config group targeting Linear and no KV
+    cache scheme. Returns (FP8_DYNAMIC, W4A16's group size). Another scheme (INT8, asymmetric or
+    activation-ordered INT4, static or per-tensor FP8, an FP8 KV cache, several groups) is refused,
     naming what differs."""
     groups = quant.get("config_groups") or {}
+    form = quant.get("format")
     differs = []
-    if quant.get("format") != "float-quantized":
-        differs.append(f"format {quant.get('format')!r}")
+    if form not in COMPRESSED_FORMS:
+        differs.append(f"format {form!r}")
     if quant.get("kv_cache_scheme") is not None:
         differs.append(f"kv_cache_scheme {quant.get('kv_cache_scheme')!r}")
     if len(groups) != 1:
         differs.append(f"{len(groups)} config groups")
+    group_size = None
     for group in list(groups.values())[:1]:
         group = group if isinstance(group, dict) else {}
         if group.get("targets") != ["Linear"]:
             differs.append(f"targets {group.get('targets')!r}")
-        if group.get("format", "float-quantized") != "float-quantized":
+        if group.get("format", form) != form:
             differs.append(f"group format {group.get('format')!r}")
         if group.get("output_activations") is not None:
             differs.append("output_activations quantized")
-        for part, want in (("weights", COMPRESSED_FP8_WEIGHTS), ("input_activations", COMPRESSED_FP8_INPUTS)):
+        weights, inputs = COMPRESSED_FORMS.get(form, COMPRESSED_FORMS["float-quantized"])
+        for part, want in (("weights", weights), ("input_activations", inputs)):
             args = group.get(part)
+            if want is None:
+                if args is not None:
+                    differs.append(f"{part} quantized")
+                continue
             if not isinstance(args, dict):
                 differs.append(f"{part} {args!r}")
                 continue
             differs += [f"{part} {k} {args.get(k, v)!r}" for k, v in want.items() if args.get(k, v) != v]
             if args.get("block_structure") is not None:
                 differs.append(f"{part} block_structure {args['block_structure']!r}")
+            if part == "weights" and form == "pack-quantized":
+                group_size = args.get("group_size")
+                if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+                    differs.append(f"weights group_size {group_size!r}")
+                if args.get("actorder") not in (None, "static", "weight"):  # "group": columns permuted by g_idx
+                    differs.append(f"weights actorder {args.get('actorder')!r}")
     if differs:
         raise UnsupportedModelError(
             f"config.json: a compressed-tensors checkpoint with {', '.join(differs)}; the engine loads "
-            "llm-compressor's FP8_DYNAMIC (format float-quantized, no KV cache scheme, one config group targeting "
-            "Linear: weights 8-bit float per channel, static; input_activations 8-bit float per token, dynamic) "
-            "with --recipe fp8-dynamic: load the unquantized model and name the recipe, or evaluate this checkpoint "
+            "llm-compressor's FP8_DYNAMIC (format float-quantized: weights 8-bit float per channel, static; "
+            "input_activations 8-bit float per token, dynamic) with --recipe fp8-dynamic and its W4A16 (format "
+            "pack-quantized: weights 4-bit int, symmetric, per group, static, actorder static, weight or none; "
+            "input_activations not quantized) with --recipe int4-gptq, each with one config group targeting Linear "
+            "and no KV cache scheme: load the unquantized model and name the recipe, or evaluate this checkpoint "
             "where a server runs it (--base-url)")
-    return True
+    return form == "float-quantized", group_size
 
 
 def _modelopt(quant: dict[str, Any]) -> tuple[str, int | None, bool]:

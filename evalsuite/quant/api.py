@@ -24,6 +24,7 @@ from .configs import (
     FP8OfficialConfig,
     Int4AutoAWQConfig,
     Int4AWQConfig,
+    Int4GPTQConfig,
     NVFP4Config,
     Unquantized,
 )
@@ -109,7 +110,8 @@ def module_types() -> dict[str, type]:
 
 # recipes whose quantized model ``quantize --format hf`` writes as their published checkpoints are
 # written (checkpoint.save_hf), for the engines that serve those
-HF_EXPORTS = ("fp8-block", "fp8-dynamic", "fp8-modelopt", "fp8-official", "int4-awq", "int4-awq-asym", "nvfp4")
+HF_EXPORTS = ("fp8-block", "fp8-dynamic", "fp8-modelopt", "fp8-official", "int4-awq", "int4-awq-asym", "int4-gptq",
+              "nvfp4")
 
 
 def check_hf_export(recipe: str) -> None:
@@ -123,7 +125,8 @@ def hf_export_misfit(recipe: str, settings: dict[str, Any], cfg: ModelConfig | N
     fields), or None. Model Optimizer's FP8 form has no scale for FP8 attention inputs; its NVFP4
     form gives q/k/v and gate/up one weight and one input scale, and its W4A16_AWQ form is the
     resmoothed model, packs output rows in pairs and holds whole groups along every input;
-    AutoAWQ's GEMM form holds whole groups along every input and packs outputs in eights."""
+    AutoAWQ's GEMM form holds whole groups along every input and packs outputs in eights;
+    compressed-tensors' pack-quantized form holds whole groups along every input."""
     from ..engine.config import MOE_ROUTERS  # no torch
 
     if recipe == "fp8-modelopt" and settings["quantize_attention"]:
@@ -136,9 +139,10 @@ def hf_export_misfit(recipe: str, settings: dict[str, Any], cfg: ModelConfig | N
         return ("Model Optimizer's W4A16_AWQ checkpoint form holds the model as its export resmooths it (q/k/v's and "
                 "gate/up's scales folded into the norm), so it cannot hold resmooth=false; valid: --recipe-config "
                 "resmooth=true")
-    if recipe not in ("int4-awq", "int4-awq-asym") or cfg is None:  # the shapes: where a folder's config.json says
+    if recipe not in ("int4-awq", "int4-awq-asym", "int4-gptq") or cfg is None:  # the shapes: where config.json says
         return None
-    form, rows = ("AutoAWQ's GEMM form", 8) if recipe == "int4-awq-asym" else ("Model Optimizer's W4A16_AWQ form", 2)
+    form, rows = {"int4-awq-asym": ("AutoAWQ's GEMM form", 8), "int4-awq": ("Model Optimizer's W4A16_AWQ form", 2),
+                  "int4-gptq": ("compressed-tensors' pack-quantized form", 1)}[recipe]
     block_size = settings["block_size"]
     shapes = {(name, out, inp) for i in range(cfg.num_layers) for name, out, inp in cfg.layer_projections(i)
               if name not in MOE_ROUTERS}
@@ -211,7 +215,7 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     A published low-bit checkpoint runs as published, with the recipe of its form and its block:
     fine-grained FP8 as fp8-block, AutoAWQ's GEMM form as int4-awq-asym, Meta's FP8 (fbgemm_fp8) as
     fp8-official with the checkpoint's activation_scale_ub, llm-compressor's FP8_DYNAMIC as
-    fp8-dynamic, Model Optimizer's forms as
+    fp8-dynamic, its W4A16 as int4-gptq, Model Optimizer's forms as
     its recipes here with the settings that form holds (``_modelopt_misfit``)."""
     if cfg.modelopt is not None:
         return _modelopt_misfit(config, cfg)
@@ -230,6 +234,15 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
             return ("the checkpoint is published in compressed-tensors' FP8_DYNAMIC form (llm-compressor: E4M3 weights "
                     "with a scale per output channel, inputs per token), which runs as published (--recipe "
                     "fp8-dynamic); load the unquantized model for other recipes")
+        return None
+    if cfg.compressed_int4 is not None:
+        if not isinstance(config, Int4GPTQConfig):
+            return (f"the checkpoint is published in compressed-tensors' W4A16 form (llm-compressor: symmetric INT4 "
+                    f"weights in groups of {cfg.compressed_int4}), which runs as published (--recipe int4-gptq "
+                    f"--recipe-config block_size={cfg.compressed_int4}); load the unquantized model for other recipes")
+        if config.block_size != cfg.compressed_int4:
+            return (f"block_size={config.block_size}, and the checkpoint's groups are of {cfg.compressed_int4}; valid: "
+                    f"block_size={cfg.compressed_int4}")
         return None
     if cfg.awq_group is not None:
         if not isinstance(config, Int4AutoAWQConfig):
@@ -333,7 +346,7 @@ def _unquantized(lm: LoadedModel, config: Unquantized) -> None:
 def _load_handlers() -> None:
     """Import the built-in recipe modules (they import torch, and register their handlers and
     module types on import)."""
-    from . import fp8, fp8_block, int4_awq, int4_awq_asym, nvfp4  # noqa: F401
+    from . import fp8, fp8_block, gptq, int4_awq, int4_awq_asym, nvfp4  # noqa: F401
 
 
 register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized()))
@@ -375,3 +388,7 @@ register(Recipe("int4-rtn", "plain INT4 rounding (the int4-awq quantizer without
 register(Recipe("int4-awq-asym", "AutoAWQ INT4 (GEMM): zero-point INT4 [0, 15], groups of 128, 20-point scale "
                 "search scored on each block's output, clip search (not q, k), scales folded into the "
                 "preceding norm or linear; lm_head BF16", Int4AutoAWQConfig()))
+register(Recipe("int4-gptq", "llm-compressor GPTQ, W4A16 (compressed-tensors pack-quantized, Red Hat's "
+                "*-quantized.w4a16 checkpoints): weight-only symmetric INT4 [-8, 7], groups of 128 with min-max "
+                "scales, columns rounded in order of activation with the error spread by the inverse Hessian, layer "
+                "by layer on the quantized layers' outputs; lm_head BF16", Int4GPTQConfig()))

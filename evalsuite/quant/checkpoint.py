@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..assets import file_sha256
-from ..engine.config import COMPRESSED_FP8_INPUTS, COMPRESSED_FP8_WEIGHTS
+from ..engine.config import COMPRESSED_FP8_INPUTS, COMPRESSED_FP8_WEIGHTS, COMPRESSED_INT4_WEIGHTS
 from ..engine.load import (
     LoadedModel,
     ModelInfo,
@@ -87,6 +87,9 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     fp8-dynamic: llm-compressor's FP8_DYNAMIC as compressed-tensors writes it (format
     float-quantized), each projection's E4M3 ``weight`` beside its ``weight_scale`` [out, 1] in the
     model's dtype, the linears left unquantized in ``ignore``;
+    int4-gptq: llm-compressor's W4A16 as compressed-tensors writes it (format pack-quantized), each
+    projection's ``weight_packed`` (eight codes to an int32), ``weight_scale`` per group in the
+    model's dtype and ``weight_shape``;
     int4-awq-asym: AutoAWQ's GEMM form, ``qweight`` and ``qzeros`` packed eight to an int32 and
     FP16 ``scales`` (the recipe's codes, zero points and scales, which are FP16 values);
     fp8-modelopt: Model Optimizer's HF export, each projection's E4M3 ``weight`` with scalar
@@ -133,7 +136,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
         raise ValueError(f"--format hf: the engine holds {model.config.architecture}'s weights under other names than "
                          f"its checkpoint (e.g. {renamed[:3]}), which an HF export must keep; valid: --format "
                          "evalsuite")
-    tensors = {k: v.detach() for k, v in plain.items()} | _published_tensors(model, quantized)
+    tensors = {k: v.detach() for k, v in plain.items()} | _published_tensors(model, quantized, recipe["name"])
     quantization, hf_quant = _quantization_config(recipe["name"], config, model, tensors)
     out.mkdir(parents=True, exist_ok=True)
     if hf_quant is not None:
@@ -152,13 +155,13 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     return out
 
 
-def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module], recipe: str) -> dict[str, torch.Tensor]:
     """Each quantized projection's tensors in its recipe's published form."""
     from .calibrate import shared_input_groups
     from .fp8 import FP8RowwiseLinear, FP8StaticLinear
     from .fp8_block import FP8BlockLinear
     from .nvfp4 import NVFP4Linear
-    from .published import awq_pack, modelopt_int4_pack
+    from .published import awq_pack, modelopt_int4_pack, pack_int32
 
     group_input = {n: max(model.get_submodule(g).input_scale for g in names)  # one input scale per fused group
                    for _norm, names in shared_input_groups(model) for n in names
@@ -178,6 +181,10 @@ def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module]) -> dict
             tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = exported["weight_packed"], m.block_scale
             tensors[f"{name}.weight_scale_2"] = torch.tensor(attrs["weight_tensor_scale"], dtype=torch.float32)
             tensors[f"{name}.input_scale"] = torch.tensor(attrs["input_scale"], dtype=torch.float32)
+        elif recipe == "int4-gptq":  # compressed-tensors' pack-quantized W4A16, the scales in the model's dtype
+            tensors[f"{name}.weight_packed"] = pack_int32(m.codes[:, :m.in_features])
+            tensors[f"{name}.weight_scale"] = m.scale.to(m.weight.dtype)
+            tensors[f"{name}.weight_shape"] = torch.tensor([m.codes.shape[0], m.in_features], dtype=torch.int64)
         elif m.zero_point is None:  # Model Optimizer's W4A16_AWQ
             tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = modelopt_int4_pack(m.codes), m.scale
             if m.pre_quant_scale is not None:
@@ -211,6 +218,15 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
         group = {"format": "float-quantized", "input_activations": dict(COMPRESSED_FP8_INPUTS),
                  "output_activations": None, "targets": ["Linear"], "weights": dict(COMPRESSED_FP8_WEIGHTS)}
         return {"config_groups": {"group_0": group}, "format": "float-quantized", "global_compression_ratio": None,
+                "ignore": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
+                "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
+                "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {}}, None
+    if recipe == "int4-gptq":  # what compressed-tensors' pack-quantized compressor writes for W4A16
+        weights = dict(COMPRESSED_INT4_WEIGHTS) | {"group_size": config["block_size"], "observer": "memoryless_minmax",
+                                                   "actorder": "static" if config["actorder"] else None}
+        group = {"format": "pack-quantized", "input_activations": None, "output_activations": None,
+                 "targets": ["Linear"], "weights": weights}
+        return {"config_groups": {"group_0": group}, "format": "pack-quantized", "global_compression_ratio": None,
                 "ignore": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
                 "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
                 "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {}}, None

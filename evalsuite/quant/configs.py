@@ -198,3 +198,32 @@ class Int4AutoAWQConfig:
         if not 0.0 <= self.max_shrink < 1.0:
             raise ValueError(f"max_shrink={self.max_shrink}; valid: 0 <= max_shrink < 1")
         coerce_calibration(self)
+
+
+@dataclass(frozen=True)
+class Int4GPTQConfig:
+    """llm-compressor's GPTQ in its W4A16 scheme (compressed-tensors ``pack-quantized``; Red Hat's
+    *-quantized.w4a16 models): weight-only symmetric INT4 [-8, 7] in groups of ``block_size`` along
+    the input, every linear but lm_head (and a mixture's routers); each group's scale from its
+    weights' min and max (absmax / 7.5, in the model's dtype), fixed before GPTQ rounds the columns
+    one by one and spreads each column's error over the columns not yet rounded, weighted by the
+    inverse Hessian of the layer's calibration inputs (2·XᵀX, damped by ``dampening`` times its
+    mean diagonal); ``actorder``: columns taken in order of decreasing Hessian diagonal (the groups
+    stay where they are, so the checkpoint holds no g_idx); ``gptq_block``: columns whose updates
+    are applied together. Layer by layer, each layer calibrated on the outputs of the layers
+    already quantized."""
+
+    block_size: int = 128
+    actorder: bool = True
+    dampening: float = 0.01
+    gptq_block: int = 128
+    calibration: CalibrationSpec = CalibrationSpec()
+    kernel: str = "auto"  # torch's packed INT4 kernel (CPU; tinygemm on CUDA): auto (decode-sized calls), always, off
+
+    def __post_init__(self) -> None:
+        check_kernel_mode(self.kernel)
+        if self.block_size < 1 or self.gptq_block < 1:
+            raise ValueError(f"block_size and gptq_block must be >= 1, got {self.block_size}, {self.gptq_block}")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"dampening={self.dampening}; valid: 0 <= dampening < 1 (llm-compressor's default 0.01)")
+        coerce_calibration(self)

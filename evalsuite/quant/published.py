@@ -18,6 +18,11 @@ nothing is quantized again.
   Hat's *-FP8-dynamic): the same tensors, the ``weight_scale`` [out, 1] in the model's dtype, inputs
   quantized per token without a bound
       -> fp8-dynamic's ``FP8RowwiseLinear``
+  llm-compressor's W4A16 (``quant_method: compressed-tensors``, format pack-quantized; Red Hat's
+  *-quantized.w4a16, GPTQ): ``weight_packed`` int32 [out, ceil(in / 8)], eight codes q + 8 to an
+  int32 along the input (column 8j + i in bits 4i..4i+3), ``weight_scale`` [out, in / g] in the
+  model's dtype, ``weight_shape`` [out, in]; w = q·scale
+      -> int4-gptq's ``Int4WeightOnlyLinear``
   Model Optimizer's checkpoints (``quant_method: modelopt``, in config.json or hf_quant_config.json),
   with K and V cache scales where their KV cache is FP8 (``k_proj.k_scale`` and ``v_proj.v_scale``,
   or ``self_attn.k_scale`` and ``v_scale``; -> ``FP8StaticQuantizer``):
@@ -69,6 +74,8 @@ def take(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, folder:
         return _fp8_rows(cfg.fbgemm_fp8_ub, "Meta's FP8 (fbgemm_fp8)", state, dtype, folder)
     if cfg.compressed_fp8:
         return _fp8_rows(math.inf, "llm-compressor's FP8_DYNAMIC", state, dtype, folder)
+    if cfg.compressed_int4 is not None:
+        return _packed_int4(cfg.compressed_int4, state, dtype, folder)
     if cfg.modelopt is not None:
         return _modelopt(cfg, state, dtype, folder)
     stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
@@ -214,6 +221,64 @@ def _awq_gemm(group: int, state: dict[str, Tensor], dtype: torch.dtype, folder: 
                                                       zero_point=zero))
     if not built:
         raise ModelLoadError(f"config.json in {folder} declares AWQ, and no linear there has a qweight")
+    return built
+
+
+def pack_int32(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7] [rows, cols] -> int32 [rows, ceil(cols / 8)] as compressed-tensors
+    packs them: q + 8 of column 8j + i in bits 4i..4i+3 of int32 j (the last padded with zeros)."""
+    v = (codes.to(torch.int32) + 8)
+    v = torch.nn.functional.pad(v, (0, -v.shape[1] % 8)).view(v.shape[0], -1, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=codes.device)
+    return (v << shifts).sum(dim=-1, dtype=torch.int32)  # disjoint bits: the sum is their OR (the top wraps)
+
+
+def unpack_int32(packed: Tensor, cols: int) -> Tensor:
+    """``pack_int32``'s inverse: int8 codes in [-8, 7] [rows, cols]."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed[..., None] >> shifts) & 0xF  # an arithmetic shift: the mask drops the sign's copies
+    return (nibbles.view(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
+
+
+def _packed_int4(group: int, state: dict[str, Tensor], dtype: torch.dtype, folder: Path | str) -> dict[str, Builder]:
+    """Each ``weight_packed`` with its ``weight_scale`` and ``weight_shape``, as int4-gptq's module."""
+    from .int4 import Int4WeightOnlyLinear, pad_to_blocks
+
+    form = f"compressed-tensors' W4A16 form with group_size {group}"
+    built: dict[str, Builder] = {}
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        name, packed = key.removesuffix(".weight_packed"), state.pop(key)
+        scale, shape = state.pop(f"{name}.weight_scale", None), state.pop(f"{name}.weight_shape", None)
+        zero, g_idx = state.pop(f"{name}.weight_zero_point", None), state.pop(f"{name}.weight_g_idx", None)
+        _refuse_embeddings(name, "INT4", folder)
+        if scale is None or shape is None:
+            raise ModelLoadError(f"{key} in {folder} has no {'weight_scale' if scale is None else 'weight_shape'} "
+                                 f"beside it; {form} stores weight_packed, weight_scale and weight_shape")
+        if shape.numel() != 2 or shape.is_floating_point():
+            raise ModelLoadError(f"{name}.weight_shape in {folder} is {shape.tolist()}; valid: [out, in]")
+        out_features, in_features = (int(v) for v in shape.tolist())
+        groups = -(-in_features // group)
+        for part, tensor, kind, want in (("weight_packed", packed, torch.int32, (out_features, -(-in_features // 8))),
+                                         ("weight_scale", scale, None, (out_features, groups))):
+            if (kind is not None and tensor.dtype != kind) or (kind is None and not tensor.is_floating_point()) \
+                    or tuple(tensor.shape) != want:
+                raise ModelLoadError(f"{name}.{part} in {folder} is {tuple(tensor.shape)} {tensor.dtype}; {form} and "
+                                     f"a weight of shape {(out_features, in_features)} need {want} "
+                                     f"{kind or 'floating point'}")
+        if zero is not None and zero.any():
+            raise ModelLoadError(f"{name}.weight_zero_point in {folder} is not zero; {form} is symmetric")
+        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(in_features, device=g_idx.device) // group):
+            raise ModelLoadError(f"{name}.weight_g_idx in {folder} permutes the groups (activation order 'group'); "
+                                 "the engine loads W4A16 whose groups are consecutive inputs")
+        if in_features % group:
+            raise ModelLoadError(f"{key} in {folder}: {in_features} inputs are not whole groups of {group}")
+        codes = unpack_int32(packed, in_features)
+        built[name] = _replacing(name, (out_features, in_features), folder,
+                                 lambda bias, codes=codes, scale=scale.float(), in_features=in_features:
+                                 Int4WeightOnlyLinear(pad_to_blocks(codes, group), scale, in_features, group, bias,
+                                                      None, dtype))
+    if not built:
+        raise ModelLoadError(f"config.json in {folder} declares {form}, and no linear there has a weight_packed")
     return built
 
 
