@@ -395,7 +395,7 @@ def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(arch, recipe
 
     why = {"qwen2_moe": "shared expert's and the routed experts' scales", "gpt_oss": "clamp gate and up"}.get(
         arch) if recipe == "int4-awq-asym" else "mixture of experts"
-    fits = "int4-awq-asym, int4-rtn" if arch == "mixtral" else "int4-rtn"
+    fits = "int4-awq-asym, int4-gptq, int4-rtn" if arch == "mixtral" else "int4-gptq, int4-rtn"
     refusal = (f"recipe '{recipe}'.*{why}.*valid for this model: bf16, fp8-block, fp8-dynamic, fp8-modelopt, "
                f"fp8-official, {fits}, nvfp4$")
     with pytest.raises(ValueError, match=refusal):  # what a command checks before it loads the model
@@ -499,7 +499,7 @@ def test_olmo_quantizes_saves_and_loads(recipe, olmo_dir, calib_file, tmp_path, 
     from evalsuite.models import check_model_args
 
     with pytest.raises(ValueError, match=r"'int4-awq-asym'.*norm before them.*valid for this model: bf16, fp8-block, "
-                                         r"fp8-dynamic, fp8-modelopt, fp8-official, int4-awq, int4-rtn, nvfp4$"):
+                                         r"fp8-dynamic, fp8-modelopt, fp8-official, int4-awq, int4-gptq, int4-rtn, nvfp4$"):
         check_model_args(str(olmo_dir), "int4-awq-asym", None)
     tokens = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(1))
     lm = load(str(olmo_dir), "float32")
