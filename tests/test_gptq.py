@@ -208,3 +208,24 @@ def test_the_export_needs_whole_groups(tiny_dir, tmp_path, monkeypatch, capsys):
         "inputs)" in err
     assert "valid: --recipe-config block_size=32, --recipe-config block_size=16" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_that_leaves_other_projections_unquantized_is_refused_naming_them(checkpoints, tmp_path):
+    """A checkpoint whose ignore list keeps more than lm_head out of INT4 is not the recipe's model:
+    its INT4 projections are compared with the recipe's when it loads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evalsuite.quant.published import unpack_int32
+
+    folder = shutil.copytree(checkpoints[1], tmp_path / "theirs")
+    state = load_file(folder / "model.safetensors")
+    name = "model.layers.1.self_attn.o_proj"
+    codes = unpack_int32(state.pop(f"{name}.weight_packed"), 64).float()
+    state[f"{name}.weight"] = codes * state.pop(f"{name}.weight_scale").repeat_interleave(GROUP, dim=1)
+    del state[f"{name}.weight_shape"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"recipe 'int4-gptq': the checkpoint holds 20 INT4 projections.*"
+                                         rf"{name} unquantized"):
+        load_model_and_recipe(str(folder), "int4-gptq", "float32", overrides={"block_size": GROUP})

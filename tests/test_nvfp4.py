@@ -160,7 +160,7 @@ def test_a_model_whose_projections_blocks_do_not_tile_is_refused_before_it_loads
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["intermediate_size"] = 168  # down_proj's inputs: 10.5 blocks
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    fits = "int4-awq-asym" if arch == "mixtral" else "int4-awq, int4-awq-asym"
+    fits = "int4-awq-asym, int4-gptq" if arch == "mixtral" else "int4-awq, int4-awq-asym, int4-gptq"
     down = "mlp.experts.0.down_proj" if arch == "mixtral" else "mlp.down_proj"
     with pytest.raises(ValueError, match=rf"do not tile {down} \(168 inputs\).*; valid for this model: bf16, "
                                          rf"fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, {fits}, int4-rtn$"):

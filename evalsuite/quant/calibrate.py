@@ -129,6 +129,23 @@ def projections(model: CausalLM) -> list[tuple[nn.Module, str, str]]:
     return out
 
 
+def check_published_scope(model: CausalLM, recipe: str, kind: type, word: str) -> None:
+    """A published checkpoint runs as ``recipe`` only where its quantized projections (modules of
+    type ``kind``) are the recipe's, every linear but lm_head and a mixture's routers (``projections``):
+    its ignore list may keep others out, and the run record would name a recipe the checkpoint is not."""
+    held = [n for n, m in model.named_modules() if isinstance(m, kind)]
+    plain = [name for _parent, _attr, name in projections(model)]
+    kept = {id(model.lm_head)} | {id(getattr(m, r)) for m in model.modules() if isinstance(m, SparseMoE)
+                                  for r in SparseMoE.ROUTERS if isinstance(getattr(m, r, None), nn.Module)}
+    extra = [n for n in held if id(model.get_submodule(n)) in kept]
+    if plain or extra:
+        what = [f"leaves {', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''} unquantized"] if plain else []
+        what += [f"quantizes {', '.join(extra[:3])}"] if extra else []
+        raise ValueError(f"recipe {recipe!r}: the checkpoint holds {len(held)} {word} projections and "
+                         f"{' and '.join(what)}, where the recipe quantizes every linear but lm_head and a mixture's "
+                         "routers; valid: none (evaluate this checkpoint where a server runs it, --base-url)")
+
+
 def shared_input_groups(model: CausalLM) -> list[tuple[nn.Module, list[str]]]:
     """(norm, names of the projections that read its output) for every decoder layer: q/k/v after
     input_layernorm, gate/up after the MLP's norm (``DecoderLayer.mlp_norm``: Llama's

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, SparseMoE
 from .api import handler, placement, register_module
-from .calibrate import calibrate, projections, shared_input_groups
+from .calibrate import calibrate, check_published_scope, projections, shared_input_groups
 from .configs import FP8DynamicConfig, FP8ModelOptConfig, FP8OfficialConfig
 
 E4M3_MAX = 448.0
@@ -346,7 +346,7 @@ def apply_fp8_dynamic(lm: LoadedModel, config: FP8DynamicConfig) -> None:
     published in that form loaded as it is, if its FP8 projections are the recipe's."""
     model = lm.model
     if model.config.compressed_fp8:
-        _check_published_scope(model)
+        check_published_scope(model, "fp8-dynamic", FP8RowwiseLinear, "FP8")
     else:
         for parent, attr, _name in projections(model):
             linear = getattr(parent, attr)
@@ -356,23 +356,6 @@ def apply_fp8_dynamic(lm: LoadedModel, config: FP8DynamicConfig) -> None:
     for m in model.modules():
         if isinstance(m, FP8RowwiseLinear):
             m.use_kernel = config.kernel == "scaled_mm"
-
-
-def _check_published_scope(model: CausalLM) -> None:
-    """A checkpoint in llm-compressor's FP8_DYNAMIC form runs as fp8-dynamic only where its FP8
-    projections are the recipe's (every linear but lm_head and a mixture's routers): its ignore
-    list may keep others out, and the run record would name a recipe the checkpoint is not."""
-    held = [n for n, m in model.named_modules() if isinstance(m, FP8RowwiseLinear)]
-    plain = [name for _parent, _attr, name in projections(model)]
-    kept = {id(model.lm_head)} | {id(getattr(m, r)) for m in model.modules() if isinstance(m, SparseMoE)
-                                  for r in SparseMoE.ROUTERS if isinstance(getattr(m, r, None), nn.Module)}
-    extra = [n for n in held if id(model.get_submodule(n)) in kept]
-    if plain or extra:
-        what = [f"leaves {', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''} unquantized"] if plain else []
-        what += [f"quantizes {', '.join(extra[:3])}"] if extra else []
-        raise ValueError(f"recipe 'fp8-dynamic': the checkpoint holds {len(held)} FP8 projections and "
-                         f"{' and '.join(what)}, where the recipe quantizes every linear but lm_head and a mixture's "
-                         "routers; valid: none (evaluate this checkpoint where a server runs it, --base-url)")
 
 
 @register_module

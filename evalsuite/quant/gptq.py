@@ -39,7 +39,7 @@ from ..engine.linear import project
 from ..engine.load import LoadedModel
 from ..engine.model import CausalLM, DecoderLayer
 from .api import handler
-from .calibrate import cached_tensors
+from .calibrate import cached_tensors, check_published_scope
 from .configs import INT4_KERNEL_MODES, Int4GPTQConfig
 from .int4 import INT4_MAX, INT4_MIN, Int4WeightOnlyLinear, pad_to_blocks
 from .int4_awq_asym import _layer_batches, _projection_names
@@ -175,6 +175,7 @@ def apply_gptq(lm: LoadedModel, config: Int4GPTQConfig) -> None:
     model = lm.model
     use_kernel, max_rows = config.kernel != "off", INT4_KERNEL_MODES[config.kernel]
     if model.config.compressed_int4 is not None:  # published in this form: its codes as they are, on this device's path
+        check_published_scope(model, "int4-gptq", Int4WeightOnlyLinear, "INT4")
         for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, Int4WeightOnlyLinear)]:
             parent, attr = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), attr, Int4WeightOnlyLinear(
