@@ -246,7 +246,7 @@ def test_gemma_awq_scales_fold_into_its_norms(gemma_dir, calib_file):
     post_attention_layernorm follows attention). Both AWQ forms fold their scales into those
     norms: unquantized, the folded model still computes transformers' logits."""
     from evalsuite.quant.int4_awq import smoothed
-    from evalsuite.quant.int4_awq_asym import Int4AutoAWQConfig, _layer_batches, fold_scales, search_layer
+    from evalsuite.quant.int4_awq_asym import Int4AutoAWQConfig, fold_scales, layer_batches, search_layer
 
     folder, hf = gemma_dir
     tokens = torch.randint(0, 400, (2, 30))
@@ -267,7 +267,7 @@ def test_gemma_awq_scales_fold_into_its_norms(gemma_dir, calib_file):
     lm = load(str(folder), "float32")
     model = lm.model
     seqs = [lm.tokenizer.encode(calib_file.read_text())[:24]] * 2
-    batches = _layer_batches(model, seqs)
+    batches = layer_batches(model, seqs)
     with torch.no_grad():
         for layer in model.model.layers:
             found = search_layer(layer, batches, Int4AutoAWQConfig(block_size=32))
@@ -414,7 +414,7 @@ def test_autoawq_scales_fold_into_a_mixture_of_experts(arch, calib_file, tmp_pat
     the norm's output divided by s with its weights untouched, so routing may change; each
     expert computes on x / s what it computed on x. And the folded model's logits are what
     transformers computes with the same weights."""
-    from evalsuite.quant.int4_awq_asym import Int4AutoAWQConfig, _layer_batches, fold_scales, search_layer
+    from evalsuite.quant.int4_awq_asym import Int4AutoAWQConfig, fold_scales, layer_batches, search_layer
 
     from .conftest import make_tokenizer, tiny_moe
 
@@ -425,7 +425,7 @@ def test_autoawq_scales_fold_into_a_mixture_of_experts(arch, calib_file, tmp_pat
     lm = load(str(tmp_path / arch), "float32")
     model = lm.model
     ids = lm.tokenizer.encode(calib_file.read_text())
-    batches = _layer_batches(model, [ids[i:i + 32] for i in range(0, 128, 32)])
+    batches = layer_batches(model, [ids[i:i + 32] for i in range(0, 128, 32)])
     x = torch.randn(50, 64)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -499,7 +499,8 @@ def test_olmo_quantizes_saves_and_loads(recipe, olmo_dir, calib_file, tmp_path, 
     from evalsuite.models import check_model_args
 
     with pytest.raises(ValueError, match=r"'int4-awq-asym'.*norm before them.*valid for this model: bf16, fp8-block, "
-                                         r"fp8-dynamic, fp8-modelopt, fp8-official, int4-awq, int4-gptq, int4-rtn, nvfp4$"):
+                                         r"fp8-dynamic, fp8-modelopt, fp8-official, int4-awq, int4-gptq, int4-rtn, "
+                                         r"nvfp4$"):
         check_model_args(str(olmo_dir), "int4-awq-asym", None)
     tokens = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(1))
     lm = load(str(olmo_dir), "float32")

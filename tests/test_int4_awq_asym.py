@@ -19,10 +19,10 @@ from evalsuite.quant.int4 import (
 )
 from evalsuite.quant.int4_awq_asym import (
     Int4AutoAWQConfig,
-    _layer_batches,
     duo_scale,
     fold_scales,
     group_weight_mean,
+    layer_batches,
     search_clip,
     search_layer,
     search_scale,
@@ -103,7 +103,7 @@ def test_clip_search_clips_a_weight_that_meets_no_input():
 
 def _calib_batches(lm, calib_file):
     ids = lm.tokenizer.encode(calib_file.read_text())
-    return _layer_batches(lm.model, [ids[i:i + 32] for i in range(0, 128, 32)])
+    return layer_batches(lm.model, [ids[i:i + 32] for i in range(0, 128, 32)])
 
 
 def test_folding_preserves_the_function_and_clip_skips_q_k(tiny_dir, calib_file):

@@ -42,7 +42,7 @@ from .api import handler
 from .calibrate import cached_tensors, check_published_scope
 from .configs import INT4_KERNEL_MODES, Int4GPTQConfig
 from .int4 import INT4_MAX, INT4_MIN, Int4WeightOnlyLinear, pad_to_blocks
-from .int4_awq_asym import _layer_batches, _projection_names
+from .int4_awq_asym import layer_batches, projection_names, put_modules
 
 SYMMETRIC_DIVISOR = 7.5  # compressed-tensors' symmetric scale: absmax / ((q_max - q_min) / 2), 4 bits: 15 / 2
 
@@ -126,18 +126,12 @@ def _layer_hessians(layer: DecoderLayer, names: list[str], batches, sequences: i
     """H of each named projection of ``layer`` over the calibration batches (the layer as it is)."""
     sums: dict[str, Tensor] = {}
     originals = {n: layer.get_submodule(n) for n in names}
-
-    def put(modules: dict[str, nn.Module]) -> None:
-        for n, m in modules.items():
-            parent, attr = n.rsplit(".", 1)
-            setattr(layer.get_submodule(parent), attr, m)
-
-    put({n: _HessianRecorder(m, n, sums) for n, m in originals.items()})
+    put_modules(layer, {n: _HessianRecorder(m, n, sums) for n, m in originals.items()})
     try:
         for x, cos, sin, step in batches:
             layer(x, cos, sin, step)
     finally:
-        put(originals)
+        put_modules(layer, originals)
     return {n: h / sequences for n, h in sums.items()}
 
 
@@ -146,10 +140,10 @@ def quantize_layers(model: CausalLM, sequences: list[list[int]], config: Int4GPT
     """Every projection's codes and scales (``<name>.codes``, ``<name>.scale``); layer i+1 is
     calibrated on the outputs of layer i quantized. The model's projections are left holding their
     dequantized weights."""
-    batches = _layer_batches(model, sequences)
+    batches = layer_batches(model, sequences)
     found: dict[str, Tensor] = {}
     for i, layer in enumerate(model.model.layers):
-        names = _projection_names(layer)
+        names = projection_names(layer)
         hessians = _layer_hessians(layer, names, batches, len(sequences))
         for name in names:
             linear = layer.get_submodule(name)
@@ -185,7 +179,7 @@ def apply_gptq(lm: LoadedModel, config: Int4GPTQConfig) -> None:
     settings = {k: v for k, v in config.__dict__.items() if k not in ("calibration", "kernel")}
     found = cached_tensors(lm, config.calibration, "gptq", settings, lambda seqs: quantize_layers(model, seqs, config))
     for i, layer in enumerate(model.model.layers):
-        for name in _projection_names(layer):
+        for name in projection_names(layer):
             linear, key = layer.get_submodule(name), f"model.layers.{i}.{name}"
             codes, scale = found[f"{key}.codes"], found[f"{key}.scale"]
             parent, attr = name.rsplit(".", 1)

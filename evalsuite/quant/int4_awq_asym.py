@@ -128,9 +128,16 @@ def _scale_groups(layer: DecoderLayer) -> list[tuple[str, nn.Module, list[str]]]
                      ("down", mlp.up_proj, ["mlp.down_proj"])]
 
 
-def _projection_names(layer: DecoderLayer) -> list[str]:
+def projection_names(layer: DecoderLayer) -> list[str]:
     """The layer's projections that the recipe quantizes (a mixture's routers stay as they are)."""
     return [n for n, m in layer.named_modules() if type(m) is nn.Linear and n not in MOE_ROUTERS]
+
+
+def put_modules(layer: DecoderLayer, modules: dict[str, nn.Module]) -> None:
+    """Set each of the layer's submodules named in ``modules`` (dotted names within the layer)."""
+    for n, m in modules.items():
+        parent, attr = n.rsplit(".", 1)
+        setattr(layer.get_submodule(parent), attr, m)
 
 
 class _Recorder(nn.Module):
@@ -152,17 +159,11 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
     attn, mlp = layer.self_attn, layer.mlp
     # the inputs of o_proj and of each down_proj (and of each expert's gate, which its up shares:
     # only the tokens routed to it)
-    recorded = [n for n in _projection_names(layer) if n.endswith(("o_proj", "down_proj"))
+    recorded = [n for n in projection_names(layer) if n.endswith(("o_proj", "down_proj"))
                 or (n.startswith("mlp.experts.") and n.endswith("gate_proj"))]
     seen: dict[str, list[Tensor]] = {n: [] for n in recorded}
     originals = {n: layer.get_submodule(n) for n in recorded}
-
-    def put(modules: dict[str, nn.Module]) -> None:
-        for n, m in modules.items():
-            parent, attr = n.rsplit(".", 1)
-            setattr(layer.get_submodule(parent), attr, m)
-
-    put({n: _Recorder(m, seen[n]) for n, m in originals.items()})
+    put_modules(layer, {n: _Recorder(m, seen[n]) for n, m in originals.items()})
     attn_in, attn_out, mlp_in, mlp_out = [], [], [], []
     try:
         for x, cos, sin, step in batches:
@@ -171,7 +172,7 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
             mlp_in.append(layer.mlp_input(layer.attention_residual(x, attn_out[-1])))
             mlp_out.append(mlp(mlp_in[-1]))
     finally:
-        put(originals)
+        put_modules(layer, originals)
 
     def inputs_of(name: str) -> list[Tensor]:
         if name in seen:
@@ -215,7 +216,7 @@ def search_layer(layer: DecoderLayer, batches: list[tuple[Tensor, Tensor, Tensor
 def _scaled_weights(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, Tensor]:
     """float32 copies of the layer's projection weights with the found scales applied (columns
     times s of their group, rows of a preceding linear divided by the next group's s)."""
-    weights = {n: layer.get_submodule(n).weight.detach().float().clone() for n in _projection_names(layer)}
+    weights = {n: layer.get_submodule(n).weight.detach().float().clone() for n in projection_names(layer)}
     for group, prev, names in _scale_groups(layer):
         s = found[f"{group}.scale"]
         for n in names:
@@ -240,7 +241,7 @@ def fold_scales(layer: DecoderLayer, found: dict[str, Tensor]) -> dict[str, Tens
     return _scaled_weights(layer, found)
 
 
-def _layer_batches(model: CausalLM, sequences: list[list[int]], max_batch_tokens: int = 4096):
+def layer_batches(model: CausalLM, sequences: list[list[int]], max_batch_tokens: int = 4096):
     """The calibration batches as the first layer's inputs: (embeddings, cos, sin, step)."""
     out = []
     for b in token_batches(sequences, max_batch_tokens):
@@ -253,7 +254,7 @@ def _layer_batches(model: CausalLM, sequences: list[list[int]], max_batch_tokens
 @torch.inference_mode()
 def search(model: CausalLM, sequences: list[list[int]], config: Int4AutoAWQConfig) -> dict[str, Tensor]:
     """Every layer's scales and clip values; layer i+1 sees the unquantized layer i's output."""
-    batches = _layer_batches(model, sequences)
+    batches = layer_batches(model, sequences)
     found: dict[str, Tensor] = {}
     for i, layer in enumerate(model.model.layers):
         found.update({f"model.layers.{i}.{k}": v for k, v in search_layer(layer, batches, config).items()})
