@@ -253,11 +253,12 @@ def cached(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, co
 
 
 def cached_tensors(lm: LoadedModel, spec: CalibrationSpec, kind: str, settings: dict, compute) -> dict[str, Tensor]:
-    """Like ``cached`` for a result of named tensors, kept as safetensors (provenance in its metadata)."""
+    """Like ``cached`` for a result of named tensors, kept as safetensors (provenance in its metadata);
+    read back onto the model's device, where ``compute`` makes them."""
     path = _cache_path(lm, spec, kind, settings, ".safetensors")
     if path.is_file():
         try:
-            return load_file(path)
+            return load_file(path, device=str(lm.model.device))
         except (SafetensorError, OSError) as e:
             log.warning("calibration cache entry %s is unreadable (%s); computing it again", path, e)
     seqs = corpus(lm, spec)
