@@ -215,21 +215,12 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
         dtype = model.model.embed_tokens.weight.dtype  # its scales are the weights' dtype, where the recipe's are exact
         for key in [k for k in tensors if k.endswith(".weight_scale")]:
             tensors[key] = tensors[key].to(dtype)
-        group = {"format": "float-quantized", "input_activations": dict(COMPRESSED_FP8_INPUTS),
-                 "output_activations": None, "targets": ["Linear"], "weights": dict(COMPRESSED_FP8_WEIGHTS)}
-        return {"config_groups": {"group_0": group}, "format": "float-quantized", "global_compression_ratio": None,
-                "ignore": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
-                "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
-                "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {}}, None
+        return _compressed_tensors_config(model, "float-quantized", dict(COMPRESSED_FP8_WEIGHTS),
+                                          dict(COMPRESSED_FP8_INPUTS)), None
     if recipe == "int4-gptq":  # what compressed-tensors' pack-quantized compressor writes for W4A16
         weights = dict(COMPRESSED_INT4_WEIGHTS) | {"group_size": config["block_size"], "observer": "memoryless_minmax",
                                                    "actorder": "static" if config["actorder"] else None}
-        group = {"format": "pack-quantized", "input_activations": None, "output_activations": None,
-                 "targets": ["Linear"], "weights": weights}
-        return {"config_groups": {"group_0": group}, "format": "pack-quantized", "global_compression_ratio": None,
-                "ignore": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
-                "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
-                "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {}}, None
+        return _compressed_tensors_config(model, "pack-quantized", weights, None), None
     if recipe == "int4-awq-asym":  # what AutoAWQ writes (its Mixtral keeps the routers, "gate", unquantized)
         return {"quant_method": "awq", "zero_point": True, "group_size": config["block_size"], "bits": 4,
                 "version": "gemm",
@@ -259,6 +250,18 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
     if algo == "W4A16_AWQ":
         hf_quant |= {"group_size": config["block_size"], "has_zero_point": False, "pre_quant_scale": True}
     return quantization, {"producer": producer, "quantization": hf_quant | {"exclude_modules": kept}}
+
+
+def _compressed_tensors_config(model: CausalLM, form: str, weights: dict[str, Any],
+                               inputs: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json's ``quantization_config`` as compressed-tensors writes it for one config group
+    of ``form`` targeting Linear, the linears left unquantized in ``ignore``."""
+    group = {"format": form, "input_activations": inputs, "output_activations": None, "targets": ["Linear"],
+             "weights": weights}
+    return {"config_groups": {"group_0": group}, "format": form, "global_compression_ratio": None,
+            "ignore": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
+            "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
+            "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {}}
 
 
 def _version() -> str:
