@@ -154,6 +154,10 @@ class ModelConfig:
     # pack-quantized; Red Hat's *-quantized.w4a16: symmetric INT4 weights in groups, inputs
     # unquantized), which loads as published (recipe int4-gptq): its group size
     compressed_int4: int | None = None
+    # a checkpoint in llm-compressor's W8A8 INT8 form (quant_method compressed-tensors, format
+    # int-quantized; Red Hat's *-quantized.w8a8: symmetric INT8 weights per output channel, inputs
+    # quantized per token at run time), which loads as published (recipe int8-w8a8)
+    compressed_int8: bool = False
     # a Model Optimizer checkpoint (quant_method modelopt, in config.json or hf_quant_config.json),
     # which loads as published: its quant_algo (MODELOPT_RECIPES: FP8 -> fp8-modelopt, NVFP4 ->
     # nvfp4, W4A16_AWQ -> int4-awq), W4A16_AWQ's group size, and whether its KV cache is FP8 (K and
@@ -225,6 +229,8 @@ class ModelConfig:
             return "fp8-dynamic"
         if self.compressed_int4 is not None:
             return "int4-gptq"
+        if self.compressed_int8:
+            return "int8-w8a8"
         return MODELOPT_RECIPES.get(self.modelopt)
 
     def layer_moe(self, layer: int) -> bool:
@@ -318,6 +324,7 @@ class ModelConfig:
                              ("embedding_multiplier", None), ("residual_multiplier", None), ("logits_scaling", None),
                              ("rope_layers", None), ("fp8_block", None), ("awq_group", None),
                              ("fbgemm_fp8_ub", None), ("compressed_fp8", False), ("compressed_int4", None),
+                             ("compressed_int8", False),
                              ("modelopt", None),
                              ("modelopt_group", None), ("modelopt_fp8_kv", False)):
             if d[key] == neutral:
@@ -363,11 +370,12 @@ class ModelConfig:
         fp8_block = _fp8_block(quant) if method == "fp8" else None
         awq_group = _awq_gemm(quant) if method == "awq" else None
         fbgemm_fp8_ub = _fbgemm_fp8(quant) if method == "fbgemm_fp8" else None
-        compressed_fp8, compressed_int4 = _compressed_tensors(quant) if method == "compressed-tensors" else \
-            (False, None)
+        compressed_form, compressed_int4 = _compressed_tensors(quant) if method == "compressed-tensors" else \
+            (None, None)
+        compressed_fp8, compressed_int8 = compressed_form == "float-quantized", compressed_form == "int-quantized"
         modelopt, modelopt_group, modelopt_fp8_kv = _modelopt(quant) if method == "modelopt" else (None, None, False)
         published = fp8_block is not None or awq_group is not None or fbgemm_fp8_ub is not None or \
-            compressed_fp8 or compressed_int4 is not None or modelopt is not None
+            compressed_fp8 or compressed_int4 is not None or compressed_int8 or modelopt is not None
         if quant and not published and not (model_type == "gpt_oss" and method == "mxfp4"):
             # its low-bit tensors and their scales would be read as plain weights
             raise UnsupportedModelError(
@@ -513,6 +521,7 @@ class ModelConfig:
             fbgemm_fp8_ub=fbgemm_fp8_ub,
             compressed_fp8=compressed_fp8,
             compressed_int4=compressed_int4,
+            compressed_int8=compressed_int8,
             modelopt=modelopt,
             modelopt_group=modelopt_group,
             modelopt_fp8_kv=modelopt_fp8_kv,
@@ -644,18 +653,24 @@ COMPRESSED_FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "channel",
 COMPRESSED_FP8_INPUTS = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True,
                          "group_size": None}
 COMPRESSED_INT4_WEIGHTS = {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True, "dynamic": False}
+COMPRESSED_INT8_WEIGHTS = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False,
+                           "group_size": None}
+COMPRESSED_INT8_INPUTS = {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True, "dynamic": True,
+                          "group_size": None}
 COMPRESSED_FORMS = {"float-quantized": (COMPRESSED_FP8_WEIGHTS, COMPRESSED_FP8_INPUTS),
-                    "pack-quantized": (COMPRESSED_INT4_WEIGHTS, None)}
+                    "pack-quantized": (COMPRESSED_INT4_WEIGHTS, None),
+                    "int-quantized": (COMPRESSED_INT8_WEIGHTS, COMPRESSED_INT8_INPUTS)}
 
 
-def _compressed_tensors(quant: dict[str, Any]) -> tuple[bool, int | None]:
+def _compressed_tensors(quant: dict[str, Any]) -> tuple[str, int | None]:
     """A compressed-tensors checkpoint (``quant_method: compressed-tensors``) loads as published in
     llm-compressor's FP8_DYNAMIC form (format float-quantized: weights E4M3 per output channel,
-    inputs E4M3 per token, dynamic) or its W4A16 form (format pack-quantized: weights symmetric
-    INT4 in groups, inputs unquantized, no g_idx), with one config group targeting Linear and no KV
-    cache scheme. Returns (FP8_DYNAMIC, W4A16's group size). Another scheme (INT8, asymmetric or
-    activation-ordered INT4, static or per-tensor FP8, an FP8 KV cache, several groups) is refused,
-    naming what differs."""
+    inputs E4M3 per token, dynamic), its W4A16 form (format pack-quantized: weights symmetric INT4
+    in groups, inputs unquantized, no g_idx) or its W8A8 INT8 form (format int-quantized: weights
+    symmetric INT8 per output channel, inputs INT8 per token, dynamic), with one config group
+    targeting Linear and no KV cache scheme. Returns (the format, W4A16's group size). Another
+    scheme (asymmetric or activation-ordered INT4, static or per-tensor FP8 or INT8, an FP8 KV
+    cache, several groups) is refused, naming what differs."""
     groups = quant.get("config_groups") or {}
     form = quant.get("format")
     differs = []
@@ -699,10 +714,12 @@ def _compressed_tensors(quant: dict[str, Any]) -> tuple[bool, int | None]:
             "llm-compressor's FP8_DYNAMIC (format float-quantized: weights 8-bit float per channel, static; "
             "input_activations 8-bit float per token, dynamic) with --recipe fp8-dynamic and its W4A16 (format "
             "pack-quantized: weights 4-bit int, symmetric, per group, static, actorder static, weight or none; "
-            "input_activations not quantized) with --recipe int4-gptq, each with one config group targeting Linear "
+            "input_activations not quantized) with --recipe int4-gptq and its W8A8 INT8 (format int-quantized: "
+            "weights 8-bit int, symmetric, per channel, static; input_activations 8-bit int, symmetric, per token, "
+            "dynamic) with --recipe int8-w8a8, each with one config group targeting Linear "
             "and no KV cache scheme: load the unquantized model and name the recipe, or evaluate this checkpoint "
             "where a server runs it (--base-url)")
-    return form == "float-quantized", group_size
+    return form, group_size
 
 
 def _modelopt(quant: dict[str, Any]) -> tuple[str, int | None, bool]:

@@ -25,6 +25,7 @@ from .configs import (
     Int4AutoAWQConfig,
     Int4AWQConfig,
     Int4GPTQConfig,
+    Int8W8A8Config,
     NVFP4Config,
     Unquantized,
 )
@@ -111,7 +112,7 @@ def module_types() -> dict[str, type]:
 # recipes whose quantized model ``quantize --format hf`` writes as their published checkpoints are
 # written (checkpoint.save_hf), for the engines that serve those
 HF_EXPORTS = ("fp8-block", "fp8-dynamic", "fp8-modelopt", "fp8-official", "int4-awq", "int4-awq-asym", "int4-gptq",
-              "nvfp4")
+              "int8-w8a8", "nvfp4")
 
 
 def check_hf_export(recipe: str) -> None:
@@ -215,7 +216,7 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
     A published low-bit checkpoint runs as published, with the recipe of its form and its block:
     fine-grained FP8 as fp8-block, AutoAWQ's GEMM form as int4-awq-asym, Meta's FP8 (fbgemm_fp8) as
     fp8-official with the checkpoint's activation_scale_ub, llm-compressor's FP8_DYNAMIC as
-    fp8-dynamic, its W4A16 as int4-gptq, Model Optimizer's forms as
+    fp8-dynamic, its W4A16 as int4-gptq, its W8A8 INT8 as int8-w8a8, Model Optimizer's forms as
     its recipes here with the settings that form holds (``_modelopt_misfit``)."""
     if cfg.modelopt is not None:
         return _modelopt_misfit(config, cfg)
@@ -234,6 +235,12 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
             return ("the checkpoint is published in compressed-tensors' FP8_DYNAMIC form (llm-compressor: E4M3 weights "
                     "with a scale per output channel, inputs per token), which runs as published (--recipe "
                     "fp8-dynamic); load the unquantized model for other recipes")
+        return None
+    if cfg.compressed_int8:
+        if not isinstance(config, Int8W8A8Config):
+            return ("the checkpoint is published in compressed-tensors' W8A8 INT8 form (llm-compressor: INT8 weights "
+                    "with a scale per output channel, inputs per token), which runs as published (--recipe int8-w8a8); "
+                    "load the unquantized model for other recipes")
         return None
     if cfg.compressed_int4 is not None:
         if not isinstance(config, Int4GPTQConfig):
@@ -266,6 +273,9 @@ def _misfit(config: Any, cfg: ModelConfig) -> str | None:
                       for name, _out, inp in cfg.layer_projections(i) if inp % 16})
         if odd:
             return f"FP4 blocks of 16 along the input do not tile {', '.join(odd[:3])}"
+    if cfg.olmo and isinstance(config, Int8W8A8Config) and config.smoothquant:
+        return (f"SmoothQuant divides the norm before q/k/v and gate/up by its scales, and {cfg.architecture}'s layer "
+                f"has none there; valid: --recipe-config smoothquant=false")
     if cfg.olmo and isinstance(config, Int4AutoAWQConfig):
         return (f"AutoAWQ folds its q/k/v and gate/up scales into the norm before them, and {cfg.architecture}'s "
                 f"layer has none there")
@@ -346,7 +356,7 @@ def _unquantized(lm: LoadedModel, config: Unquantized) -> None:
 def _load_handlers() -> None:
     """Import the built-in recipe modules (they import torch, and register their handlers and
     module types on import)."""
-    from . import fp8, fp8_block, gptq, int4_awq, int4_awq_asym, nvfp4  # noqa: F401
+    from . import fp8, fp8_block, gptq, int4_awq, int4_awq_asym, int8, nvfp4  # noqa: F401
 
 
 register(Recipe("bf16", "unquantized reference in the engine dtype (bfloat16 by default)", Unquantized()))
@@ -392,3 +402,7 @@ register(Recipe("int4-gptq", "llm-compressor GPTQ, W4A16 (compressed-tensors pac
                 "*-quantized.w4a16 checkpoints): weight-only symmetric INT4 [-8, 7], groups of 128 with min-max "
                 "scales, columns rounded in order of activation with the error spread by the inverse Hessian, layer "
                 "by layer on the quantized layers' outputs; lm_head BF16", Int4GPTQConfig()))
+register(Recipe("int8-w8a8", "llm-compressor W8A8 INT8 (compressed-tensors int-quantized, Red Hat's "
+                "*-quantized.w8a8 checkpoints): SmoothQuant (alpha 0.8) into the norms before q/k/v and gate/up, "
+                "then all linears but lm_head with INT8 weights per output channel rounded by GPTQ, inputs INT8 per "
+                "token at run time as vLLM's kernels quantize them; int32 sums; KV cache BF16", Int8W8A8Config()))

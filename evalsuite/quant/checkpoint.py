@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from ..assets import file_sha256
-from ..engine.config import COMPRESSED_FP8_INPUTS, COMPRESSED_FP8_WEIGHTS, COMPRESSED_INT4_WEIGHTS
+from ..engine.config import (
+    COMPRESSED_FP8_INPUTS,
+    COMPRESSED_FP8_WEIGHTS,
+    COMPRESSED_INT4_WEIGHTS,
+    COMPRESSED_INT8_INPUTS,
+    COMPRESSED_INT8_WEIGHTS,
+)
 from ..engine.load import (
     LoadedModel,
     ModelInfo,
@@ -90,6 +96,9 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     int4-gptq: llm-compressor's W4A16 as compressed-tensors writes it (format pack-quantized), each
     projection's ``weight_packed`` (eight codes to an int32), ``weight_scale`` per group in the
     model's dtype and ``weight_shape``;
+    int8-w8a8: llm-compressor's W8A8 INT8 as compressed-tensors writes it (format int-quantized),
+    each projection's int8 ``weight`` beside its ``weight_scale`` [out, 1] in the model's dtype, and
+    the norms SmoothQuant divided, as they are;
     int4-awq-asym: AutoAWQ's GEMM form, ``qweight`` and ``qzeros`` packed eight to an int32 and
     FP16 ``scales`` (the recipe's codes, zero points and scales, which are FP16 values);
     fp8-modelopt: Model Optimizer's HF export, each projection's E4M3 ``weight`` with scalar
@@ -110,6 +119,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     from .fp8 import FP8RowwiseLinear, FP8StaticLinear
     from .fp8_block import FP8BlockLinear
     from .int4 import Int4WeightOnlyLinear
+    from .int8 import Int8W8A8Linear
     from .nvfp4 import NVFP4Linear
 
     check_hf_export(recipe["name"])
@@ -119,7 +129,7 @@ def save_hf(lm: LoadedModel, recipe: dict[str, Any], out: Path) -> Path:
     misfit = hf_export_misfit(recipe["name"], config, model.config)
     if misfit:
         raise ValueError(f"--format hf: {misfit}")
-    kinds = (FP8BlockLinear, Int4WeightOnlyLinear, FP8StaticLinear, NVFP4Linear, FP8RowwiseLinear)
+    kinds = (FP8BlockLinear, Int4WeightOnlyLinear, FP8StaticLinear, NVFP4Linear, FP8RowwiseLinear, Int8W8A8Linear)
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
     source = set()
     for f in weight_files(Path(lm.folder)):
@@ -160,6 +170,7 @@ def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module], recipe:
     from .calibrate import shared_input_groups
     from .fp8 import FP8RowwiseLinear, FP8StaticLinear
     from .fp8_block import FP8BlockLinear
+    from .int8 import Int8W8A8Linear
     from .nvfp4 import NVFP4Linear
     from .published import awq_pack, modelopt_int4_pack, pack_int32
 
@@ -176,6 +187,8 @@ def _published_tensors(model: CausalLM, quantized: dict[str, nn.Module], recipe:
             tensors[f"{name}.input_scale"] = torch.tensor(group_input.get(name, m.input_scale), dtype=torch.float32)
         elif isinstance(m, FP8RowwiseLinear):
             tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = m.qweight, m.weight_scale[:, None]
+        elif isinstance(m, Int8W8A8Linear):  # the scales in the model's dtype, where the recipe's are exact
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = m.codes, m.scale[:, None].to(m.act_dtype)
         elif isinstance(m, NVFP4Linear):
             exported, attrs = m.export()
             tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = exported["weight_packed"], m.block_scale
@@ -221,6 +234,10 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
         weights = dict(COMPRESSED_INT4_WEIGHTS) | {"group_size": config["block_size"], "observer": "memoryless_minmax",
                                                    "actorder": "static" if config["actorder"] else None}
         return _compressed_tensors_config(model, "pack-quantized", weights, None), None
+    if recipe == "int8-w8a8":  # what compressed-tensors' int-quantized compressor writes for W8A8
+        actorder = "static" if config["gptq"] and config["actorder"] else None
+        weights = dict(COMPRESSED_INT8_WEIGHTS) | {"observer": "memoryless_minmax", "actorder": actorder}
+        return _compressed_tensors_config(model, "int-quantized", weights, dict(COMPRESSED_INT8_INPUTS)), None
     if recipe == "int4-awq-asym":  # what AutoAWQ writes (its Mixtral keeps the routers, "gate", unquantized)
         return {"quant_method": "awq", "zero_point": True, "group_size": config["block_size"], "bits": 4,
                 "version": "gemm",

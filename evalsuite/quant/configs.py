@@ -33,7 +33,8 @@ class CalibrationSpec:
 
 def calibrates(config) -> bool:
     """Whether applying a recipe config reads calibration text (int4-rtn's, AWQ's without AWQ, does not)."""
-    return hasattr(config, "calibration") and getattr(config, "awq", True)
+    return hasattr(config, "calibration") and getattr(config, "awq", True) and \
+        (getattr(config, "smoothquant", True) or getattr(config, "gptq", True))
 
 
 def coerce_calibration(config) -> None:
@@ -224,6 +225,49 @@ class Int4GPTQConfig:
         check_kernel_mode(self.kernel)
         if self.block_size < 1 or self.gptq_block < 1:
             raise ValueError(f"block_size and gptq_block must be >= 1, got {self.block_size}, {self.gptq_block}")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"dampening={self.dampening}; valid: 0 <= dampening < 1 (llm-compressor's default 0.01)")
+        coerce_calibration(self)
+
+
+# --- INT8 W8A8 ------------------------------------------------------------------------------
+
+INT8_KERNELS = ("auto", "int_mm", "off")
+
+
+@dataclass(frozen=True)
+class Int8W8A8Config:
+    """llm-compressor's W8A8 INT8 (compressed-tensors ``int-quantized``; Red Hat's *-quantized.w8a8
+    models, which vLLM serves with INT8 GEMMs): every linear but lm_head (and a mixture's routers)
+    with symmetric INT8 weights, one scale per output channel (absmax / 127.5 in the model's dtype),
+    and inputs quantized per token at run time (absmax / 127, as vLLM's kernel does it).
+    ``smoothquant``: SmoothQuant first (Xiao et al., 2022), as llm-compressor's SmoothQuantModifier:
+    per input channel of q/k/v and of gate/up (attention only in a mixture's layers), s =
+    range^α / (2·max|w|)^(1-α) from the calibration inputs' range, the norm before them divided by s
+    and their weights multiplied by it; α is ``smoothing_strength`` (0.8, llm-compressor's W8A8
+    example). ``gptq``: the weights rounded by GPTQ (``actorder``, ``dampening``, ``gptq_block`` as
+    int4-gptq's), layer by layer on the quantized layers' outputs; off, rounded plainly.
+    ``kernel``: the INT8 product by ``torch._int_mm`` (int32 sums; ``auto``: on CUDA only) or by
+    float32 GEMMs over slices of 1,024 inputs, whose sums of integer products are exact: the same
+    numbers either way."""
+
+    smoothquant: bool = True
+    smoothing_strength: float = 0.8
+    gptq: bool = True
+    actorder: bool = True
+    dampening: float = 0.01
+    gptq_block: int = 128
+    calibration: CalibrationSpec = CalibrationSpec()
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in INT8_KERNELS:
+            raise ValueError(f"kernel={self.kernel!r}; valid: {', '.join(INT8_KERNELS)}")
+        if not 0 <= self.smoothing_strength <= 1:
+            raise ValueError(f"smoothing_strength={self.smoothing_strength}; valid: 0 to 1 (llm-compressor's W8A8 "
+                             "example: 0.8)")
+        if self.gptq_block < 1:
+            raise ValueError(f"gptq_block must be >= 1, got {self.gptq_block}")
         if not 0 <= self.dampening < 1:
             raise ValueError(f"dampening={self.dampening}; valid: 0 <= dampening < 1 (llm-compressor's default 0.01)")
         coerce_calibration(self)

@@ -47,12 +47,13 @@ from .int4_awq_asym import layer_batches, projection_names, put_modules
 SYMMETRIC_DIVISOR = 7.5  # compressed-tensors' symmetric scale: absmax / ((q_max - q_min) / 2), 4 bits: 15 / 2
 
 
-def group_scales(w: Tensor, block_size: int) -> Tensor:
+def group_scales(w: Tensor, block_size: int, divisor: float = SYMMETRIC_DIVISOR) -> Tensor:
     """Scales [out, groups] in w's dtype, as compressed-tensors' ``calculate_qparams`` makes them
-    from each group's min and max (zero padding of a partial group changes neither)."""
+    from each group's min and max (zero padding of a partial group changes neither): absmax over
+    ``divisor``, half the code range (7.5 for 4 bits, 127.5 for 8)."""
     blocks = pad_to_blocks(w, block_size).view(w.shape[0], -1, block_size)
     absmax = torch.maximum(blocks.amin(dim=-1).clamp(max=0).abs(), blocks.amax(dim=-1).clamp(min=0))
-    scale = absmax / torch.tensor(SYMMETRIC_DIVISOR, dtype=w.dtype, device=w.device)
+    scale = absmax / torch.tensor(divisor, dtype=w.dtype, device=w.device)
     return torch.where(scale == 0, torch.finfo(w.dtype).eps, scale)
 
 
@@ -72,10 +73,11 @@ def _inverse_hessian_factor(h: Tensor, dampening: float) -> tuple[Tensor, Tensor
 
 
 def gptq_codes(w: Tensor, hessian: Tensor | None, scale: Tensor, block_size: int, *, actorder: bool = True,
-               dampening: float = 0.01, gptq_block: int = 128) -> Tensor:
-    """GPTQ's INT4 codes [out, in] (int8 in [-8, 7]) for weight ``w`` with group scales ``scale``
-    (``group_scales``) and Hessian ``hessian`` [in, in] (None: plain rounding), as steps 2-3 of
-    the module's docstring describe."""
+               dampening: float = 0.01, gptq_block: int = 128, code_range: tuple[int, int] = (INT4_MIN, INT4_MAX)
+               ) -> Tensor:
+    """GPTQ's codes [out, in] (int8 in ``code_range``, INT4's [-8, 7] by default) for weight ``w``
+    with group scales ``scale`` (``group_scales``) and Hessian ``hessian`` [in, in] (None: plain
+    rounding), as steps 2-3 of the module's docstring describe."""
     rows, cols = w.shape
     W = w.float().clone()
     group = torch.arange(cols, device=w.device) // block_size
@@ -95,7 +97,7 @@ def gptq_codes(w: Tensor, hessian: Tensor | None, scale: Tensor, block_size: int
         errors = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col, s = W1[:, i], scale[:, group[i1 + i]]
-            code = torch.round(torch.clamp(col / s, INT4_MIN, INT4_MAX))
+            code = torch.round(torch.clamp(col / s, *code_range))
             q = (code.to(s.dtype) * s).float()  # dequantized in the scale's (the model's) dtype
             err = (col - q) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
@@ -122,7 +124,7 @@ class _HessianRecorder(nn.Module):
         return project(self.inner, x)
 
 
-def _layer_hessians(layer: DecoderLayer, names: list[str], batches, sequences: int) -> dict[str, Tensor]:
+def layer_hessians(layer: DecoderLayer, names: list[str], batches, sequences: int) -> dict[str, Tensor]:
     """H of each named projection of ``layer`` over the calibration batches (the layer as it is)."""
     sums: dict[str, Tensor] = {}
     originals = {n: layer.get_submodule(n) for n in names}
@@ -144,7 +146,7 @@ def quantize_layers(model: CausalLM, sequences: list[list[int]], config: Int4GPT
     found: dict[str, Tensor] = {}
     for i, layer in enumerate(model.model.layers):
         names = projection_names(layer)
-        hessians = _layer_hessians(layer, names, batches, len(sequences))
+        hessians = layer_hessians(layer, names, batches, len(sequences))
         for name in names:
             linear = layer.get_submodule(name)
             w = linear.weight.detach()

@@ -23,6 +23,10 @@ nothing is quantized again.
   int32 along the input (column 8j + i in bits 4i..4i+3), ``weight_scale`` [out, in / g] in the
   model's dtype, ``weight_shape`` [out, in]; w = q·scale
       -> int4-gptq's ``Int4WeightOnlyLinear``
+  llm-compressor's W8A8 INT8 (``quant_method: compressed-tensors``, format int-quantized; Red Hat's
+  *-quantized.w8a8, SmoothQuant and GPTQ): an int8 ``weight`` [out, in] with a ``weight_scale``
+  [out, 1] in the model's dtype, inputs quantized per token at run time
+      -> int8-w8a8's ``Int8W8A8Linear``
   Model Optimizer's checkpoints (``quant_method: modelopt``, in config.json or hf_quant_config.json),
   with K and V cache scales where their KV cache is FP8 (``k_proj.k_scale`` and ``v_proj.v_scale``,
   or ``self_attn.k_scale`` and ``v_scale``; -> ``FP8StaticQuantizer``):
@@ -76,6 +80,8 @@ def take(cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, folder:
         return _fp8_rows(math.inf, "llm-compressor's FP8_DYNAMIC", state, dtype, folder)
     if cfg.compressed_int4 is not None:
         return _packed_int4(cfg.compressed_int4, state, dtype, folder)
+    if cfg.compressed_int8:
+        return _int8_rows(state, dtype, folder)
     if cfg.modelopt is not None:
         return _modelopt(cfg, state, dtype, folder)
     stray = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
@@ -166,6 +172,30 @@ def _fp8_rows(bound: float, form: str, state: dict[str, Tensor], dtype: torch.dt
     if not built:
         raise ModelLoadError(f"config.json in {folder} declares {form}, and no weight there has a weight_scale")
     _refuse_unscaled(state, "weight_scale", folder)
+    return built
+
+
+def _int8_rows(state: dict[str, Tensor], dtype: torch.dtype, folder: Path | str) -> dict[str, Builder]:
+    """Each INT8 ``weight`` beside its per-row ``weight_scale`` [out, 1]; inputs per token."""
+    from .int8 import Int8W8A8Linear
+
+    form = "llm-compressor's W8A8 INT8"
+    built: dict[str, Builder] = {}
+    for key in [k for k in state if k.endswith(".weight_scale")]:
+        name, scale = key.removesuffix(".weight_scale"), state.pop(key)
+        codes = state.pop(f"{name}.weight", None)
+        if codes is None or codes.dtype != torch.int8 or codes.dim() != 2:
+            raise ModelLoadError(f"{key} in {folder} scales no 2-D INT8 weight ({name}.weight: "
+                                 f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
+        _refuse_embeddings(name, "INT8", folder)
+        if not scale.is_floating_point() or tuple(scale.shape) not in ((codes.shape[0], 1), (codes.shape[0],)):
+            raise ModelLoadError(f"{key} in {folder} is {tuple(scale.shape)} {scale.dtype}; {form} has one scale "
+                                 f"per output row of the {tuple(codes.shape)} weight: ({codes.shape[0]}, 1)")
+        built[name] = _replacing(name, tuple(codes.shape), folder, lambda bias, codes=codes, scale=scale.float():
+                                 Int8W8A8Linear(codes, scale.reshape(-1), bias, dtype))
+    if not built:
+        raise ModelLoadError(f"config.json in {folder} declares {form}, and no weight there has a weight_scale")
+    _refuse_unscaled(state, "weight_scale", folder, (torch.int8,))
     return built
 
 
