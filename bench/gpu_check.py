@@ -176,9 +176,10 @@ def projection_parity(model) -> str:
     random rows: the kernel's own error, which whole-model logits amplify through random layers."""
     from evalsuite.quant.fp8 import FP8RowwiseLinear, FP8StaticLinear
     from evalsuite.quant.int4 import Int4WeightOnlyLinear
+    from evalsuite.quant.int8 import Int8W8A8Linear
 
     m = model.model.layers[1].mlp.down_proj
-    if not isinstance(m, (FP8StaticLinear, FP8RowwiseLinear, Int4WeightOnlyLinear)):
+    if not isinstance(m, (FP8StaticLinear, FP8RowwiseLinear, Int4WeightOnlyLinear, Int8W8A8Linear)):
         return f"n/a ({type(m).__name__}: no kernel)"
     x = torch.randn(64, m.in_features if hasattr(m, "in_features") else m.qweight.shape[1],
                     dtype=torch.bfloat16, device=model.device)
@@ -195,6 +196,12 @@ def projection_parity(model) -> str:
                 real = m(x).float()
             with int4_rows(model, 0):
                 sim = m(x).float()
+        else:  # INT8: torch._int_mm's int32 sums against the float32 slices' (both exact)
+            kernel, m.kernel = m.kernel, "int_mm"
+            real = m(x).float()
+            m.kernel = "off"
+            sim = m(x).float()
+            m.kernel = kernel
     return f"{((real - sim).norm() / sim.norm()).item():.1e}"
 
 

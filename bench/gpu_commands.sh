@@ -134,6 +134,11 @@ step export-nvfp4 $EVALSUITE quantize --model "$MODEL" --recipe nvfp4 --device "
     --output "$WORK/nvfp4-hf"
 step mmlu-published-nvfp4 "${run[@]}" mmlu --model "$WORK/nvfp4-hf" --recipe nvfp4 "${common[@]}" \
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-nvfp4"
+# llm-compressor's W8A8 INT8: SmoothQuant and GPTQ on the device, products by torch._int_mm on CUDA
+step export-int8-w8a8 $EVALSUITE quantize --model "$MODEL" --recipe int8-w8a8 --device "$DEVICE" --format hf \
+    --output "$WORK/int8-w8a8-hf"
+step mmlu-published-int8-w8a8 "${run[@]}" mmlu --model "$WORK/int8-w8a8-hf" --recipe int8-w8a8 "${common[@]}" \
+    --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int8-w8a8"
 
 [ ${#skipped[@]} -eq 0 ] || echo "skipped steps: ${skipped[*]}"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -8,18 +8,23 @@ alternative in the same run (medians of repeated calls):
     CPU's real FP8 routes (torch._scaled_mm; oneDNN's FP8 qlinear where this torch has it);
   * the packed INT4 kernel against a BF16 product on the dequantized weight at 1 to 64 rows: the
     crossover behind configs.KERNEL_MAX_ROWS;
+  * the INT8 product (int8-w8a8) at 1 to 512 rows on SmolLM2's shapes, its int32 sums from
+    ``torch._int_mm`` against float32 GEMMs over slices of 1,024 inputs (the engine's CPU route;
+    the same numbers, checked here), the per-token input quantization included, against the BF16
+    product of the same shape;
   * the explicit attention path's two products (quantized attention, fp8-modelopt) for one
     SmolLM2 layer at 512 tokens: torch's BF16 matmul against the engine's ``matmul``;
   * RMSNorm in BF16 over 4,096 SmolLM2 rows, in three forms: ``F.rms_norm`` with the weight
     (one rounding), transformers' two roundings through a float32 copy, and the engine's
     (``F.rms_norm`` without the weight, then times it: transformers' values, checked here).
 
-    python bench/micro_kernels.py [--reps 20] [--only attention|norm]
+    python bench/micro_kernels.py [--reps 20] [--only int8|attention|norm]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -101,6 +106,29 @@ def int4_crossover(reps: int) -> None:
             print(f"  {out}x576  {rows:3d}  {k:7.3f}  {d:7.3f}  {d / k:5.2f}x")
 
 
+def int8_products(reps: int) -> None:
+    from evalsuite.quant.int8 import Int8W8A8Linear
+
+    print("\nINT8 W8A8 product (input quantization included): ms, int32 sums by torch._int_mm / by float32 slices, "
+          "and the BF16 product of the same shape (the engine's route)")
+    print("  shape, rows, _int_mm ms, float32-slices ms, BF16 ms, slices / BF16")
+    for out, inp in ((1536, 576), (576, 1536)):
+        codes = torch.randint(-128, 128, (out, inp), dtype=torch.int8)
+        m = Int8W8A8Linear(codes, torch.rand(out) / 100, None, torch.bfloat16)
+        wb = (codes.float() / 100).bfloat16()
+        engine_linear.float32_copy(wb)
+        for rows in (1, 4, 64, 512):
+            x = torch.randn(rows, inp).bfloat16()
+            m.kernel = "int_mm"
+            a, ya = median_ms(lambda: m(x), reps), m(x)
+            m.kernel = "off"
+            b, yb = median_ms(lambda: m(x), reps), m(x)
+            assert torch.equal(ya, yb), "the two routes differ"
+            with engine_linear.decode_kernels(rows) if rows <= 4 else contextlib.nullcontext():  # decode / scoring
+                d = median_ms(lambda: engine_linear.linear(x, wb), reps)
+            print(f"  {out}x{inp}  {rows:4d}  {a:8.3f}  {b:8.3f}  {d:8.3f}  {b / d:5.2f}x")
+
+
 def attention_products(reps: int) -> None:
     """SmolLM2's 9 query heads over 3 KV heads (3 per group), head dim 64, 512 tokens."""
     q = torch.randn(1, 3, 3 * 512, 64).bfloat16()
@@ -131,7 +159,7 @@ def norms(reps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--only", choices=("attention", "norm"), default=None)
+    p.add_argument("--only", choices=("int8", "attention", "norm"), default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -140,6 +168,8 @@ def main() -> None:
             e4m3(args.reps)
             fp8_product(args.reps)
             int4_crossover(args.reps)
+        if args.only in (None, "int8"):
+            int8_products(args.reps)
         if args.only in (None, "attention"):
             attention_products(args.reps)
         if args.only in (None, "norm"):

@@ -110,6 +110,13 @@ def kernel_path(recipe: dict[str, Any], model) -> str:
     if name == "fp8-block":  # torch's block-scaled FP8 GEMM is not wired: simulated on every device
         return "FP8 block-scaled simulated: E4M3 values times their input-group and weight-tile scales in a " \
                "float32 GEMM, rounded to the activation dtype"
+    if name == "int8-w8a8":
+        uses = [m.uses_int_mm for m in model.modules() if hasattr(m, "uses_int_mm")]
+        exact = "INT8 codes in float32 GEMMs over slices of 1,024 inputs (exact int32 sums)"
+        path = "INT8 torch._int_mm (int32 sums)" if all(uses) else exact
+        if any(uses) and not all(uses):
+            path += f"; torch._int_mm in {sum(uses)} of {len(uses)} projections"
+        return path + ", inputs quantized per token at run time"
     if not name.startswith(("fp8", "int4")):
         return dense
     fp8 = name.startswith("fp8")

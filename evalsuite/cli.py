@@ -93,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="evalsuite: the engine's checkpoint (any recipe, loads back as saved); hf: the form the "
                          "recipe's published checkpoints take, for vLLM, SGLang, TensorRT-LLM and transformers "
                          "(fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, int4-awq, int4-awq-asym, int4-gptq, "
-                         "nvfp4)")
+                         "int8-w8a8, nvfp4)")
 
     from .plan import GPUS, PLAN_RECIPES
 

@@ -14,7 +14,9 @@ holds the two equal). Everything a recipe leaves alone is BF16, a tied embedding
   int4-rtn       the same without the pre-scale;
   int4-awq-asym  as int4-rtn plus a 4-bit zero point per block (AutoAWQ's layout; the AWQ scales
                  are folded into the weights);
-  int4-gptq      as int4-rtn (GPTQ changes the codes, not their layout).
+  int4-gptq      as int4-rtn (GPTQ changes the codes, not their layout);
+  int8-w8a8      every projection: 1 byte per weight and a float32 scale per output channel
+                 (SmoothQuant's scales are folded into the norms).
 The engine keeps INT4 block scales in float32; deployed INT4 kernels hold them in 16 bits, which
 would save 2 bytes per 128 weights (under 1%).
 KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes per element, per token.
@@ -52,7 +54,7 @@ GPUS = {
     "h100": GPU(80.0, (9, 0)), "h200": GPU(141.0, (9, 0)), "b200": GPU(180.0, (10, 0)),
 }
 PLAN_RECIPES = ("bf16", "fp8-official", "fp8-dynamic", "fp8-modelopt", "fp8-block", "nvfp4", "int4-awq", "int4-rtn",
-                "int4-awq-asym", "int4-gptq")
+                "int4-awq-asym", "int4-gptq", "int8-w8a8")
 NVFP4_BLOCK = 16
 FP8_BLOCK = 128
 INT4_BLOCK = 128
@@ -110,7 +112,7 @@ PRESCALED = ("self_attn.o_proj", "down_proj")  # an expert's down_proj too
 
 def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> int:
     """Bytes of one quantized projection's weight and scales (its bias, if any, stays BF16)."""
-    if recipe in ("fp8-official", "fp8-dynamic"):  # a float32 scale per output row, as the kernels hold it
+    if recipe in ("fp8-official", "fp8-dynamic", "int8-w8a8"):  # a float32 scale per output row, as kernels hold it
         return out * inp + 4 * out
     if recipe == "fp8-modelopt":
         return out * inp + 4 + 4

@@ -395,7 +395,7 @@ def test_awq_recipes_refuse_a_mixture_of_experts_before_calibrating(arch, recipe
 
     why = {"qwen2_moe": "shared expert's and the routed experts' scales", "gpt_oss": "clamp gate and up"}.get(
         arch) if recipe == "int4-awq-asym" else "mixture of experts"
-    fits = "int4-awq-asym, int4-gptq, int4-rtn" if arch == "mixtral" else "int4-gptq, int4-rtn"
+    fits = "int4-awq-asym, int4-gptq, int4-rtn, int8-w8a8" if arch == "mixtral" else "int4-gptq, int4-rtn, int8-w8a8"
     refusal = (f"recipe '{recipe}'.*{why}.*valid for this model: bf16, fp8-block, fp8-dynamic, fp8-modelopt, "
                f"fp8-official, {fits}, nvfp4$")
     with pytest.raises(ValueError, match=refusal):  # what a command checks before it loads the model

@@ -142,7 +142,7 @@ BAD_ARGUMENTS = [
     (["quantize", "--output", "a-file"], 2, "--output a-file: a file is there"),
     (["quantize", "--recipe", "int4-rtn", "--format", "hf", "--output", "x"], 2,
      "--format hf: recipe 'int4-rtn' has no HF export here; valid: fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, "
-     "int4-awq, int4-awq-asym, int4-gptq, nvfp4"),
+     "int4-awq, int4-awq-asym, int4-gptq, int8-w8a8, nvfp4"),
     (["quantize", "--output", "a-folder"], 2, "--output a-folder: the folder holds files that are no quantized"),
     (["runs", "--index", "no-such-dir/index.sqlite"], 2, "--index no-such-dir/index.sqlite: no run index there"),
     (["compare", "no-such-run", "other"], 3, "'no-such-run' is neither a run folder"),

@@ -65,7 +65,7 @@ FAMILIES = {  # each family's own code: its RoPE tables, embedding scale, window
 @pytest.mark.parametrize("family, recipe", [
     ("gemma3", "int4-awq-asym"), ("olmo3", "int4-awq"), ("gpt_oss", "fp8-modelopt"), ("qwen3_moe", "int4-awq-asym"),
     ("smollm3", "nvfp4"), ("granite", "fp8-official"), ("phi3-longrope", "int4-awq"), ("mixtral", "fp8-block"),
-    ("qwen2_moe", "fp8-dynamic"), ("qwen3_moe", "int4-gptq"),
+    ("qwen2_moe", "fp8-dynamic"), ("qwen3_moe", "int4-gptq"), ("gemma3", "int8-w8a8"), ("qwen2_moe", "int8-w8a8"),
 ])
 def test_each_family_and_recipe_make_their_tensors_on_the_models_device(family, recipe, longrope, calib_file,
                                                                          tmp_path, monkeypatch):

@@ -44,6 +44,9 @@ LLAMA_8B_BYTES = {
     "int4-gptq": 32 * (109_051_904 + 6_815_744) + 2_101_878_784,  # GPTQ moves codes, not their layout
     # + a 4-bit zero point per block: 1,703,936 / 2 = 851,968 B per layer
     "int4-awq-asym": 32 * (109_051_904 + 6_815_744 + 851_968) + 2_101_878_784,
+    # every projection in 1 byte + a float32 scale per output channel: 4096 + 2 x 1024 + 4096 + 2 x
+    # 14336 + 4096 = 43,008 channels x 4 B = 172,032 B per layer
+    "int8-w8a8": 32 * (218_103_808 + 172_032) + 2_101_878_784,
 }
 
 

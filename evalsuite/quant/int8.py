@@ -71,8 +71,9 @@ def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.float()
     absmax = xf.abs().amax(dim=-1, keepdim=True)
     # true divisions by a tensor: torch divides a Python number by a tensor as reciprocal times the
-    # number, and on CUDA divides by a Python number as times its reciprocal (a last bit apart)
-    bound = torch.tensor(INPUT_BOUND, device=x.device)
+    # number, and on CUDA divides by a Python number as times its reciprocal (a last bit apart); made
+    # on the device by a fill, which needs no copy from the host (and so can be graph-captured)
+    bound = torch.full_like(absmax, INPUT_BOUND)
     codes = torch.round(xf * (bound / absmax)).nan_to_num_(0.0).clamp_(INT8_MIN, INT8_MAX)
     return codes.to(torch.int8), absmax / bound
 
