@@ -47,6 +47,34 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+def calibration_sequences(tiny_dir, folder, text: str) -> tuple[dict, list[list[int]]]:
+    """A calibration text file in ``folder`` (``text`` thirty times), its spec as a recipe's
+    ``calibration`` setting (6 samples of 48 tokens), and the token sequences the recipe reads."""
+    from evalsuite.engine.load import load
+    from evalsuite.quant.calibrate import corpus
+    from evalsuite.quant.configs import CalibrationSpec
+
+    (folder / "calibration.txt").write_text(text * 30)
+    spec = {"source": str(folder / "calibration.txt"), "num_samples": 6, "seq_len": 48}
+    return spec, corpus(load(str(tiny_dir), "float32"), CalibrationSpec(**spec))
+
+
+def llm_compressor_oneshot(model_dir, tokenizer_dir, sequences, recipe, out):
+    """llm-compressor's ``oneshot`` on the float32 model in ``model_dir`` with ``recipe`` (its
+    modifiers) on ``sequences`` (one per calibration sample, unshuffled), saved to ``out``
+    (compressed where quantized)."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    data = Dataset.from_dict({"input_ids": sequences, "attention_mask": [[1] * len(s) for s in sequences]})
+    oneshot(model=hf, processor=str(tokenizer_dir), dataset=data, num_calibration_samples=len(sequences),
+            max_seq_length=max(map(len, sequences)), shuffle_calibration_samples=False, recipe=recipe)
+    hf.save_pretrained(str(out), save_compressed=True)
+    return out
+
+
 def tiny_hf_config(**overrides):
     from transformers import LlamaConfig
 

@@ -22,7 +22,7 @@ import torch
 from evalsuite.cli import main
 from evalsuite.models import check_model_args, load_model_and_recipe
 
-from .conftest import on_meta_default
+from .conftest import calibration_sequences, llm_compressor_oneshot, on_meta_default
 
 GROUP = 32  # the tiny Llama's 64 and 160 inputs in whole groups
 
@@ -67,36 +67,14 @@ def test_gptq_is_llm_compressors_quantize_weight(dtype, actorder):
     assert (codes != plain).float().mean() > 0.2  # GPTQ moved many codes from plain rounding
 
 
-def _calibration(tiny_dir, tmp_path):
-    """A calibration text file and the token sequences the recipe reads from it."""
-    from evalsuite.engine.load import load
-    from evalsuite.quant.calibrate import corpus
-    from evalsuite.quant.configs import CalibrationSpec
-
-    text = tmp_path / "calibration.txt"
-    text.write_text("Weights are rounded to four bits, one column after another, and each rounding error is "
-                    "spread over the columns that follow, weighted by what the inputs say matters. " * 30)
-    spec = {"source": str(text), "num_samples": 6, "seq_len": 48}
-    return spec, corpus(load(str(tiny_dir), "float32"), CalibrationSpec(**spec))
-
-
 def _their_checkpoint(tiny_dir, sequences, out):
-    """llm-compressor's own W4A16 checkpoint of the tiny Llama: oneshot with GPTQModifier on
-    ``sequences`` (one per calibration sample, unshuffled), saved compressed."""
+    """llm-compressor's own W4A16 checkpoint of the tiny Llama: oneshot with GPTQModifier."""
     from compressed_tensors.quantization import QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
-    from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
-    data = Dataset.from_dict({"input_ids": sequences, "attention_mask": [[1] * len(s) for s in sequences]})
     scheme = QuantizationScheme(targets=["Linear"], weights=_w4a16_args())
-    oneshot(model=hf, processor=str(tiny_dir), dataset=data, num_calibration_samples=len(sequences),
-            max_seq_length=max(map(len, sequences)), shuffle_calibration_samples=False,
-            recipe=GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]))
-    hf.save_pretrained(str(out), save_compressed=True)
-    return out
+    return llm_compressor_oneshot(tiny_dir, tiny_dir, sequences,
+                                  GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]), out)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +83,9 @@ def checkpoints(tiny_dir, tmp_path_factory):
     calibrated on the same sequences, the recipe's overrides, and the calibration cache that holds
     this run's GPTQ result."""
     root = tmp_path_factory.mktemp("gptq")
-    spec, sequences = _calibration(tiny_dir, root)
+    spec, sequences = calibration_sequences(
+        tiny_dir, root, "Weights are rounded to four bits, one column after another, and each rounding error is "
+        "spread over the columns that follow, weighted by what the inputs say matters. ")
     overrides = {"block_size": GROUP, "calibration": spec}
     with pytest.MonkeyPatch.context() as patch:  # computed here, not read from an earlier run's cache
         patch.setenv("EVALSUITE_CACHE", str(root / "cache"))

@@ -21,7 +21,7 @@ import torch
 
 from evalsuite.models import check_model_args, load_model_and_recipe
 
-from .conftest import on_meta_default
+from .conftest import calibration_sequences, llm_compressor_oneshot, on_meta_default
 
 
 def test_inputs_are_quantized_per_token_as_vllms_kernel():
@@ -111,33 +111,6 @@ def test_gptq_int8_is_llm_compressors_quantize_weight(dtype):
     assert codes.min() < -8 and codes.max() > 7  # the INT8 range, not INT4's
 
 
-def _calibration(tiny_dir, tmp_path):
-    from evalsuite.engine.load import load
-    from evalsuite.quant.calibrate import corpus
-    from evalsuite.quant.configs import CalibrationSpec
-
-    text = tmp_path / "calibration.txt"
-    text.write_text("Activations with outliers are hard to round to eight bits; smoothing moves part of "
-                    "their range into the weights that read them, which round easily. " * 30)
-    spec = {"source": str(text), "num_samples": 6, "seq_len": 48}
-    return spec, corpus(load(str(tiny_dir), "float32"), CalibrationSpec(**spec))
-
-
-def _oneshot(model_dir, tokenizer_dir, sequences, recipe, out):
-    """llm-compressor's ``oneshot`` on ``model_dir`` (float32) with ``recipe`` on ``sequences`` (one
-    per calibration sample, unshuffled), the result saved to ``out`` (compressed where quantized)."""
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    data = Dataset.from_dict({"input_ids": sequences, "attention_mask": [[1] * len(s) for s in sequences]})
-    oneshot(model=hf, processor=str(tokenizer_dir), dataset=data, num_calibration_samples=len(sequences),
-            max_seq_length=max(map(len, sequences)), shuffle_calibration_samples=False, recipe=recipe)
-    hf.save_pretrained(str(out), save_compressed=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tiny_dir, tmp_path_factory):
     """llm-compressor's W8A8 INT8 checkpoint of the tiny Llama (float32) as its W8A8 example makes
@@ -145,22 +118,20 @@ def checkpoints(tiny_dir, tmp_path_factory):
     as its default pipeline runs them (each modifier over the whole model): the smoothed model,
     and the checkpoint GPTQ makes of it. With the recipe's overrides for the same calibration
     sequences."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.transform import SmoothQuantModifier
 
-    from evalsuite.engine.config import COMPRESSED_INT8_INPUTS
-
     root = tmp_path_factory.mktemp("int8")
-    spec, sequences = _calibration(tiny_dir, root)
-    smoothed = _oneshot(tiny_dir, tiny_dir, sequences, SmoothQuantModifier(smoothing_strength=0.8), root / "smoothed")
+    spec, sequences = calibration_sequences(
+        tiny_dir, root, "Activations with outliers are hard to round to eight bits; smoothing moves part of "
+        "their range into the weights that read them, which round easily. ")
+    smoothing = SmoothQuantModifier(smoothing_strength=0.8)
+    smoothed = llm_compressor_oneshot(tiny_dir, tiny_dir, sequences, smoothing, root / "smoothed")
     (smoothed / "recipe.yaml").unlink()  # a plain model now: oneshot would take up the recipe saved with it
     for f in tiny_dir.glob("tokenizer*"):
         shutil.copy(f, smoothed)
-    inputs = QuantizationArgs(**{k: v for k, v in COMPRESSED_INT8_INPUTS.items() if v is not None})
-    scheme = QuantizationScheme(targets=["Linear"], weights=_w8a8_args(), input_activations=inputs)
-    gptq = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
-    theirs = _oneshot(smoothed, tiny_dir, sequences, gptq, root / "theirs")
+    gptq = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])  # as its W8A8 INT8 example
+    theirs = llm_compressor_oneshot(smoothed, tiny_dir, sequences, gptq, root / "theirs")
     return smoothed, theirs, {"calibration": spec}, root / "cache"
 
 
