@@ -587,12 +587,15 @@ class DecoderLayer(nn.Module):
         self.residual_multiplier = cfg.residual_multiplier  # Granite: each sublayer's output times it
 
     @property
+    def mlp_norm_name(self) -> str:
+        """The attribute holding the norm whose output the MLP reads."""
+        return "pre_feedforward_layernorm" if self.attention_post_norm else "post_attention_layernorm"
+
+    @property
     def mlp_norm(self) -> RMSNorm | None:
         """The norm whose output the MLP reads (where AWQ folds the gate/up scale); None in OLMo's
         layer, whose MLP reads the residual stream."""
-        if self.attention_post_norm:
-            return self.pre_feedforward_layernorm
-        return self.post_attention_layernorm
+        return getattr(self, self.mlp_norm_name)
 
     def attention_input(self, x: Tensor) -> Tensor:
         return x if self.input_layernorm is None else self.input_layernorm(x)

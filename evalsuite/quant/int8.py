@@ -188,13 +188,13 @@ def _product(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, slice
 # --- calibration ------------------------------------------------------------------------------
 
 
-def smoothing_groups(layer: DecoderLayer) -> list[tuple[nn.Module, list[str]]]:
-    """(norm, the projections it feeds) that SmoothQuant balances in ``layer``: the norm before
-    q/k/v, and the one before gate/up in a dense layer (a mixture's is left alone)."""
-    attention = (layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+def smoothing_groups(layer: DecoderLayer) -> list[tuple[str, list[str]]]:
+    """(the norm's name in ``layer``, the projections it feeds) for each norm SmoothQuant divides:
+    the one before q/k/v, and in a dense layer the one before gate/up (a mixture's is left alone)."""
+    attention = ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
     if isinstance(layer.mlp, SparseMoE):
         return [attention]
-    return [attention, (layer.mlp_norm, ["mlp.gate_proj", "mlp.up_proj"])]
+    return [attention, (layer.mlp_norm_name, ["mlp.gate_proj", "mlp.up_proj"])]
 
 
 class _RangeRecorder(nn.Module):
@@ -228,25 +228,22 @@ def smooth(model: CausalLM, sequences: list[list[int]], alpha: float) -> None:
     batches = layer_batches(model, sequences)
     for layer in model.model.layers:
         groups = smoothing_groups(layer)
-        attrs = {id(getattr(layer, a)): a for a in ("input_layernorm", "post_attention_layernorm",
-                                                    "pre_feedforward_layernorm") if getattr(layer, a) is not None}
-        recorders = []
-        for norm, _names in groups:
-            recorder = _RangeRecorder(norm)
-            setattr(layer, attrs[id(norm)], recorder)
-            recorders.append((attrs[id(norm)], recorder))
+        recorders = {norm: _RangeRecorder(getattr(layer, norm)) for norm, _names in groups}
+        for norm, recorder in recorders.items():
+            setattr(layer, norm, recorder)
         try:
             for x, cos, sin, step in batches:
                 layer(x, cos, sin, step)
         finally:
-            for attr, recorder in recorders:
-                setattr(layer, attr, recorder.inner)
-        for (norm, names), (_attr, recorder) in zip(groups, recorders):
+            for norm, recorder in recorders.items():
+                setattr(layer, norm, recorder.inner)
+        for norm, names in groups:
             linears = [layer.get_submodule(n) for n in names]
+            recorder = recorders[norm]
             scales = smoothing_scales(recorder.high - recorder.low, [m.weight for m in linears], alpha)
             for m in linears:
                 m.weight.copy_((m.weight.float() * scales[None, :]).to(m.weight.dtype))
-            norm.fold(lambda factor: factor / scales)
+            getattr(layer, norm).fold(lambda factor: factor / scales)
         batches = [(layer(x, cos, sin, step), cos, sin, step) for x, cos, sin, step in batches]
 
 
@@ -284,13 +281,9 @@ def calibrated(model: CausalLM, sequences: list[list[int]], config: Int8W8A8Conf
     found = quantize_weights(model, sequences, config)
     if config.smoothquant:
         for i, layer in enumerate(model.model.layers):
-            for name in _smoothed_norm_names(layer):
-                found[f"model.layers.{i}.{name}.weight"] = getattr(layer, name).weight.detach().clone()
+            for norm, _names in smoothing_groups(layer):
+                found[f"model.layers.{i}.{norm}.weight"] = getattr(layer, norm).weight.detach().clone()
     return found
-
-
-def _smoothed_norm_names(layer: DecoderLayer) -> list[str]:
-    return [next(n for n, m in layer.named_children() if m is norm) for norm, _names in smoothing_groups(layer)]
 
 
 @handler(Int8W8A8Config)
@@ -311,8 +304,8 @@ def apply_int8_w8a8(lm: LoadedModel, config: Int8W8A8Config) -> None:
             found = quantize_weights(model, [], config)
         for i, layer in enumerate(model.model.layers):
             if config.smoothquant:  # a cached result finds the norms as loaded
-                for name in _smoothed_norm_names(layer):
-                    getattr(layer, name).weight.copy_(found[f"model.layers.{i}.{name}.weight"])
+                for norm, _names in smoothing_groups(layer):
+                    getattr(layer, norm).weight.copy_(found[f"model.layers.{i}.{norm}.weight"])
             for name in projection_names(layer):
                 linear, key = layer.get_submodule(name), f"model.layers.{i}.{name}"
                 parent, attr = name.rsplit(".", 1)
