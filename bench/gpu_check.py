@@ -196,7 +196,7 @@ def projection_parity(model) -> str:
                 real = m(x).float()
             with int4_rows(model, 0):
                 sim = m(x).float()
-        else:  # INT8: torch._int_mm's int32 sums against the float32 slices' (both exact)
+        else:  # INT8: torch._int_mm's int32 sums against the float32 GEMMs' (both exact)
             kernel, m.kernel = m.kernel, "int_mm"
             real = m(x).float()
             m.kernel = "off"

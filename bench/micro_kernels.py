@@ -9,7 +9,7 @@ alternative in the same run (medians of repeated calls):
   * the packed INT4 kernel against a BF16 product on the dequantized weight at 1 to 64 rows: the
     crossover behind configs.KERNEL_MAX_ROWS;
   * the INT8 product (int8-w8a8) at 1 to 512 rows on SmolLM2's shapes, its int32 sums from
-    ``torch._int_mm`` against float32 GEMMs over slices of 1,024 inputs (the engine's CPU route;
+    ``torch._int_mm`` against exact float32 GEMMs on the codes (the engine's CPU route;
     the same numbers, checked here), the per-token input quantization included, against the BF16
     product of the same shape;
   * the explicit attention path's two products (quantized attention, fp8-modelopt) for one
@@ -109,9 +109,9 @@ def int4_crossover(reps: int) -> None:
 def int8_products(reps: int) -> None:
     from evalsuite.quant.int8 import Int8W8A8Linear
 
-    print("\nINT8 W8A8 product (input quantization included): ms, int32 sums by torch._int_mm / by float32 slices, "
+    print("\nINT8 W8A8 product (input quantization included): ms, int32 sums by torch._int_mm / by float32 GEMMs, "
           "and the BF16 product of the same shape (the engine's route)")
-    print("  shape, rows, _int_mm ms, float32-slices ms, BF16 ms, slices / BF16")
+    print("  shape, rows, _int_mm ms, float32 ms, BF16 ms, float32 / BF16")
     for out, inp in ((1536, 576), (576, 1536)):
         codes = torch.randint(-128, 128, (out, inp), dtype=torch.int8)
         m = Int8W8A8Linear(codes, torch.rand(out) / 100, None, torch.bfloat16)

@@ -112,7 +112,7 @@ def kernel_path(recipe: dict[str, Any], model) -> str:
                "float32 GEMM, rounded to the activation dtype"
     if name == "int8-w8a8":
         uses = [m.uses_int_mm for m in model.modules() if hasattr(m, "uses_int_mm")]
-        exact = "INT8 codes in float32 GEMMs over slices of 1,024 inputs (exact int32 sums)"
+        exact = "INT8 codes in float32 GEMMs (exact int32 sums: whole rows, or slices of 1,024 inputs)"
         path = "INT8 torch._int_mm (int32 sums)" if all(uses) else exact
         if any(uses) and not all(uses):
             path += f"; torch._int_mm in {sum(uses)} of {len(uses)} projections"

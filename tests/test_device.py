@@ -116,7 +116,7 @@ def test_bad_device_fails_before_any_model_loads(device, message, capsys, monkey
     ("fp8-official", {}, "FP8 simulated: E4M3 values dequantized, "),
     pytest.param("fp8-dynamic", {"kernel": "scaled_mm"}, "FP8 torch._scaled_mm", marks=needs_cpu_rowwise_scaled_mm),
     ("int8-w8a8", {"kernel": "int_mm", "smoothquant": False, "gptq": False}, "INT8 torch._int_mm (int32 sums), inputs"),
-    ("int8-w8a8", {"smoothquant": False, "gptq": False}, "INT8 codes in float32 GEMMs over slices of 1,024 inputs"),
+    ("int8-w8a8", {"smoothquant": False, "gptq": False}, "INT8 codes in float32 GEMMs (exact int32 sums"),
 ])
 def test_run_record_states_the_device_and_kernel_path(tiny_dir, recipe, config, path):
     from evalsuite.backends.engine import EngineBackend

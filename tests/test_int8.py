@@ -3,7 +3,8 @@ vLLM's INT8 kernels as their source states them (hand-computed vectors).
 
 Checked: inputs are quantized per token as vLLM's dynamic kernel does (scale absmax / 127, codes
 rounded half to even from x · (127 / absmax), not x / scale); the product's int32 sums are exact
-on both routes (``torch._int_mm`` and float32 slices) with 3,000 inputs; the weight scales are
+on both routes (``torch._int_mm`` and float32 GEMMs, whole rows and slices) with 3,000 inputs; the
+weight scales are
 compressed-tensors' ``calculate_qparams`` and GPTQ's INT8 codes are llm-compressor's
 ``quantize_weight`` bit for bit; llm-compressor's ``oneshot`` with SmoothQuantModifier(0.8) and
 GPTQModifier(W8A8) on the tiny Llama and the recipe on the same calibration sequences give the
@@ -33,26 +34,33 @@ def test_inputs_are_quantized_per_token_as_vllms_kernel():
 
     x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.807086706161499, -3.0, 0.1]])
     codes, scale = quantize_tokens(x)
-    assert codes.dtype == torch.int8 and scale.dtype == torch.float32
+    assert codes.dtype == torch.float32 and scale.dtype == torch.float32
     assert codes.tolist() == [[127, -64, 32, 0], [0, 0, 0, 0], [127, 76, -127, 4]]
     assert scale.flatten().tolist() == [torch.tensor(1 / 127).item(), 0.0, torch.tensor(3 / 127).item()]
 
 
-def test_the_int32_sums_are_exact_on_both_routes():
-    """3,000 inputs (three float32 slices) of extreme codes: both routes give the exact integer
-    sums (float64 reference), rounded once to float32."""
-    from evalsuite.quant.int8 import _slices, int_sums
+@pytest.mark.parametrize("largest, float32_gemms", [(127, 3), (20, 1)])
+def test_the_int32_sums_are_exact_on_both_routes(largest, float32_gemms, monkeypatch):
+    """3,000 inputs: both routes give the exact integer sums (float64 reference), rounded once to
+    float32. Input codes up to 127 (one row all 127: its sums pass 2^24) take three float32 slices;
+    codes up to 20 (128 · 20 · 3,000 < 2^24) one GEMM over the whole row."""
+    import torch.nn.functional as F
+
+    from evalsuite.quant.int8 import int_sums
 
     g = torch.Generator().manual_seed(0)
-    xq = torch.randint(-127, 128, (5, 3000), generator=g, dtype=torch.int8)
-    xq[0] = 127
+    xq = torch.randint(-largest, largest + 1, (5, 3000), generator=g).float()
+    xq[0] = largest
     codes = torch.randint(-128, 128, (24, 3000), generator=g, dtype=torch.int8)
     codes[0] = 127
     want = (xq.double() @ codes.double().t())
-    assert want[0, 0] == 127 * 127 * 3000  # above 2^24: one float32 GEMM over all 3,000 could not be exact
-    for int_mm in (True, False):
-        got = int_sums(xq, codes, _slices(codes), int_mm)
-        assert torch.equal(got, want.float()), int_mm
+    assert (want[0, 0] > 2 ** 24) == (largest == 127)  # where one float32 GEMM over all 3,000 could be inexact
+    assert torch.equal(int_sums(xq, codes, codes.float(), True), want.float())
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or linear(*a))
+    assert torch.equal(int_sums(xq, codes, codes.float(), False), want.float())
+    assert len(calls) == float32_gemms
 
 
 def test_the_product_is_vllms_epilogue():
@@ -72,7 +80,7 @@ def test_the_product_is_vllms_epilogue():
         for kernel in ("int_mm", "off", "auto"):
             m.kernel = kernel
             assert torch.equal(m(x), want), kernel
-        assert m.last_path == "float32 slices"  # auto: _int_mm on CUDA only
+        assert m.last_path == "float32"  # auto: _int_mm on CUDA only
     fused = Int8W8A8Linear.fused(mods)
     assert torch.equal(fused(x), torch.cat([m(x) for m in mods], dim=-1))
 

@@ -248,7 +248,7 @@ class Int8W8A8Config:
     example). ``gptq``: the weights rounded by GPTQ (``actorder``, ``dampening``, ``gptq_block`` as
     int4-gptq's), layer by layer on the quantized layers' outputs; off, rounded plainly.
     ``kernel``: the INT8 product by ``torch._int_mm`` (int32 sums; ``auto``: on CUDA only) or by
-    float32 GEMMs over slices of 1,024 inputs, whose sums of integer products are exact: the same
+    float32 GEMMs over as many inputs as keep their sums of integer products exact: the same
     numbers either way."""
 
     smoothquant: bool = True

@@ -9,11 +9,14 @@ The product, as vLLM runs such a checkpoint (``Int8W8A8Linear``):
   row: codes 0, scale 0);
 - the INT8 product summed in int32, then y = (acc · s_w) · s_x in float32 (CUTLASS's epilogue
   order), plus the bias, rounded once to the activation dtype.
-The int32 sums come from ``torch._int_mm``, or from float32 GEMMs over slices of ``EXACT_SLICE``
-inputs: a code product is at most 127 · 128 in magnitude, so every partial sum of a slice is an
-integer below 2^24 and exact in float32, in any order; the slices are added in float64. Both give
-the same numbers; the float32 route is the fast one on the CPU (``torch._int_mm`` runs 4-10x
-slower than a BF16 GEMM there, docs/PERF.md), ``_int_mm`` the one on CUDA (INT8 tensor cores).
+The int32 sums come from ``torch._int_mm``, or from float32 GEMMs on the codes: a float32 sum of
+integers is exact, in any order, while every partial sum stays below 2^24 in magnitude. A code
+product is at most 127 · 128, so slices of ``EXACT_SLICE`` inputs always are exact, and a whole
+row is where 128 · Σ|input codes| < 2^24 (checked per call on the CPU, and the usual case: a
+token's codes are small but for its few largest inputs); otherwise the slices are added in int32.
+Both routes give the same numbers; the float32 one is the fast one on the CPU (``torch._int_mm``
+runs 4-20x slower than a BF16 GEMM there, docs/PERF.md), ``_int_mm`` the one on CUDA (INT8 tensor
+cores).
 
 Calibration, as llm-compressor's default (independent) pipeline runs its two modifiers, each over
 the whole model before the next:
@@ -50,6 +53,7 @@ from .int4_awq_asym import layer_batches, projection_names
 INT8_MIN, INT8_MAX = -128, 127
 WEIGHT_DIVISOR = 127.5  # compressed-tensors' symmetric scale: absmax / ((127 - -128) / 2)
 INPUT_BOUND = 127.0  # vLLM's dynamic per-token INT8 kernel: scale = absmax / 127
+EXACT_BELOW = 2 ** 24  # float32 holds every integer below this
 EXACT_SLICE = 1024  # 127 · 128 · 1024 < 2^24: a float32 sum of this many code products is exact
 MIN_SMOOTHING_SCALE = 1e-5  # llm-compressor's floor on a smoothing scale
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA takes more than 16 rows
@@ -66,34 +70,35 @@ def round_channels(w: Tensor, scale: Tensor) -> Tensor:
 
 
 def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
-    """vLLM's dynamic per-token INT8 quantization of x [rows, in]: codes (int8) and float32 scales
-    [rows, 1], as the module docstring says."""
+    """vLLM's dynamic per-token INT8 quantization of x [rows, in], as the module docstring says:
+    the codes (integers in [-128, 127], as float32) and the float32 scales [rows, 1]."""
     xf = x.float()
     absmax = xf.abs().amax(dim=-1, keepdim=True)
     # true divisions by a tensor: torch divides a Python number by a tensor as reciprocal times the
     # number, and on CUDA divides by a Python number as times its reciprocal (a last bit apart); made
     # on the device by a fill, which needs no copy from the host (and so can be graph-captured)
     bound = torch.full_like(absmax, INPUT_BOUND)
-    codes = torch.round(xf * (bound / absmax)).nan_to_num_(0.0).clamp_(INT8_MIN, INT8_MAX)
-    return codes.to(torch.int8), absmax / bound
+    inverse = torch.where(absmax > 0, bound / absmax, 0.0)  # an all-zero row: codes 0
+    return (xf * inverse).round_().clamp_(INT8_MIN, INT8_MAX), absmax / bound
 
 
-def _slices(codes: Tensor) -> tuple[Tensor, ...]:
-    """The weight codes as float32, in slices of ``EXACT_SLICE`` inputs."""
-    return tuple(codes[:, lo:lo + EXACT_SLICE].float().contiguous() for lo in range(0, codes.shape[1], EXACT_SLICE))
-
-
-def int_sums(xq: Tensor, codes: Tensor, slices: tuple[Tensor, ...] | None, int_mm: bool) -> Tensor:
-    """The int32 sums xq·codesᵀ as float32 (rounded as CUTLASS converts its int32 accumulator):
-    by ``torch._int_mm``, or by float32 GEMMs over ``slices`` (``_slices(codes)``)."""
+def int_sums(xq: Tensor, codes: Tensor, codes_f32: Tensor, int_mm: bool) -> Tensor:
+    """The int32 sums xq·codesᵀ as float32 (rounded as CUTLASS converts its int32 accumulator), xq
+    the input codes (float32): by ``torch._int_mm``, or by float32 GEMMs on ``codes_f32`` (the
+    weight codes as float32), over every input at once where that is exact, else per slice of
+    ``EXACT_SLICE`` inputs with the slices added in int32 (module docstring)."""
+    rows, k = xq.shape
     if int_mm:
-        rows = xq.shape[0]
-        padded = F.pad(xq, (0, 0, 0, INT_MM_MIN_ROWS - rows)) if xq.is_cuda and rows < INT_MM_MIN_ROWS else xq
-        return torch._int_mm(padded, codes.t())[:rows].float()
-    xf = xq.float()
-    if len(slices) == 1:
-        return F.linear(xf, slices[0])
-    total = sum(F.linear(xf[:, i * EXACT_SLICE:(i + 1) * EXACT_SLICE], s).double() for i, s in enumerate(slices))
+        q = xq.to(torch.int8)
+        if q.is_cuda and rows < INT_MM_MIN_ROWS:
+            q = F.pad(q, (0, 0, 0, INT_MM_MIN_ROWS - rows))
+        return torch._int_mm(q, codes.t())[:rows].float()
+    if k <= EXACT_SLICE or (not xq.is_cuda and -INT8_MIN * xq.abs().sum(dim=-1).max().item() < EXACT_BELOW):
+        return F.linear(xq, codes_f32)
+    total = None
+    for lo in range(0, k, EXACT_SLICE):
+        part = F.linear(xq[:, lo:lo + EXACT_SLICE], codes_f32[:, lo:lo + EXACT_SLICE]).to(torch.int32)
+        total = part if total is None else total.add_(part)
     return total.float()
 
 
@@ -106,7 +111,7 @@ def _int_mm_fits(codes: Tensor) -> bool:
 class Int8W8A8Linear(nn.Module):
     """INT8 weights with a float32 scale per output channel, inputs quantized per token at run
     time; the product as vLLM computes it (module docstring). ``kernel``: ``int_mm`` sums with
-    ``torch._int_mm``, ``off`` with exact float32 slices, ``auto`` with ``_int_mm`` on CUDA only;
+    ``torch._int_mm``, ``off`` with exact float32 GEMMs, ``auto`` with ``_int_mm`` on CUDA only;
     ``last_path`` says which ran."""
 
     def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype, kernel: str = "auto"):
@@ -116,7 +121,8 @@ class Int8W8A8Linear(nn.Module):
         self.bias = bias
         self.act_dtype, self.kernel = dtype, kernel
         self.in_features = codes.shape[1]
-        self.slices = _slices(self.codes)  # the float32 route's weights (4 bytes a weight, beside the codes)
+        # the float32 route's weights (4 bytes a weight, beside the codes)
+        self.register_buffer("codes_f32", self.codes.float(), persistent=False)
         self.last_path = None
 
     @property
@@ -134,7 +140,7 @@ class Int8W8A8Linear(nn.Module):
         return FusedInt8(mods) if same else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y, self.last_path = _product(x, self.codes, self.scale, self.bias, self.slices, self.uses_int_mm,
+        y, self.last_path = _product(x, self.codes, self.scale, self.bias, self.codes_f32, self.uses_int_mm,
                                      self.act_dtype)
         return y
 
@@ -162,27 +168,27 @@ class FusedInt8:
         self.codes = torch.cat([m.codes for m in mods])
         self.scale = torch.cat([m.scale for m in mods])
         self.bias = None if first.bias is None else torch.cat([m.bias for m in mods])
-        self.slices = _slices(self.codes)
+        self.codes_f32 = torch.cat([m.codes_f32 for m in mods])
         self.int_mm, self.act_dtype = first.uses_int_mm and _int_mm_fits(self.codes), first.act_dtype
 
     def valid_for(self, mods: list[nn.Module]) -> bool:
         return len(mods) == len(self.mods) and all(a is b for a, b in zip(mods, self.mods))
 
     def __call__(self, x: Tensor) -> Tensor:
-        y, path = _product(x, self.codes, self.scale, self.bias, self.slices, self.int_mm, self.act_dtype)
+        y, path = _product(x, self.codes, self.scale, self.bias, self.codes_f32, self.int_mm, self.act_dtype)
         for m in self.mods:
             m.last_path = path
         return y
 
 
-def _product(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, slices: tuple[Tensor, ...],
+def _product(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, codes_f32: Tensor,
              int_mm: bool, dtype: torch.dtype) -> tuple[Tensor, str]:
     flat = x.reshape(-1, x.shape[-1])
     xq, x_scale = quantize_tokens(flat)
-    y = int_sums(xq, codes, slices, int_mm) * scale * x_scale
+    y = int_sums(xq, codes, codes_f32, int_mm) * scale * x_scale
     if bias is not None:
         y = y + bias.float()
-    return y.to(dtype).view(*x.shape[:-1], -1), "int_mm" if int_mm else "float32 slices"
+    return y.to(dtype).view(*x.shape[:-1], -1), "int_mm" if int_mm else "float32"
 
 
 # --- calibration ------------------------------------------------------------------------------
