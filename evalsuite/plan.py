@@ -112,7 +112,7 @@ PRESCALED = ("self_attn.o_proj", "down_proj")  # an expert's down_proj too
 
 def _quantized_projection_bytes(recipe: str, name: str, out: int, inp: int) -> int:
     """Bytes of one quantized projection's weight and scales (its bias, if any, stays BF16)."""
-    if recipe in ("fp8-official", "fp8-dynamic", "int8-w8a8"):  # a float32 scale per output row, as kernels hold it
+    if recipe in ("fp8-official", "fp8-dynamic", "int8-w8a8"):  # a float32 scale per output row, as kernels take it
         return out * inp + 4 * out
     if recipe == "fp8-modelopt":
         return out * inp + 4 + 4

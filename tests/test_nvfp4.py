@@ -163,7 +163,8 @@ def test_a_model_whose_projections_blocks_do_not_tile_is_refused_before_it_loads
     fits = "int4-awq-asym, int4-gptq" if arch == "mixtral" else "int4-awq, int4-awq-asym, int4-gptq"
     down = "mlp.experts.0.down_proj" if arch == "mixtral" else "mlp.down_proj"
     with pytest.raises(ValueError, match=rf"do not tile {down} \(168 inputs\).*; valid for this model: bf16, "
-                                         rf"fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, {fits}, int4-rtn, int8-w8a8$"):
+                                         rf"fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, {fits}, int4-rtn, "
+                                         rf"int8-w8a8$"):
         check_model_args(str(tmp_path / "m"), "nvfp4", None)
 
 
