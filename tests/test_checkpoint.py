@@ -25,7 +25,7 @@ def test_nibble_packing_round_trips():
     assert torch.equal(unpack_nibbles(packed), codes)
 
 
-@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq", "int4-awq-asym"])
+@pytest.mark.parametrize("recipe", ["fp8-official", "fp8-modelopt", "int4-awq", "int4-awq-asym", "int8-w8a8"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_quantize_save_load_same_logits(recipe, dtype, tiny_dir, calib_file, tmp_path, monkeypatch):
     lm = load(str(tiny_dir), dtype)

@@ -159,23 +159,27 @@ class Int8W8A8Linear(nn.Module):
 
 
 class FusedInt8:
-    """Projections of one input as one INT8 product over their concatenated codes and scales.
-    Valid while the model still holds these modules (``valid_for``)."""
+    """Projections of one input as one INT8 product over their concatenated codes and scales (the
+    modules' own become views of them: no second copy). Valid while the model still holds these
+    modules (``valid_for``); the first module's ``kernel`` chooses the route."""
 
     def __init__(self, mods: list[Int8W8A8Linear]):
         self.mods = tuple(mods)
-        first = mods[0]
-        self.codes = torch.cat([m.codes for m in mods])
-        self.scale = torch.cat([m.scale for m in mods])
-        self.bias = None if first.bias is None else torch.cat([m.bias for m in mods])
-        self.codes_f32 = torch.cat([m.codes_f32 for m in mods])
-        self.int_mm, self.act_dtype = first.uses_int_mm and _int_mm_fits(self.codes), first.act_dtype
+        rows = [m.codes.shape[0] for m in mods]
+        for name in ("codes", "scale", "codes_f32"):
+            fused = torch.cat([getattr(m, name) for m in mods])
+            setattr(self, name, fused)
+            for m, view in zip(mods, fused.split(rows)):
+                setattr(m, name, view)
+        self.bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
 
     def valid_for(self, mods: list[nn.Module]) -> bool:
         return len(mods) == len(self.mods) and all(a is b for a, b in zip(mods, self.mods))
 
     def __call__(self, x: Tensor) -> Tensor:
-        y, path = _product(x, self.codes, self.scale, self.bias, self.codes_f32, self.int_mm, self.act_dtype)
+        first = self.mods[0]
+        int_mm = first.uses_int_mm and _int_mm_fits(self.codes)
+        y, path = _product(x, self.codes, self.scale, self.bias, self.codes_f32, int_mm, first.act_dtype)
         for m in self.mods:
             m.last_path = path
         return y
