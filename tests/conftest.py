@@ -59,6 +59,21 @@ def calibration_sequences(tiny_dir, folder, text: str) -> tuple[dict, list[list[
     return spec, corpus(load(str(tiny_dir), "float32"), CalibrationSpec(**spec))
 
 
+def changed_config_groups(folder, change: dict) -> dict:
+    """config.json of a compressed-tensors checkpoint in ``folder`` with ``change`` applied to its
+    ``quantization_config.config_groups`` (keys are dotted paths: "group_0.weights.strategy")."""
+    import json
+
+    hf = json.loads((folder / "config.json").read_text())
+    for path, value in change.items():
+        *parents, leaf = path.split(".")
+        node = hf["quantization_config"]["config_groups"]
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return hf
+
+
 def llm_compressor_oneshot(model_dir, tokenizer_dir, sequences, recipe, out):
     """llm-compressor's ``oneshot`` on the float32 model in ``model_dir`` with ``recipe`` (its
     modifiers) on ``sequences`` (one per calibration sample, unshuffled), saved to ``out``

@@ -22,7 +22,7 @@ import torch
 from evalsuite.cli import main
 from evalsuite.models import check_model_args, load_model_and_recipe
 
-from .conftest import calibration_sequences, llm_compressor_oneshot, on_meta_default
+from .conftest import calibration_sequences, changed_config_groups, llm_compressor_oneshot, on_meta_default
 
 GROUP = 32  # the tiny Llama's 64 and 160 inputs in whole groups
 
@@ -165,13 +165,7 @@ def test_a_published_w4a16_checkpoint_refuses_other_recipes_and_groups_before_it
 def test_other_int4_schemes_are_refused_naming_what_differs(checkpoints, change, message):
     from evalsuite.engine.config import ModelConfig, UnsupportedModelError
 
-    hf = json.loads((checkpoints[1] / "config.json").read_text())
-    for path, value in change.items():
-        *parents, leaf = path.split(".")
-        node = hf["quantization_config"]["config_groups"]
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    hf = changed_config_groups(checkpoints[1], change)
     with pytest.raises(UnsupportedModelError, match=r"a compressed-tensors checkpoint with .*" + message.replace(
             "(", r"\(").replace(")", r"\)") + r".*W4A16 \(format pack-quantized"):
         ModelConfig.from_hf(hf)

@@ -22,7 +22,7 @@ import torch
 
 from evalsuite.models import check_model_args, load_model_and_recipe
 
-from .conftest import calibration_sequences, llm_compressor_oneshot, on_meta_default
+from .conftest import calibration_sequences, changed_config_groups, llm_compressor_oneshot, on_meta_default
 
 
 def test_inputs_are_quantized_per_token_as_vllms_kernel():
@@ -222,13 +222,7 @@ def test_a_published_w8a8_checkpoint_refuses_other_recipes_before_it_loads(check
 def test_other_int8_schemes_are_refused_naming_what_differs(checkpoints, change, message):
     from evalsuite.engine.config import ModelConfig, UnsupportedModelError
 
-    hf = json.loads((checkpoints[1] / "config.json").read_text())
-    for path, value in change.items():
-        *parents, leaf = path.split(".")
-        node = hf["quantization_config"]["config_groups"]
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    hf = changed_config_groups(checkpoints[1], change)
     with pytest.raises(UnsupportedModelError, match=r"a compressed-tensors checkpoint with .*" + message
                        + r".*W8A8 INT8 \(format int-quantized"):
         ModelConfig.from_hf(hf)
