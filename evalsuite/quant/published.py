@@ -115,13 +115,16 @@ def _refuse_embeddings(name: str, form: str, folder: Path | str) -> None:
                              "as published checkpoints keep them, in the model's dtype")
 
 
-def _e4m3_weight(state: dict[str, Tensor], name: str, key: str, folder: Path | str) -> Tensor:
-    """The 2-D E4M3 ``weight`` that ``key`` (a scale of ``name``) scales, taken out of ``state``."""
+def _scaled_weight(state: dict[str, Tensor], name: str, key: str, folder: Path | str,
+                 dtype: torch.dtype = torch.float8_e4m3fn, word: str = "FP8") -> Tensor:
+    """The 2-D E4M3 (or ``dtype``) ``weight`` that ``key`` (a scale of ``name``) scales, taken out
+    of ``state``."""
     codes = state.pop(f"{name}.weight", None)
-    if codes is None or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
-        raise ModelLoadError(f"{key} in {folder} scales no 2-D E4M3 weight ({name}.weight: "
+    if codes is None or codes.dtype != dtype or codes.dim() != 2:
+        kind = "E4M3" if dtype == torch.float8_e4m3fn else word
+        raise ModelLoadError(f"{key} in {folder} scales no 2-D {kind} weight ({name}.weight: "
                              f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
-    _refuse_embeddings(name, "FP8", folder)
+    _refuse_embeddings(name, word, folder)
     return codes
 
 
@@ -140,7 +143,7 @@ def _fp8_tiles(block: int, state: dict[str, Tensor], dtype: torch.dtype, folder:
     built: dict[str, Builder] = {}
     for key in [k for k in state if k.endswith(".weight_scale_inv")]:
         name, scale = key.removesuffix(".weight_scale_inv"), state.pop(key)
-        codes = _e4m3_weight(state, name, key, folder)
+        codes = _scaled_weight(state, name, key, folder)
         shape = (-(-codes.shape[0] // block), -(-codes.shape[1] // block))
         if tuple(scale.shape) != shape:
             raise ModelLoadError(f"{key} in {folder} has shape {tuple(scale.shape)}; the tiles of {block} x {block} "
@@ -160,42 +163,34 @@ def _fp8_rows(bound: float, form: str, state: dict[str, Tensor], dtype: torch.dt
     their scales bounded by ``bound``."""
     from .fp8 import FP8RowwiseLinear
 
-    built: dict[str, Builder] = {}
-    for key in [k for k in state if k.endswith(".weight_scale")]:
-        name, scale = key.removesuffix(".weight_scale"), state.pop(key)
-        codes = _e4m3_weight(state, name, key, folder)
-        if not scale.is_floating_point() or tuple(scale.shape) not in ((codes.shape[0], 1), (codes.shape[0],)):
-            raise ModelLoadError(f"{key} in {folder} is {tuple(scale.shape)} {scale.dtype}; {form} has one scale "
-                                 f"per output row of the {tuple(codes.shape)} weight: ({codes.shape[0]}, 1)")
-        built[name] = _replacing(name, tuple(codes.shape), folder, lambda bias, codes=codes, scale=scale.float():
-                                 FP8RowwiseLinear(codes, scale.reshape(-1), bias, bound, dtype))
-    if not built:
-        raise ModelLoadError(f"config.json in {folder} declares {form}, and no weight there has a weight_scale")
-    _refuse_unscaled(state, "weight_scale", folder)
-    return built
+    return _row_scaled(form, state, folder, torch.float8_e4m3fn, "FP8",
+                       lambda codes, scale, bias: FP8RowwiseLinear(codes, scale, bias, bound, dtype))
 
 
 def _int8_rows(state: dict[str, Tensor], dtype: torch.dtype, folder: Path | str) -> dict[str, Builder]:
     """Each INT8 ``weight`` beside its per-row ``weight_scale`` [out, 1]; inputs per token."""
     from .int8 import Int8W8A8Linear
 
-    form = "llm-compressor's W8A8 INT8"
+    return _row_scaled("llm-compressor's W8A8 INT8", state, folder, torch.int8, "INT8",
+                       lambda codes, scale, bias: Int8W8A8Linear(codes, scale, bias, dtype))
+
+
+def _row_scaled(form: str, state: dict[str, Tensor], folder: Path | str, codes_dtype: torch.dtype, word: str,
+                make: Callable[[Tensor, Tensor, Tensor | None], nn.Module]) -> dict[str, Builder]:
+    """Each 2-D ``codes_dtype`` ``weight`` beside its ``weight_scale`` [out, 1]: ``make(codes,
+    float32 scales [out], bias)`` builds its module."""
     built: dict[str, Builder] = {}
     for key in [k for k in state if k.endswith(".weight_scale")]:
         name, scale = key.removesuffix(".weight_scale"), state.pop(key)
-        codes = state.pop(f"{name}.weight", None)
-        if codes is None or codes.dtype != torch.int8 or codes.dim() != 2:
-            raise ModelLoadError(f"{key} in {folder} scales no 2-D INT8 weight ({name}.weight: "
-                                 f"{None if codes is None else (tuple(codes.shape), codes.dtype)})")
-        _refuse_embeddings(name, "INT8", folder)
+        codes = _scaled_weight(state, name, key, folder, codes_dtype, word)
         if not scale.is_floating_point() or tuple(scale.shape) not in ((codes.shape[0], 1), (codes.shape[0],)):
             raise ModelLoadError(f"{key} in {folder} is {tuple(scale.shape)} {scale.dtype}; {form} has one scale "
                                  f"per output row of the {tuple(codes.shape)} weight: ({codes.shape[0]}, 1)")
         built[name] = _replacing(name, tuple(codes.shape), folder, lambda bias, codes=codes, scale=scale.float():
-                                 Int8W8A8Linear(codes, scale.reshape(-1), bias, dtype))
+                                 make(codes, scale.reshape(-1), bias))
     if not built:
         raise ModelLoadError(f"config.json in {folder} declares {form}, and no weight there has a weight_scale")
-    _refuse_unscaled(state, "weight_scale", folder, (torch.int8,))
+    _refuse_unscaled(state, "weight_scale", folder, (codes_dtype,))
     return built
 
 
@@ -430,7 +425,7 @@ def _modelopt_fp8(state: dict[str, Tensor], dtype: torch.dtype, folder: Path | s
     for key in [k for k in state if k.endswith(".weight_scale")]:
         name = key.removesuffix(".weight_scale")
         weight_scale, input_scale = state.pop(key), state.pop(f"{name}.input_scale", None)
-        codes = _e4m3_weight(state, name, key, folder)
+        codes = _scaled_weight(state, name, key, folder)
         if input_scale is None or weight_scale.numel() != 1 or input_scale.numel() != 1:
             raise ModelLoadError(
                 f"{name} in {folder} has weight_scale {tuple(weight_scale.shape)} and input_scale "
