@@ -9,6 +9,12 @@
 #   python bench/make_random_model.py --out .gpu/model      # once, where the tokenizer's model is
 #   DEVICE=cuda bash bench/gpu_commands.sh                   # on the GPU machine (python3 with torch)
 #   DEVICE=cpu PYTHON=.venv/bin/python bash bench/gpu_commands.sh        # the same here
+#   LANES=parallel DEVICE=cuda bash bench/gpu_commands.sh    # its four lanes at once (a GPU machine's cores)
+#
+# The steps form four lanes, each depending on nothing outside itself: the runs, gate and
+# checkpoint (A), lm-eval, bench and study (B), the server and its clients (C), the published forms
+# (D). LANES=parallel runs them side by side, each with its own calibration cache, and prints each
+# lane's lines when all are done; by default they run one after another.
 #
 # Packages the GPU machine lacks travel as wheels in .whl/ (bench/gpu_wheels.sh lists and fetches
 # them); this script installs them into $SITE when that folder exists and $PYTHON lacks them.
@@ -35,9 +41,12 @@ if [ -d .whl ] && ! "$PYTHON" -c "import openai, fastapi, uvicorn, lm_eval" 2>/d
     export PYTHONPATH=$SITE:${PYTHONPATH:-}
 fi
 EVALSUITE="$PYTHON -m evalsuite"
-export EVALSUITE_CACHE=${EVALSUITE_CACHE:-$WORK/cache} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+LANES=${LANES:-sequential}
+case $LANES in sequential|parallel) ;; *) echo "LANES=$LANES: expected sequential or parallel"; exit 2;; esac
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 rm -rf "$WORK"; mkdir -p "$WORK"
-failed=() skipped=()
+# failed and skipped steps, one name per line: files, so that lanes run in subshells can add to them
+: >"$WORK/failed-steps"; : >"$WORK/skipped-steps"
 
 step() {  # step NAME command...
     local name=$1; shift
@@ -54,12 +63,14 @@ print('    device:', b.get('device_name'), '| kernel path:', b.get('kernel_path'
     else
         echo "FAILED $name ($((SECONDS - t0)) s): $*"
         tail -n 30 "$WORK/$name.log" | sed 's/^/    /'
-        failed+=("$name")
+        echo "$name" >>"$WORK/failed-steps"
     fi
 }
 
 run=($EVALSUITE run)
 common=(--device "$DEVICE" --no-progress)
+
+lane_a() {  # runs of MMLU under four recipes, a gate, perplexity, a quantized checkpoint
 step mmlu-bf16 "${run[@]}" mmlu --model "$MODEL" --recipe bf16 "${common[@]}" --formulation letter cloze generative \
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-bf16"
 step mmlu-fp8-modelopt "${run[@]}" mmlu --model "$MODEL" --recipe fp8-modelopt --recipe-config 'kernel="scaled_mm"' \
@@ -79,6 +90,9 @@ step perplexity "${run[@]}" perplexity --model "$MODEL" --recipe bf16 "${common[
 step quantize $EVALSUITE quantize --model "$MODEL" --recipe int4-awq --device "$DEVICE" --output "$WORK/int4-awq-checkpoint"
 step mmlu-quantized-checkpoint "${run[@]}" mmlu --model "$WORK/int4-awq-checkpoint" "${common[@]}" --num-fewshot 1 \
     --per-subject 1 --output "$WORK/mmlu-quantized-checkpoint"
+}
+
+lane_b() {  # lm-eval (through run and through its own command line), bench, study
 if "$PYTHON" -c "import lm_eval.evaluator, lm_eval.tasks" >"$WORK/lm-eval-import.log" 2>&1; then
     step lm-eval-harness "${run[@]}" --harness lm-eval --task evalsuite_mmlu_continuation_anatomy --limit 3 \
         --model "$MODEL" --device "$DEVICE" --output "$WORK/lm-eval-harness"
@@ -86,14 +100,16 @@ if "$PYTHON" -c "import lm_eval.evaluator, lm_eval.tasks" >"$WORK/lm-eval-import
         --tasks evalsuite_mmlu_anatomy --limit 2 --output_path "$WORK/lm-eval"
 else
     echo "SKIPPED lm-eval-harness, lm-eval: lm-eval does not import here ($(tail -n 1 "$WORK/lm-eval-import.log"))"
-    skipped+=(lm-eval-harness lm-eval)
+    printf '%s\n' lm-eval-harness lm-eval >>"$WORK/skipped-steps"
 fi
 step bench $EVALSUITE bench --model "$MODEL" --device "$DEVICE" --recipes bf16 fp8-modelopt int4-awq --lengths 64/16 \
     --batches 1 4 --output "$WORK/bench"
 
 step study $EVALSUITE study --model "$MODEL" --recipes fp8-official bf16 --per-subject 1 --per-article 1 \
     --device "$DEVICE" --root "$WORK"
+}
 
+lane_c() {  # the server, MMLU over its endpoint, MT-Bench judged through it with the openai client
 $EVALSUITE serve --model "$MODEL" --device "$DEVICE" --port "$PORT" --served-model-name random --max-model-len 4096 \
     >"$WORK/serve.log" 2>&1 &
 server=$!
@@ -110,8 +126,9 @@ step mt-bench "${run[@]}" mt-bench --model "$MODEL" --recipe bf16 "${common[@]}"
     --calibration-questions 2 --output "$WORK/mt-bench"
 kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
 grep -E "device|cuda|Traceback|Error" "$WORK/serve.log" | head -n 5 | sed 's/^/    serve: /'
+}
 
-# the published forms, last (newest; a time limit that cuts the script short cuts them first):
+lane_d() {  # the published forms (in sequence, a time limit that cuts the script short cuts them first):
 # exported on the device, then loaded as published and run there (Model Optimizer's FP8 through
 # torch._scaled_mm; AutoAWQ's GEMM form through tinygemm)
 mo=(--recipe fp8-modelopt --recipe-config quantize_attention=false 'kernel="scaled_mm"')
@@ -139,10 +156,27 @@ step export-int8-w8a8 $EVALSUITE quantize --model "$MODEL" --recipe int8-w8a8 --
     --output "$WORK/int8-w8a8-hf"
 step mmlu-published-int8-w8a8 "${run[@]}" mmlu --model "$WORK/int8-w8a8-hf" --recipe int8-w8a8 "${common[@]}" \
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int8-w8a8"
+}
 
-[ ${#skipped[@]} -eq 0 ] || echo "skipped steps: ${skipped[*]}"
-if [ ${#failed[@]} -gt 0 ]; then
-    echo "failed steps: ${failed[*]} (logs in $WORK)"
+if [ "$LANES" = parallel ]; then  # a share of the cores each, or their thread pools spin against each other
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) / 4))}
+    export OMP_NUM_THREADS=$((OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1))
+fi
+for lane in a b c d; do  # each lane's own calibration cache: two processes never write one entry
+    if [ "$LANES" = parallel ]; then
+        (export EVALSUITE_CACHE=${EVALSUITE_CACHE:-$WORK/cache-$lane}; "lane_$lane") >"$WORK/lane-$lane.log" 2>&1 &
+    else
+        (export EVALSUITE_CACHE=${EVALSUITE_CACHE:-$WORK/cache-$lane}; "lane_$lane")
+    fi
+done
+if [ "$LANES" = parallel ]; then
+    wait
+    for lane in a b c d; do echo "-- lane $lane"; cat "$WORK/lane-$lane.log"; done
+fi
+
+[ -s "$WORK/skipped-steps" ] && echo "skipped steps: $(tr '\n' ' ' <"$WORK/skipped-steps")"
+if [ -s "$WORK/failed-steps" ]; then
+    echo "failed steps: $(tr '\n' ' ' <"$WORK/failed-steps")(logs in $WORK)"
     exit 1
 fi
 echo "every step that ran ran on $DEVICE (logs in $WORK)"

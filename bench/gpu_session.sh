@@ -16,13 +16,21 @@ OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 status=0
 
+# every part ends by this many seconds after the start, whatever its own limit (a device call's
+# command runs for at most 600 s; what comes back must be written by then)
+DEADLINE=${DEADLINE:-575}
+
 part() {  # part NAME SECONDS command...
     local name=$1 limit=$2
     shift 2
+    [ "$limit" -le $((DEADLINE - SECONDS)) ] || limit=$((DEADLINE - SECONDS))
+    if [ "$limit" -lt 10 ]; then echo "== $name: skipped, $limit s left"; status=1; return; fi
     echo "== $name (limit $limit s): $*"
     local t0=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
     local rc=$?
+    # a part cut off leaves nothing running into the next one (gpu_commands' lanes and server)
+    [ "$rc" -ne 124 ] || pkill -9 -f 'gpu_commands.sh|python3 -m evalsuite' 2>/dev/null
     tail -n 60 "$OUT/$name.txt"
     echo "== $name: exit $rc after $((SECONDS - t0)) s"
     [ "$rc" -eq 0 ] || status=1
@@ -31,10 +39,10 @@ part() {  # part NAME SECONDS command...
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/nvidia-smi.txt"
-part gpu_commands 290 env DEVICE=cuda WORK=/tmp/gpu_commands bash bench/gpu_commands.sh
+part gpu_commands 300 env DEVICE=cuda LANES=parallel WORK=/tmp/gpu_commands bash bench/gpu_commands.sh
 # every step's whole log and run record come back too (small text files; the checkpoint stays)
 (cd /tmp/gpu_commands 2>/dev/null && find . \( -name '*.log' -o -name run.json \) -print0 \
     | tar czf "$OUT/gpu_commands_logs.tgz" --null -T -)
-part gpu_check 200 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int4-awq int4-awq:resmooth=false
+part gpu_check 240 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int8-w8a8 int4-awq
 part gpu_profile 90 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048
 exit $status
