@@ -9,11 +9,10 @@
 #   python bench/make_random_model.py --out .gpu/model      # once, where the tokenizer's model is
 #   DEVICE=cuda bash bench/gpu_commands.sh                   # on the GPU machine (python3 with torch)
 #   DEVICE=cpu PYTHON=.venv/bin/python bash bench/gpu_commands.sh        # the same here
-#   LANES=parallel DEVICE=cuda bash bench/gpu_commands.sh    # its four lanes at once (a GPU machine's cores)
+#   LANES=parallel DEVICE=cuda bash bench/gpu_commands.sh    # its eight lanes at once (a GPU machine's cores)
 #
-# The steps form four lanes, each depending on nothing outside itself: the runs, gate and
-# checkpoint (A), lm-eval, bench and study (B), the server and its clients (C), the published forms
-# (D). LANES=parallel runs them side by side, each with its own calibration cache, and prints each
+# The steps form eight lanes, each depending on nothing outside itself (lane_a ... lane_h below).
+# LANES=parallel runs them side by side, each with its own calibration cache, and prints each
 # lane's lines when all are done; by default they run one after another.
 #
 # Packages the GPU machine lacks travel as wheels in .whl/ (bench/gpu_wheels.sh lists and fetches
@@ -70,13 +69,16 @@ print('    device:', b.get('device_name'), '| kernel path:', b.get('kernel_path'
 run=($EVALSUITE run)
 common=(--device "$DEVICE" --no-progress)
 
-lane_a() {  # runs of MMLU under four recipes, a gate, perplexity, a quantized checkpoint
+lane_a() {  # runs of MMLU: BF16 (three formulations), both FP8 recipes
 step mmlu-bf16 "${run[@]}" mmlu --model "$MODEL" --recipe bf16 "${common[@]}" --formulation letter cloze generative \
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-bf16"
 step mmlu-fp8-modelopt "${run[@]}" mmlu --model "$MODEL" --recipe fp8-modelopt --recipe-config 'kernel="scaled_mm"' \
     "${common[@]}" --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-fp8-modelopt"
 step mmlu-fp8-official "${run[@]}" mmlu --model "$MODEL" --recipe fp8-official --recipe-config 'kernel="scaled_mm"' \
     "${common[@]}" --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-fp8-official"
+}
+
+lane_b() {  # INT4 AWQ, a gate with it as the candidate, perplexity
 step mmlu-int4-awq "${run[@]}" mmlu --model "$MODEL" --recipe int4-awq "${common[@]}" --num-fewshot 1 --per-subject 1 \
     --output "$WORK/mmlu-int4-awq"
 # a gate: its bf16 baseline produced on the device, int4-awq's run above as the candidate; any
@@ -87,12 +89,15 @@ printf '%s\n' "name: device" "model: $MODEL" "tasks: {mmlu: [--num-fewshot, '1',
 step gate bash -c '"$@"; [ $? -le 2 ]' gate $EVALSUITE gate "$WORK/gate.yaml" --device "$DEVICE"
 step perplexity "${run[@]}" perplexity --model "$MODEL" --recipe bf16 "${common[@]}" --per-article 1 \
     --output "$WORK/perplexity"
+}
+
+lane_c() {  # a quantized checkpoint, written and run
 step quantize $EVALSUITE quantize --model "$MODEL" --recipe int4-awq --device "$DEVICE" --output "$WORK/int4-awq-checkpoint"
 step mmlu-quantized-checkpoint "${run[@]}" mmlu --model "$WORK/int4-awq-checkpoint" "${common[@]}" --num-fewshot 1 \
     --per-subject 1 --output "$WORK/mmlu-quantized-checkpoint"
 }
 
-lane_b() {  # lm-eval (through run and through its own command line), bench, study
+lane_d() {  # lm-eval (through run and through its own command line), bench, study
 if "$PYTHON" -c "import lm_eval.evaluator, lm_eval.tasks" >"$WORK/lm-eval-import.log" 2>&1; then
     step lm-eval-harness "${run[@]}" --harness lm-eval --task evalsuite_mmlu_continuation_anatomy --limit 3 \
         --model "$MODEL" --device "$DEVICE" --output "$WORK/lm-eval-harness"
@@ -109,7 +114,7 @@ step study $EVALSUITE study --model "$MODEL" --recipes fp8-official bf16 --per-s
     --device "$DEVICE" --root "$WORK"
 }
 
-lane_c() {  # the server, MMLU over its endpoint, MT-Bench judged through it with the openai client
+lane_e() {  # the server, MMLU over its endpoint, MT-Bench judged through it with the openai client
 $EVALSUITE serve --model "$MODEL" --device "$DEVICE" --port "$PORT" --served-model-name random --max-model-len 4096 \
     >"$WORK/serve.log" 2>&1 &
 server=$!
@@ -128,9 +133,8 @@ kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
 grep -E "device|cuda|Traceback|Error" "$WORK/serve.log" | head -n 5 | sed 's/^/    serve: /'
 }
 
-lane_d() {  # the published forms (in sequence, a time limit that cuts the script short cuts them first):
-# exported on the device, then loaded as published and run there (Model Optimizer's FP8 through
-# torch._scaled_mm; AutoAWQ's GEMM form through tinygemm)
+lane_f() {  # the published forms, exported on the device, then loaded as published and run there
+# (Model Optimizer's FP8 through torch._scaled_mm; AutoAWQ's GEMM form through tinygemm)
 mo=(--recipe fp8-modelopt --recipe-config quantize_attention=false 'kernel="scaled_mm"')
 step export-fp8-modelopt $EVALSUITE quantize --model "$MODEL" "${mo[@]}" --device "$DEVICE" --format hf \
     --output "$WORK/fp8-modelopt-hf"
@@ -141,7 +145,10 @@ step export-int4-awq-asym $EVALSUITE quantize --model "$MODEL" "${awq[@]}" --dev
     --output "$WORK/int4-awq-asym-hf"
 step mmlu-published-int4-awq-asym "${run[@]}" mmlu --model "$WORK/int4-awq-asym-hf" "${awq[@]}" "${common[@]}" \
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int4-awq-asym"
-# Model Optimizer's W4A16_AWQ (tinygemm, inputs times pre_quant_scale, FP8 KV cache) and NVFP4 (simulated)
+}
+
+lane_g() {  # Model Optimizer's W4A16_AWQ and NVFP4, exported and run as published
+# W4A16_AWQ through tinygemm, inputs times pre_quant_scale, FP8 KV cache; NVFP4 simulated
 mo_awq=(--recipe int4-awq --recipe-config block_size=64 fp8_kv_cache=true)
 step export-int4-awq $EVALSUITE quantize --model "$MODEL" "${mo_awq[@]}" --device "$DEVICE" --format hf \
     --output "$WORK/int4-awq-hf"
@@ -151,18 +158,22 @@ step export-nvfp4 $EVALSUITE quantize --model "$MODEL" --recipe nvfp4 --device "
     --output "$WORK/nvfp4-hf"
 step mmlu-published-nvfp4 "${run[@]}" mmlu --model "$WORK/nvfp4-hf" --recipe nvfp4 "${common[@]}" \
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-nvfp4"
-# llm-compressor's W8A8 INT8: SmoothQuant and GPTQ on the device, products by torch._int_mm on CUDA
+}
+
+lane_h() {  # llm-compressor's W8A8 INT8
+# SmoothQuant and GPTQ on the device, products by torch._int_mm on CUDA
 step export-int8-w8a8 $EVALSUITE quantize --model "$MODEL" --recipe int8-w8a8 --device "$DEVICE" --format hf \
     --output "$WORK/int8-w8a8-hf"
 step mmlu-published-int8-w8a8 "${run[@]}" mmlu --model "$WORK/int8-w8a8-hf" --recipe int8-w8a8 "${common[@]}" \
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int8-w8a8"
 }
 
+lane_names="a b c d e f g h"
 if [ "$LANES" = parallel ]; then  # a share of the cores each, or their thread pools spin against each other
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) / 4))}
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) / 8))}
     export OMP_NUM_THREADS=$((OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1))
 fi
-for lane in a b c d; do  # each lane's own calibration cache: two processes never write one entry
+for lane in $lane_names; do  # each lane's own calibration cache: two processes never write one entry
     if [ "$LANES" = parallel ]; then
         (export EVALSUITE_CACHE=${EVALSUITE_CACHE:-$WORK/cache-$lane}; "lane_$lane") >"$WORK/lane-$lane.log" 2>&1 &
     else
@@ -171,7 +182,7 @@ for lane in a b c d; do  # each lane's own calibration cache: two processes neve
 done
 if [ "$LANES" = parallel ]; then
     wait
-    for lane in a b c d; do echo "-- lane $lane"; cat "$WORK/lane-$lane.log"; done
+    for lane in $lane_names; do echo "-- lane $lane"; cat "$WORK/lane-$lane.log"; done
 fi
 
 [ -s "$WORK/skipped-steps" ] && echo "skipped steps: $(tr '\n' ' ' <"$WORK/skipped-steps")"

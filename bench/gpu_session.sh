@@ -39,10 +39,20 @@ part() {  # part NAME SECONDS command...
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/nvidia-smi.txt"
-part gpu_commands 300 env DEVICE=cuda LANES=parallel WORK=/tmp/gpu_commands bash bench/gpu_commands.sh
-# every step's whole log and run record come back too (small text files; the checkpoint stays)
-(cd /tmp/gpu_commands 2>/dev/null && find . \( -name '*.log' -o -name run.json \) -print0 \
-    | tar czf "$OUT/gpu_commands_logs.tgz" --null -T -)
-part gpu_check 240 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int8-w8a8 int4-awq
-part gpu_profile 90 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048
+# PARTS: which parts, in order (a short lease: PARTS="commands small" DEADLINE=230)
+for p in ${PARTS:-commands check profile}; do
+    case $p in
+    commands)
+        part gpu_commands 300 env DEVICE=cuda LANES=parallel WORK=/tmp/gpu_commands bash bench/gpu_commands.sh
+        # every step's whole log and run record come back too (small text files; the checkpoint stays)
+        (cd /tmp/gpu_commands 2>/dev/null && find . \( -name '*.log' -o -name run.json \) -print0 \
+            | tar czf "$OUT/gpu_commands_logs.tgz" --null -T -) ;;
+    check) part gpu_check 240 python3 bench/gpu_check.py --recipes fp8-modelopt fp8-official int8-w8a8 int4-awq ;;
+    small)  # gpu_check's correctness figures on SmolLM2's shapes, its real kernels against simulation
+        part gpu_check_small 120 python3 bench/gpu_check.py --shapes smollm2-135m --quick \
+            --recipes int8-w8a8 fp8-modelopt int4-awq ;;
+    profile) part gpu_profile 90 python3 bench/gpu_profile.py --batches 1 64 --compile --max-len 2048 ;;
+    *) echo "unknown part $p (commands, check, small, profile)"; status=1 ;;
+    esac
+done
 exit $status

@@ -98,6 +98,34 @@ def test_each_family_and_recipe_make_their_tensors_on_the_models_device(family, 
     assert on_meta == life("plain")
 
 
+def _fused_tensors(model) -> list[torch.Tensor]:
+    """Every tensor the fused q/k/v and gate/up products hold (their own, and their inner modules')."""
+    found = []
+    for m in model.modules():
+        fused = getattr(m, "_fused", None)
+        for v in (vars(fused).values() if fused is not None else ()):
+            items = v if isinstance(v, tuple) else (v,)
+            found += [t for t in items if isinstance(t, torch.Tensor)]
+            found += [t for t in items if isinstance(t, torch.nn.Module) for t in (*t.parameters(), *t.buffers())]
+    return found
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp8-dynamic"])
+def test_fused_products_follow_a_move_of_the_model(tiny_dir, recipe):
+    """load() builds the model on the CPU, fused, then moves it to the device: the fused products
+    must move with it (on a GPU, every calibrating recipe's first forward met a fused q/k/v
+    weight left on the CPU)."""
+    from evalsuite.engine.load import load
+    from evalsuite.quant.api import apply_recipe
+
+    lm = load(str(tiny_dir), "float32", "cpu")
+    apply_recipe(lm, recipe)
+    fused = _fused_tensors(lm.model)
+    assert fused and all(t.device.type == "cpu" for t in fused)
+    lm.model.to("meta")
+    assert all(t.device.type == "meta" for t in _fused_tensors(lm.model))
+
+
 @pytest.mark.parametrize("device, message", [
     ("cuda", "no CUDA device is available here") if not torch.cuda.is_available() else ("cuda:99", "only"),
     ("tpu", "valid: cpu, cuda, cuda:N"),

@@ -242,7 +242,30 @@ def _fuse(mods: list[nn.Module]):
     return fused(mods) if fused is not None else None
 
 
-class Attention(nn.Module):
+class _Fusing(nn.Module):
+    """A module whose projections that read one input run as one product (``fuse``, ``_fused``).
+    A move or cast (``.to``, ``.cuda``, ``.float``) gives each projection's tensors new memory, no
+    longer shared with the fused product's; the fusion is then made again from the moved ones."""
+
+    _fused = None
+
+    def _fused_projections(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def fuse(self) -> None:
+        self._fused = _fuse(self._fused_projections())
+
+    def _apply(self, fn, recurse=True):
+        mods = self._fused_projections()
+        fused = self._fused is not None and self._fused.valid_for(mods)
+        before = [t.data_ptr() for m in mods for t in (*m.parameters(), *m.buffers())]
+        super()._apply(fn, recurse)
+        if fused and before != [t.data_ptr() for m in mods for t in (*m.parameters(), *m.buffers())]:
+            self.fuse()
+        return self
+
+
+class Attention(_Fusing):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
         super().__init__()
         self.layer_idx = layer_idx
@@ -276,11 +299,11 @@ class Attention(nn.Module):
         self.softmax_quant: nn.Module | None = None
         self._fused = None  # see _fuse
 
-    def fuse(self) -> None:
-        self._fused = _fuse([self.q_proj, self.k_proj, self.v_proj])
+    def _fused_projections(self) -> list[nn.Module]:
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def _qkv(self, x: Tensor) -> Tensor:
-        mods = [self.q_proj, self.k_proj, self.v_proj]
+        mods = self._fused_projections()
         if self._fused is not None and self._fused.valid_for(mods):
             return self._fused(x)
         return torch.cat([project(m, x) for m in mods], dim=-1)
@@ -490,7 +513,7 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
                                           scale=scale).reshape(B, H, 1, D)
 
 
-class MLP(nn.Module):
+class MLP(_Fusing):
     """down(act(gate(x)) · up(x)): SwiGLU, Gemma's GeGLU, or gpt-oss's experts' (biases, gate and
     up clamped at ``limit``, gate · sigmoid(alpha · gate) · (up + 1))."""
 
@@ -505,11 +528,11 @@ class MLP(nn.Module):
         self.act = functools.partial(F.gelu, approximate="tanh") if cfg.gemma else F.silu
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
 
-    def fuse(self) -> None:
-        self._fused = _fuse([self.gate_proj, self.up_proj])
+    def _fused_projections(self) -> list[nn.Module]:
+        return [self.gate_proj, self.up_proj]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._fused is not None and self._fused.valid_for([self.gate_proj, self.up_proj]):
+        if self._fused is not None and self._fused.valid_for(self._fused_projections()):
             gate, up = self._fused(x).chunk(2, dim=-1)
         else:
             gate, up = project(self.gate_proj, x), project(self.up_proj, x)
