@@ -37,8 +37,10 @@ def unfinished_run(what: str, rc: int, folder: Path) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("evalsuite", "torch", "transformers", "tokenizers", "lm_eval", "datasets", "numpy"):
+    from . import __version__  # the package's own: known when it runs from a checkout, not installed
+
+    out = {"python": platform.python_version(), "evalsuite": __version__}
+    for name in ("torch", "transformers", "tokenizers", "lm_eval", "datasets", "numpy"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -287,3 +287,24 @@ def test_run_without_a_task_lists_the_tasks(argv, rc, capsys):
     assert main(argv) == rc
     out = capsys.readouterr().out
     assert "usage: evalsuite run TASK [options]; tasks: mmlu, mt-bench, perplexity" in out
+
+
+def test_the_package_version_is_known_without_its_installed_metadata(monkeypatch):
+    """Run from a checkout (``python -m evalsuite``, not installed: so it ran on a GPU machine),
+    run records and exported checkpoints still state the version (an export failed there when it
+    asked the installed metadata): it is the package's own, which pyproject.toml reads too."""
+    import importlib.metadata as md
+
+    import evalsuite
+    from evalsuite.records import package_versions
+
+    installed = md.version("evalsuite")
+    real = md.version
+
+    def version(name):
+        if name == "evalsuite":
+            raise md.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(md, "version", version)
+    assert package_versions()["evalsuite"] == evalsuite.__version__ == installed

@@ -23,6 +23,7 @@ import warnings
 import pytest
 import torch
 
+import evalsuite
 from evalsuite.engine.load import load
 from evalsuite.quant import calibrate as calib
 from evalsuite.quant.api import apply_recipe
@@ -439,7 +440,7 @@ def test_quantize_format_hf_writes_model_optimizers_fp8_checkpoint(pair, tmp_pat
     for name in ("config.json", "hf_quant_config.json"):
         ours, ref = (json.loads((folder / name).read_text()) for folder in (tmp_path / "apart", theirs))
         quant = (lambda c: c["quantization_config"]) if name == "config.json" else (lambda c: c)
-        assert quant(ours).pop("producer")["name"] == "evalsuite"
+        assert quant(ours).pop("producer") == {"name": "evalsuite", "version": evalsuite.__version__}
         quant(ref).pop("producer")
         assert quant(ours) == quant(ref), name
     assert main([*common, "--output", str(tmp_path / "fused")]) == 0
@@ -473,7 +474,7 @@ def _assert_quantize_format_hf_writes(theirs, source, recipe: str, settings: dic
     for name in ("config.json", "hf_quant_config.json"):
         ours, ref = (json.loads((folder / name).read_text()) for folder in (out, theirs))
         quant = (lambda c: c["quantization_config"]) if name == "config.json" else (lambda c: c)
-        assert quant(ours).pop("producer")["name"] == "evalsuite"
+        assert quant(ours).pop("producer") == {"name": "evalsuite", "version": evalsuite.__version__}
         quant(ref).pop("producer")
         assert quant(ours) == quant(ref), name
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import __version__
 from ..assets import file_sha256
 from ..engine.config import (
     COMPRESSED_FP8_INPUTS,
@@ -253,7 +254,7 @@ def _quantization_config(recipe: str, config: dict[str, Any], model: CausalLM,
         n for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head")
     fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
     fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
-    producer = {"name": "evalsuite", "version": _version()}
+    producer = {"name": "evalsuite", "version": __version__}
     algo = {"fp8-modelopt": "FP8", "nvfp4": "NVFP4", "int4-awq": "W4A16_AWQ"}[recipe]
     quantization = {"ignore": kept, "quant_algo": algo} | ({"kv_cache_scheme": fp8} if kv else {}) | \
         {"producer": producer, "quant_method": "modelopt"}
@@ -279,12 +280,6 @@ def _compressed_tensors_config(model: CausalLM, form: str, weights: dict[str, An
             "ignore": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear),
             "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": "compressed-tensors",
             "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {}}
-
-
-def _version() -> str:
-    from importlib.metadata import version
-
-    return version("evalsuite")
 
 
 def _warn_vllm_tiles(cfg, block: int) -> None:
