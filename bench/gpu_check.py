@@ -30,6 +30,7 @@ import gc
 import sys
 import time
 import traceback
+import unittest.mock
 import warnings
 from pathlib import Path
 
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from evalsuite.bench import nvidia_driver_version  # noqa: E402
 from evalsuite.cli import parse_recipe_spec  # noqa: E402
 from evalsuite.engine.config import ModelConfig  # noqa: E402
-from evalsuite.engine.generate import SamplingParams, generate  # noqa: E402
+from evalsuite.engine.generate import DecodeBatch, SamplingParams, generate  # noqa: E402
 from evalsuite.engine.linear import invariant_row_blocks  # noqa: E402
 from evalsuite.engine.load import LoadedModel, ModelInfo, from_state_dict, parse_device  # noqa: E402
 from evalsuite.engine.model import _varlen, use_varlen  # noqa: E402
@@ -459,6 +460,18 @@ def main() -> None:
             extra = " (target >= 5x transformers)"
         graphs = "CUDA graphs" if device.type == "cuda" else "eager"
         print(f"decode batch {b} ({graphs}): engine {e:.1f} tok/s, transformers {h:.1f} tok/s -> {e / h:.2f}x{extra}")
+        # where a call's time goes besides its steps: the steps captured anew (the kept graphs not reused)
+        captured = []
+        capture = DecodeBatch._capture
+
+        def counting(batch, *key):
+            captured.append(key)
+            return capture(batch, *key)
+
+        with unittest.mock.patch.object(DecodeBatch, "_capture", counting):
+            again = decode_rate(lambda: generate(eng, ps, sp, max_batch_size=b), b * new_tokens, device)
+        print(f"decode batch {b}: two calls more, {again:.1f} tok/s, {len(captured)} steps captured in them "
+              f"(batch bucket, span: {sorted(set(captured))})")
 
     for b in (1, big_batch):
         section(f"decode batch {b}", lambda: decode(b))
@@ -468,8 +481,6 @@ def main() -> None:
         # others finish and batch buckets are captured at different times; the same static steps
         # with capture refused (each runs eagerly, the same kernels on the same shapes) must give
         # the same tokens, bit for bit, or a graph replays stale buffers
-        import unittest.mock
-
         ps = [torch.randint(2, cfg.vocab_size, (max(2, prompt_len >> (i % 3)),), generator=gen).tolist()
               for i in range(12)]
         params = [SamplingParams(max_new_tokens=max(1, new_tokens >> (i % 4))) for i in range(len(ps))]
@@ -481,8 +492,12 @@ def main() -> None:
             eager = [g.tokens for g in generate(eng, ps, params, max_batch_size=8, static=True)]
         same = sum(a == b for a, b in zip(graphs, eager))
         what = "CUDA graphs" if device.type == "cuda" else "static steps (no graphs on this device)"
+        # where each differing sequence first differs, of how many tokens: a near-tie flipped late in
+        # a long answer reads differently from a replay that is wrong from its first step
+        first = [f"{next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))}/{len(a)}"
+                 for a, b in zip(graphs, eager) if a != b]
         print(f"decode {what} against the same steps run eagerly: {same}/{len(ps)} sequences identical "
-              f"(target: all)")
+              f"(target: all){'; first differences at tokens ' + ', '.join(first) if first else ''}")
 
     section("decode graphs", graphs_against_eager)
     hf = None  # its memory back before the recipes run
