@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, as one command that fits its 10-minute limit: every
-# command on --device cuda first (bench/gpu_commands.sh: never yet run on a GPU), then the figures
+# command on --device cuda first (bench/gpu_commands.sh; docs/gpu/ holds its runs), then the figures
 # of bench/gpu_check.py (what the targets are judged on; two earlier runs are in docs/gpu/), then
 # where a decode step's time goes (bench/gpu_profile.py).
 # Each part has its own time limit, so one that hangs costs only its own share; each part's
