@@ -289,3 +289,51 @@ def test_generation_past_longropes_original_context_matches_transformers(longrop
     again = generate(longrope.model, second, params, max_batch_size=2, static=static)
     assert [x.cached_tokens for x in again] == [32, 16, 0, 0]
     assert [x.tokens for x in again] == [_hf_greedy(longrope.hf, p, 12) for p in second]
+
+
+def _captured_as_a_graph(monkeypatch) -> list[tuple[int, int]]:
+    """Static decode steps traced once at capture (``make_fx``) and replayed: every value the
+    step computes in Python is then frozen at its capture-time value, as in a CUDA graph, while
+    tensor operations rerun on the same buffers. The keys of the steps captured so far."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    captured = []
+    capture = DecodeBatch._capture
+
+    def traced(batch, bucket, span):
+        graph = make_fx(capture(batch, bucket, span), tracing_mode="real")()
+        captured.append((bucket, span))
+        return lambda: graph()
+
+    monkeypatch.setattr(DecodeBatch, "_capture", traced)
+    return captured
+
+
+def test_static_decode_replayed_as_captured_gives_the_same_tokens(tiny, hf_tiny, longrope, monkeypatch):
+    """What a CUDA graph replays, emulated on the CPU: each step traced at its first use and
+    replayed, with sequences joining and leaving between buckets and spans (and LongRoPE's
+    sequences crossing its original context, over tables for the whole context, as on CUDA),
+    gives transformers' greedy tokens. A step that read a Python value at capture (a position,
+    a length) would replay it stale."""
+    import evalsuite.engine.generate as gen_mod
+
+    from .conftest import LONGROPE_ORIGINAL as N
+
+    monkeypatch.setattr(gen_mod, "STATIC_LEN_BLOCK", 8)
+    captured = _captured_as_a_graph(monkeypatch)
+    prompts = PROMPTS + [[9, 10, 11, 12, 13], [60, 61]]
+    lengths = [4, 15, 9, 15, 6]
+    params = [SamplingParams(max_new_tokens=n) for n in lengths]
+    tiny.model.__dict__.pop("_kept_decode", None)
+    got = generate(tiny.model, prompts, params, max_batch_size=3, static=True)
+    assert [g.tokens for g in got] == [_hf_greedy(hf_tiny, p, n) for p, n in zip(prompts, lengths)]
+    assert len(set(captured)) > 3  # several buckets and spans, each replayed as traced
+    tiny.model.__dict__.pop("_kept_decode", None)
+
+    g = torch.Generator().manual_seed(3)
+    long_prompts = [torch.randint(1, 400, (n,), generator=g).tolist() for n in (N - 4, N + 10, 20)]
+    longrope.model._rope_tables(longrope.model.config.max_position_embeddings)
+    got = generate(longrope.model, long_prompts, SamplingParams(max_new_tokens=12), max_batch_size=2,
+                   static=True, prefix_cache=False)
+    assert [x.tokens for x in got] == [_hf_greedy(longrope.hf, p, 12) for p in long_prompts]
+    longrope.model.__dict__.pop("_kept_decode", None)
