@@ -300,10 +300,11 @@ def families(device: torch.device) -> None:
         torch.manual_seed(0)
         if name in ("gemma2", "gpt_oss"):
             hf_cfg._attn_implementation = "eager"  # capped scores, sinks: transformers' eager attention only
-        # transformers' own loop over the experts (the CPU tests' reference) on every device: where
-        # torch._grouped_mm dispatches (CUDA) transformers 5 takes it by default, and on the H200
-        # (transformers 5.17) gpt-oss's float32 logits then differed from the engine's by 6.5
-        hf_cfg._experts_implementation = "eager"
+        # a mixture: transformers' own loop over the experts (the CPU tests' reference) on every
+        # device; where torch._grouped_mm dispatches (CUDA) transformers 5 takes it by default, and
+        # on the H200 (transformers 5.17) gpt-oss's float32 logits then differed from the engine's by 6.5
+        if getattr(hf_cfg, "num_local_experts", None) or getattr(hf_cfg, "num_experts", None):
+            hf_cfg._experts_implementation = "eager"
         with torch.device(device):
             hf = model_class(hf_cfg).eval()
         with torch.no_grad():  # norms drawn too (Gemma's multiply by 1 + weight, the others' by weight)
