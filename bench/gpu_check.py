@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import sys
 import time
 import traceback
@@ -83,10 +84,16 @@ def build_pair(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed:
     return hf, engine
 
 
+# Whether timed() runs each measured call once beforehand. Off for the CPU smoke test (--quick on
+# the CPU), whose figures mean nothing and whose time is the test suite's.
+WARM_UP = True
+
+
 def timed(fn, device: torch.device, reps: int = 1) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up: allocations, kernel selection, lazy inits
-    sync()
+    if WARM_UP:
+        fn()  # warm-up: allocations, kernel selection, lazy inits
+        sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -208,6 +215,56 @@ def projection_parity(model) -> str:
 
 def decode_rate(fn, n_tokens: int, device: torch.device) -> float:
     return n_tokens / timed(fn, device, 1)
+
+
+class CallBreakdown:
+    """Where generate calls' time goes: seconds per wrapped function (``timing``), the GPU
+    synchronised at each one's end, and the decode steps captured in them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.captured: list[tuple] = []
+
+    def timing(self, name: str, fn):
+        def call(*args, **kwargs):
+            if name == "_capture":  # (self, bucket, span)
+                self.captured.append(args[1:])
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+                self.calls[name] = self.calls.get(name, 0) + 1
+        return call
+
+    def line(self) -> str:
+        n = self.calls.get("generate", 1)
+        parts = []
+        for name, seconds in self.seconds.items():
+            if name != "generate":
+                each = f" ({self.calls[name] // n} x {1e3 * seconds / self.calls[name]:.2f} ms)" \
+                    if name == "step" else ""
+                parts.append(f"{name} {seconds / n:.3f} s{each}")
+        inner = sum(v for k, v in self.seconds.items() if k not in ("generate", "_capture"))  # _capture: within step
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+        return (f"per call {self.seconds.get('generate', 0.0) / n:.3f} s: {', '.join(parts)}, elsewhere "
+                f"{(self.seconds.get('generate', 0.0) - inner) / n:.3f} s; steps captured {len(self.captured)} "
+                f"{sorted(set(self.captured))}; host load average {load} over {os.cpu_count()} CPUs")
+
+
+@contextlib.contextmanager
+def call_breakdown(device: torch.device):
+    """Each DecodeBatch method timed while inside (construction, add = prefill and first token,
+    step, remove, close; _capture inside step); whole calls through ``.timing("generate", generate)``."""
+    spent = CallBreakdown(device)
+    with contextlib.ExitStack() as stack:
+        for name in ("__init__", "add", "step", "remove", "close", "_capture"):
+            timed_method = spent.timing(name, getattr(DecodeBatch, name))
+            stack.enter_context(unittest.mock.patch.object(DecodeBatch, name, timed_method))
+        yield spent
 
 
 def window_semantics(device: torch.device, window: int = 16) -> None:
@@ -355,12 +412,17 @@ def main() -> None:
     device = parse_device(args.device)
     cfg = ModelConfig.from_name(args.shapes)
     q = args.quick
+    global WARM_UP
+    WARM_UP = not (q and device.type == "cpu")
     n_prompts, (lo, hi) = (16, (20, 60)) if q else (256, (80, 700))
     prompt_len, new_tokens, big_batch = (16, 8, 4) if q else (100, 128, 64)
     gen = torch.Generator().manual_seed(0)
     gpu = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, driver {nvidia_driver_version()}" \
         if device.type == "cuda" else "cpu"
-    print(f"device {device} ({gpu}), torch {torch.__version__}, shapes {args.shapes}, {'quick' if q else 'full'}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(f"device {device} ({gpu}), torch {torch.__version__}, shapes {args.shapes}, {'quick' if q else 'full'}; "
+          f"host: {os.cpu_count()} CPUs, load average {load} (launch-bound figures, transformers' decode above "
+          f"all, slow down on a busy host)")
 
     t0 = time.perf_counter()
     failed = []
@@ -461,18 +523,12 @@ def main() -> None:
             extra = " (target >= 5x transformers)"
         graphs = "CUDA graphs" if device.type == "cuda" else "eager"
         print(f"decode batch {b} ({graphs}): engine {e:.1f} tok/s, transformers {h:.1f} tok/s -> {e / h:.2f}x{extra}")
-        # where a call's time goes besides its steps: the steps captured anew (the kept graphs not reused)
-        captured = []
-        capture = DecodeBatch._capture
-
-        def counting(batch, *key):
-            captured.append(key)
-            return capture(batch, *key)
-
-        with unittest.mock.patch.object(DecodeBatch, "_capture", counting):
-            again = decode_rate(lambda: generate(eng, ps, sp, max_batch_size=b), b * new_tokens, device)
-        print(f"decode batch {b}: two calls more, {again:.1f} tok/s, {len(captured)} steps captured in them "
-              f"(batch bucket, span: {sorted(set(captured))})")
+        # where a call's time goes besides its steps: each DecodeBatch method's share, and the steps
+        # captured anew (the kept graphs not reused)
+        with call_breakdown(device) as spent:
+            timed_generate = spent.timing("generate", generate)
+            again = decode_rate(lambda: timed_generate(eng, ps, sp, max_batch_size=b), b * new_tokens, device)
+        print(f"decode batch {b}: {spent.calls['generate']} call(s) more, {again:.1f} tok/s; {spent.line()}")
 
     for b in (1, big_batch):
         section(f"decode batch {b}", lambda: decode(b))

@@ -168,7 +168,11 @@ step mmlu-published-int8-w8a8 "${run[@]}" mmlu --model "$WORK/int8-w8a8-hf" --re
     --num-fewshot 1 --per-subject 1 --output "$WORK/mmlu-published-int8-w8a8"
 }
 
-lane_names="a b c d e f g h"
+# LANE_NAMES: which lanes (a short lease: LANE_NAMES="f g" for the published forms only)
+lane_names=${LANE_NAMES:-a b c d e f g h}
+for lane in $lane_names; do
+    case $lane in [a-h]) ;; *) echo "LANE_NAMES=$lane_names: lanes are a b c d e f g h"; exit 2;; esac
+done
 if [ "$LANES" = parallel ]; then  # a share of the cores each, or their thread pools spin against each other
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) / 8))}
     export OMP_NUM_THREADS=$((OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1))

@@ -33,6 +33,9 @@ part() {  # part NAME SECONDS command...
     [ "$rc" -ne 124 ] || pkill -9 -f 'gpu_commands.sh|python3 -m evalsuite' 2>/dev/null
     tail -n 60 "$OUT/$name.txt"
     echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    # what still runs after it (a leftover process slows the next part's launch-bound figures)
+    echo "== after $name: load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null); busiest processes:"
+    ps -eo pid,pcpu,etimes,args --sort=-pcpu 2>/dev/null | grep -v ' ps -eo' | head -n 6 | cut -c1-160
     [ "$rc" -eq 0 ] || status=1
 }
 

@@ -190,6 +190,8 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
     assert "FAILED" not in text, text
     assert "batch invariance: prompt 0 scored alone" in text and "(identical;" in text, text
     assert "against the same steps run eagerly: " in text, text  # the figure that matters is a GPU's
+    for b in (1, 4):  # where a call's time goes, by DecodeBatch method (no graphs to capture on the CPU)
+        assert f"decode batch {b}: 1 call(s) more" in text and "steps captured 0 []" in text, text
     assert text.count("prompt 0 alone and among 16: identical") == 3, text  # each recipe's, real kernels
     f32 = float(text.split("parity float32: logits max |engine - transformers| = ")[1].split()[0])
     assert f32 <= 1e-3
