@@ -110,6 +110,28 @@ class Step:
             self.derived["packed"] = (cu, max(self.seq_lens), slots, self.positions)
         return self.derived["packed"]
 
+    def cache_rows(self) -> Tensor:
+        """For a decode: the cache rows of the batch's rows, made once per step."""
+        if "cache_rows" not in self.derived:
+            rows = self.positions.shape[0]
+            self.derived["cache_rows"] = torch.arange(self.slot_start, self.slot_start + rows,
+                                                      device=self.positions.device)
+        return self.derived["cache_rows"]
+
+    def additive_mask(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """A decode chunk's boolean ``mask`` (True where attention is allowed) as SDPA's additive
+        form in ``dtype``: 0 where allowed, -inf elsewhere, what SDPA makes of a boolean mask on
+        every call (convert_boolean_attn_mask), here once per step and mask for all layers. On
+        CUDA it is also the form every backend reads alike: cuDNN's own conversion of a boolean
+        mask fills a finite -65504 instead."""
+        if mask is None:
+            return None
+        key = ("additive", id(mask), dtype)
+        if key not in self.derived:  # the mask stays referenced by the step: its id is not reused
+            self.derived[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf"))
+        return self.derived[key]
+
     @classmethod
     def for_prefill(cls, seq_lens: list[int] | tuple[int, ...], cache: KVCache | None = None,
                     slot_start: int = 0, device: torch.device | str | None = None, row_block: int = 0) -> "Step":
@@ -194,14 +216,16 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (HF layout). x [B, L, heads, D]; cos/sin broadcast to [B or 1, L, 1, R]:
-    the first R dimensions of each head rotate, the rest pass (partial RoPE, R < D)."""
+    """Rotate-half RoPE (HF layout): x·cos + (-x2, x1)·sin, with rotate-half's minus sign folded
+    into ``sin``, whose first half comes negated (``CausalLM._rope_tables``): (x2, x1)·(-s1, s2)
+    is the same product bit for bit (a sign flip is exact), one kernel fewer per call. x [B, L,
+    heads, D]; cos/sin broadcast to [B or 1, L, 1, R]: the first R dimensions of each head rotate,
+    the rest pass (partial RoPE, R < D)."""
     rotary = cos.shape[-1]
     if rotary < x.shape[-1]:
         return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
+    rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
@@ -334,7 +358,7 @@ class Attention(_Fusing):
             out = self._prefill_attention(q, k, v, step)
         else:
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
-            idx = torch.arange(step.slot_start, step.slot_start + B, device=q.device)
+            idx = step.cache_rows()
             kc[idx, :, step.positions] = self._to_cache(k[:, :, 0], kc, self.k_cache_quant)
             vc[idx, :, step.positions] = self._to_cache(v[:, :, 0], vc, self.v_cache_quant)
             outs = []
@@ -346,7 +370,7 @@ class Attention(_Fusing):
                 v = self._from_cache(vc[rows, :, :kv_len], self.v_cache_quant, q.dtype)
                 qc = q[lo:hi]
                 outs.append(self._attend(qc, k, v, False, mask) if self._explicit
-                            else _decode_attention(qc, k, v, mask, self.scale))
+                            else _decode_attention(qc, k, v, step.additive_mask(mask, q.dtype), self.scale))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return in_row_blocks(self._out, out.transpose(1, 2).reshape(B, L, H * D), step.row_block)
 
@@ -702,7 +726,7 @@ class CausalLM(nn.Module):
 
     def _rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
         """cos and sin for positions 0 .. n-1 (n >= ``length``) of each of ``_rope_variants``, one
-        block of n rows after the other. On a GPU they cover the whole context from the first call:
+        block of n rows after the other; sin's first half negated (``apply_rope``). On a GPU they cover the whole context from the first call:
         captured decode graphs read them by address, so they are never reallocated there."""
         if length > self._rope_len or self._cos.device != self.device:
             limit = self.config.max_position_embeddings
@@ -715,7 +739,8 @@ class CausalLM(nn.Module):
                 freqs = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), inv_freq.to("cpu"))
                 emb = torch.cat((freqs, freqs), dim=-1)
                 cos.append(emb.cos() * factor)
-                sin.append(emb.sin() * factor)
+                # rotate-half's minus sign on the first half (apply_rope); negation is exact
+                sin.append(torch.cat((-freqs.sin(), freqs.sin()), dim=-1) * factor)
             cos, sin = torch.cat(cos), torch.cat(sin)
             self._cos = cos.to(self.dtype).to(self.device)
             self._sin = sin.to(self.dtype).to(self.device)
