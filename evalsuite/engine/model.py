@@ -369,8 +369,10 @@ class Attention(_Fusing):
                 k = self._from_cache(kc[rows, :, :kv_len], self.k_cache_quant, q.dtype)
                 v = self._from_cache(vc[rows, :, :kv_len], self.v_cache_quant, q.dtype)
                 qc = q[lo:hi]
-                outs.append(self._attend(qc, k, v, False, mask) if self._explicit
-                            else _decode_attention(qc, k, v, step.additive_mask(mask, q.dtype), self.scale))
+                if self._explicit:
+                    outs.append(self._attend(qc, k, v, False, mask))
+                else:
+                    outs.append(_decode_attention(qc, k, v, step.additive_mask(mask, q.dtype), self.scale))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return in_row_blocks(self._out, out.transpose(1, 2).reshape(B, L, H * D), step.row_block)
 
