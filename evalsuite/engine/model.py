@@ -728,8 +728,9 @@ class CausalLM(nn.Module):
 
     def _rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
         """cos and sin for positions 0 .. n-1 (n >= ``length``) of each of ``_rope_variants``, one
-        block of n rows after the other; sin's first half negated (``apply_rope``). On a GPU they cover the whole context from the first call:
-        captured decode graphs read them by address, so they are never reallocated there."""
+        block of n rows after the other; sin's first half negated (``apply_rope``). On a GPU they
+        cover the whole context from the first call: captured decode graphs read them by address,
+        so they are never reallocated there."""
         if length > self._rope_len or self._cos.device != self.device:
             limit = self.config.max_position_embeddings
             n = limit if self.device.type == "cuda" else max(length, min(2 * self._rope_len, limit), 256)
