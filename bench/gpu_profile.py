@@ -68,13 +68,44 @@ def compiled_step(model: CausalLM, cache, tokens: torch.Tensor, positions: torch
     return replay, time.perf_counter() - t
 
 
+def attention_backends(model: CausalLM, cache, positions: torch.Tensor, bucket: int, span: int) -> str:
+    """One layer's decode attention as the step calls it (``model._decode_attention``: the query
+    heads of a KV head as its queries, the additive mask of ``Step.additive_mask``), under each
+    SDPA backend that takes it: µs per call, and the largest difference from the math backend
+    in float32. Which backend SDPA picks by itself is the first line's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from evalsuite.engine.model import _decode_attention
+
+    cfg = model.config
+    step = Step.for_static_decode(positions[:bucket], cache, span)
+    mask = step.additive_mask(step.chunks[0][3], torch.bfloat16)
+    k, v = cache.k[0, :bucket, :, :span], cache.v[0, :bucket, :, :span]
+    q = torch.randn(bucket, cfg.num_heads, 1, cfg.head_dim, device=k.device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = _decode_attention(q.float(), k.float(), v.float(), mask.float())
+        out = [f"decode attention, one layer ({bucket} rows x {span} positions): default "
+               f"{1e3 * median_ms(lambda: _decode_attention(q, k, v, mask)):.1f} µs"]
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+            try:
+                with sdpa_kernel(backend):
+                    got = _decode_attention(q, k, v, mask)
+                    t = median_ms(lambda: _decode_attention(q, k, v, mask))
+                diff = (got.float() - ref).abs().max().item()
+                out.append(f"{backend.name.lower()} {1e3 * t:.1f} µs (max diff {diff:.1e})")
+            except RuntimeError as e:  # this backend does not take these inputs here
+                out.append(f"{backend.name.lower()} n/a ({str(e).splitlines()[0][:60]})")
+    return "; ".join(out)
+
+
 def median_ms(fn, n: int = 30) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(n):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[n // 2] * 1e3
 
@@ -108,6 +139,7 @@ def main() -> None:
             whole_ms = median_ms(batch._capture(bucket, batch.cache.max_len))
             print(f"batch {b}: replay with attention over the whole cache ({batch.cache.max_len} positions) "
                   f"{whole_ms:.2f} ms against {replay_ms:.2f} ms over the span: {whole_ms / replay_ms:.2f}x")
+        print(f"batch {b}: {attention_backends(model, batch.cache, batch._positions, bucket, span)}")
         # one eager step (the captured code, not replayed) under the profiler: GPU time per kernel
         tokens, positions = batch._tokens[:bucket], batch._positions[:bucket]
 
