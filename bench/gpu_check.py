@@ -13,9 +13,11 @@ Prints, side by side and measured in this run:
     full-vocabulary logits, log-softmax), and the share of the BF16 FLOP floor; on a GPU also
     without the fixed GEMM row blocks that make scoring batch-invariant, and with half-size ones;
   * batch invariance: one prompt scored alone and among all (with and without the row blocks);
-  * greedy decode at batch 1 and 64: engine against transformers' generate, and batch 1 against
-    the bandwidth floor (weight bytes / measured bandwidth); the tokens of decode with CUDA
-    graphs against the same static steps run eagerly (sequences joining and leaving: all identical);
+  * greedy decode at batch 1 and 64, every call cold (no prefix cache): engine against
+    transformers' generate, batch 1 against the bandwidth floor (weight bytes / measured
+    bandwidth), and where a further call's time goes (each DecodeBatch method, the host's load);
+    the tokens of decode with CUDA graphs against the same static steps run eagerly (sequences
+    joining and leaving: all identical);
   * every recipe (fp8-modelopt, fp8-official, int4-awq): scoring and batch-1 decode against BF16
     with its kernel path, and real kernel against simulation (relative logits error).
 Targets (docs/PERF.md) are printed beside each figure. Calibrating recipes calibrate on random
