@@ -47,7 +47,9 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     g.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts (default 5)")
     g = p.add_argument_group("execution (speed only: changing these resumes the same run)")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default 32)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="sequences per forward (default 32; on a GPU with memory to spare, 64 with "
+                        "--max-batch-tokens 16384 is what bench/gpu_check.py measures)")
     g.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="packed prompt tokens per forward (default 4096)")
     g.add_argument("--no-prefix-cache", action="store_true",
