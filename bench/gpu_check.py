@@ -554,7 +554,8 @@ def main() -> None:
         params = [SamplingParams(max_new_tokens=max(1, new_tokens >> (i % 4))) for i in range(len(ps))]
         # both cold: with the prefix cache the second run would continue the first one's K/V, whose
         # last bits differ from a whole prefill's (on the CPU with SmolLM2's shapes that alone turned
-        # 1 of 12 sequences; on the H200 at 8B shapes, 10 of 12 differed with it)
+        # 1 of 12 sequences; on the H200 at 8B shapes 10 of 12 differed with it, how many from it
+        # alone is for the next run to say)
         graphs = [g.tokens for g in generate(eng, ps, params, max_batch_size=8, static=True, prefix_cache=False)]
         with unittest.mock.patch.object(torch.cuda, "CUDAGraph", side_effect=RuntimeError("capture refused")), \
                 warnings.catch_warnings():

@@ -69,7 +69,7 @@ def compiled_step(model: CausalLM, cache, tokens: torch.Tensor, positions: torch
 
 
 def attention_backends(model: CausalLM, cache, positions: torch.Tensor, bucket: int, span: int) -> str:
-    """One layer's decode attention as the step calls it (``model._decode_attention``: the query
+    """One layer's decode attention as the step calls it (``engine.model._decode_attention``: the query
     heads of a KV head as its queries, the additive mask of ``Step.additive_mask``), under each
     SDPA backend that takes it: µs per call, and the largest difference from the math backend
     in float32. Which backend SDPA picks by itself is the first line's."""
