@@ -411,6 +411,10 @@ def _gate(args: argparse.Namespace) -> int:
     try:
         check_device(args.device)
         gate = load_gate(args.gate)
+        if args.device:  # whether it exists here (torch), before the first run starts
+            from .engine.load import parse_device
+
+            parse_device(args.device)
         base, results = evaluate(gate, log=lambda m: print(m, file=sys.stderr, flush=True), device=args.device)
     except (GateError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"evalsuite gate: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
@@ -667,6 +671,10 @@ def _run_harness(argv: list[str]) -> int:
     if not opts.base_url:
         overrides = parse_recipe_config(opts.recipe_config)
         check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device, needs_tokenizer=True)
+        if opts.device:  # whether it exists here (torch), before lm-eval builds its tasks
+            from .engine.load import parse_device
+
+            parse_device(opts.device)
     from .runners.lm_eval_harness import format_lm_eval_summary, load_tasks, run_lm_eval, task_manager
 
     manager = task_manager(opts.task, opts.include_path)  # unknown tasks are named before a model loads
@@ -808,9 +816,15 @@ def _check_lm_eval_model_args(argv: list[str]) -> None:
     from .models import check_model_args
 
     overrides = parse_recipe_config([f"{k}={v}" for k, v in args.items() if k not in _LM_EVAL_ENGINE_ARGS])
+    device = _option(argv, "--device") or args.get("device")
     check_model_args(args.get("model", "smollm2-135m"), args.get("recipe", "bf16"), overrides or None,
-                     args.get("dtype", "bfloat16"), _option(argv, "--device") or args.get("device"),
-                     needs_tokenizer=True)
+                     args.get("dtype", "bfloat16"), device, needs_tokenizer=True)
+    if device is not None:
+        # a device named here must exist (torch): an 8B model must not run on the CPU by accident.
+        # Only lm-eval's own default, cuda:0, falls back where there is no GPU (lm_eval_model._device)
+        from .engine.load import parse_device
+
+        parse_device(device)
 
 
 def _quantize(args: argparse.Namespace) -> int:

@@ -110,6 +110,17 @@ def _run_folder_name(side: dict[str, Any]) -> str:
     return "".join(c if c.isalnum() or c in "-._=" else "_" for c in side["recipe"] + suffix)
 
 
+def run_argv(gate: Gate, side: dict[str, Any], task: str, run_dir: Path, device: str | None = None) -> list[str]:
+    """The ``evalsuite`` command line that produces (or resumes) ``side``'s run of ``task``: the
+    task's args from the gate file, then ``device`` where given, so that it wins over theirs."""
+    head = ["run", "--harness", "lm-eval"] if task == "lm-eval" else ["run", task]
+    argv = [*head, "--model", gate.model, "--recipe", side["recipe"], "--dtype", gate.dtype,
+            *gate.tasks[task], *(["--device", device] if device else []), "--output", str(run_dir), "--no-progress"]
+    for k, v in (side.get("recipe_config") or {}).items():
+        argv += ["--recipe-config", f"{k}={json.dumps(v)}"]
+    return argv
+
+
 def produce_side(gate: Gate, side: dict[str, Any], log, device: str | None = None) -> Side:
     """The side a gate entry names, running it first when it is a recipe (resumed if present), on
     ``device`` when given (after the task's args, so it wins over a --device there)."""
@@ -124,13 +135,9 @@ def produce_side(gate: Gate, side: dict[str, Any], log, device: str | None = Non
         from .compare import merge_sides
 
         parts = []
-        for task, args in gate.tasks.items():
+        for task in gate.tasks:
             run_dir = gate.runs_dir / f"{_run_folder_name(side)}-{task}"
-            head = ["run", "--harness", "lm-eval"] if task == "lm-eval" else ["run", task]
-            argv = [*head, "--model", gate.model, "--recipe", side["recipe"], "--dtype", gate.dtype,
-                    *args, *(["--device", device] if device else []), "--output", str(run_dir), "--no-progress"]
-            for k, v in (side.get("recipe_config") or {}).items():
-                argv += ["--recipe-config", f"{k}={json.dumps(v)}"]
+            argv = run_argv(gate, side, task, run_dir, device)
             log(f"gate {gate.name}: evalsuite {' '.join(argv)}")
             t0 = time.perf_counter()
             rc = cli_main(argv)

@@ -30,9 +30,12 @@ class RunConflictError(RuntimeError):
 def unfinished_run(what: str, rc: int, folder: Path) -> str:
     """What to tell the user when a run that a gate or a study started returned ``rc`` != 0."""
     if rc == 2:  # refused before it ran: bad arguments, or the folder holds another configuration's run
-        return (f"{what} was refused (evalsuite run exited 2; the reason is above). A folder holding a run of "
-                f"another configuration (the recipe's settings or the suite changed since it ran) is not resumed: "
-                f"delete {folder} to run it anew")
+        refused = f"{what} was refused (evalsuite run exited 2; the reason is above)"
+        if not (folder / RUN).is_file():  # nothing there to conflict with: the arguments were refused
+            return refused
+        return (f"{refused}. If the reason is that {folder} holds a run of another configuration (the recipe's "
+                f"settings or the suite changed since it ran), which is never resumed, delete that folder to run "
+                f"it anew")
     return f"{what} did not complete (evalsuite run exited {rc}); rerun to resume it"
 
 

@@ -49,6 +49,10 @@ def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_sub
 
     for r in recipes:  # every recipe against the model before the first run: none fails halfway through
         check_model_args(model, r, None, "bfloat16", device, needs_tokenizer=True)
+    if device is not None:  # whether it exists here (torch), before the first run starts
+        from .engine.load import parse_device
+
+        parse_device(device)
     for flag, value in (("--per-subject", per_subject), ("--per-article", per_article),
                         ("--mt-bench", mtbench_questions), ("--mt-bench-tokens", mtbench_tokens)):
         if value is not None and value < 1:  # 0 would otherwise read as "the default" (or all 80 questions)

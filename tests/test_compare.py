@@ -3,6 +3,7 @@ gate's exit codes and JUnit output, and the run index under crashes and concurre
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -268,23 +269,48 @@ def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     assert cli.main(["gate", str(tmp_path / "g.yaml")]) == 3
     err = capsys.readouterr().err
     assert "holds a run with a different configuration" in err
-    assert "was refused (evalsuite run exited 2; the reason is above)" in err and f"delete {stale}" in err
-    assert "rerun the gate to resume it" not in err
+    assert "was refused (evalsuite run exited 2; the reason is above)" in err
+    assert f"If the reason is that {stale} holds a run of another configuration" in err
+    assert "delete that folder to run it anew" in err and "rerun the gate to resume it" not in err
+
+
+def test_gate_device_goes_after_the_tasks_own():
+    """``gate --device`` goes to every run the gate produces, after the task's args, so that the
+    run's own parser takes it over a --device there."""
+    from evalsuite.gate import Gate, run_argv
+
+    gate = Gate(name="t", path=Path("g.yaml"), tasks={"mmlu": ["--per-subject", "1", "--device", "cpu"]},
+                model="smollm2-135m", runs_dir=Path("runs"), baseline={"recipe": "bf16"}, candidates=[], metrics={})
+    argv = run_argv(gate, {"recipe": "int4-awq", "recipe_config": {"kernel": "never"}}, "mmlu",
+                    Path("runs/x"), device="cuda")
+    assert " ".join(argv) == ("run mmlu --model smollm2-135m --recipe int4-awq --dtype bfloat16 --per-subject 1 "
+                              "--device cpu --device cuda --output runs/x --no-progress "
+                              "--recipe-config kernel=\"never\"")
+    parser = argparse.ArgumentParser(parents=[cli._run_options()])
+    assert parser.parse_known_args(argv[2:])[0].device == "cuda"  # --per-subject is the runner's
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
-def test_gate_device_reaches_its_runs_over_the_tasks_own(tmp_path, capsys):
-    """``gate --device`` goes to every run the gate produces, after the task's args: here a
-    task's ``--device cpu`` is overridden by ``--device cuda``, which this machine lacks, so the
-    first run refuses it before loading a model and the gate stops with an error."""
-    (tmp_path / "g.yaml").write_text(f"name: t\ntasks: {{mmlu: [--per-subject, '1', --device, cpu]}}\n"
-                                     f"runs_dir: {tmp_path / 'runs'}\nbaseline: {{recipe: bf16}}\n"
-                                     "candidates: [{recipe: int4-awq}]\nmetrics: {mmlu.cloze.acc: 0.1}\n")
-    assert cli.main(["gate", str(tmp_path / "g.yaml"), "--device", "cuda"]) == 3
+def test_gate_and_study_refuse_a_missing_device_before_their_first_run(tmp_path, capsys):
+    """A --device this machine lacks stops a gate or a study before it starts any run; a task's
+    own --device is refused by its run, and no folder is named for deletion (there is none)."""
+    tasks = "tasks: {mmlu: [--per-subject, '1', --device, cuda]}"
+    gate_file = tmp_path / "g.yaml"
+    gate_file.write_text(f"name: t\n{tasks}\nruns_dir: {tmp_path / 'runs'}\nbaseline: {{recipe: bf16}}\n"
+                         "candidates: [{recipe: int4-awq}]\nmetrics: {mmlu.cloze.acc: 0.1}\n")
+    gate_file.with_name("cpu.yaml").write_text(gate_file.read_text().replace(", --device, cuda", ""))
+    assert cli.main(["gate", str(tmp_path / "cpu.yaml"), "--device", "cuda"]) == 3
     err = capsys.readouterr().err
-    assert "--device cpu --device cuda --output" in err  # the command the gate logs
+    assert "evalsuite gate: error: --device 'cuda': no CUDA device is available here" in err
+    assert "gate t: evalsuite run" not in err  # no run started
+    assert cli.main(["study", "--root", str(tmp_path), "--recipes", "fp8-official", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "evalsuite: error: --device 'cuda': no CUDA device is available here" in err and "study study:" not in err
+    assert not (tmp_path / "study").exists()
+    assert cli.main(["gate", str(gate_file)]) == 3  # the task's own --device: its run refuses it
+    err = capsys.readouterr().err
     assert "--device 'cuda': no CUDA device is available here" in err
-    assert "was refused (evalsuite run exited 2" in err
+    assert "was refused (evalsuite run exited 2; the reason is above)" in err and "delete" not in err
     assert not any((tmp_path / "runs").glob("*/run.json"))
 
 
@@ -299,7 +325,7 @@ def test_study_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     text = captured.out + captured.err
     assert rc == 2 and "holds a run with a different configuration" in text
     assert "was refused (evalsuite run exited 2; the reason is above)" in text
-    assert f"delete {tmp_path / 'study' / 'runs'}" in text and "rerun to resume" not in text
+    assert f"If the reason is that {tmp_path / 'study' / 'runs'}" in text and "rerun to resume" not in text
 
 
 def test_study_runs_every_step_on_its_device(tmp_path, monkeypatch):

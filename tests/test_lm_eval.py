@@ -198,6 +198,30 @@ def test_lm_eval_default_cuda_device_falls_back_where_there_is_no_gpu():
         EvalsuiteLM(model="smollm2-135m", device="tpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("where", [["--device", "cuda"], ["--device=cuda:0"], []])
+def test_lm_eval_command_refuses_a_named_device_that_is_not_here(where, monkeypatch, capsys):
+    """A device the user names on ``evalsuite lm-eval`` (its --device, or device= in model_args)
+    must exist: the command stops before lm-eval loads a task or a model."""
+    import lm_eval.__main__
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: pytest.fail("lm-eval started"))
+    model_args = "model=smollm2-135m" + ("" if where else ",device=cuda")
+    argv = ["lm-eval", "--model", "evalsuite", "--model_args", model_args, "--tasks", "evalsuite_mmlu", *where]
+    assert main(argv) == 2
+    assert "no CUDA device is available here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_harness_refuses_a_device_that_is_not_here_before_building_tasks(capsys, monkeypatch):
+    import evalsuite.runners.lm_eval_harness
+
+    monkeypatch.setattr(evalsuite.runners.lm_eval_harness, "task_manager",
+                        lambda *a, **k: pytest.fail("lm-eval's tasks were built"))
+    assert main(["run", "--harness", "lm-eval", "--task", "evalsuite_mmlu_anatomy", "--device", "cuda"]) == 2
+    assert "--device 'cuda': no CUDA device is available here" in capsys.readouterr().err
+
+
 # lm-eval task files of three shapes beside the shipped MMLU ones: a generative task with two
 # filters, a rolling log-likelihood (perplexity) task, and a group that weighs its two
 # multiple-choice subtasks (of 40 and 15 questions) equally. DATA and MC are replaced by the
