@@ -334,157 +334,26 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a HF ``config.json`` dictionary (transformers 4.x or 5.x layout)."""
+        text = _text_model(hf)
+        if text is not None:
+            return cls.from_hf(text)
         model_type = hf.get("model_type")
-        if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):
-            # Gemma 3 with vision (4B and up): its text model, whose published config names only
-            # what differs from transformers' defaults (filled in here as transformers does)
-            from transformers import Gemma3TextConfig
-
-            return cls.from_hf({**Gemma3TextConfig(**hf["text_config"]).to_dict(), "model_type": "gemma3_text"})
-        if model_type == "mistral3" and isinstance(hf.get("text_config"), dict):
-            # Mistral Small 3.1 and later (vision-language): its text model (a Mistral), resolved as
-            # transformers resolves it, tied or not as the whole model's config says
-            from transformers import Mistral3Config
-
-            full = Mistral3Config(**{k: v for k, v in hf.items() if k != "model_type"})
-            text = full.text_config.to_dict()
-            if text.get("model_type") not in SUPPORTED_ARCHITECTURES:
-                raise UnsupportedModelError(f"config.json: mistral3's text model {text.get('model_type')!r}; "
-                                            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-            return cls.from_hf({**text, "tie_word_embeddings": full.tie_word_embeddings})
-        if model_type == "gemma2" and "layer_types" not in hf:
-            # published before transformers named each layer's kind: its defaults fill them in
-            # (every other layer slides, scores and logits capped at 50 and 30)
-            from transformers import Gemma2Config
-
-            return cls.from_hf({**Gemma2Config(**hf).to_dict(), "model_type": "gemma2"})
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            archs = hf.get("architectures")
-            raise UnsupportedModelError(
-                f"unknown architecture: model_type={model_type!r} (architectures={archs}); "
-                f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and the text models of gemma3 and "
-                "mistral3); "
-                "a model the engine does not run can be evaluated where a server runs it (--base-url)")
-        quant = hf.get("quantization_config") or {}
-        method = quant.get("quant_method")
-        fp8_block = _fp8_block(quant) if method == "fp8" else None
-        awq_group = _awq_gemm(quant) if method == "awq" else None
-        fbgemm_fp8_ub = _fbgemm_fp8(quant) if method == "fbgemm_fp8" else None
-        compressed_form, compressed_int4 = _compressed_tensors(quant) if method == "compressed-tensors" else \
-            (None, None)
-        compressed_fp8, compressed_int8 = compressed_form == "float-quantized", compressed_form == "int-quantized"
-        modelopt, modelopt_group, modelopt_fp8_kv = _modelopt(quant) if method == "modelopt" else (None, None, False)
-        published = fp8_block is not None or awq_group is not None or fbgemm_fp8_ub is not None or \
-            compressed_fp8 or compressed_int4 is not None or compressed_int8 or modelopt is not None
-        if quant and not published and not (model_type == "gpt_oss" and method == "mxfp4"):
-            # its low-bit tensors and their scales would be read as plain weights
-            raise UnsupportedModelError(
-                f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
-                "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form, Meta's FP8 "
-                "(fbgemm_fp8), llm-compressor's FP8_DYNAMIC and W4A16 (compressed-tensors) and Model Optimizer's "
-                "FP8, NVFP4 and INT4 AWQ, and quantizes with --recipe: load the unquantized "
-                "model, or evaluate this checkpoint where a server runs it (--base-url)")
+        _check_architecture(hf)
+        published = _published_quantization(hf)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
         if missing:
             raise UnsupportedModelError(f"config.json lacks {', '.join(missing)}, which a {model_type} model needs")
         gemma = model_type in GEMMA_ARCHITECTURES
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
-        valid_act = ("gelu_pytorch_tanh", "gelu_tanh") if gemma else ("silu", "swish")
-        if act not in valid_act:
-            mlp = "GeGLU" if gemma else "SwiGLU"
-            raise UnsupportedModelError(f"config.json: hidden activation {act!r}; the engine's {model_type} MLP is "
-                                        f"{mlp} (valid: {valid_act[0]!r})")
-        rope = dict(hf.get("rope_parameters") or {})
-        legacy = hf.get("rope_scaling") or {}
-        local_theta = None
+        _check_activation(hf, gemma)
         if gemma and hf.get("use_bidirectional_attention"):
             raise UnsupportedModelError("config.json: use_bidirectional_attention true; the engine's "
                                         "attention is causal (valid: false)")
-        if model_type in ("gemma3_text", "olmo3"):
-            # per layer type (transformers 5), or the full layers' base and scaling with the
-            # sliding layers' base beside them (4.x; OLMo 3's one base for both, scaled on the full
-            # layers only)
-            default_theta = 1000000.0 if model_type == "gemma3_text" else 500000.0
-            local_default = hf.get("rope_local_base_freq", 10000.0) if model_type == "gemma3_text" else \
-                hf.get("rope_theta", default_theta)
-            local = rope.get("sliding_attention") or {"rope_theta": local_default}
-            if local.get("rope_type", "default") != "default":
-                raise UnsupportedModelError(f"config.json: sliding layers' RoPE type {local['rope_type']!r}; "
-                                            "supported: 'default'")
-            local_theta = float(local["rope_theta"])
-            rope = dict(rope.get("full_attention") or {"rope_theta": hf.get("rope_theta", default_theta)})
-        rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         max_len = hf.get("max_position_embeddings", 2048)
-        scaling: RopeScaling | LinearRope | LongRope | YarnRope | None = None
-        if rope_type in ("longrope", "su"):
-            src = {**legacy, **rope}
-            original = int(src.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
-                           or max_len)
-            # transformers' defaults: the factor from the two lengths, then sqrt(1 + ln f / ln original)
-            factor = src.get("factor") or max_len / original
-            attention = src.get("attention_factor")
-            if attention is None:
-                attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-            scaling = LongRope(tuple(map(float, src["short_factor"])), tuple(map(float, src["long_factor"])),
-                               float(attention), original)
-        elif rope_type == "llama3":
-            src = {**legacy, **rope}
-            scaling = RopeScaling(
-                factor=float(src["factor"]),
-                low_freq_factor=float(src["low_freq_factor"]),
-                high_freq_factor=float(src["high_freq_factor"]),
-                original_max_position_embeddings=int(src["original_max_position_embeddings"]),
-            )
-        elif rope_type == "linear":
-            scaling = LinearRope(float({**legacy, **rope}["factor"]))
-        elif rope_type == "yarn":
-            scaling = _yarn({**legacy, **rope}, hf, max_len)
-        elif rope_type != "default":
-            raise UnsupportedModelError(
-                f"unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3', 'longrope', 'yarn'")
-        # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
-        # layer max_window_layers on; Mistral's, Mixtral's, Phi-3's and Gemma's apply whenever set
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in (
-            "mistral", "mixtral", "phi3", "gpt_oss", "olmo3", *GEMMA_ARCHITECTURES)) else None
-        layers = None
-        if window and hf.get("layer_types"):
-            layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
-        elif window and model_type in ("gemma3_text", "olmo3"):  # every pattern-th layer sees all (Gemma 3 4.x)
-            pattern = hf.get("sliding_window_pattern", 6) if model_type == "gemma3_text" else 4
-            layers = tuple((i + 1) % pattern != 0 for i in range(hf["num_hidden_layers"]))
-        elif window and model_type in ("qwen2", "qwen3", "qwen3_moe"):
-            first = hf.get("max_window_layers", hf["num_hidden_layers"])
-            layers = tuple(i >= first for i in range(hf["num_hidden_layers"]))
-        elif window and model_type == "smollm3":  # transformers' rule: the NoPE layers slide
-            rotating = _rope_layers(hf)
-            layers = tuple(rotating is not None and not r for r in (rotating or [True] * hf["num_hidden_layers"]))
-        elif window and model_type == "qwen2_moe":  # transformers' rule: every other layer below max_window_layers
-            last = hf.get("max_window_layers", 28)
-            layers = tuple((i + 1) % 2 == 1 and i < last for i in range(hf["num_hidden_layers"]))
-        moe: dict[str, Any] = {}
-        if model_type == "gpt_oss":
-            moe = dict(num_experts=hf.get("num_local_experts", 128), moe_intermediate_size=hf["intermediate_size"],
-                       experts_per_token=hf.get("num_experts_per_tok") or hf.get("experts_per_token", 4),
-                       attention_sinks=True, swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
-                       swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)))
-        elif model_type == "mixtral":
-            moe = dict(num_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
-                       moe_intermediate_size=hf["intermediate_size"])
-        elif model_type in ("qwen2_moe", "qwen3_moe") and (hf.get("num_experts") or hf.get("num_local_experts")):
-            # published configs say num_experts; transformers 5 writes num_local_experts
-            step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
-            marks = tuple(i not in dense and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"]))
-            moe = dict(num_experts=hf.get("num_experts") or hf["num_local_experts"],
-                       experts_per_token=hf.get("num_experts_per_tok", 4 if model_type == "qwen2_moe" else 8),
-                       moe_intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob")),
-                       moe_layers=None if all(marks) else marks)
-            if model_type == "qwen2_moe":
-                moe["shared_expert_intermediate_size"] = hf.get("shared_expert_intermediate_size", 5632)
+        rope = _rope(hf, max_len)
+        window, layers = _sliding_window(hf)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -495,9 +364,7 @@ class ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=max_len,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            partial_rotary_factor=partial,
+            **rope,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # transformers' defaults
             qkv_bias=model_type == "qwen2" or bool(hf.get("qkv_bias", True) if model_type == "qwen2_moe"
                                                    else hf.get("attention_bias", model_type == "gpt_oss")),
@@ -505,7 +372,6 @@ class ModelConfig:
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", *OLMO_ARCHITECTURES),
             sliding_window=window,
             sliding_layers=layers,
-            local_rope_theta=local_theta,
             attention_scale=(float(hf["query_pre_attn_scalar"]) ** -0.5
                              if gemma and hf.get("query_pre_attn_scalar", head_dim) != head_dim else
                              float(hf.get("attention_multiplier", 1.0)) if model_type == "granite" else None),
@@ -515,16 +381,8 @@ class ModelConfig:
                                                             "logits_scaling")} if model_type == "granite" else {}),
             attn_logit_softcapping=_float_or_none(hf.get("attn_logit_softcapping")) if gemma else None,
             final_logit_softcapping=_float_or_none(hf.get("final_logit_softcapping")) if gemma else None,
-            **moe,
-            fp8_block=fp8_block,
-            awq_group=awq_group,
-            fbgemm_fp8_ub=fbgemm_fp8_ub,
-            compressed_fp8=compressed_fp8,
-            compressed_int4=compressed_int4,
-            compressed_int8=compressed_int8,
-            modelopt=modelopt,
-            modelopt_group=modelopt_group,
-            modelopt_fp8_kv=modelopt_fp8_kv,
+            **_experts(hf),
+            **published,
             architecture=model_type,
         )
 
@@ -557,6 +415,188 @@ PRESETS: dict[str, ModelConfig] = {
                                   num_heads=128, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
                                   rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
 }
+
+
+def _text_model(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """The config of the text model to build instead of ``hf`` itself, as transformers resolves it:
+    Gemma 3's and Mistral 3's vision-language configs hold one, and Gemma 2's published configs
+    predate the per-layer fields; None for every other config."""
+    model_type = hf.get("model_type")
+    if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):
+        # Gemma 3 with vision (4B and up): its text model, whose published config names only
+        # what differs from transformers' defaults (filled in here as transformers does)
+        from transformers import Gemma3TextConfig
+
+        return {**Gemma3TextConfig(**hf["text_config"]).to_dict(), "model_type": "gemma3_text"}
+    if model_type == "mistral3" and isinstance(hf.get("text_config"), dict):
+        # Mistral Small 3.1 and later (vision-language): its text model (a Mistral), resolved as
+        # transformers resolves it, tied or not as the whole model's config says
+        from transformers import Mistral3Config
+
+        full = Mistral3Config(**{k: v for k, v in hf.items() if k != "model_type"})
+        text = full.text_config.to_dict()
+        if text.get("model_type") not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(f"config.json: mistral3's text model {text.get('model_type')!r}; "
+                                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        return {**text, "tie_word_embeddings": full.tie_word_embeddings}
+    if model_type == "gemma2" and "layer_types" not in hf:
+        # published before transformers named each layer's kind: its defaults fill them in
+        # (every other layer slides, scores and logits capped at 50 and 30)
+        from transformers import Gemma2Config
+
+        return {**Gemma2Config(**hf).to_dict(), "model_type": "gemma2"}
+    return None
+
+
+def _check_architecture(hf: dict[str, Any]) -> None:
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        archs = hf.get("architectures")
+        raise UnsupportedModelError(
+            f"unknown architecture: model_type={model_type!r} (architectures={archs}); "
+            f"supported model types: {', '.join(SUPPORTED_ARCHITECTURES)} (and the text models of gemma3 and "
+            "mistral3); "
+            "a model the engine does not run can be evaluated where a server runs it (--base-url)")
+
+
+def _published_quantization(hf: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of a published quantized checkpoint's ``quantization_config`` (all
+    unset for an unquantized one); a quantization the engine cannot read is an error."""
+    quant = hf.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    fp8_block = _fp8_block(quant) if method == "fp8" else None
+    awq_group = _awq_gemm(quant) if method == "awq" else None
+    fbgemm_fp8_ub = _fbgemm_fp8(quant) if method == "fbgemm_fp8" else None
+    compressed_form, compressed_int4 = _compressed_tensors(quant) if method == "compressed-tensors" else \
+        (None, None)
+    compressed_fp8, compressed_int8 = compressed_form == "float-quantized", compressed_form == "int-quantized"
+    modelopt, modelopt_group, modelopt_fp8_kv = _modelopt(quant) if method == "modelopt" else (None, None, False)
+    published = fp8_block is not None or awq_group is not None or fbgemm_fp8_ub is not None or \
+        compressed_fp8 or compressed_int4 is not None or compressed_int8 or modelopt is not None
+    if quant and not published and not (hf.get("model_type") == "gpt_oss" and method == "mxfp4"):
+        # its low-bit tensors and their scales would be read as plain weights
+        raise UnsupportedModelError(
+            f"config.json: a checkpoint quantized with quant_method {method!r}; the engine reads unquantized "
+            "weights, gpt-oss's MXFP4 experts, fine-grained FP8, AutoAWQ's GEMM form, Meta's FP8 "
+            "(fbgemm_fp8), llm-compressor's FP8_DYNAMIC and W4A16 (compressed-tensors) and Model Optimizer's "
+            "FP8, NVFP4 and INT4 AWQ, and quantizes with --recipe: load the unquantized "
+            "model, or evaluate this checkpoint where a server runs it (--base-url)")
+    return dict(fp8_block=fp8_block, awq_group=awq_group, fbgemm_fp8_ub=fbgemm_fp8_ub, compressed_fp8=compressed_fp8,
+                compressed_int4=compressed_int4, compressed_int8=compressed_int8, modelopt=modelopt,
+                modelopt_group=modelopt_group, modelopt_fp8_kv=modelopt_fp8_kv)
+
+
+def _check_activation(hf: dict[str, Any], gemma: bool) -> None:
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    valid_act = ("gelu_pytorch_tanh", "gelu_tanh") if gemma else ("silu", "swish")
+    if act not in valid_act:
+        mlp = "GeGLU" if gemma else "SwiGLU"
+        raise UnsupportedModelError(f"config.json: hidden activation {act!r}; the engine's {hf.get('model_type')} "
+                                    f"MLP is {mlp} (valid: {valid_act[0]!r})")
+
+
+def _rope(hf: dict[str, Any], max_len: int) -> dict[str, Any]:
+    """The ModelConfig fields of RoPE: its base, the rotated fraction of each head, the scaling
+    (llama3, linear, LongRoPE, YaRN) and, for Gemma 3 and OLMo 3, the sliding layers' own base."""
+    model_type = hf.get("model_type")
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    local_theta = None
+    if model_type in ("gemma3_text", "olmo3"):
+        # per layer type (transformers 5), or the full layers' base and scaling with the
+        # sliding layers' base beside them (4.x; OLMo 3's one base for both, scaled on the full
+        # layers only)
+        default_theta = 1000000.0 if model_type == "gemma3_text" else 500000.0
+        local_default = hf.get("rope_local_base_freq", 10000.0) if model_type == "gemma3_text" else \
+            hf.get("rope_theta", default_theta)
+        local = rope.get("sliding_attention") or {"rope_theta": local_default}
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"config.json: sliding layers' RoPE type {local['rope_type']!r}; "
+                                        "supported: 'default'")
+        local_theta = float(local["rope_theta"])
+        rope = dict(rope.get("full_attention") or {"rope_theta": hf.get("rope_theta", default_theta)})
+    rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    src = {**legacy, **rope}
+    scaling: RopeScaling | LinearRope | LongRope | YarnRope | None = None
+    if rope_type in ("longrope", "su"):
+        original = int(src.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                       or max_len)
+        # transformers' defaults: the factor from the two lengths, then sqrt(1 + ln f / ln original)
+        factor = src.get("factor") or max_len / original
+        attention = src.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        scaling = LongRope(tuple(map(float, src["short_factor"])), tuple(map(float, src["long_factor"])),
+                           float(attention), original)
+    elif rope_type == "llama3":
+        scaling = RopeScaling(
+            factor=float(src["factor"]),
+            low_freq_factor=float(src["low_freq_factor"]),
+            high_freq_factor=float(src["high_freq_factor"]),
+            original_max_position_embeddings=int(src["original_max_position_embeddings"]),
+        )
+    elif rope_type == "linear":
+        scaling = LinearRope(float(src["factor"]))
+    elif rope_type == "yarn":
+        scaling = _yarn(src, hf, max_len)
+    elif rope_type != "default":
+        raise UnsupportedModelError(
+            f"unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3', 'longrope', 'yarn'")
+    return dict(rope_theta=float(theta), rope_scaling=scaling, partial_rotary_factor=partial,
+                local_rope_theta=local_theta)
+
+
+def _sliding_window(hf: dict[str, Any]) -> tuple[int | None, tuple[bool, ...] | None]:
+    """The sliding window and which layers it applies to (None: every layer, or no window)."""
+    model_type = hf.get("model_type")
+    # Qwen2/3 configs carry a window they switch off (use_sliding_window false) or apply from
+    # layer max_window_layers on; Mistral's, Mixtral's, Phi-3's and Gemma's apply whenever set
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type in (
+        "mistral", "mixtral", "phi3", "gpt_oss", "olmo3", *GEMMA_ARCHITECTURES)) else None
+    n = hf["num_hidden_layers"]
+    layers = None
+    if window and hf.get("layer_types"):
+        layers = tuple(t == "sliding_attention" for t in hf["layer_types"])
+    elif window and model_type in ("gemma3_text", "olmo3"):  # every pattern-th layer sees all (Gemma 3 4.x)
+        pattern = hf.get("sliding_window_pattern", 6) if model_type == "gemma3_text" else 4
+        layers = tuple((i + 1) % pattern != 0 for i in range(n))
+    elif window and model_type in ("qwen2", "qwen3", "qwen3_moe"):
+        first = hf.get("max_window_layers", n)
+        layers = tuple(i >= first for i in range(n))
+    elif window and model_type == "smollm3":  # transformers' rule: the NoPE layers slide
+        rotating = _rope_layers(hf)
+        layers = tuple(rotating is not None and not r for r in (rotating or [True] * n))
+    elif window and model_type == "qwen2_moe":  # transformers' rule: every other layer below max_window_layers
+        last = hf.get("max_window_layers", 28)
+        layers = tuple((i + 1) % 2 == 1 and i < last for i in range(n))
+    return window, layers
+
+
+def _experts(hf: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of a mixture of experts (none for a dense model)."""
+    model_type = hf.get("model_type")
+    if model_type == "gpt_oss":
+        return dict(num_experts=hf.get("num_local_experts", 128), moe_intermediate_size=hf["intermediate_size"],
+                    experts_per_token=hf.get("num_experts_per_tok") or hf.get("experts_per_token", 4),
+                    attention_sinks=True, swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                    swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)))
+    if model_type == "mixtral":
+        return dict(num_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=hf["intermediate_size"])
+    if model_type in ("qwen2_moe", "qwen3_moe") and (hf.get("num_experts") or hf.get("num_local_experts")):
+        # published configs say num_experts; transformers 5 writes num_local_experts
+        step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+        marks = tuple(i not in dense and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"]))
+        moe = dict(num_experts=hf.get("num_experts") or hf["num_local_experts"],
+                   experts_per_token=hf.get("num_experts_per_tok", 4 if model_type == "qwen2_moe" else 8),
+                   moe_intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob")),
+                   moe_layers=None if all(marks) else marks)
+        if model_type == "qwen2_moe":
+            moe["shared_expert_intermediate_size"] = hf.get("shared_expert_intermediate_size", 5632)
+        return moe
+    return {}
 
 
 def _rope_layers(hf: dict[str, Any]) -> tuple[bool, ...] | None:
