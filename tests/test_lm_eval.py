@@ -190,10 +190,13 @@ def test_harness_arguments_are_checked_before_a_model_loads(extra, msg, capsys, 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies where there is no GPU")
 def test_lm_eval_default_cuda_device_falls_back_where_there_is_no_gpu():
     """lm-eval passes its default device (cuda:0) whether or not a GPU exists; its hf model then
-    uses the default device, and so does the engine. A device that is not a device stays an error."""
+    uses the default device, and so does the engine. Plain cuda, which lm-eval's hf model takes as
+    asked, is an error here as there; so is a device that is not a device."""
     from evalsuite.runners.lm_eval_model import _device
 
-    assert [_device(d) for d in ("cuda:0", "cuda", None, "cpu")] == [None, None, None, "cpu"]
+    assert [_device(d) for d in ("cuda:0", "cuda:1", "cuda", None, "cpu")] == [None, None, "cuda", None, "cpu"]
+    with pytest.raises(ValueError, match="no CUDA device is available here"):
+        EvalsuiteLM(model="smollm2-135m", device="cuda")
     with pytest.raises(ValueError, match="not a device"):
         EvalsuiteLM(model="smollm2-135m", device="tpu")
 

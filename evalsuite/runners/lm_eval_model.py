@@ -153,15 +153,15 @@ def _ok(results: list) -> list:
 
 
 def _device(device: str | None) -> str | None:
-    """lm-eval's device for the engine. lm-eval defaults to cuda:0 whether or not there is a GPU,
-    and its own hf model then falls back to the default device; so does this: a CUDA device that
-    is not here becomes None (cuda when available, else cpu), with a warning. Anything else is
-    checked by the engine as for ``--device``."""
+    """lm-eval's device for the engine. lm-eval's command line passes cuda:0 when no --device is
+    given, whether or not there is a GPU, and its own hf model then takes the default device for a
+    numbered CUDA device that is not here; so does this (None: cuda when available, else cpu),
+    with a warning. Plain ``cuda`` and anything else are checked by the engine as for ``--device``:
+    a GPU asked for by name that is not here is an error, as it is for lm-eval's hf model."""
     import torch
 
     kind, _, index = (device or "").partition(":")
-    if kind == "cuda" and (index == "" or index.isdigit()):
-        if not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count():
-            log.warning("device %r is not available here; using the default device", device)
-            return None
+    if kind == "cuda" and index.isdigit() and int(index) >= torch.cuda.device_count():
+        log.warning("device %r is not available here; using the default device", device)
+        return None
     return device
