@@ -593,8 +593,19 @@ def main() -> None:
         name, settings = parse_recipe_spec(spec)
         settings = settings or {}
         outs = {}
+        phases: list[str] = []  # where the recipe's time goes, phase by phase (the device synchronised)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        mark = [time.perf_counter()]
+
+        def phase(label: str) -> None:
+            sync()
+            now = time.perf_counter()
+            phases.append(f"{label} {now - mark[0]:.1f}")
+            mark[0] = now
+
         for kernel in ("sim", "real"):
             model = from_state_dict(cfg, {k: v.clone() for k, v in eng.state_dict().items()}, torch.bfloat16)
+            phase(f"{kernel}: copy")
             lm = LoadedModel(model, None, ModelInfo(f"random-{args.shapes}", "random", {"random": f"{args.shapes}-0"},
                                                     "bfloat16"), Path("."))
             overrides = {"kernel": "off"}
@@ -604,18 +615,23 @@ def main() -> None:
             if not hasattr(get_recipe(name).config, "kernel"):  # nvfp4: simulated everywhere, no switch
                 overrides = {}
             record = apply_recipe(lm, name, {**overrides, **settings})
+            phase("apply" + (" (calibration included unless cached)" if kernel == "sim" else ""))
             with torch.no_grad(), int4_rows(model, None if kernel == "sim" else 1 << 62):
                 outs[kernel] = model(check).float()
+            phase("parity forward")
             if kernel == "real":
                 path = kernel_path(record, model)
                 layer_err[spec] = projection_parity(model)
+                phase("projection parity")
                 among = {}
                 t = timed(lambda: among.update(scores=engine_score(model, prompts)), device)
                 alone = engine_score(model, prompts[:1])[0]
                 invariant[spec] = "identical" if alone == among["scores"][0] else \
                     f"DIFFERENT by {abs(alone - among['scores'][0]):.1e}"
+                phase("scoring")
                 d = decode_rate(lambda: generate(model, dec_prompts[:1], sp, max_batch_size=1, prefix_cache=False),
                                 new_tokens, device)
+                phase("decode")
                 speeds[spec] = (total / t, d)
             model = lm = None
             gc.collect()
@@ -625,6 +641,7 @@ def main() -> None:
               f"simulated logits relative error {rel:.1e} (target <= 1e-2; one projection: {layer_err[spec]}); "
               f"prompt 0 alone and among {n_prompts}: {invariant[spec]}; "
               f"kernel path: {path}")
+        print(f"  recipe {spec} phases (s): {', '.join(phases)}")
 
     for name in args.recipes:
         section(f"recipe {name}", lambda: run_recipe(name))

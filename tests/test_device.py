@@ -193,6 +193,13 @@ def test_gpu_check_runs_on_the_cpu_as_a_smoke_test():
     for b in (1, 4):  # where a call's time goes, by DecodeBatch method (no graphs to capture on the CPU)
         assert f"decode batch {b}: 1 call(s) more" in text and "steps captured 0 []" in text, text
     assert text.count("prompt 0 alone and among 16: identical") == 3, text  # each recipe's, real kernels
+    for recipe in ("fp8-modelopt", "fp8-official", "int4-awq"):  # where each recipe's time goes
+        line = next(x for x in text.splitlines() if x.startswith(f"  recipe {recipe} phases (s): "))
+        labels = [part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", ")]
+        assert [label for label, _ in labels] == [
+            "sim: copy", "apply (calibration included unless cached)", "parity forward", "real: copy", "apply",
+            "parity forward", "projection parity", "scoring", "decode"], line
+        assert all(float(seconds) >= 0 for _, seconds in labels), line
     f32 = float(text.split("parity float32: logits max |engine - transformers| = ")[1].split()[0])
     assert f32 <= 1e-3
 
