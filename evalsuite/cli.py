@@ -18,7 +18,7 @@ DEFAULT_REPORTS = Path("reports") / "runs"
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="registered name, HF folder, .gguf file or hub id")
     parser.add_argument("--recipe", default="bf16", help="quantization recipe (see `evalsuite recipes`)")
-    parser.add_argument("--recipe-config", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--recipe-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override recipe settings, values as JSON (e.g. kv_scale_mode=deploy)")
     parser.add_argument("--dtype", default="bfloat16", help="engine dtype: bfloat16 (default) or float32")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -97,14 +97,16 @@ def _build_parser() -> argparse.ArgumentParser:
                          "(fp8-block, fp8-dynamic, fp8-modelopt, fp8-official, int4-awq, int4-awq-asym, int4-gptq, "
                          "int8-w8a8, nvfp4)")
 
-    from .plan import GPUS, PLAN_RECIPES
+    from .plan import GPUS, PLAN_GPUS, PLAN_RECIPES
 
     pl = sub.add_parser("plan", help="fewest GPUs that hold a model's weights and KV cache under a recipe")
     pl.add_argument("--model-config", default="llama-3.1-405b",
                     help="architecture preset (see `evalsuite models`), HF model folder or config.json "
                          "(default llama-3.1-405b)")
-    pl.add_argument("--recipe", nargs="+", default=list(PLAN_RECIPES))
-    pl.add_argument("--gpu", nargs="+", default=["h100", "h200"], help=f"one or more of: {', '.join(GPUS)}")
+    pl.add_argument("--recipe", nargs="+", action="extend", default=None,
+                    help=f"one or more (default: {' '.join(PLAN_RECIPES)})")
+    pl.add_argument("--gpu", nargs="+", action="extend", default=None,
+                    help=f"one or more of: {', '.join(GPUS)} (default: {' '.join(PLAN_GPUS)})")
     pl.add_argument("--context", type=int, default=8192, help="tokens per sequence (default 8192)")
     pl.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     pl.add_argument("--usable-fraction", type=float, default=0.9, help="share of GPU memory for weights + KV")
@@ -114,7 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="run folders, run ids from the index (#12 or 12), or references (ref:<file>[:<recipe>]); "
                          "the baseline is --baseline, else the fp8-official side when there is one, else the first")
     cp.add_argument("--baseline", default=None, help="the baseline: a SIDE, or the recipe of one of the sides")
-    cp.add_argument("--tolerance", nargs="+", default=[], metavar="METRIC=TOL",
+    cp.add_argument("--tolerance", nargs="+", action="extend", default=[], metavar="METRIC=TOL",
                     help="per metric or family, e.g. mmlu=0.01 mt_bench=0.1 perplexity=5%% (a %% is relative); "
                          "default: the reference's own tolerances, else 0.01 (2%% for perplexity)")
     cp.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON ('-' for stdout)")
@@ -132,11 +134,11 @@ def _build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--model", default="smollm2-135m")
     bn.add_argument("--dtype", default="bfloat16")
     bn.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    bn.add_argument("--recipes", nargs="+", default=None, help="default: every recipe")
-    bn.add_argument("--lengths", nargs="+", default=None, metavar="ISL/OSL",
+    bn.add_argument("--recipes", nargs="+", action="extend", default=None, help="default: every recipe")
+    bn.add_argument("--lengths", nargs="+", action="extend", default=None, metavar="ISL/OSL",
                     help="input/output lengths (default 128/32 512/32)")
     bn.add_argument("--note-lengths", action="store_true", help="the note's grid: 2048/128 32768/2048 120000/2048")
-    bn.add_argument("--batches", nargs="+", type=int, default=None,
+    bn.add_argument("--batches", nargs="+", action="extend", type=int, default=None,
                     help="batch sizes swept for maximum throughput; 1 is always included (default 1 8 32)")
     bn.add_argument("--base-url", default=None, help="benchmark an OpenAI-compatible endpoint instead")
     bn.add_argument("--served-model", default=None, help="the endpoint's model id (default: --model)")
@@ -154,14 +156,14 @@ def _build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--bench", default=None, help="a folder written by `evalsuite bench` (throughput axis)")
     rp.add_argument("--reference", nargs="*", default=["ref:llama-3.1-405b-h200"],
                     help="published references for their own panel (default: the Llama 3.1 405B note)")
-    rp.add_argument("--tolerance", nargs="+", default=[], metavar="METRIC=TOL", help="as for compare")
+    rp.add_argument("--tolerance", nargs="+", action="extend", default=[], metavar="METRIC=TOL", help="as for compare")
     rp.add_argument("--root", default="reports", help="where report folders go (default reports/)")
 
     st = sub.add_parser("study", help="the whole study in one resumable command: every recipe on MMLU and "
                                       "perplexity, the throughput benchmark, the comparison and the report")
     st.add_argument("--name", default="study", help="folder under --root (default: study)")
     st.add_argument("--model", default="smollm2-135m")
-    st.add_argument("--recipes", nargs="+", default=None, help="default: every recipe")
+    st.add_argument("--recipes", nargs="+", action="extend", default=None, help="default: every recipe")
     st.add_argument("--baseline", default=None, metavar="RECIPE",
                     help="the recipe the others are compared with, one of --recipes (default: fp8-official, "
                          "as in the reference case; bf16 asks whether a recipe holds unquantized accuracy)")
@@ -169,7 +171,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="full size: every MMLU question and paragraph, the note's lengths (hours on a CPU)")
     st.add_argument("--per-subject", type=int, default=None, help="MMLU questions per subject (quick default 2)")
     st.add_argument("--per-article", type=int, default=None, help="perplexity paragraphs per article (quick default 2)")
-    st.add_argument("--formulation", nargs="+", default=None,
+    st.add_argument("--formulation", nargs="+", action="extend", default=None,
                     help="MMLU formulations (quick default: cloze; full: letter cloze)")
     st.add_argument("--mt-bench", type=int, default=None, metavar="N", dest="mt_bench",
                     help="add MT-Bench on N questions (judged by the embedded judge; --full: all 80)")
@@ -314,10 +316,14 @@ def _tolerances(items: list[str], refs: set[str], metrics: set[str]):
     for name in sorted(refs):
         tolerances.update(load_reference(name).tolerances())
     prefixes = {".".join(m.split(".")[:i]) for m in metrics for i in range(1, m.count(".") + 2)}
+    given: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--tolerance takes METRIC=TOL (e.g. mmlu=0.01 or perplexity=5%), got {item!r}")
+        if key in given:
+            raise ValueError(f"--tolerance {key} is given twice ({given[key]} and {item}); valid: each metric once")
+        given[key] = item
         try:
             tol = float(value.rstrip("%")) / 100 if value.endswith("%") else float(value)
         except ValueError:
@@ -579,6 +585,9 @@ def parse_recipe_config(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--recipe-config takes KEY=VALUE, got {item!r}")
+        if key in out:
+            raise ValueError(f"--recipe-config {key} is given twice ({key}={json.dumps(out[key])} and {item}); "
+                             "valid: each setting once")
         try:
             out[key] = json.loads(value)
         except ValueError:
@@ -859,15 +868,16 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import check_gpu, check_recipe, model_config, plan
+    from .plan import PLAN_GPUS, PLAN_RECIPES, check_gpu, check_recipe, model_config, plan
 
     model_config(args.model_config)
-    for name in args.recipe:
+    recipes, gpus = args.recipe or list(PLAN_RECIPES), args.gpu or list(PLAN_GPUS)
+    for name in recipes:
         check_recipe(name)
-    for name in args.gpu:
+    for name in gpus:
         check_gpu(name)
-    for recipe in args.recipe:
-        for gpu in args.gpu:
+    for recipe in recipes:
+        for gpu in gpus:
             print(plan(args.model_config, recipe, gpu, args.context, args.batch, args.usable_fraction).summary())
     return 0
 

@@ -55,6 +55,7 @@ GPUS = {
 }
 PLAN_RECIPES = ("bf16", "fp8-official", "fp8-dynamic", "fp8-modelopt", "fp8-block", "nvfp4", "int4-awq", "int4-rtn",
                 "int4-awq-asym", "int4-gptq", "int8-w8a8")
+PLAN_GPUS = ("h100", "h200")  # `evalsuite plan` without --gpu
 NVFP4_BLOCK = 16
 FP8_BLOCK = 128
 INT4_BLOCK = 128

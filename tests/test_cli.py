@@ -94,6 +94,14 @@ def test_bad_arguments_fail_before_any_model_loads(extra, msg, tiny_dir, tmp_pat
 # a bad one is reported at once, not after seconds of imports. (argv, exit code, message)
 BAD_ARGUMENTS = [
     (["run", "mmlu", "--recipe", "fp9"], 2, "unknown recipe 'fp9'"),
+    # a list option given twice adds to the first list rather than replacing it, so nothing is dropped unseen
+    (["run", "mmlu", "--formulation", "bogus", "--formulation", "letter"], 2, "unknown formulation 'bogus'"),
+    (["run", "mmlu", "--recipe", "fp8-modelopt", "--recipe-config", "bogus_key=1", "--recipe-config", "kernel=off"],
+     2, "recipe 'fp8-modelopt' has no settings ['bogus_key']"),
+    (["run", "mmlu", "--recipe", "int4-awq", "--recipe-config", "block_size=64", "--recipe-config", "block_size=32"],
+     2, "--recipe-config block_size is given twice (block_size=64 and block_size=32); valid: each setting once"),
+    (["plan", "--gpu", "h300", "--gpu", "h200"], 2, "unknown GPU 'h300'"),
+    (["bench", "--batches", "0", "--batches", "8"], 2, "--batches [0, 8]: batch sizes must be >= 1"),
     (["run", "mmlu", "--recipe", "int4-awq", "--recipe-config", "resmooth=maybe"], 2, "valid: true or false"),
     (["run", "mmlu", "--recipe", "fp8-modelopt", "--recipe-config", "kv_scale_mode=x"], 2, "valid: simulate, deploy"),
     (["run", "mmlu", "--model", "nope"], 2, "unknown model 'nope'"),

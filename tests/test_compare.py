@@ -226,6 +226,8 @@ def test_a_gated_metric_that_names_nothing_is_an_error_not_a_pass(tmp_path, caps
     (["--tolerance", "mmlu=-0.01"], "--tolerance 'mmlu=-0.01': valid: a tolerance >= 0"),
     (["--tolerance", "mmlu=nan"], "--tolerance 'mmlu=nan': valid: a tolerance >= 0"),
     (["BASE"], "given more than once; give each run once"),
+    (["--tolerance", "mmlu=0.01", "--tolerance", "mmlu=0.02"],
+     "--tolerance mmlu is given twice (mmlu=0.01 and mmlu=0.02); valid: each metric once"),
 ])
 def test_compare_refuses_a_tolerance_or_side_that_decides_nothing(tmp_path, capsys, extra, msg):
     b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
@@ -274,20 +276,23 @@ def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     assert "delete that folder to run it anew" in err and "rerun the gate to resume it" not in err
 
 
-def test_gate_device_goes_after_the_tasks_own():
+def test_gate_device_goes_after_the_tasks_own_and_every_setting_reaches_the_run():
     """``gate --device`` goes to every run the gate produces, after the task's args, so that the
-    run's own parser takes it over a --device there."""
+    run's own parser takes it over a --device there; each of a side's settings is its own
+    ``--recipe-config``, and the run's parser keeps them all."""
     from evalsuite.gate import Gate, run_argv
 
     gate = Gate(name="t", path=Path("g.yaml"), tasks={"mmlu": ["--per-subject", "1", "--device", "cpu"]},
                 model="smollm2-135m", runs_dir=Path("runs"), baseline={"recipe": "bf16"}, candidates=[], metrics={})
-    argv = run_argv(gate, {"recipe": "int4-awq", "recipe_config": {"kernel": "never"}}, "mmlu",
-                    Path("runs/x"), device="cuda")
+    side = {"recipe": "int4-awq", "recipe_config": {"kernel": "never", "resmooth": False}}
+    argv = run_argv(gate, side, "mmlu", Path("runs/x"), device="cuda")
     assert " ".join(argv) == ("run mmlu --model smollm2-135m --recipe int4-awq --dtype bfloat16 --per-subject 1 "
                               "--device cpu --device cuda --output runs/x --no-progress "
-                              "--recipe-config kernel=\"never\"")
+                              "--recipe-config kernel=\"never\" --recipe-config resmooth=false")
     parser = argparse.ArgumentParser(parents=[cli._run_options()])
-    assert parser.parse_known_args(argv[2:])[0].device == "cuda"  # --per-subject is the runner's
+    opts = parser.parse_known_args(argv[2:])[0]  # --per-subject is the runner's
+    assert opts.device == "cuda"
+    assert cli.parse_recipe_config(opts.recipe_config) == {"kernel": "never", "resmooth": False}
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ..engine.load import LoadedModel
 
 LETTERS = ("A", "B", "C", "D")
+DEFAULT_FORMULATIONS = ("letter", "cloze")  # `run mmlu` without --formulation
 NEAR_TIE = 0.01  # log-probability margin under which batch-size noise may flip a prediction
 
 
@@ -430,17 +431,17 @@ class MMLURunner(Runner):
         return parse_multiple_choice_task(raw, where)
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--formulation", nargs="+", default=["letter", "cloze"],
+        parser.add_argument("--formulation", nargs="+", action="extend", default=None,
                             help="letter, cloze, generative (default: letter cloze)")
         parser.add_argument("--num-fewshot", type=int, default=0, help="exemplars per prompt, 0..5 (default 0)")
         parser.add_argument("--per-subject", type=int, default=None,
                             help="stratified subset: questions per subject (default: all 14,042)")
-        parser.add_argument("--subjects", nargs="+", default=None, help="restrict to these subjects")
+        parser.add_argument("--subjects", nargs="+", action="extend", default=None, help="restrict to these subjects")
         parser.add_argument("--seed", type=int, default=1234, help="seed of the subset draw")
         parser.add_argument("--data", default="embedded", help="'embedded', a JSONL file, or a hub id (cais/mmlu)")
 
     def prepare(self, task: MultipleChoiceTask, args) -> MMLUJob:
-        cfg = MMLUConfig(formulations=tuple(args.formulation), num_fewshot=args.num_fewshot,
+        cfg = MMLUConfig(formulations=tuple(args.formulation or DEFAULT_FORMULATIONS), num_fewshot=args.num_fewshot,
                          per_subject=args.per_subject, seed=args.seed,
                          subjects=tuple(args.subjects) if args.subjects else None, data=args.data)
         return prepare_mmlu(cfg, task)

@@ -542,7 +542,8 @@ class MTBenchRunner(Runner):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--questions", type=int, default=None,
                             help="a subset of N questions spread over the categories (default: all 80)")
-        parser.add_argument("--categories", nargs="+", default=None, help=f"restrict to: {', '.join(CATEGORIES)}")
+        parser.add_argument("--categories", nargs="+", action="extend", default=None,
+                            help=f"restrict to: {', '.join(CATEGORIES)}")
         parser.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default FastChat's 1024)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--reasoning-parser", default=None,

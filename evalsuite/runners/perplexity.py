@@ -265,7 +265,8 @@ class PerplexityRunner(Runner):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--per-article", type=int, default=None,
                             help="the first N paragraphs of each of the 35 articles (default: all 1,204)")
-        parser.add_argument("--articles", nargs="+", default=None, help="restrict to these article titles")
+        parser.add_argument("--articles", nargs="+", action="extend", default=None,
+                            help="restrict to these article titles")
         parser.add_argument("--max-length", type=int, default=None,
                             help="tokens per scoring window (default: the task file's, 2048)")
         parser.add_argument("--data", default="embedded",
