@@ -151,7 +151,27 @@ def produce_side(gate: Gate, side: dict[str, Any], log, device: str | None = Non
     return out
 
 
+def check_sides(gate: Gate, device: str | None = None) -> None:
+    """Every side the gate runs checked against its model before the first run starts (recipe,
+    settings, dtype, device's spelling): a misspelt setting of the last candidate must not wait
+    for the baseline's runs to be refused."""
+    from .models import check_model_args
+
+    if any(a.split("=")[0] == "--base-url" for args in gate.tasks.values() for a in args):
+        return  # the model is an endpoint's: each run checks what it may
+    for i, side in enumerate([gate.baseline, *gate.candidates]):
+        if "recipe" in side:
+            where = "baseline" if i == 0 else f"candidates[{i - 1}]"
+            try:
+                check_model_args(gate.model, side["recipe"], side.get("recipe_config") or None, gate.dtype, device,
+                                 needs_tokenizer=True)
+            except (ValueError, KeyError) as e:
+                raise GateError(f"{gate.path}: {where}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") \
+                    from None
+
+
 def evaluate(gate: Gate, log=print, device: str | None = None) -> tuple[Side, list[CandidateResult]]:
+    check_sides(gate, device)
     baseline = produce_side(gate, gate.baseline, log, device)
     candidates = [produce_side(gate, c, log, device) for c in gate.candidates]
     results = compare_sides(baseline, candidates, gate.metrics)

@@ -276,6 +276,39 @@ def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
     assert "delete that folder to run it anew" in err and "rerun the gate to resume it" not in err
 
 
+@pytest.mark.parametrize("side, msg", [
+    ("{recipe: int4-awq, recipe_config: {kernl: 'off'}}",
+     "candidates[1]: recipe 'int4-awq' has no settings ['kernl']; valid: block_size"),
+    ("{recipe: int4-awk}", "candidates[1]: unknown recipe 'int4-awk'"),
+    ("{recipe: fp8-modelopt, recipe_config: {kv_scale_mode: x}}", "candidates[1]: "),
+])
+def test_gate_checks_every_side_before_its_first_run(tmp_path, capsys, side, msg):
+    """A bad recipe or setting of the last candidate is an error before the baseline's runs start."""
+    gate = tmp_path / "g.yaml"
+    gate.write_text(f"name: t\ntasks: {{mmlu: [--per-subject, '1']}}\nruns_dir: {tmp_path / 'runs'}\n"
+                    f"baseline: {{recipe: bf16}}\ncandidates: [{{recipe: fp8-modelopt}}, {side}]\n"
+                    "metrics: {mmlu.cloze.acc: 0.1}\n")
+    assert cli.main(["gate", str(gate)]) == 3
+    err = capsys.readouterr().err
+    assert f"evalsuite gate: error: {gate}: {msg}" in err and "gate t: evalsuite run" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_shipped_and_documented_gate_files_name_valid_recipes_and_settings(tmp_path):
+    """tasks/gates/*.yaml and docs/CI.md's example load and pass the gate's own check of its sides."""
+    from evalsuite.gate import check_sides, load_gate
+
+    root = Path(__file__).resolve().parent.parent
+    example = (root / "docs" / "CI.md").read_text().split("## The gate file")[1].split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "ci-md.yaml").write_text(example)
+    files = sorted((root / "tasks" / "gates").glob("*.yaml")) + [tmp_path / "ci-md.yaml"]
+    assert len(files) >= 3
+    for f in files:
+        gate = load_gate(f)
+        check_sides(gate)
+        assert any("recipe_config" in c for c in gate.candidates) or f.parent != tmp_path, f
+
+
 def test_gate_device_goes_after_the_tasks_own_and_every_setting_reaches_the_run():
     """``gate --device`` goes to every run the gate produces, after the task's args, so that the
     run's own parser takes it over a --device there; each of a side's settings is its own
