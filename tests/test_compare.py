@@ -317,15 +317,15 @@ def test_gate_device_goes_after_the_tasks_own_and_every_setting_reaches_the_run(
 
     gate = Gate(name="t", path=Path("g.yaml"), tasks={"mmlu": ["--per-subject", "1", "--device", "cpu"]},
                 model="smollm2-135m", runs_dir=Path("runs"), baseline={"recipe": "bf16"}, candidates=[], metrics={})
-    side = {"recipe": "int4-awq", "recipe_config": {"kernel": "never", "resmooth": False}}
+    side = {"recipe": "int4-awq", "recipe_config": {"kernel": "off", "resmooth": False}}
     argv = run_argv(gate, side, "mmlu", Path("runs/x"), device="cuda")
     assert " ".join(argv) == ("run mmlu --model smollm2-135m --recipe int4-awq --dtype bfloat16 --per-subject 1 "
                               "--device cpu --device cuda --output runs/x --no-progress "
-                              "--recipe-config kernel=\"never\" --recipe-config resmooth=false")
+                              "--recipe-config kernel=\"off\" --recipe-config resmooth=false")
     parser = argparse.ArgumentParser(parents=[cli._run_options()])
     opts = parser.parse_known_args(argv[2:])[0]  # --per-subject is the runner's
     assert opts.device == "cuda"
-    assert cli.parse_recipe_config(opts.recipe_config) == {"kernel": "never", "resmooth": False}
+    assert cli.parse_recipe_config(opts.recipe_config) == {"kernel": "off", "resmooth": False}
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
