@@ -362,10 +362,25 @@ def _checked_sides(command: str, specs: list[str], baseline: str | None):
 DEFAULT_TOLERANCE = 0.01
 
 
+def _output_file(flag: str, path: str | None) -> None:
+    """A file a command writes when it is done (``--json``, ``--junit``), checked before any work
+    starts: not a folder; its folder is made if missing. A gate's verdict must not be lost to a
+    path that fails after its runs."""
+    if path is None or path == "-":
+        return
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path!r} is a folder; valid: a file path (its folder is made if missing)")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r}: its folder cannot be made ({e.strerror})") from None
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare import EXIT_CODES, Tolerance, compare_sides, format_table, overall, results_json
     from .references import format_speedups, load_reference
 
+    _output_file("--json", args.json)
     base, candidates = _checked_sides("compare", args.sides, args.baseline)
     refs = {spec.split(":")[1] for spec in args.sides if spec.startswith("ref:")}
     metrics = {m for side in (base, *candidates) for m in side.metrics}
@@ -416,6 +431,8 @@ def _gate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         check_device(args.device)
+        _output_file("--junit", args.junit)
+        _output_file("--json", args.json)
         gate = load_gate(args.gate)
         if args.device:  # whether it exists here (torch), before the first run starts
             from .engine.load import parse_device

@@ -294,6 +294,23 @@ def test_gate_checks_every_side_before_its_first_run(tmp_path, capsys, side, msg
     assert not (tmp_path / "runs").exists()
 
 
+def test_result_files_are_checked_before_the_work_and_their_folders_made(tmp_path, capsys):
+    """--junit or --json naming a folder is an error before a gate's first run; a missing folder
+    on the way to the file is made, so a verdict computed is also written."""
+    b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
+    c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20)
+    gate = tmp_path / "g.yaml"
+    gate.write_text(f"name: t\ntasks: {{mmlu: [--per-subject, '1']}}\nruns_dir: {tmp_path / 'runs'}\n"
+                    f"baseline: {{recipe: bf16}}\ncandidates: [{{run: {c}}}]\nmetrics: {{mmlu.cloze.acc: 0.1}}\n")
+    for flag in ("--junit", "--json"):
+        assert cli.main(["gate", str(gate), flag, str(tmp_path)]) == 3
+        assert f"{flag} '{tmp_path}' is a folder; valid: a file path" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no run started
+    out = tmp_path / "new" / "folder" / "compare.json"
+    assert cli.main(["compare", str(b), str(c), "--json", str(out)]) in (0, 1, 2)
+    assert json.loads(out.read_text())["candidates"]
+
+
 def test_the_shipped_and_documented_gate_files_name_valid_recipes_and_settings(tmp_path):
     """tasks/gates/*.yaml and docs/CI.md's example load and pass the gate's own check of its sides."""
     from evalsuite.gate import check_sides, load_gate
