@@ -218,6 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     # Everything that can be checked without a model is checked first.
     opts.chat_template_kwargs = _parse_template_kwargs(opts.chat_template_kwargs)
     job = runner.prepare(task, opts)
+    _output_folder("--output", opts.output)
     if opts.base_url:
         backend = _endpoint_backend(opts)
         name = run_name(opts.model, "endpoint", args.task, job, {"backend": backend.identity()})
@@ -376,6 +377,18 @@ def _output_file(flag: str, path: str | None) -> None:
         raise ValueError(f"{flag} {path!r}: its folder cannot be made ({e.strerror})") from None
 
 
+def _output_folder(flag: str, path: str | Path | None) -> None:
+    """A folder a command writes into (made if missing), checked before any work starts: neither
+    it nor a folder on the way to it may be a file."""
+    if path is None:
+        return
+    p = Path(path)
+    existing = next((a for a in (p, *p.parents) if a.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == p else f" ({existing} is a file)"
+        raise ValueError(f"{str(path)!r} ({flag}) is not a folder{where}; valid: a folder (made if missing)")
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare import EXIT_CODES, Tolerance, compare_sides, format_table, overall, results_json
     from .references import format_speedups, load_reference
@@ -399,6 +412,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     _check_folder_name("report name", args.name)
+    _output_folder(f"--root {args.root}, report {args.name}", Path(args.root) / args.name)
     base, candidates = _checked_sides("report", args.sides, args.baseline)
     tolerances = _tolerances(args.tolerance, set(), {m for side in (base, *candidates) for m in side.metrics})
     from .bench import BenchResult  # torch, matplotlib: imported once the sides are found
@@ -434,6 +448,7 @@ def _gate(args: argparse.Namespace) -> int:
         _output_file("--junit", args.junit)
         _output_file("--json", args.json)
         gate = load_gate(args.gate)
+        _output_folder("the gate file's runs_dir", gate.runs_dir)
         if args.device:  # whether it exists here (torch), before the first run starts
             from .engine.load import parse_device
 
@@ -466,6 +481,7 @@ def _bench(args: argparse.Namespace) -> int:
         lengths.append((int(isl), int(osl)))
     if args.batches and min(args.batches) < 1:
         raise ValueError(f"--batches {args.batches}: batch sizes must be >= 1")
+    _output_folder("--output", args.output)
     recipes = args.recipes or list(all_recipes())
     if args.base_url:
         from .backends.openai import check_base_url
@@ -694,6 +710,7 @@ def _run_harness(argv: list[str]) -> int:
         raise ValueError(f"--num-fewshot {opts.num_fewshot}; valid: an integer >= 0")
     if opts.include_path is not None and not Path(opts.include_path).is_dir():
         raise ValueError(f"--include-path {opts.include_path!r}: not a folder (of lm-eval task YAMLs)")
+    _output_folder("--output", opts.output)
     if not opts.base_url:
         overrides = parse_recipe_config(opts.recipe_config)
         check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device, needs_tokenizer=True)
@@ -977,6 +994,7 @@ def main(argv: list[str] | None = None) -> int:
             from .study import plan_study, run_study
 
             _check_folder_name("--name", args.name)
+            _output_folder(f"--root {args.root}, --name {args.name}", Path(args.root) / args.name)
             plan = plan_study(args.name, args.model, args.recipes or list(all_recipes()), full=args.full,
                               per_subject=args.per_subject, per_article=args.per_article, root=Path(args.root),
                               formulations=args.formulation, mtbench_questions=args.mt_bench,

@@ -295,8 +295,8 @@ def test_gate_checks_every_side_before_its_first_run(tmp_path, capsys, side, msg
 
 
 def test_result_files_are_checked_before_the_work_and_their_folders_made(tmp_path, capsys):
-    """--junit or --json naming a folder is an error before a gate's first run; a missing folder
-    on the way to the file is made, so a verdict computed is also written."""
+    """--junit or --json naming a folder, or a runs_dir that is a file, is an error before a gate's
+    first run; a missing folder on the way to the file is made, so a verdict computed is also written."""
     b = write_run(tmp_path / "base", "fp8-official", [1, 0] * 20)
     c = write_run(tmp_path / "cand", "fp8-modelopt", [1, 0] * 20)
     gate = tmp_path / "g.yaml"
@@ -306,6 +306,9 @@ def test_result_files_are_checked_before_the_work_and_their_folders_made(tmp_pat
         assert cli.main(["gate", str(gate), flag, str(tmp_path)]) == 3
         assert f"{flag} '{tmp_path}' is a folder; valid: a file path" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # no run started
+    (tmp_path / "runs").write_text("a file where the gate's runs would go\n")
+    assert cli.main(["gate", str(gate)]) == 3
+    assert f"'{tmp_path / 'runs'}' (the gate file's runs_dir) is not a folder" in capsys.readouterr().err
     out = tmp_path / "new" / "folder" / "compare.json"
     assert cli.main(["compare", str(b), str(c), "--json", str(out)]) in (0, 1, 2)
     assert json.loads(out.read_text())["candidates"]
