@@ -653,6 +653,9 @@ def _serve(args: argparse.Namespace) -> int:
     for key in ("max_batch_size", "max_model_len", "max_prefill_tokens"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError(f"--served-model-name {args.served_model_name!r}: valid: a non-empty id (default: the "
+                         "model's name)")
     from .server.listen import listening_socket
 
     # the address is taken before the model loads: a port in use is an error in a second, not

@@ -107,6 +107,7 @@ BAD_ARGUMENTS = [
     (["run", "--harness", "lm-eval", "--task", "evalsuite_mmlu", "--output", "a-file"], 2,
      "'a-file' (--output) is not a folder"),
     (["bench", "--output", "a-file"], 2, "'a-file' (--output) is not a folder"),
+    (["serve", "--served-model-name", " "], 2, "--served-model-name ' ': valid: a non-empty id"),
     (["report", "r", "x", "y", "--root", "a-file"], 2, "'a-file/r' (--root a-file, report r) is not a folder"),
     (["study", "--root", "a-file"], 2, "'a-file/study' (--root a-file, --name study) is not a folder (a-file is"),
     (["bench", "--batches", "0", "--batches", "8"], 2, "--batches [0, 8]: batch sizes must be >= 1"),
