@@ -84,6 +84,9 @@ def load_gate(path: str | Path) -> Gate:
         if not isinstance(side, dict) or not (set(side) & {"recipe", "run", "ref"}) or set(side) - SIDE_KEYS:
             raise GateError(f"{where}: {label} = {side!r}; give one of recipe (with optional recipe_config), "
                             f"run (a run folder) or ref (ref:<file>:<recipe>); valid keys: {sorted(SIDE_KEYS)}")
+        if not isinstance(side.get("recipe_config", {}), dict):
+            raise GateError(f"{where}: {label}.recipe_config = {side['recipe_config']!r}; valid: a mapping of the "
+                            "recipe's settings, e.g. {kernel: 'off'}")
         if "recipe" in side and not (raw.get("task") or raw.get("tasks")):
             raise GateError(f"{where}: {label} names a recipe to run, so the gate needs a task (or tasks)")
     if raw.get("task") and raw.get("tasks"):

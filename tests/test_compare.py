@@ -281,6 +281,7 @@ def test_gate_names_a_run_folder_of_another_configuration(tmp_path, capsys):
      "candidates[1]: recipe 'int4-awq' has no settings ['kernl']; valid: block_size"),
     ("{recipe: int4-awk}", "candidates[1]: unknown recipe 'int4-awk'"),
     ("{recipe: fp8-modelopt, recipe_config: {kv_scale_mode: x}}", "candidates[1]: "),
+    ("{recipe: int4-awq, recipe_config: [kernel]}", "candidates[1].recipe_config = ['kernel']; valid: a mapping"),
 ])
 def test_gate_checks_every_side_before_its_first_run(tmp_path, capsys, side, msg):
     """A bad recipe or setting of the last candidate is an error before the baseline's runs start."""
