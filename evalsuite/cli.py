@@ -441,6 +441,7 @@ def _gate(args: argparse.Namespace) -> int:
     from .compare import format_table, overall, results_json
     from .engine.options import check_device
     from .gate import EXIT_ERROR, GateError, evaluate, junit_xml, load_gate
+    from .models import check_device_here
 
     t0 = time.perf_counter()
     try:
@@ -449,10 +450,7 @@ def _gate(args: argparse.Namespace) -> int:
         _output_file("--json", args.json)
         gate = load_gate(args.gate)
         _output_folder("the gate file's runs_dir", gate.runs_dir)
-        if args.device:  # whether it exists here (torch), before the first run starts
-            from .engine.load import parse_device
-
-            parse_device(args.device)
+        check_device_here(args.device)  # before the first run starts
         base, results = evaluate(gate, log=lambda m: print(m, file=sys.stderr, flush=True), device=args.device)
     except (GateError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"evalsuite gate: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
@@ -682,7 +680,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _run_harness(argv: list[str]) -> int:
     """``evalsuite run --harness lm-eval --task NAME [--task NAME ...]``: lm-eval tasks through the
     suite's backend, written as the suite's own run records."""
-    from .models import check_model_args, load_model_and_recipe
+    from .models import check_device_here, check_model_args, load_model_and_recipe
 
     parser = argparse.ArgumentParser(prog="evalsuite run --harness lm-eval", parents=[_run_options()])
     parser.add_argument("--harness", required=True, choices=["lm-eval"])
@@ -717,10 +715,7 @@ def _run_harness(argv: list[str]) -> int:
     if not opts.base_url:
         overrides = parse_recipe_config(opts.recipe_config)
         check_model_args(opts.model, opts.recipe, overrides, opts.dtype, opts.device, needs_tokenizer=True)
-        if opts.device:  # whether it exists here (torch), before lm-eval builds its tasks
-            from .engine.load import parse_device
-
-            parse_device(opts.device)
+        check_device_here(opts.device)  # before lm-eval builds its tasks
     from .runners.lm_eval_harness import format_lm_eval_summary, load_tasks, run_lm_eval, task_manager
 
     manager = task_manager(opts.task, opts.include_path)  # unknown tasks are named before a model loads
@@ -859,18 +854,15 @@ def _check_lm_eval_model_args(argv: list[str]) -> None:
     if any(not sep or not key for key, sep, _ in pairs):
         return  # not the k=v form: lm-eval parses and reports it
     args = {key: value for key, _, value in pairs}
-    from .models import check_model_args
+    from .models import check_device_here, check_model_args
 
     overrides = parse_recipe_config([f"{k}={v}" for k, v in args.items() if k not in _LM_EVAL_ENGINE_ARGS])
     device = _option(argv, "--device") or args.get("device")
     check_model_args(args.get("model", "smollm2-135m"), args.get("recipe", "bf16"), overrides or None,
                      args.get("dtype", "bfloat16"), device, needs_tokenizer=True)
-    if device is not None:
-        # a device named here must exist (torch): an 8B model must not run on the CPU by accident.
-        # Only lm-eval's own default, cuda:0, falls back where there is no GPU (lm_eval_model._device)
-        from .engine.load import parse_device
-
-        parse_device(device)
+    # a device named here must exist: an 8B model must not run on the CPU by accident. Only
+    # lm-eval's own default, cuda:0, falls back where there is no GPU (lm_eval_model._device)
+    check_device_here(device)
 
 
 def _quantize(args: argparse.Namespace) -> int:

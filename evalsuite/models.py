@@ -76,6 +76,15 @@ def folder_config(folder: str) -> ModelConfig | None:
         return None
 
 
+def check_device_here(device: str | None) -> None:
+    """That a named device exists on this machine (torch, imported here): what a command asks before
+    its first run or task, once the checks without torch have passed. None: the default device."""
+    if device is not None:
+        from .engine.load import parse_device
+
+        parse_device(device)
+
+
 def load_model_and_recipe(source: str, recipe: str = "bf16", dtype: str = "bfloat16",
                           overrides: dict[str, Any] | None = None,
                           device: str | None = "cpu") -> tuple[LoadedModel, dict[str, Any]]:

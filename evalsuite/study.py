@@ -45,14 +45,11 @@ def plan_study(name: str, model: str, recipes: list[str], *, full: bool, per_sub
                per_article: int | None, root: Path, formulations: list[str] | None = None,
                mtbench_questions: int | None = None, mtbench_tokens: int | None = None,
                device: str | None = None, baseline: str | None = None) -> StudyPlan:
-    from .models import check_model_args
+    from .models import check_device_here, check_model_args
 
     for r in recipes:  # every recipe against the model before the first run: none fails halfway through
         check_model_args(model, r, None, "bfloat16", device, needs_tokenizer=True)
-    if device is not None:  # whether it exists here (torch), before the first run starts
-        from .engine.load import parse_device
-
-        parse_device(device)
+    check_device_here(device)  # before the first run starts
     for flag, value in (("--per-subject", per_subject), ("--per-article", per_article),
                         ("--mt-bench", mtbench_questions), ("--mt-bench-tokens", mtbench_tokens)):
         if value is not None and value < 1:  # 0 would otherwise read as "the default" (or all 80 questions)
