@@ -98,6 +98,28 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, lm):
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
+def test_a_stop_string_across_chunks_ends_a_stream_where_it_ends_the_reply(client):
+    """A stream holds back text that may begin a stop string: before, a stop string split over
+    two chunks left its first part in the stream (" Paris.\n" streamed against " Paris." replied,
+    stop "\n\n" on SmolLM2)."""
+    prompt = [{"role": "user", "content": "The quick brown fox"}]
+    kw = {"model": "tiny", "messages": prompt, "max_tokens": 16, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)]
+    text = "".join(chunks)
+    assert text == client.chat.completions.create(**kw).choices[0].message.content
+    ends = [len("".join(chunks[:j + 1])) for j in range(len(chunks) - 1) if chunks[j] and chunks[j + 1]]
+    # the last character of one chunk and the first of the next, where that pair first occurs
+    end = next(e for e in ends if text.index(text[e - 1:e + 1]) == e - 1)
+    stop = text[end - 1:end + 1]
+    plain = client.chat.completions.create(**kw, stop=[stop]).choices[0]
+    assert plain.message.content == text[:end - 1] and plain.finish_reason == "stop"
+    streamed = client.chat.completions.create(**kw, stop=[stop], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text[:end - 1]
+    completion = {"model": "tiny", "prompt": "The lazy dog", "max_tokens": 16, "temperature": 0, "stop": [stop]}
+    assert "".join(c.choices[0].text for c in client.completions.create(**completion, stream=True)) == \
+        client.completions.create(**completion).choices[0].text
+
+
 def test_prompt_logprobs_are_the_engines_scores(client, lm, hf_tiny):
     """echo + logprobs + max_tokens 0: every prompt token's log-probability given its prefix
     (transformers' own), none for the first; the top alternative is the greedy one."""
@@ -167,6 +189,17 @@ def test_a_batch_of_prompts_in_one_request_scores_each_as_alone(client, lm, hf_t
      "top_logprobs=21; valid: an integer in [0, 20]"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "stream": True}, 400,
      "stream=true cannot be combined with logprobs"),
+    # a flag must be a boolean: "no" is truthy in Python and would have streamed
+    ({"model": "tiny", "prompt": "x", "stream": "no"}, 400, "stream='no'; valid: true or false"),
+    ({"model": "tiny", "prompt": "x", "echo": 1}, 400, "echo=1; valid: true or false"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400,
+     "stream='yes'; valid: true or false"),
+    ({"model": "tiny", "prompt": "x", "ignore_eos": "true"}, 400, "ignore_eos='true'; valid: true or false"),
+    ({"prompt": "x"}, 400, "model is missing; valid: 'tiny'"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1/cat.png"}}]}]}, 400,
+     "messages[0] holds the content part {'type': 'image_url'"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": None}]}, 400, "messages[0] is {'role': 'user'"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(server, body, status, msg):
     r = httpx.post(f"{server.base_url}/{'chat/completions' if 'messages' in body else 'completions'}", json=body)
@@ -265,6 +298,18 @@ def test_streamed_choices_generate_together_and_end_with_the_usage(client, serve
     r = httpx.post(f"{server.base_url}/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2,
                                                            "stream_options": {"include_usage": True}})
     assert r.status_code == 400 and "stream_options is only valid with stream=true" in r.text
+
+
+def test_text_parts_are_the_text_they_join(client):
+    """A content given as a list of text parts (the API's other form, what many clients send)
+    is the parts' text joined by newlines, as vLLM and TensorRT-LLM join them."""
+    parts = [{"type": "text", "text": "The quick brown"}, {"type": "text", "text": "fox"}]
+    as_parts = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}],
+                                              max_tokens=8, temperature=0)
+    joined = [{"role": "user", "content": "The quick brown\nfox"}]
+    as_text = client.chat.completions.create(model="tiny", messages=joined, max_tokens=8, temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
 
 
 def test_malformed_json_and_bad_chat_messages(server):

@@ -155,6 +155,15 @@ def _integer(body: dict, key: str, default: int | None, lo: int, hi: int) -> int
     return v
 
 
+def _boolean(body: dict, key: str) -> bool:
+    v = body.get(key)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise RequestError(f"{key}={v!r}; valid: true or false", key)
+    return v
+
+
 def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -167,6 +176,8 @@ def _stops(body: dict) -> list[str]:
 
 def _check_model(served: ServedModel, body: dict) -> None:
     model = body.get("model")
+    if model is None:
+        raise RequestError(f"model is missing; valid: {served.name!r}", "model")
     if model != served.name:
         raise RequestError(f"model {model!r} is not served here; valid: {served.name!r}", "model", status=404,
                            kind="not_found_error")
@@ -220,7 +231,7 @@ def _sampling(served: ServedModel, body: dict, prompt_len: int, default_max: int
     if max_tokens == 0:
         return [], n
     params = [SamplingParams(max_tokens, temperature, top_p, None if seed is None else seed + i) for i in range(n)]
-    if not body.get("ignore_eos"):  # vLLM's extension: benchmarks ask for exactly max_tokens
+    if not _boolean(body, "ignore_eos"):  # vLLM's extension: benchmarks ask for exactly max_tokens
         params = [with_stop_tokens(p, served.tokenizer) for p in params]
     return params, n
 
@@ -265,6 +276,14 @@ def _stop_fn(tokenizer, stops: list[str]):
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _stop_prefix_at_end(text: str, stops: list[str]) -> int:
+    """The length of the longest end of ``text`` that begins a stop string: a stream holds it back
+    until the next tokens show whether the stop string follows (which cuts it) or not, so that a
+    streamed reply is the reply."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
 
 
 def _job(served: ServedModel, prompt: list[int], params: SamplingParams, stops: list[str]
@@ -364,7 +383,7 @@ def _include_usage(body: dict) -> bool:
     options = body.get("stream_options")
     if options is None:
         return False
-    if not body.get("stream"):
+    if not _boolean(body, "stream"):
         raise RequestError("stream_options is only valid with stream=true", "stream_options")
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise RequestError(f"stream_options={options!r}; valid: {{'include_usage': true or false}}",
@@ -382,9 +401,9 @@ async def _completions(served: ServedModel, body: dict, request: Request):
     _check_model(served, body)
     prompts = _prompts(served, body)
     stops = _stops(body)
-    echo = bool(body.get("echo", False))
+    echo = _boolean(body, "echo")
     top = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
-    stream = bool(body.get("stream", False))
+    stream = _boolean(body, "stream")
     plans = [_sampling(served, body, len(p), 16) for p in prompts]
     n = plans[0][1]
     include_usage = _include_usage(body)
@@ -428,21 +447,42 @@ def _slice(lps, start: int):
     return PromptLogprobs(lps.token_logprobs[start:], lps.top[start:], lps.greedy[start:])
 
 
+def _messages(body: dict) -> list[dict[str, str]]:
+    """The chat messages as the template takes them: a role and a text each. A content given as a
+    list of parts, the API's other form, is its text parts joined by newlines, as vLLM joins them
+    for templates that take text; any other part (an image, audio) is refused, since the models
+    served here read text only."""
+    messages = body.get("messages")
+    shape = ("messages must be a non-empty list of {role, content} objects, each content a string or a list "
+             "of {type: 'text', text} parts")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(shape, "messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, (str, list)):
+            raise RequestError(f"{shape}; messages[{i}] is {m!r}", "messages")
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(f"messages[{i}] holds the content part {part!r}; valid: "
+                                       "{'type': 'text', 'text': a string} (this server's models read text only)",
+                                       "messages")
+            content = "\n".join(part["text"] for part in content)
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
 async def _chat(served: ServedModel, body: dict, request: Request):
     _check_model(served, body)
-    messages = body.get("messages")
-    if (not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)):
-        raise RequestError("messages must be a non-empty list of {role, content} objects with string values",
-                           "messages")
+    messages = _messages(body)
     template_kwargs = body.get("chat_template_kwargs")  # vLLM's and SGLang's extension: the template's switches
     if template_kwargs is not None and not isinstance(template_kwargs, dict):
         raise RequestError(f"chat_template_kwargs={template_kwargs!r}; valid: an object of the chat template's "
                            "variables, e.g. {\"enable_thinking\": false}", "chat_template_kwargs")
     try:
-        prompt = encode_prompt(served.tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages],
-                               template_kwargs)
+        prompt = encode_prompt(served.tokenizer, messages, template_kwargs)
     except Exception as e:  # a template that rejects the roles or their order
         raise RequestError(f"the chat template cannot render these messages: {e}", "messages") from None
     stops = _stops(body)
@@ -457,7 +497,7 @@ async def _chat(served: ServedModel, body: dict, request: Request):
         raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
     include_usage = _include_usage(body)
     created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
-    if body.get("stream"):
+    if _boolean(body, "stream"):
         if want_logprobs:
             raise RequestError("stream=true cannot be combined with logprobs here", "stream")
         return _sse(_stream_chat(served, prompt, params, stops, request, created, rid, include_usage))
@@ -524,9 +564,10 @@ async def _stream_tokens(served: ServedModel, prompt: list[int], params: Samplin
                 if stopped:
                     job.cancel()
                 return
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text[len(sent):], None
-                sent = text
+            ready = len(text) - _stop_prefix_at_end(text, stops)  # held back: it may begin a stop string
+            if not text.endswith("\ufffd") and ready > len(sent):  # and the rest of a multi-byte character
+                yield text[len(sent):ready], None
+                sent = text[:ready]
     finally:
         job.cancel()
 
