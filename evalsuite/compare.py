@@ -216,9 +216,12 @@ def compare_metric(base: Metric, cand: Metric, tol: Tolerance) -> Comparison:
         if glo == glo:
             out.verdict = _verdict(gain, glo, ghi, t)
             margin = gain + t
-            sd_item = est.se * math.sqrt(len(common))
-            if out.verdict == INCONCLUSIVE and margin != 0 and sd_item > 0:
-                out.n_to_decide = math.ceil((1.96 * sd_item / abs(margin)) ** 2)
+            if out.verdict == INCONCLUSIVE and margin != 0 and est.se > 0:
+                # the items at which the interval's half-width (the same t quantile, the same
+                # variance per item) shrinks to the distance from the gain to the margin: at least
+                # the items there are, since an undecided interval is wider than that distance
+                half_width = (hi - lo) / 2
+                out.n_to_decide = math.ceil(len(common) * (half_width / abs(margin)) ** 2)
             out.reason = (f"95% interval of the gain [{glo:+.4f}, {ghi:+.4f}] "
                           + {PASS: "lies above", FAIL: "lies below", INCONCLUSIVE: "straddles"}[out.verdict]
                           + f" -{t:.4f}")
@@ -238,7 +241,7 @@ def compare_metric(base: Metric, cand: Metric, tol: Tolerance) -> Comparison:
         if tol.max_kl is not None and out.mean_kl is not None and out.mean_kl > tol.max_kl:
             moved.append(f"mean KL {out.mean_kl:.4f} (limit {tol.max_kl:g})")
         if moved:
-            out.verdict = FAIL
+            out.verdict, out.n_to_decide = FAIL, None  # decided: no number of items would change it
             out.reason = "; ".join(moved) + (f"; {out.reason}" if out.reason else "")
     elif base.se is not None and cand.se is not None and base.se == base.se and cand.se == cand.se:
         se = math.hypot(base.se, cand.se)

@@ -591,3 +591,54 @@ def test_an_lm_eval_tag_is_compared_task_by_task(tmp_path):
     assert sorted(metrics) == ["lm-eval.ta.acc", "lm-eval.tb.acc"]
     assert metrics["lm-eval.ta.acc"].value == 0.75 and metrics["lm-eval.tb.acc"].value == pytest.approx(1 / 3)
     assert sorted(metrics["lm-eval.tb.acc"].items) == ["tb/0", "tb/1", "tb/2"]
+
+
+def test_the_advised_number_of_items_decides_a_replicated_sample():
+    """An INCONCLUSIVE verdict names how many paired items would decide it. With few clusters the
+    interval's t quantile (2.26 at 9 degrees of freedom) is well above 1.96; the advice must use
+    it, or it names fewer items than the sample that left the question open (before: 186 of 200).
+    The check is independent of the formula: the sample copied until it holds the advised items
+    (new clusters each time, the same variance per item) is decided."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 2, 200)
+    cand = np.where(rng.random(200) < 0.1, 1 - base, base)
+    clusters = [f"s{i % 10}" for i in range(200)]
+    probe = compare_metric(_metric(base, clusters=clusters), _metric(cand, clusters=clusters), Tolerance(1.0))
+    half = (probe.interval[1] - probe.interval[0]) / 2
+    tol = Tolerance(0.9 * half - probe.gain)  # the margin at 0.9 of the half-width: undecided
+    cmp = compare_metric(_metric(base, clusters=clusters), _metric(cand, clusters=clusters), tol)
+    assert cmp.verdict == INCONCLUSIVE and cmp.n_to_decide > 200
+    copies = math.ceil(cmp.n_to_decide / 200)
+    big_clusters = [f"{c}-{k}" for k in range(copies) for c in clusters]
+    big = compare_metric(_metric(np.tile(base, copies), clusters=big_clusters),
+                         _metric(np.tile(cand, copies), clusters=big_clusters), tol)
+    assert big.gain == pytest.approx(cmp.gain) and big.verdict == PASS
+
+
+def test_answers_that_move_too_much_fail_whatever_the_accuracy():
+    """max_flip_rate and max_kl: a candidate of the baseline's accuracy that changes 40% of its
+    answers' correctness (as many right->wrong as wrong->right), or whose answer distributions
+    moved by a KL above the limit, fails; within the limits the interval decides."""
+    base = np.array([1, 0] * 1000)
+    cand = base.copy()
+    cand[:800] = 1 - cand[:800]  # 400 right->wrong, 400 wrong->right
+    b, c = _metric(base), _metric(cand)
+    assert compare_metric(b, c, Tolerance(0.05, max_flip_rate=0.5)).verdict == PASS
+    assert compare_metric(b, c, Tolerance(0.02)).verdict == INCONCLUSIVE  # interval +-0.028
+    moved = compare_metric(b, c, Tolerance(0.02, max_flip_rate=0.25))  # decided by the flips: no advice
+    assert moved.gain == 0 and moved.flips["rate"] == pytest.approx(0.4)
+    assert moved.verdict == FAIL and moved.n_to_decide is None
+    assert moved.reason.startswith("40.0% of answers changed correctness (limit 25.0%)")
+    p, q = (0.7, 0.1, 0.1, 0.1), (0.4, 0.2, 0.2, 0.2)
+    kl = 0.7 * math.log(0.7 / 0.4) + 3 * 0.1 * math.log(0.1 / 0.2)  # by hand: 0.18383
+    with_dist = [Metric("m", "accuracy", float(np.mean(v)), None, len(v),
+                        {str(i): Item(float(x), 1.0, str(i), d) for i, x in enumerate(v)})
+                 for v, d in ((base, p), (base, q))]
+    assert compare_metric(*with_dist, Tolerance(0.05, max_kl=0.2)).verdict == PASS
+    drifted = compare_metric(*with_dist, Tolerance(0.05, max_kl=0.1))
+    assert drifted.mean_kl == pytest.approx(kl) and drifted.verdict == FAIL
+    assert drifted.reason.startswith(f"mean KL {kl:.4f} (limit 0.1)")
+    assert Tolerance.parse({"absolute": 0.01, "max_flip_rate": 0.25, "max_kl": 1}, "t") == \
+        Tolerance(0.01, False, 0.25, 1.0)
+    with pytest.raises(ValueError, match="optionally with max_flip_rate and max_kl"):
+        Tolerance.parse({"absolute": 0.01, "max_flips": 0.25}, "t")
