@@ -423,7 +423,8 @@ def _report(args: argparse.Namespace) -> int:
     bench = BenchResult.read(args.bench) if args.bench else None
     refs = [reference_sides(r) for r in args.reference]
     ref_names = {r.split(":")[1] for r in args.reference}
-    extra = "\n\n".join(filter(None, (format_speedups(load_reference(r)) for r in sorted(ref_names))))
+    extra = "\n\n".join(f"{ref.raw['source'].strip()}\n{text}" for ref in map(load_reference, sorted(ref_names))
+                          if (text := format_speedups(ref)))
     report = build_report(args.name, base, candidates, tolerances,
                           default=Tolerance(DEFAULT_TOLERANCE), bench=bench,
                           reference_sides=[s for group in refs for s in group], root=Path(args.root),

@@ -287,11 +287,25 @@ def _setup_lines(setups: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+PUBLISHED_HEADING = "Published reference (its own figures, not measured here)"
+COUNT_COLUMNS = ("right_to_wrong", "wrong_to_right", "n", "n_to_decide")
+
+
+def _shown(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as read: counts as integers, an empty cell where a figure does not apply (a
+    perplexity has no flips) rather than "nan"."""
+    out = df.copy()
+    for col in COUNT_COLUMNS:
+        if col in out:
+            out[col] = out[col].astype("Int64")
+    return out.astype(object).where(out.notna(), "")
+
+
 def _markdown(name, verdict, results, tables, plots, meta, extra_text) -> str:
     lines = [f"# {name}", "", f"Overall verdict: **{verdict}** (baseline: {meta['baseline']}). Generated "
              f"{meta['generated']}.", ""]
-    if extra_text:
-        lines += [extra_text, ""]
+    if extra_text:  # the published references' figures, aligned as printed
+        lines += [f"## {PUBLISHED_HEADING}", "", "```text", extra_text, "```", ""]
     lines += [f"![accuracy vs throughput]({plots['accuracy_vs_throughput'].name})", ""]
     if meta["setup"]:
         lines += ["## Setup", "", *_setup_lines(meta["setup"]), ""]
@@ -300,17 +314,17 @@ def _markdown(name, verdict, results, tables, plots, meta, extra_text) -> str:
     if not v.empty:
         cols = ["candidate", "metric", "baseline", "candidate_value", "gain", "ci_low", "ci_high", "tolerance",
                 "verdict", "right_to_wrong", "wrong_to_right", "mcnemar_p", "mean_kl", "trtllm_verdict", "vllm_verdict"]
-        lines += [v[cols].to_markdown(index=False, floatfmt=".4f"), ""]
+        lines += [_shown(v[cols]).to_markdown(index=False, floatfmt=".4f"), ""]
     explain = [(r.candidate.label, c) for r in results for c in r.comparisons if c.verdict != "PASS"]
     for label, c in explain:
         more = f"; about {c.n_to_decide} paired items would decide it" if c.n_to_decide else ""
         lines.append(f"- {c.verdict}: {label} {c.metric}: {c.reason} ({c.method}){more}")
     lines += ["", "## Accuracy, weights and throughput", "",
-              tables["accuracy"].drop(columns=["source"]).to_markdown(index=False, floatfmt=".4f"), ""]
+              _shown(tables["accuracy"].drop(columns=["source"])).to_markdown(index=False, floatfmt=".4f"), ""]
     if "throughput" in tables:
         t = tables["throughput"][["recipe", "isl", "osl", "batch", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms",
                                    "ttft_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "kernel_path"]]
-        lines += ["## Throughput", "", t.to_markdown(index=False, floatfmt=".1f"), ""]
+        lines += ["## Throughput", "", _shown(t).to_markdown(index=False, floatfmt=".1f"), ""]
     for key, path in plots.items():
         if key.startswith("subjects_"):
             lines += [f"## Per-subject differences: {key[len('subjects_'):]}", "", f"![{key}]({path.name})", ""]
@@ -328,7 +342,7 @@ def _png_data_uri(path: Path) -> str:
 def _html(name, verdict, tables, plots, meta, extra_text) -> str:
     def table(df: pd.DataFrame) -> str:
         buf = io.StringIO()
-        df.to_html(buf, index=False, float_format=lambda x: f"{x:.4f}", border=0, classes="t")
+        _shown(df).to_html(buf, index=False, float_format=lambda x: f"{x:.4f}", border=0, classes="t")
         return buf.getvalue()
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title><style>"
@@ -338,7 +352,7 @@ def _html(name, verdict, tables, plots, meta, extra_text) -> str:
              f"<h1>{html.escape(name)}</h1><p>Overall verdict: <b>{verdict}</b> (baseline "
              f"{html.escape(meta['baseline'])}). Generated {meta['generated']}.</p>"]
     if extra_text:
-        parts.append(f"<pre>{html.escape(extra_text)}</pre>")
+        parts.append(f"<h2>{PUBLISHED_HEADING}</h2><pre>{html.escape(extra_text)}</pre>")
     if meta["setup"]:
         parts.append("<h2>Setup</h2><pre>" + html.escape("\n".join(_setup_lines(meta["setup"]))) + "</pre>")
     for key, path in plots.items():

@@ -158,6 +158,16 @@ def test_report_from_real_runs_of_the_default_model(tmp_path, capsys, monkeypatc
         assert m and base64.b64decode(m.group(1)) == data  # the HTML shows exactly this plot
     md = (folder / "report.md").read_text()
     assert "![accuracy vs throughput](accuracy_vs_throughput.png)" in md
+    # the published note's figures under their own heading, aligned in a fenced block, never
+    # as a paragraph a reader would take for this run's throughput
+    published = md.split("## Published reference (its own figures, not measured here)\n\n```text\n")[1]
+    assert published.startswith("NVIDIA Technical Blog") and "1.44x" in published.split("```")[0]
+    # counts as integers, no "nan" where a figure does not apply
+    assert not re.search(r"\bnan\b", md, re.IGNORECASE)
+    flips = pd.read_csv(folder / "verdicts.csv").iloc[0]
+    row = next(line for line in md.splitlines() if line.startswith("| int4-rtn ") and "mmlu.cloze.acc " in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[9:11] == [str(int(flips.right_to_wrong)), str(int(flips.wrong_to_right))]
     verdicts = pd.read_csv(folder / "verdicts.csv")
     assert set(verdicts.candidate) == {"int4-rtn"} and set(verdicts.metric) == {"mmlu.cloze.acc", "mmlu.cloze.acc_norm"}
     assert verdicts.loc[0, "verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
