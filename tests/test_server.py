@@ -18,7 +18,7 @@ from fastapi import Request  # at module level: FastAPI resolves the proxy route
 from evalsuite.backends.base import BackendError
 from evalsuite.backends.openai import OpenAIBackend, redact_url
 from evalsuite.cli import main
-from evalsuite.engine.generate import SamplingParams
+from evalsuite.engine.generate import SamplingParams, generate
 from evalsuite.engine.load import load
 from evalsuite.engine.score import ScoreRequest, score
 from evalsuite.runners.mmlu import MMLUConfig, run_mmlu
@@ -704,3 +704,34 @@ def test_prompt_logprobs_past_longropes_original_context_are_transformers(longro
             ref = torch.log_softmax(longrope.hf(torch.tensor([tokens])).logits[0].double(), dim=-1)
         want = [float(ref[i - 1, tokens[i]]) for i in range(1, len(tokens))]
         assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4), len(tokens)
+
+
+def test_a_sequence_that_ends_at_its_first_token_leaves_the_others_running(lm):
+    """A reply whose first sampled token is a stop token (EOS: an empty answer) ends at admission
+    with no token. The scheduler stepped the batch before retiring it, and the step failed on
+    that sequence, failing every request of the batch (found serving SmolLM2 to a generative
+    MMLU run: 47 of 57 questions failed)."""
+    from evalsuite.server.scheduler import GenerationJob, Scheduler
+
+    tokens = lm.tokenizer.encode
+    first = generate(lm.model, [tokens("The lazy dog")], SamplingParams(max_new_tokens=1))[0].tokens[0]
+    want = generate(lm.model, [tokens("The quick brown fox")], SamplingParams(max_new_tokens=8))[0].tokens
+    sched = Scheduler(lm.model, max_batch_size=4, max_len=128).start()
+    try:
+        running = GenerationJob(tokens("The quick brown fox"), SamplingParams(max_new_tokens=8))
+        empty = GenerationJob(tokens("The lazy dog"), SamplingParams(max_new_tokens=8, stop_token_ids=(first,)))
+        sched.submit(running)
+        while running.events.empty():  # the first one is decoding when the second arrives
+            time.sleep(0.01)
+        sched.submit(empty)
+
+        def events(job):
+            out = []
+            while not out or out[-1][0] in ("tokens",):
+                out.append(job.events.get(timeout=60))
+            return out
+        assert events(empty) == [("done", "stop")]
+        got = events(running)
+        assert got[-1] == ("done", "length") and [t for kind, v in got[:-1] for t in v] == want
+    finally:
+        sched.shutdown()

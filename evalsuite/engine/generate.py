@@ -215,9 +215,13 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Advance every running, unfinished sequence by one token."""
+        """Advance every running, unfinished sequence by one token. A sequence that ended at its
+        first token (no token to feed) must be removed before the next step."""
         if not self.running:
             return
+        if empty := [i for i, g in enumerate(self.running) if not g.tokens]:
+            raise ValueError(f"running sequences {empty} ended at their first token and have no token to feed; "
+                             "remove finished sequences before the next step")
         self._rotate_long()
         dev = self.model.device
         tokens = torch.tensor([[g.tokens[-1]] for g in self.running], device=dev)

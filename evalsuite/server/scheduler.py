@@ -142,6 +142,7 @@ class Scheduler:
         self._drop_cancelled()
         if self.waiting and self.batch.free_slots:
             self._admit()
+            self._retire()  # a sequence may end at its first token (EOS, a stop string, max_tokens 1)
         if self.scoring:
             self._score()
         if self.batch.running:
