@@ -735,3 +735,35 @@ def test_a_sequence_that_ends_at_its_first_token_leaves_the_others_running(lm):
         assert got[-1] == ("done", "length") and [t for kind, v in got[:-1] for t in v] == want
     finally:
         sched.shutdown()
+
+
+def test_a_failed_prefill_fails_its_requests_and_the_server_goes_on(lm, monkeypatch):
+    """Fault injection: the model's forward raises once, at a prefill. The joining request gets
+    the error (before: it was neither waiting nor running, and its client waited forever), the
+    one already decoding ends with an error or its tokens, and the next request is served."""
+    from evalsuite.server.scheduler import GenerationJob, Scheduler
+
+    tokens = lm.tokenizer.encode
+    sched = Scheduler(lm.model, max_batch_size=4, max_len=128).start()
+    real, calls = lm.model.hidden, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    def final(job):
+        while (event := job.events.get(timeout=60))[0] == "tokens":
+            pass
+        return event
+    try:
+        monkeypatch.setattr(lm.model, "hidden", failing_once)
+        job = GenerationJob(tokens("The quick brown fox"), SamplingParams(max_new_tokens=4))
+        sched.submit(job)
+        assert final(job) == ("error", "RuntimeError: injected fault")
+        after = GenerationJob(tokens("The quick brown fox"), SamplingParams(max_new_tokens=4))
+        sched.submit(after)
+        assert final(after) == ("done", "length") and not sched.batch.running
+    finally:
+        sched.shutdown()

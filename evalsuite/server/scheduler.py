@@ -174,9 +174,13 @@ class Scheduler:
             tokens += n
         try:
             self.batch.add([j.gen for j in joining])
-        except ValueError as e:
+        except Exception as e:  # these jobs fail, with their reason; the running ones go on
+            if not isinstance(e, ValueError):  # a bad prompt is the client's; anything else is logged
+                log.exception("prefill failed")
             for j in joining:
-                j.send("error", str(e))
+                if any(g is j.gen for g in self.batch.running):  # admitted before the failure
+                    self.batch.remove(j.gen)
+                j.send("error", str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
             return
         self.stats["prefills"] += 1
         for j in joining:
@@ -228,9 +232,10 @@ class Scheduler:
 
     def _fail_all(self, message: str) -> None:
         for g in list(self.batch.running):
-            job = self.jobs.pop(id(g))
             self.batch.remove(g)
-            job.send("error", message)
+            job = self.jobs.pop(id(g), None)
+            if job is not None:
+                job.send("error", message)
         for job in self.waiting:
             job.send("error", message)
         self.waiting.clear()
