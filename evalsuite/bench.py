@@ -212,8 +212,9 @@ def engine_row(lm, recipe: dict[str, Any], isl: int, osl: int, batch: int, *, se
 
 
 def endpoint_row(base_url: str, model: str, isl: int, osl: int, batch: int, *, vocab: int = 32000,
-                 seed: int = 0, api_key: str = "EMPTY", timeout: float = 600.0) -> BenchRow:
-    """``batch`` concurrent streaming completions of ``isl`` token ids, ``osl`` tokens each."""
+                 seed: int = 0, api_key: str = "EMPTY", timeout: float = 600.0, label: str = "endpoint") -> BenchRow:
+    """``batch`` concurrent streaming completions of ``isl`` token ids, ``osl`` tokens each; the
+    row is labelled ``label`` (what the endpoint serves, as its runs are labelled)."""
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
@@ -237,7 +238,7 @@ def endpoint_row(base_url: str, model: str, isl: int, osl: int, batch: int, *, v
         results = list(pool.map(one, prompts))
     seconds = time.perf_counter() - t0
     tokens = _endpoint_tokens([r[2] for r in results], osl, base_url)
-    return BenchRow("endpoint", isl, osl, batch, tokens, seconds, tokens / seconds,
+    return BenchRow(label, isl, osl, batch, tokens, seconds, tokens / seconds,
                     {k: v * 1e3 for k, v in percentiles([r[0] for r in results]).items()},
                     {k: v * 1e3 for k, v in percentiles([x for r in results for x in r[1]]).items()},
                     device=f"endpoint {base_url}", kernel_path="as served")
@@ -313,6 +314,11 @@ def run_bench(recipes: list[str], lengths: list[tuple[int, int]], batches: list[
                               "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
+def _megabytes(n: int | None, width: int, fmt: str) -> str:
+    """A size in MB, or "-" where it is unknown (an endpoint's memory is the server's)."""
+    return f"{'-':>{width}}" if n is None else f"{n / 1e6:>{width}{fmt}}"
+
+
 def format_tables(result: BenchResult, baseline: str = "fp8-official") -> str:
     """The note's Tables 1 and 2: recipes by ISL/OSL, with a speedup row against the baseline."""
     recipes = list(dict.fromkeys(r.recipe for r in result.rows))
@@ -347,8 +353,8 @@ def format_tables(result: BenchResult, baseline: str = "fp8-official") -> str:
         out.append(f"  {r.recipe:<14} {f'{r.isl}/{r.osl}':>10} {r.batch:>5} {r.tokens_per_s:>8.1f} "
                    f"{'/'.join(f'{r.ttft_ms[k]:.0f}' for k in ('p50', 'p90', 'p99')):>22} "
                    f"{'/'.join(f'{r.itl_ms[k]:.1f}' for k in ('p50', 'p90', 'p99')):>20} "
-                   f"{(r.weight_bytes or 0) / 1e6:>10.1f} {(r.kv_cache_bytes or 0) / 1e6:>7.1f} "
-                   f"{(r.peak_memory_bytes or 0) / 1e6:>8.0f}  {r.kernel_path}")
+                   f"{_megabytes(r.weight_bytes, 10, '.1f')} {_megabytes(r.kv_cache_bytes, 7, '.1f')} "
+                   f"{_megabytes(r.peak_memory_bytes, 8, '.0f')}  {r.kernel_path}")
     devices = sorted({r.device for r in result.rows})
     out.append(f"\ndevice: {', '.join(devices)}; method: {result.meta.get('method', '')}")
     return "\n".join(out)

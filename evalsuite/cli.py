@@ -486,6 +486,9 @@ def _bench(args: argparse.Namespace) -> int:
         from .backends.openai import check_base_url
 
         check_base_url(args.base_url)
+        if args.recipes:
+            raise ValueError(f"--recipes {' '.join(args.recipes)} with --base-url; valid: no --recipes, since an "
+                             "endpoint is timed as it serves (its rows take the recipe its runs are labelled with)")
     else:
         for r in recipes:
             check_model_args(args.model, r, None, args.dtype, args.device)
@@ -511,8 +514,9 @@ def _bench(args: argparse.Namespace) -> int:
 
         served = args.served_model or args.model
         # reachable, the key accepted and the model served, before any timing (a clean error if not)
-        OpenAIBackend(args.base_url, served, api_key_env=args.api_key_env, timeout=args.timeout,
-                      max_retries=1).model_card()
+        endpoint = OpenAIBackend(args.base_url, served, api_key_env=args.api_key_env, timeout=args.timeout,
+                                 max_retries=1)
+        label = endpoint.identity()["recipe"]["name"]  # as a run through this endpoint is labelled
         key = os.environ.get(args.api_key_env) or "EMPTY"
         # random prompt ids below 32,000 (valid in nearly every vocabulary), or below the local
         # tokenizer's size when --model names a smaller one here
@@ -521,8 +525,8 @@ def _bench(args: argparse.Namespace) -> int:
             # one untimed request first (prompts of its own, seed 1): a server's first-request setup
             # is not the first row's time to first token
             endpoint_row(args.base_url, served, 16, 2, 1, vocab=vocab, api_key=key, timeout=args.timeout, seed=1)
-            rows = [endpoint_row(args.base_url, served, isl, osl, b, vocab=vocab, api_key=key, timeout=args.timeout)
-                    for isl, osl in lengths for b in batches]
+            rows = [endpoint_row(args.base_url, served, isl, osl, b, vocab=vocab, api_key=key, timeout=args.timeout,
+                                 label=label) for isl, osl in lengths for b in batches]
         except Exception as e:  # noqa: BLE001 - openai's errors, a dropped connection: one line, not a traceback
             raise BackendError(f"the endpoint failed during the benchmark: {type(e).__name__}: {e}") from None
         result = BenchResult(rows, {"endpoint": redact_url(args.base_url), "lengths": lengths, "batches": batches,

@@ -96,7 +96,7 @@ def test_bench_of_an_endpoint_that_needs_a_key(tmp_path, tiny, tiny_dir, capsys,
     """`evalsuite bench --base-url` sends the key named by --api-key-env, never writes it, and a
     wrong key is a one-line error before any timing."""
     secret = "bench-key-7f3a"
-    with BackgroundServer(served_model(tiny, {"name": "bf16"}, "tiny", max_len=128), api_key=secret) as srv:
+    with BackgroundServer(served_model(tiny, {"name": "bf16"}, "tiny", max_len=512), api_key=secret) as srv:
         argv = ["bench", "--base-url", srv.base_url, "--model", str(tiny_dir), "--served-model", "tiny",
                 "--api-key-env", "BENCH_TEST_KEY", "--lengths", "8/4", "--batches", "2",
                 "--output", str(tmp_path / "b")]
@@ -105,9 +105,32 @@ def test_bench_of_an_endpoint_that_needs_a_key(tmp_path, tiny, tiny_dir, capsys,
         assert "HTTP 401" in capsys.readouterr().err and not (tmp_path / "b").exists()
         monkeypatch.setenv("BENCH_TEST_KEY", secret)
         assert cli.main(argv) == 0
+        # the same endpoint's accuracy, for the report below
+        assert cli.main(["run", "mmlu", "--base-url", srv.base_url, "--model", "tiny", "--tokenizer", str(tiny_dir),
+                         "--api-key-env", "BENCH_TEST_KEY", "--formulation", "cloze", "--per-subject", "2",
+                         "--subjects", "anatomy", "marketing", "--output", str(tmp_path / "run"),
+                         "--no-progress"]) == 0
     rows = BenchResult.read(tmp_path / "b").rows
     assert [(r.isl, r.osl, r.batch, r.output_tokens) for r in rows] == [(8, 4, 1, 4), (8, 4, 2, 8)]
-    assert secret not in (tmp_path / "b" / "bench.json").read_text() and secret not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert secret not in (tmp_path / "b" / "bench.json").read_text() and secret not in printed
+    # rows labelled as the endpoint's runs are (the recipe `evalsuite serve` states); memory unknown: "-"
+    assert {r.recipe for r in rows} == {"bf16"}
+    row = next(line for line in printed.splitlines() if line.strip().startswith("bf16") and " 8/4 " in line)
+    assert row.split()[6:9] == ["-", "-", "-"]
+    # so the report puts the run and the bench on one point
+    monkeypatch.setenv("EVALSUITE_INDEX", str(tmp_path / "index.sqlite"))
+    assert cli.main(["run", "mmlu", "--model", str(tiny_dir), "--recipe", "fp8-official", "--formulation", "cloze",
+                     "--per-subject", "2", "--subjects", "anatomy", "marketing", "--output", str(tmp_path / "local"),
+                     "--no-progress"]) == 0
+    assert cli.main(["report", "r", str(tmp_path / "run"), str(tmp_path / "local"), "--bench", str(tmp_path / "b"),
+                     "--root", str(tmp_path / "reports")]) == 0
+    acc = pd.read_csv(tmp_path / "reports" / "r" / "accuracy.csv")
+    best = max(r.tokens_per_s for r in rows)
+    assert list(acc[acc.recipe == "bf16"].throughput_tok_s) == pytest.approx([best, best])  # acc and acc_norm
+    assert acc[acc.recipe == "fp8-official"].throughput_tok_s.isna().all()  # not benchmarked
+    assert cli.main(["bench", "--base-url", srv.base_url, "--model", "tiny", "--recipes", "int4-awq"]) == 2
+    assert "--recipes int4-awq with --base-url" in capsys.readouterr().err
 
 
 def test_bench_tables_are_laid_out_like_the_notes(tmp_path, tiny_dir, capsys):
