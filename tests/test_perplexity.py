@@ -122,6 +122,31 @@ def test_through_the_endpoint_the_records_are_identical(tiny, tmp_path):
     assert local.metrics["word_perplexity"] == remote.metrics["word_perplexity"]
 
 
+def test_in_bf16_and_in_windows_that_fill_the_servers_context_the_records_are_identical(tiny_dir, tmp_path):
+    """BF16, where two forwards that sum in another order differ in the last bits, and documents
+    longer than the server's context. The endpoint's windows are one token shorter than its
+    context, since it receives each window's whole prompt (before: windows of the context's length
+    sent prompts one token too long, and every document longer than a window failed); a scored
+    prompt may fill the context; and the scorer runs each window as the server does, every
+    document's first window too, whose one-token context all of them share."""
+    from evalsuite.engine.load import load
+
+    bf16 = load(str(tiny_dir), "bfloat16")
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    job = prepare_perplexity(PerplexityConfig(data=str(data), max_length=2048))
+    with BackgroundServer(served_model(bf16, {"name": "bf16"}, "tiny", max_len=24)) as srv:
+        remote = run_perplexity(OpenAIBackend(srv.base_url, "tiny", tokenizer=bf16.tokenizer), job,
+                                tmp_path / "remote", progress=False)
+    assert remote.run["status"] == "complete" and remote.run["window"] == 23
+    local_job = prepare_perplexity(PerplexityConfig(data=str(data), max_length=23))
+    local = run_perplexity(EngineBackend(bf16), local_job, tmp_path / "local", progress=False)
+    assert local.metrics["word_perplexity"] == remote.metrics["word_perplexity"]
+    read = lambda p: [json.loads(line) for line in (p / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    records = read(tmp_path / "remote")
+    assert max(r["windows"] for r in records) > 1 and records == read(tmp_path / "local")
+
+
 class _FailSome(EngineBackend):
     """The engine, except that requests whose continuation starts with a chosen token fail (a
     scripted fault, as an endpoint's 500 after its retries would)."""

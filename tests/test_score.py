@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evalsuite.engine.score import ScoreRequest, score
+from evalsuite.engine.score import MIN_SHARED_PREFIX, ScoreRequest, score
 
 
 def _reference(hf, ctx, cont):
@@ -121,9 +121,14 @@ def test_shared_context_with_long_continuations_runs_once(tiny, monkeypatch):
     calls = []
     real = tiny.model.hidden
     monkeypatch.setattr(tiny.model, "hidden", lambda tokens, step: calls.append(tokens.shape) or real(tokens, step))
-    ctx = (3, 4, 5, 6, 7)
+    ctx = tuple(range(3, 3 + MIN_SHARED_PREFIX))
     score(tiny.model, [ScoreRequest(ctx, c) for c in ((10,), (11, 12), (13, 14, 15))])
-    assert calls == [torch.Size([1, 5]), torch.Size([1, 3])]  # the context once, then 1 + 2 extension tokens
+    assert calls == [torch.Size([1, 8]), torch.Size([1, 3])]  # the context once, then 1 + 2 extension tokens
+    # a shorter context is not worth sharing: each pair runs whole (but its last token), in one
+    # packed prefill, as an endpoint runs prompts that share fewer than MIN_SHARED_PREFIX tokens
+    calls.clear()
+    score(tiny.model, [ScoreRequest(ctx[:-1], c) for c in ((10,), (11, 12), (13, 14, 15))])
+    assert calls == [torch.Size([1, 7 + 8 + 9])]
 
 
 @pytest.mark.parametrize("ctx,cont,msg", [((), (1,), "context is empty"), ((1,), (), "continuation is empty")])

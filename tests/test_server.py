@@ -581,14 +581,15 @@ def test_prompts_sharing_a_prefix_run_it_once():
     groups = sorted((plen, sorted(m)) for plen, m in prefix_groups(prompts))
     # the three continuations of ctx share all 20 context tokens; the 10-token prompt shares only
     # 10 with them, and joining would make each of them run 10 more tokens of its own: it stays out
-    assert groups == [(3, [1]), (11, [4]), (20, [0, 2, 3])]
+    # (a prompt alone runs all but its last token, as the scorer runs a pair it does not share)
+    assert groups == [(2, [1]), (10, [4]), (20, [0, 2, 3])]
     # two questions under one 12-token instruction line, four answers each: one group per question
     head = list(range(200, 212))
     q1, q2 = head + list(range(300, 330)), head + list(range(400, 425))
     prompts = [q + [a] for q in (q1, q2) for a in (1, 2, 3, 4)]
     assert sorted((plen, sorted(m)) for plen, m in prefix_groups(prompts)) == [(37, [4, 5, 6, 7]),
                                                                                 (42, [0, 1, 2, 3])]
-    assert sorted(prefix_groups([ctx + [1], ctx[:5] + [2]])) == [(6, [1]), (21, [0])]  # 5 shared: too few
+    assert sorted(prefix_groups([ctx + [1], ctx[:5] + [2]])) == [(5, [1]), (20, [0])]  # 5 shared: too few
 
 
 def test_prefix_sharing_gives_the_in_process_scores_exactly(lm):
@@ -767,3 +768,4 @@ def test_a_failed_prefill_fails_its_requests_and_the_server_goes_on(lm, monkeypa
         assert final(after) == ("done", "length") and not sched.batch.running
     finally:
         sched.shutdown()
+

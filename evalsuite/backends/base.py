@@ -67,6 +67,12 @@ class Backend(ABC):
         """Tokens per sequence the model takes (prompt and continuation), None where unknown."""
         return None
 
+    def longest_window(self) -> int | None:
+        """The most tokens a rolling log-likelihood window may feed (lm-eval's ``max_seq_len``):
+        a window scores its tokens in one forward of all but the last one, so the context itself;
+        None where unknown."""
+        return self.context_length()
+
     def usage(self) -> dict[str, int] | None:
         """Requests answered and the tokens they were billed (as the endpoint reported them) since
         this backend was made; None where nothing is billed (the in-process engine)."""

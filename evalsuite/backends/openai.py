@@ -92,6 +92,13 @@ class OpenAIBackend(Backend):
         length = self.model_card().get("max_model_len")  # vLLM and evalsuite serve report it
         return int(length) if length else None
 
+    def longest_window(self) -> int | None:
+        """One token less than the context: an endpoint receives a window's whole prompt, the
+        last token too (its log-probability is read from the echoed prompt), and its context
+        must hold all of them."""
+        length = self.context_length()
+        return length - 1 if length else None
+
     def model_card(self) -> dict[str, Any]:
         """What /v1/models reports for the served model (an error if it is not served there)."""
         if self._card is None:

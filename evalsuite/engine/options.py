@@ -50,8 +50,11 @@ def check_device(device: str | None) -> None:
 # held in float32, as checkpoints and kernels hold them (2026-11-29); 3: until int4-awq multiplied
 # its inputs by the pre-quant scale p in the model's dtype, as Model Optimizer and its deployed
 # kernels do, instead of dividing by s = 1/p (2026-11-29); 4: until int4-awq-asym held its block
-# scales in FP16, as AutoAWQ's checkpoints and kernels hold them (2026-11-29); 5: since.
-NUMERICS_VERSION = 5
+# scales in FP16, as AutoAWQ's checkpoints and kernels hold them (2026-11-29); 5: until a context
+# shorter than MIN_SHARED_PREFIX tokens (every perplexity document's first window has the same
+# one-token context) was no longer shared by the scorer but prefilled with its continuation, as an
+# endpoint runs the whole prompt (2026-11-30); 6: since.
+NUMERICS_VERSION = 6
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

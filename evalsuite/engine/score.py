@@ -10,8 +10,10 @@ distribution of every continuation's first token; continuations longer than one 
 as short extensions reading that cached context. MMLU's four letters cost one context forward,
 and the four cloze answers one context forward plus four few-token extensions. A context that
 no other request shares (a perplexity window) is prefilled together with its continuation, the
-forward an endpoint runs for the whole prompt, so both give the same numbers. Sequences are
-packed without padding (see ``Step``), and only the rows whose next-token distributions are
+forward an endpoint runs for the whole prompt, so both give the same numbers; so is one shorter
+than ``MIN_SHARED_PREFIX`` tokens, which sharing would not save (every document's first window
+has the same one-token context), as an endpoint groups prompts only from that many shared
+tokens. Sequences are packed without padding (see ``Step``), and only the rows whose next-token distributions are
 needed reach lm_head, in float32. On a GPU every projection runs on blocks of a fixed number of
 rows (``linear.invariant_row_blocks``), so a request gets the same numbers alone or in any batch
 there too.
@@ -28,6 +30,8 @@ from .linear import invariant_row_blocks
 from .model import CausalLM, Step
 from .requests import ScoreRequest, ScoreResult
 
+MIN_SHARED_PREFIX = 8  # a shorter context (a prompt prefix, on the server) is not shared: each request runs it
+
 
 def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens: int = 4096,
           max_batch_size: int = 64, progress: Callable[[int], None] | None = None) -> list[ScoreResult]:
@@ -39,8 +43,9 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
     shared: dict[tuple[int, ...], int] = {}
     for r in requests:
         shared[r.context] = shared.get(r.context, 0) + 1
-    # A context no other request shares runs with its continuation in one prefill (a perplexity
-    # window): the same forward an endpoint runs for the whole prompt, and no cache.
+    # A context no other request shares (a perplexity window), or too short to be worth sharing,
+    # runs with its continuation in one prefill: the forward an endpoint runs for the whole
+    # prompt, and no cache.
     by_context: dict[tuple[int, ...], list[int]] = {}
     folded: dict[int, int] = {}  # request index -> continuation tokens predicted inside its prefill
     long_rope = model.config.long_rope
@@ -49,7 +54,8 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
         # LongRoPE rotates a forward by the length it reaches: a context below the original
         # context whose continuation crosses it is not the same forward as the whole prompt
         alone = long_rope(len(r.context)) != long_rope(len(r.context) + len(r.continuation) - 1)
-        if (shared[r.context] == 1 or alone) and len(r.continuation) > 1:
+        lone = shared[r.context] == 1 or len(r.context) < MIN_SHARED_PREFIX
+        if (lone or alone) and len(r.continuation) > 1:
             key = r.context + r.continuation[:-1]
             folded[i] = len(r.continuation)
         by_context.setdefault(key, []).append(i)

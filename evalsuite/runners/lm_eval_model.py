@@ -51,8 +51,8 @@ class EvalsuiteLM(TemplateLM):
             backend = EngineBackend(lm, record, max_batch_size=size, max_batch_tokens=int(max_batch_tokens))
         self.backend = backend
         self.tokenizer = backend.tokenizer
-        if max_length is None:  # the engine's context, or what an endpoint reports
-            max_length = backend.context_length() or 2048
+        if max_length is None:  # the engine's context, or what an endpoint reports, less its last token
+            max_length = backend.longest_window() or 2048
         self.max_length = int(max_length)
 
     @property

@@ -207,7 +207,7 @@ def run_perplexity(backend: Backend, job: PerplexityJob, out_dir: str | Path, *,
     """Run (or resume) the job; samples.jsonl holds one record per document."""
     backend.check_loglikelihood()
     # Windows never exceed what the model takes (lm-eval's hf model uses the model's length too).
-    window = min(job.max_length, backend.context_length() or job.max_length)
+    window = min(job.max_length, backend.longest_window() or job.max_length)
     identity = {**job.identity(), **backend_identity(backend), "window": window, "documents": len(job.documents)}
     config_hash = identity_hash(identity, ("config", "task_config_sha256", "data", "window", "model", "recipe"))
     store = RunStore(out_dir, identity, config_hash)

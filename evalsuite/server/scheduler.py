@@ -26,6 +26,7 @@ from ..engine.cache import KVCache
 from ..engine.generate import DecodeBatch, Generation, SamplingParams
 from ..engine.linear import invariant_row_blocks
 from ..engine.model import CausalLM, Step
+from ..engine.score import MIN_SHARED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -245,12 +246,14 @@ class Scheduler:
         self.scoring.clear()
 
 
-MIN_SHARED_PREFIX = 8  # prompts sharing at least this many leading tokens run their prefix once
 
 
 def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
     """Prompts grouped by a shared leading prefix: (prefix length, indices); a group's prefix runs
-    once and each member keeps at least one token of its own.
+    once and each member keeps at least one token of its own. A prompt alone runs all but its last
+    token (the one no asked-for log-probability needs): the forward ``engine.score`` runs for a
+    (context, continuation) pair it does not share, of the same length, so both give the same
+    numbers to the last bit (an attention kernel blocks its sums by the sequence's length).
 
     Walking the prompts in sorted order, a prompt joins the current group when that saves work:
     the shared prefix it leaves (at least ``MIN_SHARED_PREFIX`` tokens) is longer than what the
@@ -272,7 +275,7 @@ def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
             if shared >= MIN_SHARED_PREFIX and saves and ahead <= shared:
                 groups[-1] = (shared, members + [i])
                 continue
-        groups.append((len(p), [i]))
+        groups.append((max(len(p) - 1, 1), [i]))
     return groups
 
 
