@@ -230,6 +230,8 @@ def test_packed_prefill_through_varlen_attention(tiny, monkeypatch):
     monkeypatch.setattr(engine_model, "_varlen", lambda: (reference_varlen, {}, frozenset()))
     monkeypatch.setattr(engine_model, "use_varlen", lambda q: True)
     assert score(tiny.model, REQUESTS) == want_scores
+    assert set(calls) == {4}  # every layer: the four contexts (each short one with its continuation) in one call
+    calls.clear()
     assert [g.tokens for g in generate(tiny.model, prompts, params)] == want_tokens
     assert max(calls) == 3  # the three prompts' prefill was one call
 
