@@ -13,8 +13,8 @@ no other request shares (a perplexity window) is prefilled together with its con
 forward an endpoint runs for the whole prompt, so both give the same numbers; so is one shorter
 than ``MIN_SHARED_PREFIX`` tokens, which sharing would not save (every document's first window
 has the same one-token context), as an endpoint groups prompts only from that many shared
-tokens. Sequences are packed without padding (see ``Step``), and only the rows whose next-token distributions are
-needed reach lm_head, in float32. On a GPU every projection runs on blocks of a fixed number of
+tokens. Sequences are packed without padding (see ``Step``), and only the rows whose next-token
+distributions are needed reach lm_head, in float32. On a GPU every projection runs on blocks of a fixed number of
 rows (``linear.invariant_row_blocks``), so a request gets the same numbers alone or in any batch
 there too.
 """

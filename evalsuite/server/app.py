@@ -218,9 +218,9 @@ def _sampling(served: ServedModel, body: dict, prompt_len: int, default_max: int
     limit = served.scheduler.max_len
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, max_key, default_max, 0, limit)
-    # a prompt only scored (max_tokens 0: its log-probabilities) may fill the context; one that
-    # generates needs a position for at least its first new token
-    if prompt_len > limit or (prompt_len == limit and max_tokens != 0):
+    # a completions prompt only scored (max_tokens 0: its log-probabilities) may fill the context;
+    # one that generates (a chat reply always does) needs a position for its first new token
+    if prompt_len > limit or (prompt_len == limit and (max_tokens != 0 or "messages" in body)):
         raise RequestError(f"the prompt has {prompt_len} tokens; this server's context is {limit} tokens "
                            "(prompt + max_tokens)", "prompt" if "prompt" in body else "messages")
     if max_tokens and prompt_len + max_tokens > limit:
