@@ -246,8 +246,6 @@ class Scheduler:
         self.scoring.clear()
 
 
-
-
 def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
     """Prompts grouped by a shared leading prefix: (prefix length, indices); a group's prefix runs
     once and each member keeps at least one token of its own. A prompt alone runs all but its last
