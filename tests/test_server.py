@@ -769,3 +769,16 @@ def test_a_failed_prefill_fails_its_requests_and_the_server_goes_on(lm, monkeypa
     finally:
         sched.shutdown()
 
+
+
+def test_a_contexts_requests_stay_in_one_call():
+    """The endpoint backend's calls: at most batch_size prompts, consecutive requests of one
+    context never split between two calls (a question's answers reach the server together); a
+    context with more requests than a call holds fills calls of its own."""
+    from evalsuite.backends.openai import context_chunks
+
+    reqs = [ScoreRequest((c,), (k,)) for c, n in ((1, 3), (2, 5), (3, 2), (4, 9), (5, 1)) for k in range(n)]
+    chunks = context_chunks(reqs, 8)
+    assert [[r.context[0] for r in ch] for ch in chunks] == [
+        [1, 1, 1, 2, 2, 2, 2, 2], [3, 3], [4] * 8, [4, 5]]
+    assert [r for ch in chunks for r in ch] == reqs  # in order, each once

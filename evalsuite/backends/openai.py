@@ -35,6 +35,33 @@ T = TypeVar("T")
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 
 
+def context_chunks(requests: Sequence[ScoreRequest], size: int) -> list[list[ScoreRequest]]:
+    """The requests in order, at most ``size`` per chunk, consecutive requests of one context in
+    one chunk (a run longer than ``size`` fills chunks of its own). A server that shares prefill
+    between the prompts of a call then runs a question's answers as the in-process scorer runs
+    them, together; split between calls, an answer alone is scored as one whole prompt, which in
+    BF16 differs from a context shared with its other answers in the last bits."""
+    chunks: list[list[ScoreRequest]] = []
+    current: list[ScoreRequest] = []
+    i = 0
+    while i < len(requests):
+        j = i + 1
+        while j < len(requests) and requests[j].context == requests[i].context:
+            j += 1
+        run = list(requests[i:j])
+        if current and len(current) + len(run) > size:
+            chunks.append(current)
+            current = []
+        while len(run) > size:
+            chunks.append(run[:size])
+            run = run[size:]
+        current += run
+        i = j
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def redact_url(url: str) -> str:
     """The URL without user info, query or fragment (where credentials may hide)."""
     parts = urlsplit(url)
@@ -154,9 +181,10 @@ class OpenAIBackend(Backend):
     def loglikelihood(self, requests: Sequence[ScoreRequest], progress: Progress | None = None
                       ) -> list[ScoreResult | Failure]:
         """Up to ``batch_size`` consecutive requests per completions call (a list of prompts, as
-        lm-eval's ``local-completions`` batches them): the answers of one question reach the server
-        together, and one that shares prefill between the prompts of a call does so."""
-        chunks = [list(requests[i:i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]
+        lm-eval's ``local-completions`` batches them), the requests of one context never split
+        between calls (``context_chunks``): the answers of one question reach the server together,
+        and one that shares prefill between the prompts of a call does so."""
+        chunks = context_chunks(requests, self.batch_size)
 
         def one(chunk: list[ScoreRequest]) -> list[ScoreResult | Failure]:
             prompts = [list(r.context) + list(r.continuation) for r in chunk]
