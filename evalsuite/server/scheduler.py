@@ -253,28 +253,38 @@ def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
     (context, continuation) pair it does not share, of the same length, so both give the same
     numbers to the last bit (an attention kernel blocks its sums by the sequence's length).
 
-    Walking the prompts in sorted order, a prompt joins the current group when that saves work:
-    the shared prefix it leaves (at least ``MIN_SHARED_PREFIX`` tokens) is longer than what the
-    group's other members would recompute if joining shortened it, and the prompt does not share
-    more with the next prompt than with the group. The four answers of one MMLU question form one
-    group; questions that only share the instruction line ("The following are multiple choice
-    questions ... about anatomy.") stay in groups of their own."""
+    The grouping computes the fewest tokens: prompts sharing a prefix are neighbours in sorted
+    order, and a group of m neighbours whose common prefix is P tokens (at least
+    ``MIN_SHARED_PREFIX``) saves (m - 1) * P; the best split of the sorted prompts into such
+    groups is found exactly (a dynamic programme over split points). The four answers of one MMLU
+    question form one group at their context, even where two of them share more tokens (their
+    answers' first words); questions that only share the instruction line ("The following are
+    multiple choice questions ... about anatomy.") stay in groups of their own."""
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    n = len(order)
+    # best[j]: the most tokens saved on order[:j]; cut[j]: where its last group starts
+    best, cut = [0] * (n + 1), [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], cut[j] = best[j - 1], j - 1  # order[j-1] alone
+        shared = len(prompts[order[j - 1]]) - 1
+        for a in range(j - 2, -1, -1):  # the group order[a:j], its prefix shrinking as it grows
+            shared = min(shared, _common(prompts[order[a]], prompts[order[a + 1]]), len(prompts[order[a]]) - 1)
+            if shared < MIN_SHARED_PREFIX:
+                break
+            if best[a] + (j - a - 1) * shared > best[j]:
+                best[j], cut[j] = best[a] + (j - a - 1) * shared, a
     groups: list[tuple[int, list[int]]] = []
-    for k, i in enumerate(order):
-        p = prompts[i]
-        if groups:
-            plen, members = groups[-1]
-            common = min(_common(prompts[members[0]], p), len(p) - 1,
-                         min(len(prompts[m]) for m in members) - 1)
-            shared = min(plen, common)
-            ahead = _common(p, prompts[order[k + 1]]) if k + 1 < len(order) else 0
-            saves = shared > (len(members) - 1) * (plen - shared)
-            if shared >= MIN_SHARED_PREFIX and saves and ahead <= shared:
-                groups[-1] = (shared, members + [i])
-                continue
-        groups.append((max(len(p) - 1, 1), [i]))
-    return groups
+    j = n
+    while j:
+        members = order[cut[j]:j]
+        if len(members) == 1:
+            plen = max(len(prompts[members[0]]) - 1, 1)
+        else:
+            plen = min(min(_common(prompts[members[0]], prompts[m]) for m in members[1:]),
+                       min(len(prompts[m]) for m in members) - 1)
+        groups.append((plen, members))
+        j = cut[j]
+    return groups[::-1]
 
 
 def _common(a: list[int], b: list[int]) -> int:
