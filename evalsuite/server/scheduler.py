@@ -262,13 +262,15 @@ def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
     multiple choice questions ... about anatomy.") stay in groups of their own."""
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     n = len(order)
+    lengths = [len(prompts[i]) for i in order]
+    adjacent = [_common(prompts[order[a]], prompts[order[a + 1]]) for a in range(n - 1)]
     # best[j]: the most tokens saved on order[:j]; cut[j]: where its last group starts
     best, cut = [0] * (n + 1), [0] * (n + 1)
     for j in range(1, n + 1):
         best[j], cut[j] = best[j - 1], j - 1  # order[j-1] alone
-        shared = len(prompts[order[j - 1]]) - 1
+        shared = lengths[j - 1] - 1
         for a in range(j - 2, -1, -1):  # the group order[a:j], its prefix shrinking as it grows
-            shared = min(shared, _common(prompts[order[a]], prompts[order[a + 1]]), len(prompts[order[a]]) - 1)
+            shared = min(shared, adjacent[a], lengths[a] - 1)
             if shared < MIN_SHARED_PREFIX:
                 break
             if best[a] + (j - a - 1) * shared > best[j]:
@@ -276,14 +278,10 @@ def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
     groups: list[tuple[int, list[int]]] = []
     j = n
     while j:
-        members = order[cut[j]:j]
-        if len(members) == 1:
-            plen = max(len(prompts[members[0]]) - 1, 1)
-        else:
-            plen = min(min(_common(prompts[members[0]], prompts[m]) for m in members[1:]),
-                       min(len(prompts[m]) for m in members) - 1)
-        groups.append((plen, members))
-        j = cut[j]
+        a = cut[j]
+        plen = min(*adjacent[a:j - 1], min(lengths[a:j]) - 1) if j - a > 1 else max(lengths[a] - 1, 1)
+        groups.append((plen, order[a:j]))
+        j = a
     return groups[::-1]
 
 
