@@ -825,3 +825,20 @@ def test_prefix_groups_compute_the_fewest_tokens_of_any_grouping():
             else:
                 best = total if best is None else min(best, total)
         assert computed == best
+
+
+def test_answers_sharing_their_first_words_score_as_the_server_scores_them(tiny_dir):
+    """In BF16: four answers to one context, three beginning with the same two tokens and one
+    sharing nothing more. The server shares each group's whole common prefix; the scorer shares
+    the context and the continuation tokens all of a context's answers begin with. Both run the
+    same forwards, to the last bit."""
+    from evalsuite.server.scheduler import prompt_logprobs
+
+    bf16 = load(str(tiny_dir), "bfloat16")
+    ctx = bf16.tokenizer.encode("Question: Which animal is the fastest of all the animals that live on land?\\nAnswer:")
+    for answers in ([" the cheetah", " the falcon", " the horse"], [" the cheetah", " the falcon", " a snail"]):
+        conts = [bf16.tokenizer.encode(a) for a in answers]
+        got = prompt_logprobs(bf16.model, [ctx + c for c in conts], [0] * len(conts))
+        want = score(bf16.model, [ScoreRequest(tuple(ctx), tuple(c)) for c in conts])
+        for g, w in zip(got, want):
+            assert tuple(g.token_logprobs[len(ctx):]) == w.token_logprobs

@@ -53,8 +53,10 @@ def check_device(device: str | None) -> None:
 # scales in FP16, as AutoAWQ's checkpoints and kernels hold them (2026-11-29); 5: until a context
 # shorter than MIN_SHARED_PREFIX tokens (every perplexity document's first window has the same
 # one-token context) was no longer shared by the scorer but prefilled with its continuation, as an
-# endpoint runs the whole prompt (2026-11-30); 6: since.
-NUMERICS_VERSION = 6
+# endpoint runs the whole prompt (2026-11-30); 6: until the requests sharing a context also
+# prefilled the continuation tokens they all share (cloze answers beginning with the same word),
+# as an endpoint shares a group's whole common prefix (2026-11-30); 7: since.
+NUMERICS_VERSION = 7
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

@@ -7,7 +7,10 @@ goes, is the caller's business (lm-eval moves trailing context spaces into the c
 
 Each distinct context runs once: a packed prefill writes its K/V to a cache and yields the
 distribution of every continuation's first token; continuations longer than one token then run
-as short extensions reading that cached context. MMLU's four letters cost one context forward,
+as short extensions reading that cached context. Continuation tokens that all of a context's
+requests begin with (cloze answers sharing a first word) are prefilled with it, each request
+keeping at least its last token: the common prefix an endpoint shares (``server.scheduler``),
+so a group of prompts gets the same numbers there and here. MMLU's four letters cost one context forward,
 and the four cloze answers one context forward plus four few-token extensions. A context that
 no other request shares (a perplexity window) is prefilled together with its continuation, the
 forward an endpoint runs for the whole prompt, so both give the same numbers; so is one shorter
@@ -40,27 +43,34 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
     ``max_batch_tokens`` bounds the packed context tokens of one forward (a longer context runs
     alone); ``progress`` is called with the number of requests finished after each batch.
     """
-    shared: dict[tuple[int, ...], int] = {}
-    for r in requests:
-        shared[r.context] = shared.get(r.context, 0) + 1
-    # A context no other request shares (a perplexity window), or too short to be worth sharing,
-    # runs with its continuation in one prefill: the forward an endpoint runs for the whole
-    # prompt, and no cache.
-    by_context: dict[tuple[int, ...], list[int]] = {}
-    folded: dict[int, int] = {}  # request index -> continuation tokens predicted inside its prefill
-    long_rope = model.config.long_rope
+    by_ctx: dict[tuple[int, ...], list[int]] = {}
     for i, r in enumerate(requests):
-        key = r.context
+        by_ctx.setdefault(r.context, []).append(i)
+    # Each group of requests prefills its context and the continuation tokens all its members
+    # share (but one each: every member's last token is its own), the forward an endpoint runs
+    # for a group of prompts with that common prefix. A request alone (a perplexity window), or
+    # one whose context is too short to be worth sharing, is a group of its own: its whole prompt
+    # but the last token in one prefill, and no cache.
+    by_context: dict[tuple[int, ...], list[int]] = {}  # the prefill's tokens -> the requests reading it
+    inside: dict[int, int] = {}  # request index -> its continuation tokens fed inside that prefill
+    long_rope = model.config.long_rope
+    for ctx, ids in by_ctx.items():
         # LongRoPE rotates a forward by the length it reaches: a context below the original
         # context whose continuation crosses it is not the same forward as the whole prompt
-        alone = long_rope(len(r.context)) != long_rope(len(r.context) + len(r.continuation) - 1)
-        lone = shared[r.context] == 1 or len(r.context) < MIN_SHARED_PREFIX
-        if (lone or alone) and len(r.continuation) > 1:
-            key = r.context + r.continuation[:-1]
-            folded[i] = len(r.continuation)
-        by_context.setdefault(key, []).append(i)
-    for ctx, ids in by_context.items():
-        model.check_length(len(ctx) + max(0 if i in folded else len(requests[i].continuation) - 1 for i in ids))
+        crossing = [i for i in ids if long_rope(len(ctx)) != long_rope(len(ctx) + len(requests[i].continuation) - 1)]
+        rest = [i for i in ids if i not in crossing]
+        parts = [[i] for i in crossing]
+        if len(rest) == 1 or len(ctx) < MIN_SHARED_PREFIX:
+            parts += [[i] for i in rest]
+        elif rest:
+            parts.append(rest)
+        for part in parts:
+            conts = [requests[i].continuation for i in part]
+            e = min([common_prefix(conts[0], c) for c in conts[1:]] + [len(c) - 1 for c in conts])
+            by_context.setdefault(ctx + conts[0][:e], []).extend(part)
+            inside.update((i, e) for i in part)
+    for key, ids in by_context.items():
+        model.check_length(len(key) + max(len(requests[i].continuation) - 1 - inside[i] for i in ids))
     contexts = sorted(by_context, key=len, reverse=True)
     results: list[ScoreResult | None] = [None] * len(requests)
     start = 0
@@ -71,7 +81,7 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
             tokens += len(contexts[start + n])
             n += 1
         batch = contexts[start:start + n]
-        _score_batch(model, batch, by_context, requests, results, folded)
+        _score_batch(model, batch, by_context, requests, results, inside)
         if progress is not None:
             progress(sum(len(by_context[c]) for c in batch))
         start += n
@@ -80,31 +90,32 @@ def score(model: CausalLM, requests: Sequence[ScoreRequest], *, max_batch_tokens
 
 @torch.inference_mode()
 def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
-                 requests: Sequence[ScoreRequest], results: list, folded: dict[int, int]) -> None:
+                 requests: Sequence[ScoreRequest], results: list, inside: dict[int, int]) -> None:
     dev = model.device
     lens = [len(c) for c in contexts]
-    # (request index, context slot) for continuations that need more than the context's last row
+    # (request index, prefill slot) for continuations that need more than their prefill's rows
     extend = [(i, b) for b, c in enumerate(contexts) for i in by_context[c]
-              if len(requests[i].continuation) > 1 and i not in folded]
+              if len(requests[i].continuation) - 1 > inside[i]]
     cache = KVCache(model.config, len(contexts), max(lens), model.cache_dtype, dev) if extend else None
     tokens = torch.tensor([t for c in contexts for t in c], device=dev).view(1, -1)
     block, logit_block = invariant_row_blocks(dev)
     hidden = model.hidden(tokens, Step.for_prefill(lens, cache, device=dev, row_block=block))[0]
-    ends = torch.tensor(lens, device=dev).cumsum(0)
-    rows = [hidden[ends - 1]]  # row b: after context b
-    offset = len(contexts)
-    folded_row = {}
+    ends = torch.tensor(lens, device=dev).cumsum(0).tolist()
+    # a request whose prefill holds e of its continuation's tokens reads its first e + 1
+    # predictions from the prefill's last e + 1 rows (shared by the requests that share both)
+    rows, offset, first_row, taken = [], 0, {}, {}
     for b, c in enumerate(contexts):
         for i in by_context[c]:
-            if i in folded:  # its predictions are the last folded[i] rows of its own prefill
-                m = folded[i]
-                rows.append(hidden[int(ends[b]) - m:int(ends[b])])
-                folded_row[i] = offset
-                offset += m
+            e = inside[i]
+            if (b, e) not in taken:
+                rows.append(hidden[ends[b] - e - 1:ends[b]])
+                taken[(b, e)], offset = offset, offset + e + 1
+            first_row[i] = taken[(b, e)]
     first_ext_row = {}
-    if extend:
-        ext_lens = [len(requests[i].continuation) - 1 for i, _ in extend]
-        ext_tokens = torch.tensor([t for i, _ in extend for t in requests[i].continuation[:-1]], device=dev).view(1, -1)
+    if extend:  # the rest of each continuation (but its last token) after its prefill, reading its cache
+        ext_lens = [len(requests[i].continuation) - 1 - inside[i] for i, _ in extend]
+        ext_tokens = torch.tensor([t for i, _ in extend for t in requests[i].continuation[inside[i]:-1]],
+                                  device=dev).view(1, -1)
         step = Step.for_extend(ext_lens, cache, [b for _, b in extend], [lens[b] for _, b in extend], block)
         rows.append(model.hidden(ext_tokens, step)[0])
         for (i, _), m in zip(extend, ext_lens):
@@ -114,10 +125,9 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
     order, row_ids, targets = [], [], []
     for b, c in enumerate(contexts):
         for i in by_context[c]:
-            cont = requests[i].continuation
-            first = folded_row[i] if i in folded else None
-            row_ids += [first + j for j in range(len(cont))] if first is not None else \
-                [b] + [first_ext_row[i] + j for j in range(len(cont) - 1)]
+            cont, e = requests[i].continuation, inside[i]
+            row_ids += [first_row[i] + j for j in range(e + 1)]
+            row_ids += [first_ext_row[i] + j for j in range(len(cont) - 1 - e)]
             targets += cont
             order.append(i)
     token_lp, greedy = _target_logprobs(model, torch.cat(rows), torch.tensor(row_ids, device=dev),
@@ -133,6 +143,16 @@ def _score_batch(model: CausalLM, contexts: list[tuple[int, ...]], by_context: d
 
 
 LOGIT_ROWS = 1024  # rows of full-vocabulary log-probabilities held at once (a multiple of lm_head's row blocks)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the common prefix of ``a`` and ``b``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _target_logprobs(model: CausalLM, hidden: torch.Tensor, row_ids: torch.Tensor, targets: torch.Tensor,

@@ -26,7 +26,7 @@ from ..engine.cache import KVCache
 from ..engine.generate import DecodeBatch, Generation, SamplingParams
 from ..engine.linear import invariant_row_blocks
 from ..engine.model import CausalLM, Step
-from ..engine.score import MIN_SHARED_PREFIX
+from ..engine.score import MIN_SHARED_PREFIX, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     n = len(order)
     lengths = [len(prompts[i]) for i in order]
-    adjacent = [_common(prompts[order[a]], prompts[order[a + 1]]) for a in range(n - 1)]
+    adjacent = [common_prefix(prompts[order[a]], prompts[order[a + 1]]) for a in range(n - 1)]
     # best[j]: the most tokens saved on order[:j]; cut[j]: where its last group starts
     best, cut = [0] * (n + 1), [0] * (n + 1)
     for j in range(1, n + 1):
@@ -283,15 +283,6 @@ def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
         groups.append((plen, order[a:j]))
         j = a
     return groups[::-1]
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @torch.inference_mode()
