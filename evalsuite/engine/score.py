@@ -10,16 +10,16 @@ distribution of every continuation's first token; continuations longer than one 
 as short extensions reading that cached context. Continuation tokens that all of a context's
 requests begin with (cloze answers sharing a first word) are prefilled with it, each request
 keeping at least its last token: the common prefix an endpoint shares (``server.scheduler``),
-so a group of prompts gets the same numbers there and here. MMLU's four letters cost one context forward,
-and the four cloze answers one context forward plus four few-token extensions. A context that
-no other request shares (a perplexity window) is prefilled together with its continuation, the
-forward an endpoint runs for the whole prompt, so both give the same numbers; so is one shorter
-than ``MIN_SHARED_PREFIX`` tokens, which sharing would not save (every document's first window
-has the same one-token context), as an endpoint groups prompts only from that many shared
-tokens. Sequences are packed without padding (see ``Step``), and only the rows whose next-token
-distributions are needed reach lm_head, in float32. On a GPU every projection runs on blocks of a fixed number of
-rows (``linear.invariant_row_blocks``), so a request gets the same numbers alone or in any batch
-there too.
+so a group of prompts gets the same numbers there and here. MMLU's four letters cost one
+context forward, and the four cloze answers one context forward plus four few-token extensions.
+A context that no other request shares (a perplexity window) is prefilled together with its
+continuation, the forward an endpoint runs for the whole prompt, so both give the same numbers;
+so is one shorter than ``MIN_SHARED_PREFIX`` tokens, which sharing would not save (every
+document's first window has the same one-token context), as an endpoint groups prompts only
+from that many shared tokens. Sequences are packed without padding (see ``Step``), and only
+the rows whose next-token distributions are needed reach lm_head, in float32. On a GPU every
+projection runs on blocks of a fixed number of rows (``linear.invariant_row_blocks``), so a
+request gets the same numbers alone or in any batch there too.
 """
 
 from __future__ import annotations
